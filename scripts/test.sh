@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the whole test suite in the project's own virtualenv (created on first use).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/setup-venv.sh" test
+cd "$root"
+# One BLAS thread: the suite's numerics are then deterministic and CI's 2 cores are not oversubscribed.
+export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+exec python -m pytest -q "$@"

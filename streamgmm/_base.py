@@ -1,0 +1,203 @@
+"""What batch and online mixtures share: scoring, prediction, sampling, BIC/AIC, state I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import _gaussian as g
+from ._validation import check_array, check_positive_int, check_random_state
+
+STATE_FORMAT_VERSION = 1
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a model is used before it has been fitted or initialised."""
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at max_iter before the lower bound changed by less than tol."""
+
+
+class MixtureBase:
+    """Scoring on top of ``_internal_parameters()``.
+
+    Subclasses provide ``_internal_parameters() -> (weights, means, precisions_chol)`` in the
+    space the model computes in, ``_to_internal(X)`` / ``_from_internal(X)`` mapping data to
+    and from that space, and ``_log_jacobian`` (added to log-densities so they are densities
+    of the original data).
+    """
+
+    covariance_type: str
+    _log_jacobian: float = 0.0
+
+    # ----------------------------------------------------------------- to override
+    def _is_fitted(self) -> bool:
+        return hasattr(self, "weights_")
+
+    def _to_internal(self, X):
+        return X
+
+    def _from_internal(self, X):
+        return X
+
+    def _internal_parameters(self):
+        return self.weights_, self.means_, self.precisions_cholesky_
+
+    def _internal_covariances(self):
+        return self.covariances_
+
+    # ------------------------------------------------------------------ the one path
+    def _check_fitted(self) -> None:
+        if not self._is_fitted():
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet: call fit (or partial_fit until "
+                "the warm-up is complete) before using it"
+            )
+
+    def _check_X(self, X):
+        self._check_fitted()
+        return check_array(X, n_features=self.n_features_in_)
+
+    def _estimate_weighted_log_prob(self, X):
+        """log(pi_k) + log p(x | k) for X in the model's original units; shape (n, K)."""
+        weights, means, precisions_chol = self._internal_parameters()
+        return (
+            g.weighted_log_prob(self._to_internal(X), weights, means, precisions_chol, self.covariance_type)
+            + self._log_jacobian
+        )
+
+    def score_samples(self, X) -> np.ndarray:
+        """Log-density of each sample under the mixture, shape (n_samples,)."""
+        return g.logsumexp_rows(self._estimate_weighted_log_prob(self._check_X(X)))
+
+    def score(self, X, y=None, sample_weight=None) -> float:
+        """Mean (or weighted mean) log-density of X."""
+        return float(np.average(self.score_samples(X), weights=sample_weight))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Posterior probability of each component for each sample, shape (n_samples, K)."""
+        _, log_resp = g.e_step(self._estimate_weighted_log_prob(self._check_X(X)))
+        return np.exp(log_resp)
+
+    def predict(self, X) -> np.ndarray:
+        """Index of the most responsible component for each sample."""
+        return np.argmax(self._estimate_weighted_log_prob(self._check_X(X)), axis=1)
+
+    def sample(self, n_samples: int = 1, random_state=None):
+        """Draw samples from the fitted mixture.
+
+        Returns (X of shape (n_samples, n_features), labels of shape (n_samples,)).
+        """
+        self._check_fitted()
+        check_positive_int(n_samples, "n_samples")
+        rng = check_random_state(random_state) if random_state is not None else self._sampling_rng()
+        weights, means, _ = self._internal_parameters()
+        X, labels = g.sample_from_parameters(
+            rng, n_samples, weights, means, self._internal_covariances(), self.covariance_type
+        )
+        return self._from_internal(X), labels
+
+    def _sampling_rng(self):
+        return check_random_state(getattr(self, "random_state", None))
+
+    def _n_parameters(self) -> int:
+        return g.n_parameters(self.n_components, self.n_features_in_, self.covariance_type)
+
+    def bic(self, X) -> float:
+        """Bayesian information criterion on X (lower is better)."""
+        X = self._check_X(X)
+        return -2.0 * self.score(X) * X.shape[0] + self._n_parameters() * np.log(X.shape[0])
+
+    def aic(self, X) -> float:
+        """Akaike information criterion on X (lower is better)."""
+        X = self._check_X(X)
+        return -2.0 * self.score(X) * X.shape[0] + 2.0 * self._n_parameters()
+
+    # ---------------------------------------------------------------------- state
+    def save(self, path) -> None:
+        """Write the state to ``path`` as a versioned ``.npz`` (no pickle), atomically."""
+        save_state(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a state written by ``save``; the file is validated, never unpickled."""
+        return cls.from_dict(load_state(path))
+
+
+# ------------------------------------------------------------------ state files
+def encode_state(state: dict) -> dict[str, np.ndarray]:
+    """Split a state dict into numpy arrays plus one JSON ``__meta__`` entry (no object arrays)."""
+    arrays = {}
+    meta = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise ValueError(f"state entry {key!r} is an object array; only numeric arrays are saved")
+            arrays[key] = value
+        else:
+            meta[key] = value
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    return arrays
+
+
+def decode_state(arrays) -> dict:
+    if "__meta__" not in arrays:
+        raise ValueError("not a streamgmm state: the __meta__ entry is missing")
+    state = json.loads(bytes(arrays["__meta__"]).decode())
+    for key in arrays:
+        if key != "__meta__":
+            state[key] = np.array(arrays[key])
+    return state
+
+
+def save_state(state: dict, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **encode_state(state))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return decode_state({key: npz[key] for key in npz.files})
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read model state from {path}: {exc}") from None
+
+
+def check_state_header(state: dict, kind: str) -> None:
+    if state.get("kind") != kind:
+        raise ValueError(f"state is for a {state.get('kind')!r} model, not {kind!r}")
+    version = state.get("format_version")
+    if version != STATE_FORMAT_VERSION:
+        raise ValueError(
+            f"state format version {version!r} is not supported (this streamgmm reads "
+            f"version {STATE_FORMAT_VERSION}); refit or convert the model"
+        )
+
+
+def require_array(state: dict, key: str, shape: tuple) -> np.ndarray:
+    if key not in state:
+        raise ValueError(f"state is missing {key!r}")
+    value = np.asarray(state[key], dtype=np.float64)
+    if value.shape != shape:
+        raise ValueError(f"state entry {key!r} has shape {value.shape}, expected {shape}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"state entry {key!r} contains NaN or infinity")
+    return value
+
+
+def covariance_shape(covariance_type: str, n_components: int, n_features: int) -> tuple:
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]

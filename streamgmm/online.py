@@ -1,0 +1,559 @@
+"""Stepwise online EM for Gaussian mixtures (Cappé & Moulines 2009; Liang & Klein 2009).
+
+The model keeps running averages of the expected sufficient statistics of each component
+(S0 = mass, S1 = first moment, S2 = second moment).  After each mini-batch it moves them
+toward the batch's statistics with step size rho, then re-derives the parameters:
+
+    S <- (1 - rho) S + rho * s(batch),       eta_i = max((i + t0) ** -alpha, floor)
+
+where rho compounds the per-point steps eta_i of the batch's points, so results do not
+depend on how the stream is cut into batches.  ``alpha = 1`` is the exact running mean
+(best on a stationary stream); a floor (``forgetting``, or ``half_life`` in points) keeps
+the model tracking a drifting stream.
+
+The model computes in a standardised space fixed at warm-up (per-feature centre and
+scale), so multiplying a feature by a constant does not change the ranking of points and
+``reg_covar`` is relative to each feature's spread.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _gaussian as g
+from ._base import (
+    STATE_FORMAT_VERSION,
+    ConvergenceWarning,
+    MixtureBase,
+    NotFittedError,
+    check_state_header,
+    covariance_shape,
+    require_array,
+)
+from ._validation import (
+    check_array,
+    check_positive_float,
+    check_positive_int,
+    check_random_state,
+    check_sample_weight,
+)
+from .mixture import INIT_PARAMS, GaussianMixture, initial_responsibilities
+
+# Standardised values are clipped here before they enter the sufficient statistics, so a
+# single absurd point (1e308) cannot overflow x x^T; it is scored, not learned, truthfully.
+LEARN_CLIP = 1e12
+# A feature whose warm-up spread is below this (relative to its magnitude) is treated as
+# constant: scale 1, so it neither blows up nor dominates.
+RELATIVE_SCALE_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """A batch scored under one version of the model, ready to learn from.
+
+    ``log_density[i]`` is the log-density of row i before the model learns from it.
+    """
+
+    X_internal: np.ndarray
+    log_density: np.ndarray
+    log_resp: np.ndarray
+    model_version: int
+
+    @property
+    def component(self) -> np.ndarray:
+        """Most responsible component per row."""
+        return np.argmax(self.log_resp, axis=1)
+
+
+class OnlineGaussianMixture(MixtureBase):
+    """Gaussian mixture that learns from a stream with stepwise online EM.
+
+    Parameters
+    ----------
+    n_components : int, default=8
+    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+        Applies in the standardised space.
+    warmup : int, default=1000
+        Points buffered before the model exists; they initialise it (k-means++ then a few
+        batch EM iterations) and fix the standardisation.
+    alpha : float in (0.5, 1], default=1.0
+        Step-size decay.  1 is the running mean; smaller adapts faster but is noisier.
+    t0 : float, optional
+        Step-size offset; defaults to ``warmup`` so the first steps weigh one point as one
+        point of the warm-up.
+    half_life : float, optional
+        Forgetting as a half-life in points: the step never falls below
+        ``1 - 2 ** (-1 / half_life)``, so a point's influence halves every ``half_life`` points.
+    forgetting : float, optional
+        The same floor given directly as a per-point step size.  Set at most one of the two.
+    reg_covar : float, default=1e-6
+        Added to the (standardised) covariance diagonals: relative regularisation.
+    min_weight : float, default=1e-4
+        A component whose weight falls below this is re-seeded.
+    warmup_iter : int, default=100
+        Batch EM iterations on the warm-up buffer.
+    init_params : str, default="kmeans"
+        How the warm-up batch EM starts (see ``GaussianMixture``).
+    warmup_n_init : int, default=4
+        Warm-up EM restarts; the best lower bound wins (the warm-up buffer is small, so this is cheap).
+    standardize : bool, default=True
+    random_state : int, numpy Generator or None
+
+    Attributes
+    ----------
+    n_seen_ : int   points learned from (the warm-up included)
+    n_reseeded_ : int   component re-seeds so far
+    weights_, means_, covariances_ (original units), center_, scale_
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamgmm import OnlineGaussianMixture
+    >>> rng = np.random.default_rng(0)
+    >>> model = OnlineGaussianMixture(n_components=2, warmup=200, random_state=0)
+    >>> for _ in range(20):
+    ...     batch = np.vstack([rng.normal(-5, 1, (50, 2)), rng.normal(5, 1, (50, 2))])
+    ...     model = model.partial_fit(batch)
+    >>> model.n_seen_
+    2000
+    >>> bool(model.score_samples([[0.0, 0.0]])[0] < model.score_samples([[5.0, 5.0]])[0])
+    True
+    """
+
+    def __init__(
+        self,
+        n_components: int = 8,
+        *,
+        covariance_type: str = "full",
+        warmup: int = 1000,
+        alpha: float = 1.0,
+        t0: float | None = None,
+        half_life: float | None = None,
+        forgetting: float | None = None,
+        reg_covar: float = 1e-6,
+        min_weight: float = 1e-4,
+        warmup_iter: int = 100,
+        init_params: str = "kmeans",
+        warmup_n_init: int = 4,
+        standardize: bool = True,
+        random_state=None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.warmup = warmup
+        self.alpha = alpha
+        self.t0 = t0
+        self.half_life = half_life
+        self.forgetting = forgetting
+        self.reg_covar = reg_covar
+        self.min_weight = min_weight
+        self.warmup_iter = warmup_iter
+        self.init_params = init_params
+        self.warmup_n_init = warmup_n_init
+        self.standardize = standardize
+        self.random_state = random_state
+        self._check_parameters()
+        self._rng = check_random_state(random_state)
+        self.n_seen_ = 0
+        self.n_reseeded_ = 0
+        self._steps = 0.0
+        self._version = 0
+        self._buffer: list[np.ndarray] = []
+        self._buffer_weights: list[np.ndarray] = []
+        self.n_features_in_: int | None = None
+
+    # ------------------------------------------------------------------ checks
+    def _check_parameters(self) -> None:
+        check_positive_int(self.n_components, "n_components")
+        g.check_covariance_type(self.covariance_type)
+        check_positive_int(self.warmup, "warmup", minimum=2 * self.n_components)
+        if not (isinstance(self.alpha, (int, float)) and 0.5 < self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in (0.5, 1]; got {self.alpha!r}")
+        if self.t0 is not None:
+            check_positive_float(self.t0, "t0")
+        if self.half_life is not None and self.forgetting is not None:
+            raise ValueError("set either half_life or forgetting, not both (they are the same floor)")
+        if self.half_life is not None:
+            check_positive_float(self.half_life, "half_life")
+        if self.forgetting is not None and not (0.0 < self.forgetting < 1.0):
+            raise ValueError(f"forgetting must be a step size in (0, 1); got {self.forgetting!r}")
+        check_positive_float(self.reg_covar, "reg_covar")
+        if not (0.0 <= self.min_weight < 1.0 / self.n_components):
+            raise ValueError(f"min_weight must be in [0, 1/n_components); got {self.min_weight!r}")
+        check_positive_int(self.warmup_iter, "warmup_iter")
+        check_positive_int(self.warmup_n_init, "warmup_n_init")
+        if self.init_params not in INIT_PARAMS:
+            raise ValueError(f"init_params must be one of {', '.join(INIT_PARAMS)}; got {self.init_params!r}")
+
+    @property
+    def step_floor(self) -> float:
+        """The smallest per-point step size (0 without forgetting)."""
+        if self.half_life is not None:
+            return -math.expm1(-math.log(2.0) / self.half_life)
+        return float(self.forgetting or 0.0)
+
+    @property
+    def is_initialized(self) -> bool:
+        return hasattr(self, "_S0")
+
+    def _is_fitted(self) -> bool:
+        return self.is_initialized
+
+    @property
+    def n_buffered_(self) -> int:
+        return int(sum(len(b) for b in self._buffer))
+
+    # ---------------------------------------------------------- standardisation
+    def _to_internal(self, X):
+        return (X - self.center_) / self.scale_
+
+    def _from_internal(self, X):
+        return X * self.scale_ + self.center_
+
+    @property
+    def _log_jacobian(self) -> float:
+        return -float(np.sum(np.log(self.scale_)))
+
+    def _internal_parameters(self):
+        return self._weights, self._means, self._precisions_chol
+
+    def _internal_covariances(self):
+        return self._covariances
+
+    # -------------------------------------------------------------- public params
+    @property
+    def weights_(self) -> np.ndarray:
+        self._check_fitted()
+        return self._weights
+
+    @property
+    def means_(self) -> np.ndarray:
+        self._check_fitted()
+        return self._from_internal(self._means)
+
+    @property
+    def covariances_(self) -> np.ndarray:
+        """Covariances in original units; for ``spherical`` the per-feature variances (K, D)."""
+        self._check_fitted()
+        s = self.scale_
+        c = self._covariances
+        if self.covariance_type == "full":
+            return c * s[np.newaxis, :, np.newaxis] * s[np.newaxis, np.newaxis, :]
+        if self.covariance_type == "tied":
+            return c * s[:, np.newaxis] * s[np.newaxis, :]
+        if self.covariance_type == "diag":
+            return c * s**2
+        return c[:, np.newaxis] * s**2
+
+    # ------------------------------------------------------------------ learning
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Learn from one mini-batch; before the warm-up is complete, buffer it. Returns self."""
+        X = check_array(X, n_features=self.n_features_in_)
+        weight = check_sample_weight(sample_weight, X.shape[0])
+        if self.n_features_in_ is None:
+            self.n_features_in_ = X.shape[1]
+        if not self.is_initialized:
+            self._buffer.append(X)
+            self._buffer_weights.append(weight)
+            if self.n_buffered_ >= self.warmup:
+                self._initialize_from_buffer()
+            return self
+        if X.shape[0]:
+            self.learn(self.score_batch(X), sample_weight=weight)
+        return self
+
+    def score_batch(self, X) -> ScoredBatch:
+        """Score a batch under the current model without learning (prequential step one)."""
+        X = self._check_X(X)
+        X_internal = self._to_internal(X)
+        weights, means, precisions_chol = self._internal_parameters()
+        wlp = g.weighted_log_prob(X_internal, weights, means, precisions_chol, self.covariance_type)
+        log_prob_norm, log_resp = g.e_step(wlp)
+        return ScoredBatch(X_internal, log_prob_norm + self._log_jacobian, log_resp, self._version)
+
+    def learn(self, scored: ScoredBatch, sample_weight=None) -> None:
+        """Learn from a batch scored by ``score_batch`` (prequential step two).
+
+        Rows with zero weight, or whose density is not finite, are not learned from.
+        """
+        self._check_fitted()
+        if scored.model_version != self._version:
+            raise ValueError(
+                "this batch was scored by an older version of the model; score it again with score_batch"
+            )
+        n_rows = scored.X_internal.shape[0]
+        weight = check_sample_weight(sample_weight, n_rows)
+        weight = np.where(np.isfinite(scored.log_density), weight, 0.0)
+        n_learned = int(np.count_nonzero(weight))
+        if n_learned == 0:
+            return
+        total_weight = weight.sum()
+        with np.errstate(invalid="ignore"):
+            resp = np.exp(scored.log_resp)
+        resp = np.where(weight[:, np.newaxis] > 0, resp, 0.0) * weight[:, np.newaxis]
+        X = np.clip(scored.X_internal, -LEARN_CLIP, LEARN_CLIP)
+        s0, s1, s2 = g.sufficient_statistics(X, resp, self.covariance_type)
+        rho = self._compound_step(n_learned)
+        keep = 1.0 - rho
+        self._S0 = keep * self._S0 + (rho / total_weight) * s0
+        self._S1 = keep * self._S1 + (rho / total_weight) * s1
+        self._S2 = keep * self._S2 + (rho / total_weight) * s2
+        self._steps += n_learned
+        self.n_seen_ += n_learned
+        self._refresh_parameters(candidates=(X, np.where(weight > 0, scored.log_density, np.inf)))
+
+    def _compound_step(self, n_points: int) -> float:
+        """1 - prod(1 - eta_i) over the next n_points per-point steps."""
+        t0 = float(self.warmup if self.t0 is None else self.t0)
+        t = self._steps + t0 + np.arange(1, n_points + 1, dtype=float)
+        eta = np.maximum(t ** (-self.alpha), self.step_floor)
+        return float(-np.expm1(np.sum(np.log1p(-np.minimum(eta, 1.0 - 1e-12)))))
+
+    # ----------------------------------------------------------- initialisation
+    def _initialize_from_buffer(self) -> None:
+        X = np.vstack(self._buffer)
+        weight = np.concatenate(self._buffer_weights)
+        self._buffer, self._buffer_weights = [], []
+        self._set_standardization(X, weight)
+        X_internal = self._to_internal(X)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mixture = self._fit_warmup_mixture(X_internal, weight)
+        if mixture is not None:
+            log_prob_norm, log_resp = g.e_step(mixture._estimate_weighted_log_prob(X_internal))
+            resp = np.exp(log_resp)
+        else:
+            # Degenerate warm-up (e.g. fewer distinct points than components): start from
+            # hard k-means++ assignments; re-seeding sorts out empty components later.
+            resp = initial_responsibilities(X_internal, self.n_components, "k-means++", self._rng, weight)
+            log_prob_norm = np.zeros(len(X_internal))
+        resp = resp * weight[:, np.newaxis]
+        s0, s1, s2 = g.sufficient_statistics(X_internal, resp, self.covariance_type)
+        total = weight.sum()
+        self._S0, self._S1, self._S2 = s0 / total, s1 / total, s2 / total
+        self._steps = 0.0
+        self.n_seen_ = int(np.count_nonzero(weight))
+        self._refresh_parameters(candidates=(X_internal, log_prob_norm))
+
+    def _fit_warmup_mixture(self, X_internal, weight):
+        """Batch EM on the warm-up buffer, best of ``warmup_n_init`` restarts.
+
+        The first restart uses ``init_params``, the others k-means++: k-means alone can prefer
+        splitting a wide direction over separating tight clusters, and EM does not recover
+        from that, so mixing seeding methods is much more reliable than repeating one.
+        """
+        best = None
+        for attempt in range(self.warmup_n_init):
+            candidate = GaussianMixture(
+                self.n_components,
+                covariance_type=self.covariance_type,
+                reg_covar=self.reg_covar,
+                max_iter=self.warmup_iter,
+                init_params=self.init_params if attempt == 0 else "k-means++",
+                random_state=self._rng,
+            )
+            try:
+                candidate.fit(X_internal, sample_weight=weight)
+            except ValueError:
+                continue
+            if best is None or candidate.lower_bound_ > best.lower_bound_:
+                best = candidate
+        return best
+
+    def _set_standardization(self, X, weight) -> None:
+        D = X.shape[1]
+        if not self.standardize:
+            self.center_, self.scale_ = np.zeros(D), np.ones(D)
+            return
+        center = np.average(X, axis=0, weights=weight)
+        with np.errstate(over="ignore", invalid="ignore"):
+            spread = np.sqrt(np.average((X - center) ** 2, axis=0, weights=weight))
+        usable = np.isfinite(spread) & (spread > RELATIVE_SCALE_FLOOR * np.maximum(np.abs(center), 1e-150))
+        self.center_ = center
+        self.scale_ = np.where(usable, spread, 1.0)
+
+    @classmethod
+    def from_mixture(cls, mixture: GaussianMixture, **params) -> "OnlineGaussianMixture":
+        """Start online learning from a fitted batch ``GaussianMixture``.
+
+        The standardisation comes from the mixture's own overall mean and spread.
+        """
+        mixture._check_fitted()
+        params.setdefault("n_components", mixture.n_components)
+        params.setdefault("covariance_type", mixture.covariance_type)
+        params.setdefault("reg_covar", mixture.reg_covar)
+        model = cls(**params)
+        if model.n_components != mixture.n_components or model.covariance_type != mixture.covariance_type:
+            raise ValueError("n_components and covariance_type must match the mixture's")
+        D = mixture.n_features_in_
+        model.n_features_in_ = D
+        weights, means = mixture.weights_, mixture.means_
+        component_cov = _full_covariances(mixture.covariances_, mixture.covariance_type, len(weights), D)
+        center = weights @ means
+        spread = np.einsum("k,kdd->d", weights, component_cov) + weights @ (means - center) ** 2
+        model.center_ = center if model.standardize else np.zeros(D)
+        model.scale_ = np.sqrt(spread) if model.standardize else np.ones(D)
+        s = model.scale_
+        internal_means = (means - model.center_) / s
+        cov = mixture.covariances_
+        if mixture.covariance_type == "full":
+            cov = cov / s[np.newaxis, :, np.newaxis] / s[np.newaxis, np.newaxis, :]
+        elif mixture.covariance_type == "tied":
+            cov = cov / s[:, np.newaxis] / s[np.newaxis, :]
+        elif mixture.covariance_type == "diag":
+            cov = cov / s**2
+        else:
+            cov = cov / np.mean(s**2)
+        model._S0, model._S1, model._S2 = g.statistics_from_parameters(
+            weights, internal_means, cov, model.covariance_type, model.reg_covar
+        )
+        model._refresh_parameters(candidates=None)
+        return model
+
+    # ------------------------------------------------- parameters from statistics
+    def _refresh_parameters(self, candidates) -> None:
+        """Re-derive parameters from S; re-seed dead or non-PD components.
+
+        ``candidates`` is (X_internal, log_density) of the last batch, or None: dead components
+        move to its most poorly explained points.
+        """
+        weights, means, covariances = g.parameters_from_statistics(
+            self._S0, self._S1, self._S2, self.covariance_type, self.reg_covar
+        )
+        precisions_chol, bad_cov = g.precision_cholesky_per_component(covariances, self.covariance_type)
+        dead = (weights < self.min_weight) | ~np.isfinite(weights) | ~np.all(np.isfinite(means), axis=1)
+        if self.covariance_type != "tied":
+            dead |= bad_cov
+        if dead.any() or (self.covariance_type == "tied" and bad_cov.any()):
+            if candidates is None:
+                worst_points = np.empty((0, means.shape[1]))
+            else:
+                points, log_density = candidates
+                worst_points = points[np.argsort(log_density)[: int(dead.sum())]]
+            self._reseed(weights, means, covariances, dead, bad_cov, worst_points)
+            weights, means, covariances = g.parameters_from_statistics(
+                self._S0, self._S1, self._S2, self.covariance_type, self.reg_covar
+            )
+            precisions_chol, still_bad = g.precision_cholesky_per_component(covariances, self.covariance_type)
+            if still_bad.any():
+                raise FloatingPointError("re-seeding failed to restore positive-definite covariances")
+        self._weights, self._means, self._covariances = weights, means, covariances
+        self._precisions_chol = precisions_chol
+        self._version += 1
+
+    def _reseed(self, weights, means, covariances, dead, bad_cov, worst_points) -> None:
+        K, D = means.shape
+        healthy = ~dead
+        if self.covariance_type == "tied":
+            if bad_cov.any():
+                covariances = np.eye(D)
+        else:
+            if healthy.any():
+                pooled = np.average(covariances[healthy], axis=0, weights=weights[healthy] + g.MASS_EPS)
+            else:
+                pooled = np.eye(D) if self.covariance_type == "full" else (np.ones(D) if self.covariance_type == "diag" else 1.0)
+            covariances = covariances.copy()
+            covariances[dead] = pooled
+        weights = np.where(np.isfinite(weights), weights, 0.0)
+        means = np.where(np.isfinite(means), means, 0.0)
+        total_mass = float(np.sum(np.where(healthy, self._S0, 0.0))) or 1.0
+        new_mass = np.where(dead, max(10.0 * self.min_weight, 0.5 / K) * total_mass, np.where(healthy, self._S0, 0.0))
+        for slot, k in enumerate(np.flatnonzero(dead)):
+            if slot < len(worst_points):
+                means[k] = worst_points[slot]
+            else:
+                heaviest = int(np.argmax(np.where(healthy, weights, -np.inf))) if healthy.any() else 0
+                means[k] = means[heaviest] + self._rng.standard_normal(D)
+        self._S0, self._S1, self._S2 = g.statistics_from_parameters(
+            new_mass, means, covariances, self.covariance_type, self.reg_covar
+        )
+        self.n_reseeded_ += int(dead.sum())
+
+    # ---------------------------------------------------------------------- state
+    def to_dict(self) -> dict:
+        state = {
+            "kind": "OnlineGaussianMixture",
+            "format_version": STATE_FORMAT_VERSION,
+            "params": self.get_params(),
+            "n_features": self.n_features_in_,
+            "n_seen": int(self.n_seen_),
+            "n_reseeded": int(self.n_reseeded_),
+            "steps": float(self._steps),
+            "initialized": self.is_initialized,
+            "rng_state": self._rng.bit_generator.state,
+        }
+        if self.is_initialized:
+            state.update(
+                center=self.center_.copy(),
+                scale=self.scale_.copy(),
+                S0=self._S0.copy(),
+                S1=self._S1.copy(),
+                S2=self._S2.copy(),
+            )
+        elif self._buffer:
+            state.update(buffer=np.vstack(self._buffer), buffer_weights=np.concatenate(self._buffer_weights))
+        return state
+
+    def get_params(self) -> dict:
+        return {
+            name: getattr(self, name)
+            for name in (
+                "n_components", "covariance_type", "warmup", "alpha", "t0", "half_life", "forgetting",
+                "reg_covar", "min_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
+            )
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "OnlineGaussianMixture":
+        check_state_header(state, "OnlineGaussianMixture")
+        params = dict(state["params"])
+        model = cls(**params)
+        D = state["n_features"]
+        model.n_features_in_ = None if D is None else int(D)
+        model.n_seen_ = int(state["n_seen"])
+        model.n_reseeded_ = int(state["n_reseeded"])
+        model._steps = float(state["steps"])
+        try:
+            model._rng.bit_generator.state = state["rng_state"]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"state has an unusable rng_state: {exc}") from None
+        if state["initialized"]:
+            K, cov_type = model.n_components, model.covariance_type
+            model.center_ = require_array(state, "center", (D,))
+            model.scale_ = require_array(state, "scale", (D,))
+            if np.any(model.scale_ <= 0):
+                raise ValueError("state entry 'scale' must be positive")
+            model._S0 = require_array(state, "S0", (K,))
+            model._S1 = require_array(state, "S1", (K, D))
+            s2_shape = covariance_shape(cov_type, K, D)
+            if cov_type == "spherical":
+                s2_shape = (K, D)
+            model._S2 = require_array(state, "S2", s2_shape)
+            model._refresh_parameters(candidates=None)
+            model._version = 0
+        elif "buffer" in state:
+            buffer = require_array(state, "buffer", (len(state["buffer"]), D))
+            model._buffer = [buffer]
+            model._buffer_weights = [require_array(state, "buffer_weights", (len(buffer),))]
+        return model
+
+    def _sampling_rng(self):
+        return self._rng
+
+
+def _full_covariances(covariances, covariance_type, n_components, n_features):
+    """Any covariance type as (K, D, D) matrices."""
+    if covariance_type == "full":
+        return covariances
+    if covariance_type == "tied":
+        return np.repeat(covariances[np.newaxis], n_components, axis=0)
+    if covariance_type == "diag":
+        return np.array([np.diag(c) for c in covariances])
+    return np.array([np.eye(n_features) * c for c in covariances])
+
+
+__all__ = ["OnlineGaussianMixture", "ScoredBatch", "NotFittedError"]

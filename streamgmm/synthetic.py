@@ -1,0 +1,59 @@
+"""Synthetic streams with known answers: mixtures, drift and injected anomalies.
+
+Used by the tests, the benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrueMixture:
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray  # (K, D, D)
+
+    def sample(self, n: int, rng: np.random.Generator):
+        counts = rng.multinomial(n, self.weights)
+        labels = rng.permutation(np.repeat(np.arange(len(self.weights)), counts))
+        chol = np.linalg.cholesky(self.covariances)
+        z = rng.standard_normal((n, self.means.shape[1]))
+        X = self.means[labels] + np.einsum("nij,nj->ni", chol[labels], z)
+        return X, labels
+
+    def log_density(self, X) -> np.ndarray:
+        from scipy.stats import multivariate_normal
+
+        dens = np.column_stack(
+            [np.log(w) + multivariate_normal(m, c).logpdf(X) for w, m, c in zip(self.weights, self.means, self.covariances)]
+        )
+        top = dens.max(axis=1, keepdims=True)
+        return (top + np.log(np.exp(dens - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def random_mixture(n_components: int, n_features: int, rng: np.random.Generator, separation: float = 6.0) -> TrueMixture:
+    """A mixture with random correlated covariances and means ``separation`` apart on average."""
+    weights = rng.dirichlet(np.full(n_components, 5.0))
+    means = rng.normal(0.0, separation / np.sqrt(2.0), size=(n_components, n_features))
+    covariances = np.empty((n_components, n_features, n_features))
+    for k in range(n_components):
+        A = rng.normal(size=(n_features, n_features)) / np.sqrt(n_features)
+        covariances[k] = A @ A.T + 0.3 * np.eye(n_features)
+    return TrueMixture(weights, means, covariances)
+
+
+def inject_point_anomalies(X, fraction: float, rng: np.random.Generator, distance: float = 8.0):
+    """Replace a ``fraction`` of rows by points far outside the data; returns (X, is_anomaly)."""
+    X = X.copy()
+    n = len(X)
+    is_anomaly = rng.random(n) < fraction
+    spread = X.std(axis=0)
+    center = X.mean(axis=0)
+    direction = rng.normal(size=(int(is_anomaly.sum()), X.shape[1]))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    radius = distance * (1.0 + rng.random((len(direction), 1)))
+    X[is_anomaly] = center + direction * radius * spread
+    return X, is_anomaly

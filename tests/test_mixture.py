@@ -1,0 +1,136 @@
+"""Batch EM: scikit-learn parity, sample weights, API and errors."""
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+
+from streamgmm import ConvergenceWarning, GaussianMixture, NotFittedError
+from streamgmm._gaussian import COVARIANCE_TYPES
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    rng = np.random.default_rng(0)
+    return np.vstack([rng.normal(c, s, (400, 3)) for c, s in [(-4, 1.0), (0, 0.5), (5, 1.5)]])
+
+
+def _sklearn_start(X, covariance_type):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = SklearnGaussianMixture(3, covariance_type=covariance_type, max_iter=1, random_state=0).fit(X)
+    return {"weights_init": sk.weights_, "means_init": sk.means_, "precisions_init": sk.precisions_}
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_lower_bound_per_iteration_matches_sklearn(blobs, covariance_type):
+    start = _sklearn_start(blobs, covariance_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = GaussianMixture(3, covariance_type=covariance_type, tol=0.0, max_iter=25, **start).fit(blobs)
+        theirs = SklearnGaussianMixture(3, covariance_type=covariance_type, tol=0.0, max_iter=25, **start).fit(blobs)
+    ours_lb, theirs_lb = np.array(ours.lower_bounds_), np.array(theirs.lower_bounds_)
+    assert len(ours_lb) == len(theirs_lb) == 25
+    np.testing.assert_allclose(ours_lb, theirs_lb, rtol=1e-6)
+    np.testing.assert_allclose(ours.means_, theirs.means_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ours.score_samples(blobs), theirs.score_samples(blobs), rtol=1e-8)
+    assert ours.bic(blobs) == pytest.approx(theirs.bic(blobs), rel=1e-8)
+    assert ours.aic(blobs) == pytest.approx(theirs.aic(blobs), rel=1e-8)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_integer_sample_weight_equals_repeated_rows(blobs, covariance_type):
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 4, len(blobs))
+    start = _sklearn_start(blobs, covariance_type)
+    kwargs = dict(covariance_type=covariance_type, tol=0.0, max_iter=15, **start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        weighted = GaussianMixture(3, **kwargs).fit(blobs, sample_weight=counts)
+        repeated = GaussianMixture(3, **kwargs).fit(np.repeat(blobs, counts, axis=0))
+    np.testing.assert_allclose(weighted.lower_bounds_, repeated.lower_bounds_, rtol=1e-10)
+    np.testing.assert_allclose(weighted.means_, repeated.means_, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(weighted.covariances_, repeated.covariances_, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
+def test_every_init_finds_the_three_blobs(blobs, init_params):
+    model = GaussianMixture(3, init_params=init_params, n_init=3, max_iter=300, random_state=0).fit(blobs)
+    assert model.converged_
+    np.testing.assert_allclose(np.sort(model.means_[:, 0]), [-4, 0, 5], atol=0.3)
+
+
+def test_predict_sample_and_proba(blobs):
+    model = GaussianMixture(3, random_state=0).fit(blobs)
+    proba = model.predict_proba(blobs)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(model.predict(blobs), proba.argmax(axis=1))
+    X, labels = model.sample(3000, random_state=1)
+    assert X.shape == (3000, 3) and labels.shape == (3000,)
+    for k in range(3):
+        np.testing.assert_allclose(X[labels == k].mean(axis=0), model.means_[k], atol=0.2)
+    assert abs(np.mean(labels == 0) - model.weights_[0]) < 0.03
+
+
+def test_bic_prefers_the_true_number_of_components(blobs):
+    bics = [GaussianMixture(k, random_state=0, n_init=2).fit(blobs).bic(blobs) for k in range(1, 6)]
+    assert int(np.argmin(bics)) + 1 == 3
+
+
+def test_warm_start_continues_from_previous_fit(blobs):
+    model = GaussianMixture(3, warm_start=True, max_iter=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(blobs)
+        first = model.lower_bound_
+        model.fit(blobs)
+    assert model.lower_bound_ >= first - 1e-12
+
+
+def test_not_converged_warns(blobs):
+    with pytest.warns(ConvergenceWarning, match="did not converge in 1 iterations"):
+        GaussianMixture(3, max_iter=1, tol=0.0, random_state=0).fit(blobs)
+
+
+def test_state_round_trip(tmp_path, blobs):
+    model = GaussianMixture(3, covariance_type="diag", random_state=0).fit(blobs)
+    path = tmp_path / "gm.npz"
+    model.save(path)
+    loaded = GaussianMixture.load(path)
+    np.testing.assert_array_equal(loaded.score_samples(blobs), model.score_samples(blobs))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_components": 0}, "n_components must be an integer >= 1; got 0"),
+        ({"covariance_type": "ful"}, "covariance_type must be one of full, tied, diag, spherical; got 'ful'"),
+        ({"init_params": "best"}, "init_params must be one of kmeans, k-means++, random, random_from_data; got 'best'"),
+        ({"reg_covar": -1.0}, "reg_covar must be a finite number >= 0; got -1.0"),
+        ({"means_init": np.zeros((2, 3))}, "means_init must have shape (3, 3); got (2, 3)"),
+    ],
+)
+def test_parameter_errors_name_the_parameter(blobs, kwargs, message):
+    params = {"n_components": 3, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GaussianMixture(**params).fit(blobs)
+
+
+def test_input_errors(blobs):
+    model = GaussianMixture(2, random_state=0).fit(blobs)
+    with pytest.raises(ValueError, match=re.escape("X has 2 features, but the model was fitted with 3 features")):
+        model.score_samples(blobs[:, :2])
+    bad = blobs.copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match=re.escape("X contains NaN or infinity in 1 row(s), first at row 7")):
+        GaussianMixture(2).fit(bad)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        GaussianMixture(2).score_samples(blobs)
+
+
+def test_collapsed_component_error_says_what_to_do():
+    X = np.vstack([np.zeros((50, 2)), np.ones((50, 2))])
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        GaussianMixture(2, reg_covar=0.0, random_state=0).fit(X)

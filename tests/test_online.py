@@ -1,0 +1,210 @@
+"""Stepwise online EM: accuracy against batch EM, drift, robustness, state round trips."""
+
+import re
+
+import numpy as np
+import pytest
+
+from streamgmm import GaussianMixture, NotFittedError, OnlineGaussianMixture
+from streamgmm._gaussian import COVARIANCE_TYPES
+from streamgmm.synthetic import random_mixture
+
+
+def _stream(model, X, batch=1000):
+    for start in range(0, len(X), batch):
+        model.partial_fit(X[start : start + batch])
+    return model
+
+
+def _assert_finite_state(model):
+    for name in ("_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol"):
+        assert np.all(np.isfinite(getattr(model, name))), name
+
+
+@pytest.mark.slow
+def test_one_pass_matches_batch_em_on_200k_points():
+    rng = np.random.default_rng(1)
+    truth = random_mixture(8, 16, rng)
+    X, _ = truth.sample(200_000, rng)
+    held_out, _ = truth.sample(20_000, rng)
+    batch = GaussianMixture(8, n_init=2, random_state=0).fit(X)
+    online = _stream(OnlineGaussianMixture(8, random_state=0), X)
+    assert online.n_seen_ == 200_000
+    gap = batch.score(held_out) - online.score(held_out)
+    assert gap < 0.02, f"online EM is {gap:.4f} nats/point below batch EM"
+
+
+@pytest.mark.slow
+def test_forgetting_recovers_after_the_mixture_jumps():
+    rng = np.random.default_rng(5)
+    before, after = random_mixture(4, 4, rng), random_mixture(4, 4, rng)
+    X_before, _ = before.sample(50_000, rng)
+    X_after, _ = after.sample(50_000, rng)
+    held_out, _ = after.sample(20_000, rng)
+    reference = GaussianMixture(4, n_init=3, random_state=0).fit(X_after).score(held_out)
+    forgetting = _stream(OnlineGaussianMixture(4, half_life=2000, random_state=0), np.vstack([X_before, X_after]), 500)
+    frozen = _stream(OnlineGaussianMixture(4, random_state=0), np.vstack([X_before, X_after]), 500)
+    assert reference - forgetting.score(held_out) < 0.05
+    # Without forgetting the model is measurably stuck in the old regime: the test can fail.
+    assert reference - frozen.score(held_out) > 0.05
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_rescaling_a_feature_keeps_the_ranking(covariance_type):
+    rng = np.random.default_rng(2)
+    X, _ = random_mixture(3, 4, rng).sample(6000, rng)
+    scaled = X * np.array([1e6, 1e-6, 1.0, 1.0])
+    plain = _stream(OnlineGaussianMixture(3, covariance_type=covariance_type, random_state=0), X)
+    rescaled = _stream(OnlineGaussianMixture(3, covariance_type=covariance_type, random_state=0), scaled)
+    probe, _ = random_mixture(3, 4, np.random.default_rng(9)).sample(2000, rng)
+    a = plain.score_samples(probe)
+    b = rescaled.score_samples(probe * np.array([1e6, 1e-6, 1.0, 1.0]))
+    # Densities differ only by the Jacobian of the rescaling.
+    np.testing.assert_allclose(b - a, -np.log(1e6) - np.log(1e-6), atol=1e-6)
+    np.testing.assert_array_equal(np.argsort(a, kind="stable"), np.argsort(b, kind="stable"))
+
+
+def test_bad_input_is_refused_and_leaves_the_model_untouched():
+    rng = np.random.default_rng(3)
+    model = _stream(OnlineGaussianMixture(2, warmup=500, random_state=0), rng.normal(size=(2000, 3)))
+    before = model.to_dict()
+    bad = rng.normal(size=(10, 3))
+    bad[4, 2] = np.inf
+    with pytest.raises(ValueError, match=re.escape("X contains NaN or infinity in 1 row(s), first at row 4")):
+        model.partial_fit(bad)
+    with pytest.raises(ValueError, match=re.escape("X has 2 features, but the model was fitted with 3 features")):
+        model.partial_fit(rng.normal(size=(10, 2)))
+    with pytest.raises(ValueError, match=re.escape("X has 0 samples; at least 1 required")):
+        model.partial_fit(np.empty((0, 3)))
+    after = model.to_dict()
+    for key in ("S0", "S1", "S2"):
+        np.testing.assert_array_equal(before[key], after[key])
+    assert after["n_seen"] == before["n_seen"]
+
+
+def test_huge_but_finite_values_keep_parameters_finite():
+    rng = np.random.default_rng(4)
+    model = _stream(OnlineGaussianMixture(2, warmup=500, random_state=0), rng.normal(size=(1000, 3)))
+    hostile = np.array([[1e308, -1e308, 5e-324], [1e300, 0.0, 0.0], [0.0, 1e-300, 1e150]])
+    scores = model.score_samples(hostile)
+    assert np.all(scores < -1e3)
+    model.partial_fit(hostile)
+    model.partial_fit(rng.normal(size=(500, 3)) * 1e9)  # scale jumps by 1e9 mid-stream
+    _assert_finite_state(model)
+    assert np.all(np.isfinite(model.score_samples(rng.normal(size=(5, 3)))))
+
+
+def test_vanishing_component_is_reseeded_at_poorly_explained_points():
+    rng = np.random.default_rng(6)
+    centers = np.array([[-6.0, 0.0], [0.0, 0.0], [6.0, 0.0]])
+    warm = np.vstack([rng.normal(c, 0.5, (400, 2)) for c in centers])
+    model = OnlineGaussianMixture(3, warmup=1200, half_life=500, random_state=0).partial_fit(rng.permutation(warm))
+    assert model.n_reseeded_ == 0
+    # The right-hand cluster vanishes: its component starves and must come back to life elsewhere.
+    live = lambda: np.vstack([rng.normal(centers[0], 0.5, (200, 2)), rng.normal(centers[1], 0.5, (200, 2))])
+    for _ in range(40):
+        model.partial_fit(live())
+    assert model.n_reseeded_ >= 1
+    _assert_finite_state(model)
+    assert np.all(model.weights_ >= model.min_weight)
+    assert np.min(np.linalg.norm(model.means_ - centers[2], axis=1)) > 3.0
+
+
+def test_non_positive_definite_covariance_is_reseeded_not_raised():
+    rng = np.random.default_rng(7)
+    model = _stream(OnlineGaussianMixture(3, warmup=600, random_state=0), rng.normal(size=(1200, 4)))
+    model._S2[1] = -np.eye(4)  # a covariance that stopped being positive definite
+    model._refresh_parameters(candidates=(model._to_internal(rng.normal(size=(10, 4))), np.zeros(10)))
+    assert model.n_reseeded_ == 1
+    _assert_finite_state(model)
+    assert np.all(np.linalg.eigvalsh(model._covariances) > 0)
+
+
+def test_identical_points_do_not_crash():
+    model = OnlineGaussianMixture(4, warmup=100, random_state=0)
+    _stream(model, np.ones((5000, 3)), batch=250)
+    _assert_finite_state(model)
+    assert np.isfinite(model.score_samples(np.ones((1, 3)))[0])
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_state_round_trips_exactly(tmp_path, covariance_type):
+    rng = np.random.default_rng(8)
+    X, _ = random_mixture(3, 3, rng).sample(5000, rng)
+    model = _stream(OnlineGaussianMixture(3, covariance_type=covariance_type, warmup=1000, random_state=0), X[:3000])
+    path = tmp_path / "model.npz"
+    model.save(path)
+    copies = [OnlineGaussianMixture.from_dict(model.to_dict()), OnlineGaussianMixture.load(path)]
+    _stream(model, X[3000:], 500)
+    expected_sample = model.sample(10)[0]
+    for copy in copies:
+        _stream(copy, X[3000:], 500)
+        np.testing.assert_array_equal(copy.score_samples(X[:100]), model.score_samples(X[:100]))
+        assert copy.n_seen_ == model.n_seen_ == 5000
+        np.testing.assert_array_equal(copy.sample(10)[0], expected_sample)
+
+
+def test_state_round_trips_during_warmup():
+    rng = np.random.default_rng(10)
+    X = rng.normal(size=(1500, 2))
+    model = OnlineGaussianMixture(2, warmup=1000, random_state=0).partial_fit(X[:600])
+    copy = OnlineGaussianMixture.from_dict(model.to_dict())
+    assert copy.n_buffered_ == 600 and not copy.is_initialized
+    model.partial_fit(X[600:])
+    copy.partial_fit(X[600:])
+    np.testing.assert_array_equal(model.score_samples(X[:50]), copy.score_samples(X[:50]))
+
+
+def test_load_refuses_a_corrupt_or_foreign_state(tmp_path):
+    model = _stream(OnlineGaussianMixture(2, warmup=500, random_state=0), np.random.default_rng(0).normal(size=(600, 2)))
+    state = model.to_dict()
+    with pytest.raises(ValueError, match="state format version 99 is not supported"):
+        OnlineGaussianMixture.from_dict({**state, "format_version": 99})
+    with pytest.raises(ValueError, match=re.escape("state entry 'S1' has shape (1, 2), expected (2, 2)")):
+        OnlineGaussianMixture.from_dict({**state, "S1": np.zeros((1, 2))})
+    with pytest.raises(ValueError, match=re.escape("state entry 'S0' contains NaN or infinity")):
+        OnlineGaussianMixture.from_dict({**state, "S0": np.array([np.nan, 1.0])})
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="cannot read model state"):
+        OnlineGaussianMixture.load(garbage)
+
+
+def test_from_fitted_batch_mixture_scores_like_it():
+    rng = np.random.default_rng(11)
+    X, _ = random_mixture(3, 4, rng).sample(4000, rng)
+    batch = GaussianMixture(3, random_state=0).fit(X)
+    online = OnlineGaussianMixture.from_mixture(batch, warmup=1000)
+    np.testing.assert_allclose(online.score_samples(X[:200]), batch.score_samples(X[:200]), atol=1e-8)
+    online.partial_fit(X[:500])
+    assert online.n_seen_ == 500
+
+
+def test_scoring_before_warmup_says_so():
+    model = OnlineGaussianMixture(2, warmup=100)
+    model.partial_fit(np.zeros((10, 2)))
+    with pytest.raises(NotFittedError, match="until the warm-up is complete"):
+        model.score_samples(np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 0.5}, "alpha must be in (0.5, 1]; got 0.5"),
+        ({"warmup": 3}, "warmup must be an integer >= 4; got 3"),
+        ({"half_life": 10.0, "forgetting": 0.1}, "set either half_life or forgetting, not both"),
+        ({"reg_covar": 0.0}, "reg_covar must be a finite number > 0; got 0.0"),
+    ],
+)
+def test_online_parameter_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OnlineGaussianMixture(2, **kwargs)
+
+
+def test_stale_scored_batch_is_refused():
+    rng = np.random.default_rng(12)
+    model = _stream(OnlineGaussianMixture(2, warmup=200, random_state=0), rng.normal(size=(400, 2)))
+    scored = model.score_batch(rng.normal(size=(10, 2)))
+    model.partial_fit(rng.normal(size=(10, 2)))
+    with pytest.raises(ValueError, match="scored by an older version"):
+        model.learn(scored)
