@@ -1,0 +1,149 @@
+"""Speed and memory of the GMM core, side by side with river and scikit-learn in one run.
+
+    python bench/bench_model.py [--quick]
+
+Prints three tables: online score+learn throughput (vs river HalfSpaceTrees), batch fit
+time at equal log-likelihood (vs scikit-learn), and memory against stream length.
+Single-threaded BLAS (OPENBLAS_NUM_THREADS=1 unless already set): one core, as in the issue.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import sys
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from streamgmm import GaussianMixture, OnlineGaussianMixture  # noqa: E402
+from streamgmm.synthetic import random_mixture  # noqa: E402
+
+
+def table(title, header, rows):
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def online_throughput(X, batch=1000, repeats=3):
+    best = 0.0
+    for _ in range(repeats):
+        model = OnlineGaussianMixture(8, covariance_type="full", random_state=0)
+        model.partial_fit(X[:1000])
+        start = time.perf_counter()
+        n = 0
+        for i in range(1000, len(X), batch):
+            chunk = X[i : i + batch]
+            scored = model.score_batch(chunk)  # score first (prequential) ...
+            model.learn(scored)  # ... then learn from the same batch
+            n += len(chunk)
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+def river_throughput(X, n_points):
+    from river import anomaly, compose, preprocessing
+
+    names = [f"x{i}" for i in range(X.shape[1])]
+    rows = [dict(zip(names, row)) for row in X[:n_points].tolist()]
+    hst = compose.Pipeline(preprocessing.MinMaxScaler(), anomaly.HalfSpaceTrees(seed=0))
+    start = time.perf_counter()
+    for row in rows:
+        hst.score_one(row)
+        hst.learn_one(row)
+    return n_points / (time.perf_counter() - start)
+
+
+def batch_fit_comparison(X, K=8):
+    from sklearn.mixture import GaussianMixture as SklearnGM
+
+    from streamgmm import _gaussian as g
+    from streamgmm._kmeans import kmeans
+
+    centers, labels = kmeans(X, K, np.random.default_rng(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resp = np.eye(K)[labels]
+        nk, means, covs = g.estimate_gaussian_parameters(X, resp, 1e-6, "full")
+        precisions = np.linalg.inv(covs)
+        init = dict(weights_init=nk / nk.sum(), means_init=means, precisions_init=precisions)
+        rows = []
+        for name, cls in (("streamgmm", GaussianMixture), ("scikit-learn", SklearnGM)):
+            times = []
+            for _ in range(3):
+                model = cls(K, covariance_type="full", tol=1e-3, max_iter=200, **init)
+                start = time.perf_counter()
+                model.fit(X)
+                times.append(time.perf_counter() - start)
+            rows.append((name, min(times), model.n_iter_, model.score(X)))
+    return rows
+
+
+def memory_against_length(X, lengths):
+    rows = []
+    for n in lengths:
+        model = OnlineGaussianMixture(8, random_state=0)
+        tracemalloc.start()
+        for i in range(0, n, 1000):
+            j = i % (len(X) - 1000)
+            model.learn(model.score_batch(X[j : j + 1000])) if model.is_initialized else model.partial_fit(X[j : j + 1000])
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        state = model.to_dict()
+        state_bytes = sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
+        rows.append((f"{n:,}", f"{peak / 1e6:.2f}", f"{state_bytes / 1e3:.1f}"))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    n = 50_000 if args.quick else 200_000
+    X, _ = random_mixture(8, 16, rng).sample(n, rng)
+
+    ours = online_throughput(X)
+    river_n = 5_000 if args.quick else 20_000
+    try:
+        theirs = river_throughput(X, river_n)
+        river_cell, ratio = f"{theirs:,.0f}", f"{ours / theirs:.0f}x"
+    except ImportError:
+        river_cell, ratio = "river not installed", "-"
+    table(
+        "Online score + learn, full covariance, D=16, K=8, mini-batch 1,000, one core",
+        ["method", "points/s", "ratio"],
+        [("streamgmm OnlineGaussianMixture", f"{ours:,.0f}", ratio), ("river HalfSpaceTrees (MinMaxScaler)", river_cell, "1x")],
+    )
+
+    try:
+        rows = batch_fit_comparison(X)
+        base = rows[1][1]
+        table(
+            f"Batch EM fit, {n:,} x 16, K=8, same k-means init, tol=1e-3",
+            ["library", "fit seconds", "iterations", "mean log-likelihood", "time ratio"],
+            [(r[0], f"{r[1]:.2f}", r[2], f"{r[3]:.6f}", f"{r[1] / base:.2f}") for r in rows],
+        )
+    except ImportError:
+        print("\n(scikit-learn not installed: batch comparison skipped)")
+
+    lengths = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    table(
+        "Memory against stream length (online model, D=16, K=8)",
+        ["points streamed", "peak traced MB", "state KB"],
+        memory_against_length(X, lengths),
+    )
+
+
+if __name__ == "__main__":
+    main()
