@@ -377,10 +377,12 @@ class OnlineGaussianMixture(MixtureBase):
         self.scale_ = np.where(usable, spread, 1.0)
 
     @classmethod
-    def from_mixture(cls, mixture: GaussianMixture, **params) -> "OnlineGaussianMixture":
+    def from_mixture(cls, mixture: GaussianMixture, n_samples_seen: int = 0, **params) -> "OnlineGaussianMixture":
         """Start online learning from a fitted batch ``GaussianMixture``.
 
         The standardisation comes from the mixture's own overall mean and spread.
+        ``n_samples_seen`` (the size of the data it was fitted on) makes the running
+        averages weigh the fit as that many points instead of as a warm-up.
         """
         mixture._check_fitted()
         params.setdefault("n_components", mixture.n_components)
@@ -412,6 +414,9 @@ class OnlineGaussianMixture(MixtureBase):
             weights, internal_means, cov, model.covariance_type, model.reg_covar
         )
         model._refresh_parameters(candidates=None)
+        t0 = float(model.warmup if model.t0 is None else model.t0)
+        model._steps = max(float(n_samples_seen) - t0, 0.0)
+        model.n_seen_ = int(n_samples_seen)
         return model
 
     # ------------------------------------------------- parameters from statistics

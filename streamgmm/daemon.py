@@ -1,0 +1,342 @@
+"""The Kafka loop: poll -> Detector.process -> produce -> checkpoint -> commit.
+
+One ``while`` loop; the per-batch work lives in ``Detector`` (pure), I/O stays here.
+
+Delivery: a checkpoint (model + threshold + the next offset of every input partition) is
+written only after the producer has flushed every anomaly and dead letter of the messages
+it covers; the same offsets are then committed to the consumer group.  On start, and after
+any produce failure, the newest valid checkpoint is loaded and every assigned partition is
+sought to its offsets.  So each input message is scored, and learned from exactly once,
+while anomaly records after the last checkpoint may be produced again (at-least-once output;
+``source`` topic/partition/offset identify duplicates).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from .checkpoint import CheckpointError, CheckpointStore
+from .config import Config, as_dict, masked, resolve_secrets
+from .detector import Detector, InputRecord
+from .metrics import HealthServer, Metrics
+
+log = logging.getLogger(__name__)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    def on_partitions_revoked(self, revoked):
+        self.daemon._on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        self.daemon._on_assigned(assigned)
+
+
+class Daemon:
+    """Runs until ``stop()``; survives broker outages; never exits on its own."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics(max_components=config.model.n_components)
+        self.store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
+        self.detector = Detector(config)
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
+        self.server: HealthServer | None = None
+        self.assigned: set[TopicPartition] = set()
+        self.last_checkpoint: Path | None = None
+        self._stop = threading.Event()
+        self._produce_failures = 0
+        self._failure_lock = threading.Lock()
+        self._since_checkpoint = 0
+        self._last_checkpoint_time = time.monotonic()
+        self._last_lag_update = 0.0
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint, commit and return (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ready(self) -> bool:
+        return bool(self.assigned) and self.detector.ready and self.consumer is not None
+
+    # --------------------------------------------------------------- start-up
+    def restore(self) -> None:
+        """Load the newest valid checkpoint, or the ``model.init_from`` one, or start empty."""
+        self.detector = Detector(self.config)
+        found = self.store.load_latest()
+        if found is not None:
+            state, path = found
+            self.detector.restore(state)
+            self.last_checkpoint = path
+            log.info(
+                "restored %s: n_valid=%d n_seen=%d offsets=%s",
+                path, self.detector.n_valid, self.detector.model.n_seen_, state["offsets"],
+            )
+        elif self.config.model.init_from:
+            seed = CheckpointStore(self.config.model.init_from).load_latest()
+            if seed is None:
+                raise CheckpointError(f"model.init_from={self.config.model.init_from}: no valid checkpoint there")
+            state, path = seed
+            state = {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}
+            self.detector.restore(state)
+            log.info("starting from the model in %s (n_seen=%d)", path, self.detector.model.n_seen_)
+        self.metrics.observe_model(self.detector.model)
+
+    def _kafka_settings(self, section) -> dict:
+        k = self.config.kafka
+        settings = {"bootstrap_servers": list(k.bootstrap_servers), "client_id": k.client_id}
+        settings.update(resolve_secrets(k.security, "kafka.security"))
+        settings.update(resolve_secrets(section, "kafka"))
+        return settings
+
+    def _connect(self) -> None:
+        k = self.config.kafka
+        consumer_settings = {
+            "group_id": k.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": k.auto_offset_reset,
+            "max_poll_records": k.max_batch_messages,
+            "fetch_max_wait_ms": 100,
+            "session_timeout_ms": 10_000,
+            "heartbeat_interval_ms": 3_000,
+            **self._kafka_settings(k.consumer),
+        }
+        producer_settings = {
+            "acks": "all",
+            "linger_ms": 5,
+            # Output is at-least-once and deduplicable by source offsets; the idempotent
+            # producer adds nothing to that and cannot survive some broker restarts.
+            "enable_idempotence": False,
+            "max_block_ms": 10_000,
+            **self._kafka_settings(k.producer),
+        }
+        backoff = k.retry_backoff_initial_seconds
+        while not self.stopping:
+            try:
+                self.producer = KafkaProducer(**producer_settings)
+                self.consumer = KafkaConsumer(**consumer_settings)
+                self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
+                log.info("connected to %s; subscribed to %s", ",".join(k.bootstrap_servers), ",".join(k.input_topics))
+                return
+            except (KafkaError, OSError) as exc:
+                self.metrics.broker_errors.inc()
+                self._close_clients()
+                log.warning("cannot connect to Kafka at %s (%s); retrying in %.1f s",
+                            ",".join(k.bootstrap_servers), exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, k.retry_backoff_max_seconds)
+
+    # ------------------------------------------------------- rebalance callbacks
+    def _on_assigned(self, assigned) -> None:
+        for tp in assigned:
+            self.assigned.add(tp)
+            offset = self.detector.offsets.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+        self.metrics.assigned_partitions.set(len(self.assigned))
+        log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+    def _on_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self.assigned.discard(tp)
+        self.metrics.assigned_partitions.set(len(self.assigned))
+        log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        self.restore()
+        cfg = self.config
+        log.info("effective config: %s", masked(as_dict(cfg)))
+        if cfg.metrics.enabled:
+            self.server = HealthServer(self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.ready).start()
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.server.port)
+        try:
+            self._connect()
+            backoff = cfg.kafka.retry_backoff_initial_seconds
+            while not self.stopping:
+                try:
+                    self._poll_once()
+                    backoff = cfg.kafka.retry_backoff_initial_seconds
+                except KafkaError as exc:
+                    # The client reconnects by itself; pause so an outage does not spin the CPU.
+                    self.metrics.broker_errors.inc()
+                    log.warning("Kafka error in the loop (%s); retrying in %.1f s", exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, cfg.kafka.retry_backoff_max_seconds)
+                self._checkpoint_if_due()
+            if self.consumer is not None:
+                self.checkpoint()
+        finally:
+            self._close_clients()
+            if self.server is not None:
+                self.server.stop()
+            log.info("stopped")
+
+    def _poll_once(self) -> None:
+        k = self.config.kafka
+        polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_batch_messages)
+        records = [
+            InputRecord(r.topic, r.partition, r.offset, r.value, r.key, r.timestamp, tuple(r.headers or ()))
+            for batch in polled.values()
+            for r in batch
+        ]
+        if records:
+            self._process(records)
+        now = time.monotonic()
+        if now - self._last_lag_update > 2.0:
+            self._last_lag_update = now
+            self._update_lag()
+
+    def _process(self, records: list[InputRecord]) -> None:
+        started = time.perf_counter()
+        updates_before = self.detector.n_updates
+        result = self.detector.process(records)
+        try:
+            for out in result.anomalies + result.dead_letters:
+                future = self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers)
+                future.add_errback(self._on_produce_error, out.topic)
+        except KafkaError as exc:
+            self._on_produce_error(exc, "send")
+        m = self.metrics
+        m.batch_seconds.observe(time.perf_counter() - started)
+        m.messages_consumed.inc(len(records))
+        m.messages_valid.inc(result.n_valid)
+        for reason, count in result.invalid_reasons.items():
+            m.invalid_messages.labels(reason).inc(count)
+        m.dead_letters.inc(len(result.dead_letters))
+        m.anomalies.inc(len(result.anomalies))
+        m.points_learned.inc(result.n_learned)
+        m.model_updates.inc(self.detector.n_updates - updates_before)
+        for value in result.log_density:
+            m.log_density.observe(value)
+        if len(result.log_density):
+            m.recent_log_likelihood.set(float(result.log_density.mean()))
+        for latency in result.latencies_seconds:
+            m.latency.observe(latency)
+        if self.detector.threshold.value is not None:
+            m.threshold.set(self.detector.threshold.value)
+        m.observe_model(self.detector.model)
+        self._since_checkpoint += len(records)
+
+    def _on_produce_error(self, exc, topic) -> None:
+        with self._failure_lock:
+            self._produce_failures += 1
+        self.metrics.produce_errors.inc()
+        log.error("producing to %s failed: %s (will rewind to the last checkpoint)", topic, exc)
+
+    def _update_lag(self) -> None:
+        for tp in list(self.assigned):
+            try:
+                highwater = self.consumer.highwater(tp)
+            except (KafkaError, AssertionError):
+                continue
+            if highwater is None:
+                continue
+            position = self.detector.offsets.get((tp.topic, tp.partition), 0)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+    # ------------------------------------------------------------- checkpoints
+    def _checkpoint_if_due(self) -> None:
+        c = self.config.checkpoint
+        elapsed = time.monotonic() - self._last_checkpoint_time
+        if self._since_checkpoint >= c.interval_messages or (self._since_checkpoint and elapsed >= c.interval_seconds):
+            self.checkpoint()
+
+    def checkpoint(self) -> bool:
+        """Flush outputs, write the checkpoint, commit its offsets. False if it did not happen."""
+        started = time.perf_counter()
+        self._last_checkpoint_time = time.monotonic()
+        try:
+            self.producer.flush(timeout=30)
+        except KafkaError as exc:
+            self._on_produce_error(exc, "flush")
+        with self._failure_lock:
+            failures, self._produce_failures = self._produce_failures, 0
+        if failures:
+            self.metrics.checkpoint_failures.inc()
+            self._rewind(f"{failures} output record(s) were not acknowledged")
+            return False
+        try:
+            path = self.store.write(self.detector.state())
+        except CheckpointError as exc:
+            self.metrics.checkpoint_failures.inc()
+            # Keep scoring; offsets stay uncommitted past the last good checkpoint. Retry soon.
+            retry_in = min(5.0, self.config.checkpoint.interval_seconds)
+            self._last_checkpoint_time = time.monotonic() - self.config.checkpoint.interval_seconds + retry_in
+            log.error("checkpoint failed: %s; retrying in %.0f s", exc, retry_in)
+            return False
+        self.last_checkpoint = path
+        self._since_checkpoint = 0
+        self._commit()
+        duration = time.perf_counter() - started
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_seconds.observe(duration)
+        self.metrics.checkpoint_last_success.set(time.time())
+        log.info("checkpoint %s written in %.3f s (n_valid=%d, n_seen=%d)",
+                 path.name, duration, self.detector.n_valid, self.detector.model.n_seen_)
+        return True
+
+    def _commit(self) -> None:
+        offsets = {
+            tp: OffsetAndMetadata(self.detector.offsets[(tp.topic, tp.partition)], "", -1)
+            for tp in self.assigned
+            if (tp.topic, tp.partition) in self.detector.offsets
+        }
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # The checkpoint, not the group's offsets, is what a restart resumes from.
+            log.warning("offset commit failed (%s); the checkpoint holds the offsets", exc)
+
+    def _rewind(self, why: str) -> None:
+        """Back to the newest checkpoint: reload its state and seek to its offsets."""
+        log.error("%s: rewinding to the last checkpoint", why)
+        self.restore()
+        for tp in list(self.assigned):
+            offset = self.detector.offsets.get((tp.topic, tp.partition))
+            try:
+                if offset is not None:
+                    self.consumer.seek(tp, offset)
+                else:
+                    committed = self.consumer.committed(tp)
+                    if committed is not None:
+                        self.consumer.seek(tp, committed)
+                    elif self.config.kafka.auto_offset_reset == "earliest":
+                        self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek_to_end(tp)
+            except (KafkaError, AssertionError) as exc:
+                log.warning("cannot seek %s/%d: %s", tp.topic, tp.partition, exc)
+        self._since_checkpoint = 0
+
+    def _close_clients(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close(autocommit=False)
+            except Exception as exc:  # closing is best effort at shutdown
+                log.warning("closing the consumer: %s", exc)
+            self.consumer = None
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=10)
+            except Exception as exc:
+                log.warning("closing the producer: %s", exc)
+            self.producer = None
+        self.assigned.clear()

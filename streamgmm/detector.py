@@ -1,0 +1,250 @@
+"""The daemon's pure logic: records in, decisions and output records out. No I/O here.
+
+``Detector.process`` takes one polled batch and, for every record: decodes and validates
+it (invalid ones become dead letters), scores the valid ones under the current model
+*before* learning from them, flags those below the threshold (anomaly records), learns from
+the rest, and advances the per-partition offsets.  ``state()`` / ``restore()`` are what a
+checkpoint holds, so the Kafka loop, ``replay`` and the tests all drive the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from . import __version__
+from .config import Config
+from .decode import Decoder
+from .online import OnlineGaussianMixture
+from .threshold import make_threshold
+
+STATE_KIND = "streamgmm-detector"
+LOWEST_FLOAT = -np.finfo(np.float64).max
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    timestamp: int | None = None  # milliseconds since the epoch
+    headers: tuple = ()
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list
+
+
+@dataclass
+class BatchResult:
+    anomalies: list[OutputRecord] = field(default_factory=list)
+    dead_letters: list[OutputRecord] = field(default_factory=list)
+    invalid_reasons: Counter = field(default_factory=Counter)
+    n_valid: int = 0
+    n_learned: int = 0
+    warmup: bool = False
+    log_density: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # For every input record: None if invalid, else (log_density or None in warm-up, flagged, component).
+    decisions: list = field(default_factory=list)
+    latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+def _finite(value: float) -> float:
+    """JSON has no -Infinity: clamp to the lowest float (still below any threshold)."""
+    return value if math.isfinite(value) else LOWEST_FLOAT
+
+
+def _key_fields(key: bytes | None) -> dict:
+    if key is None:
+        return {"key": None}
+    try:
+        return {"key": key.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"key": None, "key_base64": base64.b64encode(key).decode()}
+
+
+class Detector:
+    """Scores, flags and learns; owns the model, the threshold, counters and offsets."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        m = config.model
+        self.model = OnlineGaussianMixture(
+            m.n_components,
+            covariance_type=m.covariance_type,
+            warmup=m.warmup,
+            alpha=m.alpha,
+            t0=m.t0,
+            half_life=m.half_life,
+            reg_covar=m.reg_covar,
+            min_weight=m.min_weight,
+            random_state=m.random_state,
+        )
+        self.threshold = make_threshold(config.threshold)
+        self.decoder = Decoder(config.input)
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.n_valid = 0
+        self.n_invalid = 0
+        self.n_anomalies = 0
+        self.n_updates = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.model.is_initialized
+
+    # ------------------------------------------------------------------ the work
+    def process(self, records: list[InputRecord], now: float | None = None) -> BatchResult:
+        now = time.time() if now is None else now
+        result = BatchResult(decisions=[None] * len(records))
+        decoded = self.decoder.decode([r.value for r in records])
+        for invalid in decoded.invalid:
+            record = records[invalid.index]
+            result.dead_letters.append(self._dead_letter(record, invalid.reason, invalid.detail))
+            result.invalid_reasons[invalid.reason] += 1
+        self.n_invalid += len(decoded.invalid)
+
+        X, rows = decoded.X, decoded.valid_index
+        result.n_valid = len(rows)
+        self.n_valid += len(rows)
+        if len(rows):
+            if not self.model.is_initialized:
+                # Warm-up: just enough points to initialise the model; nothing is flagged
+                # before it exists, and the rest of the batch is scored by the new model.
+                n_warm = min(len(rows), self.model.warmup - self.model.n_buffered_)
+                self.model.partial_fit(X[:n_warm])
+                result.warmup = True
+                result.n_learned = n_warm
+                for i in rows[:n_warm]:
+                    result.decisions[i] = (None, False, None)
+                X, rows = X[n_warm:], rows[n_warm:]
+                self.threshold.update(self.model)
+            if len(rows):
+                self._score_flag_learn(records, X, rows, result, now)
+                self.threshold.update(self.model)
+            stamps = np.array([records[i].timestamp or 0 for i in decoded.valid_index], dtype=float)
+            has_stamp = stamps > 0
+            result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
+
+        for record in records:
+            tp = (record.topic, record.partition)
+            self.offsets[tp] = max(self.offsets.get(tp, 0), record.offset + 1)
+        return result
+
+    def _score_flag_learn(self, records, X, rows, result, now) -> None:
+        scored = self.model.score_batch(X)
+        flags = self.threshold.classify(scored.log_density)
+        components = scored.component
+        threshold_value = self.threshold.value
+        result.log_density = scored.log_density
+        detected_at = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
+        model_version = self.n_updates
+        n_seen = self.model.n_seen_
+        for position, i in enumerate(rows):
+            density = float(scored.log_density[position])
+            flagged = bool(flags[position])
+            result.decisions[i] = (density, flagged, int(components[position]))
+            if flagged:
+                result.anomalies.append(
+                    self._anomaly_record(records[i], X[position], density, threshold_value,
+                                         int(components[position]), model_version, n_seen, detected_at)
+                )
+        self.n_anomalies += int(flags.sum())
+        learn = np.ones(len(rows)) if self.config.threshold.learn_from_anomalies else (~flags).astype(float)
+        if learn.any():
+            before = self.model.n_seen_
+            self.model.learn(scored, sample_weight=learn)
+            result.n_learned += self.model.n_seen_ - before
+            self.n_updates += 1
+
+    # ------------------------------------------------------------ output records
+    def _anomaly_record(self, record, features, density, threshold, component, model_version, n_seen, detected_at):
+        document = {
+            "source": {
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "timestamp": record.timestamp,
+                **_key_fields(record.key),
+            },
+            "features": [float(v) for v in features],
+            "log_density": _finite(density),
+            "threshold": threshold,
+            "component": component,
+            "model_version": model_version,
+            "n_seen": n_seen,
+            "detected_at": detected_at,
+        }
+        headers = list(record.headers or ()) + [
+            ("streamgmm.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        return OutputRecord(self.config.kafka.output_topic, json.dumps(document).encode(), record.key, headers)
+
+    def _dead_letter(self, record, reason, detail):
+        headers = list(record.headers or ()) + [
+            ("streamgmm.error.reason", reason.encode()),
+            ("streamgmm.error.detail", detail[:500].encode()),
+            ("streamgmm.source.topic", record.topic.encode()),
+            ("streamgmm.source.partition", str(record.partition).encode()),
+            ("streamgmm.source.offset", str(record.offset).encode()),
+            ("streamgmm.source.timestamp", str(record.timestamp).encode()),
+        ]
+        # The value goes out unchanged (b"" for a null value: a dead letter is never a tombstone).
+        return OutputRecord(self.config.kafka.dead_letter_topic, record.value or b"", record.key, headers)
+
+    # --------------------------------------------------------------------- state
+    def state(self) -> dict:
+        offsets: dict[str, dict[str, int]] = {}
+        for (topic, partition), offset in sorted(self.offsets.items()):
+            offsets.setdefault(topic, {})[str(partition)] = int(offset)
+        return {
+            "kind": STATE_KIND,
+            "streamgmm_version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "input": {"format": self.config.input.format, "dimension": self.config.input.dimension},
+            "model": self.model.to_dict(),
+            "threshold": self.threshold.to_dict(),
+            "offsets": offsets,
+            "counters": {
+                "n_valid": self.n_valid,
+                "n_invalid": self.n_invalid,
+                "n_anomalies": self.n_anomalies,
+                "n_updates": self.n_updates,
+            },
+        }
+
+    def restore(self, state: dict) -> None:
+        if state.get("kind") != STATE_KIND:
+            raise ValueError(f"not a detector checkpoint (kind={state.get('kind')!r})")
+        dimension = state["input"]["dimension"]
+        if dimension != self.config.input.dimension:
+            raise ValueError(
+                f"the checkpoint is for input.dimension={dimension}, the config says "
+                f"{self.config.input.dimension}: use a new checkpoint.dir for a different feature set"
+            )
+        self.model = OnlineGaussianMixture.from_dict(state["model"])
+        if state["threshold"]["mode"] == self.threshold.mode:
+            self.threshold.load_dict(state["threshold"])
+        self.threshold.update(self.model)
+        counters = state["counters"]
+        self.n_valid = int(counters["n_valid"])
+        self.n_invalid = int(counters["n_invalid"])
+        self.n_anomalies = int(counters["n_anomalies"])
+        self.n_updates = int(counters["n_updates"])
+        self.offsets = {
+            (topic, int(partition)): int(offset)
+            for topic, partitions in state["offsets"].items()
+            for partition, offset in partitions.items()
+        }

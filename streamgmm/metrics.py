@@ -1,0 +1,127 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
+
+All metrics live in one ``CollectorRegistry`` passed in (tests use a fresh one).  Names
+carry the ``streamgmm`` namespace and their unit; label sets are small and bounded and the
+known label values are created up front so dashboards see zeros, not gaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .decode import REASONS
+
+log = logging.getLogger(__name__)
+NAMESPACE = "streamgmm"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, max_components: int = 64):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        self.messages_consumed = Counter("messages_consumed", "Messages read from the input topics.", namespace=ns, registry=r)
+        self.messages_valid = Counter("messages_valid", "Messages that decoded to a valid feature vector.", namespace=ns, registry=r)
+        self.invalid_messages = Counter(
+            "invalid_messages", "Messages that failed decoding or validation, by reason.", ["reason"], namespace=ns, registry=r
+        )
+        for reason in REASONS:
+            self.invalid_messages.labels(reason)
+        self.dead_letters = Counter("dead_letters", "Records produced to the dead-letter topic.", namespace=ns, registry=r)
+        self.anomalies = Counter("anomalies", "Anomaly records produced to the output topic.", namespace=ns, registry=r)
+        self.model_updates = Counter("model_updates", "Online EM steps taken (one per learned mini-batch).", namespace=ns, registry=r)
+        self.points_learned = Counter("points_learned", "Points the model learned from (warm-up included).", namespace=ns, registry=r)
+        self.produce_errors = Counter("produce_errors", "Output records the broker did not acknowledge.", namespace=ns, registry=r)
+        self.broker_errors = Counter("broker_errors", "Kafka client errors caught by the loop (it retries).", namespace=ns, registry=r)
+        self.log_density = Histogram(
+            "log_density", "Log-density of scored points.", namespace=ns, registry=r,
+            buckets=(-1000, -300, -100, -60, -40, -30, -25, -20, -15, -10, -5, 0, 5, 10, 20, 50),
+        )
+        self.threshold = Gauge("threshold_log_density", "Current anomaly threshold on the log-density.", namespace=ns, registry=r)
+        self.batch_seconds = Histogram(
+            "batch_processing_seconds", "Time to decode, score, decide and learn one polled batch.", namespace=ns, registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.latency = Histogram(
+            "end_to_end_latency_seconds", "From a message's timestamp to its decision.", namespace=ns, registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+        )
+        self.lag = Gauge("consumer_lag_messages", "High watermark minus position, per input partition.", ["topic", "partition"], namespace=ns, registry=r)
+        self.checkpoints = Counter("checkpoints_written", "Checkpoints written successfully.", namespace=ns, registry=r)
+        self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint attempts that failed (retried).", namespace=ns, registry=r)
+        self.checkpoint_last_success = Gauge(
+            "checkpoint_last_success_timestamp_seconds", "Unix time of the last successful checkpoint.", namespace=ns, registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "checkpoint_duration_seconds", "Flush + write + commit time of a checkpoint.", namespace=ns, registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.component_weight = Gauge("component_weight", "Mixture weight per component.", ["component"], namespace=ns, registry=r)
+        self.recent_log_likelihood = Gauge(
+            "recent_mean_log_likelihood", "Mean log-density of the points in the last scored batch.", namespace=ns, registry=r
+        )
+        self.points_seen = Gauge("model_points_seen", "Points the model has learned from (n_seen).", namespace=ns, registry=r)
+        self.model_initialized = Gauge("model_initialized", "1 once warm-up is complete.", namespace=ns, registry=r)
+        self.assigned_partitions = Gauge("assigned_partitions", "Input partitions assigned to this instance.", namespace=ns, registry=r)
+        self.build = Info("build", "streamgmm build information.", namespace=ns, registry=r)
+        self.build.info({"version": __version__})
+        self.max_components = max_components
+
+    def observe_model(self, model) -> None:
+        self.model_initialized.set(1 if model.is_initialized else 0)
+        self.points_seen.set(model.n_seen_)
+        if model.is_initialized:
+            for k, weight in enumerate(model.weights_[: self.max_components]):
+                self.component_weight.labels(str(k)).set(float(weight))
+
+    def value(self, name: str, labels: dict | None = None):
+        """A sample value by full name (for tests and the demo)."""
+        return self.registry.get_sample_value(name, labels or {})
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (alive) and /readyz (``ready()`` true) on host:port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]):
+        registry_ = registry
+        ready_ = ready
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body, ctype, status = generate_latest(registry_), CONTENT_TYPE_LATEST, 200
+                elif path == "/healthz":
+                    body, ctype, status = b"ok\n", "text/plain", 200
+                elif path == "/readyz":
+                    ok = bool(ready_())
+                    body, ctype, status = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, status = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):  # keep scrapes out of the daemon's log
+                log.debug("http %s", fmt % args)
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="streamgmm-http", daemon=True)
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

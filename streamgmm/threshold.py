@@ -1,0 +1,80 @@
+"""Log-density thresholds: a fixed value, or the q-quantile of the model's own density.
+
+``QuantileThreshold`` estimates the q-quantile of log p(X) for X drawn from the current
+mixture, by sampling from it.  That is bounded in memory, needs no history of scores, and
+cannot be dragged down by a burst of anomalies in the stream: only what the model has
+learned moves it (and with ``learn_from_anomalies: false`` flagged points are not learned).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ThresholdConfig
+from .online import OnlineGaussianMixture
+
+
+class FixedThreshold:
+    """Flag points whose log-density is below ``value``."""
+
+    mode = "fixed"
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def update(self, model: OnlineGaussianMixture) -> None:
+        """A fixed threshold does not move."""
+
+    def classify(self, log_density: np.ndarray) -> np.ndarray:
+        return log_density < self.value
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "value": self.value}
+
+    def load_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class QuantileThreshold:
+    """Flag the lowest ``quantile`` fraction of the model's density.
+
+    Re-estimated every ``refresh_every`` learned points from ``samples`` draws of the model,
+    seeded by the model's ``n_seen_`` so that a replay after a restart gives the same values.
+    """
+
+    mode = "quantile"
+
+    def __init__(self, quantile: float, refresh_every: int = 10_000, samples: int | None = None):
+        self.quantile = float(quantile)
+        self.refresh_every = int(refresh_every)
+        # Enough draws that about 50 land below the quantile (a few percent of noise).
+        self.samples = int(samples) if samples else int(min(200_000, max(20_000, 50.0 / quantile)))
+        self.value: float | None = None
+        self.refreshed_at = -1
+
+    def update(self, model: OnlineGaussianMixture) -> None:
+        if not model.is_initialized:
+            return
+        if self.value is not None and model.n_seen_ - self.refreshed_at < self.refresh_every:
+            return
+        draws, _ = model.sample(self.samples, random_state=model.n_seen_)
+        self.value = float(np.quantile(model.score_samples(draws), self.quantile))
+        self.refreshed_at = model.n_seen_
+
+    def classify(self, log_density: np.ndarray) -> np.ndarray:
+        if self.value is None:
+            return np.zeros(len(log_density), dtype=bool)
+        return log_density < self.value
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "value": self.value, "refreshed_at": self.refreshed_at}
+
+    def load_dict(self, state: dict) -> None:
+        self.value = None if state["value"] is None else float(state["value"])
+        self.refreshed_at = int(state["refreshed_at"])
+
+
+def make_threshold(config: ThresholdConfig):
+    if config.mode == "fixed":
+        return FixedThreshold(config.value)
+    return QuantileThreshold(config.quantile, config.refresh_every, config.samples)
