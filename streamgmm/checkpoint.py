@@ -120,8 +120,9 @@ class CheckpointStore:
 
     def write(self, state: dict) -> Path:
         """Write atomically; returns the new file's path. Raises CheckpointError on failure."""
+        data = pack(state)
+        tmp = None
         try:
-            data = pack(state)
             self.directory.mkdir(parents=True, exist_ok=True)
             existing = self.paths()
             sequence = int(FILE_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 1
@@ -134,6 +135,8 @@ class CheckpointStore:
             os.replace(tmp, path)
             self._fsync_directory()
         except OSError as exc:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
         self._prune()
         return path

@@ -1,0 +1,97 @@
+"""The command line as users call it (subprocesses, real files)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import yaml
+
+from streamgmm.synthetic import random_mixture
+
+
+def _cli(*args, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "streamgmm", *args], capture_output=True, text=True,
+                          input=stdin, timeout=timeout)
+
+
+def _config(tmp_path, **model):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "input": {"format": "csv", "dimension": 3, "fields": ["a", "b", "c"]},
+        "model": {"n_components": 2, "warmup": 300, **model},
+        "threshold": {"quantile": 0.01},
+        "checkpoint": {"dir": str(tmp_path / "state")},
+    }))
+    return path
+
+
+def _csv(tmp_path, n=3000, outliers=(1000, 2000)):
+    rng = np.random.default_rng(0)
+    X, _ = random_mixture(2, 3, rng).sample(n, rng)
+    for i in outliers:
+        X[i] = 50.0
+    path = tmp_path / "data.csv"
+    lines = ["label,a,b,c"] + [f"{int(i in outliers)}," + ",".join(repr(float(v)) for v in x) for i, x in enumerate(X)]
+    lines.insert(500, "0,not,a,number")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_replay_scores_every_record_before_learning(tmp_path):
+    result = _cli("replay", "--config", str(_config(tmp_path)), "--input", str(_csv(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 3001
+    assert rows[499]["invalid"] == "undecodable"
+    assert all(r["log_density"] is None and not r["anomaly"] for r in rows[:300])
+    # Offsets count data lines (header excluded); the outliers at data rows 1000 and 2000
+    # sit at offsets 1001 and 2001 because of the invalid line inserted before them.
+    assert rows[1001]["anomaly"] and rows[2001]["anomaly"]
+    flagged = sum(r["anomaly"] for r in rows)
+    assert 2 <= flagged <= 2 + 0.03 * 2700
+    summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
+    assert summary["n_records"] == 3001 and summary["n_invalid"] == 1
+
+
+def test_replay_reads_stdin_jsonl(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(600, 3))
+    config = _config(tmp_path)
+    stdin = "\n".join(json.dumps(list(x)) for x in X)
+    result = _cli("replay", "--config", str(config), "--input", "-", "--format", "json", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 600
+
+
+def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
+    config = _config(tmp_path)
+    out = tmp_path / "fitted"
+    result = _cli("fit", "--config", str(config), "--input", str(_csv(tmp_path)), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_rows"] == 3000 and report["n_invalid"] == 1
+    inspected = _cli("inspect", str(out), "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    summary = json.loads(inspected.stdout)
+    assert summary["n_seen"] == 3000 and summary["initialized"]
+    assert summary["threshold"]["value"] is not None
+    assert len(summary["weights"]) == 2
+    text = _cli("inspect", str(out))
+    assert "n_seen       3000" in text.stdout
+
+
+def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  covariance_type: ful\n")
+    for args in (("check-config", str(bad)), ("run", "--config", str(bad))):
+        result = _cli(*args)
+        assert result.returncode == 2
+        assert "model.covariance_type: 'ful' is not allowed" in result.stderr
+    good = _cli("check-config", "config/streamgmm.yaml")
+    assert good.returncode == 0 and "n_components: 8" in good.stdout
+
+
+def test_inspect_an_empty_directory_fails_clearly(tmp_path):
+    result = _cli("inspect", str(tmp_path))
+    assert result.returncode == 1 and "no valid checkpoint" in result.stderr

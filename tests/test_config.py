@@ -1,0 +1,85 @@
+import re
+
+import pytest
+
+from streamgmm.config import ConfigError, config_from_dict, load_config, masked, as_dict, resolve_secrets
+
+
+def test_reference_config_is_valid_and_equals_the_defaults():
+    from pathlib import Path
+
+    reference = load_config(Path(__file__).parent.parent / "config" / "streamgmm.yaml", environ={})
+    assert reference == config_from_dict({})
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": {"n_compnents": 3}}, "unknown key model.n_compnents (allowed here: n_components,"),
+        ({"modle": {}}, "unknown key modle (allowed here: kafka, input, model,"),
+        ({"model": {"n_components": "8"}}, "model.n_components: expected an integer, got '8'"),
+        ({"model": {"covariance_type": "ful"}}, "model.covariance_type: 'ful' is not allowed; use one of full, tied, diag, spherical"),
+        ({"metrics": {"port": 70000}}, "metrics.port: 70000 is not allowed; use a port from 0"),
+        ({"kafka": {"bootstrap_servers": ["localhost"]}}, "kafka.bootstrap_servers[0]: 'localhost' is not allowed; use host:port"),
+        ({"kafka": {"input_topics": []}}, "kafka.input_topics: () is not allowed; give at least one non-empty topic name"),
+        ({"threshold": {"mode": "fixed"}}, "threshold.value: None is not allowed; threshold.mode=fixed needs a log-density value"),
+        ({"checkpoint": {"keep": 1}}, "checkpoint.keep: 1 is not allowed; keep at least 2"),
+        ({"input": {"fields": ["a", "b"], "dimension": 3}}, "input.fields: ('a', 'b') is not allowed; list exactly input.dimension=3"),
+        ({"kafka": {"output_topic": "features"}}, "must differ from the inputs"),
+        ({"threshold": {"learn_from_anomalies": "no"}}, "threshold.learn_from_anomalies: expected true or false, got 'no'"),
+    ],
+)
+def test_invalid_config_names_the_key_and_value(raw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(raw)
+
+
+def test_environment_overrides_any_key():
+    config = config_from_dict(
+        {"model": {"n_components": 4}},
+        environ={
+            "STREAMGMM_KAFKA__BOOTSTRAP_SERVERS": "k1:9092,k2:9093",
+            "STREAMGMM_MODEL__HALF_LIFE": "50000",
+            "STREAMGMM_THRESHOLD__LEARN_FROM_ANOMALIES": "true",
+            "STREAMGMM_KAFKA__SECURITY__SASL_PLAIN_PASSWORD": "hunter2",
+            "UNRELATED": "x",
+        },
+    )
+    assert config.kafka.bootstrap_servers == ("k1:9092", "k2:9093")
+    assert config.model.half_life == 50000.0 and config.model.n_components == 4
+    assert config.threshold.learn_from_anomalies is True
+    assert config.kafka.security["sasl_plain_password"] == "hunter2"
+    assert "hunter2" not in str(masked(as_dict(config)))
+
+
+def test_env_override_typo_is_an_error_too():
+    with pytest.raises(ConfigError, match=re.escape("unknown key model.n_compnents")):
+        config_from_dict({}, environ={"STREAMGMM_MODEL__N_COMPNENTS": "3"})
+
+
+def test_secret_files_are_read(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    resolved = resolve_secrets({"sasl_plain_password_file": str(secret), "ssl_cafile": "/ca.pem"}, "kafka.security")
+    assert resolved == {"sasl_plain_password": "s3cret", "ssl_cafile": "/ca.pem"}
+    with pytest.raises(ConfigError, match="kafka.security.sasl_plain_password_file: cannot read secret file"):
+        resolve_secrets({"sasl_plain_password_file": str(tmp_path / "missing")}, "kafka.security")
+
+
+def test_config_is_frozen():
+    config = config_from_dict({})
+    with pytest.raises(Exception):
+        config.model.n_components = 3  # type: ignore[misc]
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad, environ={})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml", environ={})
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(listed, environ={})

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamgmm.config import InputConfig
+from streamgmm.decode import REASONS, Decoder, encode
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "float32", "float64"])
+def test_round_trip(fmt):
+    decoder = Decoder(InputConfig(format=fmt, dimension=3))
+    vectors = [[1.5, -2.0, 3.25], [0.0, 1e10, -1e-10]]
+    batch = decoder.decode([encode(v, fmt) for v in vectors])
+    assert not batch.invalid
+    np.testing.assert_allclose(batch.X, vectors, rtol=1e-6 if fmt == "float32" else 0)
+
+
+def test_json_objects_take_named_fields_in_order():
+    decoder = Decoder(InputConfig(format="json", dimension=2, fields=("b", "a")))
+    batch = decoder.decode([b'{"a": 1, "b": 2, "extra": "x"}', b'{"a": 1}'])
+    np.testing.assert_array_equal(batch.X, [[2.0, 1.0]])
+    assert batch.invalid[0].reason == "wrong_dimension" and "missing field(s) b" in batch.invalid[0].detail
+
+
+@pytest.mark.parametrize(
+    "fmt, value, reason",
+    [
+        ("json", b"[1, 2]", "wrong_dimension"),
+        ("json", b"[1, NaN, 2]", "non_finite"),
+        ("json", b"[1, Infinity, 2]", "non_finite"),
+        ("json", b"[1, true, 2]", "undecodable"),
+        ("json", b"[1, 1e999, 2]", "non_finite"),
+        ("json", b"[" * 100_000 + b"]" * 100_000, "oversized"),
+        ("json", b"[" * 5000 + b"]" * 5000, "undecodable"),
+        ("json", b"", "empty"),
+        ("json", None, "empty"),
+        ("json", b"\xff\xfe", "undecodable"),
+        ("json", b"42", "undecodable"),
+        ("csv", b"1,2", "wrong_dimension"),
+        ("csv", b"1,x,2", "undecodable"),
+        ("csv", b"1,nan,2", "non_finite"),
+        ("csv", b"\xff,1,2", "undecodable"),
+        ("float32", b"\x00" * 11, "wrong_dimension"),
+        ("float32", np.array([1, np.nan, 2], "<f4").tobytes(), "non_finite"),
+        ("float64", np.array([1, 2, np.inf], "<f8").tobytes(), "non_finite"),
+    ],
+)
+def test_invalid_values_get_a_reason(fmt, value, reason):
+    decoder = Decoder(InputConfig(format=fmt, dimension=3, max_message_bytes=100_000))
+    batch = decoder.decode([encode([1, 2, 3], fmt), value, encode([4, 5, 6], fmt)])
+    assert [inv.index for inv in batch.invalid] == [1]
+    assert batch.invalid[0].reason == reason
+    assert reason in REASONS
+    np.testing.assert_array_equal(batch.valid_index, [0, 2])
+    assert batch.X.shape == (2, 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=64), st.none()), max_size=20), st.sampled_from(["json", "csv", "float32", "float64"]))
+def test_random_bytes_never_raise_and_every_row_is_accounted(values, fmt):
+    decoder = Decoder(InputConfig(format=fmt, dimension=2, max_message_bytes=48))
+    batch = decoder.decode(values)
+    assert len(batch.valid_index) + len(batch.invalid) == len(values)
+    assert np.all(np.isfinite(batch.X))
+    assert batch.X.shape == (len(batch.valid_index), 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**400, 10**400), st.text(max_size=3), st.none()), max_size=4))
+def test_random_json_arrays(items):
+    decoder = Decoder(InputConfig(format="json", dimension=2))
+    try:
+        value = json.dumps(items).encode()
+    except (ValueError, OverflowError):
+        return
+    batch = decoder.decode([value])
+    assert len(batch.valid_index) + len(batch.invalid) == 1
+    assert np.all(np.isfinite(batch.X))

@@ -1,0 +1,130 @@
+"""The daemon's logic with an in-memory source: scoring, warm-up, threshold, state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamgmm.config import config_from_dict
+from streamgmm.decode import encode
+from streamgmm.detector import Detector, InputRecord
+from streamgmm.synthetic import random_mixture
+
+
+def _records(X, topic="in", partition=0, start=0, fmt="float64"):
+    return [InputRecord(topic, partition, start + i, encode(x, fmt), key=str(start + i).encode(), timestamp=1_000)
+            for i, x in enumerate(X)]
+
+
+def _config(**sections):
+    raw = {"input": {"format": "float64", "dimension": 4}, "model": {"n_components": 3, "warmup": 500}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return config_from_dict(raw)
+
+
+def _run(detector, X, batch=250, start=0):
+    results = []
+    for i in range(0, len(X), batch):
+        results.append(detector.process(_records(X[i:i + batch], start=start + i)))
+    return results
+
+
+def test_no_anomaly_before_warmup_and_rest_of_batch_is_scored():
+    rng = np.random.default_rng(0)
+    X, _ = random_mixture(3, 4, rng).sample(800, rng)
+    X[700] = 1e3  # an outlier in the same batch that completes the warm-up
+    detector = Detector(_config())
+    result = detector.process(_records(X))
+    assert result.warmup
+    assert all(d == (None, False, None) for d in result.decisions[:500])
+    assert all(d[0] is not None for d in result.decisions[500:])
+    flagged = [i for i, d in enumerate(result.decisions) if d[1]]
+    assert 700 in flagged
+    doc = json.loads(result.anomalies[flagged.index(700)].value)
+    assert doc["source"] == {"topic": "in", "partition": 0, "offset": 700, "timestamp": 1000, "key": "700"}
+    assert doc["log_density"] < doc["threshold"]
+
+
+def test_quantile_threshold_flags_about_q_on_a_stationary_stream():
+    rng = np.random.default_rng(1)
+    truth = random_mixture(3, 4, rng)
+    X, _ = truth.sample(120_000, rng)
+    q = 0.01
+    detector = Detector(_config(threshold={"quantile": q}))
+    _run(detector, X, batch=2000)
+    flagged_fraction = detector.n_anomalies / (len(X) - 500)
+    assert q / 2 <= flagged_fraction <= 2 * q
+
+
+def test_a_burst_of_anomalies_does_not_drag_the_threshold_down():
+    rng = np.random.default_rng(2)
+    truth = random_mixture(3, 4, rng)
+    X, _ = truth.sample(40_000, rng)
+    detector = Detector(_config(threshold={"quantile": 0.01, "refresh_every": 1000}))
+    _run(detector, X[:20_000], batch=1000)
+    before = detector.threshold.value
+    burst = X[20_000:25_000] + 40.0  # 5,000 anomalies in a row
+    results = _run(detector, burst, batch=1000, start=20_000)
+    assert sum(len(r.anomalies) for r in results) == 5000  # every one of them flagged
+    assert detector.threshold.value == pytest.approx(before)  # nothing learned, nothing moved
+    _run(detector, X[25_000:], batch=1000, start=25_000)
+    assert detector.threshold.value == pytest.approx(before, abs=0.5)
+
+
+def test_learn_from_anomalies_true_learns_everything():
+    rng = np.random.default_rng(3)
+    X, _ = random_mixture(3, 4, rng).sample(5000, rng)
+    detector = Detector(_config(threshold={"learn_from_anomalies": True, "quantile": 0.05}))
+    _run(detector, X)
+    assert detector.model.n_seen_ == 5000
+    assert detector.n_anomalies > 0
+
+
+def test_fixed_threshold():
+    rng = np.random.default_rng(4)
+    X, _ = random_mixture(3, 4, rng).sample(3000, rng)
+    detector = Detector(_config(threshold={"mode": "fixed", "value": -1e9}))
+    _run(detector, X)
+    assert detector.n_anomalies == 0
+    detector.threshold.value = 1e9
+    result = detector.process(_records(X[:10]))
+    assert len(result.anomalies) == 10
+
+
+def test_state_restores_to_an_identical_detector():
+    rng = np.random.default_rng(5)
+    X, _ = random_mixture(3, 4, rng).sample(6000, rng)
+    a = Detector(_config())
+    _run(a, X[:3000])
+    b = Detector(_config())
+    b.restore(a.state())
+    ra, rb = _run(a, X[3000:], start=3000), _run(b, X[3000:], start=3000)
+    assert [r.decisions for r in ra] == [r.decisions for r in rb]
+    assert a.state()["offsets"] == b.state()["offsets"] == {"in": {"0": 6000}}
+    assert a.model.n_seen_ == b.model.n_seen_
+
+
+def test_restore_refuses_a_different_dimension():
+    a = Detector(_config())
+    with pytest.raises(ValueError, match="the checkpoint is for input.dimension=4, the config says 5"):
+        Detector(_config(input={"dimension": 5})).restore(a.state())
+
+
+def test_offsets_track_every_partition_including_invalid_records():
+    detector = Detector(_config())
+    records = [InputRecord("a", 0, 10, b"bad"), InputRecord("a", 1, 4, encode([1, 2, 3, 4], "float64")),
+               InputRecord("b", 0, 0, None)]
+    result = detector.process(records)
+    assert detector.offsets == {("a", 0): 11, ("a", 1): 5, ("b", 0): 1}
+    assert len(result.dead_letters) == 2 and detector.n_invalid == 2
+
+
+def test_non_finite_density_is_written_as_a_valid_json_number():
+    rng = np.random.default_rng(6)
+    X, _ = random_mixture(3, 4, rng).sample(1000, rng)
+    detector = Detector(_config())
+    _run(detector, X)
+    result = detector.process(_records(np.array([[1e300, -1e300, 1e300, 1e300]]), start=5000))
+    doc = json.loads(result.anomalies[0].value)
+    assert doc["log_density"] < -1e300
