@@ -84,8 +84,9 @@ class ThresholdConfig:
     value: float | None = None
     learn_from_anomalies: bool = False
     # Quantile mode: re-estimate from the model's own distribution every this many learned
-    # points, from this many points sampled from the mixture (default max(20000, 50/q)).
-    refresh_every: int = 10_000
+    # points (more often while the model is young), from this many points sampled from the
+    # mixture (default max(10000, 20/q)).
+    refresh_every: int = 50_000
     samples: int | None = None
 
 

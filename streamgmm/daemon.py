@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
@@ -25,7 +27,7 @@ from kafka.structs import OffsetAndMetadata
 
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import Config, as_dict, masked, resolve_secrets
-from .detector import Detector, InputRecord
+from .detector import Detector
 from .metrics import HealthServer, Metrics
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,10 @@ class Daemon:
             try:
                 self.producer = KafkaProducer(**producer_settings)
                 self.consumer = KafkaConsumer(**consumer_settings)
+                # Fetch the output topics' metadata now (auto-creating them where the broker
+                # does): the first anomaly should not wait for it, and a typo shows at start.
+                for topic in (k.output_topic, k.dead_letter_topic):
+                    self.producer.partitions_for(topic)
                 self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
                 log.info("connected to %s; subscribed to %s", ",".join(k.bootstrap_servers), ",".join(k.input_topics))
                 return
@@ -190,11 +196,8 @@ class Daemon:
     def _poll_once(self) -> None:
         k = self.config.kafka
         polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_batch_messages)
-        records = [
-            InputRecord(r.topic, r.partition, r.offset, r.value, r.key, r.timestamp, tuple(r.headers or ()))
-            for batch in polled.values()
-            for r in batch
-        ]
+        # kafka-python's ConsumerRecord has the attributes of InputRecord: no copy needed.
+        records = [r for batch in polled.values() for r in batch]
         if records:
             self._process(records)
         now = time.monotonic()
@@ -202,7 +205,7 @@ class Daemon:
             self._last_lag_update = now
             self._update_lag()
 
-    def _process(self, records: list[InputRecord]) -> None:
+    def _process(self, records: list) -> None:
         started = time.perf_counter()
         updates_before = self.detector.n_updates
         result = self.detector.process(records)
@@ -222,12 +225,10 @@ class Daemon:
         m.anomalies.inc(len(result.anomalies))
         m.points_learned.inc(result.n_learned)
         m.model_updates.inc(self.detector.n_updates - updates_before)
-        for value in result.log_density:
-            m.log_density.observe(value)
+        m.log_density.observe_many(result.log_density)
         if len(result.log_density):
-            m.recent_log_likelihood.set(float(result.log_density.mean()))
-        for latency in result.latencies_seconds:
-            m.latency.observe(latency)
+            m.recent_log_likelihood.set(float(np.mean(np.maximum(result.log_density, -1e300))))
+        m.latency.observe_many(result.latencies_seconds)
         if self.detector.threshold.value is not None:
             m.threshold.set(self.detector.threshold.value)
         m.observe_model(self.detector.model)

@@ -15,6 +15,17 @@ import numpy as np
 from .config import InputConfig
 
 REASONS = ("oversized", "empty", "undecodable", "wrong_dimension", "non_finite")
+_NUMBER_TYPES = (int, float)
+# Bytes a flat JSON array of numbers can hold (NaN and Infinity included: they are
+# reported as non_finite later).  Letters of true/false/null are not all in here.
+_JSON_NUMBER_BYTES = b"0123456789+-.eE,[] \t\r\nNaIinfty"
+
+
+def _to_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf")
 
 
 @dataclass(frozen=True)
@@ -53,17 +64,87 @@ class Decoder:
     def decode(self, values: list[bytes | None]) -> DecodedBatch:
         if self._raw_dtype is not None:
             return self._decode_raw_batch(values)
+        if self.config.format == "json":
+            fast = self._decode_json_arrays_at_once(values)
+            if fast is not None:
+                return fast
+        return self._decode_each(values)
+
+    def _decode_json_arrays_at_once(self, values) -> DecodedBatch | None:
+        """Parse a batch of flat numeric JSON arrays with one json.loads call.
+
+        Only values that are provably one flat array of number tokens are joined (one '['
+        first, one ']' last, only number characters between, so no strings, true/false/null
+        or nesting can merge neighbours); anything else goes the one-by-one way.  Returns
+        None when no value qualifies.
+        """
+        limit = self.config.max_message_bytes
+        simple, rest = [], []
+        for i, value in enumerate(values):
+            if (
+                value
+                and len(value) <= limit
+                and value[:1] == b"["
+                and value[-1:] == b"]"
+                and value.count(b"[") == 1
+                and value.count(b"]") == 1
+                and not value.translate(None, _JSON_NUMBER_BYTES)
+            ):
+                simple.append(i)
+            else:
+                rest.append(i)
+        if not simple:
+            return None
+        try:
+            parsed = json.loads(b"[" + b",".join(values[i] for i in simple) + b"]")
+        except ValueError:
+            return None  # e.g. "[1,,2]": let the one-by-one path say which value is bad
+        rows, index, invalid = [], [], []
+        for i, row in zip(simple, parsed):
+            if len(row) == self.dimension:
+                rows.append(row)
+                index.append(i)
+            else:
+                invalid.append(Invalid(i, "wrong_dimension", f"got {len(row)} values, expected {self.dimension}"))
+        if rest:
+            others = self._decode_each([values[i] for i in rest])
+            rows.extend(others.X.tolist())
+            index.extend(rest[j] for j in others.valid_index)
+            invalid.extend(Invalid(rest[inv.index], inv.reason, inv.detail) for inv in others.invalid)
+            order = np.argsort(index, kind="stable")
+            rows = [rows[j] for j in order]
+            index = [index[j] for j in order]
+            invalid.sort(key=lambda item: item.index)
+        return self._finite_rows(rows, index, invalid)
+
+    def _decode_each(self, values) -> DecodedBatch:
         rows, index, invalid = [], [], []
         for i, value in enumerate(values):
             try:
                 self._check_size(value)
-                vector = self._check_vector(self._decode_one(value))
+                vector = self._decode_one(value)
+                if len(vector) != self.dimension:
+                    raise DecodeError("wrong_dimension", f"got {len(vector)} values, expected {self.dimension}")
             except DecodeError as exc:
                 invalid.append(Invalid(i, exc.reason, exc.detail))
                 continue
             rows.append(vector)
             index.append(i)
-        X = np.array(rows, dtype=np.float64).reshape(len(rows), self.dimension)
+        return self._finite_rows(rows, index, invalid)
+
+    def _finite_rows(self, rows, index, invalid) -> DecodedBatch:
+        """One array for the batch; rows with NaN/inf (or floats too large) become invalid."""
+        try:
+            with np.errstate(over="ignore"):
+                X = np.array(rows, dtype=np.float64).reshape(len(rows), self.dimension)
+        except OverflowError:  # an integer beyond float range: find it row by row
+            X = np.array([[_to_float(v) for v in row] for row in rows]).reshape(len(rows), self.dimension)
+        finite = np.isfinite(X).all(axis=1)
+        if not finite.all():
+            invalid = invalid + [Invalid(index[p], "non_finite", "NaN or infinity in features") for p in np.flatnonzero(~finite)]
+            invalid.sort(key=lambda item: item.index)
+            X = X[finite]
+            index = [i for i, ok in zip(index, finite) if ok]
         return DecodedBatch(X, np.asarray(index, dtype=np.intp), invalid)
 
     def decode_one(self, value: bytes | None) -> np.ndarray:
@@ -82,17 +163,6 @@ class Decoder:
                 "oversized", f"message is {len(value)} bytes; input.max_message_bytes is {self.config.max_message_bytes}"
             )
 
-    def _check_vector(self, values) -> list[float]:
-        if len(values) != self.dimension:
-            raise DecodeError("wrong_dimension", f"got {len(values)} values, expected {self.dimension}")
-        try:
-            vector = [float(v) for v in values]
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise DecodeError("undecodable", f"not a number: {exc}") from None
-        if not all(np.isfinite(vector)):
-            raise DecodeError("non_finite", "NaN or infinity in features")
-        return vector
-
     # ---------------------------------------------------------------- formats
     def _decode_json(self, value: bytes):
         try:
@@ -109,9 +179,10 @@ class Decoder:
             document = [document[name] for name in fields]
         if not isinstance(document, list):
             raise DecodeError("undecodable", f"expected a JSON array of numbers, got {type(document).__name__}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in document):
-            if len(document) != self.dimension:
-                raise DecodeError("wrong_dimension", f"got {len(document)} values, expected {self.dimension}")
+        if len(document) != self.dimension:
+            raise DecodeError("wrong_dimension", f"got {len(document)} values, expected {self.dimension}")
+        # type() rather than isinstance(): JSON true/false are bools, which are ints in Python.
+        if not all(type(v) in _NUMBER_TYPES for v in document):
             raise DecodeError("undecodable", "every feature must be a JSON number")
         return document
 

@@ -50,16 +50,32 @@ class OutputRecord:
 
 @dataclass
 class BatchResult:
+    n_records: int = 0
     anomalies: list[OutputRecord] = field(default_factory=list)
     dead_letters: list[OutputRecord] = field(default_factory=list)
     invalid_reasons: Counter = field(default_factory=Counter)
+    invalid_index: dict = field(default_factory=dict)  # record index -> reason
     n_valid: int = 0
     n_learned: int = 0
     warmup: bool = False
+    warmup_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
+    # Rows scored by the model, by record index, with their density, flag and component.
+    scored_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     log_density: np.ndarray = field(default_factory=lambda: np.empty(0))
-    # For every input record: None if invalid, else (log_density or None in warm-up, flagged, component).
-    decisions: list = field(default_factory=list)
+    flags: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    components: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def decisions(self) -> list:
+        """Per input record: None if invalid, else (log_density or None in warm-up, flagged, component)."""
+        out: list = [None] * self.n_records
+        for i in self.warmup_index:
+            out[i] = (None, False, None)
+        for i, density, flagged, component in zip(
+            self.scored_index.tolist(), self.log_density.tolist(), self.flags.tolist(), self.components.tolist()
+        ):
+            out[i] = (density, flagged, component)
+        return out
 
 
 def _finite(value: float) -> float:
@@ -108,12 +124,13 @@ class Detector:
     # ------------------------------------------------------------------ the work
     def process(self, records: list[InputRecord], now: float | None = None) -> BatchResult:
         now = time.time() if now is None else now
-        result = BatchResult(decisions=[None] * len(records))
+        result = BatchResult(n_records=len(records))
         decoded = self.decoder.decode([r.value for r in records])
         for invalid in decoded.invalid:
             record = records[invalid.index]
             result.dead_letters.append(self._dead_letter(record, invalid.reason, invalid.detail))
             result.invalid_reasons[invalid.reason] += 1
+            result.invalid_index[invalid.index] = invalid.reason
         self.n_invalid += len(decoded.invalid)
 
         X, rows = decoded.X, decoded.valid_index
@@ -127,8 +144,7 @@ class Detector:
                 self.model.partial_fit(X[:n_warm])
                 result.warmup = True
                 result.n_learned = n_warm
-                for i in rows[:n_warm]:
-                    result.decisions[i] = (None, False, None)
+                result.warmup_index = rows[:n_warm]
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
             if len(rows):
@@ -147,19 +163,14 @@ class Detector:
         scored = self.model.score_batch(X)
         flags = self.threshold.classify(scored.log_density)
         components = scored.component
-        threshold_value = self.threshold.value
-        result.log_density = scored.log_density
-        detected_at = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
-        model_version = self.n_updates
-        n_seen = self.model.n_seen_
-        for position, i in enumerate(rows):
-            density = float(scored.log_density[position])
-            flagged = bool(flags[position])
-            result.decisions[i] = (density, flagged, int(components[position]))
-            if flagged:
+        result.scored_index, result.log_density, result.flags, result.components = rows, scored.log_density, flags, components
+        if flags.any():
+            detected_at = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
+            for position in np.flatnonzero(flags):
                 result.anomalies.append(
-                    self._anomaly_record(records[i], X[position], density, threshold_value,
-                                         int(components[position]), model_version, n_seen, detected_at)
+                    self._anomaly_record(records[rows[position]], X[position], float(scored.log_density[position]),
+                                         self.threshold.value, int(components[position]), self.n_updates,
+                                         self.model.n_seen_, detected_at)
                 )
         self.n_anomalies += int(flags.sum())
         learn = np.ones(len(rows)) if self.config.threshold.learn_from_anomalies else (~flags).astype(float)

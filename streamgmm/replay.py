@@ -77,13 +77,11 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
             return
         result = detector.process(batch)
         threshold = detector.threshold.value
-        dead = {int(dict(d.headers)["streamgmm.source.offset"]): dict(d.headers)["streamgmm.error.reason"].decode()
-                for d in result.dead_letters}
         lines = []
-        for record, decision in zip(batch, result.decisions):
+        for record, decision in zip(batch, result.decisions()):
             if decision is None:
-                row = {"offset": record.offset, "invalid": dead.get(record.offset), "log_density": None,
-                       "anomaly": False, "threshold": threshold}
+                row = {"offset": record.offset, "invalid": result.invalid_index.get(len(lines)),
+                       "log_density": None, "anomaly": False, "threshold": threshold}
             else:
                 density, flagged, component = decision
                 row = {"offset": record.offset,

@@ -38,25 +38,29 @@ class FixedThreshold:
 class QuantileThreshold:
     """Flag the lowest ``quantile`` fraction of the model's density.
 
-    Re-estimated every ``refresh_every`` learned points from ``samples`` draws of the model,
-    seeded by the model's ``n_seen_`` so that a replay after a restart gives the same values.
+    Re-estimated from ``samples`` draws of the model, seeded by the model's ``n_seen_`` so
+    that a replay after a restart gives the same values: often while the model is young
+    (whenever it has learned half as many points again), then every ``refresh_every``.
     """
 
     mode = "quantile"
 
-    def __init__(self, quantile: float, refresh_every: int = 10_000, samples: int | None = None):
+    def __init__(self, quantile: float, refresh_every: int = 50_000, samples: int | None = None):
         self.quantile = float(quantile)
         self.refresh_every = int(refresh_every)
-        # Enough draws that about 50 land below the quantile (a few percent of noise).
-        self.samples = int(samples) if samples else int(min(200_000, max(20_000, 50.0 / quantile)))
+        # About 20 draws below the quantile: enough to keep the flagged fraction within a
+        # factor of two of q, at a cost of well under one draw per learned point.
+        self.samples = int(samples) if samples else int(min(200_000, max(10_000, 20.0 / quantile)))
         self.value: float | None = None
         self.refreshed_at = -1
 
     def update(self, model: OnlineGaussianMixture) -> None:
         if not model.is_initialized:
             return
-        if self.value is not None and model.n_seen_ - self.refreshed_at < self.refresh_every:
-            return
+        if self.value is not None:
+            learned_since = model.n_seen_ - self.refreshed_at
+            if learned_since < min(self.refresh_every, max(1_000, self.refreshed_at // 2)):
+                return
         draws, _ = model.sample(self.samples, random_state=model.n_seen_)
         self.value = float(np.quantile(model.score_samples(draws), self.quantile))
         self.refreshed_at = model.n_seen_

@@ -79,3 +79,23 @@ def test_random_json_arrays(items):
     batch = decoder.decode([value])
     assert len(batch.valid_index) + len(batch.invalid) == 1
     assert np.all(np.isfinite(batch.X))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=0, max_size=4).map(lambda v: json.dumps(v).encode()),
+    st.sampled_from([b"[1,2", b"3]", b"[1,2],[3", b"4]", b"[true,1]", b"[null,1]", b"[1,,2]", b"[ 1 , 2 ]", b"[NaN,1]",
+                     b'["]', b"[1e999,1]", b"[]", b"[[1,2]]", b"[1] ", b" [1,2]"]),
+    st.binary(max_size=12),
+), max_size=12))
+def test_batched_json_equals_one_by_one(values):
+    decoder = Decoder(InputConfig(format="json", dimension=2))
+    batch = decoder.decode(values)
+    singles = [decoder.decode([v]) for v in values]
+    expected_index = [i for i, s in enumerate(singles) if not s.invalid]
+    np.testing.assert_array_equal(batch.valid_index, expected_index)
+    assert [(inv.index, inv.reason) for inv in batch.invalid] == [
+        (i, s.invalid[0].reason) for i, s in enumerate(singles) if s.invalid
+    ]
+    expected_X = np.vstack([singles[i].X for i in expected_index]) if expected_index else np.empty((0, 2))
+    np.testing.assert_array_equal(batch.X, expected_X)

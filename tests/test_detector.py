@@ -37,9 +37,9 @@ def test_no_anomaly_before_warmup_and_rest_of_batch_is_scored():
     detector = Detector(_config())
     result = detector.process(_records(X))
     assert result.warmup
-    assert all(d == (None, False, None) for d in result.decisions[:500])
-    assert all(d[0] is not None for d in result.decisions[500:])
-    flagged = [i for i, d in enumerate(result.decisions) if d[1]]
+    assert all(d == (None, False, None) for d in result.decisions()[:500])
+    assert all(d[0] is not None for d in result.decisions()[500:])
+    flagged = [i for i, d in enumerate(result.decisions()) if d[1]]
     assert 700 in flagged
     doc = json.loads(result.anomalies[flagged.index(700)].value)
     assert doc["source"] == {"topic": "in", "partition": 0, "offset": 700, "timestamp": 1000, "key": "700"}
@@ -100,7 +100,7 @@ def test_state_restores_to_an_identical_detector():
     b = Detector(_config())
     b.restore(a.state())
     ra, rb = _run(a, X[3000:], start=3000), _run(b, X[3000:], start=3000)
-    assert [r.decisions for r in ra] == [r.decisions for r in rb]
+    assert [r.decisions() for r in ra] == [r.decisions() for r in rb]
     assert a.state()["offsets"] == b.state()["offsets"] == {"in": {"0": 6000}}
     assert a.model.n_seen_ == b.model.n_seen_
 

@@ -1,0 +1,182 @@
+"""End-to-end daemon throughput and latency through a real broker (embedded Tansu).
+
+    python bench/bench_daemon.py [--messages 100000]
+
+For each input format (json, float32): the raw kafka-python consume rate of the topic,
+then the daemon's rate on the same topic, in the same run; then the p50/p99 latency from a
+message's timestamp to its anomaly record, with the daemon caught up and a live producer.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+from kafka.admin import KafkaAdminClient, NewTopic  # noqa: E402
+
+from streamgmm.config import config_from_dict  # noqa: E402
+from streamgmm.daemon import Daemon  # noqa: E402
+from streamgmm.decode import encode  # noqa: E402
+from streamgmm.embedded import EmbeddedBroker  # noqa: E402
+from streamgmm.synthetic import random_mixture  # noqa: E402
+
+D, PARTITIONS = 16, 4
+
+
+def produce_topic(bootstrap, topic, X, fmt):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=20, batch_size=256_000)
+    start = time.perf_counter()
+    for x in X:
+        producer.send(topic, encode(x, fmt))
+    producer.flush()
+    producer.close()
+    return len(X) / (time.perf_counter() - start)
+
+
+def raw_consume_rate(bootstrap, topic, n):
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20,
+                             max_poll_records=2000)
+    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    count, first, deadline = 0, None, time.monotonic() + 300
+    while count < n and time.monotonic() < deadline:
+        batch = consumer.poll(timeout_ms=200, max_records=2000)
+        got = sum(len(v) for v in batch.values())
+        if got and first is None:
+            first = time.perf_counter()
+        count += got
+    rate = count / (time.perf_counter() - first)
+    consumer.close()
+    return rate
+
+
+def daemon_config(bootstrap, topic, fmt, state_dir, **threshold):
+    return config_from_dict({
+        "kafka": {
+            "bootstrap_servers": [bootstrap], "input_topics": [topic], "output_topic": f"{topic}.anomalies",
+            "dead_letter_topic": f"{topic}.dlq", "group_id": f"bench-{topic}",
+            "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20},
+        },
+        "input": {"format": fmt, "dimension": D},
+        "model": {"n_components": 8, "warmup": 1000},
+        "threshold": {"quantile": 0.001, **threshold},
+        "checkpoint": {"dir": state_dir, "interval_seconds": 30, "interval_messages": 100_000},
+        "metrics": {"enabled": False},
+    }, environ={})
+
+
+def run_daemon_until(config, n, timeout=600):
+    daemon = Daemon(config)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    consumed = lambda: daemon.metrics.value("streamgmm_messages_consumed_total") or 0  # noqa: E731
+    deadline = time.monotonic() + timeout
+    while consumed() == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first = time.perf_counter()
+    while consumed() < n and time.monotonic() < deadline:
+        time.sleep(0.002)
+    rate = consumed() / (time.perf_counter() - first)
+    return daemon, thread, rate
+
+
+def latency_run(bootstrap, topic, X, seconds, rate):
+    """Daemon caught up; a live producer sends at `rate`/s with 1% far outliers."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=1)
+    for x in X[:2000]:  # warm-up material
+        producer.send(topic, encode(x, "float32"))
+    producer.flush()
+    with tempfile.TemporaryDirectory() as state:
+        config = daemon_config(bootstrap, topic, "float32", state)
+        daemon, thread, _ = run_daemon_until(config, 2000)
+        rng = np.random.default_rng(7)
+        n = int(seconds * rate)
+        live_since_ms = int(time.time() * 1000)
+        start = time.perf_counter()
+        for i in range(n):
+            x = X[2000 + i] if rng.random() > 0.01 else X[2000 + i] + 100.0
+            producer.send(topic, encode(x, "float32"), timestamp_ms=int(time.time() * 1000))
+            lag = start + (i + 1) / rate - time.perf_counter()
+            if lag > 0:
+                time.sleep(lag)
+        producer.flush()
+        time.sleep(2.0)
+        daemon.stop()
+        thread.join(timeout=60)
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+    tps = [TopicPartition(f"{topic}.anomalies", p) for p in (consumer.partitions_for_topic(f"{topic}.anomalies") or [])]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    latencies, deadline = [], time.monotonic() + 20
+    while time.monotonic() < deadline:
+        batch = consumer.poll(timeout_ms=500)
+        if not batch and latencies:
+            break
+        for records in batch.values():
+            for r in records:
+                source = json.loads(r.value)["source"]["timestamp"]
+                if source >= live_since_ms:  # not the backlog read while the group was joining
+                    latencies.append((r.timestamp - source) / 1000.0)
+    consumer.close()
+    return np.array(latencies)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("streamgmm").setLevel(logging.ERROR)
+    rng = np.random.default_rng(0)
+    X, _ = random_mixture(8, D, rng).sample(args.messages + 20_000, rng)
+    rows = []
+    with EmbeddedBroker() as broker:
+        for fmt in ("json", "float32"):
+            topic = f"bench-{fmt}"
+            produce_rate = produce_topic(broker.bootstrap, topic, X[: args.messages], fmt)
+            raw = raw_consume_rate(broker.bootstrap, topic, args.messages)
+            with tempfile.TemporaryDirectory() as state:
+                daemon, thread, rate = run_daemon_until(daemon_config(broker.bootstrap, topic, fmt, state), args.messages)
+                daemon.stop()
+                thread.join(timeout=60)
+            rows.append((fmt, f"{produce_rate:,.0f}", f"{raw:,.0f}", f"{rate:,.0f}", f"{rate / raw:.0%}"))
+        latencies = latency_run(broker.bootstrap, "bench-latency", X, seconds=10, rate=2000)
+
+    print(f"\n## Daemon end-to-end, {args.messages:,} messages of {D} features, {PARTITIONS} partitions, one broker on loopback\n")
+    print("| format | produce msg/s (kafka-python) | raw consume msg/s (kafka-python) | daemon msg/s | daemon / raw |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print("\n## Latency, message timestamp -> anomaly record produced (daemon caught up, 2,000 msg/s live, float32)\n")
+    if len(latencies):
+        print("| anomalies | p50 ms | p99 ms | max ms |")
+        print("|---|---|---|---|")
+        print(f"| {len(latencies)} | {np.percentile(latencies, 50) * 1000:.1f} | "
+              f"{np.percentile(latencies, 99) * 1000:.1f} | {latencies.max() * 1000:.1f} |")
+    else:
+        print("no anomaly records were read back")
+
+
+if __name__ == "__main__":
+    main()
