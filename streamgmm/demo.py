@@ -1,0 +1,201 @@
+"""``streamgmm demo``: the real daemon on an embedded broker with a synthetic stream.
+
+Starts Tansu on loopback, produces a multi-cluster stream with slow drift and injected
+anomalies, runs ``streamgmm run`` as a separate process on it, shows progress from its
+/metrics endpoint, then prints precision and recall against the injected anomalies.
+Everything it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .decode import encode
+from .embedded import EmbeddedBroker, free_port
+from .synthetic import random_mixture
+
+DIMENSION = 8
+PARTITIONS = 4
+ANOMALY_FRACTION = 0.005
+
+
+def synthetic_stream(n: int, seed: int = 7):
+    """A drifting 5-cluster stream; returns (X, is_anomaly)."""
+    rng = np.random.default_rng(seed)
+    mixture = random_mixture(5, DIMENSION, rng, separation=8.0)
+    X, labels = mixture.sample(n, rng)
+    # Slow drift: every cluster walks along its own direction, 3 units over the stream.
+    direction = rng.normal(size=(5, DIMENSION))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    X += direction[labels] * (3.0 * np.arange(n) / n)[:, None]
+    is_anomaly = rng.random(n) < ANOMALY_FRACTION
+    is_anomaly[:2000] = False  # not in the warm-up
+    # Anomalies: points pushed 6-10 standard deviations off their own cluster.
+    offsets = rng.normal(size=(int(is_anomaly.sum()), DIMENSION))
+    offsets /= np.linalg.norm(offsets, axis=1, keepdims=True)
+    X[is_anomaly] += offsets * rng.uniform(6.0, 10.0, (len(offsets), 1)) * X.std(axis=0).mean() / 2.0
+    return X, is_anomaly
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def _produce(bootstrap: str, X, rate: float, stop: threading.Event):
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=10)
+    start = time.perf_counter()
+    try:
+        for i, x in enumerate(X):
+            if stop.is_set():
+                break
+            producer.send("features", encode(x, "json"), key=str(i).encode())
+            ahead = start + (i + 1) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        producer.flush()
+    finally:
+        producer.close(timeout=10)
+
+
+def _read_anomaly_keys(bootstrap: str, deadline_seconds: float = 30.0) -> set[int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
+    try:
+        partitions = consumer.partitions_for_topic("anomalies") or set()
+        tps = [TopicPartition("anomalies", p) for p in partitions]
+        if not tps:
+            return set()
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        keys, idle_since, deadline = set(), time.monotonic(), time.monotonic() + deadline_seconds
+        while time.monotonic() < deadline and time.monotonic() - idle_since < 2.0:
+            batch = consumer.poll(timeout_ms=300)
+            for records in batch.values():
+                for record in records:
+                    keys.add(int(json.loads(record.value)["source"]["key"]))
+                    idle_since = time.monotonic()
+        return keys
+    finally:
+        consumer.close()
+
+
+def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | None = None, metrics_port: int = 9464,
+             timeout: float = 600.0) -> int:
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="streamgmm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if metrics_port == 0:
+        metrics_port = free_port()
+    print(f"streamgmm demo: {messages:,} messages, {DIMENSION} features, 5 drifting clusters, "
+          f"{ANOMALY_FRACTION:.1%} injected anomalies; work dir {workdir}")
+    X, is_anomaly = synthetic_stream(messages)
+    stop_producing = threading.Event()
+    daemon = None
+    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+        from kafka.admin import KafkaAdminClient, NewTopic
+
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin.create_topics([NewTopic("features", PARTITIONS, 1), NewTopic("anomalies", 1, 1)])
+        admin.close()
+        config_path = workdir / "streamgmm.yaml"
+        config_path.write_text(yaml.safe_dump({
+            "kafka": {"bootstrap_servers": [broker.bootstrap], "input_topics": ["features"],
+                      "output_topic": "anomalies", "dead_letter_topic": "features.dead-letter",
+                      "group_id": "streamgmm-demo",
+                      "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 50}},
+            "input": {"format": "json", "dimension": DIMENSION},
+            "model": {"n_components": 5, "warmup": 2000, "half_life": 20000},
+            "threshold": {"mode": "quantile", "quantile": 0.001},
+            "checkpoint": {"dir": str(workdir / "state"), "interval_seconds": 5, "interval_messages": 50000},
+            "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        }))
+        log_file = open(workdir / "daemon.log", "wb")
+        try:
+            daemon = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(config_path)],
+                                      stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            producer = threading.Thread(target=_produce, args=(broker.bootstrap, X, rate, stop_producing), daemon=True)
+            producer.start()
+            started = time.monotonic()
+            first_seen = None
+            last_consumed, last_time = 0.0, time.monotonic()
+            while time.monotonic() - started < timeout:
+                time.sleep(1.0)
+                if daemon.poll() is not None:
+                    print(f"the daemon exited with code {daemon.returncode}; see {workdir / 'daemon.log'}")
+                    return 1
+                text = _scrape(metrics_port)
+                consumed = _metric(text, "streamgmm_messages_consumed_total")
+                now = time.monotonic()
+                if consumed and first_seen is None:
+                    first_seen = now
+                speed = (consumed - last_consumed) / (now - last_time)
+                last_consumed, last_time = consumed, now
+                print(f"  {now - started:5.0f} s  consumed {consumed:9,.0f}  {speed:8,.0f} msg/s  "
+                      f"anomalies {_metric(text, 'streamgmm_anomalies_total'):6,.0f}  "
+                      f"lag {_metric(text, 'streamgmm_consumer_lag_messages'):8,.0f}", flush=True)
+                if consumed >= messages:
+                    break
+            elapsed = time.monotonic() - (first_seen or started)
+            final_text = _scrape(metrics_port)
+            daemon.send_signal(signal.SIGTERM)
+            code = daemon.wait(timeout=60)
+            daemon = None
+        finally:
+            stop_producing.set()
+            if daemon is not None and daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(timeout=10)
+            log_file.close()
+        flagged = _read_anomaly_keys(broker.bootstrap)
+
+    consumed = _metric(final_text, "streamgmm_messages_consumed_total")
+    injected = set(np.flatnonzero(is_anomaly).tolist())
+    true_positives = len(flagged & injected)
+    precision = true_positives / len(flagged) if flagged else 0.0
+    recall = true_positives / len(injected) if injected else 0.0
+    checkpoints = sorted((workdir / "state").glob("checkpoint-*.sgmm"))
+    print()
+    print("summary")
+    print(f"  messages consumed   {consumed:,.0f} of {messages:,} in {elapsed:.1f} s ({consumed / max(elapsed, 1e-9):,.0f} msg/s)")
+    print(f"  injected anomalies  {len(injected):,}")
+    print(f"  flagged             {len(flagged):,}")
+    print(f"  precision           {precision:.3f}")
+    print(f"  recall              {recall:.3f}")
+    print(f"  daemon exit code    {code} (SIGTERM: finish batch, checkpoint, commit)")
+    print(f"  checkpoint          {checkpoints[-1] if checkpoints else 'none'}")
+    print(f"  inspect it          streamgmm inspect {workdir / 'state'}")
+    print(f"  metrics (while it runs)  curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^streamgmm_")
+    print(json.dumps({"demo_summary": {"consumed": consumed, "injected": len(injected), "flagged": len(flagged),
+                                       "precision": precision, "recall": recall, "exit_code": code,
+                                       "checkpoint": str(checkpoints[-1]) if checkpoints else None}}))
+    return 0 if code == 0 and consumed >= messages else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(int(os.environ.get("DEMO_MESSAGES", "200000"))))
