@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 MAGIC = b"STREAMGMM-CHECKPOINT\n"
 FORMAT_VERSION = 1
 FILE_PATTERN = re.compile(r"^checkpoint-(\d{12})\.sgmm$")
+# Fault injection for the crash tests: hold every write between the temporary file and the
+# rename for this long, so a SIGKILL can land in the middle of a checkpoint. Never set it
+# in production.
+FAULT_PAUSE_ENV = "STREAMGMM_FAULT_CHECKPOINT_PAUSE_SECONDS"
 
 
 class CheckpointError(RuntimeError):
@@ -132,6 +137,7 @@ class CheckpointStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            self._fault_pause(tmp)
             os.replace(tmp, path)
             self._fsync_directory()
         except OSError as exc:
@@ -160,6 +166,13 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
         return unpack(data, str(path))
+
+    @staticmethod
+    def _fault_pause(tmp: Path) -> None:
+        pause = float(os.environ.get(FAULT_PAUSE_ENV, "0") or 0)
+        if pause > 0:
+            log.warning("fault injection: checkpoint %s written but not renamed; pausing %.2f s", tmp.name, pause)
+            time.sleep(pause)
 
     def _prune(self) -> None:
         for old in self.paths()[: -self.keep]:

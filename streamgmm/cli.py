@@ -22,6 +22,29 @@ from .config import ConfigError, as_dict, load_config, masked
 log = logging.getLogger("streamgmm")
 
 
+class RepeatFilter(logging.Filter):
+    """Let the same message through at most once per ``interval`` seconds.
+
+    During an outage kafka-python logs every refused connection; one line per message per
+    half minute keeps the cause visible without flooding the journal.
+    """
+
+    def __init__(self, interval: float = 30.0):
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{record.msg}"
+        now = record.created
+        if now - self._last.get(key, -1e18) < self.interval:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {
@@ -44,9 +67,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # kafka-python logs every refused connection at WARNING/ERROR during an outage; our
-    # loop already reports outages once per retry.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    kafka_logger = logging.getLogger("kafka")
+    kafka_logger.setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    if level != "DEBUG":
+        kafka_logger.filters[:] = [RepeatFilter()]
 
 
 def _load(path):

@@ -116,6 +116,8 @@ class Daemon:
             "fetch_max_wait_ms": 100,
             "session_timeout_ms": 10_000,
             "heartbeat_interval_ms": 3_000,
+            # Give up a connection attempt soon, so an outage is logged and a stop is honoured.
+            "bootstrap_timeout_ms": 5_000,
             **self._kafka_settings(k.consumer),
         }
         producer_settings = {
@@ -125,6 +127,7 @@ class Daemon:
             # producer adds nothing to that and cannot survive some broker restarts.
             "enable_idempotence": False,
             "max_block_ms": 10_000,
+            "bootstrap_timeout_ms": 5_000,
             **self._kafka_settings(k.producer),
         }
         backoff = k.retry_backoff_initial_seconds

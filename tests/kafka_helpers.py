@@ -102,7 +102,8 @@ def write_config(path: Path, bootstrap: str, topic: str, state_dir: Path, **sect
 class DaemonProcess:
     """``python -m streamgmm run`` as a real process, stopped by signal."""
 
-    def __init__(self, config_path: Path, log_path: Path):
+    def __init__(self, config_path: Path, log_path: Path, env: dict | None = None):
+        self.extra_env = env or {}
         self.config = yaml.safe_load(Path(config_path).read_text())
         self.config_path = config_path
         self.log_path = log_path
@@ -113,7 +114,7 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.config['metrics']['port']}"
 
     def start(self) -> "DaemonProcess":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streamgmm", "run", "--config", str(self.config_path)],
@@ -172,6 +173,14 @@ class DaemonProcess:
             return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        consumer.close(autocommit=False)
 
 
 def inspect(state_dir: Path) -> dict | None:
