@@ -146,7 +146,7 @@ def cmd_fit(args) -> int:
     detector = Detector(config)
     detector.model = OnlineGaussianMixture.from_mixture(
         mixture, n_samples_seen=len(X), warmup=m.warmup, alpha=m.alpha, t0=m.t0,
-        half_life=m.half_life, min_weight=m.min_weight, random_state=m.random_state,
+        half_life=m.half_life, min_weight=m.min_weight, rare_weight=m.rare_weight, random_state=m.random_state,
     )
     detector.threshold.update(detector.model)
     path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state())

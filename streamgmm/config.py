@@ -71,6 +71,9 @@ class ModelConfig:
     half_life: float | None = None
     reg_covar: float = 1e-6
     min_weight: float = 1e-4
+    # Components lighter than this are "rare structure": points they explain are scored by
+    # the other components, so a small cluster of anomalies the model absorbed stays anomalous.
+    rare_weight: float = 0.05
     random_state: int | None = 0
     # A checkpoint directory (e.g. written by `streamgmm fit`) to start from when the
     # daemon's own checkpoint directory is empty.
@@ -280,6 +283,8 @@ def _check_values(config: Config) -> None:
         fail("model.reg_covar", m.reg_covar, "use a number > 0")
     if not 0 <= m.min_weight < 1.0 / m.n_components:
         fail("model.min_weight", m.min_weight, "use a number in [0, 1/model.n_components)")
+    if not 0 <= m.rare_weight < 1.0:
+        fail("model.rare_weight", m.rare_weight, "use a weight in [0, 1); 0 scores by the whole mixture")
     if t.mode == "quantile" and not 0 < t.quantile < 0.5:
         fail("threshold.quantile", t.quantile, "use a fraction in (0, 0.5)")
     if t.mode == "fixed" and t.value is None:

@@ -107,6 +107,7 @@ class Detector:
             half_life=m.half_life,
             reg_covar=m.reg_covar,
             min_weight=m.min_weight,
+            rare_weight=m.rare_weight,
             random_state=m.random_state,
         )
         self.threshold = make_threshold(config.threshold)

@@ -94,6 +94,12 @@ class OnlineGaussianMixture(MixtureBase):
         Added to the (standardised) covariance diagonals: relative regularisation.
     min_weight : float, default=1e-4
         A component whose weight falls below this is re-seeded.
+    rare_weight : float, default=0.0
+        For anomaly scoring: components lighter than this are rare structure, not normal
+        behaviour.  ``score_samples`` / ``score_batch`` then score points by the other
+        components only (so a small, tight cluster of anomalies the model has absorbed does
+        not make its members look normal).  0 gives the exact mixture log-density.  The
+        E-step always uses every component.
     warmup_iter : int, default=100
         Batch EM iterations on the warm-up buffer.
     init_params : str, default="kmeans"
@@ -136,6 +142,7 @@ class OnlineGaussianMixture(MixtureBase):
         forgetting: float | None = None,
         reg_covar: float = 1e-6,
         min_weight: float = 1e-4,
+        rare_weight: float = 0.0,
         warmup_iter: int = 100,
         init_params: str = "kmeans",
         warmup_n_init: int = 4,
@@ -151,6 +158,7 @@ class OnlineGaussianMixture(MixtureBase):
         self.forgetting = forgetting
         self.reg_covar = reg_covar
         self.min_weight = min_weight
+        self.rare_weight = rare_weight
         self.warmup_iter = warmup_iter
         self.init_params = init_params
         self.warmup_n_init = warmup_n_init
@@ -184,6 +192,8 @@ class OnlineGaussianMixture(MixtureBase):
         check_positive_float(self.reg_covar, "reg_covar")
         if not (0.0 <= self.min_weight < 1.0 / self.n_components):
             raise ValueError(f"min_weight must be in [0, 1/n_components); got {self.min_weight!r}")
+        if not (isinstance(self.rare_weight, (int, float)) and 0.0 <= self.rare_weight < 1.0):
+            raise ValueError(f"rare_weight must be in [0, 1); got {self.rare_weight!r}")
         check_positive_int(self.warmup_iter, "warmup_iter")
         check_positive_int(self.warmup_n_init, "warmup_n_init")
         if self.init_params not in INIT_PARAMS:
@@ -273,7 +283,21 @@ class OnlineGaussianMixture(MixtureBase):
         weights, means, precisions_chol = self._internal_parameters()
         wlp = g.weighted_log_prob(X_internal, weights, means, precisions_chol, self.covariance_type)
         log_prob_norm, log_resp = g.e_step(wlp)
+        if self.rare_weight > 0:
+            log_prob_norm = self._score_from_weighted_log_prob(wlp)
         return ScoredBatch(X_internal, log_prob_norm + self._log_jacobian, log_resp, self._version)
+
+    def _score_from_weighted_log_prob(self, wlp):
+        """Log-density from the components that are not rare (all of them if rare_weight is 0)."""
+        if self.rare_weight > 0:
+            usual = self._weights >= self.rare_weight
+            if usual.any() and not usual.all():
+                wlp = np.where(usual, wlp, -np.inf)
+        return g.logsumexp_rows(wlp)
+
+    def score_samples(self, X) -> np.ndarray:
+        """Log-density of each sample (with ``rare_weight`` > 0: of the usual components only)."""
+        return self._score_from_weighted_log_prob(self._estimate_weighted_log_prob(self._check_X(X)))
 
     def learn(self, scored: ScoredBatch, sample_weight=None) -> None:
         """Learn from a batch scored by ``score_batch`` (prequential step two).
@@ -508,7 +532,7 @@ class OnlineGaussianMixture(MixtureBase):
             name: getattr(self, name)
             for name in (
                 "n_components", "covariance_type", "warmup", "alpha", "t0", "half_life", "forgetting",
-                "reg_covar", "min_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
+                "reg_covar", "min_weight", "rare_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
             )
         }
 

@@ -208,3 +208,18 @@ def test_stale_scored_batch_is_refused():
     model.partial_fit(rng.normal(size=(10, 2)))
     with pytest.raises(ValueError, match="scored by an older version"):
         model.learn(scored)
+
+
+def test_rare_weight_scores_absorbed_small_clusters_as_unusual():
+    rng = np.random.default_rng(13)
+    big = rng.normal(0.0, 1.0, (9800, 2))
+    small = rng.normal([8.0, 8.0], 0.05, (200, 2))  # 2% of the stream, tight: a "collective anomaly"
+    X = rng.permutation(np.vstack([big, small]))
+    plain = _stream(OnlineGaussianMixture(3, warmup=2000, random_state=0), X)
+    rare = _stream(OnlineGaussianMixture(3, warmup=2000, rare_weight=0.05, random_state=0), X)
+    # Learning is identical: rare_weight only changes scoring.
+    np.testing.assert_array_equal(plain._S1, rare._S1)
+    probe_small, probe_big = np.array([[8.0, 8.0]]), np.array([[2.5, 2.5]])
+    assert plain.score_samples(probe_small)[0] > plain.score_samples(probe_big)[0]  # masked by its own component
+    assert rare.score_samples(probe_small)[0] < rare.score_samples(probe_big)[0]  # unusual again
+    np.testing.assert_allclose(rare.score_batch(probe_small).log_density, rare.score_samples(probe_small))
