@@ -165,12 +165,14 @@ def cmd_check_config(args) -> int:
     return 0
 
 
-def inspect_summary(directory: str) -> dict:
-    store = CheckpointStore(directory)
-    found = store.load_latest()
-    if found is None:
-        raise CheckpointError(f"no valid checkpoint in {directory}")
-    state, path = found
+def inspect_summary(directory: str | None = None, state: dict | None = None, path: str | None = None) -> dict:
+    """Summary of a detector state: the newest valid checkpoint in ``directory``, or ``state``."""
+    store = CheckpointStore(directory) if directory else None
+    if state is None:
+        found = store.load_latest()
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint in {directory}")
+        state, path = found
     model = state["model"]
     from .online import OnlineGaussianMixture
 
@@ -190,13 +192,36 @@ def inspect_summary(directory: str) -> dict:
         "threshold": state["threshold"],
         "model": {k: model["params"][k] for k in ("n_components", "covariance_type", "alpha", "half_life")},
         "weights": weights,
-        "checkpoints": [str(p) for p in store.paths()],
+        "checkpoints": [str(p) for p in store.paths()] if store else [],
     }
+
+
+def topic_summaries(topic: str, bootstrap: str, key: str | None = None) -> dict:
+    """Summaries of the newest state record per model key in a checkpoint topic."""
+    from .statestore import TopicStateStore
+
+    store = TopicStateStore(topic, {"bootstrap_servers": [bootstrap]}, producer=None)
+    keys = set(store.read_all())
+    wanted = {key} if key else keys
+    states = store.load_many(wanted & keys)
+    return {k: inspect_summary(state=v, path=f"{topic}:{k}") for k, v in sorted(states.items())}
 
 
 def cmd_inspect(args) -> int:
     configure_logging("WARNING", "text")
     try:
+        if args.topic:
+            if not args.bootstrap:
+                print("streamgmm: inspect --topic needs --bootstrap HOST:PORT", file=sys.stderr)
+                return 2
+            summaries = topic_summaries(args.topic, args.bootstrap, args.key)
+            if not summaries:
+                raise CheckpointError(f"no readable state record in topic {args.topic}")
+            print(json.dumps(summaries) if args.json else "\n".join(f"{k}: {json.dumps(v)}" for k, v in summaries.items()))
+            return 0
+        if not args.checkpoint_dir:
+            print("streamgmm: give a checkpoint directory, or --topic and --bootstrap", file=sys.stderr)
+            return 2
         summary = inspect_summary(args.checkpoint_dir)
     except CheckpointError as exc:
         print(f"streamgmm: {exc}", file=sys.stderr)
@@ -252,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("file")
     chk.set_defaults(func=cmd_check_config)
 
-    ins = sub.add_parser("inspect", help="summarise the newest valid checkpoint")
-    ins.add_argument("checkpoint_dir")
+    ins = sub.add_parser("inspect", help="summarise the newest valid checkpoint (a directory or a state topic)")
+    ins.add_argument("checkpoint_dir", nargs="?")
+    ins.add_argument("--topic", help="read state records from this checkpoint topic instead")
+    ins.add_argument("--bootstrap", help="HOST:PORT of the Kafka cluster holding --topic")
+    ins.add_argument("--key", help="only this model key (e.g. features/3)")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
 

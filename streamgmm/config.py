@@ -75,6 +75,9 @@ class ModelConfig:
     # the other components, so a small cluster of anomalies the model absorbed stays anomalous.
     rare_weight: float = 0.05
     random_state: int | None = 0
+    # global: one model for everything this process consumes; partition: one model per input
+    # partition, whose state follows the partition across the consumer group.
+    scope: str = "global"
     # A checkpoint directory (e.g. written by `streamgmm fit`) to start from when the
     # daemon's own checkpoint directory is empty.
     init_from: str | None = None
@@ -99,6 +102,9 @@ class CheckpointConfig:
     interval_seconds: float = 30.0
     interval_messages: int = 100_000
     keep: int = 3
+    # A (compacted) Kafka topic holding one state record per model key; with model.scope:
+    # partition, an instance that gains a partition restores its model from here.
+    topic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class Config:
 CHOICES = {
     "input.format": ("json", "csv", "float32", "float64"),
     "model.covariance_type": ("full", "tied", "diag", "spherical"),
+    "model.scope": ("global", "partition"),
     "threshold.mode": ("quantile", "fixed"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": ("text", "json"),
@@ -301,6 +308,9 @@ def _check_values(config: Config) -> None:
         fail("checkpoint.keep", c.keep, "keep at least 2 so a corrupt newest one has a fallback")
     if not c.dir:
         fail("checkpoint.dir", c.dir, "give a directory")
+    if c.topic is not None and (not c.topic or c.topic in k.input_topics or c.topic in (k.output_topic, k.dead_letter_topic)):
+        fail("checkpoint.topic", c.topic, "use a topic of its own, or null")
+
     if not 0 <= me.port < 65536:
         fail("metrics.port", me.port, "use a port from 0 (any free port) to 65535")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -29,19 +29,33 @@ from .checkpoint import CheckpointError, CheckpointStore
 from .config import Config, as_dict, masked, resolve_secrets
 from .detector import Detector
 from .metrics import HealthServer, Metrics
+from .statestore import GLOBAL_KEY, LocalStateStore, TopicStateStore, model_key
 
 log = logging.getLogger(__name__)
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """Rebalance hooks.
+
+    kafka-python 3 runs them on the consumer's IO thread (the main thread is blocked inside
+    poll() meanwhile), where blocking consumer calls are refused: commits are sent without
+    waiting.
+    """
+
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
 
-    def on_partitions_revoked(self, revoked):
-        self.daemon._on_revoked(revoked)
+    async def on_partitions_revoked(self, revoked):
+        try:
+            self.daemon._on_revoked(revoked)
+        except Exception:  # a failing hand-over must not kill the rebalance; the store still holds state
+            log.exception("handing over revoked partitions failed")
 
-    def on_partitions_assigned(self, assigned):
-        self.daemon._on_assigned(assigned)
+    async def on_partitions_assigned(self, assigned):
+        try:
+            self.daemon._on_assigned(assigned)
+        except Exception:
+            log.exception("taking over assigned partitions failed")
 
 
 class Daemon:
@@ -50,8 +64,11 @@ class Daemon:
     def __init__(self, config: Config, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics(max_components=config.model.n_components)
-        self.store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
-        self.detector = Detector(config)
+        self.scope = config.model.scope
+        self.local = LocalStateStore(config.checkpoint.dir, config.checkpoint.keep)
+        self.topic_store: TopicStateStore | None = None
+        # One detector per model key: "global", or "topic/partition" with scope: partition.
+        self.detectors: dict[str, Detector] = {}
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.server: HealthServer | None = None
@@ -63,6 +80,8 @@ class Daemon:
         self._since_checkpoint = 0
         self._last_checkpoint_time = time.monotonic()
         self._last_lag_update = 0.0
+        self._lag_labels: set[tuple[str, str]] = set()
+        self._rewind_pending = False
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -73,31 +92,67 @@ class Daemon:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def detector(self) -> Detector:
+        """The global detector (scope: global)."""
+        if GLOBAL_KEY not in self.detectors:
+            self.detectors[GLOBAL_KEY] = Detector(self.config)
+        return self.detectors[GLOBAL_KEY]
+
     def ready(self) -> bool:
-        return bool(self.assigned) and self.detector.ready and self.consumer is not None
+        if self.consumer is None or not self.assigned:
+            return False
+        keys = {model_key(self.scope, tp.topic, tp.partition) for tp in self.assigned}
+        return all(key in self.detectors and self.detectors[key].ready for key in keys)
+
+    def partition_readiness(self) -> dict[str, bool]:
+        return {
+            f"{tp.topic}/{tp.partition}": (key := model_key(self.scope, tp.topic, tp.partition)) in self.detectors
+            and self.detectors[key].ready
+            for tp in sorted(self.assigned)
+        }
 
     # --------------------------------------------------------------- start-up
     def restore(self) -> None:
-        """Load the newest valid checkpoint, or the ``model.init_from`` one, or start empty."""
-        self.detector = Detector(self.config)
-        found = self.store.load_latest()
-        if found is not None:
-            state, path = found
+        """Load the newest valid checkpoint, or the ``model.init_from`` one, or start empty.
+
+        With scope: partition, models are restored when their partitions are assigned.
+        """
+        self.detectors = {}
+        if self.scope == "partition":
+            return
+        state = self.local.load(GLOBAL_KEY)
+        if state is not None:
             self.detector.restore(state)
-            self.last_checkpoint = path
-            log.info(
-                "restored %s: n_valid=%d n_seen=%d offsets=%s",
-                path, self.detector.n_valid, self.detector.model.n_seen_, state["offsets"],
-            )
+            log.info("restored the global model: n_valid=%d n_seen=%d offsets=%s",
+                     self.detector.n_valid, self.detector.model.n_seen_, state["offsets"])
         elif self.config.model.init_from:
-            seed = CheckpointStore(self.config.model.init_from).load_latest()
-            if seed is None:
-                raise CheckpointError(f"model.init_from={self.config.model.init_from}: no valid checkpoint there")
-            state, path = seed
-            state = {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}
-            self.detector.restore(state)
-            log.info("starting from the model in %s (n_seen=%d)", path, self.detector.model.n_seen_)
+            self.detector.restore(self._initial_state())
         self.metrics.observe_model(self.detector.model)
+
+    def _initial_state(self) -> dict:
+        seed = CheckpointStore(self.config.model.init_from).load_latest()
+        if seed is None:
+            raise CheckpointError(f"model.init_from={self.config.model.init_from}: no valid checkpoint there")
+        state, path = seed
+        log.info("starting from the model in %s (n_seen=%d)", path, state["model"]["n_seen"])
+        return {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}
+
+    def _restore_partitions(self, tps) -> None:
+        """scope: partition: a detector for each newly owned partition, from the shared store."""
+        keys = {model_key(self.scope, tp.topic, tp.partition) for tp in tps} - set(self.detectors)
+        if not keys:
+            return
+        states = self.topic_store.load_many(keys) if self.topic_store is not None else {}
+        for key in sorted(keys):
+            state = states.get(key) if self.topic_store is not None else self.local.load(key)
+            detector = Detector(self.config)
+            if state is not None:
+                detector.restore(state)
+                log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid, detector.model.n_seen_)
+            elif self.config.model.init_from:
+                detector.restore(self._initial_state())
+            self.detectors[key] = detector
 
     def _kafka_settings(self, section) -> dict:
         k = self.config.kafka
@@ -139,6 +194,11 @@ class Daemon:
                 # does): the first anomaly should not wait for it, and a typo shows at start.
                 for topic in (k.output_topic, k.dead_letter_topic):
                     self.producer.partitions_for(topic)
+                if self.config.checkpoint.topic:
+                    self.topic_store = TopicStateStore(
+                        self.config.checkpoint.topic, self._kafka_settings({}), self.producer
+                    )
+                    self.topic_store.ensure_topic(self._kafka_settings({}))
                 self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
                 log.info("connected to %s; subscribed to %s", ",".join(k.bootstrap_servers), ",".join(k.input_topics))
                 return
@@ -152,17 +212,37 @@ class Daemon:
 
     # ------------------------------------------------------- rebalance callbacks
     def _on_assigned(self, assigned) -> None:
+        if self.scope == "partition":
+            self._restore_partitions(assigned)
         for tp in assigned:
             self.assigned.add(tp)
-            offset = self.detector.offsets.get((tp.topic, tp.partition))
-            if offset is not None:
-                self.consumer.seek(tp, offset)
+            self._seek_to_state(tp)
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
+    def _seek_to_state(self, tp) -> None:
+        """Seek to where this partition's model stands (its checkpoint's offset)."""
+        offset = self._offset(tp)
+        if offset is not None:
+            self.consumer.seek(tp, offset)
+        # else: the group's committed offset, or auto_offset_reset
+
     def _on_revoked(self, revoked) -> None:
+        # Hand over cleanly: everything processed so far is checkpointed and committed before
+        # the partitions go, so their next owner starts exactly where we stopped.
+        if revoked and self.consumer is not None and self._since_checkpoint:
+            self.checkpoint(in_rebalance=True)
         for tp in revoked:
             self.assigned.discard(tp)
+            if (tp.topic, str(tp.partition)) in self._lag_labels:
+                self._lag_labels.discard((tp.topic, str(tp.partition)))
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
+            if self.scope == "partition":
+                self.detectors.pop(model_key(self.scope, tp.topic, tp.partition), None)
+            elif GLOBAL_KEY in self.detectors:
+                # Handed over (checkpointed and committed above): if the partition comes back,
+                # continue from the group's committed offset, not from our older position.
+                self.detectors[GLOBAL_KEY].offsets.pop((tp.topic, tp.partition), None)
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
 
@@ -171,14 +251,21 @@ class Daemon:
         self.restore()
         cfg = self.config
         log.info("effective config: %s", masked(as_dict(cfg)))
+        if self.scope == "partition" and not cfg.checkpoint.topic:
+            log.warning("model.scope=partition without checkpoint.topic: partition models stay on this "
+                        "instance's disk and cannot follow their partitions to other instances")
         if cfg.metrics.enabled:
-            self.server = HealthServer(self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.ready).start()
+            self.server = HealthServer(self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.ready,
+                                       lambda: {"partitions": self.partition_readiness()}).start()
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.server.port)
         try:
             self._connect()
             backoff = cfg.kafka.retry_backoff_initial_seconds
             while not self.stopping:
                 try:
+                    if self._rewind_pending:
+                        self._rewind_pending = False
+                        self._rewind("output records were not acknowledged during a rebalance")
                     self._poll_once()
                     backoff = cfg.kafka.retry_backoff_initial_seconds
                 except KafkaError as exc:
@@ -188,7 +275,7 @@ class Daemon:
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, cfg.kafka.retry_backoff_max_seconds)
                 self._checkpoint_if_due()
-            if self.consumer is not None:
+            if self.consumer is not None and self.producer is not None:
                 self.checkpoint()
         finally:
             self._close_clients()
@@ -200,18 +287,24 @@ class Daemon:
         k = self.config.kafka
         polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_batch_messages)
         # kafka-python's ConsumerRecord has the attributes of InputRecord: no copy needed.
-        records = [r for batch in polled.values() for r in batch]
-        if records:
-            self._process(records)
+        by_key: dict[str, list] = {}
+        for tp, batch in polled.items():
+            if tp in self.assigned:  # records of a partition revoked during this poll are not ours
+                by_key.setdefault(model_key(self.scope, tp.topic, tp.partition), []).extend(batch)
+        for key, records in by_key.items():
+            self._process(key, records)
         now = time.monotonic()
         if now - self._last_lag_update > 2.0:
             self._last_lag_update = now
             self._update_lag()
 
-    def _process(self, records: list) -> None:
+    def _process(self, key: str, records: list) -> None:
         started = time.perf_counter()
-        updates_before = self.detector.n_updates
-        result = self.detector.process(records)
+        detector = self.detectors.get(key)
+        if detector is None:  # scope: global before restore, or a partition restored lazily
+            detector = self.detectors[key] = Detector(self.config)
+        updates_before = detector.n_updates
+        result = detector.process(records)
         try:
             for out in result.anomalies + result.dead_letters:
                 future = self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers)
@@ -227,14 +320,17 @@ class Daemon:
         m.dead_letters.inc(len(result.dead_letters))
         m.anomalies.inc(len(result.anomalies))
         m.points_learned.inc(result.n_learned)
-        m.model_updates.inc(self.detector.n_updates - updates_before)
+        m.model_updates.inc(detector.n_updates - updates_before)
         m.log_density.observe_many(result.log_density)
         if len(result.log_density):
             m.recent_log_likelihood.set(float(np.mean(np.maximum(result.log_density, -1e300))))
         m.latency.observe_many(result.latencies_seconds)
-        if self.detector.threshold.value is not None:
-            m.threshold.set(self.detector.threshold.value)
-        m.observe_model(self.detector.model)
+        if detector.threshold.value is not None:
+            m.threshold.set(detector.threshold.value)
+        if self.scope == "global":
+            m.observe_model(detector.model)
+        else:
+            m.observe_partition(key, detector.model)
         self._since_checkpoint += len(records)
 
     def _on_produce_error(self, exc, topic) -> None:
@@ -242,6 +338,10 @@ class Daemon:
             self._produce_failures += 1
         self.metrics.produce_errors.inc()
         log.error("producing to %s failed: %s (will rewind to the last checkpoint)", topic, exc)
+
+    def _offset(self, tp) -> int | None:
+        detector = self.detectors.get(model_key(self.scope, tp.topic, tp.partition))
+        return None if detector is None else detector.offsets.get((tp.topic, tp.partition))
 
     def _update_lag(self) -> None:
         for tp in list(self.assigned):
@@ -251,8 +351,9 @@ class Daemon:
                 continue
             if highwater is None:
                 continue
-            position = self.detector.offsets.get((tp.topic, tp.partition), 0)
+            position = self._offset(tp) or 0
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+            self._lag_labels.add((tp.topic, str(tp.partition)))
 
     # ------------------------------------------------------------- checkpoints
     def _checkpoint_if_due(self) -> None:
@@ -261,8 +362,13 @@ class Daemon:
         if self._since_checkpoint >= c.interval_messages or (self._since_checkpoint and elapsed >= c.interval_seconds):
             self.checkpoint()
 
-    def checkpoint(self) -> bool:
-        """Flush outputs, write the checkpoint, commit its offsets. False if it did not happen."""
+    def checkpoint(self, in_rebalance: bool = False) -> bool:
+        """Flush outputs, write every model's checkpoint, commit their offsets.
+
+        False if it did not happen (then nothing is committed past the last good checkpoint).
+        ``in_rebalance``: called from a rebalance hook on the consumer's IO thread, where the
+        commit is sent without waiting and a rewind is left to the main loop.
+        """
         started = time.perf_counter()
         self._last_checkpoint_time = time.monotonic()
         try:
@@ -273,48 +379,68 @@ class Daemon:
             failures, self._produce_failures = self._produce_failures, 0
         if failures:
             self.metrics.checkpoint_failures.inc()
-            self._rewind(f"{failures} output record(s) were not acknowledged")
+            if in_rebalance:
+                self._rewind_pending = True
+            else:
+                self._rewind(f"{failures} output record(s) were not acknowledged")
             return False
         try:
-            path = self.store.write(self.detector.state())
-        except CheckpointError as exc:
+            paths = []
+            for key, detector in sorted(self.detectors.items()):
+                state = detector.state()
+                paths.append(self.local.write(key, state))
+                if self.topic_store is not None:
+                    self.topic_store.write(key, state)
+            if self.topic_store is not None:
+                self.producer.flush(timeout=30)
+                with self._failure_lock:
+                    failed, self._produce_failures = self._produce_failures, 0
+                if failed:
+                    raise CheckpointError(f"{failed} state record(s) not acknowledged by {self.topic_store.topic}")
+        except (CheckpointError, KafkaError) as exc:
             self.metrics.checkpoint_failures.inc()
             # Keep scoring; offsets stay uncommitted past the last good checkpoint. Retry soon.
             retry_in = min(5.0, self.config.checkpoint.interval_seconds)
             self._last_checkpoint_time = time.monotonic() - self.config.checkpoint.interval_seconds + retry_in
             log.error("checkpoint failed: %s; retrying in %.0f s", exc, retry_in)
             return False
-        self.last_checkpoint = path
+        self.last_checkpoint = paths[-1] if paths else None
         self._since_checkpoint = 0
-        self._commit()
+        self._commit(wait=not in_rebalance)
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
         self.metrics.checkpoint_last_success.set(time.time())
-        log.info("checkpoint %s written in %.3f s (n_valid=%d, n_seen=%d)",
-                 path.name, duration, self.detector.n_valid, self.detector.model.n_seen_)
+        log.info("checkpoint of %d model(s) written in %.3f s (%s)", len(paths), duration,
+                 ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(self.detectors.items())))
         return True
 
-    def _commit(self) -> None:
-        offsets = {
-            tp: OffsetAndMetadata(self.detector.offsets[(tp.topic, tp.partition)], "", -1)
-            for tp in self.assigned
-            if (tp.topic, tp.partition) in self.detector.offsets
-        }
+    def _commit(self, wait: bool = True) -> None:
+        offsets = {}
+        for tp in self.assigned:
+            offset = self._offset(tp)
+            if offset is not None:
+                offsets[tp] = OffsetAndMetadata(offset, "", -1)
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets)
+            if wait:
+                self.consumer.commit(offsets)
+            else:
+                # Queued on the coordinator connection ahead of the re-join that follows.
+                self.consumer._coordinator.commit_offsets_async(offsets)
         except KafkaError as exc:
             # The checkpoint, not the group's offsets, is what a restart resumes from.
             log.warning("offset commit failed (%s); the checkpoint holds the offsets", exc)
 
     def _rewind(self, why: str) -> None:
-        """Back to the newest checkpoint: reload its state and seek to its offsets."""
+        """Back to the newest checkpoints: reload their state and seek to their offsets."""
         log.error("%s: rewinding to the last checkpoint", why)
         self.restore()
+        if self.scope == "partition":
+            self._restore_partitions(self.assigned)
         for tp in list(self.assigned):
-            offset = self.detector.offsets.get((tp.topic, tp.partition))
+            offset = self._offset(tp)
             try:
                 if offset is not None:
                     self.consumer.seek(tp, offset)

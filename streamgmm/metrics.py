@@ -7,6 +7,7 @@ known label values are created up front so dashboards see zeros, not gaps.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,6 +109,14 @@ class Metrics:
         )
         self.points_seen = Gauge("model_points_seen", "Points the model has learned from (n_seen).", namespace=ns, registry=r)
         self.model_initialized = Gauge("model_initialized", "1 once warm-up is complete.", namespace=ns, registry=r)
+        self.partition_points_seen = Gauge(
+            "partition_model_points_seen", "scope: partition: points each partition's model learned.",
+            ["model"], namespace=ns, registry=r,
+        )
+        self.partition_initialized = Gauge(
+            "partition_model_initialized", "scope: partition: 1 once a partition's model is warm.", ["model"],
+            namespace=ns, registry=r,
+        )
         self.assigned_partitions = Gauge("assigned_partitions", "Input partitions assigned to this instance.", namespace=ns, registry=r)
         self.build = Info("build", "streamgmm build information.", namespace=ns, registry=r)
         self.build.info({"version": __version__})
@@ -120,6 +129,11 @@ class Metrics:
             for k, weight in enumerate(model.weights_[: self.max_components]):
                 self.component_weight.labels(str(k)).set(float(weight))
 
+    def observe_partition(self, key: str, model) -> None:
+        self.partition_initialized.labels(key).set(1 if model.is_initialized else 0)
+        self.partition_points_seen.labels(key).set(model.n_seen_)
+        self.model_initialized.set(1 if model.is_initialized else 0)
+
     def value(self, name: str, labels: dict | None = None):
         """A sample value by full name (for tests and the demo)."""
         return self.registry.get_sample_value(name, labels or {})
@@ -128,9 +142,11 @@ class Metrics:
 class HealthServer:
     """Serves /metrics, /healthz (alive) and /readyz (``ready()`` true) on host:port."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]):
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool],
+                 details: Callable[[], dict] | None = None):
         registry_ = registry
         ready_ = ready
+        details_ = details or (lambda: {})
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
@@ -141,7 +157,9 @@ class HealthServer:
                     body, ctype, status = b"ok\n", "text/plain", 200
                 elif path == "/readyz":
                     ok = bool(ready_())
-                    body, ctype, status = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
+                    # First line for humans and probes; then the model state of each assigned partition.
+                    body = (b"ready\n" if ok else b"not ready\n") + json.dumps(details_()).encode() + b"\n"
+                    ctype, status = "text/plain", 200 if ok else 503
                 else:
                     body, ctype, status = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
                 self.send_response(status)
