@@ -105,9 +105,61 @@ def memory_against_length(X, lengths):
     return rows
 
 
+def dgemm_peak_gflops():
+    """Single-thread double-precision GEMM rate: the machine's practical flop ceiling here."""
+    a = np.random.default_rng(0).normal(size=(1024, 1024))
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        best = max(best, 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def scaling(quick):
+    """Online points/s and batch fit time vs scikit-learn as D and K grow."""
+    from sklearn.mixture import GaussianMixture as SklearnGM
+
+    from streamgmm import _gaussian as g
+    from streamgmm._kmeans import kmeans
+
+    peak = dgemm_peak_gflops()
+    online_rows, batch_rows = [], []
+    n_batch = 5_000 if quick else 20_000
+    for D in (4, 16, 64):
+        for K in (2, 8, 32):
+            rng = np.random.default_rng(D * 100 + K)
+            X, _ = random_mixture(K, D, rng).sample(60_000, rng)
+            model = OnlineGaussianMixture(K, warmup=max(1000, 4 * K), random_state=0).partial_fit(X[:max(1000, 4 * K)])
+            start, n = time.perf_counter(), 0
+            for i in range(5_000, len(X), 1000):
+                model.learn(model.score_batch(X[i:i + 1000]))
+                n += 1000
+            rate = n / (time.perf_counter() - start)
+            flops = 4.0 * K * D * D  # scoring GEMM (2KD^2) + second-moment update (2KD^2)
+            online_rows.append((D, K, rate, flops * rate / 1e9, flops * rate / 1e9 / peak))
+
+            Xb = X[:n_batch]
+            _, labels = kmeans(Xb, K, np.random.default_rng(0))
+            nk, means, covs = g.estimate_gaussian_parameters(Xb, np.eye(K)[labels], 1e-6, "full")
+            init = dict(weights_init=nk / nk.sum(), means_init=means, precisions_init=np.linalg.inv(covs))
+            timings = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for name, cls in (("ours", GaussianMixture), ("sklearn", SklearnGM)):
+                    model_b = cls(K, tol=1e-3, max_iter=100, **init)
+                    start = time.perf_counter()
+                    model_b.fit(Xb)
+                    timings[name] = (time.perf_counter() - start, model_b.score(Xb), model_b.n_iter_)
+            batch_rows.append((D, K, *timings["ours"], *timings["sklearn"]))
+    return peak, online_rows, batch_rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--scaling", action="store_true", help="also the D x K grid (a few minutes)")
+    parser.add_argument("--plot", default=None, help="with --scaling: write points/s vs K*D^2 to this PNG")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     n = 50_000 if args.quick else 200_000
@@ -143,6 +195,40 @@ def main():
         ["points streamed", "peak traced MB", "state KB"],
         memory_against_length(X, lengths),
     )
+    if not args.scaling:
+        return
+    peak, online_rows, batch_rows = scaling(args.quick)
+    table(
+        f"Online score + learn as D and K grow (full covariance, batch 1,000, one core; dgemm peak {peak:.1f} GFLOP/s)",
+        ["D", "K", "points/s", "GFLOP/s (4KD^2 per point)", "share of dgemm peak"],
+        [(D, K, f"{r:,.0f}", f"{gf:.2f}", f"{share:.0%}") for D, K, r, gf, share in online_rows],
+    )
+    table(
+        "Batch EM vs scikit-learn, same k-means init and tol=1e-3 (time at equal log-likelihood)",
+        ["D", "K", "streamgmm s", "streamgmm LL", "iters", "sklearn s", "sklearn LL", "iters", "time ratio"],
+        [(D, K, f"{t1:.2f}", f"{l1:.4f}", i1, f"{t2:.2f}", f"{l2:.4f}", i2, f"{t1 / t2:.2f}")
+         for D, K, t1, l1, i1, t2, l2, i2 in batch_rows],
+    )
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        cost = np.array([K * D * D for D, K, *_ in online_rows], dtype=float)
+        rate = np.array([r for _, _, r, *_ in online_rows])
+        ax.loglog(cost, rate, "o")
+        for (D, K, *_), c, r in zip(online_rows, cost, rate):
+            ax.annotate(f"D={D},K={K}", (c, r), fontsize=7)
+        line = np.logspace(np.log10(cost.min()), np.log10(cost.max()))
+        ax.loglog(line, peak * 1e9 / (4 * line), "--", label="dgemm peak / (4 K D^2)")
+        ax.set_xlabel("K * D^2")
+        ax.set_ylabel("points / s (score + learn)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":
