@@ -59,12 +59,16 @@ def test_systemd_unit_verifies(tmp_path):
     executable = Path(sys.executable).parent / "streamgmm"
     if not executable.exists():
         pytest.skip("the streamgmm console script is not installed in this environment")
-    local = tmp_path / "streamgmm.service"
-    local.write_text(unit.replace("/opt/streamgmm/bin/streamgmm", str(executable)))
-    result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
-    problems = [line for line in (result.stdout + result.stderr).splitlines()
-                if "streamgmm.service" in line and "Failed to" not in line]
-    assert result.returncode == 0 and not problems, result.stdout + result.stderr
+    for name in ("streamgmm.service", "streamgmm@.service"):
+        text = (ROOT / "systemd" / name).read_text()
+        local = tmp_path / name
+        local.write_text(text.replace("/opt/streamgmm/bin/streamgmm", str(executable)))
+        result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
+        problems = [line for line in (result.stdout + result.stderr).splitlines()
+                    if "streamgmm" in line and ".service" in line and "Failed to" not in line]
+        assert result.returncode == 0 and not problems, result.stdout + result.stderr
+    template = (ROOT / "systemd/streamgmm@.service").read_text()
+    assert "StateDirectory=streamgmm-%i" in template and "STREAMGMM_KAFKA__CLIENT_ID=streamgmm-%i" in template
 
 
 def test_alert_rules_use_only_metrics_we_export():
