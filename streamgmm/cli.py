@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 import warnings
-from pathlib import Path
 
 import yaml
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError

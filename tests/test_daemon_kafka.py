@@ -5,8 +5,8 @@ import signal
 
 import numpy as np
 import pytest
-
 from kafka_helpers import DaemonProcess, create_topic, inspect, produce, read_all, write_config
+
 from streamgmm.decode import encode
 from streamgmm.synthetic import random_mixture
 

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from kafka_helpers import DaemonProcess, create_topic, produce, write_config
+
 from streamgmm.decode import encode
 from streamgmm.synthetic import random_mixture
 

@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
-
 from kafka_helpers import DaemonProcess, create_topic, produce, read_all, write_config
+
 from streamgmm.decode import encode
 from streamgmm.synthetic import random_mixture
 

@@ -9,9 +9,16 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from kafka_helpers import (
+    DaemonProcess,
+    committed_offsets,
+    create_topic,
+    inspect,
+    produce,
+    read_all,
+    write_config,
+)
 
-from kafka_helpers import (DaemonProcess, committed_offsets, create_topic, inspect, produce, read_all,
-                           write_config)
 from streamgmm.checkpoint import FAULT_PAUSE_ENV, CheckpointStore
 from streamgmm.decode import encode
 from streamgmm.embedded import EmbeddedBroker, free_port
