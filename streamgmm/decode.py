@@ -235,5 +235,6 @@ def encode(vector, fmt: str) -> bytes:
     if fmt == "csv":
         return ",".join(repr(float(v)) for v in vector).encode()
     if fmt in ("float32", "float64"):
-        return np.asarray(vector, dtype="<f4" if fmt == "float32" else "<f8").tobytes()
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, as it would upstream
+            return np.asarray(vector, dtype="<f4" if fmt == "float32" else "<f8").tobytes()
     raise ValueError(f"unknown format {fmt!r}")

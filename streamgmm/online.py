@@ -219,7 +219,10 @@ class OnlineGaussianMixture(MixtureBase):
 
     # ---------------------------------------------------------- standardisation
     def _to_internal(self, X):
-        return (X - self.center_) / self.scale_
+        # Absurd inputs (1e308 in a feature with a small spread) overflow to inf here: such
+        # rows get a -inf density, are flagged and are never learned from.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (X - self.center_) / self.scale_
 
     def _from_internal(self, X):
         return X * self.scale_ + self.center_
