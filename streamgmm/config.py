@@ -40,7 +40,7 @@ class KafkaConfig:
     # Where a partition with no checkpoint and no committed offset starts.
     auto_offset_reset: str = "earliest"
     # One poll returns at most this many messages; it waits at most poll_timeout_ms for them.
-    max_batch_messages: int = 2000
+    max_batch_messages: int = 5000
     poll_timeout_ms: int = 100
     # Broker outage handling: first and largest pause between reconnect attempts.
     retry_backoff_initial_seconds: float = 0.5
