@@ -183,6 +183,7 @@ STREAMGMM_VARIANTS = {
     "streamgmm K=8 diag": ({"covariance_type": "diag"}, {}),
     "streamgmm half_life=5000": ({"half_life": 5000}, {}),
     "streamgmm learn_from_anomalies": ({}, {"learn_from_anomalies": True}),
+    "streamgmm no adoption (adopt: false)": ({}, {"adopt": False}),
     "streamgmm alpha=0.7": ({"alpha": 0.7}, {}),
 }
 

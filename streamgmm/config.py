@@ -89,6 +89,14 @@ class ThresholdConfig:
     quantile: float = 0.001
     value: float | None = None
     learn_from_anomalies: bool = False
+    # ... except, with adopt: true, once the smoothed fraction of flagged points (half-life
+    # adopt_window points) has stayed above adopt_flag_rate (null: 10 x quantile) for
+    # adopt_after points: then the stream has changed and flagged points are learned too, so a
+    # new cluster becomes normal instead of being flagged for ever; a shorter burst is not.
+    adopt: bool = True
+    adopt_flag_rate: float | None = None
+    adopt_window: int = 2_000
+    adopt_after: int = 20_000
     # Quantile mode: re-estimate from the model's own distribution every this many learned
     # points (more often while the model is young), from this many points sampled from the
     # mixture (default max(10000, 20/q)).
@@ -296,6 +304,12 @@ def _check_values(config: Config) -> None:
         fail("threshold.quantile", t.quantile, "use a fraction in (0, 0.5)")
     if t.mode == "fixed" and t.value is None:
         fail("threshold.value", t.value, "threshold.mode=fixed needs a log-density value")
+    if t.adopt_flag_rate is not None and not 0 < t.adopt_flag_rate < 1:
+        fail("threshold.adopt_flag_rate", t.adopt_flag_rate, "use a fraction in (0, 1), or null to never adopt")
+    if t.adopt_window < 1:
+        fail("threshold.adopt_window", t.adopt_window, "use a number of points >= 1")
+    if t.adopt_after < 0:
+        fail("threshold.adopt_after", t.adopt_after, "use a number of points >= 0")
     if t.refresh_every < 1:
         fail("threshold.refresh_every", t.refresh_every, "use an integer >= 1")
     if t.samples is not None and t.samples < 100:

@@ -117,6 +117,10 @@ class Detector:
         self.n_invalid = 0
         self.n_anomalies = 0
         self.n_updates = 0
+        # Smoothed fraction of scored points flagged (half-life threshold.adopt_window points),
+        # and for how many points in a row it has been above threshold.adopt_flag_rate.
+        self.flag_rate = 0.0
+        self.points_above = 0
 
     @property
     def ready(self) -> bool:
@@ -174,12 +178,46 @@ class Detector:
                                          self.model.n_seen_, detected_at)
                 )
         self.n_anomalies += int(flags.sum())
-        learn = np.ones(len(rows)) if self.config.threshold.learn_from_anomalies else (~flags).astype(float)
+        learn = np.ones(len(rows)) if self._learn_flagged(flags) else (~flags).astype(float)
         if learn.any():
             before = self.model.n_seen_
             self.model.learn(scored, sample_weight=learn)
             result.n_learned += self.model.n_seen_ - before
             self.n_updates += 1
+
+    @property
+    def adopt_flag_rate(self) -> float | None:
+        """The flag rate above which flagged points start to look like a regime, not anomalies."""
+        t = self.config.threshold
+        if not t.adopt:
+            return None
+        if t.adopt_flag_rate is not None:
+            return t.adopt_flag_rate
+        return 10.0 * (t.quantile if t.mode == "quantile" else 0.001)
+
+    @property
+    def adopting(self) -> bool:
+        """True while a sustained excess of flagged points is being learned as a new regime."""
+        return self.adopt_flag_rate is not None and self.points_above >= self.config.threshold.adopt_after
+
+    def _learn_flagged(self, flags) -> bool:
+        """Whether this batch's flagged points are learned too.
+
+        With learn_from_anomalies: false they are not, except once the smoothed flag rate has
+        stayed above the adoption rate for threshold.adopt_after points: a flood of
+        "anomalies" that long is a new regime (a cluster appearing, a shift), which the model
+        must adopt or it flags it for ever.  A burst that ends sooner stays out of the model.
+        Adoption goes on until the rate falls below half the adoption rate.
+        """
+        t = self.config.threshold
+        weight = -np.expm1(len(flags) * np.log(0.5) / t.adopt_window)
+        self.flag_rate = (1.0 - weight) * self.flag_rate + weight * float(np.mean(flags))
+        rate = self.adopt_flag_rate
+        if rate is not None and self.flag_rate > (rate / 2.0 if self.adopting else rate):
+            self.points_above += len(flags)
+        else:
+            self.points_above = 0
+        return t.learn_from_anomalies or self.adopting
 
     # ------------------------------------------------------------ output records
     def _anomaly_record(self, record, features, density, threshold, component, model_version, n_seen, detected_at):
@@ -234,6 +272,8 @@ class Detector:
                 "n_invalid": self.n_invalid,
                 "n_anomalies": self.n_anomalies,
                 "n_updates": self.n_updates,
+                "flag_rate": self.flag_rate,
+                "points_above": self.points_above,
             },
         }
 
@@ -255,6 +295,8 @@ class Detector:
         self.n_invalid = int(counters["n_invalid"])
         self.n_anomalies = int(counters["n_anomalies"])
         self.n_updates = int(counters["n_updates"])
+        self.flag_rate = float(counters.get("flag_rate", 0.0))
+        self.points_above = int(counters.get("points_above", 0))
         self.offsets = {
             (topic, int(partition)): int(offset)
             for topic, partitions in state["offsets"].items()

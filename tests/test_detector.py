@@ -128,3 +128,25 @@ def test_non_finite_density_is_written_as_a_valid_json_number():
     result = detector.process(_records(np.array([[1e300, -1e300, 1e300, 1e300]]), start=5000))
     doc = json.loads(result.anomalies[0].value)
     assert doc["log_density"] < -1e300
+
+
+def test_a_new_cluster_is_adopted_but_a_short_burst_is_not():
+    rng = np.random.default_rng(7)
+    truth = random_mixture(3, 4, rng)
+    X, _ = truth.sample(60_000, rng)
+    new_cluster = X[20_000:] + np.array([30.0, 0.0, 0.0, 0.0]) * (rng.random((40_000, 1)) < 0.2)
+    # 100 anomalies in a row: not a regime.
+    burst = X[:20_000].copy()
+    burst[12_000:12_100] += 40.0
+    adopting = Detector(_config(threshold={"quantile": 0.001}, model={"n_components": 5}))
+    _run(adopting, burst, batch=1000)
+    assert not adopting.adopting and adopting.points_above == 0
+    results = _run(adopting, new_cluster, batch=1000, start=20_000)
+    assert adopting.adopting
+    late = sum(len(r.anomalies) for r in results[-5:]) / 5_000
+    assert late < 0.03, f"the new cluster (20% of points) is still flagged at rate {late:.3f}"
+
+    frozen = Detector(_config(threshold={"quantile": 0.001, "adopt": False}, model={"n_components": 5}))
+    _run(frozen, burst, batch=1000)
+    results = _run(frozen, new_cluster, batch=1000, start=20_000)
+    assert sum(len(r.anomalies) for r in results[-5:]) / 5_000 > 0.15  # never learned
