@@ -248,19 +248,21 @@ def main():
 
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 6))
         labels = list(next(iter(results.values())).keys())
         width = 0.8 / len(labels)
+        colors = plt.get_cmap("tab20")(np.linspace(0, 1, len(labels)))
         for m, label in enumerate(labels):
             for ax, metric in zip(axes, (0, 1)):
                 values = [results[s].get(label, (np.nan, np.nan))[metric] for s in results]
-                ax.bar(np.arange(len(results)) + m * width, values, width, label=label)
+                ax.bar(np.arange(len(results)) + m * width, values, width, label=label, color=colors[m])
         for ax, title in zip(axes, ("ROC-AUC", "average precision")):
             ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2, list(results))
             ax.set_title(title)
             ax.set_ylim(0, 1)
-        axes[1].legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.17, 1, 1))
         fig.savefig(out / "quality.png", dpi=120)
         print(f"\nplot: {out / 'quality.png'}")
 

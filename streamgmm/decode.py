@@ -203,7 +203,12 @@ class Decoder:
         dtype = self._raw_dtype
         expected = dtype.itemsize * self.dimension
         good, invalid = [], []
-        for i, value in enumerate(values):
+        if expected <= self.config.max_message_bytes and all(v is not None and len(v) == expected for v in values):
+            good = list(range(len(values)))  # the common case: every message has the right size
+            values_to_check = ()
+        else:
+            values_to_check = values
+        for i, value in enumerate(values_to_check):
             if value is None or len(value) == 0:
                 invalid.append(Invalid(i, "empty", "message value is empty or null"))
             elif len(value) > self.config.max_message_bytes:

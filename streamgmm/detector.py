@@ -159,9 +159,13 @@ class Detector:
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
+        last: dict[tuple[str, int], int] = {}
         for record in records:
-            tp = (record.topic, record.partition)
-            self.offsets[tp] = max(self.offsets.get(tp, 0), record.offset + 1)
+            key = (record.topic, record.partition)
+            if record.offset >= last.get(key, -1):
+                last[key] = record.offset
+        for key, offset in last.items():
+            self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
         return result
 
     def _score_flag_learn(self, records, X, rows, result, now) -> None:
