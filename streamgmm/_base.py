@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 
 from . import _gaussian as g
+from ._atomic import write_atomically
 from ._validation import check_array, check_positive_int, check_random_state
 
 STATE_FORMAT_VERSION = 1
@@ -155,13 +155,9 @@ def decode_state(arrays) -> dict:
 
 
 def save_state(state: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **encode_state(state))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **encode_state(state))
+    write_atomically(path, buffer.getvalue())
 
 
 def load_state(path) -> dict:

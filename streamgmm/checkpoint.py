@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import write_atomically
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"STREAMGMM-CHECKPOINT\n"
@@ -126,23 +128,12 @@ class CheckpointStore:
     def write(self, state: dict) -> Path:
         """Write atomically; returns the new file's path. Raises CheckpointError on failure."""
         data = pack(state)
-        tmp = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             existing = self.paths()
             sequence = int(FILE_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 1
-            path = self.directory / f"checkpoint-{sequence:012d}.sgmm"
-            tmp = self.directory / f".{path.name}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._fault_pause(tmp)
-            os.replace(tmp, path)
-            self._fsync_directory()
+            path = write_atomically(self.directory / f"checkpoint-{sequence:012d}.sgmm", data, self._fault_pause)
         except OSError as exc:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
         self._prune()
         return path
@@ -180,10 +171,3 @@ class CheckpointStore:
                 old.unlink()
             except OSError as exc:  # pruning is best effort; the next write tries again
                 log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
-
-    def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

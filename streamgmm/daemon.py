@@ -13,6 +13,7 @@ while anomaly records after the last checkpoint may be produced again (at-least-
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -99,10 +100,9 @@ class Daemon:
         return self.detectors[GLOBAL_KEY]
 
     def ready(self) -> bool:
-        if self.consumer is None or not self.assigned:
-            return False
-        keys = {model_key(self.scope, tp.topic, tp.partition) for tp in self.assigned}
-        return all(key in self.detectors and self.detectors[key].ready for key in keys)
+        """Partitions assigned, and the model of every one of them initialised."""
+        readiness = self.partition_readiness()
+        return self.consumer is not None and bool(readiness) and all(readiness.values())
 
     def partition_readiness(self) -> dict[str, bool]:
         return {
@@ -143,6 +143,7 @@ class Daemon:
         if not keys:
             return
         states = self.topic_store.load_many(keys) if self.topic_store is not None else {}
+        initial = None  # the model.init_from state, read once for all partitions that need it
         for key in sorted(keys):
             state = states.get(key) if self.topic_store is not None else self.local.load(key)
             detector = Detector(self.config)
@@ -150,7 +151,8 @@ class Daemon:
                 detector.restore(state)
                 log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid, detector.model.n_seen_)
             elif self.config.model.init_from:
-                detector.restore(self._initial_state())
+                initial = initial or self._initial_state()
+                detector.restore(copy.deepcopy(initial))  # no arrays shared between partitions' models
             self.detectors[key] = detector
 
     def _kafka_settings(self, section) -> dict:
@@ -194,10 +196,9 @@ class Daemon:
                 for topic in (k.output_topic, k.dead_letter_topic):
                     self.producer.partitions_for(topic)
                 if self.config.checkpoint.topic:
-                    self.topic_store = TopicStateStore(
-                        self.config.checkpoint.topic, self._kafka_settings({}), self.producer
-                    )
-                    self.topic_store.ensure_topic(self._kafka_settings({}))
+                    client_settings = self._kafka_settings({})
+                    self.topic_store = TopicStateStore(self.config.checkpoint.topic, client_settings, self.producer)
+                    self.topic_store.ensure_topic(client_settings)
                 self.consumer.subscribe(list(k.input_topics), listener=_Listener(self))
                 log.info("connected to %s; subscribed to %s", ",".join(k.bootstrap_servers), ",".join(k.input_topics))
                 return

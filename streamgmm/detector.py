@@ -57,7 +57,6 @@ class BatchResult:
     invalid_index: dict = field(default_factory=dict)  # record index -> reason
     n_valid: int = 0
     n_learned: int = 0
-    warmup: bool = False
     warmup_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     # Rows scored by the model, by record index, with their density, flag and component.
     scored_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
@@ -65,6 +64,11 @@ class BatchResult:
     flags: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     components: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    @property
+    def warmup(self) -> bool:
+        """Whether some of this batch's points went to initialising the model."""
+        return len(self.warmup_index) > 0
 
     def decisions(self) -> list:
         """Per input record: None if invalid, else (log_density or None in warm-up, flagged, component)."""
@@ -147,7 +151,6 @@ class Detector:
                 # before it exists, and the rest of the batch is scored by the new model.
                 n_warm = min(len(rows), self.model.warmup - self.model.n_buffered_)
                 self.model.partial_fit(X[:n_warm])
-                result.warmup = True
                 result.n_learned = n_warm
                 result.warmup_index = rows[:n_warm]
                 X, rows = X[n_warm:], rows[n_warm:]
