@@ -1,10 +1,15 @@
 """End-to-end daemon throughput and latency through a real broker (embedded Tansu).
 
-    python bench/bench_daemon.py [--messages 100000]
+    python bench/bench_daemon.py [--messages 100000] [--rounds 3]
 
-For each input format (json, float32): the raw kafka-python consume rate of the topic,
-then the daemon's rate on the same topic, in the same run; then the p50/p99 latency from a
-message's timestamp to its anomaly record, with the daemon caught up and a live producer.
+For each input format (json, float32) one topic of 2 x --messages messages.  Each round
+measures, on the same topic: the raw kafka-python consume rate (no decoding), then the
+daemon from an empty state: its cold-start rate over the first --messages (warm-up and the
+young model's frequent threshold refreshes included) and its sustained rate over the
+rest.  JSON runs with and without the decoder process (input.parallel_decode).  The table
+gives the median of the rounds (rounds interleave, so a noisy moment of the shared machine
+hits all columns alike).  Then the p50/p99 latency from a message's timestamp to its
+anomaly record, with the daemon caught up and a live producer.
 """
 
 from __future__ import annotations
@@ -67,14 +72,14 @@ def raw_consume_rate(bootstrap, topic, n):
     return rate
 
 
-def daemon_config(bootstrap, topic, fmt, state_dir, **threshold):
+def daemon_config(bootstrap, topic, fmt, state_dir, group=None, parallel_decode=True, **threshold):
     return config_from_dict({
         "kafka": {
             "bootstrap_servers": [bootstrap], "input_topics": [topic], "output_topic": f"{topic}.anomalies",
-            "dead_letter_topic": f"{topic}.dlq", "group_id": f"bench-{topic}",
+            "dead_letter_topic": f"{topic}.dlq", "group_id": group or f"bench-{topic}",
             "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20},
         },
-        "input": {"format": fmt, "dimension": D},
+        "input": {"format": fmt, "dimension": D, "parallel_decode": parallel_decode},
         "model": {"n_components": 8, "warmup": 1000},
         "threshold": {"quantile": 0.001, **threshold},
         "checkpoint": {"dir": state_dir, "interval_seconds": 30, "interval_messages": 100_000},
@@ -82,7 +87,11 @@ def daemon_config(bootstrap, topic, fmt, state_dir, **threshold):
     }, environ={})
 
 
-def run_daemon_until(config, n, timeout=600):
+def run_daemon_until(config, n, timeout=600, split=None):
+    """Start a daemon; return it once it has consumed n messages, with its rate.
+
+    With ``split``: (rate over the first ``split`` messages, rate over the rest).
+    """
     daemon = Daemon(config)
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
@@ -90,11 +99,20 @@ def run_daemon_until(config, n, timeout=600):
     deadline = time.monotonic() + timeout
     while consumed() == 0 and time.monotonic() < deadline:
         time.sleep(0.001)
-    first = time.perf_counter()
+    first, first_count = time.perf_counter(), consumed()
+    at_split = None
     while consumed() < n and time.monotonic() < deadline:
+        if split is not None and at_split is None and consumed() >= split:
+            at_split = (time.perf_counter(), consumed())
         time.sleep(0.002)
-    rate = consumed() / (time.perf_counter() - first)
-    return daemon, thread, rate
+    end, end_count = time.perf_counter(), consumed()
+    if split is None:
+        return daemon, thread, end_count / (end - first)
+    if at_split is None:
+        raise RuntimeError(f"the daemon consumed {end_count} of {n} messages within {timeout} s")
+    cold = (at_split[1] - first_count) / (at_split[0] - first)
+    sustained = (end_count - at_split[1]) / (end - at_split[0])
+    return daemon, thread, (cold, sustained)
 
 
 def latency_run(bootstrap, topic, X, seconds, rate):
@@ -142,32 +160,53 @@ def latency_run(bootstrap, topic, X, seconds, rate):
     return np.array(latencies)
 
 
+# (label, input format, input.parallel_decode)
+VARIANTS = [("json", "json", True), ("json, one process", "json", False), ("float32", "float32", True)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("streamgmm").setLevel(logging.ERROR)
     rng = np.random.default_rng(0)
-    X, _ = random_mixture(8, D, rng).sample(args.messages + 20_000, rng)
-    rows = []
+    total = 2 * args.messages
+    X, _ = random_mixture(8, D, rng).sample(total + 20_000, rng)
+    produce_rates, raw_rates = {}, {}
+    daemon_rates = {label: [] for label, _, _ in VARIANTS}
     with EmbeddedBroker() as broker:
         for fmt in ("json", "float32"):
-            topic = f"bench-{fmt}"
-            produce_rate = produce_topic(broker.bootstrap, topic, X[: args.messages], fmt)
-            raw = raw_consume_rate(broker.bootstrap, topic, args.messages)
-            with tempfile.TemporaryDirectory() as state:
-                daemon, thread, rate = run_daemon_until(daemon_config(broker.bootstrap, topic, fmt, state), args.messages)
-                daemon.stop()
-                thread.join(timeout=60)
-            rows.append((fmt, f"{produce_rate:,.0f}", f"{raw:,.0f}", f"{rate:,.0f}", f"{rate / raw:.0%}"))
+            produce_rates[fmt] = produce_topic(broker.bootstrap, f"bench-{fmt}", X[:total], fmt)
+            raw_rates[fmt] = []
+        for round_ in range(args.rounds):
+            for fmt in ("json", "float32"):
+                raw_rates[fmt].append(raw_consume_rate(broker.bootstrap, f"bench-{fmt}", total))
+            for label, fmt, parallel in VARIANTS:
+                with tempfile.TemporaryDirectory() as state:
+                    config = daemon_config(broker.bootstrap, f"bench-{fmt}", fmt, state, parallel_decode=parallel,
+                                           group=f"bench-{label}-{round_}")
+                    daemon, thread, rates = run_daemon_until(config, total, split=args.messages)
+                    daemon.stop()
+                    thread.join(timeout=60)
+                daemon_rates[label].append(rates)
         latencies = latency_run(broker.bootstrap, "bench-latency", X, seconds=10, rate=2000)
 
-    print(f"\n## Daemon end-to-end, {args.messages:,} messages of {D} features, {PARTITIONS} partitions, one broker on loopback\n")
-    print("| format | produce msg/s (kafka-python) | raw consume msg/s (kafka-python) | daemon msg/s | daemon / raw |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(f"\n## Daemon end-to-end, {D} features, {PARTITIONS} partitions, one broker on loopback, "
+          f"median of {args.rounds} interleaved rounds\n")
+    print(f"Cold start: the first {args.messages:,} messages from an empty state (warm-up, young model). "
+          f"Sustained: the next {args.messages:,}.\n")
+    print("| input | produce msg/s | raw consume msg/s | daemon cold start msg/s | cold / raw "
+          "| daemon sustained msg/s | sustained / raw | sustained / raw, each round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, fmt, _ in VARIANTS:
+        raw = float(np.median(raw_rates[fmt]))
+        cold = float(np.median([c for c, _ in daemon_rates[label]]))
+        sustained = float(np.median([s for _, s in daemon_rates[label]]))
+        each = ", ".join(f"{s / r:.0%}" for (_, s), r in zip(daemon_rates[label], raw_rates[fmt]))
+        print(f"| {label} | {produce_rates[fmt]:,.0f} | {raw:,.0f} | {cold:,.0f} | {cold / raw:.0%} "
+              f"| {sustained:,.0f} | {sustained / raw:.0%} | {each} |")
     print("\n## Latency, message timestamp -> anomaly record produced (daemon caught up, 2,000 msg/s live, float32)\n")
     if len(latencies):
         print("| anomalies | p50 ms | p99 ms | max ms |")

@@ -1,6 +1,10 @@
 """The Kafka loop: poll -> Detector.process -> produce -> checkpoint -> commit.
 
 One ``while`` loop; the per-batch work lives in ``Detector`` (pure), I/O stays here.
+For json and csv input a helper process (``DecoderProcess``) parses batch N while the loop
+polls batch N+1; the batch is then scored, learned from and produced here as usual.  A
+polled batch is never skipped: checkpoints, rewinds and rebalance hooks first finish (or,
+for a rewind, drop and re-read) the batch being decoded.
 
 Delivery: a checkpoint (model + threshold + the next offset of every input partition) is
 written only after the producer has flushed every anomaly and dead letter of the messages
@@ -27,7 +31,8 @@ from kafka.structs import OffsetAndMetadata
 
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import Config, as_dict, masked, resolve_secrets
-from .detector import Detector
+from .decode_process import DecoderProcess
+from .detector import Detector, values_of
 from .metrics import HealthServer, Metrics
 from .statestore import GLOBAL_KEY, LocalStateStore, TopicStateStore, model_key
 
@@ -82,6 +87,12 @@ class Daemon:
         self._last_lag_update = 0.0
         self._lag_labels: set[tuple[str, str]] = set()
         self._rewind_pending = False
+        self._rewinds = 0
+        self.decoder_process: DecoderProcess | None = None
+        # A polled batch whose values the decoder process is parsing, by model key.
+        self._decoding: dict[str, list] | None = None
+        # An error while processing a polled batch inside a rebalance hook: the loop re-raises it.
+        self._fatal: BaseException | None = None
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -212,6 +223,7 @@ class Daemon:
 
     # ------------------------------------------------------- rebalance callbacks
     def _on_assigned(self, assigned) -> None:
+        self._finish_decoding()
         if self.scope == "partition":
             self._restore_partitions(assigned)
         for tp in assigned:
@@ -228,8 +240,9 @@ class Daemon:
         # else: the group's committed offset, or auto_offset_reset
 
     def _on_revoked(self, revoked) -> None:
-        # Hand over cleanly: everything processed so far is checkpointed and committed before
-        # the partitions go, so their next owner starts exactly where we stopped.
+        # Hand over cleanly: everything polled so far is processed, checkpointed and committed
+        # before the partitions go, so their next owner starts exactly where we stopped.
+        self._finish_decoding()
         if revoked and self.consumer is not None and self._since_checkpoint:
             self.checkpoint(in_rebalance=True)
         for tp in revoked:
@@ -258,15 +271,17 @@ class Daemon:
             self.server = HealthServer(self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.ready,
                                        lambda: {"partitions": self.partition_readiness()}).start()
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.server.port)
+        if cfg.input.parallel_decode and cfg.input.format in ("json", "csv"):
+            self.decoder_process = DecoderProcess(cfg.input)
         try:
             self._connect()
             backoff = cfg.kafka.retry_backoff_initial_seconds
             while not self.stopping:
+                polled: dict[str, list] = {}
                 try:
-                    if self._rewind_pending:
-                        self._rewind_pending = False
-                        self._rewind("output records were not acknowledged during a rebalance")
-                    self._poll_once()
+                    # While the decoder process parses the previous batch, take what is already
+                    # fetched without waiting for more: that batch is not to be held up.
+                    polled = self._poll(0 if self._decoding is not None else cfg.kafka.poll_timeout_ms)
                     backoff = cfg.kafka.retry_backoff_initial_seconds
                 except KafkaError as exc:
                     # The client reconnects by itself; pause so an outage does not spin the CPU.
@@ -274,37 +289,79 @@ class Daemon:
                     log.warning("Kafka error in the loop (%s); retrying in %.1f s", exc, backoff)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, cfg.kafka.retry_backoff_max_seconds)
+                if self._fatal is not None:
+                    raise self._fatal
+                rewinds = self._rewinds
+                if self._rewind_pending:
+                    self._rewind_pending = False
+                    self._rewind("output records were not acknowledged during a rebalance")
+                self._finish_decoding()
                 self._checkpoint_if_due()
+                # A rewind sought the consumer back to the checkpoint: what was polled before
+                # it is read again from there, so it is dropped here.
+                if polled and self._rewinds == rewinds:
+                    self._start(polled)
+                self._update_lag_if_due()
+            self._finish_decoding()
             if self.consumer is not None and self.producer is not None:
                 self.checkpoint()
         finally:
+            if self.decoder_process is not None:
+                self.decoder_process.close()
+                self.decoder_process = None
+            self._decoding = None
             self._close_clients()
             if self.server is not None:
                 self.server.stop()
             log.info("stopped")
 
-    def _poll_once(self) -> None:
-        k = self.config.kafka
-        polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_batch_messages)
+    def _poll(self, timeout_ms: int) -> dict[str, list]:
+        """The next batch of records, grouped by model key."""
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.config.kafka.max_batch_messages)
         # kafka-python's ConsumerRecord has the attributes of InputRecord: no copy needed.
         by_key: dict[str, list] = {}
         for tp, batch in polled.items():
             if tp in self.assigned:  # records of a partition revoked during this poll are not ours
                 by_key.setdefault(model_key(self.scope, tp.topic, tp.partition), []).extend(batch)
-        for key, records in by_key.items():
-            self._process(key, records)
+        return by_key
+
+    def _start(self, by_key: dict[str, list]) -> None:
+        """Hand a polled batch to the decoder process, or process it now if there is none."""
+        if self.decoder_process is not None and self.decoder_process.alive:
+            self.decoder_process.submit([values_of(records) for records in by_key.values()])
+            self._decoding = by_key
+        else:
+            for key, records in by_key.items():
+                self._process(key, records)
+
+    def _finish_decoding(self) -> None:
+        """Process the batch the decoder process has been parsing (if any)."""
+        by_key, self._decoding = self._decoding, None
+        if by_key is None:
+            return
+        try:
+            decoded = self.decoder_process.results() or [None] * len(by_key)  # None: decode here
+            for (key, records), batch in zip(by_key.items(), decoded):
+                self._process(key, records, batch)
+        except BaseException as exc:
+            # Polled records that were not processed must not be skipped over by later
+            # checkpoints: the loop stops on this error rather than go on past them.
+            self._fatal = exc
+            raise
+
+    def _update_lag_if_due(self) -> None:
         now = time.monotonic()
         if now - self._last_lag_update > 2.0:
             self._last_lag_update = now
             self._update_lag()
 
-    def _process(self, key: str, records: list) -> None:
+    def _process(self, key: str, records: list, decoded=None) -> None:
         started = time.perf_counter()
         detector = self.detectors.get(key)
         if detector is None:  # scope: global before restore, or a partition restored lazily
             detector = self.detectors[key] = Detector(self.config)
         updates_before = detector.n_updates
-        result = detector.process(records)
+        result = detector.process(records, decoded=decoded)
         try:
             for out in result.anomalies + result.dead_letters:
                 future = self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers)
@@ -436,6 +493,10 @@ class Daemon:
     def _rewind(self, why: str) -> None:
         """Back to the newest checkpoints: reload their state and seek to their offsets."""
         log.error("%s: rewinding to the last checkpoint", why)
+        self._rewinds += 1
+        if self._decoding is not None:  # read again after the seek; collect the result to keep in step
+            self._decoding = None
+            self.decoder_process.results()
         self.restore()
         if self.scope == "partition":
             self._restore_partitions(self.assigned)

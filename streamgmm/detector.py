@@ -16,16 +16,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from operator import attrgetter
 
 import numpy as np
 
 from . import __version__
 from .config import Config
-from .decode import Decoder
+from .decode import DecodedBatch, Decoder
 from .online import OnlineGaussianMixture
 from .threshold import make_threshold
 
 STATE_KIND = "streamgmm-detector"
+# Per-record field access in C (map over attrgetter): the loop runs for every message.
+_VALUE_OF = attrgetter("value")
+_PARTITION_OF = attrgetter("topic", "partition")
+_OFFSET_OF = attrgetter("offset")
 LOWEST_FLOAT = -np.finfo(np.float64).max
 
 
@@ -82,6 +87,11 @@ class BatchResult:
         return out
 
 
+def values_of(records) -> list:
+    """The message values of a batch of records, in order."""
+    return list(map(_VALUE_OF, records))
+
+
 def _finite(value: float) -> float:
     """JSON has no -Infinity: clamp to the lowest float (still below any threshold)."""
     return value if math.isfinite(value) else LOWEST_FLOAT
@@ -131,10 +141,13 @@ class Detector:
         return self.model.is_initialized
 
     # ------------------------------------------------------------------ the work
-    def process(self, records: list[InputRecord], now: float | None = None) -> BatchResult:
+    def process(self, records: list[InputRecord], now: float | None = None,
+                decoded: DecodedBatch | None = None) -> BatchResult:
+        """``decoded``: the records' values already decoded (by a decoder process), if so."""
         now = time.time() if now is None else now
         result = BatchResult(n_records=len(records))
-        decoded = self.decoder.decode([r.value for r in records])
+        if decoded is None:
+            decoded = self.decoder.decode(values_of(records))
         for invalid in decoded.invalid:
             record = records[invalid.index]
             result.dead_letters.append(self._dead_letter(record, invalid.reason, invalid.detail))
@@ -158,15 +171,14 @@ class Detector:
             if len(rows):
                 self._score_flag_learn(records, X, rows, result, now)
                 self.threshold.update(self.model)
-            stamps = np.array([records[i].timestamp or 0 for i in decoded.valid_index], dtype=float)
+            stamps = np.array([record.timestamp or 0 for record in records], dtype=float)[decoded.valid_index]
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
         last: dict[tuple[str, int], int] = {}
-        for record in records:
-            key = (record.topic, record.partition)
-            if record.offset >= last.get(key, -1):
-                last[key] = record.offset
+        for key, offset in zip(map(_PARTITION_OF, records), map(_OFFSET_OF, records)):
+            if offset >= last.get(key, -1):
+                last[key] = offset
         for key, offset in last.items():
             self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
         return result

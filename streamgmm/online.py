@@ -286,17 +286,58 @@ class OnlineGaussianMixture(MixtureBase):
         weights, means, precisions_chol = self._internal_parameters()
         wlp = g.weighted_log_prob(X_internal, weights, means, precisions_chol, self.covariance_type)
         log_prob_norm, log_resp = g.e_step(wlp)
-        if self.rare_weight > 0:
-            log_prob_norm = self._score_from_weighted_log_prob(wlp)
-        return ScoredBatch(X_internal, log_prob_norm + self._log_jacobian, log_resp, self._version)
+        density = self._score_from_weighted_log_prob(wlp, log_prob_norm)
+        return ScoredBatch(X_internal, density + self._log_jacobian, log_resp, self._version)
 
-    def _score_from_weighted_log_prob(self, wlp):
-        """Log-density from the components that are not rare (all of them if rare_weight is 0)."""
+    def _usual_components(self) -> np.ndarray | None:
+        """Which components score points (not rare), or None when all of them do."""
         if self.rare_weight > 0:
             usual = self._weights >= self.rare_weight
             if usual.any() and not usual.all():
-                wlp = np.where(usual, wlp, -np.inf)
-        return g.logsumexp_rows(wlp)
+                return usual
+        return None
+
+    def _score_from_weighted_log_prob(self, wlp, log_prob_norm=None):
+        """Log-density from the components that are not rare (all of them if rare_weight is 0).
+
+        ``log_prob_norm``: the log-sum-exp over all components, if already computed; it is
+        the answer whenever no component is rare.
+        """
+        usual = self._usual_components()
+        if usual is not None:
+            return g.logsumexp_rows(np.where(usual, wlp, -np.inf))
+        return g.logsumexp_rows(wlp) if log_prob_norm is None else log_prob_norm
+
+    def density_quantile(self, quantile: float, n_samples: int, random_state=None) -> float:
+        """The ``quantile`` of the log-density of ``n_samples`` draws from this model.
+
+        The value of ``np.quantile(self.score_samples(self.sample(n_samples, random_state)[0]),
+        quantile)``, for a fraction of its cost: a draw's density is at least its own
+        component's term (when that component is not rare), which comes with the draw, so
+        only the draws whose bound is among the lowest are scored in full.
+        """
+        self._check_fitted()
+        weights, means, _ = self._internal_parameters()
+        X, labels, own = g.sample_with_own_log_prob(
+            check_random_state(random_state), n_samples, weights, means, self._internal_covariances(),
+            self.covariance_type,
+        )
+        scored_by_own = np.ones(len(weights), dtype=bool) if (usual := self._usual_components()) is None else usual
+        bounded = scored_by_own[labels] & np.isfinite(own)
+        # The lowest `need` densities fix the quantile (np.quantile interpolates between two).
+        need = int(np.ceil(quantile * (n_samples - 1))) + 1
+        margin = 4 * need  # bound and density are close in the tail, so a few times `need` suffices
+        if np.count_nonzero(bounded) > margin:
+            cutoff = np.partition(own[bounded], margin)[margin]
+            cutoff += 1e-9 * (1.0 + abs(cutoff))  # the bound and the score round differently
+            candidates = ~bounded | (own <= cutoff)
+            density = np.full(n_samples, np.inf)
+            density[candidates] = self.score_samples(self._from_internal(X[candidates]))
+            # Every draw not scored has a density above the cutoff: if `need` scored ones are
+            # at or below it, they are the lowest of all.
+            if np.count_nonzero(density - self._log_jacobian <= cutoff) >= need:
+                return float(np.quantile(density, quantile))
+        return float(np.quantile(self.score_samples(self._from_internal(X)), quantile))
 
     def score_samples(self, X) -> np.ndarray:
         """Log-density of each sample (with ``rare_weight`` > 0: of the usual components only)."""

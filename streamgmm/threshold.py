@@ -61,8 +61,7 @@ class QuantileThreshold:
             learned_since = model.n_seen_ - self.refreshed_at
             if learned_since < min(self.refresh_every, max(1_000, self.refreshed_at // 2)):
                 return
-        draws, _ = model.sample(self.samples, random_state=model.n_seen_)
-        self.value = float(np.quantile(model.score_samples(draws), self.quantile))
+        self.value = model.density_quantile(self.quantile, self.samples, random_state=model.n_seen_)
         self.refreshed_at = model.n_seen_
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:

@@ -223,3 +223,33 @@ def test_rare_weight_scores_absorbed_small_clusters_as_unusual():
     assert plain.score_samples(probe_small)[0] > plain.score_samples(probe_big)[0]  # masked by its own component
     assert rare.score_samples(probe_small)[0] < rare.score_samples(probe_big)[0]  # unusual again
     np.testing.assert_allclose(rare.score_batch(probe_small).log_density, rare.score_samples(probe_small))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("rare_weight", [0.0, 0.2])
+@pytest.mark.parametrize("quantile", [0.001, 0.01, 0.5])
+def test_density_quantile_equals_scoring_every_draw(covariance_type, rare_weight, quantile):
+    # Weights from 0.05 to 0.4: with rare_weight 0.2 some components are rare, and draws from
+    # them have no lower bound, so both the pruned and the fallback paths are exercised.
+    rng = np.random.default_rng(3)
+    truth = random_mixture(4, 5, rng)
+    X, _ = truth.sample(6000, rng)
+    model = _stream(OnlineGaussianMixture(4, covariance_type=covariance_type, rare_weight=rare_weight,
+                                          warmup=500, random_state=0), X)
+    for seed in (0, 1, 2):
+        direct = np.quantile(model.score_samples(model.sample(20_000, random_state=seed)[0]), quantile)
+        assert model.density_quantile(quantile, 20_000, random_state=seed) == pytest.approx(direct, rel=1e-10, abs=1e-10)
+
+
+def test_sampling_draws_what_numpys_multivariate_normal_draws():
+    # sample() draws z and applies the covariance's Cholesky factor itself (so the threshold
+    # gets each draw's own-component density for free); the stream must not change.
+    rng = np.random.default_rng(4)
+    truth = random_mixture(3, 6, rng)
+    model = _stream(OnlineGaussianMixture(3, warmup=500, random_state=0), truth.sample(3000, rng)[0])
+    weights, means, _ = model._internal_parameters()
+    reference = np.random.default_rng(9)
+    counts = reference.multinomial(100, weights / weights.sum())
+    expected = np.vstack([reference.multivariate_normal(m, c, n, method="cholesky")
+                          for m, c, n in zip(means, model._internal_covariances(), counts)])
+    np.testing.assert_array_equal(model.sample(100, random_state=9)[0], model._from_internal(expected))

@@ -1,0 +1,142 @@
+"""Decoding in a helper process, so that parsing text overlaps Kafka polling on another core.
+
+kafka-python unpacks records in Python in the polling thread, and parsing JSON or CSV is
+Python-bound too: in one process the two take turns on one core (the GIL).  With a helper
+process, batch N is decoded there while the daemon polls batch N+1.
+
+The helper holds no state (the models stay in the daemon), so losing it loses nothing: the
+daemon then decodes in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to the whole
+process group is the daemon's to handle) and exits when the daemon closes the pipe, or dies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from .config import InputConfig
+from .decode import DecodedBatch, Decoder
+
+log = logging.getLogger(__name__)
+
+_NULL = -1  # the length that stands for a null value
+
+
+def pack(batches: list[list[bytes | None]]) -> tuple[bytes, bytes]:
+    """Values of several batches as one buffer and their lengths (cheaper than pickling a list)."""
+    values = [value for batch in batches for value in batch]
+    try:
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        data = b"".join(values)
+    except TypeError:  # a null value
+        lengths = np.array([_NULL if v is None else len(v) for v in values], dtype=np.int64)
+        data = b"".join(v for v in values if v is not None)
+    sizes = [len(batch) for batch in batches]
+    return data, np.concatenate((np.array([len(batches), *sizes], dtype=np.int64), lengths)).tobytes()
+
+
+def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
+    """The inverse of ``pack``."""
+    numbers = np.frombuffer(header, dtype=np.int64)
+    n_batches = int(numbers[0])
+    sizes, lengths = numbers[1 : 1 + n_batches], numbers[1 + n_batches :]
+    ends = np.cumsum(np.maximum(lengths, 0)).tolist()
+    starts = [0] + ends[:-1]
+    values = [None if n == _NULL else data[a:b] for a, b, n in zip(starts, ends, lengths.tolist())]
+    out, at = [], 0
+    for size in sizes.tolist():
+        out.append(values[at : at + size])
+        at += size
+    return out
+
+
+def _serve(connection, config: InputConfig) -> None:
+    """The helper's loop: (buffer, lengths) in, one DecodedBatch per batch out."""
+    decoder = Decoder(config)
+    while True:
+        try:
+            data = connection.recv_bytes()
+            header = connection.recv_bytes()
+        except (EOFError, OSError):
+            return
+        connection.send([decoder.decode(values) for values in unpack(data, header)])
+
+
+class DecoderProcess:
+    """One helper process; one request outstanding at a time (``submit`` then ``results``)."""
+
+    def __init__(self, config: InputConfig):
+        # A fresh interpreter (not fork: the daemon has client threads; not multiprocessing's
+        # spawn, which re-imports the caller's __main__), talking over a socket pair.
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(theirs.fileno()), json.dumps(dataclasses.asdict(config))],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        self._connection = Connection(ours.detach())
+        self._outstanding = False
+        self.alive = True
+
+    def submit(self, batches: list[list[bytes | None]]) -> None:
+        """Start decoding these batches of values (nothing happens if the helper is gone)."""
+        if self._outstanding:
+            raise RuntimeError("the previous batch's results were not collected")
+        if not self.alive:
+            return
+        data, header = pack(batches)
+        try:
+            self._connection.send_bytes(data)
+            self._connection.send_bytes(header)
+            self._outstanding = True
+        except OSError as exc:
+            self._lost(exc)
+
+    def results(self) -> list[DecodedBatch] | None:
+        """The decoded batches of the last ``submit``; None if the helper was lost (decode here)."""
+        if not self._outstanding:
+            return None
+        self._outstanding = False
+        try:
+            return self._connection.recv()
+        except (EOFError, OSError) as exc:
+            self._lost(exc)
+            return None
+
+    def _lost(self, exc) -> None:
+        self.alive = False
+        self._outstanding = False
+        log.error("the decoder process is gone (%s, exit code %s); decoding in the daemon's process from now on",
+                  exc, self._process.poll())
+
+    def close(self) -> None:
+        self._connection.close()  # the helper sees EOF and returns
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=5)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m streamgmm.decode_process FD CONFIG_JSON``: the helper, started by DecoderProcess."""
+    # A stop signal sent to the whole process group is the daemon's to handle; the helper
+    # goes when the daemon closes the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    settings = json.loads(argv[1])
+    if settings.get("fields") is not None:
+        settings["fields"] = tuple(settings["fields"])
+    _serve(Connection(int(argv[0])), InputConfig(**settings))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
