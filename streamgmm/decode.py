@@ -44,6 +44,14 @@ def _all_sized(values, size: int) -> bool:
         return False
 
 
+def _finite_row_mask(X: np.ndarray) -> np.ndarray | None:
+    """None if every value is finite (one check over the whole array, the usual case),
+    else which rows are."""
+    if np.isfinite(X).all():
+        return None
+    return np.isfinite(X).all(axis=1)
+
+
 def _to_float(value) -> float:
     try:
         return float(value)
@@ -191,8 +199,8 @@ class Decoder:
                 X = np.asarray(rows, dtype=np.float64).reshape(len(rows), self.dimension)
         except OverflowError:  # an integer beyond float range: find it row by row
             X = np.array([[_to_float(v) for v in row] for row in rows]).reshape(len(rows), self.dimension)
-        finite = np.isfinite(X).all(axis=1)
-        if not finite.all():
+        finite = _finite_row_mask(X)
+        if finite is not None:
             invalid = invalid + [Invalid(index[p], "non_finite", "NaN or infinity in features") for p in np.flatnonzero(~finite)]
             invalid.sort(key=lambda item: item.index)
             X = X[finite]
@@ -254,35 +262,31 @@ class Decoder:
     def _decode_raw_batch(self, values) -> DecodedBatch:
         dtype = self._raw_dtype
         expected = dtype.itemsize * self.dimension
-        good, invalid = [], []
+        invalid = []
         if expected <= self.config.max_message_bytes and _all_sized(values, expected):
-            good = list(range(len(values)))  # the common case: every message has the right size
-            values_to_check = ()
+            good = np.arange(len(values), dtype=np.intp)  # the common case: every message has the right size
+            data = b"".join(values)
         else:
-            values_to_check = values
-        for i, value in enumerate(values_to_check):
-            if value is None or len(value) == 0:
-                invalid.append(Invalid(i, "empty", "message value is empty or null"))
-            elif len(value) > self.config.max_message_bytes:
-                invalid.append(Invalid(i, "oversized", f"message is {len(value)} bytes; input.max_message_bytes is {self.config.max_message_bytes}"))
-            elif len(value) != expected:
-                invalid.append(Invalid(i, "wrong_dimension", f"got {len(value)} bytes, expected {expected} ({self.dimension} x {self.config.format})"))
-            else:
-                good.append(i)
-        if good:
-            # The fast path: one join and one frombuffer for the whole batch.
-            X = np.frombuffer(b"".join(values[i] for i in good), dtype=dtype).reshape(len(good), self.dimension)
-            X = X.astype(np.float64)
-            finite = np.isfinite(X).all(axis=1)
-            if not finite.all():
-                for position in np.flatnonzero(~finite):
-                    invalid.append(Invalid(good[position], "non_finite", "NaN or infinity in features"))
-                X = X[finite]
-                good = [i for i, ok in zip(good, finite) if ok]
-        else:
-            X = np.empty((0, self.dimension))
-        invalid.sort(key=lambda item: item.index)
-        return DecodedBatch(X, np.asarray(good, dtype=np.intp), invalid)
+            good = []
+            for i, value in enumerate(values):
+                if value is None or len(value) == 0:
+                    invalid.append(Invalid(i, "empty", "message value is empty or null"))
+                elif len(value) > self.config.max_message_bytes:
+                    invalid.append(Invalid(i, "oversized", f"message is {len(value)} bytes; input.max_message_bytes is {self.config.max_message_bytes}"))
+                elif len(value) != expected:
+                    invalid.append(Invalid(i, "wrong_dimension", f"got {len(value)} bytes, expected {expected} ({self.dimension} x {self.config.format})"))
+                else:
+                    good.append(i)
+            good = np.asarray(good, dtype=np.intp)
+            data = b"".join(values[i] for i in good)
+        # One join and one frombuffer for the whole batch.
+        X = np.frombuffer(data, dtype=dtype).reshape(len(good), self.dimension).astype(np.float64)
+        finite = _finite_row_mask(X)
+        if finite is not None:
+            invalid.extend(Invalid(int(i), "non_finite", "NaN or infinity in features") for i in good[~finite])
+            invalid.sort(key=lambda item: item.index)
+            X, good = X[finite], good[finite]
+        return DecodedBatch(X, good, invalid)
 
 
 def encode(vector, fmt: str) -> bytes:

@@ -16,7 +16,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from operator import attrgetter
+from itertools import groupby
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -31,6 +32,7 @@ STATE_KIND = "streamgmm-detector"
 _VALUE_OF = attrgetter("value")
 _PARTITION_OF = attrgetter("topic", "partition")
 _OFFSET_OF = attrgetter("offset")
+_TIMESTAMP_OF = attrgetter("timestamp")
 LOWEST_FLOAT = -np.finfo(np.float64).max
 
 
@@ -90,6 +92,14 @@ class BatchResult:
 def values_of(records) -> list:
     """The message values of a batch of records, in order."""
     return list(map(_VALUE_OF, records))
+
+
+def _timestamps(records) -> np.ndarray:
+    """Message timestamps in ms as floats, 0 where a record has none."""
+    try:
+        return np.fromiter(map(_TIMESTAMP_OF, records), dtype=float, count=len(records))
+    except TypeError:  # None timestamps (replay input without them)
+        return np.array([record.timestamp or 0 for record in records], dtype=float)
 
 
 def _finite(value: float) -> float:
@@ -171,12 +181,14 @@ class Detector:
             if len(rows):
                 self._score_flag_learn(records, X, rows, result, now)
                 self.threshold.update(self.model)
-            stamps = np.array([record.timestamp or 0 for record in records], dtype=float)[decoded.valid_index]
+            stamps = _timestamps(records)[decoded.valid_index]
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
         last: dict[tuple[str, int], int] = {}
-        for key, offset in zip(map(_PARTITION_OF, records), map(_OFFSET_OF, records)):
+        # Kafka hands over each partition's records as one run: one step per run, not per record.
+        for key, run in groupby(zip(map(_PARTITION_OF, records), map(_OFFSET_OF, records)), key=itemgetter(0)):
+            offset = max(map(itemgetter(1), run))
             if offset >= last.get(key, -1):
                 last[key] = offset
         for key, offset in last.items():

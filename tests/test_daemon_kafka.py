@@ -2,6 +2,7 @@
 
 import json
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,17 +32,41 @@ def _wait_processed(daemon, state_dir, n_expected, timeout=90):
     )
 
 
-def test_outliers_reach_the_output_topic_with_their_source_offsets(broker, topic, tmp_path):
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live child processes of ``pid`` (Linux /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            children.append((int(entry.name), command))
+    return children
+
+
+@pytest.mark.parametrize("fmt, parallel_decode", [("json", True), ("json", False), ("float32", True)],
+                         ids=["json-decoder-process", "json-one-process", "float32"])
+def test_outliers_reach_the_output_topic_with_their_source_offsets(broker, topic, tmp_path, fmt, parallel_decode):
     create_topic(broker.bootstrap, topic, partitions=2)
     X, outliers = _stream(6000, seed=1, outlier_every=250)
-    sent = produce(broker.bootstrap, topic, [(str(i).encode(), encode(x, "json")) for i, x in enumerate(X)],
+    sent = produce(broker.bootstrap, topic, [(str(i).encode(), encode(x, fmt)) for i, x in enumerate(X)],
                    partition_of=lambda i: i % 2)
-    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, tmp_path / "state")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, tmp_path / "state",
+                          input={"format": fmt, "dimension": 4, "parallel_decode": parallel_decode})
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     try:
         _wait_processed(daemon, tmp_path / "state", len(X))
+        helpers = [pid for pid, command in _children(daemon.process.pid) if "streamgmm.decode_process" in command]
+        # The decoder process runs exactly when it should: json with parallel_decode.
+        assert len(helpers) == (1 if fmt == "json" and parallel_decode else 0)
     finally:
         assert daemon.stop() == 0
+    for pid in helpers:
+        assert not Path(f"/proc/{pid}").exists(), "the decoder process outlived the daemon"
     records = read_all(broker.bootstrap, f"{topic}.anomalies")
     flagged = {}
     for record in records:
@@ -50,7 +75,7 @@ def test_outliers_reach_the_output_topic_with_their_source_offsets(broker, topic
         # The record names its source exactly: key and features match what was sent there.
         index = int(doc["source"]["key"])
         assert sent[index] == (doc["source"]["partition"], doc["source"]["offset"])
-        np.testing.assert_allclose(doc["features"], X[index])
+        np.testing.assert_allclose(doc["features"], X[index], rtol=1e-6 if fmt == "float32" else 0)
         assert doc["log_density"] < doc["threshold"]
         assert record.key == str(index).encode()
         assert dict(record.headers)["streamgmm.source"] == f"{topic}/{sent[index][0]}/{sent[index][1]}".encode()

@@ -1,0 +1,105 @@
+"""The decoder process: same results as decoding in-process, and nothing lost when it goes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamgmm.config import InputConfig
+from streamgmm.decode import Decoder, encode
+from streamgmm.decode_process import DecoderProcess, pack, unpack
+
+values = st.one_of(st.none(), st.binary(max_size=40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(values, max_size=8), max_size=5))
+def test_pack_unpack_round_trip(batches):
+    assert unpack(*pack(batches)) == batches
+
+
+def _assert_same(got, expected):
+    np.testing.assert_array_equal(got.X, expected.X)
+    np.testing.assert_array_equal(got.valid_index, expected.valid_index)
+    assert got.invalid == expected.invalid
+
+
+def test_decodes_as_the_daemon_would():
+    rng = np.random.default_rng(0)
+    cases = {
+        "json": [encode(x, "json") for x in rng.normal(size=(50, 3))]
+        + [None, b"", b"[1,2]", b"[1,NaN,2]", b"[1,true,2]", b"not json", b'{"a": 1}', b"[1e999,1,2]", b"[" * 30]
+        + [encode(x, "json") for x in rng.normal(size=(5, 3))],
+        "csv": [encode(x, "csv") for x in rng.normal(size=(50, 3))] + [None, b"1,2", b"1,x,2", b"1,nan,2", b"\xff,1,2"],
+    }
+    for fmt, batch in cases.items():
+        config = InputConfig(format=fmt, dimension=3, max_message_bytes=100)
+        helper = DecoderProcess(config)
+        try:
+            halves = [batch[: len(batch) // 2], batch[len(batch) // 2 :], []]
+            helper.submit(halves)
+            results = helper.results()
+        finally:
+            helper.close()
+        assert len(results) == 3
+        for got, values_ in zip(results, halves):
+            _assert_same(got, Decoder(config).decode(values_))
+        assert results[0].invalid or results[1].invalid  # the bad values were really there
+
+
+def test_a_lost_helper_means_decoding_here():
+    helper = DecoderProcess(InputConfig(format="json", dimension=2))
+    try:
+        helper._process.kill()
+        helper._process.wait(timeout=10)
+        helper.submit([[b"[1, 2]"]])
+        assert helper.results() is None  # the caller decodes these values itself
+        assert not helper.alive
+        helper.submit([[b"[1, 2]"]])  # ignored from now on
+        assert helper.results() is None
+    finally:
+        helper.close()
+
+
+def test_the_helper_goes_when_the_daemon_is_killed(tmp_path):
+    # SIGKILL leaves no chance to close anything: the helper must see the socket close.
+    script = (
+        "import sys, time\n"
+        "from streamgmm.config import InputConfig\n"
+        "from streamgmm.decode_process import DecoderProcess\n"
+        "helper = DecoderProcess(InputConfig(format='json', dimension=2))\n"
+        "print(helper._process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        helper_pid = int(parent.stdout.readline())
+        assert Path(f"/proc/{helper_pid}").exists()
+        # A stop signal to the whole group is the daemon's to handle: the helper stays.
+        os.kill(helper_pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert Path(f"/proc/{helper_pid}").exists()
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(helper_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(helper_pid), "the decoder process outlived a SIGKILLed daemon"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    """Running (an exited, unreaped child of init shows as a zombie: not running)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
