@@ -59,8 +59,8 @@ class InputConfig:
     dimension: int = 16
     max_message_bytes: int = 1_048_576
     csv_delimiter: str = ","
-    # json and csv: parse in a helper process while the next batch is polled (uses a second
-    # core; the binary formats need no parsing and always decode in the daemon's process).
+    # json and csv: parse (and score) each batch in a helper process while the next batch is
+    # polled, on a second core; the binary formats need no parsing and stay in one process.
     parallel_decode: bool = True
 
 

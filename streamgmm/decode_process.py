@@ -1,11 +1,13 @@
-"""Decoding in a helper process, so that parsing text overlaps Kafka polling on another core.
+"""Decoding and scoring in a helper process, so that they overlap Kafka polling on another core.
 
-kafka-python unpacks records in Python in the polling thread, and parsing JSON or CSV is
-Python-bound too: in one process the two take turns on one core (the GIL).  With a helper
-process, batch N is decoded there while the daemon polls batch N+1.
+kafka-python unpacks records in Python in the polling thread; in one process that and the
+daemon's own work take turns on one core (the GIL).  With a helper process, batch N is
+decoded there, and scored with a snapshot of the model taken after the daemon learned batch
+N-1 (``ScoringModel``: the very model the daemon would score it with), while the daemon polls
+batch N+1.  The daemon then only learns, decides and produces.
 
 The helper holds no state (the models stay in the daemon), so losing it loses nothing: the
-daemon then decodes in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to the whole
+daemon then decodes and scores in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to the whole
 process group is the daemon's to handle) and exits when the daemon closes the pipe, or dies.
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from .config import InputConfig
 from .decode import DecodedBatch, Decoder
+from .online import ScoredBatch, ScoringModel
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,24 @@ def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
     return out
 
 
+def _decode_and_score(decoder: Decoder, values, scorer: ScoringModel | None) -> tuple[DecodedBatch, ScoredBatch | None]:
+    decoded = decoder.decode(values)
+    scored = scorer.score(decoded.X) if scorer is not None and len(decoded.X) else None
+    return decoded, scored
+
+
 def _serve(connection, config: InputConfig) -> None:
-    """The helper's loop: (buffer, lengths) in, one DecodedBatch per batch out."""
+    """The helper's loop: (buffer, lengths, scorers) in, (DecodedBatch, ScoredBatch | None) per batch out."""
     decoder = Decoder(config)
     while True:
         try:
             data = connection.recv_bytes()
             header = connection.recv_bytes()
+            scorers = connection.recv()
         except (EOFError, OSError):
             return
-        connection.send([decoder.decode(values) for values in unpack(data, header)])
+        connection.send([_decode_and_score(decoder, values, scorer)
+                         for values, scorer in zip(unpack(data, header), scorers)])
 
 
 class DecoderProcess:
@@ -86,8 +97,9 @@ class DecoderProcess:
         self._outstanding = False
         self.alive = True
 
-    def submit(self, batches: list[list[bytes | None]]) -> None:
-        """Start decoding these batches of values (nothing happens if the helper is gone)."""
+    def submit(self, batches: list[list[bytes | None]], scorers: list[ScoringModel | None] | None = None) -> None:
+        """Start decoding these batches of values, and scoring each with its scorer if given
+        (nothing happens if the helper is gone)."""
         if self._outstanding:
             raise RuntimeError("the previous batch's results were not collected")
         if not self.alive:
@@ -96,12 +108,14 @@ class DecoderProcess:
         try:
             self._connection.send_bytes(data)
             self._connection.send_bytes(header)
+            self._connection.send(scorers or [None] * len(batches))
             self._outstanding = True
         except OSError as exc:
             self._lost(exc)
 
-    def results(self) -> list[DecodedBatch] | None:
-        """The decoded batches of the last ``submit``; None if the helper was lost (decode here)."""
+    def results(self) -> list[tuple[DecodedBatch, ScoredBatch | None]] | None:
+        """(decoded, scored or None) per batch of the last ``submit``; None if the helper was
+        lost (decode and score here)."""
         if not self._outstanding:
             return None
         self._outstanding = False

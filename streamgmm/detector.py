@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .config import Config
 from .decode import DecodedBatch, Decoder
-from .online import OnlineGaussianMixture
+from .online import OnlineGaussianMixture, ScoredBatch
 from .threshold import make_threshold
 
 STATE_KIND = "streamgmm-detector"
@@ -152,8 +152,10 @@ class Detector:
 
     # ------------------------------------------------------------------ the work
     def process(self, records: list[InputRecord], now: float | None = None,
-                decoded: DecodedBatch | None = None) -> BatchResult:
-        """``decoded``: the records' values already decoded (by a decoder process), if so."""
+                decoded: DecodedBatch | None = None, scored: ScoredBatch | None = None) -> BatchResult:
+        """``decoded``: the records' values already decoded, and ``scored``: their valid rows
+        already scored (both by the helper process), if so.  A ``scored`` batch is used only
+        if it was scored by the model as it stands now; otherwise the batch is scored here."""
         now = time.time() if now is None else now
         result = BatchResult(n_records=len(records))
         if decoded is None:
@@ -179,7 +181,9 @@ class Detector:
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
             if len(rows):
-                self._score_flag_learn(records, X, rows, result, now)
+                if scored is not None and (scored.model_version != self.model._version or len(scored.log_density) != len(X)):
+                    scored = None  # scored under another model state (e.g. before a restore)
+                self._score_flag_learn(records, X, rows, result, now, scored)
                 self.threshold.update(self.model)
             stamps = _timestamps(records)[decoded.valid_index]
             has_stamp = stamps > 0
@@ -195,8 +199,8 @@ class Detector:
             self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
         return result
 
-    def _score_flag_learn(self, records, X, rows, result, now) -> None:
-        scored = self.model.score_batch(X)
+    def _score_flag_learn(self, records, X, rows, result, now, scored=None) -> None:
+        scored = self.model.score_batch(X) if scored is None else scored
         flags = self.threshold.classify(scored.log_density)
         components = scored.component
         result.scored_index, result.log_density, result.flags, result.components = rows, scored.log_density, flags, components

@@ -18,6 +18,7 @@ scale), so multiplying a feature by a constant does not change the ranking of po
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,25 @@ LEARN_CLIP = 1e12
 # A feature whose warm-up spread is below this (relative to its magnitude) is treated as
 # constant: scale 1, so it neither blows up nor dominates.
 RELATIVE_SCALE_FLOOR = 1e-12
+# Model versions are unique within a process (not a per-model count from 0), so a batch scored
+# under one model state can never pass for another's, also after a restore.
+_MODEL_VERSIONS = itertools.count(1)
+
+
+def _standardize(X, center, scale):
+    # Absurd inputs (1e308 in a feature with a small spread) overflow to inf here: such
+    # rows get a -inf density, are flagged and are never learned from.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (X - center) / scale
+
+
+def _usual_components(weights, rare_weight) -> np.ndarray | None:
+    """Which components score points (not rare), or None when all of them do."""
+    if rare_weight > 0:
+        usual = weights >= rare_weight
+        if usual.any() and not usual.all():
+            return usual
+    return None
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,34 @@ class ScoredBatch:
     def component(self) -> np.ndarray:
         """Most responsible component per row."""
         return np.argmax(self.log_resp, axis=1)
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """What scoring needs of an OnlineGaussianMixture, detached from it.
+
+    Small and picklable, so another process can score a batch (``score``) that the model then
+    learns from: ``version`` ties the result to the model state it was taken from.
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    precisions_chol: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
+    covariance_type: str
+    rare_weight: float
+    version: int
+
+    def score(self, X) -> ScoredBatch:
+        """The online model's one scoring path: density of each row and responsibilities."""
+        X_internal = _standardize(X, self.center, self.scale)
+        wlp = g.weighted_log_prob(X_internal, self.weights, self.means, self.precisions_chol, self.covariance_type)
+        log_prob_norm, log_resp = g.e_step(wlp)
+        usual = _usual_components(self.weights, self.rare_weight)
+        density = log_prob_norm if usual is None else g.logsumexp_rows(np.where(usual, wlp, -np.inf))
+        log_jacobian = -float(np.sum(np.log(self.scale)))
+        return ScoredBatch(X_internal, density + log_jacobian, log_resp, self.version)
 
 
 class OnlineGaussianMixture(MixtureBase):
@@ -169,7 +217,7 @@ class OnlineGaussianMixture(MixtureBase):
         self.n_seen_ = 0
         self.n_reseeded_ = 0
         self._steps = 0.0
-        self._version = 0
+        self._version = next(_MODEL_VERSIONS)
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self.n_features_in_: int | None = None
@@ -219,10 +267,7 @@ class OnlineGaussianMixture(MixtureBase):
 
     # ---------------------------------------------------------- standardisation
     def _to_internal(self, X):
-        # Absurd inputs (1e308 in a feature with a small spread) overflow to inf here: such
-        # rows get a -inf density, are flagged and are never learned from.
-        with np.errstate(over="ignore", invalid="ignore"):
-            return (X - self.center_) / self.scale_
+        return _standardize(X, self.center_, self.scale_)
 
     def _from_internal(self, X):
         return X * self.scale_ + self.center_
@@ -281,32 +326,22 @@ class OnlineGaussianMixture(MixtureBase):
 
     def score_batch(self, X) -> ScoredBatch:
         """Score a batch under the current model without learning (prequential step one)."""
-        X = self._check_X(X)
-        X_internal = self._to_internal(X)
+        return self.scoring_model().score(self._check_X(X))
+
+    def scoring_model(self) -> ScoringModel:
+        """The current model state as far as scoring needs it (see ``ScoringModel``)."""
+        self._check_fitted()
         weights, means, precisions_chol = self._internal_parameters()
-        wlp = g.weighted_log_prob(X_internal, weights, means, precisions_chol, self.covariance_type)
-        log_prob_norm, log_resp = g.e_step(wlp)
-        density = self._score_from_weighted_log_prob(wlp, log_prob_norm)
-        return ScoredBatch(X_internal, density + self._log_jacobian, log_resp, self._version)
+        return ScoringModel(weights, means, precisions_chol, self.center_, self.scale_, self.covariance_type,
+                            self.rare_weight, self._version)
 
     def _usual_components(self) -> np.ndarray | None:
-        """Which components score points (not rare), or None when all of them do."""
-        if self.rare_weight > 0:
-            usual = self._weights >= self.rare_weight
-            if usual.any() and not usual.all():
-                return usual
-        return None
+        return _usual_components(self._weights, self.rare_weight)
 
-    def _score_from_weighted_log_prob(self, wlp, log_prob_norm=None):
-        """Log-density from the components that are not rare (all of them if rare_weight is 0).
-
-        ``log_prob_norm``: the log-sum-exp over all components, if already computed; it is
-        the answer whenever no component is rare.
-        """
+    def _score_from_weighted_log_prob(self, wlp):
+        """Log-density from the components that are not rare (all of them if rare_weight is 0)."""
         usual = self._usual_components()
-        if usual is not None:
-            return g.logsumexp_rows(np.where(usual, wlp, -np.inf))
-        return g.logsumexp_rows(wlp) if log_prob_norm is None else log_prob_norm
+        return g.logsumexp_rows(wlp if usual is None else np.where(usual, wlp, -np.inf))
 
     def density_quantile(self, quantile: float, n_samples: int, random_state=None) -> float:
         """The ``quantile`` of the log-density of ``n_samples`` draws from this model.
@@ -516,7 +551,7 @@ class OnlineGaussianMixture(MixtureBase):
                 raise FloatingPointError("re-seeding failed to restore positive-definite covariances")
         self._weights, self._means, self._covariances = weights, means, covariances
         self._precisions_chol = precisions_chol
-        self._version += 1
+        self._version = next(_MODEL_VERSIONS)
 
     def _reseed(self, weights, means, covariances, dead, bad_cov, worst_points) -> None:
         K, D = means.shape
@@ -607,7 +642,6 @@ class OnlineGaussianMixture(MixtureBase):
                 s2_shape = (K, D)
             model._S2 = require_array(state, "S2", s2_shape)
             model._refresh_parameters(candidates=None)
-            model._version = 0
         elif "buffer" in state:
             buffer = require_array(state, "buffer", (len(state["buffer"]), D))
             model._buffer = [buffer]
@@ -629,4 +663,4 @@ def _full_covariances(covariances, covariance_type, n_components, n_features):
     return np.array([np.eye(n_features) * c for c in covariances])
 
 
-__all__ = ["OnlineGaussianMixture", "ScoredBatch", "NotFittedError"]
+__all__ = ["OnlineGaussianMixture", "ScoredBatch", "ScoringModel", "NotFittedError"]

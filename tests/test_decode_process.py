@@ -1,4 +1,4 @@
-"""The decoder process: same results as decoding in-process, and nothing lost when it goes."""
+"""The helper process: same results as decoding and scoring in-process, nothing lost when it goes."""
 
 import os
 import signal
@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamgmm import OnlineGaussianMixture
 from streamgmm.config import InputConfig
 from streamgmm.decode import Decoder, encode
 from streamgmm.decode_process import DecoderProcess, pack, unpack
+from streamgmm.synthetic import random_mixture
 
 values = st.one_of(st.none(), st.binary(max_size=40))
 
@@ -48,9 +51,34 @@ def test_decodes_as_the_daemon_would():
         finally:
             helper.close()
         assert len(results) == 3
-        for got, values_ in zip(results, halves):
+        for (got, scored), values_ in zip(results, halves):
             _assert_same(got, Decoder(config).decode(values_))
-        assert results[0].invalid or results[1].invalid  # the bad values were really there
+            assert scored is None  # no model given: nothing scored
+        assert results[0][0].invalid or results[1][0].invalid  # the bad values were really there
+
+
+def test_scores_with_the_model_it_is_given():
+    rng = np.random.default_rng(1)
+    truth = random_mixture(3, 4, rng)
+    X, _ = truth.sample(3000, rng)
+    model = OnlineGaussianMixture(3, warmup=500, random_state=0, rare_weight=0.2)
+    model.partial_fit(X[:2000])
+    batch = [encode(x, "float32") for x in X[2000:]] + [b"short"]
+    helper = DecoderProcess(InputConfig(format="float32", dimension=4))
+    try:
+        helper.submit([batch, batch[:10]], [model.scoring_model(), None])
+        (decoded, scored), (_, unscored) = helper.results()
+    finally:
+        helper.close()
+    assert unscored is None
+    expected = model.score_batch(decoded.X)
+    assert scored.model_version == expected.model_version
+    np.testing.assert_array_equal(scored.log_density, expected.log_density)
+    np.testing.assert_array_equal(scored.log_resp, expected.log_resp)
+    model.learn(scored)  # the model takes it as its own: the same version
+    # After learning, the old snapshot's results are refused (the daemon then scores itself).
+    with pytest.raises(ValueError, match="older version"):
+        model.learn(scored)
 
 
 def test_a_lost_helper_means_decoding_here():

@@ -150,3 +150,30 @@ def test_a_new_cluster_is_adopted_but_a_short_burst_is_not():
     _run(frozen, burst, batch=1000)
     results = _run(frozen, new_cluster, batch=1000, start=20_000)
     assert sum(len(r.anomalies) for r in results[-5:]) / 5_000 > 0.15  # never learned
+
+
+def test_a_batch_scored_elsewhere_counts_only_if_scored_by_the_model_as_it_stands():
+    # The daemon's helper process scores batch N with a snapshot taken after batch N-1: the
+    # result must equal scoring here, and a snapshot of any other model state must be ignored.
+    rng = np.random.default_rng(6)
+    X, _ = random_mixture(3, 4, rng).sample(3000, rng)
+    X[2100] = 50.0
+    here, elsewhere = Detector(_config()), Detector(_config())
+    _run(here, X[:1000])
+    _run(elsewhere, X[:1000])
+    stale = elsewhere.model.scoring_model()
+    flagged = 0
+    for start in range(1000, 3000, 500):
+        records = _records(X[start:start + 500], start=start)
+        decoded = elsewhere.decoder.decode([r.value for r in records])
+        snapshot = stale if start == 2000 else elsewhere.model.scoring_model()
+        expected = here.process(records, now=5.0)
+        got = elsewhere.process(records, now=5.0, decoded=decoded, scored=snapshot.score(decoded.X))
+        np.testing.assert_array_equal(got.log_density, expected.log_density)
+        np.testing.assert_array_equal(got.flags, expected.flags)
+        assert [a.value for a in got.anomalies] == [a.value for a in expected.anomalies]
+        assert got.n_learned == expected.n_learned
+        flagged += int(expected.flags.sum())
+    assert flagged >= 1  # the point at 2100, in the batch given a stale snapshot
+    for name in ("_S0", "_S1", "_S2"):
+        np.testing.assert_array_equal(getattr(elsewhere.model, name), getattr(here.model, name))
