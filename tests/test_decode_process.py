@@ -131,3 +131,19 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
+
+def test_the_helper_runs_one_blas_thread_unless_told_otherwise(monkeypatch):
+    # Several BLAS threads in the helper spin against the daemon on the same cores.
+    def helper_environment():
+        helper = DecoderProcess(InputConfig(format="json", dimension=2))
+        try:
+            raw = Path(f"/proc/{helper._process.pid}/environ").read_bytes()
+        finally:
+            helper.close()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert helper_environment()["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert helper_environment()["OPENBLAS_NUM_THREADS"] == "2"  # the operator's choice stands
