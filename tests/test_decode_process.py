@@ -138,6 +138,8 @@ def test_the_helper_runs_one_blas_thread_unless_told_otherwise(monkeypatch):
     def helper_environment():
         helper = DecoderProcess(InputConfig(format="json", dimension=2))
         try:
+            helper.submit([[b"[1, 2]"]])  # one round trip: the helper has started (exec'd) by then
+            assert helper.results() is not None
             raw = Path(f"/proc/{helper._process.pid}/environ").read_bytes()
         finally:
             helper.close()
