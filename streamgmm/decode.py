@@ -109,12 +109,12 @@ class Decoder:
         or nesting can merge neighbours); anything else goes the one-by-one way.  Returns
         None when no value qualifies.
         """
-        simple = self._flat_number_arrays(values)
+        simple, joined = self._flat_number_arrays(values)
         if not simple:
             return None
         taken = set(simple)
         rest = [i for i in range(len(values)) if i not in taken]
-        parsed = _parse_json(b"[" + b",".join(values[i] for i in simple) + b"]")
+        parsed = _parse_json(b"[" + joined + b"]")
         if parsed is None:
             return None  # e.g. "[1,,2]": let the one-by-one path say which value is bad
         if not rest:
@@ -143,8 +143,9 @@ class Decoder:
             invalid.sort(key=lambda item: item.index)
         return self._finite_rows(rows, index, invalid)
 
-    def _flat_number_arrays(self, values) -> list[int]:
-        """Indices of the values that are one flat JSON array of number tokens, within size.
+    def _flat_number_arrays(self, values) -> tuple[list[int], bytes]:
+        """Indices of the values that are one flat JSON array of number tokens, within size,
+        and those values joined with commas.
 
         Checked on the whole batch at once first (the usual case: every value qualifies);
         value by value only when that fails.
@@ -164,8 +165,8 @@ class Decoder:
             and all(value[:1] == b"[" and value[-1:] == b"]" for value in values)
             and not joined.translate(None, _JSON_NUMBER_BYTES)
         ):
-            return list(range(len(values)))
-        return [
+            return list(range(len(values))), joined
+        simple = [
             i
             for i, value in enumerate(values)
             if value
@@ -176,6 +177,7 @@ class Decoder:
             and value.count(b"]") == 1
             and not value.translate(None, _JSON_NUMBER_BYTES)
         ]
+        return simple, b",".join(values[i] for i in simple)
 
     def _decode_each(self, values) -> DecodedBatch:
         rows, index, invalid = [], [], []

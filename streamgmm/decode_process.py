@@ -7,8 +7,9 @@ N-1 (``ScoringModel``: the very model the daemon would score it with), while the
 batch N+1.  The daemon then only learns, decides and produces.
 
 The helper holds no state (the models stay in the daemon), so losing it loses nothing: the
-daemon then decodes and scores in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to the whole
-process group is the daemon's to handle) and exits when the daemon closes the pipe, or dies.
+daemon then decodes and scores in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to
+the whole process group is the daemon's to handle) and exits when the daemon closes the
+socket between them, or dies.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class DecoderProcess:
     def _lost(self, exc) -> None:
         self.alive = False
         self._outstanding = False
-        log.error("the decoder process is gone (%s, exit code %s); decoding in the daemon's process from now on",
-                  exc, self._process.poll())
+        log.error("the decoder process is gone (%s, exit code %s); decoding and scoring in the daemon's "
+                  "process from now on", exc, self._process.poll())
 
     def close(self) -> None:
         self._connection.close()  # the helper sees EOF and returns

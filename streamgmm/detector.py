@@ -181,8 +181,11 @@ class Detector:
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
             if len(rows):
-                if scored is not None and (scored.model_version != self.model._version or len(scored.log_density) != len(X)):
-                    scored = None  # scored under another model state (e.g. before a restore)
+                stale = scored is not None and (
+                    scored.model_version != self.model._version or len(scored.log_density) != len(X)
+                )
+                if stale:
+                    scored = None  # scored under another model state (e.g. before a restore): score here
                 self._score_flag_learn(records, X, rows, result, now, scored)
                 self.threshold.update(self.model)
             stamps = _timestamps(records)[decoded.valid_index]
