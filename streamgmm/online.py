@@ -62,6 +62,11 @@ def _standardize(X, center, scale):
         return (X - center) / scale
 
 
+def _log_jacobian_of(scale) -> float:
+    """Added to internal (standardised) log-densities to make them densities of the input."""
+    return -float(np.sum(np.log(scale)))
+
+
 def _usual_components(weights, rare_weight) -> np.ndarray | None:
     """Which components score points (not rare), or None when all of them do."""
     if rare_weight > 0:
@@ -113,8 +118,7 @@ class ScoringModel:
         log_prob_norm, log_resp = g.e_step(wlp)
         usual = _usual_components(self.weights, self.rare_weight)
         density = log_prob_norm if usual is None else g.logsumexp_rows(np.where(usual, wlp, -np.inf))
-        log_jacobian = -float(np.sum(np.log(self.scale)))
-        return ScoredBatch(X_internal, density + log_jacobian, log_resp, self.version)
+        return ScoredBatch(X_internal, density + _log_jacobian_of(self.scale), log_resp, self.version)
 
 
 class OnlineGaussianMixture(MixtureBase):
@@ -274,7 +278,7 @@ class OnlineGaussianMixture(MixtureBase):
 
     @property
     def _log_jacobian(self) -> float:
-        return -float(np.sum(np.log(self.scale_)))
+        return _log_jacobian_of(self.scale_)
 
     def _internal_parameters(self):
         return self._weights, self._means, self._precisions_chol

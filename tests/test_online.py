@@ -229,8 +229,9 @@ def test_rare_weight_scores_absorbed_small_clusters_as_unusual():
 @pytest.mark.parametrize("rare_weight", [0.0, 0.2])
 @pytest.mark.parametrize("quantile", [0.001, 0.01, 0.5])
 def test_density_quantile_equals_scoring_every_draw(covariance_type, rare_weight, quantile):
-    # Weights from 0.05 to 0.4: with rare_weight 0.2 some components are rare, and draws from
-    # them have no lower bound, so both the pruned and the fallback paths are exercised.
+    # Weights 0.07 to 0.5: with rare_weight 0.2 two components are rare, and draws from them
+    # have no lower bound (they are always scored in full); quantile 0.5 needs more draws than
+    # the pruning keeps, so it takes the path that scores every draw.
     rng = np.random.default_rng(3)
     truth = random_mixture(4, 5, rng)
     X, _ = truth.sample(6000, rng)
