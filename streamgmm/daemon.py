@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -38,6 +39,13 @@ from .metrics import HealthServer, Metrics
 from .statestore import GLOBAL_KEY, LocalStateStore, TopicStateStore, model_key
 
 log = logging.getLogger(__name__)
+
+
+class Polled(NamedTuple):
+    """One model's share of a poll: its records, and the last offset of each partition in them."""
+
+    records: list
+    last_offsets: dict[tuple[str, int], int]
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -91,7 +99,7 @@ class Daemon:
         self._rewinds = 0
         self.decoder_process: DecoderProcess | None = None
         # A polled batch whose values the decoder process is parsing, by model key.
-        self._decoding: dict[str, list] | None = None
+        self._decoding: dict[str, Polled] | None = None
         # An error while processing a polled batch inside a rebalance hook: the loop re-raises it.
         self._fatal: BaseException | None = None
 
@@ -272,15 +280,13 @@ class Daemon:
             self.server = HealthServer(self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.ready,
                                        lambda: {"partitions": self.partition_readiness()}).start()
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.server.port)
-        # Binary formats need no parsing: there the helper's transfers cost what it would save
-        # (measured: float32 70% of the raw consume rate in one process, 68% with the helper).
-        if cfg.input.parallel_decode and cfg.input.format in ("json", "csv"):
+        if cfg.input.parallel_decode:
             self.decoder_process = DecoderProcess(cfg.input)
         try:
             self._connect()
             backoff = cfg.kafka.retry_backoff_initial_seconds
             while not self.stopping:
-                polled: dict[str, list] = {}
+                polled: dict[str, Polled] = {}
                 try:
                     # While the decoder process parses the previous batch, take what is already
                     # fetched without waiting for more: that batch is not to be held up.
@@ -318,39 +324,46 @@ class Daemon:
                 self.server.stop()
             log.info("stopped")
 
-    def _poll(self, timeout_ms: int) -> dict[str, list]:
+    def _poll(self, timeout_ms: int) -> dict[str, Polled]:
         """The next batch of records, grouped by model key."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.config.kafka.max_batch_messages)
         # kafka-python's ConsumerRecord has the attributes of InputRecord: no copy needed.
-        by_key: dict[str, list] = {}
+        by_key: dict[str, Polled] = {}
         for tp, batch in polled.items():
-            if tp in self.assigned:  # records of a partition revoked during this poll are not ours
-                by_key.setdefault(model_key(self.scope, tp.topic, tp.partition), []).extend(batch)
+            if tp in self.assigned and batch:  # records of a partition revoked during this poll are not ours
+                key = model_key(self.scope, tp.topic, tp.partition)
+                if key not in by_key:
+                    by_key[key] = Polled([], {})
+                by_key[key].records.extend(batch)
+                # A partition's records come in offset order: its last is its highest.
+                by_key[key].last_offsets[(tp.topic, tp.partition)] = batch[-1].offset
         return by_key
 
-    def _start(self, by_key: dict[str, list]) -> None:
-        """Hand a polled batch to the decoder process, or process it now if there is none."""
+    def _start(self, by_key: dict[str, Polled]) -> None:
+        """Hand a polled batch to the helper process, or process it now if there is none."""
         if self.decoder_process is not None and self.decoder_process.alive:
-            # Each model as it stands now, after every earlier batch: the helper scores with it.
-            scorers = []
+            # Each model and threshold as they stand now, after every earlier batch: the
+            # helper scores with them.
+            scorings = []
             for key in by_key:
                 detector = self.detectors.get(key)
-                scorers.append(detector.model.scoring_model() if detector is not None and detector.ready else None)
-            self.decoder_process.submit([values_of(records) for records in by_key.values()], scorers)
+                ready = detector is not None and detector.ready
+                scorings.append((detector.model.scoring_model(), detector.threshold.value) if ready else None)
+            self.decoder_process.submit([values_of(polled.records) for polled in by_key.values()], scorings)
             self._decoding = by_key
         else:
-            for key, records in by_key.items():
-                self._process(key, records)
+            for key, polled in by_key.items():
+                self._process(key, polled)
 
     def _finish_decoding(self) -> None:
-        """Process the batch the decoder process has been parsing (if any)."""
+        """Process the batch the helper process has been working on (if any)."""
         by_key, self._decoding = self._decoding, None
         if by_key is None:
             return
         try:
             results = self.decoder_process.results() or [(None, None)] * len(by_key)  # None: do it here
-            for (key, records), (decoded, scored) in zip(by_key.items(), results):
-                self._process(key, records, decoded, scored)
+            for (key, polled), (decoded, scored) in zip(by_key.items(), results):
+                self._process(key, polled, decoded, scored)
         except BaseException as exc:
             # Polled records that were not processed must not be skipped over by later
             # checkpoints: the loop stops on this error rather than go on past them.
@@ -363,13 +376,14 @@ class Daemon:
             self._last_lag_update = now
             self._update_lag()
 
-    def _process(self, key: str, records: list, decoded=None, scored=None) -> None:
+    def _process(self, key: str, polled: Polled, decoded=None, scored=None) -> None:
         started = time.perf_counter()
+        records = polled.records
         detector = self.detectors.get(key)
         if detector is None:  # scope: global before restore, or a partition restored lazily
             detector = self.detectors[key] = Detector(self.config)
         updates_before = detector.n_updates
-        result = detector.process(records, decoded=decoded, scored=scored)
+        result = detector.process(records, decoded=decoded, scored=scored, last_offsets=polled.last_offsets)
         try:
             for out in result.anomalies + result.dead_letters:
                 future = self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers)

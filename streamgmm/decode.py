@@ -59,6 +59,10 @@ def _to_float(value) -> float:
         return float("inf")
 
 
+# Formats parsed from text (costly: worth parsing in another process); the others are raw bytes.
+TEXT_FORMATS = ("json", "csv")
+
+
 @dataclass(frozen=True)
 class Invalid:
     index: int

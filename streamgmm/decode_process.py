@@ -27,8 +27,9 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .config import InputConfig
-from .decode import DecodedBatch, Decoder
-from .online import ScoredBatch, ScoringModel
+from .decode import TEXT_FORMATS, DecodedBatch, Decoder
+from .online import ScoredBatch, ScoringModel, split_statistics
+from .threshold import flags_below
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +64,42 @@ def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
     return out
 
 
-def _decode_and_score(decoder: Decoder, values, scorer: ScoringModel | None) -> tuple[DecodedBatch, ScoredBatch | None]:
+# What the helper scores a batch with: the model as it stands and the threshold's value.
+Scoring = tuple[ScoringModel, float | None]
+
+
+def _decode_and_score(decoder: Decoder, values, scoring: Scoring | None,
+                      return_decoded: bool) -> tuple[DecodedBatch | None, ScoredBatch | None]:
+    """Decode a batch; score its valid rows and compute what the model learns from them.
+
+    The scores go back with the statistics only (not the rows' responsibilities): the model
+    learns from those, and the transfer stays small.  Decoded rows go back only if
+    ``return_decoded`` (text formats; raw bytes are cheaper to decode again than to send).
+    """
     decoded = decoder.decode(values)
-    scored = scorer.score(decoded.X) if scorer is not None and len(decoded.X) else None
-    return decoded, scored
+    scored = None
+    if scoring is not None and len(decoded.X):
+        model, threshold = scoring
+        full = model.score(decoded.X)
+        statistics = split_statistics(full, flags_below(full.log_density, threshold), model.covariance_type)
+        scored = ScoredBatch(None, full.log_density, None, full.component, full.model_version, statistics, threshold)
+    return (decoded if return_decoded else None), scored
 
 
 def _serve(connection, config: InputConfig) -> None:
-    """The helper's loop: (buffer, lengths, scorers) in, (DecodedBatch, ScoredBatch | None) per batch out."""
+    """The helper's loop: (buffer, lengths, scorings) in, (DecodedBatch | None, ScoredBatch | None)
+    per batch out."""
     decoder = Decoder(config)
+    return_decoded = config.format in TEXT_FORMATS
     while True:
         try:
             data = connection.recv_bytes()
             header = connection.recv_bytes()
-            scorers = connection.recv()
+            scorings = connection.recv()
         except (EOFError, OSError):
             return
-        connection.send([_decode_and_score(decoder, values, scorer)
-                         for values, scorer in zip(unpack(data, header), scorers)])
+        connection.send([_decode_and_score(decoder, values, scoring, return_decoded)
+                         for values, scoring in zip(unpack(data, header), scorings)])
 
 
 class DecoderProcess:
@@ -103,9 +122,9 @@ class DecoderProcess:
         self._outstanding = False
         self.alive = True
 
-    def submit(self, batches: list[list[bytes | None]], scorers: list[ScoringModel | None] | None = None) -> None:
-        """Start decoding these batches of values, and scoring each with its scorer if given
-        (nothing happens if the helper is gone)."""
+    def submit(self, batches: list[list[bytes | None]], scorings: list[Scoring | None] | None = None) -> None:
+        """Start decoding these batches of values, and scoring each with its (model, threshold)
+        if given (nothing happens if the helper is gone)."""
         if self._outstanding:
             raise RuntimeError("the previous batch's results were not collected")
         if not self.alive:
@@ -114,14 +133,14 @@ class DecoderProcess:
         try:
             self._connection.send_bytes(data)
             self._connection.send_bytes(header)
-            self._connection.send(scorers or [None] * len(batches))
+            self._connection.send(scorings or [None] * len(batches))
             self._outstanding = True
         except OSError as exc:
             self._lost(exc)
 
-    def results(self) -> list[tuple[DecodedBatch, ScoredBatch | None]] | None:
-        """(decoded, scored or None) per batch of the last ``submit``; None if the helper was
-        lost (decode and score here)."""
+    def results(self) -> list[tuple[DecodedBatch | None, ScoredBatch | None]] | None:
+        """(decoded or None, scored or None) per batch of the last ``submit``; None if the
+        helper was lost (decode and score here)."""
         if not self._outstanding:
             return None
         self._outstanding = False

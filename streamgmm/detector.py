@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .config import Config
 from .decode import DecodedBatch, Decoder
-from .online import OnlineGaussianMixture, ScoredBatch
+from .online import OnlineGaussianMixture, ScoredBatch, split_statistics
 from .threshold import make_threshold
 
 STATE_KIND = "streamgmm-detector"
@@ -94,6 +94,17 @@ def values_of(records) -> list:
     return list(map(_VALUE_OF, records))
 
 
+def _last_offsets(records) -> dict[tuple[str, int], int]:
+    """The highest offset per (topic, partition) among the records."""
+    last: dict[tuple[str, int], int] = {}
+    # Kafka hands over each partition's records as one run: one step per run, not per record.
+    for key, run in groupby(zip(map(_PARTITION_OF, records), map(_OFFSET_OF, records)), key=itemgetter(0)):
+        offset = max(map(itemgetter(1), run))
+        if offset >= last.get(key, -1):
+            last[key] = offset
+    return last
+
+
 def _timestamps(records) -> np.ndarray:
     """Message timestamps in ms as floats, 0 where a record has none."""
     try:
@@ -152,10 +163,13 @@ class Detector:
 
     # ------------------------------------------------------------------ the work
     def process(self, records: list[InputRecord], now: float | None = None,
-                decoded: DecodedBatch | None = None, scored: ScoredBatch | None = None) -> BatchResult:
+                decoded: DecodedBatch | None = None, scored: ScoredBatch | None = None,
+                last_offsets: dict[tuple[str, int], int] | None = None) -> BatchResult:
         """``decoded``: the records' values already decoded, and ``scored``: their valid rows
         already scored (both by the helper process), if so.  A ``scored`` batch is used only
-        if it was scored by the model as it stands now; otherwise the batch is scored here."""
+        if it was scored by the model and threshold as they stand now; otherwise the batch is
+        scored here.  ``last_offsets``: the highest offset per (topic, partition) among the
+        records, if the caller knows it (the Kafka loop does, from each partition's run)."""
         now = time.time() if now is None else now
         result = BatchResult(n_records=len(records))
         if decoded is None:
@@ -181,10 +195,7 @@ class Detector:
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
             if len(rows):
-                stale = scored is not None and (
-                    scored.model_version != self.model._version or len(scored.log_density) != len(X)
-                )
-                if stale:
+                if scored is not None and not self._scored_as_now(scored, len(X)):
                     scored = None  # scored under another model state (e.g. before a restore): score here
                 self._score_flag_learn(records, X, rows, result, now, scored)
                 self.threshold.update(self.model)
@@ -192,15 +203,15 @@ class Detector:
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
-        last: dict[tuple[str, int], int] = {}
-        # Kafka hands over each partition's records as one run: one step per run, not per record.
-        for key, run in groupby(zip(map(_PARTITION_OF, records), map(_OFFSET_OF, records)), key=itemgetter(0)):
-            offset = max(map(itemgetter(1), run))
-            if offset >= last.get(key, -1):
-                last[key] = offset
-        for key, offset in last.items():
+        for key, offset in (_last_offsets(records) if last_offsets is None else last_offsets).items():
             self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
         return result
+
+    def _scored_as_now(self, scored: ScoredBatch, n_rows: int) -> bool:
+        """Whether a batch scored elsewhere was scored by the model as it stands now (and its
+        statistics split by the threshold as it stands now)."""
+        return (scored.model_version == self.model._version and len(scored.log_density) == n_rows
+                and (scored.statistics is None or scored.flag_threshold == self.threshold.value))
 
     def _score_flag_learn(self, records, X, rows, result, now, scored=None) -> None:
         scored = self.model.score_batch(X) if scored is None else scored
@@ -216,11 +227,15 @@ class Detector:
                                          self.model.n_seen_, detected_at)
                 )
         self.n_anomalies += int(flags.sum())
-        learn = np.ones(len(rows)) if self._learn_flagged(flags) else (~flags).astype(float)
-        if learn.any():
-            before = self.model.n_seen_
-            self.model.learn(scored, sample_weight=learn)
-            result.n_learned += self.model.n_seen_ - before
+        learn_flagged = self._learn_flagged(flags)
+        unflagged, flagged = scored.statistics or split_statistics(scored, flags, self.model.covariance_type)
+        statistics = unflagged + flagged if learn_flagged and flagged is not None else unflagged
+        if statistics.n_points:
+            learned = np.isfinite(scored.log_density) & (learn_flagged | ~flags)
+            self.model.learn_statistics(statistics, lambda: (
+                self.model.standardized(X) if scored.X_internal is None else scored.X_internal,
+                np.where(learned, scored.log_density, np.inf)))
+            result.n_learned += statistics.n_points
             self.n_updates += 1
 
     @property

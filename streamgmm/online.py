@@ -77,21 +77,75 @@ def _usual_components(weights, rare_weight) -> np.ndarray | None:
 
 
 @dataclass(frozen=True)
+class BatchStatistics:
+    """The expected sufficient statistics of some rows of a batch under one model state:
+    what stepwise EM learns from them (``OnlineGaussianMixture.learn_statistics``).
+
+    Small (K x D x D at most, whatever the batch size), so another process can compute them
+    from a batch it scored and hand over only these.
+    """
+
+    s0: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    n_points: int  # rows with a positive weight
+    total_weight: float
+    model_version: int
+
+    def __add__(self, other: "BatchStatistics") -> "BatchStatistics":
+        if other.model_version != self.model_version:
+            raise ValueError("statistics taken under different model versions cannot be added")
+        return BatchStatistics(self.s0 + other.s0, self.s1 + other.s1, self.s2 + other.s2,
+                               self.n_points + other.n_points, self.total_weight + other.total_weight,
+                               self.model_version)
+
+
+@dataclass(frozen=True)
 class ScoredBatch:
     """A batch scored under one version of the model, ready to learn from.
 
     ``log_density[i]`` is the log-density of row i before the model learns from it.
+    ``X_internal`` and ``log_resp`` are None in a batch scored by another process, which
+    hands over ``statistics`` instead: (rows not flagged, rows flagged or None) by the
+    threshold ``flag_threshold`` (see ``split_statistics``).
     """
 
-    X_internal: np.ndarray
+    X_internal: np.ndarray | None
     log_density: np.ndarray
-    log_resp: np.ndarray
+    log_resp: np.ndarray | None
+    component: np.ndarray  # most responsible component per row
     model_version: int
+    statistics: tuple[BatchStatistics, BatchStatistics | None] | None = None
+    flag_threshold: float | None = None
 
-    @property
-    def component(self) -> np.ndarray:
-        """Most responsible component per row."""
-        return np.argmax(self.log_resp, axis=1)
+
+def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: str,
+                     rows: np.ndarray | None = None) -> BatchStatistics:
+    """Statistics of the batch's rows (only ``rows`` if given) weighted by ``weight`` (one per
+    row taken); rows whose density is not finite weigh nothing."""
+    X_internal, log_resp, log_density = scored.X_internal, scored.log_resp, scored.log_density
+    if rows is not None:
+        X_internal, log_resp, log_density = X_internal[rows], log_resp[rows], log_density[rows]
+    weight = np.where(np.isfinite(log_density), weight, 0.0)
+    with np.errstate(invalid="ignore"):
+        resp = np.exp(log_resp)
+    resp = np.where(weight[:, np.newaxis] > 0, resp, 0.0) * weight[:, np.newaxis]
+    X = np.clip(X_internal, -LEARN_CLIP, LEARN_CLIP)
+    s0, s1, s2 = g.sufficient_statistics(X, resp, covariance_type)
+    return BatchStatistics(s0, s1, s2, int(np.count_nonzero(weight)), float(weight.sum()), scored.model_version)
+
+
+def split_statistics(scored: ScoredBatch, flags: np.ndarray, covariance_type: str):
+    """(statistics of the rows not flagged, of the flagged rows or None if there are none).
+
+    A detector learns from the first, and adds the second only when it adopts flagged points
+    as a new regime; splitting lets whoever scored the batch compute both before that is known.
+    """
+    unflagged = batch_statistics(scored, (~flags).astype(float), covariance_type)
+    if not flags.any():
+        return unflagged, None
+    flagged_rows = np.flatnonzero(flags)
+    return unflagged, batch_statistics(scored, np.ones(len(flagged_rows)), covariance_type, rows=flagged_rows)
 
 
 @dataclass(frozen=True)
@@ -118,7 +172,8 @@ class ScoringModel:
         log_prob_norm, log_resp = g.e_step(wlp)
         usual = _usual_components(self.weights, self.rare_weight)
         density = log_prob_norm if usual is None else g.logsumexp_rows(np.where(usual, wlp, -np.inf))
-        return ScoredBatch(X_internal, density + _log_jacobian_of(self.scale), log_resp, self.version)
+        return ScoredBatch(X_internal, density + _log_jacobian_of(self.scale), log_resp,
+                           np.argmax(log_resp, axis=1), self.version)
 
 
 class OnlineGaussianMixture(MixtureBase):
@@ -273,6 +328,11 @@ class OnlineGaussianMixture(MixtureBase):
     def _to_internal(self, X):
         return _standardize(X, self.center_, self.scale_)
 
+    def standardized(self, X) -> np.ndarray:
+        """X in the standardised space the model computes in (``ScoredBatch.X_internal``)."""
+        self._check_fitted()
+        return self._to_internal(self._check_X(X))
+
     def _from_internal(self, X):
         return X * self.scale_ + self.center_
 
@@ -388,30 +448,36 @@ class OnlineGaussianMixture(MixtureBase):
         Rows with zero weight, or whose density is not finite, are not learned from.
         """
         self._check_fitted()
-        if scored.model_version != self._version:
+        if scored.X_internal is None:
+            raise ValueError("this batch carries statistics only: learn them with learn_statistics")
+        weight = check_sample_weight(sample_weight, scored.X_internal.shape[0])
+        statistics = batch_statistics(scored, weight, self.covariance_type)
+        learned = weight > 0
+        self.learn_statistics(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)))
+
+    def learn_statistics(self, statistics: BatchStatistics, candidates=None) -> None:
+        """Learn a batch's statistics (``batch_statistics``/``split_statistics`` of a batch
+        scored under this very model state).
+
+        ``candidates``: None, or a function giving (X_internal, log_density) of the batch's
+        rows (``standardized(X)``; inf for rows not learned): if a component dies, it is
+        re-seeded at the most poorly explained of them.
+        """
+        self._check_fitted()
+        if statistics.model_version != self._version:
             raise ValueError(
                 "this batch was scored by an older version of the model; score it again with score_batch"
             )
-        n_rows = scored.X_internal.shape[0]
-        weight = check_sample_weight(sample_weight, n_rows)
-        weight = np.where(np.isfinite(scored.log_density), weight, 0.0)
-        n_learned = int(np.count_nonzero(weight))
-        if n_learned == 0:
+        if statistics.n_points == 0:
             return
-        total_weight = weight.sum()
-        with np.errstate(invalid="ignore"):
-            resp = np.exp(scored.log_resp)
-        resp = np.where(weight[:, np.newaxis] > 0, resp, 0.0) * weight[:, np.newaxis]
-        X = np.clip(scored.X_internal, -LEARN_CLIP, LEARN_CLIP)
-        s0, s1, s2 = g.sufficient_statistics(X, resp, self.covariance_type)
-        rho = self._compound_step(n_learned)
+        rho = self._compound_step(statistics.n_points)
         keep = 1.0 - rho
-        self._S0 = keep * self._S0 + (rho / total_weight) * s0
-        self._S1 = keep * self._S1 + (rho / total_weight) * s1
-        self._S2 = keep * self._S2 + (rho / total_weight) * s2
-        self._steps += n_learned
-        self.n_seen_ += n_learned
-        self._refresh_parameters(candidates=(X, np.where(weight > 0, scored.log_density, np.inf)))
+        self._S0 = keep * self._S0 + (rho / statistics.total_weight) * statistics.s0
+        self._S1 = keep * self._S1 + (rho / statistics.total_weight) * statistics.s1
+        self._S2 = keep * self._S2 + (rho / statistics.total_weight) * statistics.s2
+        self._steps += statistics.n_points
+        self.n_seen_ += statistics.n_points
+        self._refresh_parameters(candidates=candidates)
 
     def _compound_step(self, n_points: int) -> float:
         """1 - prod(1 - eta_i) over the next n_points per-point steps."""
@@ -444,7 +510,7 @@ class OnlineGaussianMixture(MixtureBase):
         self._S0, self._S1, self._S2 = s0 / total, s1 / total, s2 / total
         self._steps = 0.0
         self.n_seen_ = int(np.count_nonzero(weight))
-        self._refresh_parameters(candidates=(X_internal, log_prob_norm))
+        self._refresh_parameters(candidates=lambda: (X_internal, log_prob_norm))
 
     def _fit_warmup_mixture(self, X_internal, weight):
         """Batch EM on the warm-up buffer, best of ``warmup_n_init`` restarts.
@@ -530,8 +596,10 @@ class OnlineGaussianMixture(MixtureBase):
     def _refresh_parameters(self, candidates) -> None:
         """Re-derive parameters from S; re-seed dead or non-PD components.
 
-        ``candidates`` is (X_internal, log_density) of the last batch, or None: dead components
-        move to its most poorly explained points.
+        ``candidates`` is None, or a function giving (X_internal, log_density) of the last
+        batch: dead components move to its most poorly explained points.  (A function: the
+        points are needed only when a component dies, and a batch scored elsewhere has to
+        standardise them first.)
         """
         weights, means, covariances = g.parameters_from_statistics(
             self._S0, self._S1, self._S2, self.covariance_type, self.reg_covar
@@ -544,8 +612,8 @@ class OnlineGaussianMixture(MixtureBase):
             if candidates is None:
                 worst_points = np.empty((0, means.shape[1]))
             else:
-                points, log_density = candidates
-                worst_points = points[np.argsort(log_density)[: int(dead.sum())]]
+                points, log_density = candidates()
+                worst_points = np.clip(points[np.argsort(log_density)[: int(dead.sum())]], -LEARN_CLIP, LEARN_CLIP)
             self._reseed(weights, means, covariances, dead, bad_cov, worst_points)
             weights, means, covariances = g.parameters_from_statistics(
                 self._S0, self._S1, self._S2, self.covariance_type, self.reg_covar
@@ -667,4 +735,5 @@ def _full_covariances(covariances, covariance_type, n_components, n_features):
     return np.array([np.eye(n_features) * c for c in covariances])
 
 
-__all__ = ["OnlineGaussianMixture", "ScoredBatch", "ScoringModel", "NotFittedError"]
+__all__ = ["BatchStatistics", "OnlineGaussianMixture", "ScoredBatch", "ScoringModel", "NotFittedError",
+           "batch_statistics", "split_statistics"]

@@ -14,6 +14,13 @@ from .config import ThresholdConfig
 from .online import OnlineGaussianMixture
 
 
+def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:
+    """Which points a threshold at ``value`` flags (none while there is no value yet)."""
+    if value is None:
+        return np.zeros(len(log_density), dtype=bool)
+    return log_density < value
+
+
 class FixedThreshold:
     """Flag points whose log-density is below ``value``."""
 
@@ -26,7 +33,7 @@ class FixedThreshold:
         """A fixed threshold does not move."""
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
-        return log_density < self.value
+        return flags_below(log_density, self.value)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value}
@@ -65,9 +72,7 @@ class QuantileThreshold:
         self.refreshed_at = model.n_seen_
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
-        if self.value is None:
-            return np.zeros(len(log_density), dtype=bool)
-        return log_density < self.value
+        return flags_below(log_density, self.value)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value, "refreshed_at": self.refreshed_at}

@@ -1,5 +1,6 @@
 """The helper process: same results as decoding and scoring in-process, nothing lost when it goes."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from streamgmm import OnlineGaussianMixture
 from streamgmm.config import InputConfig
 from streamgmm.decode import Decoder, encode
 from streamgmm.decode_process import DecoderProcess, pack, unpack
+from streamgmm.online import split_statistics
 from streamgmm.synthetic import random_mixture
 
 values = st.one_of(st.none(), st.binary(max_size=40))
@@ -63,22 +65,38 @@ def test_scores_with_the_model_it_is_given():
     X, _ = truth.sample(3000, rng)
     model = OnlineGaussianMixture(3, warmup=500, random_state=0, rare_weight=0.2)
     model.partial_fit(X[:2000])
+    twin = copy.deepcopy(model)
+    config = InputConfig(format="float32", dimension=4)
     batch = [encode(x, "float32") for x in X[2000:]] + [b"short"]
-    helper = DecoderProcess(InputConfig(format="float32", dimension=4))
+    threshold = float(np.quantile(model.score_samples(X[2000:]), 0.05))  # flags some rows
+    helper = DecoderProcess(config)
     try:
-        helper.submit([batch, batch[:10]], [model.scoring_model(), None])
+        helper.submit([batch, batch[:10]], [(model.scoring_model(), threshold), None])
         (decoded, scored), (_, unscored) = helper.results()
     finally:
         helper.close()
+    assert decoded is None  # raw bytes: the daemon decodes them again rather than receive them
     assert unscored is None
-    expected = model.score_batch(decoded.X)
+    expected = model.score_batch(Decoder(config).decode(batch).X)
     assert scored.model_version == expected.model_version
     np.testing.assert_array_equal(scored.log_density, expected.log_density)
-    np.testing.assert_array_equal(scored.log_resp, expected.log_resp)
-    model.learn(scored)  # the model takes it as its own: the same version
+    np.testing.assert_array_equal(scored.component, expected.component)
+    # The statistics come back instead of the responsibilities, split by the threshold.
+    assert scored.X_internal is None and scored.log_resp is None and scored.flag_threshold == threshold
+    flags = expected.log_density < threshold
+    assert 0 < flags.sum() < len(flags)
+    for got, want in zip(scored.statistics, split_statistics(expected, flags, model.covariance_type)):
+        for field in ("s0", "s1", "s2", "n_points", "total_weight", "model_version"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    # Learning them is learning the batch in-process, to the last bit.
+    unflagged, _ = scored.statistics
+    model.learn_statistics(unflagged)
+    twin.learn(expected, sample_weight=~flags)
+    np.testing.assert_array_equal(model.means_, twin.means_)
+    np.testing.assert_array_equal(model.covariances_, twin.covariances_)
     # After learning, the old snapshot's results are refused (the daemon then scores itself).
     with pytest.raises(ValueError, match="older version"):
-        model.learn(scored)
+        model.learn_statistics(unflagged)
 
 
 def test_a_lost_helper_means_decoding_here():

@@ -114,7 +114,7 @@ def test_non_positive_definite_covariance_is_reseeded_not_raised():
     rng = np.random.default_rng(7)
     model = _stream(OnlineGaussianMixture(3, warmup=600, random_state=0), rng.normal(size=(1200, 4)))
     model._S2[1] = -np.eye(4)  # a covariance that stopped being positive definite
-    model._refresh_parameters(candidates=(model._to_internal(rng.normal(size=(10, 4))), np.zeros(10)))
+    model._refresh_parameters(candidates=lambda: (model._to_internal(rng.normal(size=(10, 4))), np.zeros(10)))
     assert model.n_reseeded_ == 1
     _assert_finite_state(model)
     assert np.all(np.linalg.eigvalsh(model._covariances) > 0)
