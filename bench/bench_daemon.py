@@ -6,7 +6,7 @@ For each input format (json, float32) one topic of 2 x --messages messages.  Eac
 measures, on the same topic: the raw kafka-python consume rate (no decoding), then the
 daemon from an empty state: its cold-start rate over the first --messages (warm-up and the
 young model's frequent threshold refreshes included) and its sustained rate over the
-rest.  JSON runs with and without the helper process (input.parallel_decode).  The table
+rest, with and without the helper process (input.parallel_decode).  The table
 gives the median of the rounds (rounds interleave, so a noisy moment of the shared machine
 hits all columns alike).  Then the p50/p99 latency from a message's timestamp to its
 anomaly record, with the daemon caught up and a live producer.
@@ -161,7 +161,8 @@ def latency_run(bootstrap, topic, X, seconds, rate):
 
 
 # (label, input format, input.parallel_decode)
-VARIANTS = [("json", "json", True), ("json, one process", "json", False), ("float32", "float32", True)]
+VARIANTS = [("json", "json", True), ("json, one process", "json", False), ("float32", "float32", True),
+            ("float32, one process", "float32", False)]
 
 
 def main():

@@ -49,18 +49,26 @@ def pack(batches: list[list[bytes | None]]) -> tuple[bytes, bytes]:
     return data, np.concatenate((np.array([len(batches), *sizes], dtype=np.int64), lengths)).tobytes()
 
 
-def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
-    """The inverse of ``pack``."""
+def unpack_packed(data: bytes, header: bytes) -> list[tuple[bytes, np.ndarray]]:
+    """Per batch packed by ``pack``: its values back to back, and their lengths (-1: null)."""
     numbers = np.frombuffer(header, dtype=np.int64)
     n_batches = int(numbers[0])
     sizes, lengths = numbers[1 : 1 + n_batches], numbers[1 + n_batches :]
-    ends = np.cumsum(np.maximum(lengths, 0)).tolist()
-    starts = [0] + ends[:-1]
-    values = [None if n == _NULL else data[a:b] for a, b, n in zip(starts, ends, lengths.tolist())]
+    ends = np.concatenate(([0], np.cumsum(np.maximum(lengths, 0)))).tolist()
     out, at = [], 0
     for size in sizes.tolist():
-        out.append(values[at : at + size])
+        out.append((data[ends[at] : ends[at + size]], lengths[at : at + size]))
         at += size
+    return out
+
+
+def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
+    """The inverse of ``pack``."""
+    out = []
+    for batch, lengths in unpack_packed(data, header):
+        ends = np.cumsum(np.maximum(lengths, 0)).tolist()
+        starts = [0] + ends[:-1]
+        out.append([None if n == _NULL else batch[a:b] for a, b, n in zip(starts, ends, lengths.tolist())])
     return out
 
 
@@ -68,7 +76,7 @@ def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
 Scoring = tuple[ScoringModel, float | None]
 
 
-def _decode_and_score(decoder: Decoder, values, scoring: Scoring | None,
+def _decode_and_score(decoder: Decoder, packed: tuple[bytes, np.ndarray], scoring: Scoring | None,
                       return_decoded: bool) -> tuple[DecodedBatch | None, ScoredBatch | None]:
     """Decode a batch; score its valid rows and compute what the model learns from them.
 
@@ -76,7 +84,7 @@ def _decode_and_score(decoder: Decoder, values, scoring: Scoring | None,
     learns from those, and the transfer stays small.  Decoded rows go back only if
     ``return_decoded`` (text formats; raw bytes are cheaper to decode again than to send).
     """
-    decoded = decoder.decode(values)
+    decoded = decoder.decode_packed(*packed)
     scored = None
     if scoring is not None and len(decoded.X):
         model, threshold = scoring
@@ -98,8 +106,8 @@ def _serve(connection, config: InputConfig) -> None:
             scorings = connection.recv()
         except (EOFError, OSError):
             return
-        connection.send([_decode_and_score(decoder, values, scoring, return_decoded)
-                         for values, scoring in zip(unpack(data, header), scorings)])
+        connection.send([_decode_and_score(decoder, packed, scoring, return_decoded)
+                         for packed, scoring in zip(unpack_packed(data, header), scorings)])
 
 
 class DecoderProcess:

@@ -452,7 +452,7 @@ class OnlineGaussianMixture(MixtureBase):
             raise ValueError("this batch carries statistics only: learn them with learn_statistics")
         weight = check_sample_weight(sample_weight, scored.X_internal.shape[0])
         statistics = batch_statistics(scored, weight, self.covariance_type)
-        learned = weight > 0
+        learned = (weight > 0) & np.isfinite(scored.log_density)
         self.learn_statistics(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)))
 
     def learn_statistics(self, statistics: BatchStatistics, candidates=None) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from streamgmm import OnlineGaussianMixture
 from streamgmm.config import InputConfig
 from streamgmm.decode import Decoder, encode
-from streamgmm.decode_process import DecoderProcess, pack, unpack
+from streamgmm.decode_process import DecoderProcess, pack, unpack, unpack_packed
 from streamgmm.online import split_statistics
 from streamgmm.synthetic import random_mixture
 
@@ -27,6 +27,45 @@ values = st.one_of(st.none(), st.binary(max_size=40))
 @given(st.lists(st.lists(values, max_size=8), max_size=5))
 def test_pack_unpack_round_trip(batches):
     assert unpack(*pack(batches)) == batches
+
+
+def _json_value(draw_from):
+    """Flat arrays of numbers mostly (the fast path), and what must not pass for them."""
+    number = st.one_of(st.integers(-10**30, 10**30).map(str), st.floats(allow_nan=True).map(repr),
+                       st.sampled_from(["1e999", "-0", "NaN", "Infinity", "1.5e-3"]))
+    array = st.lists(number, min_size=0, max_size=4).map(lambda xs: ("[" + ", ".join(xs) + "]").encode())
+    junk = st.sampled_from([b"", b"[", b"]", b"][", b"[1,2][3]", b"[[1,2,3]]", b"[1,,2]", b" [1,2,3]", b"[1,2,3] ",
+                            b'{"a": 1}', b"[1, true, 2]", b"[1,2,3", b"1,2,3]", b"\xff[1,2,3]"])
+    return draw_from(st.one_of(array, array, array, junk, st.none()))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.sampled_from(["json", "csv", "float32"]), st.integers(1, 3))
+def test_decoding_packed_values_is_decoding_them_one_by_one(data, fmt, dimension):
+    # The helper decodes the buffer it receives as it is when it can: the result must be the same.
+    if fmt == "json":
+        values = [_json_value(data.draw) for _ in range(data.draw(st.integers(0, 8)))]
+    elif fmt == "csv":
+        values = data.draw(st.lists(st.one_of(st.none(), st.binary(max_size=12), st.just(b"1,2,3")), max_size=8))
+    else:
+        values = data.draw(st.lists(st.one_of(st.none(), st.binary(min_size=4 * dimension, max_size=4 * dimension),
+                                              st.binary(max_size=13)), max_size=8))
+    decoder = Decoder(InputConfig(format=fmt, dimension=dimension, max_message_bytes=40))
+    ((buffer, lengths),) = unpack_packed(*pack([values]))
+    got, expected = decoder.decode_packed(buffer, lengths), decoder.decode(values)
+    np.testing.assert_array_equal(got.X, expected.X)
+    np.testing.assert_array_equal(got.valid_index, expected.valid_index)
+    assert got.invalid == expected.invalid
+
+
+def test_packed_json_takes_the_fast_path_for_good_values():
+    decoder = Decoder(InputConfig(format="json", dimension=3))
+    values = [encode(x, "json") for x in np.random.default_rng(0).normal(size=(20, 3))]
+    ((buffer, lengths),) = unpack_packed(*pack([values]))
+    assert decoder._decode_packed_json_arrays(buffer, lengths) is not None  # not the value-by-value way
+    # A value with a trailing space is not provably a flat array: the value-by-value way.
+    first_longer = lengths + (np.arange(20) == 0)
+    assert decoder._decode_packed_json_arrays(buffer.replace(b"]", b"] ", 1), first_longer) is None
 
 
 def _assert_same(got, expected):

@@ -7,6 +7,7 @@ import pytest
 
 from streamgmm.config import config_from_dict
 from streamgmm.decode import encode
+from streamgmm.decode_process import _decode_and_score, pack, unpack_packed
 from streamgmm.detector import Detector, InputRecord
 from streamgmm.synthetic import random_mixture
 
@@ -154,7 +155,8 @@ def test_a_new_cluster_is_adopted_but_a_short_burst_is_not():
 
 def test_a_batch_scored_elsewhere_counts_only_if_scored_by_the_model_as_it_stands():
     # The daemon's helper process scores batch N with a snapshot taken after batch N-1: the
-    # result must equal scoring here, and a snapshot of any other model state must be ignored.
+    # result must equal scoring here, and a snapshot of any other model or threshold state
+    # must be ignored.
     rng = np.random.default_rng(6)
     X, _ = random_mixture(3, 4, rng).sample(3000, rng)
     X[2100] = 50.0
@@ -163,12 +165,18 @@ def test_a_batch_scored_elsewhere_counts_only_if_scored_by_the_model_as_it_stand
     _run(elsewhere, X[:1000])
     stale = elsewhere.model.scoring_model()
     flagged = 0
-    for start in range(1000, 3000, 500):
-        records = _records(X[start:start + 500], start=start)
-        decoded = elsewhere.decoder.decode([r.value for r in records])
-        snapshot = stale if start == 2000 else elsewhere.model.scoring_model()
+    for start in range(1000, 3000, 250):
+        records = _records(X[start:start + 250], start=start)
+        model, threshold = elsewhere.model.scoring_model(), elsewhere.threshold.value
+        if start == 2000:
+            model = stale  # e.g. the model was restored while the helper worked
+        if start == 2250:
+            threshold = np.inf  # statistics split by another threshold (every row flagged)
+        # What the helper process hands back: decoded rows, scores and split statistics.
+        packed = unpack_packed(*pack([[r.value for r in records]]))[0]
+        decoded, scored = _decode_and_score(elsewhere.decoder, packed, (model, threshold), True)
         expected = here.process(records, now=5.0)
-        got = elsewhere.process(records, now=5.0, decoded=decoded, scored=snapshot.score(decoded.X))
+        got = elsewhere.process(records, now=5.0, decoded=decoded, scored=scored)
         np.testing.assert_array_equal(got.log_density, expected.log_density)
         np.testing.assert_array_equal(got.flags, expected.flags)
         assert [a.value for a in got.anomalies] == [a.value for a in expected.anomalies]
