@@ -63,8 +63,8 @@ class InputConfig:
     dimension: int = 16
     max_message_bytes: int = 1_048_576
     csv_delimiter: str = ","
-    # json and csv: parse (and score) each batch in a helper process while the next batch is
-    # polled, on a second core; the binary formats need no parsing and stay in one process.
+    # Decode, score and summarise (EM statistics) each batch in a helper process while the
+    # next batch is polled, on a second core (see decode_process).
     parallel_decode: bool = True
 
 

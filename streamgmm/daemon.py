@@ -1,9 +1,10 @@
 """The Kafka loop: poll -> Detector.process -> produce -> checkpoint -> commit.
 
 One ``while`` loop; the per-batch work lives in ``Detector`` (pure), I/O stays here.
-For json and csv input a helper process (``DecoderProcess``) parses batch N, and scores it
-with a snapshot of the model as it stands after batch N-1, while the loop polls batch N+1;
-the batch is then learned from, decided and produced here as usual.  A
+With ``input.parallel_decode`` a helper process (``DecoderProcess``) decodes batch N, scores
+it with a snapshot of the model and threshold as they stand after batch N-1 and computes its
+EM statistics, while the loop polls batch N+1; the batch is then decided, learned and
+produced here as usual.  A
 polled batch is never skipped: checkpoints, rewinds and rebalance hooks first finish (or,
 for a rewind, drop and re-read) the batch being decoded.
 
@@ -39,6 +40,12 @@ from .metrics import HealthServer, Metrics
 from .statestore import GLOBAL_KEY, LocalStateStore, TopicStateStore, model_key
 
 log = logging.getLogger(__name__)
+
+
+# Smaller batches are processed at once, in-process.  A small batch means the daemon is
+# caught up: latency then matters, not throughput, and handing the batch over and polling
+# again meanwhile doubled the p50 and tripled the p99 latency (float32, 2,000 msg/s live).
+HELPER_MIN_BATCH = 1000
 
 
 class Polled(NamedTuple):
@@ -98,7 +105,7 @@ class Daemon:
         self._rewind_pending = False
         self._rewinds = 0
         self.decoder_process: DecoderProcess | None = None
-        # A polled batch whose values the decoder process is parsing, by model key.
+        # A polled batch the helper process is working on, by model key.
         self._decoding: dict[str, Polled] | None = None
         # An error while processing a polled batch inside a rebalance hook: the loop re-raises it.
         self._fatal: BaseException | None = None
@@ -288,7 +295,7 @@ class Daemon:
             while not self.stopping:
                 polled: dict[str, Polled] = {}
                 try:
-                    # While the decoder process parses the previous batch, take what is already
+                    # While the helper process works on the previous batch, take what is already
                     # fetched without waiting for more: that batch is not to be held up.
                     polled = self._poll(0 if self._decoding is not None else cfg.kafka.poll_timeout_ms)
                     backoff = cfg.kafka.retry_backoff_initial_seconds
@@ -340,8 +347,10 @@ class Daemon:
         return by_key
 
     def _start(self, by_key: dict[str, Polled]) -> None:
-        """Hand a polled batch to the helper process, or process it now if there is none."""
-        if self.decoder_process is not None and self.decoder_process.alive:
+        """Hand a polled batch to the helper process, or process it now (no helper, or a
+        small batch)."""
+        helper = self.decoder_process is not None and self.decoder_process.alive
+        if helper and sum(len(polled.records) for polled in by_key.values()) >= HELPER_MIN_BATCH:
             # Each model and threshold as they stand now, after every earlier batch: the
             # helper scores with them.
             scorings = []

@@ -1,13 +1,15 @@
-"""Decoding and scoring in a helper process, so that they overlap Kafka polling on another core.
+"""Decoding, scoring and the E-step in a helper process, overlapping Kafka polling on another core.
 
 kafka-python unpacks records in Python in the polling thread; in one process that and the
 daemon's own work take turns on one core (the GIL).  With a helper process, batch N is
-decoded there, and scored with a snapshot of the model taken after the daemon learned batch
-N-1 (``ScoringModel``: the very model the daemon would score it with), while the daemon polls
-batch N+1.  The daemon then only learns, decides and produces.
+decoded there, scored with a snapshot of the model taken after the daemon learned batch N-1
+(``ScoringModel``: the very model the daemon would score it with), and summarised as the EM
+statistics of its rows, split by the threshold of that moment (``split_statistics``), while
+the daemon polls batch N+1.  The daemon then decides, learns the statistics and produces:
+per message it only reads the scores.
 
 The helper holds no state (the models stay in the daemon), so losing it loses nothing: the
-daemon then decodes and scores in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to
+daemon then does the work in-process.  It ignores SIGINT/SIGTERM (a stop signal sent to
 the whole process group is the daemon's to handle) and exits when the daemon closes the
 socket between them, or dies.
 """

@@ -194,11 +194,24 @@ class Detector:
                 result.warmup_index = rows[:n_warm]
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
-            if len(rows):
-                if scored is not None and not self._scored_as_now(scored, len(X)):
-                    scored = None  # scored under another model state (e.g. before a restore): score here
-                self._score_flag_learn(records, X, rows, result, now, scored)
+            if scored is not None and not self._scored_as_now(scored, len(X)):
+                scored = None  # scored under another model state (e.g. before a restore): score here
+            parts = []
+            while len(rows):
+                # A young model's threshold is re-estimated often: a large batch (a backlog at
+                # start) is taken in that many steps, each scored with the threshold refreshed
+                # after the last, not all of it with the threshold of the warm-up model.
+                step = self.threshold.points_before_refresh(self.model)
+                n = len(rows) if step is None else min(len(rows), step)
+                if n < len(rows):
+                    scored = None  # the helper scored the whole batch with the model before it
+                parts.append(self._score_flag_learn(records, X[:n], rows[:n], result, now, scored))
+                X, rows = X[n:], rows[n:]
                 self.threshold.update(self.model)
+            if len(parts) == 1:
+                result.scored_index, result.log_density, result.flags, result.components = parts[0]
+            elif parts:
+                result.scored_index, result.log_density, result.flags, result.components = map(np.concatenate, zip(*parts))
             stamps = _timestamps(records)[decoded.valid_index]
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
@@ -213,11 +226,11 @@ class Detector:
         return (scored.model_version == self.model._version and len(scored.log_density) == n_rows
                 and (scored.statistics is None or scored.flag_threshold == self.threshold.value))
 
-    def _score_flag_learn(self, records, X, rows, result, now, scored=None) -> None:
+    def _score_flag_learn(self, records, X, rows, result, now, scored=None):
+        """Score, flag and learn these rows; returns (rows, log_density, flags, components)."""
         scored = self.model.score_batch(X) if scored is None else scored
         flags = self.threshold.classify(scored.log_density)
         components = scored.component
-        result.scored_index, result.log_density, result.flags, result.components = rows, scored.log_density, flags, components
         if flags.any():
             detected_at = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
             for position in np.flatnonzero(flags):
@@ -237,6 +250,7 @@ class Detector:
                 np.where(learned, scored.log_density, np.inf)))
             result.n_learned += statistics.n_points
             self.n_updates += 1
+        return rows, scored.log_density, flags, components
 
     @property
     def adopt_flag_rate(self) -> float | None:

@@ -32,6 +32,10 @@ class FixedThreshold:
     def update(self, model: OnlineGaussianMixture) -> None:
         """A fixed threshold does not move."""
 
+    def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
+        """Never refreshed."""
+        return None
+
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
 
@@ -66,10 +70,23 @@ class QuantileThreshold:
             return
         if self.value is not None:
             learned_since = model.n_seen_ - self.refreshed_at
-            if learned_since < min(self.refresh_every, max(1_000, self.refreshed_at // 2)):
+            if learned_since < self._interval():
                 return
         self.value = model.density_quantile(self.quantile, self.samples, random_state=model.n_seen_)
         self.refreshed_at = model.n_seen_
+
+    def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
+        """While the model is young (refreshes closer together than ``refresh_every``), how
+        many more points it learns before the next refresh; None once it is not."""
+        if self.value is None or not model.is_initialized:
+            return None
+        interval = self._interval()
+        if interval >= self.refresh_every:
+            return None
+        return max(interval - (model.n_seen_ - self.refreshed_at), 1)
+
+    def _interval(self) -> int:
+        return min(self.refresh_every, max(1_000, self.refreshed_at // 2))
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)

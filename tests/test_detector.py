@@ -185,3 +185,19 @@ def test_a_batch_scored_elsewhere_counts_only_if_scored_by_the_model_as_it_stand
     assert flagged >= 1  # the point at 2100, in the batch given a stale snapshot
     for name in ("_S0", "_S1", "_S2"):
         np.testing.assert_array_equal(getattr(elsewhere.model, name), getattr(here.model, name))
+
+
+def test_a_backlog_taken_in_one_batch_is_flagged_as_in_small_batches():
+    # A daemon started on a backlog polls large batches from the first one on. The young
+    # model's threshold must still be refreshed on its schedule inside such a batch, not left
+    # at the warm-up model's value for all of it (that flagged twice as many points).
+    rng = np.random.default_rng(11)
+    X, _ = random_mixture(3, 4, rng).sample(20_000, rng)
+    one_batch, small_batches = Detector(_config()), Detector(_config())
+    big = one_batch.process(_records(X), now=5.0)
+    small = _run(small_batches, X, batch=250)
+    flagged_small = sum(int(r.flags.sum()) for r in small)
+    assert len(big.log_density) == sum(len(r.log_density) for r in small) == 19_500  # all scored, in order
+    np.testing.assert_array_equal(big.scored_index, np.arange(500, 20_000))
+    assert big.flags.sum() <= 1.25 * flagged_small + 2  # 35 against 18 without the refreshes
+    assert one_batch.model.n_seen_ == 20_000 - big.flags.sum()  # the rest learned
