@@ -350,7 +350,8 @@ class Decoder:
 
     def _raw_rows(self, data: bytes, good: np.ndarray, invalid: list) -> DecodedBatch:
         """The rows ``good`` of the batch, given back to back in ``data``: one frombuffer."""
-        X = np.frombuffer(data, dtype=self._raw_dtype).reshape(len(good), self.dimension).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns: found non-finite below
+            X = np.frombuffer(data, dtype=self._raw_dtype).reshape(len(good), self.dimension).astype(np.float64)
         finite = _finite_row_mask(X)
         if finite is not None:
             invalid.extend(Invalid(int(i), "non_finite", "NaN or infinity in features") for i in good[~finite])
