@@ -59,6 +59,13 @@ def _to_float(value) -> float:
         return float("inf")
 
 
+def split_packed(data: bytes, lengths: np.ndarray) -> list[bytes | None]:
+    """Values given back to back in one buffer, with their lengths (-1: a null value), one by one."""
+    ends = np.cumsum(np.maximum(lengths, 0))
+    starts = ends - np.maximum(lengths, 0)
+    return [None if length < 0 else data[a:b] for a, b, length in zip(starts.tolist(), ends.tolist(), lengths.tolist())]
+
+
 # Formats parsed from text (costly: worth parsing in another process); the others are raw bytes.
 TEXT_FORMATS = ("json", "csv")
 
@@ -122,10 +129,7 @@ class Decoder:
                 fast = self._decode_packed_json_arrays(data, lengths)
                 if fast is not None:
                     return fast
-        ends = np.cumsum(np.maximum(lengths, 0))
-        starts = ends - np.maximum(lengths, 0)
-        return self.decode([None if length < 0 else data[a:b]
-                            for a, b, length in zip(starts.tolist(), ends.tolist(), lengths.tolist())])
+        return self.decode(split_packed(data, lengths))
 
     def _decode_packed_json_arrays(self, data: bytes, lengths: np.ndarray) -> DecodedBatch | None:
         """``_decode_json_arrays_at_once`` for values back to back: None unless every value is

@@ -29,13 +29,13 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .config import InputConfig
-from .decode import TEXT_FORMATS, DecodedBatch, Decoder
+from .decode import TEXT_FORMATS, DecodedBatch, Decoder, split_packed
 from .online import ScoredBatch, ScoringModel, split_statistics
 from .threshold import flags_below
 
 log = logging.getLogger(__name__)
 
-_NULL = -1  # the length that stands for a null value
+_NULL = -1  # the length that stands for a null value (split_packed reads any negative one so)
 
 
 def pack(batches: list[list[bytes | None]]) -> tuple[bytes, bytes]:
@@ -66,12 +66,7 @@ def unpack_packed(data: bytes, header: bytes) -> list[tuple[bytes, np.ndarray]]:
 
 def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
     """The inverse of ``pack``."""
-    out = []
-    for batch, lengths in unpack_packed(data, header):
-        ends = np.cumsum(np.maximum(lengths, 0)).tolist()
-        starts = [0] + ends[:-1]
-        out.append([None if n == _NULL else batch[a:b] for a, b, n in zip(starts, ends, lengths.tolist())])
-    return out
+    return [split_packed(batch, lengths) for batch, lengths in unpack_packed(data, header)]
 
 
 # What the helper scores a batch with: the model as it stands and the threshold's value.
