@@ -108,7 +108,8 @@ def _last_offsets(records) -> dict[tuple[str, int], int]:
 def _timestamps(records) -> np.ndarray:
     """Message timestamps in ms as floats, 0 where a record has none."""
     try:
-        return np.fromiter(map(_TIMESTAMP_OF, records), dtype=float, count=len(records))
+        # Read as integers, then converted: numpy converts a Python int to float slowly.
+        return np.fromiter(map(_TIMESTAMP_OF, records), dtype=np.int64, count=len(records)).astype(float)
     except TypeError:  # None timestamps (replay input without them)
         return np.array([record.timestamp or 0 for record in records], dtype=float)
 

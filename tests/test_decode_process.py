@@ -74,7 +74,8 @@ def _assert_same(got, expected):
     assert got.invalid == expected.invalid
 
 
-def test_decodes_as_the_daemon_would():
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "socket"])
+def test_decodes_as_the_daemon_would(shared_memory):
     rng = np.random.default_rng(0)
     cases = {
         "json": [encode(x, "json") for x in rng.normal(size=(50, 3))]
@@ -84,7 +85,7 @@ def test_decodes_as_the_daemon_would():
     }
     for fmt, batch in cases.items():
         config = InputConfig(format=fmt, dimension=3, max_message_bytes=100)
-        helper = DecoderProcess(config)
+        helper = DecoderProcess(config, shared_memory=shared_memory)
         try:
             halves = [batch[: len(batch) // 2], batch[len(batch) // 2 :], []]
             helper.submit(halves)
@@ -96,6 +97,25 @@ def test_decodes_as_the_daemon_would():
             _assert_same(got, Decoder(config).decode(values_))
             assert scored is None  # no model given: nothing scored
         assert results[0][0].invalid or results[1][0].invalid  # the bad values were really there
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="shared memory needs memfd (Linux)")
+def test_shared_buffer_grows_and_each_batch_reads_its_own_bytes():
+    """Batches far larger than the first mapping, then a small one: the helper re-maps the
+    grown buffer and never reads a stale tail of an earlier, longer batch."""
+    rng = np.random.default_rng(2)
+    config = InputConfig(format="json", dimension=4)
+    sizes = [10, 40_000, 90_000, 3]  # ~2.5 and ~5.7 MB of JSON: past the first 1 MB mapping twice
+    helper = DecoderProcess(config)
+    try:
+        assert helper._shared is not None
+        for size in sizes:
+            batch = [encode(x, "json") for x in rng.normal(size=(size, 4))]
+            helper.submit([batch])
+            ((decoded, _),) = helper.results()
+            _assert_same(decoded, Decoder(config).decode(batch))
+    finally:
+        helper.close()
 
 
 def test_scores_with_the_model_it_is_given():
