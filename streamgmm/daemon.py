@@ -3,8 +3,8 @@
 One ``while`` loop; the per-batch work lives in ``Detector`` (pure), I/O stays here.
 With ``input.parallel_decode`` a helper process (``DecoderProcess``) decodes batch N, scores
 it with a snapshot of the model and threshold as they stand after batch N-1 and computes its
-EM statistics, while the loop polls batch N+1; the batch is then decided, learned and
-produced here as usual.  A
+EM statistics, while the loop polls batch N+1 (waiting for it at most ``HELPER_POLL_MS``);
+the batch is then decided, learned and produced here as usual.  A
 polled batch is never skipped: checkpoints, rewinds and rebalance hooks first finish (or,
 for a rewind, drop and re-read) the batch being decoded.
 
@@ -303,8 +303,10 @@ class Daemon:
                 try:
                     # While the helper process works on the previous batch, wait for the next one
                     # only briefly: that batch's results are not to be held up.
-                    busy = self._decoding is not None
-                    polled = self._poll(min(HELPER_POLL_MS, cfg.kafka.poll_timeout_ms) if busy else cfg.kafka.poll_timeout_ms)
+                    timeout_ms = cfg.kafka.poll_timeout_ms
+                    if self._decoding is not None:
+                        timeout_ms = min(HELPER_POLL_MS, timeout_ms)
+                    polled = self._poll(timeout_ms)
                     backoff = cfg.kafka.retry_backoff_initial_seconds
                 except KafkaError as exc:
                     # The client reconnects by itself; pause so an outage does not spin the CPU.
