@@ -3,7 +3,7 @@
 One ``while`` loop; the per-batch work lives in ``Detector`` (pure), I/O stays here.
 With ``input.parallel_decode`` a helper process (``DecoderProcess``) decodes batch N, scores
 it with a snapshot of the model and threshold as they stand after batch N-1 and computes its
-EM statistics, while the loop polls batch N+1 (waiting for it at most ``HELPER_POLL_MS``);
+EM statistics, while the loop polls batch N+1 (waiting for it about as long as the helper needs);
 the batch is then decided, learned and produced here as usual.  A
 polled batch is never skipped: checkpoints, rewinds and rebalance hooks first finish (or,
 for a rewind, drop and re-read) the batch being decoded.
@@ -46,12 +46,15 @@ log = logging.getLogger(__name__)
 # caught up: latency then matters, not throughput, and handing the batch over and polling
 # again meanwhile doubled the p50 and tripled the p99 latency (float32, 2,000 msg/s live).
 HELPER_MIN_BATCH = 1000
-# While the helper works on a batch, the loop polls the next one, waiting at most this long
-# for it to arrive.  Not 0: a poll drains what the client has fetched, and the next fetch is
-# often still on its way then; an empty poll used to send the loop to wait for the helper
-# instead (about 40 ms a 16,000-message JSON batch, in which the records arrived unread).
-# Not the full poll timeout: the helper's results wait meanwhile (latency of a large batch).
-HELPER_POLL_MS = 20
+# While the helper works on a batch, the loop polls the next one and waits for it at most
+# this long per message handed over: about what the helper needs for them (2.3 us a JSON
+# message, 0.8 float32), so 40 ms for a 20,000-message batch, 2 ms for 1,000.
+# Not 0: a poll drains what the client has fetched, and the next fetch is often still on its
+# way then; an empty poll used to send the loop to wait for the helper instead (about 40 ms a
+# 16,000-message JSON batch, while the next records arrived unread).  1 us a message was not
+# always enough for them to arrive.  Not more: the helper's results wait meanwhile, and with
+# them the latency of a caught-up daemon's larger batches.
+HELPER_POLL_MS_PER_MESSAGE = 0.002
 
 
 class Polled(NamedTuple):
@@ -305,7 +308,8 @@ class Daemon:
                     # only briefly: that batch's results are not to be held up.
                     timeout_ms = cfg.kafka.poll_timeout_ms
                     if self._decoding is not None:
-                        timeout_ms = min(HELPER_POLL_MS, timeout_ms)
+                        n_decoding = sum(len(polled.records) for polled in self._decoding.values())
+                        timeout_ms = min(int(n_decoding * HELPER_POLL_MS_PER_MESSAGE), timeout_ms)
                     polled = self._poll(timeout_ms)
                     backoff = cfg.kafka.retry_backoff_initial_seconds
                 except KafkaError as exc:
