@@ -3,7 +3,8 @@
     python bench/bench_soak.py [--messages 1000000] [--format float32]
 
 Prints throughput over time and the daemon's resident memory (and peak) when it has
-consumed 100k messages and at the end; the goal is flat memory (within 10%).
+consumed 100k messages and at the end; the goal is flat memory (within 10%).  The helper
+process (input.parallel_decode) is reported beside it; the batch buffer they share is in both.
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def memory_kb(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values["VmRSS"], values["VmHWM"]
+
+
+def children(pid: int) -> list[int]:
+    """The process's direct children (the decoder helper)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def helper_memory_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) summed over the process's children; (0, 0) if it has none."""
+    rss = peak = 0
+    for child in children(pid):
+        try:
+            child_rss, child_peak = memory_kb(child)
+        except (OSError, KeyError):
+            continue
+        rss, peak = rss + child_rss, peak + child_peak
+    return rss, peak
 
 
 def consumed(port: int) -> float:
@@ -104,29 +125,33 @@ def main():
                 count = consumed(port)
                 now = time.monotonic()
                 rss, peak = memory_kb(daemon.pid)
-                samples.append((now - start, count, (count - last_count) / (now - last_time), rss, peak))
+                helper_rss, helper_peak = helper_memory_kb(daemon.pid)
+                samples.append((now - start, count, (count - last_count) / (now - last_time), rss, peak, helper_rss))
                 last_count, last_time = count, now
                 if count >= 100_000 and "100k" not in rss_at:
-                    rss_at["100k"] = (rss, peak)
+                    rss_at["100k"] = (rss, peak, helper_rss, helper_peak)
                 if count >= n:
-                    rss_at["end"] = (rss, peak)
+                    rss_at["end"] = (rss, peak, helper_rss, helper_peak)
                     break
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=120)
 
     print(f"\n## Soak: {n:,} {args.format} messages of {D} features through the broker and `streamgmm run`\n")
-    print("| t (s) | consumed | msg/s over the last second | RSS MB | peak RSS MB |")
+    print("| t (s) | consumed | msg/s over the last second | RSS MB | peak RSS MB | helper RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for t, count, speed, rss, peak, helper_rss in samples:
+        print(f"| {t:.0f} | {count:,.0f} | {speed:,.0f} | {rss / 1024:.1f} | {peak / 1024:.1f} | {helper_rss / 1024:.1f} |")
+    print("\n| point | RSS MB | peak RSS MB | helper RSS MB | helper peak RSS MB |")
     print("|---|---|---|---|---|")
-    for t, count, speed, rss, peak in samples:
-        print(f"| {t:.0f} | {count:,.0f} | {speed:,.0f} | {rss / 1024:.1f} | {peak / 1024:.1f} |")
-    print("\n| point | RSS MB | peak RSS MB |")
-    print("|---|---|---|")
-    for label, (rss, peak) in rss_at.items():
-        print(f"| {label} | {rss / 1024:.1f} | {peak / 1024:.1f} |")
+    for label, (rss, peak, helper_rss, helper_peak) in rss_at.items():
+        print(f"| {label} | {rss / 1024:.1f} | {peak / 1024:.1f} | {helper_rss / 1024:.1f} | {helper_peak / 1024:.1f} |")
     if "100k" in rss_at and "end" in rss_at:
         growth = rss_at["end"][1] / rss_at["100k"][1] - 1.0
         print(f"\npeak RSS growth from 100k to {n:,} messages: {growth:+.1%} (goal: within 10%)")
+        if rss_at["100k"][3]:
+            helper_growth = rss_at["end"][3] / rss_at["100k"][3] - 1.0
+            print(f"helper peak RSS growth over the same: {helper_growth:+.1%}")
     print(f"daemon exit code after SIGTERM: {code}")
 
 
