@@ -89,9 +89,29 @@ def test_random_json_arrays(items):
     st.binary(max_size=12),
 ), max_size=12))
 def test_batched_json_equals_one_by_one(values):
+    _assert_json_batch_equals_one_by_one(values)
+
+
+_JSON_SEPARATORS = st.sampled_from([(",", ":"), (", ", ": "), (" ,", ":"), (",\t", ":")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.integers(-10**30, 10**30)),
+             min_size=2, max_size=2),
+    _JSON_SEPARATORS,
+), min_size=1, max_size=12))
+def test_batches_of_well_formed_json_arrays_equal_one_by_one(rows):
+    """Batches where every value has the expected shape: the one-buffer path is taken (or
+    refused, for NaN, Infinity and huge integers, which the parser rejects), and agrees with
+    decoding each value alone."""
+    _assert_json_batch_equals_one_by_one([json.dumps(row, separators=sep).encode() for row, sep in rows])
+
+
+def _assert_json_batch_equals_one_by_one(values):
     decoder = Decoder(InputConfig(format="json", dimension=2))
     batch = decoder.decode(values)
-    singles = [decoder.decode([v]) for v in values]
+    singles = [decoder._decode_each([v]) for v in values]  # the one-by-one path, no batch shortcut
     expected_index = [i for i, s in enumerate(singles) if not s.invalid]
     np.testing.assert_array_equal(batch.valid_index, expected_index)
     assert [(inv.index, inv.reason) for inv in batch.invalid] == [
