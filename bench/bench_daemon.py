@@ -9,7 +9,9 @@ young model's frequent threshold refreshes included) and its sustained rate over
 rest, with and without the helper process (input.parallel_decode).  The table
 gives the median of the rounds (rounds interleave, so a noisy moment of the shared machine
 hits all columns alike).  Then the p50/p99 latency from a message's timestamp to its
-anomaly record, with the daemon caught up and a live producer.
+anomaly record, with the daemon caught up and a live producer: at 2,000 msg/s (small
+batches, processed at once) and at 12,000 msg/s with a consumer that waits for 128 KB a
+fetch (batches of 1,000 and more, through the helper).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from kafka.admin import KafkaAdminClient, NewTopic  # noqa: E402
 
-from streamgmm.config import config_from_dict  # noqa: E402
+from streamgmm.config import as_dict, config_from_dict  # noqa: E402
 from streamgmm.daemon import Daemon  # noqa: E402
 from streamgmm.decode import encode  # noqa: E402
 from streamgmm.embedded import EmbeddedBroker  # noqa: E402
@@ -115,8 +117,11 @@ def run_daemon_until(config, n, timeout=600, split=None):
     return daemon, thread, (cold, sustained)
 
 
-def latency_run(bootstrap, topic, X, seconds, rate):
-    """Daemon caught up; a live producer sends at `rate`/s with 1% far outliers."""
+def latency_run(bootstrap, topic, X, seconds, rate, consumer=None):
+    """Daemon caught up; a live producer sends at `rate`/s with 1% far outliers.
+
+    Returns (latencies in s, the live rate reached, the daemon's mean batch size while live).
+    """
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
     admin.close()
@@ -125,20 +130,29 @@ def latency_run(bootstrap, topic, X, seconds, rate):
         producer.send(topic, encode(x, "float32"))
     producer.flush()
     with tempfile.TemporaryDirectory() as state:
-        config = daemon_config(bootstrap, topic, "float32", state)
+        settings = as_dict(daemon_config(bootstrap, topic, "float32", state))
+        settings["kafka"]["consumer"].update(consumer or {})
+        config = config_from_dict(settings, environ={})
         daemon, thread, _ = run_daemon_until(config, 2000)
+        value = daemon.metrics.value
+        consumed_before = value("streamgmm_messages_consumed_total") or 0.0
+        batches_before = value("streamgmm_batch_processing_seconds_count") or 0.0
         rng = np.random.default_rng(7)
         n = int(seconds * rate)
         live_since_ms = int(time.time() * 1000)
         start = time.perf_counter()
         for i in range(n):
-            x = X[2000 + i] if rng.random() > 0.01 else X[2000 + i] + 100.0
+            row = X[2000 + i % (len(X) - 2000)]
+            x = row if rng.random() > 0.01 else row + 100.0
             producer.send(topic, encode(x, "float32"), timestamp_ms=int(time.time() * 1000))
             lag = start + (i + 1) / rate - time.perf_counter()
             if lag > 0:
                 time.sleep(lag)
         producer.flush()
+        reached = n / (time.perf_counter() - start)
         time.sleep(2.0)
+        consumed = (value("streamgmm_messages_consumed_total") or 0.0) - consumed_before
+        mean_batch = consumed / max((value("streamgmm_batch_processing_seconds_count") or 0.0) - batches_before, 1.0)
         daemon.stop()
         thread.join(timeout=60)
     producer.close()
@@ -157,9 +171,11 @@ def latency_run(bootstrap, topic, X, seconds, rate):
                 if source >= live_since_ms:  # not the backlog read while the group was joining
                     latencies.append((r.timestamp - source) / 1000.0)
     consumer.close()
-    return np.array(latencies)
+    return np.array(latencies), reached, mean_batch
 
 
+# (live msg/s, kafka.consumer settings) of the latency runs
+LATENCY_CASES = [(2000, {}), (12000, {"fetch_min_bytes": 131072, "fetch_max_wait_ms": 200})]
 # (label, input format, input.parallel_decode)
 VARIANTS = [("json", "json", True), ("json, one process", "json", False), ("float32", "float32", True),
             ("float32, one process", "float32", False)]
@@ -192,7 +208,11 @@ def main():
                     daemon.stop()
                     thread.join(timeout=60)
                 daemon_rates[label].append(rates)
-        latencies = latency_run(broker.bootstrap, "bench-latency", X, seconds=10, rate=2000)
+        # Small batches (processed at once) and, with a consumer told to wait for more data per
+        # fetch, batches of 1,000 and more (through the helper).
+        latency_cases = [(rate, consumer, latency_run(broker.bootstrap, f"bench-latency-{rate}", X, seconds=10,
+                                                      rate=rate, consumer=consumer))
+                         for rate, consumer in LATENCY_CASES]
 
     print(f"\n## Daemon end-to-end, {D} features, {PARTITIONS} partitions, one broker on loopback, "
           f"median of {args.rounds} interleaved rounds\n")
@@ -208,15 +228,18 @@ def main():
         each = ", ".join(f"{s / r:.0%}" for (_, s), r in zip(daemon_rates[label], raw_rates[fmt]))
         print(f"| {label} | {produce_rates[fmt]:,.0f} | {raw:,.0f} | {cold:,.0f} | {cold / raw:.0%} "
               f"| {sustained:,.0f} | {sustained / raw:.0%} | {each} |")
-    print("\n## Latency, message timestamp -> anomaly record produced (daemon caught up, 2,000 msg/s live, float32)\n")
-    if len(latencies):
-        print("| anomalies | p50 ms | p99 ms | max ms |")
-        print("|---|---|---|---|")
-        print(f"| {len(latencies)} | {np.percentile(latencies, 50) * 1000:.1f} | "
-              f"{np.percentile(latencies, 99) * 1000:.1f} | {latencies.max() * 1000:.1f} |")
-    else:
-        print("no anomaly records were read back")
-
+    print("\n## Latency, message timestamp -> anomaly record produced (daemon caught up, live producer, float32)\n")
+    print("Batches under 1,000 messages are processed at once; larger ones go through the helper process.\n")
+    print("| live msg/s asked | reached | consumer settings | mean batch | anomalies | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rate, consumer, (latencies, reached, mean_batch) in latency_cases:
+        settings = ", ".join(f"{k}={v}" for k, v in consumer.items()) or "bench defaults"
+        row = f"| {rate:,} | {reached:,.0f} | {settings} | {mean_batch:,.0f} | {len(latencies)} |"
+        if len(latencies):
+            print(f"{row} {np.percentile(latencies, 50) * 1000:.1f} | {np.percentile(latencies, 99) * 1000:.1f} | "
+                  f"{latencies.max() * 1000:.1f} |")
+        else:
+            print(f"{row} | | |")
 
 if __name__ == "__main__":
     main()
