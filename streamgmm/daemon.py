@@ -64,6 +64,11 @@ class Polled(NamedTuple):
     last_offsets: dict[tuple[str, int], int]
 
 
+def n_records(by_key: dict[str, Polled]) -> int:
+    """How many records a polled batch holds, over all its models."""
+    return sum(len(polled.records) for polled in by_key.values())
+
+
 class _Listener(AsyncConsumerRebalanceListener):
     """Rebalance hooks.
 
@@ -308,8 +313,8 @@ class Daemon:
                     # only briefly: that batch's results are not to be held up.
                     timeout_ms = cfg.kafka.poll_timeout_ms
                     if self._decoding is not None:
-                        n_decoding = sum(len(polled.records) for polled in self._decoding.values())
-                        timeout_ms = min(int(n_decoding * HELPER_POLL_MS_PER_MESSAGE), timeout_ms)
+                        helper_ms = int(n_records(self._decoding) * HELPER_POLL_MS_PER_MESSAGE)
+                        timeout_ms = min(helper_ms, timeout_ms)
                     polled = self._poll(timeout_ms)
                     backoff = cfg.kafka.retry_backoff_initial_seconds
                 except KafkaError as exc:
@@ -363,7 +368,7 @@ class Daemon:
         """Hand a polled batch to the helper process, or process it now (no helper, or a
         small batch)."""
         helper = self.decoder_process is not None and self.decoder_process.alive
-        if helper and sum(len(polled.records) for polled in by_key.values()) >= HELPER_MIN_BATCH:
+        if helper and n_records(by_key) >= HELPER_MIN_BATCH:
             # Each model and threshold as they stand now, after every earlier batch: the
             # helper scores with them.
             scorings = []

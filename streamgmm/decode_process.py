@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .config import InputConfig
-from .decode import TEXT_FORMATS, DecodedBatch, Decoder, split_packed
+from .decode import TEXT_FORMATS, DecodedBatch, Decoder
 from .online import ScoredBatch, ScoringModel, split_statistics
 from .threshold import flags_below
 
@@ -66,11 +66,6 @@ def unpack_packed(data: bytes, header: bytes) -> list[tuple[bytes, np.ndarray]]:
         out.append((data[ends[at] : ends[at + size]], lengths[at : at + size]))
         at += size
     return out
-
-
-def unpack(data: bytes, header: bytes) -> list[list[bytes | None]]:
-    """The inverse of ``pack``."""
-    return [split_packed(batch, lengths) for batch, lengths in unpack_packed(data, header)]
 
 
 # What the helper scores a batch with: the model as it stands and the threshold's value.

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from streamgmm import OnlineGaussianMixture
 from streamgmm.config import InputConfig
-from streamgmm.decode import Decoder, encode
-from streamgmm.decode_process import DecoderProcess, pack, unpack, unpack_packed
+from streamgmm.decode import Decoder, encode, split_packed
+from streamgmm.decode_process import DecoderProcess, pack, unpack_packed
 from streamgmm.online import split_statistics
 from streamgmm.synthetic import random_mixture
 
@@ -26,7 +26,7 @@ values = st.one_of(st.none(), st.binary(max_size=40))
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(values, max_size=8), max_size=5))
 def test_pack_unpack_round_trip(batches):
-    assert unpack(*pack(batches)) == batches
+    assert [split_packed(data, lengths) for data, lengths in unpack_packed(*pack(batches))] == batches
 
 
 def _json_value(draw_from):
