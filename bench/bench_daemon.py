@@ -34,11 +34,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from kafka.admin import KafkaAdminClient, NewTopic  # noqa: E402
 
-from streamgmm.config import as_dict, config_from_dict  # noqa: E402
-from streamgmm.daemon import Daemon  # noqa: E402
-from streamgmm.decode import encode  # noqa: E402
-from streamgmm.embedded import EmbeddedBroker  # noqa: E402
-from streamgmm.synthetic import random_mixture  # noqa: E402
+from streamgmm.service.config import as_dict, config_from_dict  # noqa: E402
+from streamgmm.service.daemon import Daemon  # noqa: E402
+from streamgmm.detection.decode import encode  # noqa: E402
+from streamgmm.dev.embedded import EmbeddedBroker  # noqa: E402
+from streamgmm.dev.synthetic import random_mixture  # noqa: E402
 
 D, PARTITIONS = 16, 4
 

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from streamgmm import GaussianMixture, OnlineGaussianMixture  # noqa: E402
-from streamgmm.synthetic import random_mixture  # noqa: E402
+from streamgmm.dev.synthetic import random_mixture  # noqa: E402
 
 
 def table(title, header, rows):
@@ -67,8 +67,8 @@ def river_throughput(X, n_points):
 def batch_fit_comparison(X, K=8):
     from sklearn.mixture import GaussianMixture as SklearnGM
 
-    from streamgmm import _gaussian as g
-    from streamgmm._kmeans import kmeans
+    from streamgmm.mixture import _gaussian as g
+    from streamgmm.mixture._kmeans import kmeans
 
     centers, labels = kmeans(X, K, np.random.default_rng(0))
     with warnings.catch_warnings():
@@ -120,8 +120,8 @@ def scaling(quick):
     """Online points/s and batch fit time vs scikit-learn as D and K grow."""
     from sklearn.mixture import GaussianMixture as SklearnGM
 
-    from streamgmm import _gaussian as g
-    from streamgmm._kmeans import kmeans
+    from streamgmm.mixture import _gaussian as g
+    from streamgmm.mixture._kmeans import kmeans
 
     peak = dgemm_peak_gflops()
     online_rows, batch_rows = [], []

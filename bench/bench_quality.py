@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from streamgmm.config import config_from_dict  # noqa: E402
-from streamgmm.replay import replay  # noqa: E402
-from streamgmm.synthetic import random_mixture  # noqa: E402
+from streamgmm.service.config import config_from_dict  # noqa: E402
+from streamgmm.cli.replay import replay  # noqa: E402
+from streamgmm.dev.synthetic import random_mixture  # noqa: E402
 
 SHUTTLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "shuttle.csv"
 WARMUP = 1000

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kafka import KafkaProducer  # noqa: E402
 from kafka.admin import KafkaAdminClient, NewTopic  # noqa: E402
 
-from streamgmm.decode import encode  # noqa: E402
-from streamgmm.embedded import EmbeddedBroker, free_port  # noqa: E402
-from streamgmm.synthetic import random_mixture  # noqa: E402
+from streamgmm.detection.decode import encode  # noqa: E402
+from streamgmm.dev.embedded import EmbeddedBroker, free_port  # noqa: E402
+from streamgmm.dev.synthetic import random_mixture  # noqa: E402
 
 D, PARTITIONS = 16, 4
 SESSION_MS = 6000

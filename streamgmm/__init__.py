@@ -1,10 +1,8 @@
 """streamgmm: streaming anomaly detection with Gaussian mixtures, batch and online EM."""
 
-from ._base import ConvergenceWarning, NotFittedError
-from .mixture import GaussianMixture
-from .online import OnlineGaussianMixture, ScoredBatch
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+from .mixture import ConvergenceWarning, GaussianMixture, NotFittedError, OnlineGaussianMixture, ScoredBatch  # noqa: E402
 
 __all__ = [
     "ConvergenceWarning",

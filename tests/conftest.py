@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture(scope="session")
 def broker():
     """A real Kafka-compatible broker (Tansu) on a free loopback port, for the whole session."""
-    from streamgmm.embedded import EmbeddedBroker
+    from streamgmm.dev.embedded import EmbeddedBroker
 
     instance = EmbeddedBroker().start()
     try:

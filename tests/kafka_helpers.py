@@ -16,7 +16,7 @@ import yaml
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from streamgmm.embedded import free_port
+from streamgmm.dev.embedded import free_port
 
 # Joins are slow against Tansu with kafka-python's 45 s default (KAFKA-NOTES.md).
 TEST_CONSUMER = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20}

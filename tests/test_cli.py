@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import yaml
 
-from streamgmm.synthetic import random_mixture
+from streamgmm.dev.synthetic import random_mixture
 
 
 def _cli(*args, stdin=None, timeout=120):

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from streamgmm.config import ConfigError, as_dict, config_from_dict, load_config, masked, resolve_secrets
+from streamgmm.service.config import ConfigError, as_dict, config_from_dict, load_config, masked, resolve_secrets
 
 
 def test_reference_config_is_valid_and_equals_the_defaults():

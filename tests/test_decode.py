@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamgmm.config import InputConfig
-from streamgmm.decode import REASONS, Decoder, encode
+from streamgmm.service.config import InputConfig
+from streamgmm.detection.decode import REASONS, Decoder, encode
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "float32", "float64"])

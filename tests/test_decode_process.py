@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamgmm import OnlineGaussianMixture
-from streamgmm.config import InputConfig
-from streamgmm.decode import Decoder, encode, split_packed
-from streamgmm.decode_process import DecoderProcess, pack, unpack_packed
-from streamgmm.online import split_statistics
-from streamgmm.synthetic import random_mixture
+from streamgmm.service.config import InputConfig
+from streamgmm.detection.decode import Decoder, encode, split_packed
+from streamgmm.service.decode_process import DecoderProcess, pack, unpack_packed
+from streamgmm.mixture.online import split_statistics
+from streamgmm.dev.synthetic import random_mixture
 
 values = st.one_of(st.none(), st.binary(max_size=40))
 
@@ -176,8 +176,8 @@ def test_the_helper_goes_when_the_daemon_is_killed(tmp_path):
     # SIGKILL leaves no chance to close anything: the helper must see the socket close.
     script = (
         "import sys, time\n"
-        "from streamgmm.config import InputConfig\n"
-        "from streamgmm.decode_process import DecoderProcess\n"
+        "from streamgmm.service.config import InputConfig\n"
+        "from streamgmm.service.decode_process import DecoderProcess\n"
         "helper = DecoderProcess(InputConfig(format='json', dimension=2))\n"
         "print(helper._process.pid, flush=True)\n"
         "time.sleep(60)\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streamgmm.metrics import Metrics
+from streamgmm.service.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent
 

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from streamgmm.config import config_from_dict
-from streamgmm.decode import encode
-from streamgmm.decode_process import _decode_and_score, pack, unpack_packed
-from streamgmm.detector import Detector, InputRecord
-from streamgmm.synthetic import random_mixture
+from streamgmm.service.config import config_from_dict
+from streamgmm.detection.decode import encode
+from streamgmm.service.decode_process import _decode_and_score, pack, unpack_packed
+from streamgmm.detection.detector import Detector, InputRecord
+from streamgmm.dev.synthetic import random_mixture
 
 
 def _records(X, topic="in", partition=0, start=0, fmt="float64"):

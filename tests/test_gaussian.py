@@ -5,8 +5,8 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from streamgmm import GaussianMixture, OnlineGaussianMixture
-from streamgmm import _gaussian as g
-from streamgmm._gaussian import COVARIANCE_TYPES
+from streamgmm.mixture import _gaussian as g
+from streamgmm.mixture._gaussian import COVARIANCE_TYPES
 
 
 def _random_parameters(rng, covariance_type, K=3, D=4):

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamgmm.config import config_from_dict
-from streamgmm.decode import REASONS, encode
-from streamgmm.detector import Detector, InputRecord
+from streamgmm.service.config import config_from_dict
+from streamgmm.detection.decode import REASONS, encode
+from streamgmm.detection.detector import Detector, InputRecord
 
 
 def _detector(fmt="json", dimension=3, **model):

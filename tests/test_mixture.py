@@ -8,7 +8,7 @@ import pytest
 from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
 
 from streamgmm import ConvergenceWarning, GaussianMixture, NotFittedError
-from streamgmm._gaussian import COVARIANCE_TYPES
+from streamgmm.mixture._gaussian import COVARIANCE_TYPES
 
 
 @pytest.fixture(scope="module")

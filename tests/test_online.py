@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from streamgmm import GaussianMixture, NotFittedError, OnlineGaussianMixture
-from streamgmm._gaussian import COVARIANCE_TYPES
-from streamgmm.synthetic import random_mixture
+from streamgmm.mixture._gaussian import COVARIANCE_TYPES
+from streamgmm.dev.synthetic import random_mixture
 
 
 def _stream(model, X, batch=1000):

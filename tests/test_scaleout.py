@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from kafka_helpers import DaemonProcess, create_topic, produce, read_all, write_config
 
-from streamgmm.decode import encode
-from streamgmm.synthetic import random_mixture
+from streamgmm.detection.decode import encode
+from streamgmm.dev.synthetic import random_mixture
 
 pytestmark = pytest.mark.kafka
 

@@ -19,10 +19,10 @@ from kafka_helpers import (
     write_config,
 )
 
-from streamgmm.checkpoint import FAULT_PAUSE_ENV, CheckpointStore
-from streamgmm.decode import encode
-from streamgmm.embedded import EmbeddedBroker, free_port
-from streamgmm.synthetic import random_mixture
+from streamgmm.service.checkpoint import FAULT_PAUSE_ENV, CheckpointStore
+from streamgmm.detection.decode import encode
+from streamgmm.dev.embedded import EmbeddedBroker, free_port
+from streamgmm.dev.synthetic import random_mixture
 
 pytestmark = pytest.mark.kafka
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .decode import encode
+from ..detection.decode import encode
 from .embedded import EmbeddedBroker, free_port
 from .synthetic import random_mixture
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ThresholdConfig
-from .online import OnlineGaussianMixture
+from ..service.config import ThresholdConfig
+from ..mixture.online import OnlineGaussianMixture
 
 
 def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:

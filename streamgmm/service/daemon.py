@@ -35,7 +35,7 @@ from kafka.structs import OffsetAndMetadata
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import Config, as_dict, masked, resolve_secrets
 from .decode_process import DecoderProcess
-from .detector import Detector, values_of
+from ..detection.detector import Detector, values_of
 from .metrics import HealthServer, Metrics
 from .statestore import GLOBAL_KEY, LocalStateStore, TopicStateStore, model_key
 

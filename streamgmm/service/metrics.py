@@ -20,8 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
-from .decode import REASONS
+from .. import __version__
+from ..detection.decode import REASONS
 
 log = logging.getLogger(__name__)
 NAMESPACE = "streamgmm"

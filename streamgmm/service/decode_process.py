@@ -33,9 +33,9 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .config import InputConfig
-from .decode import TEXT_FORMATS, DecodedBatch, Decoder
-from .online import ScoredBatch, ScoringModel, split_statistics
-from .threshold import flags_below
+from ..detection.decode import TEXT_FORMATS, DecodedBatch, Decoder
+from ..mixture.online import ScoredBatch, ScoringModel, split_statistics
+from ..detection.threshold import flags_below
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from ._validation import (
     check_random_state,
     check_sample_weight,
 )
-from .mixture import INIT_PARAMS, GaussianMixture, initial_responsibilities
+from .gaussian_mixture import INIT_PARAMS, GaussianMixture, initial_responsibilities
 
 # Standardised values are clipped here before they enter the sufficient statistics, so a
 # single absurd point (1e308) cannot overflow x x^T; it is scored, not learned, truthfully.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import write_atomically
+from ..mixture._atomic import write_atomically
 
 log = logging.getLogger(__name__)
 

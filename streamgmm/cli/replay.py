@@ -14,8 +14,8 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from .config import Config
-from .detector import Detector, InputRecord, _finite
+from ..service.config import Config
+from ..detection.detector import Detector, InputRecord, _finite
 
 BATCH = 1000
 

@@ -21,10 +21,10 @@ from operator import attrgetter, itemgetter
 
 import numpy as np
 
-from . import __version__
-from .config import Config
+from .. import __version__
+from ..service.config import Config
 from .decode import DecodedBatch, Decoder
-from .online import OnlineGaussianMixture, ScoredBatch, split_statistics
+from ..mixture.online import OnlineGaussianMixture, ScoredBatch, split_statistics
 from .threshold import make_threshold
 
 STATE_KIND = "streamgmm-detector"

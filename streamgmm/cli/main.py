@@ -14,9 +14,9 @@ import warnings
 
 import yaml
 
-from . import __version__
-from .checkpoint import CheckpointError, CheckpointStore
-from .config import ConfigError, as_dict, load_config, masked
+from .. import __version__
+from ..service.checkpoint import CheckpointError, CheckpointStore
+from ..service.config import ConfigError, as_dict, load_config, masked
 
 log = logging.getLogger("streamgmm")
 
@@ -84,7 +84,7 @@ def _load(path):
 def cmd_run(args) -> int:
     config = _load(args.config)
     configure_logging(config.logging.level, config.logging.format)
-    from .daemon import Daemon
+    from ..service.daemon import Daemon
 
     daemon = Daemon(config)
 
@@ -125,9 +125,9 @@ def cmd_replay(args) -> int:
 def cmd_fit(args) -> int:
     config = _load(args.config)
     configure_logging(config.logging.level, config.logging.format)
-    from .detector import Detector
-    from .mixture import GaussianMixture
-    from .online import OnlineGaussianMixture
+    from ..detection.detector import Detector
+    from ..mixture import GaussianMixture
+    from ..mixture.online import OnlineGaussianMixture
     from .replay import guess_format, read_matrix
 
     fmt = guess_format(args.input, args.format)
@@ -173,7 +173,7 @@ def inspect_summary(directory: str | None = None, state: dict | None = None, pat
             raise CheckpointError(f"no valid checkpoint in {directory}")
         state, path = found
     model = state["model"]
-    from .online import OnlineGaussianMixture
+    from ..mixture.online import OnlineGaussianMixture
 
     weights = OnlineGaussianMixture.from_dict(model).weights_.tolist() if model.get("initialized") else None
     return {
@@ -197,7 +197,7 @@ def inspect_summary(directory: str | None = None, state: dict | None = None, pat
 
 def topic_summaries(topic: str, bootstrap: str, key: str | None = None) -> dict:
     """Summaries of the newest state record per model key in a checkpoint topic."""
-    from .statestore import TopicStateStore
+    from ..service.statestore import TopicStateStore
 
     store = TopicStateStore(topic, {"bootstrap_servers": [bootstrap]}, producer=None)
     keys = set(store.read_all())
@@ -241,7 +241,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..dev.demo import run_demo
 
     configure_logging("WARNING", "text")
     return run_demo(messages=args.messages, rate=args.rate, workdir=args.workdir, metrics_port=args.metrics_port)

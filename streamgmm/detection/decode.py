@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from .config import InputConfig
+from ..service.config import InputConfig
 
 REASONS = ("oversized", "empty", "undecodable", "wrong_dimension", "non_finite")
 _NUMBER_TYPES = (int, float)

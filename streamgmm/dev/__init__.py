@@ -1,0 +1,1 @@
+"""Development only, never imported by the product: embedded broker, synthetic streams, demo."""

@@ -1,0 +1,1 @@
+"""The daemon: configuration, Kafka source and sink, checkpoints, metrics and health, the loop."""
