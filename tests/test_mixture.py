@@ -90,7 +90,7 @@ def test_warm_start_continues_from_previous_fit(blobs):
 
 
 def test_not_converged_warns(blobs):
-    with pytest.warns(ConvergenceWarning, match="did not converge in 1 iterations"):
+    with pytest.warns(ConvergenceWarning, match=re.escape("did not converge. Try different init parameters")):
         GaussianMixture(3, max_iter=1, tol=0.0, random_state=0).fit(blobs)
 
 
@@ -109,7 +109,9 @@ def test_state_round_trip(tmp_path, blobs):
         ({"covariance_type": "ful"}, "covariance_type must be one of full, tied, diag, spherical; got 'ful'"),
         ({"init_params": "best"}, "init_params must be one of kmeans, k-means++, random, random_from_data; got 'best'"),
         ({"reg_covar": -1.0}, "reg_covar must be a finite number >= 0; got -1.0"),
-        ({"means_init": np.zeros((2, 3))}, "means_init must have shape (3, 3); got (2, 3)"),
+        ({"means_init": np.zeros((2, 3))}, "The parameter 'means' should have the shape of (3, 3), but got (2, 3)"),
+        ({"n_components": 2000}, "Expected n_samples >= n_components but got n_components = 2000, n_samples = 1200"),
+        ({"random_state": "seed"}, "random_state must be None, an int, a numpy Generator or a numpy RandomState"),
     ],
 )
 def test_parameter_errors_name_the_parameter(blobs, kwargs, message):
@@ -126,7 +128,7 @@ def test_input_errors(blobs):
     bad[7, 1] = np.nan
     with pytest.raises(ValueError, match=re.escape("X contains NaN or infinity in 1 row(s), first at row 7")):
         GaussianMixture(2).fit(bad)
-    with pytest.raises(NotFittedError, match="not fitted yet"):
+    with pytest.raises(NotFittedError, match=re.escape("This GaussianMixture instance is not fitted yet.")):
         GaussianMixture(2).score_samples(blobs)
 
 

@@ -197,8 +197,11 @@ def test_scoring_before_warmup_says_so():
     ],
 )
 def test_online_parameter_errors(kwargs, message):
+    model = OnlineGaussianMixture(2, **kwargs)  # the constructor only stores parameters
+    assert model.get_params()[next(iter(kwargs))] == next(iter(kwargs.values()))
     with pytest.raises(ValueError, match=re.escape(message)):
-        OnlineGaussianMixture(2, **kwargs)
+        model.partial_fit(np.zeros((4, 2)))
+    assert not model.is_initialized and model.n_seen_ == 0
 
 
 def test_stale_scored_batch_is_refused():

@@ -1,28 +1,134 @@
-"""What batch and online mixtures share: scoring, prediction, sampling, BIC/AIC, state I/O."""
+"""What batch and online mixtures share: scoring, prediction, sampling, BIC/AIC, state I/O,
+and the estimator protocol scikit-learn's tools rely on (parameters, tags, fitted check)."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import numbers
 
 import numpy as np
 
 from . import _gaussian as g
 from ._atomic import write_atomically
-from ._validation import check_array, check_positive_int, check_random_state
+from ._validation import check_array, check_random_state
 
 STATE_FORMAT_VERSION = 1
 
 
-class NotFittedError(ValueError, AttributeError):
+def _scikit_learn_bases(name: str) -> tuple:
+    """(scikit-learn's exception class ``name``,) if scikit-learn imports, else ().
+
+    With it as an extra base, ``except sklearn.exceptions.NotFittedError`` and warning
+    filters on scikit-learn's ``ConvergenceWarning`` also catch ours.  scikit-learn stays
+    optional: without it the classes have only their standard-library bases.
+    """
+    try:
+        from sklearn import exceptions
+    except Exception:  # not installed, or broken: either way streamgmm does not need it
+        return ()
+    return (getattr(exceptions, name),)
+
+
+class NotFittedError(*_scikit_learn_bases("NotFittedError"), ValueError, AttributeError):
     """Raised when a model is used before it has been fitted or initialised."""
 
 
-class ConvergenceWarning(UserWarning):
+class ConvergenceWarning(*_scikit_learn_bases("ConvergenceWarning"), UserWarning):
     """EM stopped at max_iter before the lower bound changed by less than tol."""
 
 
-class MixtureBase:
+class EstimatorParams:
+    """scikit-learn's estimator protocol without scikit-learn.
+
+    ``get_params``/``set_params`` read and write the constructor's parameters (the
+    constructor only stores them), so ``sklearn.base.clone``, ``GridSearchCV`` and
+    ``Pipeline`` work; ``__sklearn_tags__`` and ``__sklearn_is_fitted__`` answer
+    scikit-learn's ``get_tags`` and ``check_is_fitted``.
+    """
+
+    _estimator_type = "density_estimator"  # what scikit-learn < 1.6 reads instead of tags
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return sorted(
+            name for name, p in signature.parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        )
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor parameters as a dict (``deep`` also lists those of parameters
+        that are estimators themselves, as ``name__param``)."""
+        params = {}
+        for name in self._get_param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                params.update((f"{name}__{key}", v) for key, v in value.get_params().items())
+            params[name] = value
+        return params
+
+    def set_params(self, **params):
+        """Set constructor parameters; they are checked when the model next fits. Returns self."""
+        valid = self._get_param_names()
+        nested: dict[str, dict] = {}
+        for key, value in params.items():
+            name, _, sub_key = key.partition("__")
+            if name not in valid:
+                raise ValueError(
+                    f"Invalid parameter {name!r} for estimator {type(self).__name__}. "
+                    f"Valid parameters are: {valid!r}."
+                )
+            if sub_key:
+                nested.setdefault(name, {})[sub_key] = value
+            else:
+                setattr(self, name, value)
+        for name, sub_params in nested.items():
+            getattr(self, name).set_params(**sub_params)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {
+            name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
+        }
+        shown = [
+            f"{name}={value!r}" for name, value in self.get_params(deep=False).items()
+            if not _is_default(value, defaults.get(name))
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __sklearn_tags__(self):
+        # Only scikit-learn (>= 1.6) calls this, so scikit-learn is importable here.
+        from sklearn.utils import TargetTags, Tags
+
+        return Tags(
+            estimator_type="density_estimator",
+            target_tags=TargetTags(required=False),
+            transformer_tags=None,
+            regressor_tags=None,
+            classifier_tags=None,
+        )
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._is_fitted()
+
+    def _is_fitted(self) -> bool:
+        raise NotImplementedError
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    if isinstance(value, (np.ndarray, list, tuple)) or type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError):
+        return False
+
+
+class MixtureBase(EstimatorParams):
     """Scoring on top of ``_internal_parameters()``.
 
     Subclasses provide ``_internal_parameters() -> (weights, means, precisions_chol)`` in the
@@ -51,12 +157,15 @@ class MixtureBase:
         return self.covariances_
 
     # ------------------------------------------------------------------ the one path
+    def _not_fitted_message(self) -> str:
+        return (
+            f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+            "arguments before using this estimator."
+        )
+
     def _check_fitted(self) -> None:
         if not self._is_fitted():
-            raise NotFittedError(
-                f"This {type(self).__name__} is not fitted yet: call fit (or partial_fit until "
-                "the warm-up is complete) before using it"
-            )
+            raise NotFittedError(self._not_fitted_message())
 
     def _check_X(self, X):
         self._check_fitted()
@@ -93,7 +202,10 @@ class MixtureBase:
         Returns (X of shape (n_samples, n_features), labels of shape (n_samples,)).
         """
         self._check_fitted()
-        check_positive_int(n_samples, "n_samples")
+        if not isinstance(n_samples, numbers.Integral) or isinstance(n_samples, bool) or n_samples < 1:
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples!r}. The sampling requires at least one sample."
+            )
         rng = check_random_state(random_state) if random_state is not None else self._sampling_rng()
         weights, means, _ = self._internal_parameters()
         X, labels = g.sample_from_parameters(

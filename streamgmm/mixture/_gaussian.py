@@ -69,7 +69,8 @@ def _covariances_spherical(resp, X, nk, means, reg_covar):
     return _covariances_diag(resp, X, nk, means, reg_covar).mean(axis=1)
 
 
-_COVARIANCE_ESTIMATORS = {
+# Each takes (resp, X, nk, means, reg_covar), as scikit-learn's _estimate_gaussian_covariances_*.
+COVARIANCE_ESTIMATORS = {
     "full": _covariances_full,
     "tied": _covariances_tied,
     "diag": _covariances_diag,
@@ -94,7 +95,7 @@ def estimate_gaussian_parameters(X, resp, reg_covar, covariance_type):
     """
     nk = resp.sum(axis=0) + MASS_EPS
     means = np.dot(resp.T, X) / nk[:, np.newaxis]
-    covariances = _COVARIANCE_ESTIMATORS[covariance_type](resp, X, nk, means, reg_covar)
+    covariances = COVARIANCE_ESTIMATORS[covariance_type](resp, X, nk, means, reg_covar)
     return nk, means, covariances
 
 
@@ -201,12 +202,24 @@ def _covariance_of_precision_cholesky(precision_chol):
     return inverse @ inverse.T
 
 
+def _upper_cholesky_of(precision):
+    """Upper-triangular U with U U^T = precision: the factor ``compute_precision_cholesky`` gives.
+
+    A plain Cholesky factor is lower-triangular (L L^T); reversing rows and columns (J P J,
+    J the exchange matrix) before and after turns it into the upper one, as scikit-learn does.
+    """
+    flipped = precision[::-1, ::-1]
+    return np.ascontiguousarray(linalg.cholesky(flipped, lower=True)[::-1, ::-1])
+
+
 def precision_cholesky_from_precisions(precisions, covariance_type):
-    """Cholesky factors of user-given precision matrices (for ``precisions_init``)."""
+    """Precision Cholesky factors of user-given precisions (``precisions_init``), in the
+    same upper-triangular form as ``compute_precision_cholesky`` (everything that reads them
+    back, such as ``covariances_from_precision_cholesky``, relies on it)."""
     if covariance_type == "full":
-        return np.array([linalg.cholesky(p, lower=True) for p in precisions])
+        return np.array([_upper_cholesky_of(p) for p in precisions])
     if covariance_type == "tied":
-        return linalg.cholesky(precisions, lower=True)
+        return _upper_cholesky_of(precisions)
     return np.sqrt(precisions)
 
 

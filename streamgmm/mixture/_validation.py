@@ -63,9 +63,88 @@ def check_positive_float(value, name: str, *, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
 
 
-def check_random_state(random_state) -> np.random.Generator:
-    if random_state is None or isinstance(random_state, numbers.Integral):
+def check_random_state(random_state) -> np.random.Generator | np.random.RandomState:
+    """A random generator for ``random_state``.
+
+    None or an int gives a new ``np.random.Generator`` (seeded by the int); a ``Generator``
+    or a legacy ``np.random.RandomState`` (what scikit-learn users pass) is used as it is,
+    so successive calls draw on from where it stands.  Both kinds have every method the
+    package draws with (``choice``, ``random``, ``uniform``, ``multinomial``,
+    ``standard_normal``).
+    """
+    if random_state is None or (isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool)):
         return np.random.default_rng(random_state)
-    if isinstance(random_state, np.random.Generator):
+    if isinstance(random_state, (np.random.Generator, np.random.RandomState)):
         return random_state
-    raise ValueError(f"random_state must be None, an int or a numpy Generator; got {random_state!r}")
+    raise ValueError(
+        f"random_state must be None, an int, a numpy Generator or a numpy RandomState; got {random_state!r}"
+    )
+
+
+# ------------------------------------------------------- initial parameters
+# The messages are scikit-learn's (``sklearn.mixture._gaussian_mixture._check_weights`` and
+# friends), so code and tests written against scikit-learn's GaussianMixture match them.
+def _as_float_array(value, name: str) -> np.ndarray:
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"The parameter '{name}' must be numeric: {exc}") from None
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"The parameter '{name}' contains NaN or infinity")
+    return array
+
+
+def check_shape(param: np.ndarray, param_shape: tuple, name: str) -> None:
+    if param.shape != param_shape:
+        raise ValueError(f"The parameter '{name}' should have the shape of {param_shape}, but got {param.shape}")
+
+
+def check_weights(weights, n_components: int) -> np.ndarray:
+    """``weights_init``: shape (n_components,), each in [0, 1], summing to 1."""
+    weights = _as_float_array(weights, "weights")
+    check_shape(weights, (n_components,), "weights")
+    if np.any(weights < 0.0) or np.any(weights > 1.0):
+        # (min and max swapped as in scikit-learn, whose tests match this exact text)
+        raise ValueError(
+            "The parameter 'weights' should be in the range [0, 1], but got "
+            f"max value {np.min(weights):.5f}, min value {np.max(weights):.5f}"
+        )
+    if not np.allclose(abs(1.0 - np.sum(weights)), 0.0, atol=1e-8):
+        raise ValueError(f"The parameter 'weights' should be normalized, but got sum(weights) = {np.sum(weights):.5f}")
+    return weights
+
+
+def check_means(means, n_components: int, n_features: int) -> np.ndarray:
+    """``means_init``: shape (n_components, n_features)."""
+    means = _as_float_array(means, "means")
+    check_shape(means, (n_components, n_features), "means")
+    return means
+
+
+def check_precisions(precisions, covariance_type: str, n_components: int, n_features: int) -> np.ndarray:
+    """``precisions_init``: the shape of ``covariance_type``; symmetric positive-definite
+    matrices for ``full`` and ``tied``, positive numbers for ``diag`` and ``spherical``."""
+    name = f"{covariance_type} precision"
+    precisions = _as_float_array(precisions, name)
+    expected = {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+    check_shape(precisions, expected, name)
+    if covariance_type in ("diag", "spherical"):
+        if np.any(precisions <= 0.0):
+            raise ValueError(f"'{name}' should be positive; got minimum {np.min(precisions):.5g}")
+        return precisions
+    matrices = precisions if covariance_type == "full" else precisions[np.newaxis]
+    for k, matrix in enumerate(matrices):
+        where = f" (component {k})" if covariance_type == "full" else ""
+        if not np.all(np.isclose(matrix, matrix.T)):
+            raise ValueError(f"'{name}' should be symmetric, positive-definite; the matrix{where} is not symmetric")
+        smallest = np.linalg.eigvalsh(matrix)[0]
+        if not smallest > 0.0:
+            raise ValueError(
+                f"'{name}' should be symmetric, positive-definite; the matrix{where} has eigenvalue {smallest:.5g}"
+            )
+    return precisions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -18,10 +19,13 @@ from ._base import (
 from ._kmeans import kmeans, kmeans_plusplus, squared_distances
 from ._validation import (
     check_array,
+    check_means,
     check_positive_float,
     check_positive_int,
+    check_precisions,
     check_random_state,
     check_sample_weight,
+    check_weights,
 )
 
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
@@ -56,9 +60,11 @@ def initial_responsibilities(X, n_components, init_params, rng, sample_weight):
 class GaussianMixture(MixtureBase):
     """Gaussian mixture fitted by expectation-maximisation, optionally with sample weights.
 
-    Parameters follow scikit-learn's ``GaussianMixture``; with the same initial parameters it
-    takes the same EM steps.  ``fit`` also accepts ``sample_weight`` (integer weights are
-    equivalent to repeating rows).
+    A drop-in for scikit-learn's ``GaussianMixture`` (same parameters, attributes, methods,
+    error messages; with the same initial parameters it takes the same EM steps), without
+    scikit-learn at run time.  ``fit`` also accepts ``sample_weight`` (integer weights are
+    equivalent to repeating rows).  The constructor only stores the parameters; ``fit``
+    checks them.
 
     Parameters
     ----------
@@ -72,15 +78,26 @@ class GaussianMixture(MixtureBase):
     n_init : int, default=1
         Number of initialisations; the one with the best lower bound is kept.
     init_params : {"kmeans", "k-means++", "random", "random_from_data"}, default="kmeans"
-    weights_init, means_init, precisions_init : array-like, optional
+    weights_init : array-like of shape (n_components,), optional
+    means_init : array-like of shape (n_components, n_features), optional
+    precisions_init : array-like, optional
+        Inverse covariances, shaped as ``covariances_``: symmetric positive-definite
+        matrices for ``full`` and ``tied``, positive numbers for ``diag`` and ``spherical``.
     warm_start : bool, default=False
         Continue from the previous fit's parameters on the next ``fit``.
-    random_state : int, numpy Generator or None
+    random_state : None, int, numpy Generator or numpy RandomState
+        An int (or None) seeds a new ``np.random.Generator`` at every ``fit``; a Generator or
+        RandomState instance is drawn from as it stands.
+    verbose : int, default=0
+        1 prints each initialisation and every ``verbose_interval``-th iteration; 2 also
+        prints times and the change of the lower bound (scikit-learn's format).
+    verbose_interval : int, default=10
 
     Attributes
     ----------
-    weights_, means_, covariances_, precisions_cholesky_, converged_, n_iter_,
-    lower_bound_ (mean log-likelihood at the last E-step), lower_bounds_ (one per iteration).
+    weights_, means_, covariances_, precisions_, precisions_cholesky_, converged_, n_iter_,
+    lower_bound_ (mean log-likelihood at the last E-step), lower_bounds_ (one per iteration),
+    n_features_in_.
 
     Examples
     --------
@@ -108,6 +125,8 @@ class GaussianMixture(MixtureBase):
         precisions_init=None,
         warm_start: bool = False,
         random_state=None,
+        verbose: int = 0,
+        verbose_interval: int = 10,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -121,9 +140,11 @@ class GaussianMixture(MixtureBase):
         self.precisions_init = precisions_init
         self.warm_start = warm_start
         self.random_state = random_state
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
 
     # ------------------------------------------------------------------ checks
-    def _check_parameters(self, n_features: int) -> None:
+    def _check_scalar_parameters(self) -> None:
         check_positive_int(self.n_components, "n_components")
         g.check_covariance_type(self.covariance_type)
         check_positive_float(self.tol, "tol", allow_zero=True)
@@ -132,26 +153,32 @@ class GaussianMixture(MixtureBase):
         check_positive_int(self.n_init, "n_init")
         if self.init_params not in INIT_PARAMS:
             raise ValueError(f"init_params must be one of {', '.join(INIT_PARAMS)}; got {self.init_params!r}")
-        K = self.n_components
+        if not isinstance(self.verbose, bool):
+            check_positive_int(self.verbose, "verbose", minimum=0)
+        check_positive_int(self.verbose_interval, "verbose_interval")
+        check_random_state(self.random_state)
+
+    def _check_parameters(self, X) -> None:
+        """Check every parameter against the data X (n_samples, n_features); ``fit`` calls it."""
+        self._check_scalar_parameters()
+        n_samples, n_features = X.shape
+        if n_samples < self.n_components:
+            raise ValueError(
+                f"Expected n_samples >= n_components but got n_components = {self.n_components}, "
+                f"n_samples = {n_samples}"
+            )
         if self.weights_init is not None:
-            weights = np.asarray(self.weights_init, dtype=float)
-            if weights.shape != (K,) or np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
-                raise ValueError(f"weights_init must be {K} non-negative numbers summing to 1; got {weights!r}")
-        if self.means_init is not None and np.shape(self.means_init) != (K, n_features):
-            raise ValueError(f"means_init must have shape ({K}, {n_features}); got {np.shape(self.means_init)}")
+            check_weights(self.weights_init, self.n_components)
+        if self.means_init is not None:
+            check_means(self.means_init, self.n_components, n_features)
         if self.precisions_init is not None:
-            expected = covariance_shape(self.covariance_type, K, n_features)
-            if np.shape(self.precisions_init) != expected:
-                raise ValueError(
-                    f"precisions_init must have shape {expected} for covariance_type="
-                    f"{self.covariance_type!r}; got {np.shape(self.precisions_init)}"
-                )
+            check_precisions(self.precisions_init, self.covariance_type, self.n_components, n_features)
 
     # -------------------------------------------------------------------- fitting
     def fit(self, X, y=None, sample_weight=None):
         """Estimate the parameters with EM; returns self."""
-        X = check_array(X, min_samples=max(2, self.n_components if isinstance(self.n_components, int) else 2))
-        self._check_parameters(X.shape[1])
+        X = check_array(X, min_samples=2)
+        self._check_parameters(X)
         weight = check_sample_weight(sample_weight, X.shape[0])
         if weight.sum() <= 0:
             raise ValueError("sample_weight sums to zero: there is nothing to fit")
@@ -161,9 +188,10 @@ class GaussianMixture(MixtureBase):
         rng = check_random_state(self.random_state)
 
         best = None
-        for _ in range(n_init):
+        for init in range(n_init):
+            self._print_verbose_msg_init_beg(init)
             if do_init:
-                self._initialize(X, weight, rng)
+                self._initialize_parameters(X, rng, weight)
             lower_bound = -np.inf if do_init else self.lower_bound_
             lower_bounds = []
             converged = False
@@ -174,9 +202,12 @@ class GaussianMixture(MixtureBase):
                 lower_bound = float(np.average(log_prob_norm, weights=weight))
                 self._m_step(X, log_resp, weight)
                 lower_bounds.append(lower_bound)
+                self._print_verbose_msg_iter_end(n_iter, lower_bound - previous)
                 if abs(lower_bound - previous) < self.tol:
                     converged = True
                     break
+            if self.max_iter > 0:
+                self._print_verbose_msg_init_end(lower_bound, converged)
             if best is None or lower_bound > best[0]:
                 best = (lower_bound, self._get_parameters(), n_iter, converged, lower_bounds)
 
@@ -188,27 +219,38 @@ class GaussianMixture(MixtureBase):
         self.converged_ = converged
         if not converged and self.max_iter > 0:
             warnings.warn(
-                f"EM did not converge in {self.max_iter} iterations (tol={self.tol}); raise max_iter "
-                "or tol, or check the data's scale",
+                "Best performing initialization did not converge. Try different init parameters, "
+                "or increase max_iter, tol, or check for degenerate data. "
+                f"(EM stopped after max_iter={self.max_iter} iterations with tol={self.tol}.)",
                 ConvergenceWarning,
                 stacklevel=2,
             )
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then the most responsible component of each row of X."""
         return self.fit(X, sample_weight=sample_weight).predict(X)
 
-    def _initialize(self, X, weight, rng) -> None:
-        have_all = self.weights_init is not None and self.means_init is not None and self.precisions_init is not None
-        if have_all:
-            resp = np.full((X.shape[0], self.n_components), 1.0 / self.n_components)
+    def _initialize_parameters(self, X, rng, sample_weight) -> None:
+        """Starting parameters: responsibilities from ``init_params`` unless the user gave all three."""
+        if self.weights_init is not None and self.means_init is not None and self.precisions_init is not None:
+            self._initialize(X, None, sample_weight)
         else:
-            resp = initial_responsibilities(X, self.n_components, self.init_params, rng, weight)
-        nk, means, covariances = g.estimate_gaussian_parameters(
-            X, resp * weight[:, np.newaxis], self.reg_covar, self.covariance_type
-        )
-        self.weights_ = nk / weight.sum() if self.weights_init is None else np.asarray(self.weights_init, float)
-        self.means_ = means if self.means_init is None else np.asarray(self.means_init, float).copy()
+            resp = initial_responsibilities(X, self.n_components, self.init_params, rng, sample_weight)
+            self._initialize(X, resp, sample_weight)
+
+    def _initialize(self, X, resp, sample_weight=None) -> None:
+        """Parameters from responsibilities ``resp`` (n_samples, n_components) or None, with
+        the user's ``weights_init``/``means_init``/``precisions_init`` taking precedence.
+        (scikit-learn's ``_initialize(X, resp)``, plus sample weights.)"""
+        weight = np.ones(X.shape[0]) if sample_weight is None else sample_weight
+        covariances = None
+        if resp is not None:
+            nk, means, covariances = g.estimate_gaussian_parameters(
+                X, resp * weight[:, np.newaxis], self.reg_covar, self.covariance_type
+            )
+        self.weights_ = nk / weight.sum() if self.weights_init is None else np.array(self.weights_init, dtype=float)
+        self.means_ = means if self.means_init is None else np.array(self.means_init, dtype=float)
         if self.precisions_init is None:
             self.covariances_ = covariances
             self.precisions_cholesky_ = g.compute_precision_cholesky(covariances, self.covariance_type)
@@ -229,6 +271,32 @@ class GaussianMixture(MixtureBase):
 
     def _set_parameters(self, parameters) -> None:
         self.weights_, self.means_, self.covariances_, self.precisions_cholesky_ = parameters
+
+    # -------------------------------------------------------------- verbose output
+    # scikit-learn's format, so logs and tests that read it see the same lines.
+    def _print_verbose_msg_init_beg(self, n_init) -> None:
+        if self.verbose >= 1:
+            print(f"Initialization {n_init}")
+        if self.verbose >= 2:
+            self._init_prev_time = self._iter_prev_time = time.time()
+
+    def _print_verbose_msg_iter_end(self, n_iter, diff_ll) -> None:
+        if self.verbose == 0 or n_iter % self.verbose_interval != 0:
+            return
+        if self.verbose == 1:
+            print(f"  Iteration {n_iter}")
+        else:
+            now = time.time()
+            print(f"  Iteration {n_iter}\t time lapse {now - self._iter_prev_time:.5f}s\t ll change {diff_ll:.5f}")
+            self._iter_prev_time = now
+
+    def _print_verbose_msg_init_end(self, lower_bound, converged) -> None:
+        status = "converged" if converged else "did not converge"
+        if self.verbose == 1:
+            print(f"Initialization {status}.")
+        elif self.verbose >= 2:
+            lapse = time.time() - self._init_prev_time
+            print(f"Initialization {status}. time lapse {lapse:.5f}s\t lower bound {lower_bound:.5f}.")
 
     @property
     def precisions_(self):

@@ -214,7 +214,12 @@ class OnlineGaussianMixture(MixtureBase):
     warmup_n_init : int, default=4
         Warm-up EM restarts; the best lower bound wins (the warm-up buffer is small, so this is cheap).
     standardize : bool, default=True
-    random_state : int, numpy Generator or None
+    random_state : None, int, numpy Generator or numpy RandomState
+        Fixes the model's own generator at the first ``partial_fit`` (a RandomState seeds a
+        new Generator); the generator's state, not this parameter, is saved by ``to_dict``.
+
+    The constructor only stores the parameters: the first ``partial_fit`` checks them.
+    ``get_params``/``set_params`` work as in scikit-learn.
 
     Attributes
     ----------
@@ -271,8 +276,19 @@ class OnlineGaussianMixture(MixtureBase):
         self.warmup_n_init = warmup_n_init
         self.standardize = standardize
         self.random_state = random_state
+
+    # Until the first partial_fit (or to_dict, from_dict, from_mixture) there is no learning
+    # state; these class-level values answer for it.
+    n_seen_ = 0
+    n_reseeded_ = 0
+
+    def _is_started(self) -> bool:
+        return hasattr(self, "_rng")
+
+    def _start(self) -> None:
+        """Check the parameters and create the empty learning state (the first partial_fit does it)."""
         self._check_parameters()
-        self._rng = check_random_state(random_state)
+        self._rng = _generator_of(self.random_state)
         self.n_seen_ = 0
         self.n_reseeded_ = 0
         self._steps = 0.0
@@ -280,6 +296,27 @@ class OnlineGaussianMixture(MixtureBase):
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self.n_features_in_: int | None = None
+
+    def set_params(self, **params):
+        """Set constructor parameters.  Before the first ``partial_fit`` they are checked then;
+        afterwards at once, and n_components, covariance_type and standardize can no longer
+        change (the learned statistics are shaped by them).  Returns self."""
+        if not self._is_started():
+            return super().set_params(**params)
+        changed = [name for name in _STRUCTURAL_PARAMS if name in params and params[name] != getattr(self, name)]
+        if changed:
+            raise ValueError(
+                f"cannot change {', '.join(changed)} of a model that has started learning; "
+                "start a new model (e.g. sklearn.base.clone(model).set_params(...)) instead"
+            )
+        previous = self.get_params(deep=False)
+        super().set_params(**params)
+        try:
+            self._check_parameters()
+        except ValueError:
+            super().set_params(**previous)
+            raise
+        return self
 
     # ------------------------------------------------------------------ checks
     def _check_parameters(self) -> None:
@@ -305,6 +342,9 @@ class OnlineGaussianMixture(MixtureBase):
         check_positive_int(self.warmup_n_init, "warmup_n_init")
         if self.init_params not in INIT_PARAMS:
             raise ValueError(f"init_params must be one of {', '.join(INIT_PARAMS)}; got {self.init_params!r}")
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise ValueError(f"standardize must be True or False; got {self.standardize!r}")
+        check_random_state(self.random_state)
 
     @property
     def step_floor(self) -> float:
@@ -322,7 +362,14 @@ class OnlineGaussianMixture(MixtureBase):
 
     @property
     def n_buffered_(self) -> int:
-        return int(sum(len(b) for b in self._buffer))
+        return int(sum(len(b) for b in getattr(self, "_buffer", ())))
+
+    def _not_fitted_message(self) -> str:
+        return (
+            f"This {type(self).__name__} instance is not fitted yet. Call 'partial_fit' until the "
+            f"warm-up is complete (warmup={self.warmup} points; {self.n_buffered_} buffered) "
+            "before using this estimator."
+        )
 
     # ---------------------------------------------------------- standardisation
     def _to_internal(self, X):
@@ -373,7 +420,12 @@ class OnlineGaussianMixture(MixtureBase):
 
     # ------------------------------------------------------------------ learning
     def partial_fit(self, X, y=None, sample_weight=None):
-        """Learn from one mini-batch; before the warm-up is complete, buffer it. Returns self."""
+        """Learn from one mini-batch; before the warm-up is complete, buffer it. Returns self.
+
+        The first call checks the parameters (``ValueError`` naming the parameter).
+        """
+        if not self._is_started():
+            self._start()
         X = check_array(X, n_features=self.n_features_in_)
         weight = check_sample_weight(sample_weight, X.shape[0])
         if self.n_features_in_ is None:
@@ -562,6 +614,7 @@ class OnlineGaussianMixture(MixtureBase):
         params.setdefault("covariance_type", mixture.covariance_type)
         params.setdefault("reg_covar", mixture.reg_covar)
         model = cls(**params)
+        model._start()
         if model.n_components != mixture.n_components or model.covariance_type != mixture.covariance_type:
             raise ValueError("n_components and covariance_type must match the mixture's")
         D = mixture.n_features_in_
@@ -655,10 +708,15 @@ class OnlineGaussianMixture(MixtureBase):
 
     # ---------------------------------------------------------------------- state
     def to_dict(self) -> dict:
+        """The state (parameters, statistics, warm-up buffer, random generator) as plain
+        numbers and numpy arrays (see ``from_dict``).  ``random_state`` is not kept: the
+        generator's own state is."""
+        if not self._is_started():
+            self._start()
         state = {
             "kind": "OnlineGaussianMixture",
             "format_version": STATE_FORMAT_VERSION,
-            "params": self.get_params(),
+            "params": {name: getattr(self, name) for name in _STATE_PARAMS},
             "n_features": self.n_features_in_,
             "n_seen": int(self.n_seen_),
             "n_reseeded": int(self.n_reseeded_),
@@ -678,27 +736,19 @@ class OnlineGaussianMixture(MixtureBase):
             state.update(buffer=np.vstack(self._buffer), buffer_weights=np.concatenate(self._buffer_weights))
         return state
 
-    def get_params(self) -> dict:
-        return {
-            name: getattr(self, name)
-            for name in (
-                "n_components", "covariance_type", "warmup", "alpha", "t0", "half_life", "forgetting",
-                "reg_covar", "min_weight", "rare_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
-            )
-        }
-
     @classmethod
     def from_dict(cls, state: dict) -> "OnlineGaussianMixture":
         check_state_header(state, "OnlineGaussianMixture")
         params = dict(state["params"])
         model = cls(**params)
+        model._start()
         D = state["n_features"]
         model.n_features_in_ = None if D is None else int(D)
         model.n_seen_ = int(state["n_seen"])
         model.n_reseeded_ = int(state["n_reseeded"])
         model._steps = float(state["steps"])
         try:
-            model._rng.bit_generator.state = state["rng_state"]
+            model._rng = _generator_with_state(state["rng_state"])
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"state has an unusable rng_state: {exc}") from None
         if state["initialized"]:
@@ -722,6 +772,32 @@ class OnlineGaussianMixture(MixtureBase):
 
     def _sampling_rng(self):
         return self._rng
+
+
+# Saved by to_dict (random_state is not: the generator's state is saved instead).
+_STATE_PARAMS = (
+    "n_components", "covariance_type", "warmup", "alpha", "t0", "half_life", "forgetting",
+    "reg_covar", "min_weight", "rare_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
+)
+# What the learned statistics are shaped by: fixed once learning has started.
+_STRUCTURAL_PARAMS = ("n_components", "covariance_type", "standardize")
+_BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "MT19937": np.random.MT19937,
+                   "Philox": np.random.Philox, "SFC64": np.random.SFC64}
+
+
+def _generator_of(random_state) -> np.random.Generator:
+    """The model's own generator: a legacy RandomState seeds a new Generator (drawing the
+    seed from it), so the saved state is always a Generator's."""
+    rng = check_random_state(random_state)
+    if isinstance(rng, np.random.RandomState):
+        return np.random.default_rng(rng.randint(0, 2**63 - 1, dtype=np.int64))
+    return rng
+
+
+def _generator_with_state(rng_state: dict) -> np.random.Generator:
+    bit_generator = _BIT_GENERATORS[rng_state["bit_generator"]]()
+    bit_generator.state = rng_state
+    return np.random.Generator(bit_generator)
 
 
 def _full_covariances(covariances, covariance_type, n_components, n_features):
