@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from streamgmm.service.checkpoint import CheckpointError, CheckpointStore, pack, unpack
+from streamgmm.service.state import CheckpointError, CheckpointStore, pack, unpack
 
 
 def _state(i):

@@ -41,14 +41,14 @@ def test_environment_overrides_any_key():
             "STREAMGMM_KAFKA__BOOTSTRAP_SERVERS": "k1:9092,k2:9093",
             "STREAMGMM_MODEL__HALF_LIFE": "50000",
             "STREAMGMM_THRESHOLD__LEARN_FROM_ANOMALIES": "true",
-            "STREAMGMM_KAFKA__SECURITY__SASL_PLAIN_PASSWORD": "hunter2",
+            "STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD": "hunter2",
             "UNRELATED": "x",
         },
     )
     assert config.kafka.bootstrap_servers == ("k1:9092", "k2:9093")
     assert config.model.half_life == 50000.0 and config.model.n_components == 4
     assert config.threshold.learn_from_anomalies is True
-    assert config.kafka.security["sasl_plain_password"] == "hunter2"
+    assert config.kafka.security["sasl.password"] == "hunter2"  # librdkafka's name
     assert "hunter2" not in str(masked(as_dict(config)))
 
 
@@ -60,10 +60,37 @@ def test_env_override_typo_is_an_error_too():
 def test_secret_files_are_read(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
-    resolved = resolve_secrets({"sasl_plain_password_file": str(secret), "ssl_cafile": "/ca.pem"}, "kafka.security")
-    assert resolved == {"sasl_plain_password": "s3cret", "ssl_cafile": "/ca.pem"}
-    with pytest.raises(ConfigError, match="kafka.security.sasl_plain_password_file: cannot read secret file"):
-        resolve_secrets({"sasl_plain_password_file": str(tmp_path / "missing")}, "kafka.security")
+    resolved = resolve_secrets({"sasl.password_file": str(secret), "ssl.ca.location": "/ca.pem"}, "kafka.security")
+    assert resolved == {"sasl.password": "s3cret", "ssl.ca.location": "/ca.pem"}
+    with pytest.raises(ConfigError, match="kafka.security.sasl.password_file: cannot read secret file"):
+        resolve_secrets({"sasl.password_file": str(tmp_path / "missing")}, "kafka.security")
+
+
+@pytest.mark.parametrize("section, settings, message", [
+    ("consumer", {"fetch.wait.max.msx": 10}, "kafka.consumer.fetch.wait.max.msx"),
+    ("producer", {"compression.type": "zipp"}, "kafka.producer.compression.type"),
+    ("security", {"security.protocoll": "SSL"}, "kafka.security.security.protocoll"),
+    ("consumer", {"fetch_max_wait_ms": 10}, "kafka-python's name; librdkafka's is 'fetch.wait.max.ms'"),
+    ("consumer", {"enable.auto.commit": True}, "kafka.consumer.enable.auto.commit: set by streamgmm"),
+])
+def test_librdkafka_settings_are_checked_without_a_broker(section, settings, message):
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], section: settings}})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_settings(config)
+
+
+def test_good_librdkafka_settings_pass_and_the_defaults_can_be_overridden():
+    from streamgmm.service.kafka import check_settings, client_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"],
+                                         "consumer": {"session.timeout.ms": 6000, "fetch.wait.max.ms": 20},
+                                         "producer": {"compression.type": "lz4"}}})
+    check_settings(config)
+    assert client_settings(config, "consumer")["session.timeout.ms"] == 6000
+    assert client_settings(config, "consumer")["enable.auto.commit"] is False
+    assert client_settings(config, "producer")["compression.type"] == "lz4"
 
 
 def test_config_is_frozen():

@@ -7,7 +7,6 @@ import pytest
 
 from streamgmm.service.config import config_from_dict
 from streamgmm.detection.decode import encode
-from streamgmm.service.decode_process import _decode_and_score, pack, unpack_packed
 from streamgmm.detection.detector import Detector, InputRecord
 from streamgmm.dev.synthetic import random_mixture
 
@@ -27,7 +26,7 @@ def _config(**sections):
 def _run(detector, X, batch=250, start=0):
     results = []
     for i in range(0, len(X), batch):
-        results.append(detector.process(_records(X[i:i + batch], start=start + i)))
+        results.append(detector.process(_records(X[i:i + batch], start=start + i), now=5.0))
     return results
 
 
@@ -36,7 +35,7 @@ def test_no_anomaly_before_warmup_and_rest_of_batch_is_scored():
     X, _ = random_mixture(3, 4, rng).sample(800, rng)
     X[700] = 1e3  # an outlier in the same batch that completes the warm-up
     detector = Detector(_config())
-    result = detector.process(_records(X))
+    result = detector.process(_records(X), now=5.0)
     assert result.warmup
     assert all(d == (None, False, None) for d in result.decisions()[:500])
     assert all(d[0] is not None for d in result.decisions()[500:])
@@ -89,7 +88,7 @@ def test_fixed_threshold():
     _run(detector, X)
     assert detector.n_anomalies == 0
     detector.threshold.value = 1e9
-    result = detector.process(_records(X[:10]))
+    result = detector.process(_records(X[:10]), now=5.0)
     assert len(result.anomalies) == 10
 
 
@@ -99,24 +98,24 @@ def test_state_restores_to_an_identical_detector():
     a = Detector(_config())
     _run(a, X[:3000])
     b = Detector(_config())
-    b.restore(a.state())
+    b.restore(a.state(5.0))
     ra, rb = _run(a, X[3000:], start=3000), _run(b, X[3000:], start=3000)
     assert [r.decisions() for r in ra] == [r.decisions() for r in rb]
-    assert a.state()["offsets"] == b.state()["offsets"] == {"in": {"0": 6000}}
+    assert a.state(5.0)["offsets"] == b.state(5.0)["offsets"] == {"in": {"0": 6000}}
     assert a.model.n_seen_ == b.model.n_seen_
 
 
 def test_restore_refuses_a_different_dimension():
     a = Detector(_config())
     with pytest.raises(ValueError, match="the checkpoint is for input.dimension=4, the config says 5"):
-        Detector(_config(input={"dimension": 5})).restore(a.state())
+        Detector(_config(input={"dimension": 5})).restore(a.state(5.0))
 
 
 def test_offsets_track_every_partition_including_invalid_records():
     detector = Detector(_config())
     records = [InputRecord("a", 0, 10, b"bad"), InputRecord("a", 1, 4, encode([1, 2, 3, 4], "float64")),
                InputRecord("b", 0, 0, None)]
-    result = detector.process(records)
+    result = detector.process(records, now=5.0)
     assert detector.offsets == {("a", 0): 11, ("a", 1): 5, ("b", 0): 1}
     assert len(result.dead_letters) == 2 and detector.n_invalid == 2
 
@@ -126,7 +125,7 @@ def test_non_finite_density_is_written_as_a_valid_json_number():
     X, _ = random_mixture(3, 4, rng).sample(1000, rng)
     detector = Detector(_config())
     _run(detector, X)
-    result = detector.process(_records(np.array([[1e300, -1e300, 1e300, 1e300]]), start=5000))
+    result = detector.process(_records(np.array([[1e300, -1e300, 1e300, 1e300]]), start=5000), now=5.0)
     doc = json.loads(result.anomalies[0].value)
     assert doc["log_density"] < -1e300
 
@@ -151,40 +150,6 @@ def test_a_new_cluster_is_adopted_but_a_short_burst_is_not():
     _run(frozen, burst, batch=1000)
     results = _run(frozen, new_cluster, batch=1000, start=20_000)
     assert sum(len(r.anomalies) for r in results[-5:]) / 5_000 > 0.15  # never learned
-
-
-def test_a_batch_scored_elsewhere_counts_only_if_scored_by_the_model_as_it_stands():
-    # The daemon's helper process scores batch N with a snapshot taken after batch N-1: the
-    # result must equal scoring here, and a snapshot of any other model or threshold state
-    # must be ignored.
-    rng = np.random.default_rng(6)
-    X, _ = random_mixture(3, 4, rng).sample(3000, rng)
-    X[2100] = 50.0
-    here, elsewhere = Detector(_config()), Detector(_config())
-    _run(here, X[:1000])
-    _run(elsewhere, X[:1000])
-    stale = elsewhere.model.scoring_model()
-    flagged = 0
-    for start in range(1000, 3000, 250):
-        records = _records(X[start:start + 250], start=start)
-        model, threshold = elsewhere.model.scoring_model(), elsewhere.threshold.value
-        if start == 2000:
-            model = stale  # e.g. the model was restored while the helper worked
-        if start == 2250:
-            threshold = np.inf  # statistics split by another threshold (every row flagged)
-        # What the helper process hands back: decoded rows, scores and split statistics.
-        packed = unpack_packed(*pack([[r.value for r in records]]))[0]
-        decoded, scored = _decode_and_score(elsewhere.decoder, packed, (model, threshold), True)
-        expected = here.process(records, now=5.0)
-        got = elsewhere.process(records, now=5.0, decoded=decoded, scored=scored)
-        np.testing.assert_array_equal(got.log_density, expected.log_density)
-        np.testing.assert_array_equal(got.flags, expected.flags)
-        assert [a.value for a in got.anomalies] == [a.value for a in expected.anomalies]
-        assert got.n_learned == expected.n_learned
-        flagged += int(expected.flags.sum())
-    assert flagged >= 1  # the point at 2100, in the batch given a stale snapshot
-    for name in ("_S0", "_S1", "_S2"):
-        np.testing.assert_array_equal(getattr(elsewhere.model, name), getattr(here.model, name))
 
 
 def test_a_backlog_taken_in_one_batch_is_flagged_as_in_small_batches():

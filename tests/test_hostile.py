@@ -34,7 +34,7 @@ def _warm(detector, rng, n=400, scale=1.0):
     X = rng.normal(size=(n, detector.config.input.dimension)) * scale
     fmt = detector.config.input.format
     records = [InputRecord("t", 0, i, encode(x, fmt)) for i, x in enumerate(X)]
-    detector.process(records)
+    detector.process(records, now=5.0)
 
 
 EXTREME = st.sampled_from([0.0, -0.0, 1e308, -1e308, 5e-324, -5e-324, 1e-300, 1e300, 1.7976931348623157e308])
@@ -57,7 +57,7 @@ def test_random_messages_never_crash_the_loop_or_the_model(messages):
     detector = _detector()
     _warm(detector, np.random.default_rng(0))
     records = [InputRecord("t", 0, 1000 + i, value, key=key) for i, (value, key) in enumerate(messages)]
-    result = detector.process(records)
+    result = detector.process(records, now=5.0)
     n_dead = len(result.dead_letters)
     assert n_dead + result.n_valid == len(records)
     for letter in result.dead_letters:
@@ -77,7 +77,7 @@ def test_fuzz_other_formats(fmt):
     for round_ in range(50):
         values = [rng.bytes(int(rng.integers(0, 40))) for _ in range(30)]
         values += [encode(rng.choice([1e308, -1e308, 5e-324, 0.0, 1e30], 3), fmt) for _ in range(10)]
-        result = detector.process([InputRecord("t", 0, round_ * 100 + i, v) for i, v in enumerate(values)])
+        result = detector.process([InputRecord("t", 0, round_ * 100 + i, v) for i, v in enumerate(values)], now=5.0)
         assert len(result.dead_letters) + result.n_valid == len(values)
         assert _finite_model(detector)
 
@@ -89,10 +89,10 @@ def test_memory_stays_bounded_under_a_flood_of_bad_and_huge_input():
     junk = [b"[" * 4000, b"x" * 5000, b'{"deep": ' * 500, b"\xff" * 100, b"[1e308, -1e308, 1e308]"]
     tracemalloc.start()
     for round_ in range(20):
-        detector.process([InputRecord("t", 0, i, junk[i % len(junk)]) for i in range(500)])
+        detector.process([InputRecord("t", 0, i, junk[i % len(junk)]) for i in range(500)], now=5.0)
     first, _ = tracemalloc.get_traced_memory()
     for round_ in range(200):
-        detector.process([InputRecord("t", 0, i, junk[i % len(junk)]) for i in range(500)])
+        detector.process([InputRecord("t", 0, i, junk[i % len(junk)]) for i in range(500)], now=5.0)
     second, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert second - first < 2_000_000, f"grew by {second - first} bytes over 100,000 bad messages"
@@ -114,7 +114,7 @@ def test_degenerate_streams_keep_the_model_finite(case):
         elif case == "scale_jump" and batch >= 30:
             X *= 1e9
         records = [InputRecord("t", 0, batch * 500 + i, encode(x, "float64")) for i, x in enumerate(X)]
-        result = detector.process(records)
+        result = detector.process(records, now=5.0)
         assert result.n_valid == 500
         assert _finite_model(detector), (case, batch)
     scores = detector.model.score_samples(np.array([[1.0, 2.0, 3.0]]))

@@ -19,7 +19,7 @@ from kafka_helpers import (
     write_config,
 )
 
-from streamgmm.service.checkpoint import FAULT_PAUSE_ENV, CheckpointStore
+from streamgmm.service.state import FAULT_PAUSE_ENV, CheckpointStore
 from streamgmm.detection.decode import encode
 from streamgmm.dev.embedded import EmbeddedBroker, free_port
 from streamgmm.dev.synthetic import random_mixture

@@ -1,4 +1,4 @@
-"""Command line: ``streamgmm run | replay | fit | check-config | inspect | demo``.
+"""Command line: ``streamgmm run | replay | fit | check-config | inspect``.
 
 Exit codes: 0 success, 2 bad configuration or arguments, 1 anything else.
 """
@@ -10,12 +10,14 @@ import json
 import logging
 import signal
 import sys
+import time
 import warnings
+from datetime import datetime, timezone
 
 import yaml
 
 from .. import __version__
-from ..service.checkpoint import CheckpointError, CheckpointStore
+from ..service.state import CheckpointError, CheckpointStore
 from ..service.config import ConfigError, as_dict, load_config, masked
 
 log = logging.getLogger("streamgmm")
@@ -24,7 +26,7 @@ log = logging.getLogger("streamgmm")
 class RepeatFilter(logging.Filter):
     """Let the same message through at most once per ``interval`` seconds.
 
-    During an outage kafka-python logs every refused connection; one line per message per
+    During an outage librdkafka reports every refused connection; one line per message per
     half minute keeps the cause visible without flooding the journal.
     """
 
@@ -34,7 +36,7 @@ class RepeatFilter(logging.Filter):
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.msg}"
+        key = f"{record.name}:{record.getMessage()}"
         now = record.created
         if now - self._last.get(key, -1e18) < self.interval:
             return False
@@ -47,14 +49,14 @@ class RepeatFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document)
+        return json.dumps(document, default=str)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -62,19 +64,36 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03d%(tz)s %(levelname)s %(name)s: %(message)s",
+                                      "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+        handler.addFilter(_utc_zone)
+    if level != "DEBUG":
+        handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    kafka_logger = logging.getLogger("kafka")
-    kafka_logger.setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
-    if level != "DEBUG":
-        kafka_logger.filters[:] = [RepeatFilter()]
+    # librdkafka's own log lines (connection refused ...) only at DEBUG: its errors reach us
+    # through the clients' error callback as well.
+    logging.getLogger("librdkafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
 
 
-def _load(path):
+def _utc_zone(record: logging.LogRecord) -> bool:
+    record.tz = "Z"
+    return True
+
+
+def _load(path, kafka: bool = False):
+    """The config, or exit 2 with one line saying what to fix.  ``kafka``: also have
+    librdkafka check the pass-through settings (no broker needed)."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        if kafka:
+            from ..service.kafka import check_settings
+
+            check_settings(config)
+        return config
     except ConfigError as exc:
         print(f"streamgmm: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -82,9 +101,9 @@ def _load(path):
 
 # ---------------------------------------------------------------------- commands
 def cmd_run(args) -> int:
-    config = _load(args.config)
+    config = _load(args.config, kafka=True)
     configure_logging(config.logging.level, config.logging.format)
-    from ..service.daemon import Daemon
+    from ..service.daemon import Daemon, StartupError
 
     daemon = Daemon(config)
 
@@ -99,9 +118,9 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         daemon.run()
-    except CheckpointError as exc:
-        log.error("%s", exc)
-        return 1
+    except (StartupError, ConfigError) as exc:
+        print(f"streamgmm: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -110,7 +129,7 @@ def cmd_replay(args) -> int:
     configure_logging("WARNING", "text")
     from .replay import _open, guess_format, replay
 
-    fmt = guess_format(args.input, args.format)
+    fmt = guess_format(args.input, args.format, config.input.format)
     sink = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
     try:
         with _open(args.input) as source:
@@ -119,6 +138,10 @@ def cmd_replay(args) -> int:
         if sink is not sys.stdout:
             sink.close()
     print(json.dumps({"summary": summary}), file=sys.stderr)
+    if summary["n_records"] and not summary["n_valid"]:
+        print(f"streamgmm: none of the {summary['n_records']} records was valid as {fmt} with "
+              f"input.dimension={config.input.dimension}; check --format and input.fields", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -130,7 +153,7 @@ def cmd_fit(args) -> int:
     from ..mixture.online import OnlineGaussianMixture
     from .replay import guess_format, read_matrix
 
-    fmt = guess_format(args.input, args.format)
+    fmt = guess_format(args.input, args.format, config.input.format)
     X, n_invalid = read_matrix(config, args.input, fmt)
     m = config.model
     if len(X) < max(2, m.n_components):
@@ -148,7 +171,7 @@ def cmd_fit(args) -> int:
         half_life=m.half_life, min_weight=m.min_weight, rare_weight=m.rare_weight, random_state=m.random_state,
     )
     detector.threshold.update(detector.model)
-    path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state())
+    path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state(time.time()))
     print(json.dumps({
         "checkpoint": str(path), "n_rows": len(X), "n_invalid": n_invalid,
         "mean_log_likelihood": mixture.score(X), "bic": mixture.bic(X), "converged": mixture.converged_,
@@ -158,7 +181,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    config = _load(args.file)
+    config = _load(args.file, kafka=True)
     print(f"{args.file}: ok", file=sys.stderr)
     print(yaml.safe_dump(masked(as_dict(config)), sort_keys=False), end="")
     return 0
@@ -197,12 +220,10 @@ def inspect_summary(directory: str | None = None, state: dict | None = None, pat
 
 def topic_summaries(topic: str, bootstrap: str, key: str | None = None) -> dict:
     """Summaries of the newest state record per model key in a checkpoint topic."""
-    from ..service.statestore import TopicStateStore
+    from ..service.state import TopicStateStore
 
-    store = TopicStateStore(topic, {"bootstrap_servers": [bootstrap]}, producer=None)
-    keys = set(store.read_all())
-    wanted = {key} if key else keys
-    states = store.load_many(wanted & keys)
+    store = TopicStateStore(topic, {"bootstrap.servers": bootstrap}, producer=None)
+    states = store.load_many(None if key is None else {key})
     return {k: inspect_summary(state=v, path=f"{topic}:{k}") for k, v in sorted(states.items())}
 
 
@@ -238,13 +259,6 @@ def cmd_inspect(args) -> int:
     if summary["weights"]:
         print("weights      " + " ".join(f"{w:.3f}" for w in summary["weights"]))
     return 0
-
-
-def cmd_demo(args) -> int:
-    from ..dev.demo import run_demo
-
-    configure_logging("WARNING", "text")
-    return run_demo(messages=args.messages, rate=args.rate, workdir=args.workdir, metrics_port=args.metrics_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,12 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="live demo on an embedded broker with a synthetic stream")
-    demo.add_argument("--messages", type=int, default=200_000)
-    demo.add_argument("--rate", type=float, default=20_000.0, help="messages per second produced")
-    demo.add_argument("--workdir", default=None, help="where the demo keeps config and checkpoints")
-    demo.add_argument("--metrics-port", type=int, default=9464)
-    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
 
+from ..detection.detector import Detector
+from ..detection.records import InputRecord, finite
 from ..service.config import Config
-from ..detection.detector import Detector, InputRecord, _finite
 
 BATCH = 1000
 
@@ -28,10 +30,15 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def guess_format(path: str, explicit: str | None) -> str:
+def guess_format(path: str, explicit: str | None, configured: str | None = None) -> str:
+    """--format, else the file's extension, else input.format when it is a text format, else csv."""
     if explicit:
         return explicit
-    return "json" if str(path).endswith((".jsonl", ".json", ".ndjson")) else "csv"
+    if str(path).endswith((".jsonl", ".json", ".ndjson")):
+        return "json"
+    if str(path).endswith(".csv"):
+        return "csv"
+    return configured if configured in ("json", "csv") else "csv"
 
 
 def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
@@ -75,7 +82,7 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         nonlocal batch
         if not batch:
             return
-        result = detector.process(batch)
+        result = detector.process(batch, now=time.time())
         threshold = detector.threshold.value
         lines = []
         for record, decision in zip(batch, result.decisions()):
@@ -85,7 +92,7 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
             else:
                 density, flagged, component = decision
                 row = {"offset": record.offset,
-                       "log_density": None if density is None else _finite(density),
+                       "log_density": None if density is None else finite(density),
                        "anomaly": flagged, "threshold": threshold, "component": component}
             lines.append(json.dumps(row))
         sink.write("\n".join(lines) + "\n")

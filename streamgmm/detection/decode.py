@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
-from ..service.config import InputConfig
+if TYPE_CHECKING:  # the service layer builds the config; only its type is named here
+    from ..service.config import InputConfig
+
 
 REASONS = ("oversized", "empty", "undecodable", "wrong_dimension", "non_finite")
 _NUMBER_TYPES = (int, float)
@@ -59,17 +62,6 @@ def _to_float(value) -> float:
         return float("inf")
 
 
-def split_packed(data: bytes, lengths: np.ndarray) -> list[bytes | None]:
-    """Values given back to back in one buffer, with their lengths (-1: a null value), one by one."""
-    ends = np.cumsum(np.maximum(lengths, 0))
-    starts = ends - np.maximum(lengths, 0)
-    return [None if length < 0 else data[a:b] for a, b, length in zip(starts.tolist(), ends.tolist(), lengths.tolist())]
-
-
-# Formats parsed from text (costly: worth parsing in another process); the others are raw bytes.
-TEXT_FORMATS = ("json", "csv")
-
-
 @dataclass(frozen=True)
 class Invalid:
     index: int
@@ -104,57 +96,30 @@ class Decoder:
         self._raw_dtype = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}.get(config.format)
 
     def decode(self, values: list[bytes | None]) -> DecodedBatch:
+        """Decode a batch: one fast path for the usual batch of its format, else value by value."""
         if self._raw_dtype is not None:
             return self._decode_raw_batch(values)
-        if self.config.format == "json":
-            # The usual batch the way the helper decodes it: one buffer, parsed as one flat
-            # list (2.1 against 2.7 us a 16-number message).
-            try:
-                lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-            except TypeError:  # a None value
-                lengths = None
-            fast = None if lengths is None else self._decode_packed_json_arrays(b"".join(values), lengths)
-            if fast is not None:
-                return fast
-        return self._decode_unpacked(values)
-
-    def _decode_unpacked(self, values: list[bytes | None]) -> DecodedBatch:
-        """Text values, after the one-buffer path refused the batch: JSON arrays that qualify
-        parsed at once, the rest one by one."""
         if self.config.format == "json":
             fast = self._decode_json_arrays_at_once(values)
             if fast is not None:
                 return fast
         return self._decode_each(values)
 
-    def decode_packed(self, data: bytes, lengths: np.ndarray) -> DecodedBatch:
-        """Decode values given back to back in one buffer, with their lengths (-1: a null
-        value), as the helper process receives them.
-
-        The usual batch (every value of the expected shape) is decoded from the buffer as it
-        is, without splitting it into a bytes object per value; any other is split and goes
-        ``decode``'s way, minus the one-buffer attempt already made here.
-        """
-        if self._raw_dtype is not None:
-            expected = self._raw_dtype.itemsize * self.dimension
-            if len(lengths) and expected <= self.config.max_message_bytes and (lengths == expected).all():
-                return self._raw_rows(data, np.arange(len(lengths), dtype=np.intp), [])
-            return self._decode_raw_batch(split_packed(data, lengths))
-        if self.config.format == "json":
-            fast = self._decode_packed_json_arrays(data, lengths)
-            if fast is not None:
-                return fast
-        return self._decode_unpacked(split_packed(data, lengths))
-
-    def _decode_packed_json_arrays(self, data: bytes, lengths: np.ndarray) -> DecodedBatch | None:
-        """``_decode_json_arrays_at_once`` for values back to back: None unless every value is
-        one flat array of exactly ``dimension`` number tokens, within ``max_message_bytes``.
+    def _decode_json_arrays_at_once(self, values) -> DecodedBatch | None:
+        """The usual JSON batch with one parser call; None unless every value is one flat
+        array of exactly ``dimension`` number tokens, within ``max_message_bytes`` (then the
+        caller decodes value by value and says which one is bad).
 
         The batch is parsed as one flat list of numbers (half the parser's time of a list of
         lists): "][" between values becomes " ,", so each value must hold exactly
         dimension - 1 commas, and the parser, which refuses empty slots, must find
         dimension numbers per value.
         """
+        try:
+            lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        except TypeError:  # a None value
+            return None
+        data = b"".join(values)
         n, dimension = len(lengths), self.dimension
         if not n or lengths.min() < 2 or lengths.max() > self.config.max_message_bytes:
             return None  # empty, a null value (-1) or an empty one, or one too large
@@ -186,84 +151,6 @@ class Decoder:
         except (ValueError, TypeError, OverflowError):  # an integer beyond float range
             return None
         return self._finite_rows(X, np.arange(n, dtype=np.intp), [])
-
-    def _decode_json_arrays_at_once(self, values) -> DecodedBatch | None:
-        """Parse a batch of flat numeric JSON arrays with one parser call.
-
-        Only values that are provably one flat array of number tokens are joined (one '['
-        first, one ']' last, only number characters between, so no strings, true/false/null
-        or nesting can merge neighbours); anything else goes the one-by-one way.  Returns
-        None when no value qualifies.
-        """
-        simple, joined = self._flat_number_arrays(values)
-        if not simple:
-            return None
-        taken = set(simple)
-        rest = [i for i in range(len(values)) if i not in taken]
-        parsed = _parse_json(b"[" + joined + b"]")
-        if parsed is None:
-            return None  # e.g. "[1,,2]": let the one-by-one path say which value is bad
-        if not rest:
-            try:
-                with np.errstate(over="ignore"):
-                    X = np.array(parsed, dtype=np.float64)
-            except (ValueError, OverflowError):  # rows of different lengths, or an integer beyond float range
-                X = None
-            if X is not None and X.shape == (len(values), self.dimension):
-                return self._finite_rows(X, simple, [])  # the common case: all rows good
-        rows, index, invalid = [], [], []
-        for i, row in zip(simple, parsed):
-            if len(row) == self.dimension:
-                rows.append(row)
-                index.append(i)
-            else:
-                invalid.append(Invalid(i, "wrong_dimension", f"got {len(row)} values, expected {self.dimension}"))
-        if rest:
-            others = self._decode_each([values[i] for i in rest])
-            rows.extend(others.X.tolist())
-            index.extend(rest[j] for j in others.valid_index)
-            invalid.extend(Invalid(rest[inv.index], inv.reason, inv.detail) for inv in others.invalid)
-            order = np.argsort(index, kind="stable")
-            rows = [rows[j] for j in order]
-            index = [index[j] for j in order]
-            invalid.sort(key=lambda item: item.index)
-        return self._finite_rows(rows, index, invalid)
-
-    def _flat_number_arrays(self, values) -> tuple[list[int], bytes]:
-        """Indices of the values that are one flat JSON array of number tokens, within size,
-        and those values joined with commas.
-
-        Checked on the whole batch at once first (the usual case: every value qualifies);
-        value by value only when that fails.
-        """
-        limit = self.config.max_message_bytes
-        try:
-            joined = b",".join(values)
-            sizes_ok = min(map(len, values), default=0) >= 2 and max(map(len, values), default=0) <= limit
-        except TypeError:  # a None value
-            joined, sizes_ok = b"", False
-        # Every value starts with '[' and ends with ']', and the batch holds exactly one of
-        # each per value: so no value has another bracket anywhere.
-        if (
-            sizes_ok
-            and joined.count(b"[") == len(values)
-            and joined.count(b"]") == len(values)
-            and all(value[:1] == b"[" and value[-1:] == b"]" for value in values)
-            and not joined.translate(None, _JSON_NUMBER_BYTES)
-        ):
-            return list(range(len(values))), joined
-        simple = [
-            i
-            for i, value in enumerate(values)
-            if value
-            and len(value) <= limit
-            and value[:1] == b"["
-            and value[-1:] == b"]"
-            and value.count(b"[") == 1
-            and value.count(b"]") == 1
-            and not value.translate(None, _JSON_NUMBER_BYTES)
-        ]
-        return simple, b",".join(values[i] for i in simple)
 
     def _decode_each(self, values) -> DecodedBatch:
         rows, index, invalid = [], [], []

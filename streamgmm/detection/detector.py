@@ -9,50 +9,24 @@ checkpoint holds, so the Kafka loop, ``replay`` and the tests all drive the same
 
 from __future__ import annotations
 
-import base64
-import json
-import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from itertools import groupby
-from operator import attrgetter, itemgetter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
-from ..service.config import Config
-from .decode import DecodedBatch, Decoder
-from ..mixture.online import OnlineGaussianMixture, ScoredBatch, split_statistics
+from ..mixture.online import OnlineGaussianMixture
+from .decode import Decoder
+from .records import InputRecord, OutputRecord, RecordBatch, anomaly_record, dead_letter, finite, iso_time
 from .threshold import make_threshold
 
+if TYPE_CHECKING:  # the service layer builds the config; only its type is named here
+    from ..service.config import Config
+
 STATE_KIND = "streamgmm-detector"
-# Per-record field access in C (map over attrgetter): the loop runs for every message.
-_VALUE_OF = attrgetter("value")
-_PARTITION_OF = attrgetter("topic", "partition")
-_OFFSET_OF = attrgetter("offset")
-_TIMESTAMP_OF = attrgetter("timestamp")
-LOWEST_FLOAT = -np.finfo(np.float64).max
 
-
-@dataclass(frozen=True)
-class InputRecord:
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None
-    key: bytes | None = None
-    timestamp: int | None = None  # milliseconds since the epoch
-    headers: tuple = ()
-
-
-@dataclass(frozen=True)
-class OutputRecord:
-    topic: str
-    value: bytes
-    key: bytes | None
-    headers: list
+__all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
 
 @dataclass
@@ -87,45 +61,6 @@ class BatchResult:
         ):
             out[i] = (density, flagged, component)
         return out
-
-
-def values_of(records) -> list:
-    """The message values of a batch of records, in order."""
-    return list(map(_VALUE_OF, records))
-
-
-def _last_offsets(records) -> dict[tuple[str, int], int]:
-    """The highest offset per (topic, partition) among the records."""
-    last: dict[tuple[str, int], int] = {}
-    # Kafka hands over each partition's records as one run: one step per run, not per record.
-    for key, run in groupby(zip(map(_PARTITION_OF, records), map(_OFFSET_OF, records)), key=itemgetter(0)):
-        offset = max(map(itemgetter(1), run))
-        if offset >= last.get(key, -1):
-            last[key] = offset
-    return last
-
-
-def _timestamps(records) -> np.ndarray:
-    """Message timestamps in ms as floats, 0 where a record has none."""
-    try:
-        # Read as integers, then converted: numpy converts a Python int to float slowly.
-        return np.fromiter(map(_TIMESTAMP_OF, records), dtype=np.int64, count=len(records)).astype(float)
-    except TypeError:  # None timestamps (replay input without them)
-        return np.array([record.timestamp or 0 for record in records], dtype=float)
-
-
-def _finite(value: float) -> float:
-    """JSON has no -Infinity: clamp to the lowest float (still below any threshold)."""
-    return value if math.isfinite(value) else LOWEST_FLOAT
-
-
-def _key_fields(key: bytes | None) -> dict:
-    if key is None:
-        return {"key": None}
-    try:
-        return {"key": key.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"key": None, "key_base64": base64.b64encode(key).decode()}
 
 
 class Detector:
@@ -163,21 +98,21 @@ class Detector:
         return self.model.is_initialized
 
     # ------------------------------------------------------------------ the work
-    def process(self, records: list[InputRecord], now: float | None = None,
-                decoded: DecodedBatch | None = None, scored: ScoredBatch | None = None,
-                last_offsets: dict[tuple[str, int], int] | None = None) -> BatchResult:
-        """``decoded``: the records' values already decoded, and ``scored``: their valid rows
-        already scored (both by the helper process), if so.  A ``scored`` batch is used only
-        if it was scored by the model and threshold as they stand now; otherwise the batch is
-        scored here.  ``last_offsets``: the highest offset per (topic, partition) among the
-        records, if the caller knows it (the Kafka loop does, from each partition's run)."""
-        now = time.time() if now is None else now
-        result = BatchResult(n_records=len(records))
-        if decoded is None:
-            decoded = self.decoder.decode(values_of(records))
+    def process(self, batch, now: float) -> BatchResult:
+        """Decide and learn one batch; ``now`` is the time of the decision (unix s).
+
+        ``batch``: a list of InputRecords, or anything with their columns (``values``,
+        ``timestamps_ms``, ``last_offsets``, ``record(i)``, ``len``), as the Kafka source's.
+        """
+        if isinstance(batch, list):
+            batch = RecordBatch(batch)
+        result = BatchResult(n_records=len(batch))
+        decoded = self.decoder.decode(batch.values)
+        max_value = self.config.kafka.dead_letter_max_bytes
         for invalid in decoded.invalid:
-            record = records[invalid.index]
-            result.dead_letters.append(self._dead_letter(record, invalid.reason, invalid.detail))
+            record = batch.record(invalid.index)
+            result.dead_letters.append(
+                dead_letter(self.config.kafka.dead_letter_topic, record, invalid.reason, invalid.detail, max_value))
             result.invalid_reasons[invalid.reason] += 1
             result.invalid_index[invalid.index] = invalid.reason
         self.n_invalid += len(decoded.invalid)
@@ -195,8 +130,6 @@ class Detector:
                 result.warmup_index = rows[:n_warm]
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
-            if scored is not None and not self._scored_as_now(scored, len(X)):
-                scored = None  # scored under another model state (e.g. before a restore): score here
             parts = []
             while len(rows):
                 # A young model's threshold is re-estimated often: a large batch (a backlog at
@@ -204,52 +137,37 @@ class Detector:
                 # after the last, not all of it with the threshold of the warm-up model.
                 step = self.threshold.points_before_refresh(self.model)
                 n = len(rows) if step is None else min(len(rows), step)
-                if n < len(rows):
-                    scored = None  # the helper scored the whole batch with the model before it
-                parts.append(self._score_flag_learn(records, X[:n], rows[:n], result, now, scored))
+                parts.append(self._score_flag_learn(batch, X[:n], rows[:n], result, now))
                 X, rows = X[n:], rows[n:]
                 self.threshold.update(self.model)
             if len(parts) == 1:
                 result.scored_index, result.log_density, result.flags, result.components = parts[0]
             elif parts:
                 result.scored_index, result.log_density, result.flags, result.components = map(np.concatenate, zip(*parts))
-            stamps = _timestamps(records)[decoded.valid_index]
+            stamps = batch.timestamps_ms[decoded.valid_index]
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
-        for key, offset in (_last_offsets(records) if last_offsets is None else last_offsets).items():
+        for key, offset in batch.last_offsets.items():
             self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
         return result
 
-    def _scored_as_now(self, scored: ScoredBatch, n_rows: int) -> bool:
-        """Whether a batch scored elsewhere was scored by the model as it stands now (and its
-        statistics split by the threshold as it stands now)."""
-        return (scored.model_version == self.model._version and len(scored.log_density) == n_rows
-                and (scored.statistics is None or scored.flag_threshold == self.threshold.value))
-
-    def _score_flag_learn(self, records, X, rows, result, now, scored=None):
+    def _score_flag_learn(self, batch, X, rows, result, now):
         """Score, flag and learn these rows; returns (rows, log_density, flags, components)."""
-        scored = self.model.score_batch(X) if scored is None else scored
+        scored = self.model.score_batch(X)
         flags = self.threshold.classify(scored.log_density)
         components = scored.component
         if flags.any():
-            detected_at = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
+            detected_at = iso_time(now)
             for position in np.flatnonzero(flags):
-                result.anomalies.append(
-                    self._anomaly_record(records[rows[position]], X[position], float(scored.log_density[position]),
-                                         self.threshold.value, int(components[position]), self.n_updates,
-                                         self.model.n_seen_, detected_at)
-                )
+                result.anomalies.append(self._anomaly_record(
+                    batch.record(rows[position]), X[position], float(scored.log_density[position]),
+                    int(components[position]), detected_at))
         self.n_anomalies += int(flags.sum())
-        learn_flagged = self._learn_flagged(flags)
-        unflagged, flagged = scored.statistics or split_statistics(scored, flags, self.model.covariance_type)
-        statistics = unflagged + flagged if learn_flagged and flagged is not None else unflagged
-        if statistics.n_points:
-            learned = np.isfinite(scored.log_density) & (learn_flagged | ~flags)
-            self.model.learn_statistics(statistics, lambda: (
-                self.model.standardized(X) if scored.X_internal is None else scored.X_internal,
-                np.where(learned, scored.log_density, np.inf)))
-            result.n_learned += statistics.n_points
+        learned = self._learn_flagged(flags) | ~flags
+        if learned.any():
+            self.model.learn(scored, sample_weight=learned.astype(float))
+            result.n_learned += int(np.count_nonzero(learned & np.isfinite(scored.log_density)))
             self.n_updates += 1
         return rows, scored.log_density, flags, components
 
@@ -288,50 +206,29 @@ class Detector:
         return t.learn_from_anomalies or self.adopting
 
     # ------------------------------------------------------------ output records
-    def _anomaly_record(self, record, features, density, threshold, component, model_version, n_seen, detected_at):
-        document = {
-            "source": {
-                "topic": record.topic,
-                "partition": record.partition,
-                "offset": record.offset,
-                "timestamp": record.timestamp,
-                **_key_fields(record.key),
-            },
+    def _anomaly_record(self, record, features, density, component, detected_at) -> OutputRecord:
+        return anomaly_record(self.config.kafka.output_topic, record, {
             "features": [float(v) for v in features],
-            "log_density": _finite(density),
-            "threshold": threshold,
+            "log_density": finite(density),
+            "threshold": self.threshold.value,
             "component": component,
-            "model_version": model_version,
-            "n_seen": n_seen,
+            "model_version": self.n_updates,
+            "n_seen": self.model.n_seen_,
             "detected_at": detected_at,
-        }
-        headers = list(record.headers or ()) + [
-            ("streamgmm.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-        ]
-        return OutputRecord(self.config.kafka.output_topic, json.dumps(document).encode(), record.key, headers)
-
-    def _dead_letter(self, record, reason, detail):
-        headers = list(record.headers or ()) + [
-            ("streamgmm.error.reason", reason.encode()),
-            ("streamgmm.error.detail", detail[:500].encode()),
-            ("streamgmm.source.topic", record.topic.encode()),
-            ("streamgmm.source.partition", str(record.partition).encode()),
-            ("streamgmm.source.offset", str(record.offset).encode()),
-            ("streamgmm.source.timestamp", str(record.timestamp).encode()),
-        ]
-        # The value goes out unchanged (b"" for a null value: a dead letter is never a tombstone).
-        return OutputRecord(self.config.kafka.dead_letter_topic, record.value or b"", record.key, headers)
+        })
 
     # --------------------------------------------------------------------- state
-    def state(self) -> dict:
+    def state(self, now: float) -> dict:
+        """Everything a checkpoint holds for this model; ``now`` stamps it (unix s)."""
         offsets: dict[str, dict[str, int]] = {}
         for (topic, partition), offset in sorted(self.offsets.items()):
             offsets.setdefault(topic, {})[str(partition)] = int(offset)
         return {
             "kind": STATE_KIND,
             "streamgmm_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "input": {"format": self.config.input.format, "dimension": self.config.input.dimension},
+            "created_at": iso_time(now),
+            "input": {"format": self.config.input.format, "dimension": self.config.input.dimension,
+                      "fields": None if self.config.input.fields is None else list(self.config.input.fields)},
             "model": self.model.to_dict(),
             "threshold": self.threshold.to_dict(),
             "offsets": offsets,
@@ -353,6 +250,12 @@ class Detector:
             raise ValueError(
                 f"the checkpoint is for input.dimension={dimension}, the config says "
                 f"{self.config.input.dimension}: use a new checkpoint.dir for a different feature set"
+            )
+        fields, configured = state["input"].get("fields"), self.config.input.fields
+        if fields is not None and configured is not None and list(fields) != list(configured):
+            raise ValueError(
+                f"the checkpoint's model was learned on input.fields {list(fields)}, the config says "
+                f"{list(configured)}: the same names in the same order, or a new checkpoint.dir for a new feature set"
             )
         self.model = OnlineGaussianMixture.from_dict(state["model"])
         if state["threshold"]["mode"] == self.threshold.mode:

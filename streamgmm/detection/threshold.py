@@ -8,10 +8,14 @@ learned moves it (and with ``learn_from_anomalies: false`` flagged points are no
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from ..service.config import ThresholdConfig
 from ..mixture.online import OnlineGaussianMixture
+
+if TYPE_CHECKING:  # the service layer builds the config; only its type is named here
+    from ..service.config import ThresholdConfig
 
 
 def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``streamgmm demo``: the real daemon on an embedded broker with a synthetic stream.
+"""The live demo (``python -m streamgmm.dev.demo``): the real daemon on an embedded broker with a synthetic stream.
 
 Starts Tansu on loopback, produces a multi-cluster stream with slow drift and injected
 anomalies, runs ``streamgmm run`` as a separate process on it, shows progress from its
@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import yaml
 
 from ..detection.decode import encode
+from . import kafka_tools
 from .embedded import EmbeddedBroker, free_port
 from .synthetic import random_mixture
 
@@ -57,53 +59,38 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def _scrape(port: int) -> str:
+def _scrape(port: int, path: str = "/metrics") -> str:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
             return response.read().decode()
+    except urllib.error.HTTPError as exc:  # /readyz answers 503 while not ready, with the reason
+        return exc.read().decode()
     except OSError:
         return ""
 
 
 def _produce(bootstrap: str, X, rate: float, stop: threading.Event):
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=10)
+    client = kafka_tools.producer(bootstrap, **{"linger.ms": 10})
     start = time.perf_counter()
-    try:
-        for i, x in enumerate(X):
-            if stop.is_set():
+    for i, x in enumerate(X):
+        if stop.is_set():
+            break
+        while True:
+            try:
+                client.produce("features", encode(x, "json"), key=str(i).encode())
                 break
-            producer.send("features", encode(x, "json"), key=str(i).encode())
-            ahead = start + (i + 1) / rate - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-        producer.flush()
-    finally:
-        producer.close(timeout=10)
+            except BufferError:
+                client.poll(0.05)
+        client.poll(0)
+        ahead = start + (i + 1) / rate - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    client.flush(30)
 
 
 def _read_anomaly_keys(bootstrap: str, deadline_seconds: float = 30.0) -> set[int]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
-    try:
-        partitions = consumer.partitions_for_topic("anomalies") or set()
-        tps = [TopicPartition("anomalies", p) for p in partitions]
-        if not tps:
-            return set()
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        keys, idle_since, deadline = set(), time.monotonic(), time.monotonic() + deadline_seconds
-        while time.monotonic() < deadline and time.monotonic() - idle_since < 2.0:
-            batch = consumer.poll(timeout_ms=300)
-            for records in batch.values():
-                for record in records:
-                    keys.add(int(json.loads(record.value)["source"]["key"]))
-                    idle_since = time.monotonic()
-        return keys
-    finally:
-        consumer.close()
+    return {int(json.loads(m.value())["source"]["key"])
+            for m in kafka_tools.read_all(bootstrap, "anomalies", timeout=deadline_seconds)}
 
 
 def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | None = None, metrics_port: int = 9464,
@@ -118,17 +105,13 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
     stop_producing = threading.Event()
     daemon = None
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        from kafka.admin import KafkaAdminClient, NewTopic
-
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics([NewTopic("features", PARTITIONS, 1), NewTopic("anomalies", 1, 1)])
-        admin.close()
+        kafka_tools.create_topics(broker.bootstrap, {"features": PARTITIONS, "anomalies": 1})
         config_path = workdir / "streamgmm.yaml"
         config_path.write_text(yaml.safe_dump({
             "kafka": {"bootstrap_servers": [broker.bootstrap], "input_topics": ["features"],
                       "output_topic": "anomalies", "dead_letter_topic": "features.dead-letter",
                       "group_id": "streamgmm-demo",
-                      "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 50}},
+                      "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 50}},
             "input": {"format": "json", "dimension": DIMENSION},
             "model": {"n_components": 5, "warmup": 2000, "half_life": 20000},
             "threshold": {"mode": "quantile", "quantile": 0.001},
@@ -141,6 +124,7 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
                                       stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             producer = threading.Thread(target=_produce, args=(broker.bootstrap, X, rate, stop_producing), daemon=True)
             producer.start()
+            print(f"  metrics while it runs: curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^streamgmm_")
             started = time.monotonic()
             first_seen = None
             last_consumed, last_time = 0.0, time.monotonic()
@@ -158,7 +142,10 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
                 if consumed and first_seen is None:
                     first_seen = now - 0.25
                 done = consumed >= messages
-                if ticks % 4 == 0 or done:
+                if ticks % 4 == 0 and not consumed:
+                    readiness = _scrape(metrics_port, "/readyz").split("\n", 1)[0] or "starting"
+                    print(f"  {now - started:5.0f} s  waiting: {readiness}", flush=True)
+                elif ticks % 4 == 0 or done:
                     speed = (consumed - last_consumed) / (now - last_time)
                     last_consumed, last_time = consumed, now
                     print(f"  {now - started:5.0f} s  consumed {consumed:9,.0f}  {speed:8,.0f} msg/s  "
@@ -196,12 +183,24 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
     print(f"  daemon exit code    {code} (SIGTERM: finish batch, checkpoint, commit)")
     print(f"  checkpoint          {checkpoints[-1] if checkpoints else 'none'}")
     print(f"  inspect it          streamgmm inspect {workdir / 'state'}")
-    print(f"  metrics (while it runs)  curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^streamgmm_")
     print(json.dumps({"demo_summary": {"consumed": consumed, "injected": len(injected), "flagged": len(flagged),
                                        "precision": precision, "recall": recall, "exit_code": code,
                                        "checkpoint": str(checkpoints[-1]) if checkpoints else None}}))
     return 0 if code == 0 and consumed >= messages else 1
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m streamgmm.dev.demo",
+                                     description="live demo on an embedded broker with a synthetic stream")
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--rate", type=float, default=20_000.0, help="messages per second produced")
+    parser.add_argument("--workdir", default=None, help="where the demo keeps config and checkpoints")
+    parser.add_argument("--metrics-port", type=int, default=9464)
+    args = parser.parse_args(argv)
+    return run_demo(messages=args.messages, rate=args.rate, workdir=args.workdir, metrics_port=args.metrics_port)
+
+
 if __name__ == "__main__":
-    sys.exit(run_demo(int(os.environ.get("DEMO_MESSAGES", "200000"))))
+    sys.exit(main())

@@ -40,17 +40,22 @@ class KafkaConfig:
     # Where a partition with no checkpoint and no committed offset starts.
     auto_offset_reset: str = "earliest"
     # One poll returns at most this many messages; it waits at most poll_timeout_ms for them.
-    # Each poll of a group member costs a fixed hand-over to kafka-python's network thread
-    # (measured ~12 ms under load): large batches spread it (float32 through the broker: 71%
-    # of the raw consume rate with 5,000, 80% with 10,000, 90% with 20,000).  A poll returns
-    # what is fetched, so a live stream still gets small batches and low latency.
-    max_batch_messages: int = 20_000
+    # A poll returns what the client has fetched, so a live stream still gets small batches
+    # and low latency; a backlog is taken in large ones.
+    max_batch_messages: int = 10_000
     poll_timeout_ms: int = 100
-    # Broker outage handling: first and largest pause between reconnect attempts.
+    # Broker outage handling: first and largest pause between reconnect attempts, and between
+    # rewinds after output the broker did not acknowledge.
     retry_backoff_initial_seconds: float = 0.5
     retry_backoff_max_seconds: float = 30.0
-    # security_protocol, sasl_*, ssl_* passed to kafka-python; a key ending in _file is read
-    # from that file (e.g. sasl_plain_password_file), so secrets need not sit in the YAML.
+    # A dead letter's value is cut to this many bytes (the original size and SHA-256 go in its
+    # headers): the broker refuses records over its message.max.bytes, and a record that can
+    # never be produced must not hold the stream up.
+    dead_letter_max_bytes: int = 65_536
+    # Settings passed to librdkafka under its own names (https://github.com/confluentinc/
+    # librdkafka/blob/master/CONFIGURATION.md): security to every client, consumer and producer
+    # to that client.  A key ending in _file is read from that file (sasl.password_file), so
+    # secrets need not sit in the YAML.  Unknown names are refused at start.
     security: Mapping[str, Any] = _frozen_mapping()
     consumer: Mapping[str, Any] = _frozen_mapping()
     producer: Mapping[str, Any] = _frozen_mapping()
@@ -63,9 +68,6 @@ class InputConfig:
     dimension: int = 16
     max_message_bytes: int = 1_048_576
     csv_delimiter: str = ","
-    # Decode, score and summarise (EM statistics) each batch in a helper process while the
-    # next batch is polled, on a second core (see decode_process).
-    parallel_decode: bool = True
 
 
 @dataclass(frozen=True)
@@ -236,15 +238,30 @@ def _set_path(tree: dict, keys: list[str], value) -> None:
     tree[keys[-1]] = value
 
 
+PASS_THROUGH_SECTIONS = ("security", "consumer", "producer")
+
+
+def _librdkafka_name(env_key: str) -> str:
+    """An environment variable can hold no dot: ``sasl_password`` -> ``sasl.password``
+    (librdkafka's names have none of their own underscores), ``sasl_password_file`` ->
+    ``sasl.password_file``."""
+    base, is_file = (env_key[: -len("_file")], True) if env_key.endswith("_file") else (env_key, False)
+    return base.replace("_", ".") + ("_file" if is_file else "")
+
+
 def apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> dict:
     """``STREAMGMM_KAFKA__BOOTSTRAP_SERVERS=a:9092,b:9092`` sets kafka.bootstrap_servers.
 
-    Values are parsed as YAML scalars (numbers, true/false, null, [lists]).
+    Values are parsed as YAML scalars (numbers, true/false, null, [lists]).  Under
+    kafka.security / consumer / producer the key is librdkafka's name with dots written as
+    underscores: ``STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD`` sets ``sasl.password``.
     """
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if len(keys) == 3 and keys[0] == "kafka" and keys[1] in PASS_THROUGH_SECTIONS:
+            keys[2] = _librdkafka_name(keys[2])
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
@@ -283,6 +300,8 @@ def _check_values(config: Config) -> None:
     if not 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds:
         fail("kafka.retry_backoff_initial_seconds", k.retry_backoff_initial_seconds,
              "use a number > 0 and <= kafka.retry_backoff_max_seconds")
+    if k.dead_letter_max_bytes < 0:
+        fail("kafka.dead_letter_max_bytes", k.dead_letter_max_bytes, "use a number of bytes >= 0")
     if i.dimension < 1:
         fail("input.dimension", i.dimension, "use an integer >= 1")
     if i.fields is not None and len(i.fields) != i.dimension:
@@ -394,11 +413,12 @@ def resolve_secrets(settings: Mapping[str, Any], path: str) -> dict:
     """Turn ``X_file: /path`` entries into ``X: <file contents>`` (stripped)."""
     resolved = {}
     for key, value in settings.items():
-        if key.endswith("_file") and isinstance(value, str) and key not in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
+        if key.endswith("_file") and isinstance(value, str):
             try:
                 resolved[key[: -len("_file")]] = Path(value).read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"{path}.{key}: cannot read secret file {value}: {exc.strerror}") from None
+                raise ConfigError(f"{path}.{key}: cannot read secret file {value}: {exc.strerror}; "
+                                  "create it or fix the path") from None
         else:
             resolved[key] = value
     return resolved

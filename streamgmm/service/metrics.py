@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -63,6 +63,28 @@ class BatchHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
 
 
+class LagCollector(Collector):
+    """``consumer_lag_messages{topic,partition}``, computed at scrape time: the high watermark
+    librdkafka last fetched (its own threads keep fetching) minus the next offset the loop will
+    process.  So a stalled loop shows a growing lag, not the last value it set."""
+
+    def __init__(self, positions: Callable[[], dict], watermarks: Callable[[str, int], tuple[int, int] | None]):
+        self.positions = positions
+        self.watermarks = watermarks
+
+    def collect(self):
+        family = GaugeMetricFamily(f"{NAMESPACE}_consumer_lag_messages",
+                                   "High watermark minus the next offset to process, per assigned input partition.",
+                                   labels=["topic", "partition"])
+        for (topic, partition), position in sorted(self.positions().items()):
+            marks = self.watermarks(topic, partition)
+            if marks is None:
+                continue
+            low, high = marks
+            family.add_metric([topic, str(partition)], float(max(high - max(position, low), 0)))
+        yield family
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_components: int = 64):
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -93,7 +115,16 @@ class Metrics:
             "end_to_end_latency_seconds", "From a message's timestamp to its decision.",
             (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), r,
         )
-        self.lag = Gauge("consumer_lag_messages", "High watermark minus position, per input partition.", ["topic", "partition"], namespace=ns, registry=r)
+        self.last_poll = Gauge(
+            "last_poll_timestamp_seconds", "Unix time of the loop's last poll of the broker (every poll, even an empty one).",
+            namespace=ns, registry=r,
+        )
+        self.rewinds = Counter("rewinds", "Rewinds to the last checkpoint after output the broker did not acknowledge.",
+                               namespace=ns, registry=r)
+        self.output_dropped = Counter(
+            "output_records_dropped", "Output records the broker refused for good (logged with their source).",
+            namespace=ns, registry=r,
+        )
         self.checkpoints = Counter("checkpoints_written", "Checkpoints written successfully.", namespace=ns, registry=r)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint attempts that failed (retried).", namespace=ns, registry=r)
         self.checkpoint_last_success = Gauge(
@@ -105,7 +136,7 @@ class Metrics:
         )
         self.component_weight = Gauge("component_weight", "Mixture weight per component.", ["component"], namespace=ns, registry=r)
         self.recent_log_likelihood = Gauge(
-            "recent_mean_log_likelihood", "Mean log-density of the points in the last scored batch.", namespace=ns, registry=r
+            "recent_mean_log_likelihood", "Median log-density of the points in the last scored batch (robust to outliers).", namespace=ns, registry=r
         )
         self.points_seen = Gauge("model_points_seen", "Points the model has learned from (n_seen).", namespace=ns, registry=r)
         self.model_initialized = Gauge("model_initialized", "1 once warm-up is complete.", namespace=ns, registry=r)
@@ -122,6 +153,29 @@ class Metrics:
         self.build.info({"version": __version__})
         self.max_components = max_components
 
+    def observe_batch(self, result, detector, updates_before: int, seconds: float, partition_key: str | None) -> None:
+        """Everything one processed batch moves (``result``: the detector's BatchResult)."""
+        self.batch_seconds.observe(seconds)
+        self.messages_consumed.inc(result.n_records)
+        self.messages_valid.inc(result.n_valid)
+        for reason, count in result.invalid_reasons.items():
+            self.invalid_messages.labels(reason).inc(count)
+        self.dead_letters.inc(len(result.dead_letters))
+        self.anomalies.inc(len(result.anomalies))
+        self.points_learned.inc(result.n_learned)
+        self.model_updates.inc(detector.n_updates - updates_before)
+        self.log_density.observe_many(result.log_density)
+        if len(result.log_density):
+            # The median, not the mean: a few far outliers must not make the typical point look anomalous.
+            self.recent_log_likelihood.set(float(np.median(result.log_density)))
+        self.latency.observe_many(result.latencies_seconds)
+        if detector.threshold.value is not None:
+            self.threshold.set(detector.threshold.value)
+        if partition_key is None:
+            self.observe_model(detector.model)
+        else:
+            self.observe_partition(partition_key, detector.model)
+
     def observe_model(self, model) -> None:
         self.model_initialized.set(1 if model.is_initialized else 0)
         self.points_seen.set(model.n_seen_)
@@ -134,19 +188,25 @@ class Metrics:
         self.partition_points_seen.labels(key).set(model.n_seen_)
         self.model_initialized.set(1 if model.is_initialized else 0)
 
+    def watch_lag(self, positions: Callable[[], dict], watermarks: Callable[[str, int], tuple[int, int] | None]) -> None:
+        """Report consumer lag at scrape time (see LagCollector); once per Metrics."""
+        self.registry.register(LagCollector(positions, watermarks))
+
     def value(self, name: str, labels: dict | None = None):
         """A sample value by full name (for tests and the demo)."""
         return self.registry.get_sample_value(name, labels or {})
 
 
 class HealthServer:
-    """Serves /metrics, /healthz (alive) and /readyz (``ready()`` true) on host:port."""
+    """Serves /metrics, /healthz (alive) and /readyz on host:port.
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool],
-                 details: Callable[[], dict] | None = None):
+    ``readiness()`` gives (ready, one line in words, details as a dict).
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int,
+                 readiness: Callable[[], tuple[bool, str, dict]]):
         registry_ = registry
-        ready_ = ready
-        details_ = details or (lambda: {})
+        readiness_ = readiness
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
@@ -156,9 +216,9 @@ class HealthServer:
                 elif path == "/healthz":
                     body, ctype, status = b"ok\n", "text/plain", 200
                 elif path == "/readyz":
-                    ok = bool(ready_())
-                    # First line for humans and probes; then the model state of each assigned partition.
-                    body = (b"ready\n" if ok else b"not ready\n") + json.dumps(details_()).encode() + b"\n"
+                    ok, words, details = readiness_()
+                    # First line for humans and probes; then the state of each assigned partition.
+                    body = f"{'ready' if ok else 'not ready'}: {words}\n{json.dumps(details)}\n".encode()
                     ctype, status = "text/plain", 200 if ok else 503
                 else:
                     body, ctype, status = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
@@ -171,7 +231,11 @@ class HealthServer:
             def log_message(self, fmt, *args):  # keep scrapes out of the daemon's log
                 log.debug("http %s", fmt % args)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}; set metrics.port to "
+                                     "a free port (or 0 for any) or stop what holds it") from None
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="streamgmm-http", daemon=True)

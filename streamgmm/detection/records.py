@@ -1,0 +1,124 @@
+"""Input and output records: what the detector reads and the documents it writes.
+
+Pure: the caller passes the time of the decision in; nothing here talks to Kafka.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import orjson
+
+LOWEST_FLOAT = -np.finfo(np.float64).max
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    timestamp: int | None = None  # milliseconds since the epoch
+    headers: tuple = ()
+
+
+class RecordBatch:
+    """A batch of InputRecords as the detector reads it (the Kafka source has its own batch
+    type with the same four members, built without a Python object per message)."""
+
+    def __init__(self, records: list[InputRecord]):
+        self.records = records
+        self.values = [record.value for record in records]
+        self.timestamps_ms = np.array([record.timestamp or 0 for record in records], dtype=float)
+        self.last_offsets: dict[tuple[str, int], int] = {}
+        for record in records:
+            key = (record.topic, record.partition)
+            self.last_offsets[key] = max(self.last_offsets.get(key, -1), record.offset)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, index: int) -> InputRecord:
+        return self.records[index]
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list
+    # Where the record comes from, for log lines about it: (topic, partition, offset).
+    source: tuple[str, int, int] | None = None
+
+
+def finite(value: float) -> float:
+    """JSON has no -Infinity: clamp to the lowest float (still below any threshold)."""
+    return value if math.isfinite(value) else LOWEST_FLOAT
+
+
+def iso_time(seconds: float) -> str:
+    """Unix seconds as ISO-8601 UTC with milliseconds."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def key_fields(key: bytes | None) -> dict:
+    if key is None:
+        return {"key": None}
+    try:
+        return {"key": key.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"key": None, "key_base64": base64.b64encode(key).decode()}
+
+
+def source_fields(record: InputRecord) -> dict:
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        **key_fields(record.key),
+    }
+
+
+def anomaly_record(topic: str, record: InputRecord, document: dict) -> OutputRecord:
+    """An anomaly document for ``record``, keyed and headed like its input."""
+    document = {"source": source_fields(record), **document}
+    headers = list(record.headers or ()) + [
+        ("streamgmm.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+    ]
+    return OutputRecord(topic, orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY), record.key, headers,
+                        (record.topic, record.partition, record.offset))
+
+
+def dead_letter(topic: str, record: InputRecord, reason: str, detail: str, max_value_bytes: int) -> OutputRecord:
+    """The input message, unchanged but for a value cut to ``max_value_bytes``, with headers
+    saying why it was refused and where it came from.
+
+    A value over the limit is cut because the broker would refuse it too (a produce that can
+    never succeed must not hold the stream up); its original size and SHA-256 go in headers so
+    the message can still be found and matched upstream.
+    """
+    value = record.value or b""  # a dead letter is never a tombstone
+    headers = list(record.headers or ()) + [
+        ("streamgmm.error.reason", reason.encode()),
+        ("streamgmm.error.detail", detail[:500].encode()),
+        ("streamgmm.source.topic", record.topic.encode()),
+        ("streamgmm.source.partition", str(record.partition).encode()),
+        ("streamgmm.source.offset", str(record.offset).encode()),
+        ("streamgmm.source.timestamp", str(record.timestamp).encode()),
+    ]
+    if len(value) > max_value_bytes:
+        headers += [
+            ("streamgmm.value.truncated", b"true"),
+            ("streamgmm.value.original_bytes", str(len(value)).encode()),
+            ("streamgmm.value.original_sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        value = value[:max_value_bytes]
+    return OutputRecord(topic, value, record.key, headers, (record.topic, record.partition, record.offset))

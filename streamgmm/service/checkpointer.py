@@ -1,0 +1,112 @@
+"""When to checkpoint, and the steps of one: flush -> write -> commit."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from typing import Callable
+
+from confluent_kafka import KafkaException
+
+from .config import CheckpointConfig
+from .kafka import KafkaSink, kafka_error_text
+from .metrics import Metrics
+from .state import CheckpointError, LocalStateStore, TopicStateStore
+
+log = logging.getLogger(__name__)
+
+# How long a checkpoint waits for the broker to acknowledge the output records it covers.
+FLUSH_TIMEOUT_SECONDS = 30.0
+# A failed checkpoint is tried again after 1 s, then 2, 4 ... up to this (or the interval).
+RETRY_MAX_SECONDS = 60.0
+
+
+class Outcome(enum.Enum):
+    WRITTEN = "written"
+    NOTHING_TO_DO = "nothing to do"
+    FAILED = "failed"  # retried later, after a back-off; nothing committed past the last good one
+    REWIND = "rewind"  # output was not acknowledged: go back to the last checkpoint
+
+
+class Checkpointer:
+    """Owns the checkpoint schedule (every ``interval_messages`` or ``interval_seconds``,
+    whichever comes first, and back-off after a failure) and runs the steps of one."""
+
+    def __init__(self, config: CheckpointConfig, local: LocalStateStore, topic_store: TopicStateStore | None,
+                 metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.local = local
+        self.topic_store = topic_store
+        self.metrics = metrics
+        self.clock = clock
+        self.pending_messages = 0  # processed since the last checkpoint
+        self.last_written = clock()
+        self.failures = 0  # in a row
+        self.retry_at = 0.0
+
+    def processed(self, n_messages: int) -> None:
+        self.pending_messages += n_messages
+
+    def due(self) -> bool:
+        if not self.pending_messages or self.clock() < self.retry_at:
+            return False
+        return (self.pending_messages >= self.config.interval_messages
+                or self.clock() - self.last_written >= self.config.interval_seconds)
+
+    def checkpoint(self, detectors: dict, sink: KafkaSink, commit: Callable[[], None], now: float) -> Outcome:
+        """1. Flush the sink: every anomaly and dead letter of the messages covered is
+              acknowledged (or refused for good, counted and logged: it cannot hold us up).
+           2. A record that failed for a passing reason: return REWIND, write nothing.
+           3. Write each model's state (model, threshold, counters, next offset per partition)
+              to its files, and to the state topic if there is one.
+           4. ``commit()`` the same offsets to the consumer group (a refused commit is logged:
+              the checkpoint holds the offsets, and the next owner seeks past both).
+        """
+        if not detectors:
+            self.pending_messages = 0
+            return Outcome.NOTHING_TO_DO
+        started = time.perf_counter()
+        unacknowledged = sink.flush(FLUSH_TIMEOUT_SECONDS)
+        deliveries = sink.take()
+        if deliveries.transient:
+            self.metrics.checkpoint_failures.inc()
+            log.error("%d output record(s) failed (%s): rewinding to the last checkpoint to produce them again",
+                      deliveries.transient, "; ".join(sorted(deliveries.transient_reasons)[:3]))
+            return Outcome.REWIND
+        try:
+            if unacknowledged:
+                raise CheckpointError(f"{unacknowledged} output record(s) still unacknowledged after "
+                                      f"{FLUSH_TIMEOUT_SECONDS:.0f} s (is the broker reachable?)")
+            paths = []
+            for key, detector in sorted(detectors.items()):
+                state = detector.state(now)
+                paths.append(self.local.write(key, state))
+                if self.topic_store is not None:
+                    self.topic_store.write(key, state)
+            if self.topic_store is not None:
+                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS)
+        except (CheckpointError, KafkaException, BufferError) as exc:
+            return self._failed(kafka_error_text(exc.args[0]) if isinstance(exc, KafkaException) else str(exc))
+        self.failures = 0
+        self.retry_at = 0.0
+        self.pending_messages = 0
+        self.last_written = self.clock()
+        commit()
+        duration = time.perf_counter() - started
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_seconds.observe(duration)
+        self.metrics.checkpoint_last_success.set(now)
+        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)", len(paths), duration, paths[-1].parent,
+                 ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
+        return Outcome.WRITTEN
+
+    def _failed(self, why: str) -> Outcome:
+        self.metrics.checkpoint_failures.inc()
+        self.failures += 1
+        ceiling = max(RETRY_MAX_SECONDS, self.config.interval_seconds)
+        delay = min(2.0 ** (self.failures - 1), ceiling)
+        self.retry_at = self.clock() + delay
+        log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; "
+                  "retrying in %.0f s", self.failures, why, delay)
+        return Outcome.FAILED

@@ -1,0 +1,352 @@
+"""Kafka I/O on confluent-kafka (librdkafka): client settings, the source, the sink, topics.
+
+librdkafka fetches, decompresses and checks CRCs in its own C threads; everything that calls
+back into Python (rebalance callbacks, delivery reports, errors) runs inside ``poll()`` /
+``consume()`` on the caller's thread, so the daemon is one thread and blocking calls such as
+a synchronous commit on revoke are allowed there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from operator import methodcaller
+from typing import Any, Callable
+
+import numpy as np
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ..detection.records import InputRecord, OutputRecord
+from .config import Config, ConfigError, resolve_secrets
+
+log = logging.getLogger(__name__)
+
+# Set by streamgmm itself: the delivery guarantees depend on them.
+OWNED_SETTINGS = {
+    "bootstrap.servers": "kafka.bootstrap_servers",
+    "group.id": "kafka.group_id",
+    "client.id": "kafka.client_id",
+    "enable.auto.commit": "nothing: offsets are committed at checkpoints",
+    "enable.auto.offset.store": "nothing: offsets are committed at checkpoints",
+    "auto.offset.reset": "kafka.auto_offset_reset",
+}
+# kafka-python's names for the usual settings, for the error that says what to write instead.
+KAFKA_PYTHON_NAMES = {
+    "security_protocol": "security.protocol", "sasl_mechanism": "sasl.mechanism",
+    "sasl_plain_username": "sasl.username", "sasl_plain_password": "sasl.password",
+    "sasl_plain_password_file": "sasl.password_file", "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location", "ssl_keyfile": "ssl.key.location",
+    "ssl_password": "ssl.key.password", "session_timeout_ms": "session.timeout.ms",
+    "heartbeat_interval_ms": "heartbeat.interval.ms", "max_poll_interval_ms": "max.poll.interval.ms",
+    "fetch_max_wait_ms": "fetch.wait.max.ms", "fetch_min_bytes": "fetch.min.bytes",
+    "fetch_max_bytes": "fetch.max.bytes", "max_partition_fetch_bytes": "max.partition.fetch.bytes",
+    "request_timeout_ms": "request.timeout.ms", "compression_type": "compression.type",
+    "linger_ms": "linger.ms", "batch_size": "batch.size", "max_request_size": "message.max.bytes",
+    "retries": "retries", "acks": "acks", "enable_idempotence": "enable.idempotence",
+}
+PASS_THROUGH = ("security", "consumer", "producer")
+
+_VALUE = methodcaller("value")
+_TIMESTAMP = methodcaller("timestamp")
+_PARTITION = methodcaller("partition")
+_TOPIC = methodcaller("topic")
+_ERROR = methodcaller("error")
+
+
+# ------------------------------------------------------------------------- settings
+def _user_settings(config: Config, section: str) -> dict:
+    raw = getattr(config.kafka, section)
+    for name in raw:
+        path = f"kafka.{section}.{name}"
+        if name in KAFKA_PYTHON_NAMES and KAFKA_PYTHON_NAMES[name] != name:
+            raise ConfigError(f"{path}: this is kafka-python's name; librdkafka's is "
+                              f"{KAFKA_PYTHON_NAMES[name]!r} (streamgmm passes librdkafka's names through)")
+        if name in OWNED_SETTINGS:
+            raise ConfigError(f"{path}: set by streamgmm; use {OWNED_SETTINGS[name]}")
+    return resolve_secrets(raw, f"kafka.{section}")
+
+
+def client_settings(config: Config, role: str) -> dict:
+    """librdkafka settings for ``role`` ("consumer", "producer" or "admin"): streamgmm's
+    defaults, then the security section, then the role's own section."""
+    k = config.kafka
+    settings: dict[str, Any] = {"bootstrap.servers": ",".join(k.bootstrap_servers), "client.id": k.client_id}
+    if role == "consumer":
+        settings.update({
+            "group.id": k.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": k.auto_offset_reset,
+            # A dead member's partitions move on after this; the default 45 s is long for a daemon.
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 3_000,
+            "fetch.wait.max.ms": 100,
+        })
+    elif role == "producer":
+        settings.update({
+            "acks": "all",
+            "linger.ms": 5,
+            # Output is at-least-once and deduplicable by source offsets; the idempotent
+            # producer adds nothing to that and cannot survive some broker restarts.
+            "enable.idempotence": False,
+            # A record the broker has not acknowledged after this is reported failed, and the
+            # daemon rewinds to its last checkpoint to produce it again.
+            "message.timeout.ms": 120_000,
+        })
+    settings.update(_user_settings(config, "security"))
+    if role in ("consumer", "producer"):
+        settings.update(_user_settings(config, role))
+    return settings
+
+
+def check_settings(config: Config) -> None:
+    """Build each client once, without talking to a broker, so librdkafka itself refuses a
+    misspelled name or a bad value now (ConfigError naming the key), not as endless
+    "cannot connect" retries later."""
+    for role, section in (("consumer", "consumer"), ("producer", "producer")):
+        settings = client_settings(config, role)
+        try:
+            client = (Consumer if role == "consumer" else Producer)({**settings, "log_level": 0})
+        except (KafkaException, ValueError, TypeError) as exc:
+            message = str(exc.args[0].str() if isinstance(exc, KafkaException) else exc)
+            raise ConfigError(_config_error(config, section, message)) from None
+        client.close() if role == "consumer" else client.flush(0)
+
+
+def _config_error(config: Config, section: str, message: str) -> str:
+    """librdkafka's complaint, prefixed with the key path it is about."""
+    name = re.search(r'property "?([A-Za-z0-9._-]+)"?', message)
+    value = re.search(r'value "([^"]*)"', message)
+    for candidate in (section, "security"):
+        for key, given in getattr(config.kafka, candidate).items():
+            # By name, or by value: librdkafka names an alias by its own name (compression.type
+            # is reported as compression.codec).
+            if (name and key == name.group(1)) or (value and str(given).lower() == value.group(1).lower()):
+                return f"kafka.{candidate}.{key}: {message} (see librdkafka's CONFIGURATION.md)"
+    return f"kafka.{section}: {message} (see librdkafka's CONFIGURATION.md)"
+
+
+def kafka_error_text(error: KafkaError | Exception) -> str:
+    return error.str() if isinstance(error, KafkaError) else str(error)
+
+
+# --------------------------------------------------------------------------- source
+@dataclass
+class PolledBatch:
+    """One partition's (or model's) share of a poll, as columns: no Python object per message."""
+
+    messages: list[Message]
+    values: list
+    timestamps_ms: np.ndarray
+    last_offsets: dict[tuple[str, int], int]
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def record(self, index: int) -> InputRecord:
+        """One message as an InputRecord (for the few that become output records)."""
+        m = self.messages[index]
+        return InputRecord(m.topic(), m.partition(), m.offset(), m.value(), m.key(), m.timestamp()[1],
+                           tuple(m.headers() or ()))
+
+
+def split_by_partition(messages: list[Message]) -> dict[tuple[str, int], list[Message]]:
+    """librdkafka hands each partition's messages over in offset order, usually as one run."""
+    by_partition: dict[tuple[str, int], list[Message]] = {}
+    topics = list(map(_TOPIC, messages))
+    partitions = list(map(_PARTITION, messages))
+    start = 0
+    for i in range(1, len(messages) + 1):
+        if i == len(messages) or partitions[i] != partitions[start] or topics[i] != topics[start]:
+            by_partition.setdefault((topics[start], partitions[start]), []).extend(messages[start:i])
+            start = i
+    return by_partition
+
+
+def as_batch(by_partition: dict[tuple[str, int], list[Message]]) -> PolledBatch:
+    """One batch of the messages of some partitions, each partition's in offset order."""
+    lists = list(by_partition.values())
+    messages = lists[0] if len(lists) == 1 else [m for part in lists for m in part]
+    stamps = np.fromiter((t[1] for t in map(_TIMESTAMP, messages)), dtype=np.int64, count=len(messages))
+    last_offsets = {tp: part[-1].offset() for tp, part in by_partition.items()}
+    return PolledBatch(messages, list(map(_VALUE, messages)), stamps.astype(float), last_offsets)
+
+
+class KafkaSource:
+    """The consumer: subscribe with rebalance callbacks, poll batches, seek, commit."""
+
+    def __init__(self, settings: dict, topics: tuple[str, ...], *, on_assign: Callable, on_revoke: Callable,
+                 on_lost: Callable, on_error: Callable[[KafkaError], None]):
+        self.consumer = Consumer({**settings, "error_cb": on_error, "logger": logging.getLogger("librdkafka")})
+        self.consumer.subscribe(list(topics), on_assign=lambda c, tps: on_assign(tps),
+                                on_revoke=lambda c, tps: on_revoke(tps), on_lost=lambda c, tps: on_lost(tps))
+
+    def poll(self, max_messages: int, timeout_seconds: float) -> dict[tuple[str, int], list[Message]]:
+        """The next messages by partition (errors logged and dropped)."""
+        messages = self.consumer.consume(num_messages=max_messages, timeout=timeout_seconds)
+        if not messages:
+            return {}
+        if any(map(_ERROR, messages)):
+            good = []
+            for m in messages:
+                error = m.error()
+                if error is None:
+                    good.append(m)
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error on %s/%s: %s", m.topic(), m.partition(), error.str())
+            messages = good
+        return split_by_partition(messages)
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = 10.0) -> dict[tuple[str, int], int]:
+        """The group's committed offsets of ``partitions`` (those that have one)."""
+        found = self.consumer.committed(partitions, timeout=timeout)
+        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0 and tp.error is None}
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.consumer.assign(partitions)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.consumer.seek(TopicPartition(topic, partition, offset))
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit synchronously; raises KafkaException when the group refuses it."""
+        if offsets:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
+                                 asynchronous=False)
+
+    def watermarks(self, topic: str, partition: int) -> tuple[int, int] | None:
+        """(low, high) as librdkafka last fetched them: no broker call, safe from any thread."""
+        try:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+        except (KafkaException, RuntimeError):
+            return None
+        return None if high == OFFSET_INVALID or high < 0 else (low, high)
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:  # closing is best effort at shutdown
+            log.warning("closing the consumer: %s", exc)
+
+
+# ----------------------------------------------------------------------------- sink
+@dataclass
+class Deliveries:
+    """What became of the records sent since the last ``take``."""
+
+    transient: int = 0  # failed but might succeed if sent again: rewind and send again
+    permanent: int = 0  # can never be produced (too large, not authorised ...): counted, not retried
+    transient_reasons: set = field(default_factory=set)
+
+
+class KafkaSink:
+    """The producer: output records out, delivery reports counted.
+
+    A record the broker refuses for good (``permanent``) is logged with its source and counted;
+    it must not hold the stream up.  One that failed for a passing reason (``transient``) makes
+    the daemon rewind to its last checkpoint and produce it again.
+    """
+
+    def __init__(self, settings: dict, *, on_error: Callable[[KafkaError], None],
+                 on_permanent: Callable[[OutputRecord, str], None]):
+        self.producer = Producer({**settings, "error_cb": on_error, "logger": logging.getLogger("librdkafka")})
+        self.on_permanent = on_permanent
+        self.deliveries = Deliveries()
+
+    def send(self, record: OutputRecord) -> None:
+        def delivered(error, _message, record=record):
+            if error is not None:
+                self._failed(record, error)
+
+        for attempt in range(100):
+            try:
+                self.producer.produce(record.topic, value=record.value, key=record.key, headers=record.headers,
+                                      on_delivery=delivered)
+                return
+            except BufferError:  # the local queue is full: serve delivery reports, then again
+                self.producer.poll(0.1)
+            except KafkaException as exc:  # refused before sending (e.g. larger than message.max.bytes)
+                self._failed(record, exc.args[0])
+                return
+        self._failed(record, KafkaError(KafkaError._QUEUE_FULL, "the producer's queue stayed full for 10 s"))
+
+    def _failed(self, record: OutputRecord, error: KafkaError) -> None:
+        transient = error.retriable() or error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
+                                                          KafkaError._TRANSPORT, KafkaError._QUEUE_FULL)
+        if transient:
+            self.deliveries.transient += 1
+            self.deliveries.transient_reasons.add(f"{record.topic}: {error.str()}")
+        else:
+            self.deliveries.permanent += 1
+            self.on_permanent(record, error.str())
+
+    def serve(self) -> None:
+        """Run the delivery callbacks that are due (cheap; call once a loop)."""
+        self.producer.poll(0)
+
+    def flush(self, timeout: float) -> int:
+        """Wait for every record sent so far to be acknowledged or failed; how many are still pending."""
+        return self.producer.flush(timeout)
+
+    def take(self) -> Deliveries:
+        taken, self.deliveries = self.deliveries, Deliveries()
+        return taken
+
+    def discard_pending(self) -> None:
+        """Drop what is queued and not yet sent (a rewind produces it again)."""
+        try:
+            self.producer.purge(in_queue=True, in_flight=False)
+            self.producer.poll(0)
+        except (KafkaException, RuntimeError):
+            pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        remaining = self.producer.flush(timeout)
+        if remaining:
+            log.warning("closing the producer with %d record(s) unacknowledged", remaining)
+
+
+# ---------------------------------------------------------------------------- admin
+def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout: float = 15.0) -> None:
+    """Create ``topic`` (1 partition) unless it exists."""
+    admin = AdminClient({k: v for k, v in settings.items() if k not in ("error_cb", "logger")})
+    futures = admin.create_topics([NewTopic(topic, 1, 1, config=config or {})], operation_timeout=timeout)
+    try:
+        futures[topic].result(timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+
+
+def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> list[Message]:
+    """Every message of ``topic`` from the beginning, up to its high watermark when read."""
+    consumer = Consumer({**{k: v for k, v in settings.items() if k not in ("error_cb",)},
+                         "group.id": f"streamgmm-reader-{time.monotonic_ns()}", "enable.auto.commit": False,
+                         "enable.partition.eof": False, "logger": logging.getLogger("librdkafka")})
+    deadline = time.monotonic() + timeout
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+        partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        ends = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return []
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        found: list[Message] = []
+        positions = {p: -1 for p in ends}
+        while time.monotonic() < deadline and any(positions[p] < ends[p] - 1 for p in ends):
+            for m in consumer.consume(num_messages=1000, timeout=0.5):
+                if m.error() is None:
+                    found.append(m)
+                    positions[m.partition()] = m.offset()
+        if any(positions[p] < ends[p] - 1 for p in ends):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic} took over {timeout} s"))
+        return found
+    finally:
+        consumer.close()
