@@ -118,7 +118,7 @@ def check_settings(config: Config) -> None:
 
 def _config_error(config: Config, section: str, message: str) -> str:
     """librdkafka's complaint, prefixed with the key path it is about."""
-    name = re.search(r'property "?([A-Za-z0-9._-]+)"?', message)
+    name = re.search(r'property:? "?([A-Za-z0-9._-]+)"?', message)
     value = re.search(r'value "([^"]*)"', message)
     for candidate in (section, "security"):
         for key, given in getattr(config.kafka, candidate).items():

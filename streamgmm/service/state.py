@@ -1,0 +1,270 @@
+"""Where model state lives: the checkpoint format, files in checkpoint.dir, records in a topic.
+
+A checkpoint is versioned, checksummed and atomically written; the newest valid one wins.
+
+File layout (never pickled)::
+
+    STREAMGMM-CHECKPOINT\\n
+    {"format_version": 1, "payload_bytes": N, "sha256": "..."}\\n
+    <N bytes: an .npz holding the arrays and one JSON document for everything else>
+
+A write goes to a temporary file, is fsynced, renamed over, and the directory fsynced, so a
+crash leaves either the old set of checkpoints or the old set plus a complete new one.  A torn
+or corrupted file fails its checksum on load and the previous checkpoint is used, loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .kafka import read_topic
+
+from ..mixture._atomic import write_atomically
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"STREAMGMM-CHECKPOINT\n"
+FORMAT_VERSION = 1
+FILE_PATTERN = re.compile(r"^checkpoint-(\d{12})\.sgmm$")
+# Fault injection for the crash tests: hold every write between the temporary file and the
+# rename for this long, so a SIGKILL can land in the middle of a checkpoint. Never set it
+# in production.
+FAULT_PAUSE_ENV = "STREAMGMM_FAULT_CHECKPOINT_PAUSE_SECONDS"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+# --------------------------------------------------------------- (de)serialising
+def pack(state: dict) -> bytes:
+    """A nested dict of JSON values and numpy arrays as checkpoint file bytes."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def strip(value, path):
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise CheckpointError(f"{path} is an object array; refusing to checkpoint it")
+            arrays[path] = value
+            return {"__ndarray__": path}
+        if isinstance(value, dict):
+            return {str(k): strip(v, f"{path}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strip(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+    document = strip(state, "")
+    arrays["__document__"] = np.frombuffer(json.dumps(document, sort_keys=True).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    payload = buffer.getvalue()
+    header = {"format_version": FORMAT_VERSION, "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def unpack(data: bytes, source: str = "checkpoint") -> dict:
+    """Inverse of ``pack``; raises CheckpointError saying what is wrong."""
+    if not data.startswith(MAGIC):
+        raise CheckpointError(f"{source} is not a streamgmm checkpoint (bad magic)")
+    end = data.find(b"\n", len(MAGIC))
+    if end < 0:
+        raise CheckpointError(f"{source} is truncated inside its header")
+    try:
+        header = json.loads(data[len(MAGIC):end])
+    except ValueError:
+        raise CheckpointError(f"{source} has a corrupt header") from None
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has format version {version!r}; this streamgmm reads version {FORMAT_VERSION}. "
+            "Start from an empty checkpoint.dir or use the streamgmm release that wrote it"
+        )
+    payload = data[end + 1:]
+    if len(payload) != header.get("payload_bytes"):
+        raise CheckpointError(f"{source} is truncated: {len(payload)} of {header.get('payload_bytes')} payload bytes")
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise CheckpointError(f"{source} fails its checksum (corrupted on disk)")
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            arrays = {key: np.array(npz[key]) for key in npz.files}
+        document = json.loads(bytes(arrays.pop("__document__")).decode())
+    except (ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"{source} payload is unreadable: {exc}") from None
+
+    def restore(value):
+        if isinstance(value, dict):
+            if set(value) == {"__ndarray__"}:
+                return arrays[value["__ndarray__"]]
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(document)
+
+
+# ------------------------------------------------------------------------ store
+class CheckpointStore:
+    """Numbered checkpoint files in one directory; keeps the newest ``keep``."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := FILE_PATTERN.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def write(self, state: dict) -> Path:
+        """Write atomically; returns the new file's path. Raises CheckpointError on failure."""
+        data = pack(state)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            existing = self.paths()
+            sequence = int(FILE_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 1
+            path = write_atomically(self.directory / f"checkpoint-{sequence:012d}.sgmm", data, self._fault_pause)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
+        self._prune()
+        return path
+
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest checkpoint that reads back intact, or None if there is none.
+
+        Corrupt ones are skipped with an error in the log (they are kept for inspection).
+        """
+        for path in reversed(self.paths()):
+            try:
+                return self.read(path), path
+            except CheckpointError as exc:
+                log.error("skipping checkpoint %s: %s; falling back to the previous one", path, exc)
+        return None
+
+    @staticmethod
+    def read(path: Path) -> dict:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+        return unpack(data, str(path))
+
+    @staticmethod
+    def _fault_pause(tmp: Path) -> None:
+        pause = float(os.environ.get(FAULT_PAUSE_ENV, "0") or 0)
+        if pause > 0:
+            log.warning("fault injection: checkpoint %s written but not renamed; pausing %.2f s", tmp.name, pause)
+            time.sleep(pause)
+
+    def _prune(self) -> None:
+        for old in self.paths()[: -self.keep]:
+            try:
+                old.unlink()
+            except OSError as exc:  # pruning is best effort; the next write tries again
+                log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
+
+
+# ------------------------------------------------------------------- per model key
+GLOBAL_KEY = "global"
+
+
+def model_key(scope: str, topic: str, partition: int) -> str:
+    """The model a partition's messages go to: "global", or "topic/partition"."""
+    return GLOBAL_KEY if scope == "global" else f"{topic}/{partition}"
+
+
+def _directory_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key.replace("/", "-"))
+
+
+class LocalStateStore:
+    """Numbered checkpoint files in ``checkpoint.dir`` (``global``) or one sub-directory per
+    partition model."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def store_for(self, key: str) -> CheckpointStore:
+        # The global model keeps the top-level directory, as single-instance deployments expect.
+        path = self.directory if key == GLOBAL_KEY else self.directory / "partitions" / _directory_name(key)
+        return CheckpointStore(path, self.keep)
+
+    def write(self, key: str, state: dict) -> Path:
+        return self.store_for(key).write(state)
+
+    def load(self, key: str) -> dict | None:
+        found = self.store_for(key).load_latest()
+        return None if found is None else found[0]
+
+    def check_writable(self) -> None:
+        """Raise CheckpointError unless a file can be created in the directory (checked at start:
+        a daemon that can never checkpoint must not run)."""
+        probe = self.directory / ".streamgmm-write-test"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(probe, b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint.dir {self.directory} is not writable: {exc.strerror or exc}; "
+                                  "fix its permissions or point checkpoint.dir elsewhere") from None
+
+
+class TopicStateStore:
+    """Checkpoints as records of a Kafka topic (one per model key, newest wins), holding the
+    same versioned, checksummed bytes as the files, so any instance of the consumer group can
+    restore a partition's model when the partition moves to it.
+
+    Reads scan the whole topic: a broker need not compact (Tansu keeps every record).
+    """
+
+    def __init__(self, topic: str, settings: dict, producer):
+        self.topic = topic
+        self.settings = settings
+        self.producer = producer  # a confluent_kafka.Producer of its own: its deliveries are the store's
+        self.failed: list[str] = []
+
+    def write(self, key: str, state: dict) -> None:
+        def delivered(error, _message):
+            if error is not None:
+                self.failed.append(f"{key}: {error.str()}")
+
+        self.producer.produce(self.topic, key=key.encode(), value=pack(state), on_delivery=delivered)
+
+    def flush(self, timeout: float) -> None:
+        """Wait for the records written; CheckpointError unless every one was acknowledged."""
+        pending = self.producer.flush(timeout)
+        failed, self.failed = self.failed, []
+        if pending or failed:
+            raise CheckpointError(f"state topic {self.topic}: {pending} record(s) unacknowledged after "
+                                  f"{timeout:.0f} s, {len(failed)} failed {failed[:3]}")
+
+    def load_many(self, keys=None, timeout: float = 30.0) -> dict[str, dict]:
+        """The newest readable state per key (every key when ``keys`` is None); a corrupt newest
+        record falls back to the one before."""
+        values: dict[str, list[bytes]] = {}
+        for message in read_topic(self.settings, self.topic, timeout):
+            if message.key() is not None and message.value() is not None:
+                values.setdefault(message.key().decode(), []).append(message.value())
+        found = {}
+        for key in sorted(values) if keys is None else keys:
+            for value in reversed(values.get(key, [])[-10:]):
+                try:
+                    found[key] = unpack(value, f"{self.topic} record {key}")
+                    break
+                except CheckpointError as exc:
+                    log.error("skipping state record %s: %s; trying the previous one", key, exc)
+        return found
