@@ -34,6 +34,8 @@ class BatchResult:
     n_records: int = 0
     anomalies: list[OutputRecord] = field(default_factory=list)
     dead_letters: list[OutputRecord] = field(default_factory=list)
+    # One compact record per scored point, when kafka.scores_topic is set.
+    scores: list[OutputRecord] = field(default_factory=list)
     invalid_reasons: Counter = field(default_factory=Counter)
     invalid_index: dict = field(default_factory=dict)  # record index -> reason
     n_valid: int = 0
@@ -45,6 +47,10 @@ class BatchResult:
     flags: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     components: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def outputs(self) -> list[OutputRecord]:
+        """Every record this batch sends: anomalies, dead letters, scores."""
+        return self.anomalies + self.dead_letters + self.scores
 
     @property
     def warmup(self) -> bool:

@@ -311,7 +311,7 @@ class Daemon:
             detector = self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
             updates_before = detector.n_updates
             result = detector.process(batch, now=time.time())
-            for record in result.anomalies + result.dead_letters:
+            for record in result.outputs():
                 self.sink.send(record)
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
