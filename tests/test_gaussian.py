@@ -92,3 +92,14 @@ def test_statistics_round_trip_parameters(covariance_type):
     np.testing.assert_allclose(w2, weights / weights.sum(), rtol=1e-12)
     np.testing.assert_allclose(m2, means, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(c2, cov, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_covariances_from_precision_cholesky_inverts_compute_precision_cholesky(covariance_type):
+    rng = np.random.default_rng(5)
+    _, _, cov = _random_parameters(rng, covariance_type)
+    factor = g.compute_precision_cholesky(cov, covariance_type)
+    np.testing.assert_allclose(g.covariances_from_precision_cholesky(factor, covariance_type), cov, rtol=1e-10)
+    if covariance_type in ("full", "tied"):
+        precisions = np.linalg.inv(cov)
+        np.testing.assert_allclose(g.precision_cholesky_from_precisions(precisions, covariance_type), factor, rtol=1e-9)

@@ -198,8 +198,9 @@ def covariances_from_precision_cholesky(precisions_chol, covariance_type):
 
 
 def _covariance_of_precision_cholesky(precision_chol):
+    """inv(U U^T) = U^-T U^-1 for the upper-triangular precision factor U."""
     inverse = linalg.solve_triangular(precision_chol, np.eye(len(precision_chol)), lower=False)
-    return inverse @ inverse.T
+    return inverse.T @ inverse
 
 
 def _upper_cholesky_of(precision):

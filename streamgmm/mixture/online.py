@@ -419,6 +419,18 @@ class OnlineGaussianMixture(MixtureBase):
         return c[:, np.newaxis] * s**2
 
     # ------------------------------------------------------------------ learning
+    def fit(self, X, y=None, sample_weight=None):
+        """Forget what was learned and take X as the first batch of a new stream. Returns self.
+
+        What scikit-learn's tools call (``cross_val_score``, ``GridSearchCV``,
+        ``check_is_fitted`` needs it to exist).  With at least ``warmup`` rows the model is
+        initialised from all of them (batch EM on X); with fewer it is still warming up.
+        """
+        parameters = set(self._get_param_names())
+        for name in [name for name in vars(self) if name not in parameters]:
+            delattr(self, name)  # the constructor stores only parameters: the rest is state
+        return self.partial_fit(X, sample_weight=sample_weight)
+
     def partial_fit(self, X, y=None, sample_weight=None):
         """Learn from one mini-batch; before the warm-up is complete, buffer it. Returns self.
 
