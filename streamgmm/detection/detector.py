@@ -18,7 +18,19 @@ import numpy as np
 from .. import __version__
 from ..mixture.online import OnlineGaussianMixture
 from .decode import Decoder
-from .records import InputRecord, OutputRecord, RecordBatch, anomaly_record, dead_letter, finite, iso_time
+from .explain import ComponentGeometry, explain, explanation_documents, model_geometry, one_in, rarity, rarity_documents
+from .records import (
+    LOWEST_FLOAT,
+    InputRecord,
+    OutputRecord,
+    RecordBatch,
+    anomaly_record,
+    batch_sources,
+    dead_letter,
+    finite,
+    iso_time,
+    score_records,
+)
 from .threshold import make_threshold
 
 if TYPE_CHECKING:  # the service layer builds the config; only its type is named here
@@ -98,6 +110,8 @@ class Detector:
         # and for how many points in a row it has been above threshold.adopt_flag_rate.
         self.flag_rate = 0.0
         self.points_above = 0
+        self._geometry_cache: ComponentGeometry | None = None
+        self._geometry_of: int | None = None  # the model version it is of
 
     @property
     def ready(self) -> bool:
@@ -164,12 +178,11 @@ class Detector:
         flags = self.threshold.classify(scored.log_density)
         components = scored.component
         if flags.any():
-            detected_at = iso_time(now)
-            for position in np.flatnonzero(flags):
-                result.anomalies.append(self._anomaly_record(
-                    batch.record(rows[position]), X[position], float(scored.log_density[position]),
-                    int(components[position]), detected_at))
+            result.anomalies += self._anomaly_records(batch, X, rows, scored, flags, iso_time(now))
+        if self.config.kafka.scores_topic is not None:
+            result.scores += self._score_records(batch, rows, scored, flags)
         self.n_anomalies += int(flags.sum())
+        self.threshold.observe(scored.log_density, flags)
         learned = self._learn_flagged(flags) | ~flags
         if learned.any():
             self.model.learn(scored, sample_weight=learned.astype(float))
@@ -185,7 +198,7 @@ class Detector:
             return None
         if t.adopt_flag_rate is not None:
             return t.adopt_flag_rate
-        return 10.0 * (t.quantile if t.mode == "quantile" else 0.001)
+        return 10.0 * (t.quantile if t.mode != "fixed" else 0.001)
 
     @property
     def adopting(self) -> bool:
@@ -212,16 +225,45 @@ class Detector:
         return t.learn_from_anomalies or self.adopting
 
     # ------------------------------------------------------------ output records
-    def _anomaly_record(self, record, features, density, component, detected_at) -> OutputRecord:
-        return anomaly_record(self.config.kafka.output_topic, record, {
-            "features": [float(v) for v in features],
-            "log_density": finite(density),
-            "threshold": self.threshold.value,
-            "component": component,
-            "model_version": self.n_updates,
-            "n_seen": self.model.n_seen_,
-            "detected_at": detected_at,
-        })
+    @property
+    def feature_names(self) -> list[str]:
+        """input.fields, else f0 .. f{D-1}."""
+        fields = self.config.input.fields
+        return list(fields) if fields is not None else [f"f{j}" for j in range(self.config.input.dimension)]
+
+    def _geometry(self, scored) -> ComponentGeometry:
+        """The model's components as explanations need them, once per model state."""
+        if self._geometry_of != scored.model_version:
+            self._geometry_cache, self._geometry_of = model_geometry(self.model), scored.model_version
+        return self._geometry_cache
+
+    def _anomaly_records(self, batch, X, rows, scored, flags, detected_at: str) -> list[OutputRecord]:
+        """The flagged rows' anomaly records, explained (see ``explain``), all at once."""
+        positions = np.flatnonzero(flags)
+        X, density = X[positions], scored.log_density[positions]
+        geometry = self._geometry(scored)
+        names = self.feature_names
+        explanation = explain(X, geometry, self.config.input.explain_top_features)
+        threshold, model_version, n_seen = self.threshold.value, self.n_updates, self.model.n_seen_
+        return [
+            anomaly_record(self.config.kafka.output_topic, batch.record(row), {
+                "features": features, "feature_names": names, "log_density": finite(d), "threshold": threshold,
+                "component": component, "model_version": model_version, "n_seen": n_seen,
+                "detected_at": detected_at, "rarity": rare, **explained})
+            for row, features, d, component, rare, explained in zip(
+                rows[positions].tolist(), X.tolist(), density.tolist(), scored.component[positions].tolist(),
+                rarity_documents(rarity(density, self.threshold, geometry)),
+                explanation_documents(X, explanation, geometry, names))
+        ]
+
+    def _score_records(self, batch, rows, scored, flags) -> list[OutputRecord]:
+        """One compact record per scored row, for kafka.scores_topic."""
+        log_tail = rarity(scored.log_density, self.threshold, self._geometry(scored)).log_tail
+        return score_records(
+            self.config.kafka.scores_topic, batch_sources(batch, rows.tolist()),
+            log_density=np.maximum(scored.log_density, LOWEST_FLOAT).tolist(), threshold=self.threshold.value,
+            flags=flags.tolist(), components=scored.component.tolist(), tail_probability=np.exp(log_tail).tolist(),
+            one_in=one_in(log_tail))
 
     # --------------------------------------------------------------------- state
     def state(self, now: float) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -46,6 +47,12 @@ class RecordBatch:
 
     def record(self, index: int) -> InputRecord:
         return self.records[index]
+
+    def sources(self, indices: list[int]) -> tuple[list, list, list, list]:
+        """(topics, partitions, offsets, keys) of these records, for per-point score records."""
+        records = [self.records[i] for i in indices]
+        return ([r.topic for r in records], [r.partition for r in records], [r.offset for r in records],
+                [r.key for r in records])
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,51 @@ def dead_letter(topic: str, record: InputRecord, reason: str, detail: str, max_v
         ]
         value = value[:max_value_bytes]
     return OutputRecord(topic, value, record.key, headers, (record.topic, record.partition, record.offset))
+
+
+def batch_sources(batch, indices: list[int]) -> tuple[list, list, list, list]:
+    """(topics, partitions, offsets, keys) of some records of ``batch``: from its ``sources``
+    columns when it has them, else one ``record(i)`` at a time."""
+    sources = getattr(batch, "sources", None)
+    if sources is not None:
+        return sources(indices)
+    records = [batch.record(i) for i in indices]
+    return ([r.topic for r in records], [r.partition for r in records], [r.offset for r in records],
+            [r.key for r in records])
+
+
+# Keys made of these bytes go into JSON as they are; any other key is encoded by key_fields.
+_KEY_NEEDS_ENCODING = re.compile(rb'[^\x20-\x7e]|["\\]')
+
+
+def _key_fragments(keys: list) -> list[bytes]:
+    """``"key":...`` of each key, as key_fields writes it."""
+    if not _KEY_NEEDS_ENCODING.search(b"".join(k for k in keys if k is not None)):
+        return [b'"key":null' if k is None else b'"key":"' + k + b'"' for k in keys]
+    return [orjson.dumps(key_fields(k))[1:-1] for k in keys]
+
+
+def score_records(topic: str, sources: tuple[list, list, list, list], *, log_density: list, threshold: float | None,
+                  flags: list, components: list, tail_probability: list, one_in: list) -> list[OutputRecord]:
+    """One compact JSON record per scored point, keyed like its input::
+
+        {"topic": "features", "key": "host-7", "partition": 3, "offset": 18211, "log_density": -12.4,
+         "threshold": -31.7, "anomaly": false, "component": 2, "tail_probability": 0.31, "one_in": 3}
+
+    The columns are plain lists (``tolist()``), log-densities already finite.  Per point this
+    is the cost of the daemon's busiest path: the numbers of every record go through one
+    ``orjson.dumps`` and are cut apart (they hold no braces), and each record is joined from
+    its parts.
+    """
+    topics, partitions, offsets, keys = sources
+    numbers = orjson.dumps([
+        {"partition": p, "offset": o, "log_density": d, "threshold": threshold, "anomaly": f, "component": c,
+         "tail_probability": t, "one_in": n}
+        for p, o, d, f, c, t, n in zip(partitions, offsets, log_density, flags, components, tail_probability, one_in)
+    ])
+    parts = numbers[2:-2].split(b"},{") if offsets else []
+    heads = {t: b'{"topic":' + orjson.dumps(t) + b"," for t in set(topics)}
+    return [
+        OutputRecord(topic, b"".join((heads[t], k, b",", part, b"}")), key, [], (t, p, o))
+        for t, p, o, key, k, part in zip(topics, partitions, offsets, keys, _key_fragments(keys), parts)
+    ]

@@ -52,6 +52,10 @@ class KafkaConfig:
     # headers): the broker refuses records over its message.max.bytes, and a record that can
     # never be produced must not hold the stream up.
     dead_letter_max_bytes: int = 65_536
+    # Every scored point, as one compact JSON record (source, key, log_density, threshold,
+    # anomaly flag, component, rarity), to this topic for dashboards and downstream rules;
+    # null: none.  One output record per input message: budget the producer for it.
+    scores_topic: str | None = None
     # Settings passed to librdkafka under its own names (https://github.com/confluentinc/
     # librdkafka/blob/master/CONFIGURATION.md): security to every client, consumer and producer
     # to that client.  A key ending in _file is read from that file (sasl.password_file), so
@@ -68,6 +72,9 @@ class InputConfig:
     dimension: int = 16
     max_message_bytes: int = 1_048_576
     csv_delimiter: str = ","
+    # An anomaly record names the features furthest from what its nearest component expects
+    # given the others: this many of them (0: none).
+    explain_top_features: int = 3
 
 
 @dataclass(frozen=True)
@@ -106,9 +113,14 @@ class ThresholdConfig:
     adopt_flag_rate: float | None = None
     adopt_window: int = 2_000
     adopt_after: int = 20_000
-    # Quantile mode: re-estimate from the model's own distribution every this many learned
-    # points (more often while the model is young), from this many points sampled from the
-    # mixture (default max(10000, 20/q)).
+    # Quantile mode: the peaks of the prequential scores of the last `window` points (null:
+    # max(100000, 100/q)) give the threshold, once `calibration` points have been scored
+    # (null: max(5000, 1/q)); until then the model's own density quantile stands in.
+    window: int | None = None
+    calibration: int | None = None
+    # model_quantile mode (and the quantile mode's start): re-estimate from the model's own
+    # distribution every this many learned points (more often while the model is young),
+    # from this many points sampled from the mixture (default max(10000, 20/q)).
     refresh_every: int = 50_000
     samples: int | None = None
 
@@ -152,7 +164,7 @@ CHOICES = {
     "input.format": ("json", "csv", "float32", "float64"),
     "model.covariance_type": ("full", "tied", "diag", "spherical"),
     "model.scope": ("global", "partition"),
-    "threshold.mode": ("quantile", "fixed"),
+    "threshold.mode": ("quantile", "model_quantile", "fixed"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": ("text", "json"),
     "kafka.auto_offset_reset": ("earliest", "latest"),
@@ -302,6 +314,11 @@ def _check_values(config: Config) -> None:
              "use a number > 0 and <= kafka.retry_backoff_max_seconds")
     if k.dead_letter_max_bytes < 0:
         fail("kafka.dead_letter_max_bytes", k.dead_letter_max_bytes, "use a number of bytes >= 0")
+    if k.scores_topic is not None and (not k.scores_topic or k.scores_topic in k.input_topics
+                                       or k.scores_topic in (k.output_topic, k.dead_letter_topic)):
+        fail("kafka.scores_topic", k.scores_topic, "use a topic of its own, or null for no scores")
+    if i.explain_top_features < 0:
+        fail("input.explain_top_features", i.explain_top_features, "use a number of features >= 0")
     if i.dimension < 1:
         fail("input.dimension", i.dimension, "use an integer >= 1")
     if i.fields is not None and len(i.fields) != i.dimension:
@@ -326,7 +343,7 @@ def _check_values(config: Config) -> None:
         fail("model.min_weight", m.min_weight, "use a number in [0, 1/model.n_components)")
     if not 0 <= m.rare_weight < 1.0:
         fail("model.rare_weight", m.rare_weight, "use a weight in [0, 1); 0 scores by the whole mixture")
-    if t.mode == "quantile" and not 0 < t.quantile < 0.5:
+    if t.mode != "fixed" and not 0 < t.quantile < 0.5:
         fail("threshold.quantile", t.quantile, "use a fraction in (0, 0.5)")
     if t.mode == "fixed" and t.value is None:
         fail("threshold.value", t.value, "threshold.mode=fixed needs a log-density value")
@@ -336,6 +353,10 @@ def _check_values(config: Config) -> None:
         fail("threshold.adopt_window", t.adopt_window, "use a number of points >= 1")
     if t.adopt_after < 0:
         fail("threshold.adopt_after", t.adopt_after, "use a number of points >= 0")
+    if t.window is not None and t.window < 1_000:
+        fail("threshold.window", t.window, "use a number of points >= 1000, or null for max(100000, 100/quantile)")
+    if t.calibration is not None and t.calibration < 0:
+        fail("threshold.calibration", t.calibration, "use a number of points >= 0, or null for max(5000, 1/quantile)")
     if t.refresh_every < 1:
         fail("threshold.refresh_every", t.refresh_every, "use an integer >= 1")
     if t.samples is not None and t.samples < 100:
@@ -348,7 +369,8 @@ def _check_values(config: Config) -> None:
         fail("checkpoint.keep", c.keep, "keep at least 2 so a corrupt newest one has a fallback")
     if not c.dir:
         fail("checkpoint.dir", c.dir, "give a directory")
-    if c.topic is not None and (not c.topic or c.topic in k.input_topics or c.topic in (k.output_topic, k.dead_letter_topic)):
+    if c.topic is not None and (not c.topic or c.topic in k.input_topics
+                                or c.topic in (k.output_topic, k.dead_letter_topic, k.scores_topic)):
         fail("checkpoint.topic", c.topic, "use a topic of its own, or null")
 
     if not 0 <= me.port < 65536:

@@ -1,0 +1,346 @@
+"""Why a point was flagged, in the input's own units, and how rare its density is.
+
+For a flagged point x:
+
+- **nearest component**: of the components that score points (not rare structure, see
+  ``model.rare_weight``), the one that gives x the most density, w_k N(x; mu_k, Sigma_k).
+- **per feature j**, the distribution of x_j given all the other features under that
+  component: Gaussian with variance 1 / P_jj and mean x_j - (P x_c)_j / P_jj, where
+  P = Sigma_k^-1 and x_c = x - mu_k.  ``z_j = (P x_c)_j / sqrt(P_jj)`` is the feature's
+  standardised residual given the others, and z_j ** 2 is exactly how much the point's squared
+  Mahalanobis distance falls if x_j alone is moved to its expected value: ranking features by
+  |z_j| ranks them by how much of the distance each explains on its own.  With diagonal
+  covariances these are the plain per-feature z-scores.
+- **rarity**: the probability that a point of the stream scores this low or lower (see
+  ``log_tail_probability``), shown as "1 in N".
+
+Everything is computed from the model's public parameters in original units (``weights_``,
+``means_``, ``covariances_``), once per batch that has anomalies (``ComponentGeometry``), and
+then for the flagged rows only, vectorised: a point that is not flagged costs nothing here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from scipy import special
+
+LOG_2PI = math.log(2.0 * math.pi)
+# The "normal range" of a feature is its expected value +- this many conditional standard
+# deviations (99.7% of the component's points, given the other features, fall inside).
+NORMAL_RANGE_SD = 3.0
+# ``log_tail_probability``'s ``method`` when the number is the model bound below.
+MODEL_BOUND = "model_bound"
+# The model bound of many points is interpolated between this many exact values, over the
+# highest (10 nats x max(D, 10)) of log-density; points further down are computed exactly.
+INTERPOLATION_NODES = 512
+INTERPOLATION_SPAN_PER_FEATURE = 10.0
+
+
+class TailModel(Protocol):
+    """What a threshold offers to say how rare a log-density is (optional).
+
+    ``log_tail_probability(log_density)``: natural log of the probability that a point of the
+    stream has a log-density at or below each value (an array in, an array out), or None while
+    the tail model cannot say (too few scores yet).  Logs, because the anomalies worth
+    explaining are often 1e-400 rare.  ``tail_method`` names it in the record
+    (e.g. ``"gpd_tail"``).
+    """
+
+    tail_method: str
+
+    def log_tail_probability(self, log_density: np.ndarray) -> np.ndarray | None: ...
+
+
+# ------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class ComponentGeometry:
+    """The mixture's components in original units, as the explanation needs them.
+
+    log_weights : (K,); means : (K, D); precisions : (K, D, D) (diagonal for diag and
+    spherical covariances); log_det : (K,) log-determinant of each covariance; usual : (K,)
+    whether the component scores points (False for rare structure).
+    """
+
+    log_weights: np.ndarray
+    means: np.ndarray
+    precisions: np.ndarray
+    log_det: np.ndarray
+    usual: np.ndarray
+
+    @property
+    def n_features(self) -> int:
+        return self.means.shape[1]
+
+
+def _full_from_full(covariances, n_components, n_features):
+    return covariances
+
+
+def _full_from_tied(covariances, n_components, n_features):
+    return np.broadcast_to(covariances, (n_components, n_features, n_features))
+
+
+def _full_from_diag(variances, n_components, n_features):
+    variances = np.broadcast_to(np.reshape(variances, (n_components, -1)), (n_components, n_features))
+    return variances[:, :, np.newaxis] * np.eye(n_features)
+
+
+# Covariances as (K, D, D) matrices.  ``spherical`` is (K,) in scikit-learn's convention and
+# (K, D) per-feature variances in OnlineGaussianMixture's original units (it is spherical in
+# the standardised space): both are diagonal.
+_AS_FULL = {"full": _full_from_full, "tied": _full_from_tied, "diag": _full_from_diag, "spherical": _full_from_diag}
+
+
+def usual_components(weights: np.ndarray, rare_weight: float) -> np.ndarray:
+    """Which components score points: all but those lighter than ``rare_weight``, unless that
+    would leave none (the rule ``OnlineGaussianMixture`` scores by)."""
+    usual = weights >= rare_weight if rare_weight > 0 else np.ones(len(weights), dtype=bool)
+    return usual if usual.any() else np.ones(len(weights), dtype=bool)
+
+
+def component_geometry(weights, means, covariances, covariance_type: str, rare_weight: float = 0.0) -> ComponentGeometry:
+    """Precisions and log-determinants of a mixture given in original units.
+
+    Parameters
+    ----------
+    weights : array of shape (n_components,)
+    means : array of shape (n_components, n_features)
+    covariances : as ``covariances_`` of the model for ``covariance_type``
+    rare_weight : components lighter than this do not score points (the model's rare_weight)
+    """
+    weights, means = np.asarray(weights, dtype=float), np.asarray(means, dtype=float)
+    n_components, n_features = means.shape
+    if covariance_type not in _AS_FULL:
+        raise ValueError(f"covariance_type must be one of {', '.join(_AS_FULL)}; got {covariance_type!r}")
+    full = _AS_FULL[covariance_type](np.asarray(covariances, dtype=float), n_components, n_features)
+    try:
+        chol = np.linalg.cholesky(full)
+    except np.linalg.LinAlgError:
+        raise ValueError("a component covariance is not positive definite; increase model.reg_covar") from None
+    inv_chol = np.linalg.inv(chol)
+    precisions = np.swapaxes(inv_chol, 1, 2) @ inv_chol
+    log_det = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(weights)
+    return ComponentGeometry(log_weights, means, precisions, log_det, usual_components(weights, rare_weight))
+
+
+def model_geometry(model) -> ComponentGeometry:
+    """``component_geometry`` of a fitted OnlineGaussianMixture (any covariance type)."""
+    return component_geometry(model.weights_, model.means_, model.covariances_, model.covariance_type,
+                              getattr(model, "rare_weight", 0.0))
+
+
+# --------------------------------------------------------------- explanation
+@dataclass(frozen=True)
+class Explanation:
+    """The explanation of n points: component : (n,) the nearest component; mahalanobis : (n,)
+    the distance to it, in standard deviations; top : (n, n_top) feature indices, in the order
+    they explain the distance; expected, sd, z : (n, n_top) each one's conditional mean and
+    standard deviation and its standardised residual (x - expected) / sd at its turn."""
+
+    component: np.ndarray
+    mahalanobis: np.ndarray
+    top: np.ndarray
+    expected: np.ndarray
+    sd: np.ndarray
+    z: np.ndarray
+
+
+def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
+    """Explain each row of X (array of shape (n_samples, n_features), original units).
+
+    Greedy: the feature with the largest |z| given all the others comes first; it is then
+    set to its expected value and the next is the largest |z| of the rest given that, and so
+    on.  So each feature's z ** 2 is its own share of the squared distance (they add up to at
+    most mahalanobis ** 2), and a feature that is off only because the first one is (its
+    expected value given the first was off) is not named after it.
+    """
+    X = np.asarray(X, dtype=float)
+    n, n_features = X.shape
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = X[:, np.newaxis, :] - geometry.means[np.newaxis]  # (n, K, D)
+        p_diff = np.einsum("kij,nkj->nki", geometry.precisions, diff)  # P x_c per component
+        squared = np.einsum("nki,nki->nk", diff, p_diff)
+        log_prob = geometry.log_weights - 0.5 * (n_features * LOG_2PI + geometry.log_det + squared)
+    log_prob = np.where(geometry.usual & ~np.isnan(log_prob), log_prob, -np.inf)
+    component = np.argmax(log_prob, axis=1)
+    rows = np.arange(n)
+    precision = geometry.precisions[component]  # (n, D, D)
+    p_x = p_diff[rows, component]  # (n, D)
+    p_jj = np.diagonal(precision, axis1=1, axis2=2)
+    sd = 1.0 / np.sqrt(p_jj)
+    n_top = min(n_top, n_features)
+    top = np.zeros((n, n_top), dtype=np.intp)
+    expected, z = np.zeros((n, n_top)), np.zeros((n, n_top))
+    chosen = np.zeros((n, n_features), dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for step in range(n_top):
+            z_all = p_x * sd
+            magnitude = np.where(chosen, -1.0, np.nan_to_num(np.abs(z_all), nan=np.inf))
+            j = np.argmax(magnitude, axis=1)
+            top[:, step], z[:, step] = j, z_all[rows, j]
+            shift = p_x[rows, j] / p_jj[rows, j]
+            expected[:, step] = X[rows, j] - shift
+            chosen[rows, j] = True
+            # x_j moved to its expected value: P x_c changes by -shift times P's column j.
+            p_x = p_x - shift[:, np.newaxis] * precision[rows, :, j]
+    mahalanobis = np.sqrt(np.maximum(squared[rows, component], 0.0))
+    return Explanation(component, mahalanobis, top, expected, np.take_along_axis(sd, top, axis=1), z)
+
+
+def explanation_documents(X, explanation: Explanation, geometry: ComponentGeometry, names) -> list[dict]:
+    """The record fields of each explained row: ``nearest_component`` and ``top_features``.
+
+    A feature's ``share`` is z ** 2 / mahalanobis ** 2: the part of the point's squared
+    distance from its component that this feature accounts for.
+    """
+    weights = np.exp(geometry.log_weights)
+    e = explanation
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        share = np.minimum(e.z**2 / (e.mahalanobis**2)[:, np.newaxis], 1.0)
+    values = np.take_along_axis(np.asarray(X, dtype=float), e.top, axis=1).tolist()
+    lo, hi = (e.expected - NORMAL_RANGE_SD * e.sd).tolist(), (e.expected + NORMAL_RANGE_SD * e.sd).tolist()
+    expected, zs, shares = e.expected.tolist(), e.z.tolist(), share.tolist()
+    documents = []
+    for i, (k, distance) in enumerate(zip(e.component.tolist(), e.mahalanobis.tolist())):
+        documents.append({
+            "nearest_component": {"index": k, "weight": float(weights[k]), "mahalanobis": _finite_or_none(distance)},
+            "top_features": [
+                {"name": names[j], "value": v, "expected": _finite_or_none(mu),
+                 "normal_range": [_finite_or_none(a), _finite_or_none(b)], "z": _finite_or_none(zj),
+                 "share": _finite_or_none(sh)}
+                for j, v, mu, a, b, zj, sh in zip(e.top[i].tolist(), values[i], expected[i], lo[i], hi[i], zs[i], shares[i])
+            ],
+        })
+    return documents
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# -------------------------------------------------------------------- rarity
+def _log_chi2_sf(squared, n_features: int):
+    """log P(chi2 with n_features degrees of freedom > squared), also far below 1e-308."""
+    a, half = 0.5 * n_features, 0.5 * np.maximum(squared, 0.0)
+    with np.errstate(divide="ignore"):
+        log_sf = np.log(special.gammaincc(a, half))
+    # Underflowed: the asymptotic series of the upper incomplete gamma function, accurate
+    # where it is needed (half >> a).
+    deep = ~np.isfinite(log_sf) & np.isfinite(half)
+    if deep.any():
+        h = half[deep]
+        log_sf[deep] = (a - 1.0) * np.log(h) - h - special.gammaln(a) + np.log1p((a - 1.0) / h)
+    return log_sf
+
+
+def model_log_tail_bound(log_density, geometry: ComponentGeometry) -> np.ndarray:
+    """An upper bound on log P(log p(X) <= l) for X drawn from the model's usual components.
+
+    A point's density is at least its own component's term, so log p(X) <= l implies, for X
+    drawn from component k, that its squared Mahalanobis distance exceeds
+    r_k^2 = 2 (log w_k - l) - D log 2 pi - log det Sigma_k: P(chi2_D > r_k^2).  Summed over the
+    components (weights renormalised over the usual ones) that bounds the tail probability;
+    tight in the far tail, where one component's term is all of a point's density, and never
+    more than a factor K loose.  ``log_density`` : array of shape (n_samples,).
+
+    Many points at once (every point of a batch, for the scores topic) are interpolated
+    between ``INTERPOLATION_NODES`` exact values spanning the batch's bulk (the bound is smooth
+    and monotone in l; nodes a fraction of a nat apart), the far tail computed exactly.
+    """
+    log_density = np.asarray(log_density, dtype=float)
+    if len(log_density) <= 4 * INTERPOLATION_NODES:
+        return _model_log_tail_bound(log_density, geometry)
+    finite = np.isfinite(log_density)
+    high = log_density[finite].max(initial=-np.inf)
+    low = max(log_density[finite].min(initial=np.inf), high - INTERPOLATION_SPAN_PER_FEATURE * max(geometry.n_features, 10))
+    if not low < high:
+        return _model_log_tail_bound(log_density, geometry)
+    nodes = np.linspace(low, high, INTERPOLATION_NODES)
+    log_tail = np.interp(log_density, nodes, _model_log_tail_bound(nodes, geometry))
+    outside = ~(log_density >= low)
+    if outside.any():
+        log_tail[outside] = _model_log_tail_bound(log_density[outside], geometry)
+    return log_tail
+
+
+def _model_log_tail_bound(log_density: np.ndarray, geometry: ComponentGeometry) -> np.ndarray:
+    l = log_density[:, np.newaxis]
+    log_w = np.where(geometry.usual, geometry.log_weights, -np.inf)
+    log_w = log_w - special.logsumexp(log_w)
+    with np.errstate(invalid="ignore"):
+        radius2 = 2.0 * (geometry.log_weights - l) - geometry.n_features * LOG_2PI - geometry.log_det
+    radius2 = np.nan_to_num(radius2, nan=np.inf, posinf=np.inf)
+    log_tail = special.logsumexp(log_w + _log_chi2_sf(radius2, geometry.n_features), axis=1)
+    return np.minimum(log_tail, 0.0)
+
+
+@dataclass(frozen=True)
+class Rarity:
+    """log_tail : (n,) natural log of the tail probability; method : what produced it."""
+
+    log_tail: np.ndarray
+    method: str
+
+
+def rarity(log_density, threshold, geometry: ComponentGeometry) -> Rarity:
+    """How rare each log-density is: the threshold's own tail model when it has one (see
+    ``TailModel``), else the model bound (``model_log_tail_bound``, method ``model_bound``)."""
+    log_density = np.asarray(log_density, dtype=float)
+    tail_of = getattr(threshold, "log_tail_probability", None)
+    if tail_of is not None:
+        log_tail = tail_of(log_density)
+        if log_tail is not None:
+            return Rarity(np.minimum(np.asarray(log_tail, dtype=float), 0.0), str(threshold.tail_method))
+    return Rarity(model_log_tail_bound(log_density, geometry), MODEL_BOUND)
+
+
+def one_in(log_tail: np.ndarray) -> list:
+    """1 / tail probability to three significant digits: an integer from 100 up to 2**53, a
+    float otherwise, None where it exceeds the largest float (the log still says how rare)."""
+    log10_n = -np.asarray(log_tail, dtype=float) / math.log(10.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        unit = 10.0 ** (np.floor(log10_n) - 2.0)
+        n = np.round(10.0**log10_n / unit) * unit
+    exact = (n >= 100.0) & (n < 2.0**53)
+    if exact.all():
+        return n.astype(np.int64).tolist()
+    return [int(v) if e else (v if v < math.inf else None) for v, e in zip(n.tolist(), exact.tolist())]
+
+
+def rarity_documents(rarity_: Rarity) -> list[dict]:
+    """The ``rarity`` field of each row's record."""
+    log_tail = rarity_.log_tail
+    probabilities = np.exp(log_tail).tolist()
+    log10 = (log_tail / math.log(10.0)).tolist()
+    return [
+        {"tail_probability": p, "log10_tail_probability": _finite_or_none(l10), "one_in": n, "method": rarity_.method}
+        for p, l10, n in zip(probabilities, log10, one_in(log_tail))
+    ]
+
+
+# ------------------------------------------------------- for a tail-model threshold
+def gpd_log_tail_probability(log_density, *, level: float, exceedance_rate: float, scale: float,
+                             shape: float) -> np.ndarray:
+    """log P(L <= l) under a peaks-over-threshold model of the low tail of scores L.
+
+    The scores below ``level`` make up ``exceedance_rate`` of all scores, and how far below it
+    they fall, y = level - l, follows a generalized Pareto distribution (``scale`` > 0,
+    ``shape`` xi): P(L <= l) = rate * (1 + xi y / scale) ** (-1 / xi) for l < level (xi = 0:
+    rate * exp(-y / scale)); beyond the end point of a xi < 0 tail it is 0 (log -inf).
+    Above ``level`` there is no tail model: the rate is returned there, an upper bound.
+    For a threshold's ``log_tail_probability`` (``TailModel``).
+    """
+    y = np.maximum(level - np.asarray(log_density, dtype=float), 0.0)
+    log_rate = math.log(exceedance_rate)
+    if abs(shape) < 1e-9:
+        return log_rate - y / scale
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = 1.0 + shape * y / scale
+        log_tail = log_rate - np.log(np.maximum(t, 0.0)) / shape
+    return np.where(np.isnan(log_tail), -np.inf, log_tail)
