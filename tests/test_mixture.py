@@ -122,7 +122,7 @@ def test_parameter_errors_name_the_parameter(blobs, kwargs, message):
 
 def test_input_errors(blobs):
     model = GaussianMixture(2, random_state=0).fit(blobs)
-    with pytest.raises(ValueError, match=re.escape("X has 2 features, but the model was fitted with 3 features")):
+    with pytest.raises(ValueError, match=re.escape("X has 2 features, but GaussianMixture is expecting 3 features as input")):
         model.score_samples(blobs[:, :2])
     bad = blobs.copy()
     bad[7, 1] = np.nan

@@ -72,7 +72,7 @@ def test_bad_input_is_refused_and_leaves_the_model_untouched():
     bad[4, 2] = np.inf
     with pytest.raises(ValueError, match=re.escape("X contains NaN or infinity in 1 row(s), first at row 4")):
         model.partial_fit(bad)
-    with pytest.raises(ValueError, match=re.escape("X has 2 features, but the model was fitted with 3 features")):
+    with pytest.raises(ValueError, match=re.escape("X has 2 features, but OnlineGaussianMixture is expecting 3 features as input")):
         model.partial_fit(rng.normal(size=(10, 2)))
     with pytest.raises(ValueError, match=re.escape("X has 0 samples; at least 1 required")):
         model.partial_fit(np.empty((0, 3)))

@@ -15,6 +15,7 @@ from sklearn.model_selection import GridSearchCV, KFold, cross_val_score  # noqa
 from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils import get_tags  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from sklearn.utils.validation import check_is_fitted  # noqa: E402
 
 from streamgmm import ConvergenceWarning, GaussianMixture, NotFittedError, OnlineGaussianMixture  # noqa: E402
@@ -28,6 +29,24 @@ def blobs():
     rng = np.random.default_rng(0)
     centers = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
     return rng.permutation(np.vstack([rng.normal(c, 1.0, (200, 2)) for c in centers]))
+
+
+# ----------------------------------------------------- scikit-learn's common checks
+def _online_by_design(estimator) -> dict:
+    if not isinstance(estimator, OnlineGaussianMixture):
+        return {}
+    return {
+        "check_all_zero_sample_weights_error":
+            "rows of weight 0 are not learned from (the detector marks rows so); a batch of them learns nothing",
+        "check_sample_weight_equivalence_on_dense_data":
+            "stepwise EM: a repeated row is one more point in the step size, a weight of 2 is not",
+    }
+
+
+@parametrize_with_checks([GaussianMixture(), OnlineGaussianMixture(2, warmup=10, warmup_n_init=1)],
+                         expected_failed_checks=_online_by_design)
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
 
 
 # ----------------------------------------------------------------- parameters

@@ -169,7 +169,7 @@ class MixtureBase(EstimatorParams):
 
     def _check_X(self, X):
         self._check_fitted()
-        return check_array(X, n_features=self.n_features_in_)
+        return check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
 
     def _estimate_weighted_log_prob(self, X):
         """log(pi_k) + log p(x | k) for X in the model's original units; shape (n, K)."""

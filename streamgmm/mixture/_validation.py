@@ -5,29 +5,52 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from scipy import sparse
 
 
-def check_array(X, *, n_features: int | None = None, min_samples: int = 1, name: str = "X") -> np.ndarray:
+def check_array(X, *, n_features: int | None = None, min_samples: int = 1, name: str = "X",
+                expected_by: str = "the model") -> np.ndarray:
     """Return X as a C-contiguous float64 array of shape (n_samples, n_features).
 
-    Raises ValueError for non-numeric data, a wrong number of dimensions or features,
-    too few rows, and NaN or infinity (naming the first offending row).
+    Raises ValueError for non-numeric, complex or sparse data, a wrong number of dimensions
+    or features (``expected_by`` names who expects ``n_features``), too few rows, and NaN or
+    infinity (naming the first offending row).  The messages contain scikit-learn's key
+    phrases ("Reshape your data", "Complex data not supported", "is expecting ... features").
     """
+    if sparse.issparse(X):
+        raise TypeError(
+            f"Sparse data was passed for {name}, but dense data is required. "
+            "Use '.toarray()' to convert to a dense numpy array."
+        )
     try:
-        array = np.asarray(X, dtype=np.float64)
+        array = np.asarray(X)
+        if np.iscomplexobj(array):
+            raise ValueError(f"Complex data not supported: {name} must be real-valued")
+        array = array.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be numeric, array-like of shape (n_samples, n_features): {exc}") from None
-    if array.ndim == 1 and n_features is not None and array.shape[0] == n_features:
+        if str(exc).startswith("Complex data"):
+            raise
+        # TypeError stays TypeError (an object that is no number), ValueError ValueError (a bad string).
+        raise type(exc)(f"{name} must be numeric, array-like of shape (n_samples, n_features): {exc}") from None
+    if array.ndim == 1:
+        if n_features is not None and array.shape[0] == n_features:
+            raise ValueError(
+                f"{name} is 1-d with {n_features} values. Reshape your data: "
+                f"{name}.reshape(1, {n_features}) for a single sample"
+            )
         raise ValueError(
-            f"{name} is 1-d with {n_features} values; reshape it to (1, {n_features}) for a single sample"
+            f"{name} must be 2-d of shape (n_samples, n_features); got a 1-d array. Reshape your data: "
+            f"{name}.reshape(1, -1) if it is one sample, {name}.reshape(-1, 1) if it is one feature"
         )
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-d of shape (n_samples, n_features); got shape {array.shape}")
     if array.shape[0] < min_samples:
         raise ValueError(f"{name} has {array.shape[0]} samples; at least {min_samples} required")
+    if array.shape[1] == 0:
+        raise ValueError(f"Found array with 0 feature(s) (shape={array.shape}) while a minimum of 1 is required.")
     if n_features is not None and array.shape[1] != n_features:
         raise ValueError(
-            f"{name} has {array.shape[1]} features, but the model was fitted with {n_features} features"
+            f"{name} has {array.shape[1]} features, but {expected_by} is expecting {n_features} features as input"
         )
     finite = np.isfinite(array)
     if not finite.all():

@@ -426,9 +426,8 @@ class OnlineGaussianMixture(MixtureBase):
         ``check_is_fitted`` needs it to exist).  With at least ``warmup`` rows the model is
         initialised from all of them (batch EM on X); with fewer it is still warming up.
         """
-        parameters = set(self._get_param_names())
-        for name in [name for name in vars(self) if name not in parameters]:
-            delattr(self, name)  # the constructor stores only parameters: the rest is state
+        for name in _STATE_ATTRIBUTES:
+            self.__dict__.pop(name, None)
         return self.partial_fit(X, sample_weight=sample_weight)
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -438,7 +437,7 @@ class OnlineGaussianMixture(MixtureBase):
         """
         if not self._is_started():
             self._start()
-        X = check_array(X, n_features=self.n_features_in_)
+        X = check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
         weight = check_sample_weight(sample_weight, X.shape[0])
         if self.n_features_in_ is None:
             self.n_features_in_ = X.shape[1]
@@ -790,6 +789,11 @@ class OnlineGaussianMixture(MixtureBase):
 _STATE_PARAMS = (
     "n_components", "covariance_type", "warmup", "alpha", "t0", "half_life", "forgetting",
     "reg_covar", "min_weight", "rare_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
+)
+# Everything learning creates (what fit forgets).
+_STATE_ATTRIBUTES = (
+    "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
+    "center_", "scale_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.
 _STRUCTURAL_PARAMS = ("n_components", "covariance_type", "standardize")
