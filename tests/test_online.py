@@ -257,3 +257,14 @@ def test_sampling_draws_what_numpys_multivariate_normal_draws():
     expected = np.vstack([reference.multivariate_normal(m, c, n, method="cholesky")
                           for m, c, n in zip(means, model._internal_covariances(), counts)])
     np.testing.assert_array_equal(model.sample(100, random_state=9)[0], model._from_internal(expected))
+
+
+def test_a_model_that_never_saw_data_round_trips_and_checks_its_parameters_late():
+    rng = np.random.default_rng(14)
+    X = rng.normal(size=(300, 2))
+    fresh = OnlineGaussianMixture(2, warmup=200, random_state=3)
+    assert vars(fresh) == fresh.get_params() and fresh.n_seen_ == 0 and fresh.n_buffered_ == 0
+    copy = OnlineGaussianMixture.from_dict(fresh.to_dict())
+    np.testing.assert_array_equal(copy.partial_fit(X).score_samples(X), fresh.partial_fit(X).score_samples(X))
+    with pytest.raises(ValueError, match=re.escape("alpha must be in (0.5, 1]; got 7")):
+        OnlineGaussianMixture(2, alpha=7).to_dict()
