@@ -154,6 +154,12 @@ class Explanation:
 def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
     """Explain each row of X (array of shape (n_samples, n_features), original units).
 
+    The component is the one that gives the point the most density once its most deviant
+    feature is set to the value that component expects given the others (the largest
+    w_k N_k(x) exp(z_kj ** 2 / 2) over components k and features j): a point with one feature
+    far off belongs, in all its other features, to the component it came from, even when
+    another component, wider in that feature, now gives the raw point more density.
+
     Greedy: the feature with the largest |z| given all the others comes first; it is then
     set to its expected value and the next is the largest |z| of the rest given that, and so
     on.  So each feature's z ** 2 is its own share of the squared distance (they add up to at
@@ -167,8 +173,12 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
         p_diff = np.einsum("kij,nkj->nki", geometry.precisions, diff)  # P x_c per component
         squared = np.einsum("nki,nki->nk", diff, p_diff)
         log_prob = geometry.log_weights - 0.5 * (n_features * LOG_2PI + geometry.log_det + squared)
-    log_prob = np.where(geometry.usual & ~np.isnan(log_prob), log_prob, -np.inf)
-    component = np.argmax(log_prob, axis=1)
+        # Each component's z of each feature, and the point's density under that component
+        # with that one feature at its expected value: the density plus z ** 2 / 2.
+        z_all = p_diff / np.sqrt(np.diagonal(geometry.precisions, axis1=1, axis2=2))[np.newaxis]
+        repaired = log_prob[:, :, np.newaxis] + 0.5 * z_all**2  # (n, K, D)
+    best = np.nan_to_num(np.nanmax(repaired, axis=2, initial=-np.inf), neginf=-np.finfo(float).max)
+    component = np.argmax(np.where(geometry.usual, best, -np.inf), axis=1)  # usual, even for absurd points
     rows = np.arange(n)
     precision = geometry.precisions[component]  # (n, D, D)
     p_x = p_diff[rows, component]  # (n, D)

@@ -1,0 +1,228 @@
+"""Explanations of anomalies: the math against naive references, and the shifted-feature check."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from streamgmm.detection.explain import (
+    MODEL_BOUND,
+    Rarity,
+    component_geometry,
+    explain,
+    gpd_log_tail_probability,
+    model_geometry,
+    model_log_tail_bound,
+    one_in,
+    rarity,
+    rarity_documents,
+)
+from streamgmm.dev.synthetic import random_mixture
+from streamgmm.mixture.online import OnlineGaussianMixture
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def _fitted(X, covariance_type, n_components=4, rare_weight=0.0, seed=0):
+    model = OnlineGaussianMixture(n_components, covariance_type=covariance_type, warmup=1000,
+                                  rare_weight=rare_weight, random_state=seed)
+    for i in range(0, len(X), 2000):
+        model.partial_fit(X[i:i + 2000])
+    return model
+
+
+@pytest.fixture(scope="module")
+def stream():
+    rng = np.random.default_rng(0)
+    X, _ = random_mixture(3, 5, rng).sample(12_000, rng)
+    return X
+
+
+# --------------------------------------------------------------- the math
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("rare_weight", [0.0, 0.3])
+def test_geometry_in_original_units_gives_the_models_own_density(stream, covariance_type, rare_weight):
+    model = _fitted(stream, covariance_type, rare_weight=rare_weight)
+    g = model_geometry(model)
+    X = stream[:50] * 1.5
+    terms = np.column_stack([
+        lw + stats.multivariate_normal(mean, np.linalg.inv(p)).logpdf(X)
+        for lw, mean, p in zip(g.log_weights, g.means, g.precisions)
+    ])
+    density = np.logaddexp.reduce(np.where(g.usual, terms, -np.inf), axis=1)
+    np.testing.assert_allclose(density, model.score_samples(X), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_first_feature_is_the_largest_conditional_residual_by_the_textbook_formula(stream, covariance_type):
+    model = _fitted(stream, covariance_type)
+    g = model_geometry(model)
+    X = stream[100:140] + np.random.default_rng(1).normal(0, 3, (40, 5))
+    e = explain(X, g, n_top=5)
+    for x, k, top, expected, sd, z in zip(X, e.component, e.top, e.expected, e.sd, e.z):
+        cov, mean = np.linalg.inv(g.precisions[k]), g.means[k]
+        # x_j | x_-j by partitioning the covariance: mu_j + S_j,-j S_-j,-j^-1 (x_-j - mu_-j).
+        reference = []
+        for j in range(5):
+            rest = [i for i in range(5) if i != j]
+            gain = np.linalg.solve(cov[np.ix_(rest, rest)], cov[rest, j])
+            mu = mean[j] + gain @ (x[rest] - mean[rest])
+            var = cov[j, j] - cov[j, rest] @ gain
+            reference.append((mu, math.sqrt(var), (x[j] - mu) / math.sqrt(var)))
+        first = int(np.argmax([abs(r[2]) for r in reference]))
+        assert top[0] == first
+        np.testing.assert_allclose([expected[0], sd[0], z[0]], reference[first], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_the_features_shares_add_up_to_the_squared_distance(stream, covariance_type):
+    model = _fitted(stream, covariance_type)
+    g = model_geometry(model)
+    X = stream[:30] + np.random.default_rng(2).normal(0, 4, (30, 5))
+    e = explain(X, g, n_top=5)
+    assert all(sorted(row) == list(range(5)) for row in e.top.tolist())
+    squared = np.einsum("nkd,kde,nke->nk", X[:, None] - g.means, g.precisions, X[:, None] - g.means)
+    np.testing.assert_allclose(e.mahalanobis**2, squared[np.arange(30), e.component], rtol=1e-9)
+    # Moving the named features to their expected values, in turn, takes each one's z ** 2 off
+    # the squared distance: what is left is the distance of the point so repaired.
+    repaired = X.copy()
+    np.put_along_axis(repaired, e.top, e.expected, axis=1)
+    diff = repaired - g.means[e.component]
+    left = np.einsum("nd,nde,ne->n", diff, g.precisions[e.component], diff)
+    np.testing.assert_allclose((e.z**2).sum(axis=1) + left, e.mahalanobis**2, rtol=1e-8)
+    if covariance_type in ("diag", "spherical"):  # independent features: plain z-scores, largest first
+        assert np.all(np.abs(e.z[:, :-1]) >= np.abs(e.z[:, 1:]))
+
+
+def test_nearest_component_is_never_rare_structure(stream):
+    model = _fitted(stream, "full", rare_weight=0.3)
+    g = model_geometry(model)
+    assert not g.usual.all()
+    assert g.usual[explain(stream[:500], g).component].all()
+
+
+def test_a_covariance_that_is_not_positive_definite_says_what_to_do():
+    with pytest.raises(ValueError, match="increase model.reg_covar"):
+        component_geometry([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [2.0, 1.0]]], "full")
+
+
+# ------------------------------------------------------------------ rarity
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_model_bound_is_an_upper_bound_and_tight_in_the_tail(stream, covariance_type):
+    model = _fitted(stream, covariance_type)
+    g = model_geometry(model)
+    draws = model.score_samples(model.sample(400_000, random_state=1)[0])
+    levels = np.quantile(draws, [0.2, 0.05, 0.01, 0.001, 1e-4])
+    observed = np.array([np.mean(draws <= level) for level in levels])
+    bound = np.exp(model_log_tail_bound(levels, g))
+    assert np.all(bound >= observed * 0.95)  # an upper bound (up to the Monte Carlo error)
+    assert np.all(bound[2:] <= 2.0 * observed[2:])  # and close to the truth in the tail
+
+
+def test_model_bound_of_many_points_interpolates_the_exact_one(stream):
+    model = _fitted(stream, "full")
+    g = model_geometry(model)
+    density = np.concatenate([model.score_samples(stream), [-500.0, -1e4, -np.inf, 5.0]])
+    exact = np.concatenate([model_log_tail_bound(part, g) for part in np.array_split(density, 100)])
+    many = model_log_tail_bound(density, g)
+    np.testing.assert_allclose(many, exact, rtol=1e-3, atol=2e-3)  # probabilities within 0.2%
+    assert many[-2] == -np.inf and many[-1] == 0.0
+
+
+def test_chi2_tail_far_below_the_smallest_float_continues_the_exact_one():
+    g = component_geometry([1.0], [np.zeros(16)], [np.eye(16)], "full")
+    density = -np.array([500.0, 600.0, 700.0, 800.0, 1000.0, 5000.0])
+    log_tail = model_log_tail_bound(density, g)
+    assert np.all(np.isfinite(log_tail)) and np.all(np.diff(log_tail) < 0)
+    # Once chi2_16 tail ~ exp(-r2/2) r2^7, each further nat of log-density costs about one nat.
+    slopes = np.diff(log_tail) / np.diff(density)
+    np.testing.assert_allclose(slopes, 1.0, rtol=0.05)
+    r2 = 2 * 500 - 16 * math.log(2 * math.pi)
+    np.testing.assert_allclose(log_tail[0], stats.chi2.logsf(r2, 16), rtol=1e-6)
+
+
+def test_rarity_uses_the_thresholds_tail_model_when_it_has_one(stream):
+    g = model_geometry(_fitted(stream, "full"))
+
+    class Tail:
+        tail_method = "gpd_tail"
+
+        def __init__(self, fit):
+            self.fit = fit
+
+        def log_tail_probability(self, log_density):
+            if self.fit is None:
+                return None
+            return gpd_log_tail_probability(log_density, **self.fit)
+
+    density = np.array([-20.0, -30.0, -60.0])
+    fitted = rarity(density, Tail({"level": -15.0, "exceedance_rate": 0.01, "scale": 2.0, "shape": 0.1}), g)
+    assert fitted.method == "gpd_tail"
+    np.testing.assert_allclose(fitted.log_tail, np.log(0.01 * (1 + 0.1 * np.array([5, 15, 45]) / 2.0) ** -10))
+    unfitted = rarity(density, Tail(None), g)
+    assert unfitted.method == MODEL_BOUND
+    np.testing.assert_array_equal(unfitted.log_tail, model_log_tail_bound(density, g))
+    assert rarity(density, object(), g).method == MODEL_BOUND
+
+
+def test_gpd_tail_ends_where_a_short_tail_ends():
+    log_tail = gpd_log_tail_probability(np.array([-10.0, -12.0, -20.0, -5.0]), level=-10.0, exceedance_rate=0.02,
+                                        scale=4.0, shape=-0.5)
+    np.testing.assert_allclose(log_tail[:2], np.log(0.02 * np.array([1.0, (1 - 0.5 * 2 / 4) ** 2])))
+    assert log_tail[2] == -np.inf and log_tail[3] == pytest.approx(math.log(0.02))
+    exponential = gpd_log_tail_probability(np.array([-14.0]), level=-10.0, exceedance_rate=0.02, scale=2.0, shape=0.0)
+    np.testing.assert_allclose(exponential, math.log(0.02) - 2.0)
+
+
+def test_one_in_reads_as_three_significant_digits():
+    log_tail = np.log([2.1e-6, 0.5, 1e-30, 1.0]).tolist() + [-800.0, -np.inf]
+    assert one_in(np.array(log_tail)) == [476000, 2.0, 1e30, 1.0, None, None]
+    assert one_in(np.log(np.array([2.1e-6, 1e-3]))) == [476000, 1000]
+    document = rarity_documents(Rarity(np.array([-800.0]), MODEL_BOUND))[0]
+    assert document["tail_probability"] == 0.0 and document["one_in"] is None
+    assert document["log10_tail_probability"] == pytest.approx(-800.0 / math.log(10.0))
+
+
+# ------------------------------------------------------ shifted features
+def _gaussian(rng, n, D):
+    return random_mixture(3, D, rng).sample(n, rng)[0]
+
+
+def _correlated_normal(rng, n, D):
+    A = rng.normal(size=(D, D)) / np.sqrt(D)
+    return rng.standard_normal((n, D)) @ np.linalg.cholesky(A @ A.T + 0.3 * np.eye(D)).T
+
+
+def _log_normal(rng, n, D):
+    return np.exp(0.5 * _correlated_normal(rng, n, D))
+
+
+def _student_t(rng, n, D, df=5):
+    return _correlated_normal(rng, n, D) * np.sqrt(df / rng.chisquare(df, (n, 1)))
+
+
+STREAMS = {"gaussian_mixture": _gaussian, "log_normal": _log_normal, "student_t5": _student_t}
+
+
+def shifted_feature_rate(make, D, covariance_type, seed, n_train=20_000, n_test=2_000):
+    """Fraction of normal points with ONE feature shifted by 6-10 of its standard deviations
+    whose explanation names that feature first."""
+    rng = np.random.default_rng(seed)
+    X = make(rng, n_train + n_test, D)
+    model = _fitted(X[:n_train], covariance_type, n_components=4, seed=seed)
+    normal = X[n_train:]
+    feature = rng.integers(0, D, n_test)
+    shift = rng.uniform(6.0, 10.0, n_test) * rng.choice([-1.0, 1.0], n_test) * X[:n_train].std(axis=0)[feature]
+    outliers = normal.copy()
+    outliers[np.arange(n_test), feature] += shift
+    return float(np.mean(explain(outliers, model_geometry(model), n_top=1).top[:, 0] == feature))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("D", [4, 9, 16])
+@pytest.mark.parametrize("stream_name, seeds", [("gaussian_mixture", (0, 1, 2)), ("log_normal", (3,)), ("student_t5", (4,))])
+def test_a_shifted_feature_is_named_first(stream_name, seeds, D, covariance_type):
+    rates = [shifted_feature_rate(STREAMS[stream_name], D, covariance_type, seed) for seed in seeds]
+    assert min(rates) >= 0.95, f"{stream_name} D={D} {covariance_type}: rates {rates}"
