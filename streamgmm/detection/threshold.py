@@ -1,13 +1,39 @@
-"""Log-density thresholds: a fixed value, or the q-quantile of the model's own density.
+"""Log-density thresholds: calibrated on the stream's own scores, the model's density, or fixed.
 
-``QuantileThreshold`` estimates the q-quantile of log p(X) for X drawn from the current
-mixture, by sampling from it.  That is bounded in memory, needs no history of scores, and
-cannot be dragged down by a burst of anomalies in the stream: only what the model has
-learned moves it (and with ``learn_from_anomalies: false`` flagged points are not learned).
+``StreamQuantileThreshold`` (mode ``quantile``, the default) flags about a fraction q of normal
+traffic whatever the shape of the data.  It works on the anomaly score s = -log p(x) of each
+point *as it was scored* (prequential, before the model learned it), by peaks over threshold
+as in SPOT (Siffer et al., KDD 2017):
+
+1. t is the (1 - p) quantile of the recent scores (p = max(2%, 10 q)); the excesses s - t of
+   the scores above it (the peaks) follow a generalised Pareto distribution (GPD) whatever
+   the distribution of s, which is fitted by maximum likelihood (Grimshaw's profile);
+2. the threshold is z_q = t + sigma/gamma ((q n / N_t)^-gamma - 1), n the points counted and
+   N_t those above t (gamma -> 0: t - sigma log(q n / N_t)).  Flagged points are those with
+   s > z_q, i.e. log p(x) < value = -z_q.
+
+Bursts.  A flagged point is an alarm, not a peak: it enters the fit only as *censored* (its
+score is known to exceed the threshold it was flagged at, and nothing more), and only while a
+token bucket allows, filled at 3 q per unflagged point and holding 5: normal flags (rate q)
+are all counted, so the tail is not truncated at z_q (which would pull z_q down round after
+round), while a block of anomalies adds at most 5 censored exceedances.  Points not counted do
+not advance the window either, so a long burst does not push the normal history out.
+
+Drift.  Only the peaks of the last ``window`` counted points are kept; t, the GPD and z_q are
+re-estimated from them every so many points (often while the stream is young, every window/10
+later), which is also where all the cost is (a refit is a few ms; per point it is a mask).
+
+Start.  Until ``calibration`` prequential scores have been seen, the value is the q-quantile
+of the model's own density (``ModelQuantileThreshold``, refreshed on the model's schedule);
+then the stream's estimate takes over.
+
+``ModelQuantileThreshold`` (mode ``model_quantile``) is right when the data is a Gaussian
+mixture; ``FixedThreshold`` (mode ``fixed``) never moves.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +43,18 @@ from ..mixture.online import OnlineGaussianMixture
 if TYPE_CHECKING:  # the service layer builds the config; only its type is named here
     from ..service.config import ThresholdConfig
 
+# The tail above t is this fraction of the scores (at least TAIL_OVER_Q x q, so that z_q sits
+# well inside the fitted tail; at most half of them).
+TAIL_FRACTION = 0.02
+TAIL_OVER_Q = 10.0
+# Censored exceedances: tokens per unflagged point (in units of q) and the bucket's size.
+TOKEN_RATE_OVER_Q = 3.0
+TOKEN_BUCKET = 5.0
+# Fewer peaks than this: no stream estimate yet.  More than FIT_PEAKS: the fit takes that
+# many, evenly spread (a refit costs well under a millisecond).
+MIN_PEAKS = 30
+FIT_PEAKS = 4_000
+
 
 def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:
     """Which points a threshold at ``value`` flags (none while there is no value yet)."""
@@ -25,6 +63,87 @@ def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:
     return log_density < value
 
 
+# --------------------------------------------------------------- the GPD tail
+def _profile_log_likelihood(u: np.ndarray, excess: np.ndarray, censored: np.ndarray, scale: float):
+    """Grimshaw's profile log-likelihood of the GPD at x = u / scale, for each u.
+
+    With x = gamma / sigma, the likelihood is maximised over gamma in closed form:
+    gamma(x) = (sum log1p(x y) + sum log1p(x c)) / n_u over the excesses y and the censoring
+    levels c, leaving one dimension to search.  Returns (log-likelihood, gamma) per u.
+    """
+    n_u = len(excess)
+    x = np.asarray(u, dtype=float)[:, None] / scale
+    a = np.log1p(x * excess[None, :]).sum(axis=1)
+    c = np.log1p(x * censored[None, :]).sum(axis=1) if len(censored) else 0.0
+    x = x[:, 0]
+    gamma = (a + c) / n_u
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = np.where(x != 0.0, gamma / np.where(x != 0.0, x, 1.0), 0.0)
+    total = excess.sum() + censored.sum()
+    sigma = np.where(x == 0.0, total / n_u, sigma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loglik = -n_u * np.log(sigma) - a - (a + c) / np.where(gamma != 0.0, gamma, 1.0)
+    # x = 0 is the exponential limit: -n_u log(sigma) - total / sigma.
+    loglik = np.where(x == 0.0, -n_u * np.log(sigma) - total / sigma, loglik)
+    return np.where(np.isfinite(loglik) & (sigma > 0), loglik, -np.inf), gamma
+
+
+def fit_gpd(excess, censored=None) -> tuple[float, float]:
+    """Maximum-likelihood (gamma, sigma) of a generalised Pareto distribution.
+
+    Parameters
+    ----------
+    excess : array-like of shape (n_excess,)
+        Observed excesses over the threshold, all > 0.
+    censored : array-like of shape (n_censored,), optional
+        Right-censored excesses: each is known to be at least this level (>= 0).
+
+    Grimshaw's reduction to one dimension (see ``_profile_log_likelihood``): a log-spaced
+    grid of x, refined four times around the best point (each time 5x finer); gamma is kept
+    in [-1, 5].
+    """
+    y = np.asarray(excess, dtype=float)
+    c = np.zeros(0) if censored is None else np.asarray(censored, dtype=float)
+    if len(y) < 2:
+        raise ValueError(f"fit_gpd needs at least 2 excesses, got {len(y)}")
+    scale = float(max(y.max(), c.max() if len(c) else 0.0))
+    mean = float(y.mean())
+    # u = x * max > -1 (the support); on the positive side up to gamma/sigma ~ 1e4/mean.
+    grid = np.concatenate([-(1.0 - np.geomspace(1e-4, 0.999, 12)), [0.0],
+                           np.geomspace(1e-5, 1e4 * scale / mean, 20)])
+    grid.sort()
+    for refinement in range(5):
+        loglik, gamma = _profile_log_likelihood(grid, y, c, scale)
+        loglik = np.where((gamma >= -1.0) & (gamma <= 5.0), loglik, -np.inf)
+        best = int(np.argmax(loglik))
+        if refinement == 4:
+            break
+        lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        grid = np.linspace(lo, hi, 11)
+        if lo < 0.0 < hi:
+            grid = np.union1d(grid, [0.0])
+    x = grid[best] / scale
+    g = float(gamma[best])
+    sigma = (y.sum() + c.sum()) / len(y) if x == 0.0 else g / x
+    return g, float(sigma)
+
+
+def _thin(values: np.ndarray, size: int) -> np.ndarray:
+    """At most ``size`` of ``values``, evenly spaced in sorted order (their distribution
+    with less detail: the fit costs less and moves little)."""
+    if len(values) <= size:
+        return values
+    return np.sort(values)[np.linspace(0, len(values) - 1, size).round().astype(np.intp)]
+
+
+def gpd_excess_quantile(gamma: float, sigma: float, tail_probability: float) -> float:
+    """The excess y with P(Y > y) = ``tail_probability`` under GPD(gamma, sigma)."""
+    if abs(gamma) < 1e-9:
+        return -sigma * math.log(tail_probability)
+    return sigma / gamma * (tail_probability ** -gamma - 1.0)
+
+
+# ------------------------------------------------------------------ thresholds
 class FixedThreshold:
     """Flag points whose log-density is below ``value``."""
 
@@ -43,6 +162,9 @@ class FixedThreshold:
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
 
+    def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
+        """Scores do not move a fixed threshold."""
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value}
 
@@ -50,21 +172,23 @@ class FixedThreshold:
         self.value = float(state["value"])
 
 
-class QuantileThreshold:
+class ModelQuantileThreshold:
     """Flag the lowest ``quantile`` fraction of the model's density.
 
     Re-estimated from ``samples`` draws of the model, seeded by the model's ``n_seen_`` so
     that a replay after a restart gives the same values: often while the model is young
     (whenever it has learned half as many points again), then every ``refresh_every``.
+    Right when the data is a Gaussian mixture; a burst cannot drag it (only what the model
+    learns moves it).
     """
 
-    mode = "quantile"
+    mode = "model_quantile"
 
     def __init__(self, quantile: float, refresh_every: int = 50_000, samples: int | None = None):
         self.quantile = float(quantile)
         self.refresh_every = int(refresh_every)
         # About 20 draws below the quantile: enough to keep the flagged fraction within a
-        # factor of two of q, at a cost of well under one draw per learned point.
+        # factor of two of q (on a Gaussian mixture), at well under one draw per learned point.
         self.samples = int(samples) if samples else int(min(200_000, max(10_000, 20.0 / quantile)))
         self.value: float | None = None
         self.refreshed_at = -1
@@ -95,6 +219,9 @@ class QuantileThreshold:
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
 
+    def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
+        """Only the model moves this threshold."""
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value, "refreshed_at": self.refreshed_at}
 
@@ -103,7 +230,212 @@ class QuantileThreshold:
         self.refreshed_at = int(state["refreshed_at"])
 
 
+class StreamQuantileThreshold:
+    """Flag about a fraction ``quantile`` of the stream, from its own prequential scores.
+
+    See the module docstring for the method.  ``observe`` is called with every scored batch
+    (log-densities and flags); ``window`` counted points of peaks are kept; the model's
+    density quantile stands in for the first ``calibration`` points.
+    """
+
+    mode = "quantile"
+
+    def __init__(self, quantile: float, window: int | None = None, calibration: int | None = None,
+                 refresh_every: int = 50_000, samples: int | None = None):
+        self.quantile = float(quantile)
+        self.window = int(window) if window else int(max(100_000, math.ceil(100.0 / quantile)))
+        self.calibration = int(calibration) if calibration is not None else int(max(5_000, math.ceil(1.0 / quantile)))
+        self.tail_fraction = min(0.5, max(TAIL_FRACTION, TAIL_OVER_Q * quantile))
+        self.start = ModelQuantileThreshold(quantile, refresh_every, samples)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n_counted = 0  # points counted so far (unflagged, plus flagged ones with a token)
+        self.tokens = TOKEN_BUCKET
+        # Stored peaks: every counted score above the collection level in force when it came.
+        self._scores: list[np.ndarray] = []
+        self._censor: list[np.ndarray] = []  # the flagged point's z (censored), or NaN
+        self._index: list[np.ndarray] = []
+        # Collection levels: level[i] applies from counted point start[i] on.
+        self.level_start = np.zeros(1, dtype=np.int64)
+        self.level = np.full(1, -np.inf)
+        self.fitted_at = 0
+        self.z: float | None = None  # the stream's threshold on s = -log p (None: not yet)
+        self.fit: dict | None = None  # the last fit, for inspection
+
+    # ---------------------------------------------------------------- the value
+    @property
+    def value(self) -> float | None:
+        """The log-density threshold: -z_q once calibrated, the model's quantile before."""
+        if self.z is not None:
+            return -self.z
+        return self.start.value
+
+    @property
+    def calibrated(self) -> bool:
+        return self.z is not None
+
+    def classify(self, log_density: np.ndarray) -> np.ndarray:
+        return flags_below(log_density, self.value)
+
+    def update(self, model: OnlineGaussianMixture) -> None:
+        if not self.calibrated:
+            self.start.update(model)
+
+    def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
+        """Counted points before the next refit (or the start value's next refresh)."""
+        if self.value is None:
+            return None
+        left = max(self._interval() - (self.n_counted - self.fitted_at), 1)
+        if not self.calibrated:
+            start = self.start.points_before_refresh(model)
+            if start is not None:
+                left = min(left, start)
+        return left
+
+    def _interval(self) -> int:
+        return int(min(max(1_000, self.n_counted // 4), max(20_000, self.window // 5)))
+
+    # -------------------------------------------------------------- the scores
+    def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
+        """Count one scored batch: its prequential log-densities and which were flagged."""
+        score = -np.asarray(log_density, dtype=float)
+        finite = np.isfinite(score)
+        counted = finite & ~flags
+        flagged = np.flatnonzero(finite & flags)
+        if not self.calibrated:
+            # The start value is not trusted: every scored point counts, as it was.
+            counted, flags = finite, np.zeros(len(score), dtype=bool)
+        elif len(flagged):
+            counted[flagged[self._spend_tokens(counted, flagged)]] = True
+        else:
+            self.tokens = min(TOKEN_BUCKET, self.tokens + TOKEN_RATE_OVER_Q * self.quantile * np.count_nonzero(counted))
+        n = int(np.count_nonzero(counted))
+        if n == 0:
+            return
+        level = self.level[-1]
+        keep = counted & (score > level)
+        if keep.any():
+            index = self.n_counted + np.cumsum(counted)[keep] - 1
+            self._scores.append(score[keep])
+            censor = np.full(len(index), np.nan)
+            if self.value is not None:
+                censor[flags[keep]] = -self.value
+            self._censor.append(censor)
+            self._index.append(index.astype(np.int64))
+        self.n_counted += n
+        if self.n_counted - self.fitted_at >= self._interval():
+            self.refit()
+
+    def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+        """Which of the flagged points (positions into ``flagged``) are counted, as a token
+        bucket filled by the unflagged points before each decides."""
+        rate = TOKEN_RATE_OVER_Q * self.quantile
+        unflagged_before = np.cumsum(counted)[flagged]
+        gaps = np.diff(unflagged_before, prepend=0)
+        tokens = self.tokens
+        taken = np.zeros(len(flagged), dtype=bool)
+        for j, gap in enumerate(gaps.tolist()):
+            tokens = min(TOKEN_BUCKET, tokens + rate * gap)
+            if tokens >= 1.0:
+                tokens -= 1.0
+                taken[j] = True
+        self.tokens = min(TOKEN_BUCKET, tokens + rate * (np.count_nonzero(counted) - int(unflagged_before[-1])))
+        return taken
+
+    # ------------------------------------------------------------------ the fit
+    def refit(self) -> None:
+        """Re-estimate t, the GPD and z_q from the peaks in the window."""
+        self.fitted_at = self.n_counted
+        scores, censor, index = self._peaks()
+        n = min(self.n_counted, self.window)
+        oldest = self.n_counted - n
+        in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
+        floor = float(self.level[max(in_force, 0):].max())
+        above = int(math.ceil(self.tail_fraction * n))
+        twice = 2 * above
+        # t: the score with `above` counted scores over it; collect from twice the tail's share
+        # next time (lower if there were too few stored).
+        kth = [k for k in (above, twice) if k < len(scores)]
+        top = -np.partition(-scores, kth) if kth else scores
+        t = max(float(top[above]) if len(top) > above else floor, floor)
+        collect = float(top[twice]) if len(top) > twice else None
+        tail = scores > t
+        is_censored = np.isfinite(censor) & tail
+        excess = scores[tail & ~is_censored] - t
+        censored = np.maximum(censor[is_censored] - t, 0.0)
+        n_tail = len(excess) + len(censored)
+        if len(excess) >= MIN_PEAKS and n * self.quantile < n_tail:
+            share = min(1.0, FIT_PEAKS / n_tail)
+            gamma, sigma = fit_gpd(_thin(excess, max(MIN_PEAKS, round(share * len(excess)))),
+                                   _thin(censored, round(share * len(censored))))
+            z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
+            self.fit = {"t": t, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
+                        "n_censored": len(censored)}
+            if self.n_counted >= self.calibration:
+                self.z = z
+            if collect is None:
+                collect = t - sigma * math.log(2.0)
+        if collect is not None and collect != self.level[-1]:
+            self.level_start = np.append(self.level_start, self.n_counted)
+            self.level = np.append(self.level, collect)
+
+    def _peaks(self):
+        """The stored peaks of the window, compacted into one array each."""
+        if self._scores:
+            scores, censor, index = (np.concatenate(a) for a in (self._scores, self._censor, self._index))
+        else:
+            scores, censor, index = np.empty(0), np.empty(0), np.empty(0, dtype=np.int64)
+        oldest = self.n_counted - self.window
+        if len(index) and index[0] < oldest:
+            live = index >= oldest
+            scores, censor, index = scores[live], censor[live], index[live]
+        self._scores, self._censor, self._index = [scores], [censor], [index]
+        # Levels that ended before the window are no longer needed (the one in force stays).
+        first = max(int(np.searchsorted(self.level_start, oldest, side="right")) - 1, 0)
+        self.level_start, self.level = self.level_start[first:], self.level[first:]
+        return scores, censor, index
+
+    # ------------------------------------------------------------------ state
+    def to_dict(self) -> dict:
+        scores, censor, index = self._peaks()
+        return {
+            "mode": self.mode,
+            "value": self.value,
+            "start": self.start.to_dict(),
+            "n_counted": self.n_counted,
+            "tokens": self.tokens,
+            "fitted_at": self.fitted_at,
+            "z": self.z,
+            "level_start": self.level_start.copy(),
+            "level": self.level.copy(),
+            "peak_scores": scores.copy(),
+            "peak_censor": censor.copy(),
+            "peak_index": index.copy(),
+        }
+
+    def load_dict(self, state: dict) -> None:
+        self._reset()
+        if "n_counted" not in state:
+            # A checkpoint from before calibration on the stream (the model's quantile then).
+            self.start.load_dict(state)
+            return
+        self.start.load_dict(state["start"])
+        self.n_counted = int(state["n_counted"])
+        self.tokens = float(state["tokens"])
+        self.fitted_at = int(state["fitted_at"])
+        self.z = None if state["z"] is None else float(state["z"])
+        self.level_start = np.asarray(state["level_start"], dtype=np.int64).copy()
+        self.level = np.asarray(state["level"], dtype=float).copy()
+        self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]
+        self._censor = [np.asarray(state["peak_censor"], dtype=float).copy()]
+        self._index = [np.asarray(state["peak_index"], dtype=np.int64).copy()]
+
+
 def make_threshold(config: ThresholdConfig):
     if config.mode == "fixed":
         return FixedThreshold(config.value)
-    return QuantileThreshold(config.quantile, config.refresh_every, config.samples)
+    if config.mode == "model_quantile":
+        return ModelQuantileThreshold(config.quantile, config.refresh_every, config.samples)
+    return StreamQuantileThreshold(config.quantile, window=config.window, calibration=config.calibration,
+                                   refresh_every=config.refresh_every, samples=config.samples)
