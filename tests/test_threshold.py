@@ -1,0 +1,138 @@
+"""The stream-calibrated threshold: the GPD fit, the flagged share on non-Gaussian scores,
+bursts, and the state round trip.  The threshold is driven directly with synthetic scores."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from streamgmm.detection.threshold import (
+    StreamQuantileThreshold,
+    fit_gpd,
+    gpd_excess_quantile,
+    make_threshold,
+)
+from streamgmm.service.config import config_from_dict
+
+
+def _feed(threshold, scores, batch=1000):
+    """Score batches of anomaly scores s (log-density -s) through classify + observe."""
+    flags = []
+    for start in range(0, len(scores), batch):
+        log_density = -scores[start:start + batch]
+        flagged = threshold.classify(log_density)
+        threshold.observe(log_density, flagged)
+        flags.append(flagged)
+    return np.concatenate(flags)
+
+
+def _started(q, start_score, **kwargs):
+    """A threshold whose start (the model's quantile) flags scores above ``start_score``."""
+    threshold = StreamQuantileThreshold(q, **kwargs)
+    threshold.start.value = -start_score
+    return threshold
+
+
+SCORES = {
+    # -log p of skewed / heavy-tailed data under a wrong model: heavier or lighter than Gaussian.
+    "log-normal": lambda rng, n: np.exp(rng.normal(0.0, 0.8, n)),
+    "student-t": lambda rng, n: np.log1p(stats.t.rvs(3, size=n, random_state=rng) ** 2) * 2.0,
+    "gamma": lambda rng, n: rng.gamma(3.0, size=n),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+@pytest.mark.parametrize("q", [0.01, 0.001])
+def test_flags_about_q_of_non_gaussian_scores(name, q):
+    rng = np.random.default_rng(0)
+    scores = SCORES[name](rng, 300_000)
+    # The start value flags ten times too many: the stream's tail must take over.
+    threshold = _started(q, np.quantile(scores, 1 - 10 * q))
+    flags = _feed(threshold, scores)
+    after = flags[threshold.calibration:]
+    assert threshold.calibrated
+    assert 0.5 * q <= after.mean() <= 2.0 * q, f"{name}: flagged {after.mean() / q:.2f} x q"
+
+
+def test_a_burst_is_flagged_and_does_not_move_the_threshold():
+    rng = np.random.default_rng(1)
+    q = 0.001
+    scores = rng.gamma(3.0, size=200_000)
+    threshold = _started(q, np.quantile(scores, 1 - q))
+    _feed(threshold, scores[:100_000])
+    before = threshold.value
+    burst = 50.0 + rng.gamma(3.0, size=5_000)  # far beyond anything normal, 5% of the window
+    assert _feed(threshold, burst).all()
+    after = _feed(threshold, scores[100_000:])
+    # Refits while the burst is in the window: it counts as at most a bucket of alarms.
+    assert threshold.fitted_at > 100_000 and threshold.fitted_at - 100_000 < threshold.window
+    assert threshold.fit["n_censored"] <= 3 * q * threshold.fit["n"] + 5
+    assert threshold.value == pytest.approx(before, abs=0.5)
+    assert 0.5 * q <= after.mean() <= 2.0 * q
+
+
+def test_a_burst_mixed_into_normal_traffic_stays_flagged():
+    rng = np.random.default_rng(2)
+    q = 0.001
+    scores = rng.gamma(3.0, size=300_000)
+    scores[150_000:200_000:10] = 60.0 + rng.random(5_000)  # 10% of the points for 50k points
+    threshold = _started(q, np.quantile(scores[:100_000], 1 - q))
+    flags = _feed(threshold, scores)
+    assert flags[150_000:200_000:10].all()
+
+
+def test_state_round_trip_gives_identical_decisions():
+    rng = np.random.default_rng(3)
+    scores = np.exp(rng.normal(0.0, 0.8, 150_000))
+    a = _started(0.001, 5.0, window=30_000)
+    _feed(a, scores[:60_500], batch=500)
+    b = StreamQuantileThreshold(0.001, window=30_000)
+    b.load_dict(a.to_dict())
+    assert b.value == a.value
+    np.testing.assert_array_equal(_feed(a, scores[60_500:], batch=700), _feed(b, scores[60_500:], batch=700))
+    assert a.value == b.value and a.fit == b.fit
+
+
+def test_a_checkpoint_of_the_model_density_threshold_is_the_start_value():
+    threshold = StreamQuantileThreshold(0.01)
+    threshold.load_dict({"mode": "quantile", "value": -12.5, "refreshed_at": 4000})
+    assert threshold.value == -12.5 and not threshold.calibrated
+
+
+def test_drift_is_followed_within_the_window():
+    rng = np.random.default_rng(4)
+    q = 0.01
+    scores = rng.gamma(3.0, size=400_000) + np.linspace(0.0, 6.0, 400_000)  # the tail moves by 2x its scale
+    threshold = _started(q, np.quantile(scores[:10_000], 1 - q), window=20_000)
+    flags = _feed(threshold, scores)
+    assert 0.5 * q <= flags[100_000:].mean() <= 2.0 * q
+
+
+@pytest.mark.parametrize("gamma, sigma", [(0.0, 1.0), (0.3, 2.0), (-0.3, 1.0), (0.7, 0.5)])
+def test_gpd_fit_matches_scipy(gamma, sigma):
+    excess = stats.genpareto.rvs(gamma, scale=sigma, size=4_000, random_state=np.random.default_rng(5))
+    ours = fit_gpd(excess)
+    c, _, scale = stats.genpareto.fit(excess, floc=0.0)
+    assert ours[0] == pytest.approx(c, abs=0.01)
+    assert ours[1] == pytest.approx(scale, rel=0.01)
+    assert ours[0] == pytest.approx(gamma, abs=0.1)  # and close to the truth
+
+
+def test_gpd_fit_with_censored_excesses_recovers_the_truth():
+    rng = np.random.default_rng(6)
+    excess = stats.genpareto.rvs(0.2, scale=1.0, size=20_000, random_state=rng)
+    level = np.quantile(excess, 0.9)
+    gamma, sigma = fit_gpd(excess[excess <= level], np.full(np.count_nonzero(excess > level), level))
+    assert gamma == pytest.approx(0.2, abs=0.05) and sigma == pytest.approx(1.0, rel=0.05)
+
+
+def test_gpd_excess_quantile():
+    for gamma, sigma in ((0.0, 2.0), (0.25, 1.5), (-0.2, 1.0)):
+        assert gpd_excess_quantile(gamma, sigma, 0.01) == pytest.approx(
+            stats.genpareto.isf(0.01, gamma, scale=sigma))
+
+
+def test_make_threshold_modes():
+    assert make_threshold(config_from_dict({}).threshold).mode == "quantile"
+    assert make_threshold(config_from_dict({"threshold": {"mode": "model_quantile"}}).threshold).mode == "model_quantile"
+    fixed = make_threshold(config_from_dict({"threshold": {"mode": "fixed", "value": -3.0}}).threshold)
+    assert fixed.mode == "fixed" and fixed.value == -3.0
