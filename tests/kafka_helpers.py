@@ -13,67 +13,20 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
 
 from streamgmm.dev.embedded import free_port
+from streamgmm.dev.kafka_tools import committed_offsets, create_topics, high_watermarks, produce, read_all  # noqa: F401
 
-# Joins are slow against Tansu with kafka-python's 45 s default (KAFKA-NOTES.md).
-TEST_CONSUMER = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20}
+# Joins are slow against Tansu with long session timeouts (KAFKA-NOTES.md).
+TEST_CONSUMER = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 20}
 
 
 def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        admin.close()
+    create_topics(bootstrap, {name: partitions})
 
 
-def produce(bootstrap: str, topic: str, messages, partition_of=None) -> list[tuple[int, int]]:
-    """Send (key, value[, headers]) tuples; returns (partition, offset) of each, in order."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all", linger_ms=5)
-    try:
-        futures = []
-        for i, message in enumerate(messages):
-            key, value = message[0], message[1]
-            headers = message[2] if len(message) > 2 else None
-            partition = partition_of(i) if partition_of else None
-            futures.append(producer.send(topic, key=key, value=value, headers=headers, partition=partition))
-        producer.flush(timeout=60)
-        return [(m.partition, m.offset) for m in (f.get(timeout=60) for f in futures)]
-    finally:
-        producer.close(timeout=10)
-
-
-def read_all(bootstrap: str, topic: str, timeout: float = 20.0, expect: int | None = None, idle: float = 2.0):
-    """Every record of a topic from the beginning (bounded in time)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + timeout
-        while not partitions and time.monotonic() < deadline:
-            time.sleep(0.2)
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        records, last_new = [], time.monotonic()
-        while time.monotonic() < deadline:
-            batch = consumer.poll(timeout_ms=200)
-            new = [r for rs in batch.values() for r in rs]
-            records.extend(new)
-            if new:
-                last_new = time.monotonic()
-            if expect is not None and len(records) >= expect:
-                break
-            if expect is None and time.monotonic() - last_new > idle:
-                break
-        return records
-    finally:
-        consumer.close()
+def headers_of(message) -> dict:
+    return dict(message.headers() or [])
 
 
 def write_config(path: Path, bootstrap: str, topic: str, state_dir: Path, **sections) -> Path:
@@ -173,14 +126,6 @@ class DaemonProcess:
             return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
-
-
-def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
-    finally:
-        consumer.close(autocommit=False)
 
 
 def inspect(state_dir: Path) -> dict | None:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ def test_metrics_move_and_readyz_flips_when_the_model_is_initialised(broker, top
         X, _ = random_mixture(3, 4, rng).sample(300, rng)  # fewer than the 500-point warm-up
         produce(broker.bootstrap, topic, [(None, encode(x, "json")) for x in X])
         daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 300, what="300 consumed")
-        assert daemon.get("/readyz")[0] == 503
+        status, body = daemon.get("/readyz")
+        assert status == 503 and "warming up" in body and "300/500" in body, body  # says why, in words
         assert daemon.metric("streamgmm_model_initialized") == 0
 
         X, _ = random_mixture(3, 4, rng).sample(3000, rng)
@@ -55,6 +57,7 @@ def test_metrics_move_and_readyz_flips_when_the_model_is_initialised(broker, top
         assert m("streamgmm_threshold_log_density") is not None
         assert m("streamgmm_checkpoint_last_success_timestamp_seconds") > 0
         assert m("streamgmm_assigned_partitions") == 2
+        assert abs(m("streamgmm_last_poll_timestamp_seconds") - time.time()) < 30  # the loop polls, even idle
         assert m("streamgmm_component_weight", 'component="0"') > 0
         daemon.wait_for(lambda: m("streamgmm_consumer_lag_messages", f'partition="0",topic="{topic}"') is not None,
                         what="lag gauge")
@@ -66,7 +69,7 @@ def test_metrics_move_and_readyz_flips_when_the_model_is_initialised(broker, top
 
 def test_demo_command_runs_end_to_end_and_reports(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "streamgmm", "demo", "--messages", "30000", "--rate", "15000",
+        [sys.executable, "-m", "streamgmm.dev.demo", "--messages", "30000", "--rate", "15000",
          "--metrics-port", "0", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
@@ -77,4 +80,9 @@ def test_demo_command_runs_end_to_end_and_reports(tmp_path):
     assert summary["recall"] >= 0.8
     assert summary["precision"] >= 0.5
     assert "precision" in result.stdout and "curl -s http://127.0.0.1:" in result.stdout
+    # The curl line comes while the daemon runs, before progress; waiting lines say why they wait.
+    lines = result.stdout.splitlines()
+    curl = next(i for i, line in enumerate(lines) if "curl -s" in line)
+    assert curl < next(i for i, line in enumerate(lines) if "consumed" in line)
+    assert not any("consumed         0" in line for line in lines)
     assert (tmp_path / "state").is_dir() and summary["checkpoint"].startswith(str(tmp_path))

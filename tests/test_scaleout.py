@@ -42,7 +42,7 @@ def test_instances_join_and_die_and_every_partition_model_learns_each_message_on
                             partition_of=lambda j: (start + j) % PARTITIONS))
 
     state_topic = f"{topic}.state"
-    group_consumer = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "fetch_max_wait_ms": 20}
+    group_consumer = {"session.timeout.ms": 3000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 20}
     configs = [
         write_config(tmp_path / f"{name}.yaml", broker.bootstrap, topic, tmp_path / f"state-{name}",
                      model={"n_components": 3, "warmup": 500, "scope": "partition"},
@@ -92,7 +92,7 @@ def test_instances_join_and_die_and_every_partition_model_learns_each_message_on
     position = {f"id-{i}": sent[i] for i in range(n)}
     flagged = set()
     for record in read_all(broker.bootstrap, f"{topic}.anomalies"):
-        doc = json.loads(record.value)
+        doc = json.loads(record.value())
         key = doc["source"]["key"]
         assert position[key] == (doc["source"]["partition"], doc["source"]["offset"])
         flagged.add(int(key[3:]))

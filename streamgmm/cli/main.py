@@ -187,6 +187,15 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def _summarised(value):
+    """Checkpoint values as JSON: small arrays as lists, large ones as their shape."""
+    if isinstance(value, dict):
+        return {k: _summarised(v) for k, v in value.items()}
+    if hasattr(value, "shape") and hasattr(value, "tolist"):
+        return value.tolist() if value.size <= 16 else f"array of shape {list(value.shape)}"
+    return value
+
+
 def inspect_summary(directory: str | None = None, state: dict | None = None, path: str | None = None) -> dict:
     """Summary of a detector state: the newest valid checkpoint in ``directory``, or ``state``."""
     store = CheckpointStore(directory) if directory else None
@@ -211,7 +220,7 @@ def inspect_summary(directory: str | None = None, state: dict | None = None, pat
         "n_seen": model["n_seen"],
         "initialized": model["initialized"],
         "offsets": state["offsets"],
-        "threshold": state["threshold"],
+        "threshold": _summarised(state["threshold"]),
         "model": {k: model["params"][k] for k in ("n_components", "covariance_type", "alpha", "half_life")},
         "weights": weights,
         "checkpoints": [str(p) for p in store.paths()] if store else [],

@@ -24,7 +24,7 @@ from ..detection.detector import Detector
 from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
-from .kafka import KafkaSink, KafkaSource, as_batch, check_settings, client_settings, ensure_topic
+from .kafka import KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings, ensure_topic
 from .metrics import HealthServer, Metrics
 from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore, TopicStateStore, model_key
 
@@ -50,6 +50,7 @@ class Daemon:
         self.source: KafkaSource | None = None
         self.sink: KafkaSink | None = None
         self.server: HealthServer | None = None
+        self.watermarks: WatermarkReader | None = None
         self.assigned: set[tuple[str, int]] = set()
         # Next offset to process per assigned partition (read by the lag collector's thread:
         # replaced whole, never mutated).
@@ -178,7 +179,8 @@ class Daemon:
         self.source = KafkaSource(client_settings(self.config, "consumer"), k.input_topics,
                                   on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
                                   on_error=on_error)
-        self.metrics.watch_lag(lambda: self.positions, self.source.watermarks)
+        self.watermarks = WatermarkReader(client_settings(self.config, "consumer"))
+        self.metrics.watch_lag(lambda: self.positions, self.watermarks)
         log.info("subscribed to %s at %s", ",".join(k.input_topics), ",".join(k.bootstrap_servers))
 
     def _ensure_state_topic(self, settings: dict) -> None:
@@ -199,6 +201,9 @@ class Daemon:
         if error.fatal():
             log.critical("fatal Kafka client error: %s; stopping", error.str())
             self.stop()
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            log.warning("cannot connect to Kafka at %s (%s); the client retries by itself",
+                        ",".join(self.config.kafka.bootstrap_servers), error.str())
         else:
             log.warning("Kafka: %s", error.str())
 
@@ -399,4 +404,6 @@ class Daemon:
         self.positions = {}
         if self.server is not None:
             self.server.stop()
+        if self.watermarks is not None:
+            self.watermarks.close()
         log.info("stopped")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from operator import methodcaller
 from typing import Any, Callable
 
 import numpy as np
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..detection.records import InputRecord, OutputRecord
@@ -217,19 +218,45 @@ class KafkaSource:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
                                  asynchronous=False)
 
-    def watermarks(self, topic: str, partition: int) -> tuple[int, int] | None:
-        """(low, high) as librdkafka last fetched them: no broker call, safe from any thread."""
-        try:
-            low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-        except (KafkaException, RuntimeError):
-            return None
-        return None if high == OFFSET_INVALID or high < 0 else (low, high)
-
     def close(self) -> None:
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:  # closing is best effort at shutdown
             log.warning("closing the consumer: %s", exc)
+
+
+class WatermarkReader:
+    """Partitions' (low, high) watermarks for the metrics thread, asked of the broker at scrape
+    time, so the lag keeps growing when the loop stalls.
+
+    A client of its own, never subscribed: the loop's consumer must not be called from another
+    thread while it is inside ``consume()`` (measured: the call hangs).  Answers are kept for
+    ``max_age`` seconds so frequent scrapes do not become broker requests.
+    """
+
+    def __init__(self, settings: dict, max_age: float = 2.0, timeout: float = 2.0):
+        self.consumer = Consumer({**settings, "group.id": f"{settings.get('group.id', 'streamgmm')}-watermarks",
+                                  "logger": logging.getLogger("librdkafka")})
+        self.max_age, self.timeout = max_age, timeout
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, int], tuple[float, tuple[int, int] | None]] = {}
+
+    def __call__(self, topic: str, partition: int) -> tuple[int, int] | None:
+        with self._lock:
+            at, marks = self._cache.get((topic, partition), (-1e18, None))
+            if time.monotonic() - at > self.max_age:
+                try:
+                    low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                                    timeout=self.timeout)
+                    marks = None if high < 0 else (low, high)
+                except (KafkaException, RuntimeError):
+                    marks = None  # broker unreachable: no lag sample rather than a stale one
+                self._cache[(topic, partition)] = (time.monotonic(), marks)
+            return marks
+
+    def close(self) -> None:
+        with self._lock:
+            self.consumer.close()
 
 
 # ----------------------------------------------------------------------------- sink

@@ -231,12 +231,17 @@ class HealthServer:
             def log_message(self, fmt, *args):  # keep scrapes out of the daemon's log
                 log.debug("http %s", fmt % args)
 
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # a scraper that hung up: not our error
+                log.debug("http client %s went away mid-response", client_address)
+
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server = Server((host, port), Handler)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}; set metrics.port to "
                                      "a free port (or 0 for any) or stop what holds it") from None
-        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="streamgmm-http", daemon=True)
 

@@ -1,0 +1,217 @@
+"""Faults an operator meets, each accounting for every message: an oversized message, a member
+stopped past its session timeout, a partition handed away and back, a full checkpoint disk."""
+
+import hashlib
+import json
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka_helpers import DaemonProcess, create_topic, headers_of, inspect, produce, read_all, write_config
+
+from streamgmm.detection.decode import encode
+from streamgmm.dev.kafka_tools import committed_offsets, producer
+from streamgmm.dev.synthetic import random_mixture
+
+pytestmark = pytest.mark.kafka
+
+GROUP_CONSUMER = {"session.timeout.ms": 3000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 20}
+
+
+def _vectors(n, seed, outlier_every=None):
+    """(messages as (key, json value), indices of far outliers)."""
+    rng = np.random.default_rng(seed)
+    X, _ = random_mixture(3, 4, rng, separation=5.0).sample(n, rng)
+    outliers = []
+    if outlier_every:
+        for i in range(1500, n, outlier_every):
+            X[i] = X.mean(axis=0) + 30.0 * X.std(axis=0)
+            outliers.append(i)
+    return [(f"id-{i}".encode(), encode(x, "json")) for i, x in enumerate(X)], outliers
+
+
+def _produce_big(bootstrap, topic, key, value, partition):
+    client = producer(bootstrap, **{"message.max.bytes": 4_000_000})
+    client.produce(topic, value=value, key=key, partition=partition)
+    assert client.flush(30) == 0
+
+
+def _checkpointed(state, n):
+    return lambda: (s := inspect(state)) is not None and s["n_valid"] + s["n_invalid"] >= n
+
+
+@pytest.mark.parametrize("dead_letter_max_bytes", [65_536, 3_000_000], ids=["cut-to-64k", "larger-than-the-broker-takes"])
+def test_an_oversized_message_is_dead_lettered_once_and_never_stops_detection(broker, topic, tmp_path,
+                                                                             dead_letter_max_bytes):
+    create_topic(broker.bootstrap, topic, partitions=2)
+    messages, outliers = _vectors(20_000, seed=21, outlier_every=997)
+    sent = produce(broker.bootstrap, topic, messages[:10_000], partition_of=lambda i: i % 2)
+    huge = b"[" + b"1.0," * 500_000 + b"1.0]"  # 2 MB: over input.max_message_bytes and the producer's limit
+    _produce_big(broker.bootstrap, topic, b"huge", huge, partition=0)
+    sent += produce(broker.bootstrap, topic, messages[10_000:], partition_of=lambda i: i % 2)
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, state,
+                          kafka={"consumer": GROUP_CONSUMER, "dead_letter_max_bytes": dead_letter_max_bytes})
+    daemon = DaemonProcess(config, tmp_path / "d.log").start()
+    try:
+        daemon.wait_for(_checkpointed(state, 20_001), timeout=120, what="every message checkpointed")
+        assert daemon.metric("streamgmm_rewinds_total") == 0
+        assert daemon.metric("streamgmm_messages_consumed_total") == 20_001
+    finally:
+        assert daemon.stop() == 0
+    summary = inspect(state)
+    assert summary["n_valid"] == 20_000 and summary["n_invalid"] == 1
+    per_partition = Counter(p for p, _ in sent)
+    assert summary["offsets"][topic] == {"0": per_partition[0] + 1, "1": per_partition[1]}
+    assert committed_offsets(broker.bootstrap, f"{topic}-group", topic, 2) == {0: per_partition[0] + 1,
+                                                                               1: per_partition[1]}
+    letters = read_all(broker.bootstrap, f"{topic}.dead-letter", idle=3.0)
+    anomalies = read_all(broker.bootstrap, f"{topic}.anomalies", idle=3.0)
+    reported = Counter(json.loads(m.value())["source"]["key"] for m in anomalies)
+    assert {f"id-{i}" for i in outliers} <= set(reported)
+    assert max(reported.values()) == 1  # no rewind: nothing produced twice
+    if dead_letter_max_bytes < len(huge):
+        assert len(letters) == 1
+        headers = headers_of(letters[0])
+        assert letters[0].key() == b"huge" and headers["streamgmm.error.reason"] == b"oversized"
+        assert letters[0].value() == huge[:dead_letter_max_bytes]
+        assert headers["streamgmm.value.original_bytes"] == str(len(huge)).encode()
+        assert headers["streamgmm.value.original_sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    else:  # the cut still leaves it over the producer's message.max.bytes: refused for good, counted, logged
+        assert letters == []
+        assert "refused a record" in daemon.log_tail(200) and "offset" in daemon.log_tail(200)
+
+
+def test_a_member_stopped_past_its_session_timeout_learns_nothing_twice(broker, topic, tmp_path):
+    """SIGSTOP one member with processed but uncheckpointed messages; another member joins and
+    takes the partitions; the first is continued: what it learned since its checkpoint is
+    unlearned (its partitions were lost), so the group learns each message exactly once."""
+    partitions = 4
+    create_topic(broker.bootstrap, topic, partitions=partitions)
+    messages, _ = _vectors(12_000, seed=22)
+    sent = produce(broker.bootstrap, topic, messages[:4000], partition_of=lambda i: i % partitions)
+    # Checkpoints only on revoke and stop: the stopped member holds learned, unsaved messages.
+    rare = {"interval_seconds": 3600, "interval_messages": 10**9}
+    configs = [write_config(tmp_path / f"{name}.yaml", broker.bootstrap, topic, tmp_path / f"state-{name}",
+                            kafka={"consumer": GROUP_CONSUMER, "client_id": name},
+                            checkpoint={"dir": str(tmp_path / f"state-{name}"), **rare})
+               for name in ("a", "b")]
+    a = DaemonProcess(configs[0], tmp_path / "a.log").start()
+    b = None
+    try:
+        a.wait_for(lambda: a.metric("streamgmm_messages_consumed_total") == 4000, what="a consumed the first part")
+        a.process.send_signal(signal.SIGSTOP)
+        try:
+            b = DaemonProcess(configs[1], tmp_path / "b.log").start()
+            b.wait_for(lambda: (b.metric("streamgmm_assigned_partitions") or 0) == partitions, timeout=60,
+                       what="b owns every partition")
+            sent += produce(broker.bootstrap, topic, messages[4000:8000], partition_of=lambda i: i % partitions)
+            b.wait_for(lambda: b.metric("streamgmm_messages_consumed_total") == 8000, what="b caught up")
+        finally:
+            a.process.send_signal(signal.SIGCONT)
+        a.wait_for(lambda: (a.metric("streamgmm_rewinds_total") or 0) >= 1, timeout=60,
+                   what="a unlearned what it lost")
+        a.wait_for(lambda: (a.metric("streamgmm_assigned_partitions") or 0) > 0, timeout=60, what="a back in the group")
+        sent += produce(broker.bootstrap, topic, messages[8000:], partition_of=lambda i: i % partitions)
+        time.sleep(3)
+    finally:
+        codes = [a.stop(), b.stop() if b else 0]
+    assert codes == [0, 0]
+    states = [inspect(tmp_path / "state-a"), inspect(tmp_path / "state-b")]
+    learned = sum(s["n_valid"] for s in states if s)
+    per_partition = Counter(p for p, _ in sent)
+    committed = committed_offsets(broker.bootstrap, f"{topic}-group", topic, partitions)
+    assert committed == {p: per_partition[p] for p in range(partitions)}
+    assert learned == len(messages), f"learned {[s and s['n_valid'] for s in states]} of {len(messages)}"
+    for p in range(partitions):
+        assert max(int(s["offsets"].get(topic, {}).get(str(p), 0)) for s in states if s) == per_partition[p]
+
+
+def test_a_partition_handed_away_and_back_with_no_new_data_keeps_its_offsets(broker, topic, tmp_path):
+    create_topic(broker.bootstrap, topic, partitions=2)
+    messages, _ = _vectors(3000, seed=23)
+    produce(broker.bootstrap, topic, messages, partition_of=lambda i: i % 2)
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "a.yaml", broker.bootstrap, topic, state, kafka={"consumer": GROUP_CONSUMER})
+    other = write_config(tmp_path / "b.yaml", broker.bootstrap, topic, tmp_path / "state-b",
+                         kafka={"consumer": GROUP_CONSUMER, "client_id": "b"})
+    a = DaemonProcess(config, tmp_path / "a.log").start()
+    try:
+        a.wait_for(_checkpointed(state, 3000), what="all checkpointed")
+        b = DaemonProcess(other, tmp_path / "b.log").start()
+        a.wait_for(lambda: a.metric("streamgmm_assigned_partitions") == 1, timeout=60, what="a gave one away")
+        assert b.stop() == 0
+        a.wait_for(lambda: a.metric("streamgmm_assigned_partitions") == 2, timeout=60, what="a has both back")
+        # Caught up: the lag of both partitions is 0, not what they would have been from offset 0.
+        a.wait_for(lambda: [a.metric("streamgmm_consumer_lag_messages", f'partition="{p}",topic="{topic}"')
+                            for p in (0, 1)] == [0.0, 0.0], what="lag 0 on both")
+    finally:
+        assert a.stop() == 0
+    summary = inspect(state)
+    assert summary["offsets"][topic] == {"0": 1500, "1": 1500}
+    assert summary["n_valid"] == 3000
+    # A restart under a new group id resumes from the checkpoint: nothing is learned again.
+    fresh = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, state,
+                         kafka={"consumer": GROUP_CONSUMER, "group_id": f"{topic}-new-group"})
+    again = DaemonProcess(fresh, tmp_path / "again.log").start()
+    try:
+        again.wait_for(lambda: again.get("/readyz")[0] == 200, what="ready")
+        time.sleep(2)
+        assert (again.metric("streamgmm_messages_consumed_total") or 0) == 0
+    finally:
+        assert again.stop() == 0
+    assert inspect(state)["n_valid"] == 3000
+
+
+def _log_times(text, pattern):
+    return [datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00"))
+            for line in text.splitlines() if re.search(pattern, line)]
+
+
+def test_a_full_checkpoint_disk_backs_off_and_recovers_without_losing_a_message(broker, topic, tmp_path):
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.decode().strip()}); needs root")
+    try:
+        create_topic(broker.bootstrap, topic)
+        messages, _ = _vectors(6000, seed=24)
+        state = mount / "state"
+        config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, state,
+                              checkpoint={"dir": str(state), "interval_seconds": 0.5, "interval_messages": 500})
+        produce(broker.bootstrap, topic, messages[:2000])
+        daemon = DaemonProcess(config, tmp_path / "d.log").start()
+        try:
+            daemon.wait_for(_checkpointed(state, 2000), what="first checkpoints")
+            filler = mount / "filler"
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", "count=1000"], capture_output=True)
+            produce(broker.bootstrap, topic, messages[2000:4000])
+            daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 4000, what="still scoring")
+            daemon.wait_for(lambda: (daemon.metric("streamgmm_checkpoint_failures_total") or 0) >= 4, timeout=30,
+                            what="failures")
+            assert committed_offsets(broker.bootstrap, f"{topic}-group", topic, 1)[0] == 2000
+            # Each failure says when it retries, and the next one comes no sooner.
+            text = Path(tmp_path / "d.log").read_text()
+            delays = [float(d) for d in re.findall(r"checkpoint failed .*retrying in (\d+) s", text)]
+            times = _log_times(text, "checkpoint failed")
+            assert delays[:3] == [1.0, 2.0, 4.0]
+            gaps = [(t2 - t1).total_seconds() for t1, t2 in zip(times, times[1:])]
+            assert all(gap >= delay - 0.05 for gap, delay in zip(gaps, delays)), (gaps, delays)
+            filler.unlink()  # space again
+            produce(broker.bootstrap, topic, messages[4000:])
+            daemon.wait_for(lambda: committed_offsets(broker.bootstrap, f"{topic}-group", topic, 1)[0] == 6000,
+                            timeout=60, what="commit after recovery")
+        finally:
+            assert daemon.stop() == 0
+        summary = inspect(state)
+        assert summary["n_valid"] == 6000
+        assert summary["n_seen"] == summary["n_valid"] - summary["n_anomalies"]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

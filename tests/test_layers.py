@@ -1,0 +1,23 @@
+"""The package's layers, checked by import-linter (contracts in pyproject.toml)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_imports_flow_one_way_through_the_layers():
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_the_product_never_imports_kafka_python_or_the_dev_tools():
+    for path in (ROOT / "streamgmm").rglob("*.py"):
+        if "dev" in path.relative_to(ROOT / "streamgmm").parts:
+            continue
+        text = path.read_text()
+        assert "import kafka\n" not in text and "from kafka " not in text and "from kafka." not in text, path
+        assert "streamgmm.dev" not in text and "from ..dev" not in text, path
