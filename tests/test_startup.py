@@ -1,0 +1,111 @@
+"""Every start-up problem: exit code 2 and one line that names the key or resource and what to do.
+
+No broker is needed: these are all found before the daemon connects."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from streamgmm.detection.decode import encode
+from streamgmm.detection.detector import Detector
+from streamgmm.detection.records import InputRecord
+from streamgmm.service.config import config_from_dict
+from streamgmm.service.state import CheckpointStore
+
+
+def _config(tmp_path, **sections):
+    raw = {
+        "kafka": {"bootstrap_servers": ["127.0.0.1:1"], "input_topics": ["in"]},
+        "input": {"format": "json", "dimension": 3, "fields": ["a", "b", "c"]},
+        "model": {"n_components": 2, "warmup": 100},
+        "checkpoint": {"dir": str(tmp_path / "state")},
+        "metrics": {"port": 0},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def _run(path):
+    result = subprocess.run([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    return result.returncode, last, result.stderr
+
+
+def _checkpoint(raw, tmp_path):
+    """A warm model's checkpoint in checkpoint.dir, as the daemon writes it."""
+    detector = Detector(config_from_dict(raw))
+    rng = np.random.default_rng(0)
+    detector.process([InputRecord("in", 0, i, encode(x, "json")) for i, x in enumerate(rng.normal(size=(300, 3)))],
+                     now=time.time())
+    CheckpointStore(tmp_path / "state").write(detector.state(time.time()))
+
+
+def test_metrics_port_in_use(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path, _ = _config(tmp_path, metrics={"port": port})
+        code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in last and "metrics.port" in last
+
+
+def test_missing_secret_file(tmp_path):
+    path, _ = _config(tmp_path, kafka={"security": {"sasl.password_file": str(tmp_path / "nope")}})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "kafka.security.sasl.password_file: cannot read secret file" in last
+
+
+def test_misspelled_librdkafka_setting(tmp_path):
+    path, _ = _config(tmp_path, kafka={"consumer": {"sesion.timeout.ms": 6000}})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "kafka.consumer.sesion.timeout.ms" in last and "No such configuration property" in last
+
+
+def test_checkpoint_dir_that_cannot_be_written(tmp_path):
+    (tmp_path / "state").write_text("a file where the directory should be")
+    path, _ = _config(tmp_path)
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "checkpoint.dir" in last and "not writable" in last
+
+
+def test_dimension_mismatch_with_the_checkpoint(tmp_path):
+    _, raw = _config(tmp_path)
+    _checkpoint(raw, tmp_path)
+    path, _ = _config(tmp_path, input={"dimension": 4, "fields": None})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "input.dimension=3" in last and "checkpoint.dir" in last
+
+
+def test_reordered_fields_over_a_checkpoint_are_refused_with_both_lists(tmp_path):
+    _, raw = _config(tmp_path)
+    _checkpoint(raw, tmp_path)
+    path, _ = _config(tmp_path, input={"fields": ["b", "a", "c"]})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "['a', 'b', 'c']" in last and "['b', 'a', 'c']" in last
+
+
+@pytest.mark.parametrize("section, key, value, words", [
+    ("model", "n_componets", 3, "unknown key model.n_componets"),
+    ("input", "dimension", "three", "input.dimension: expected an integer"),
+])
+def test_check_config_catches_what_it_can_without_a_broker(tmp_path, section, key, value, words):
+    path, _ = _config(tmp_path, **{section: {key: value}})
+    result = subprocess.run([sys.executable, "-m", "streamgmm", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
