@@ -1,11 +1,13 @@
 """The daemon's logic with an in-memory source: scoring, warm-up, threshold, state."""
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
 
-from streamgmm.service.config import config_from_dict
+from streamgmm.service.config import ConfigError, config_from_dict
 from streamgmm.detection.decode import encode
 from streamgmm.detection.detector import Detector, InputRecord
 from streamgmm.dev.synthetic import random_mixture
@@ -166,3 +168,109 @@ def test_a_backlog_taken_in_one_batch_is_flagged_as_in_small_batches():
     np.testing.assert_array_equal(big.scored_index, np.arange(500, 20_000))
     assert big.flags.sum() <= 1.25 * flagged_small + 2  # 35 against 18 without the refreshes
     assert one_batch.model.n_seen_ == 20_000 - big.flags.sum()  # the rest learned
+
+
+# ------------------------------------------------- explained anomalies, scores for every point
+def _trained(seed=12, **sections):
+    rng = np.random.default_rng(seed)
+    X, _ = random_mixture(3, 4, rng).sample(6000, rng)
+    detector = Detector(_config(**sections))
+    _run(detector, X, batch=1000)
+    return detector, X
+
+
+def test_an_anomaly_record_names_the_feature_that_is_off_and_how_rare_the_point_is():
+    names = ["cpu", "mem", "bytes_out", "conns"]
+    detector, X = _trained(input={"fields": names}, threshold={"mode": "fixed", "value": -20.0})
+    point = X[:1].copy()
+    point[0, 2] += 3 * X[:, 2].std()
+    doc = json.loads(detector.process(_records(point, start=6000), now=5.0).anomalies[0].value)
+    # The keys consumers rely on are all there, as before.
+    assert set(doc) >= {"source", "features", "log_density", "threshold", "component", "model_version", "n_seen",
+                        "detected_at"}
+    assert doc["features"] == point[0].tolist() and doc["feature_names"] == names
+    first = doc["top_features"][0]
+    assert first["name"] == "bytes_out" and first["value"] == doc["features"][2]
+    lo, hi = first["normal_range"]
+    assert lo < first["expected"] < hi and not lo <= first["value"] <= hi and abs(first["z"]) > 5
+    assert first["share"] > 0.5 and len(doc["top_features"]) == 3
+    assert len({f["name"] for f in doc["top_features"]}) == 3
+    nearest = doc["nearest_component"]
+    assert 0 <= nearest["index"] < 3 and 0 < nearest["weight"] < 1
+    assert nearest["weight"] == pytest.approx(float(detector.model.weights_[nearest["index"]]))
+    assert nearest["mahalanobis"] ** 2 >= sum(f["z"] ** 2 for f in doc["top_features"]) - 1e-6
+    rarity = doc["rarity"]
+    assert rarity["method"] == "model_bound"  # a fixed threshold has no tail model
+    assert 0 < rarity["tail_probability"] < 1e-6
+    assert rarity["log10_tail_probability"] == pytest.approx(math.log10(rarity["tail_probability"]))
+    assert rarity["one_in"] == pytest.approx(1 / rarity["tail_probability"], rel=5e-3)
+
+
+def test_features_are_named_f0_to_fd_without_input_fields_and_top_features_can_be_turned_off():
+    detector, X = _trained(threshold={"mode": "fixed", "value": 1e9}, input={"explain_top_features": 0})
+    doc = json.loads(detector.process(_records(X[:1]), now=5.0).anomalies[0].value)
+    assert doc["feature_names"] == ["f0", "f1", "f2", "f3"] and doc["top_features"] == []
+    detector, X = _trained(threshold={"mode": "fixed", "value": 1e9}, input={"explain_top_features": 9})
+    doc = json.loads(detector.process(_records(X[:1]), now=5.0).anomalies[0].value)
+    assert sorted(f["name"] for f in doc["top_features"]) == ["f0", "f1", "f2", "f3"]
+
+
+def test_every_anomaly_of_a_batch_is_explained_at_once():
+    detector, X = _trained(threshold={"mode": "fixed", "value": -12.0})
+    points = X[:200].copy()
+    feature = np.arange(200) % 4
+    points[np.arange(200), feature] += 12 * X.std(axis=0)[feature]
+    result = detector.process(_records(points, start=6000), now=5.0)
+    assert len(result.anomalies) == 200
+    docs = [json.loads(record.value) for record in result.anomalies]
+    assert [doc["source"]["offset"] for doc in docs] == list(range(6000, 6200))
+    named = [doc["top_features"][0]["name"] for doc in docs]
+    assert np.mean([name == f"f{j}" for name, j in zip(named, feature)]) >= 0.95
+
+
+def test_no_score_records_unless_kafka_scores_topic_is_set():
+    detector, X = _trained()
+    result = detector.process(_records(X[:100], start=6000), now=5.0)
+    assert result.scores == [] and result.outputs() == result.anomalies + result.dead_letters
+
+
+def test_scores_topic_gets_one_compact_record_per_scored_point():
+    detector, X = _trained(kafka={"scores_topic": "scores"}, threshold={"mode": "fixed", "value": -20.0})
+    records = _records(np.vstack([X[:5], [[1e300, -1e300, 1e300, 1e300]], X[5:8] + 8.0]), start=6000)
+    records.append(InputRecord("in", 0, 6009, b"short"))  # invalid: a dead letter, no score
+    keys = [None, b"\xff\xfe", b'say "hi"\\', "ключ".encode()]
+    records[:4] = [InputRecord(r.topic, r.partition, r.offset, r.value, key=k, timestamp=r.timestamp)
+                   for r, k in zip(records[:4], keys)]
+    result = detector.process(records, now=5.0)
+    assert len(result.scores) == 9 and len(result.dead_letters) == 1
+    assert result.outputs() == result.anomalies + result.dead_letters + result.scores
+    docs = [json.loads(record.value) for record in result.scores]
+    assert [record.topic for record in result.scores] == ["scores"] * 9
+    assert [record.key for record in result.scores] == [r.key for r in records[:9]]
+    assert [record.source for record in result.scores] == [("in", 0, 6000 + i) for i in range(9)]
+    assert docs[0]["key"] is None and docs[1] == {**docs[1], "key": None, "key_base64": "//4="}
+    assert docs[2]["key"] == 'say "hi"\\' and docs[3]["key"] == "ключ" and docs[4]["key"] == "6004"
+    decisions = result.decisions()
+    for doc, (density, flagged, component) in zip(docs, decisions):
+        assert set(doc) - {"key_base64"} == {"topic", "key", "partition", "offset", "log_density", "threshold",
+                                             "anomaly", "component", "tail_probability", "one_in"}
+        assert doc["log_density"] == pytest.approx(max(density, -1.7976931348623157e308))
+        assert (doc["anomaly"], doc["component"], doc["threshold"]) == (flagged, component, -20.0)
+        assert 0 <= doc["tail_probability"] <= 1
+    assert [doc["anomaly"] for doc in docs] == [False] * 5 + [True] * 4
+    assert docs[5]["tail_probability"] == 0.0 and docs[5]["one_in"] is None and docs[5]["log_density"] < -1e300
+    assert docs[6]["one_in"] > 1e6
+    # The anomaly records and the score records say the same about how rare a point is.
+    anomaly = json.loads(result.anomalies[1].value)
+    assert anomaly["rarity"]["tail_probability"] == pytest.approx(docs[6]["tail_probability"], rel=1e-9)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"kafka": {"scores_topic": "anomalies"}}, "kafka.scores_topic: 'anomalies' is not allowed; use a topic of its own"),
+    ({"kafka": {"scores_topic": "features"}}, "kafka.scores_topic: 'features' is not allowed"),
+    ({"kafka": {"scores_topic": ""}}, "kafka.scores_topic: '' is not allowed"),
+    ({"input": {"explain_top_features": -1}}, "input.explain_top_features: -1 is not allowed; use a number of features >= 0"),
+])
+def test_scores_topic_and_explain_top_features_are_checked(raw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(raw)

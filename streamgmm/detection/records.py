@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -55,8 +56,10 @@ class RecordBatch:
                 [r.key for r in records])
 
 
-@dataclass(frozen=True)
-class OutputRecord:
+class OutputRecord(NamedTuple):
+    """A record to produce.  A named tuple, not a dataclass: with kafka.scores_topic there is one
+    per input message, and a tuple is built in half the time of a frozen dataclass."""
+
     topic: str
     value: bytes
     key: bytes | None
