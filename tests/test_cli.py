@@ -64,6 +64,24 @@ def test_replay_reads_stdin_jsonl(tmp_path):
     assert len(result.stdout.splitlines()) == 600
 
 
+def test_replay_from_stdin_takes_the_configured_json_format(tmp_path):
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump({"input": {"format": "json", "dimension": 3},
+                                    "model": {"n_components": 2, "warmup": 300}}))
+    X = np.random.default_rng(2).normal(size=(500, 3))
+    result = _cli("replay", "--config", str(path), "--input", "-", stdin="\n".join(json.dumps(list(x)) for x in X))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
+    assert summary["n_valid"] == 500 and summary["n_invalid"] == 0
+
+
+def test_replay_where_every_record_is_invalid_fails_and_says_why(tmp_path):
+    stdin = "\n".join(json.dumps({"x": i}) for i in range(50))
+    result = _cli("replay", "--config", str(_config(tmp_path)), "--input", "-", "--format", "json", stdin=stdin)
+    assert result.returncode == 1
+    assert "none of the 50 records was valid as json" in result.stderr
+
+
 def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
     config = _config(tmp_path)
     out = tmp_path / "fitted"
@@ -78,7 +96,8 @@ def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
     assert summary["threshold"]["value"] is not None
     assert len(summary["weights"]) == 2
     text = _cli("inspect", str(out))
-    assert "n_seen       3000" in text.stdout
+    assert "points learned    3,000 (n_seen:" in text.stdout  # in words, not a dict repr
+    assert "{" not in text.stdout
 
 
 def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):

@@ -236,6 +236,32 @@ def topic_summaries(topic: str, bootstrap: str, key: str | None = None) -> dict:
     return {k: inspect_summary(state=v, path=f"{topic}:{k}") for k, v in sorted(states.items())}
 
 
+def _describe(summary: dict) -> str:
+    """A checkpoint summary for people: one fact a line, each in words."""
+    threshold, model = summary["threshold"], summary["model"]
+    value = threshold.get("value")
+    lines = [
+        f"checkpoint        {summary['path']}",
+        f"written           {summary['created_at']} by streamgmm {summary['streamgmm_version']} (format {summary['format_version']})",
+        f"messages          {summary['n_valid'] + summary['n_invalid']:,} read: {summary['n_valid']:,} valid, "
+        f"{summary['n_invalid']:,} invalid (dead-lettered)",
+        f"anomalies         {summary['n_anomalies']:,} flagged",
+        f"points learned    {summary['n_seen']:,} (n_seen: valid points the model learned from; flagged ones "
+        f"are not, unless adopted as a new regime)",
+        f"model             {'ready' if summary['initialized'] else 'warming up'}; {model['n_components']} component(s), "
+        f"{model['covariance_type']} covariances, forgetting half-life "
+        f"{model['half_life'] if model['half_life'] else 'none'}; {summary['n_updates']:,} updates",
+        f"threshold         {threshold.get('mode')}: flags log-density below "
+        f"{'(not set yet)' if value is None else f'{value:.4g}'}",
+    ]
+    for topic, partitions in summary["offsets"].items():
+        resume = ", ".join(f"partition {p} at offset {o:,}" for p, o in sorted(partitions.items(), key=lambda x: int(x[0])))
+        lines.append(f"resumes           {topic}: {resume}")
+    if summary["weights"]:
+        lines.append("component weights " + " ".join(f"{w:.3f}" for w in summary["weights"]))
+    return "\n".join(lines)
+
+
 def cmd_inspect(args) -> int:
     configure_logging("WARNING", "text")
     try:
@@ -246,7 +272,8 @@ def cmd_inspect(args) -> int:
             summaries = topic_summaries(args.topic, args.bootstrap, args.key)
             if not summaries:
                 raise CheckpointError(f"no readable state record in topic {args.topic}")
-            print(json.dumps(summaries) if args.json else "\n".join(f"{k}: {json.dumps(v)}" for k, v in summaries.items()))
+            print(json.dumps(summaries) if args.json else "\n\n".join(f"model {k}\n{_describe(v)}"
+                                                                     for k, v in summaries.items()))
             return 0
         if not args.checkpoint_dir:
             print("streamgmm: give a checkpoint directory, or --topic and --bootstrap", file=sys.stderr)
@@ -258,15 +285,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"checkpoint   {summary['path']} (format {summary['format_version']}, written {summary['created_at']})")
-    print(f"n_valid      {summary['n_valid']}    n_invalid {summary['n_invalid']}    anomalies {summary['n_anomalies']}")
-    print(f"n_seen       {summary['n_seen']}    model updates {summary['n_updates']}    initialised {summary['initialized']}")
-    print(f"threshold    {summary['threshold']}")
-    print(f"model        {summary['model']}")
-    for topic, partitions in summary["offsets"].items():
-        print(f"offsets      {topic}: " + ", ".join(f"{p}->{o}" for p, o in sorted(partitions.items(), key=lambda x: int(x[0]))))
-    if summary["weights"]:
-        print("weights      " + " ".join(f"{w:.3f}" for w in summary["weights"]))
+    print(_describe(summary))
     return 0
 
 
