@@ -215,3 +215,19 @@ def test_a_full_checkpoint_disk_backs_off_and_recovers_without_losing_a_message(
         assert summary["n_seen"] == summary["n_valid"] - summary["n_anomalies"]
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_the_lag_at_a_scrape_comes_from_the_broker_once_the_loop_has_stalled(tmp_path):
+    """Unit check of the choice the metrics thread makes (no broker: the reader is a stand-in)."""
+    from streamgmm.service import daemon as daemon_module
+    from streamgmm.service.config import config_from_dict
+
+    daemon = daemon_module.Daemon(config_from_dict({"checkpoint": {"dir": str(tmp_path)}}))
+    asked = []
+    daemon.watermarks = lambda partitions: asked.append(list(partitions)) or {("t", 0): (0, 500)}
+    daemon.positions = {("t", 0): 100}
+    daemon._loop_watermarks = {("t", 0): (0, 100)}
+    daemon._last_poll = time.monotonic()
+    assert daemon._watermarks_for_scrape() == {("t", 0): (0, 100)} and not asked  # the loop's own view
+    daemon._last_poll = time.monotonic() - daemon_module.LOOP_STALL_SECONDS - 1
+    assert daemon._watermarks_for_scrape() == {("t", 0): (0, 500)} and asked == [[("t", 0)]]

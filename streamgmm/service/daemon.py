@@ -31,6 +31,11 @@ from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore
 log = logging.getLogger(__name__)
 
 
+# The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
+# than this without a poll, and the lag is asked of the broker at scrape time.
+LOOP_STALL_SECONDS = 30.0
+
+
 class StartupError(RuntimeError):
     """Something the daemon needs at start is missing or wrong; the message says what to do."""
 
@@ -59,6 +64,8 @@ class Daemon:
         self._rewind_pending: str | None = None
         self._rewinds_in_a_row = 0
         self._error_backoff = config.kafka.retry_backoff_initial_seconds
+        self._last_poll = time.monotonic()
+        self._loop_watermarks: dict = {}
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -180,7 +187,7 @@ class Daemon:
                                   on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
                                   on_error=on_error)
         self.watermarks = WatermarkReader(client_settings(self.config, "consumer"))
-        self.metrics.watch_lag(lambda: self.positions, self.watermarks)
+        self.metrics.watch_lag(lambda: self.positions, self._watermarks_for_scrape)
         log.info("subscribed to %s at %s", ",".join(k.input_topics), ",".join(k.bootstrap_servers))
 
     def _ensure_state_topic(self, settings: dict) -> None:
@@ -301,6 +308,8 @@ class Daemon:
             self._error_backoff = min(self._error_backoff * 2, k.retry_backoff_max_seconds)
             polled = {}
         self.metrics.last_poll.set(time.time())
+        self._last_poll = time.monotonic()
+        self._loop_watermarks = self.source.cached_watermarks(self.assigned)
         # A partition revoked during the poll is not ours any more.
         return {tp: messages for tp, messages in polled.items() if tp in self.assigned}
 
@@ -322,6 +331,14 @@ class Daemon:
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.processed(len(batch))
         self._update_positions()
+
+    def _watermarks_for_scrape(self) -> dict:
+        """For the lag at a scrape (metrics thread): what the loop saw at its last poll, or,
+        when the loop has not polled for a while, the broker's answer now, so a stalled loop
+        shows a growing lag rather than its last value."""
+        if time.monotonic() - self._last_poll < LOOP_STALL_SECONDS:
+            return self._loop_watermarks
+        return self.watermarks(list(self.positions)) if self.watermarks is not None else {}
 
     def _update_positions(self) -> None:
         self.positions = {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}

@@ -218,6 +218,18 @@ class KafkaSource:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
                                  asynchronous=False)
 
+    def cached_watermarks(self, partitions) -> dict[tuple[str, int], tuple[int, int]]:
+        """(low, high) of each partition as librdkafka last fetched them: no broker request."""
+        found = {}
+        for topic, partition in partitions:
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except (KafkaException, RuntimeError):
+                continue
+            if high >= 0:
+                found[(topic, partition)] = (low, high)
+        return found
+
     def close(self) -> None:
         try:
             self.consumer.close()
@@ -226,33 +238,36 @@ class KafkaSource:
 
 
 class WatermarkReader:
-    """Partitions' (low, high) watermarks for the metrics thread, asked of the broker at scrape
-    time, so the lag keeps growing when the loop stalls.
+    """Partitions' (low, high) watermarks asked of the broker, for the metrics thread when the
+    loop has stalled (the loop's own consumer must not be called from another thread while it
+    is inside ``consume()``: measured, the call hangs).  A client of its own, never subscribed;
+    one scrape spends at most ``budget`` seconds on it."""
 
-    A client of its own, never subscribed: the loop's consumer must not be called from another
-    thread while it is inside ``consume()`` (measured: the call hangs).  Answers are kept for
-    ``max_age`` seconds so frequent scrapes do not become broker requests.
-    """
-
-    def __init__(self, settings: dict, max_age: float = 2.0, timeout: float = 2.0):
+    def __init__(self, settings: dict, budget: float = 1.0):
         self.consumer = Consumer({**settings, "group.id": f"{settings.get('group.id', 'streamgmm')}-watermarks",
                                   "logger": logging.getLogger("librdkafka")})
-        self.max_age, self.timeout = max_age, timeout
+        self.budget = budget
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, int], tuple[float, tuple[int, int] | None]] = {}
 
-    def __call__(self, topic: str, partition: int) -> tuple[int, int] | None:
-        with self._lock:
-            at, marks = self._cache.get((topic, partition), (-1e18, None))
-            if time.monotonic() - at > self.max_age:
+    def __call__(self, partitions) -> dict[tuple[str, int], tuple[int, int]]:
+        found: dict[tuple[str, int], tuple[int, int]] = {}
+        if not self._lock.acquire(timeout=self.budget):
+            return found  # another scrape is asking
+        try:
+            deadline = time.monotonic() + self.budget
+            for topic, partition in partitions:
+                left = deadline - time.monotonic()
+                if left <= 0.05:
+                    break
                 try:
-                    low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                                    timeout=self.timeout)
-                    marks = None if high < 0 else (low, high)
+                    low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=left)
                 except (KafkaException, RuntimeError):
-                    marks = None  # broker unreachable: no lag sample rather than a stale one
-                self._cache[(topic, partition)] = (time.monotonic(), marks)
-            return marks
+                    continue  # no sample rather than a stale one
+                if high >= 0:
+                    found[(topic, partition)] = (low, high)
+            return found
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

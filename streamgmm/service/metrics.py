@@ -64,11 +64,11 @@ class BatchHistogram(Collector):
 
 
 class LagCollector(Collector):
-    """``consumer_lag_messages{topic,partition}``, computed at scrape time: the high watermark
-    librdkafka last fetched (its own threads keep fetching) minus the next offset the loop will
-    process.  So a stalled loop shows a growing lag, not the last value it set."""
+    """``consumer_lag_messages{topic,partition}`` at scrape time: each assigned partition's high
+    watermark minus the next offset the loop will process, both from the callables given (the
+    daemon answers from what its loop last saw, or asks the broker when the loop has stalled)."""
 
-    def __init__(self, positions: Callable[[], dict], watermarks: Callable[[str, int], tuple[int, int] | None]):
+    def __init__(self, positions: Callable[[], dict], watermarks: Callable[[], dict]):
         self.positions = positions
         self.watermarks = watermarks
 
@@ -76,12 +76,11 @@ class LagCollector(Collector):
         family = GaugeMetricFamily(f"{NAMESPACE}_consumer_lag_messages",
                                    "High watermark minus the next offset to process, per assigned input partition.",
                                    labels=["topic", "partition"])
+        marks = self.watermarks()
         for (topic, partition), position in sorted(self.positions().items()):
-            marks = self.watermarks(topic, partition)
-            if marks is None:
-                continue
-            low, high = marks
-            family.add_metric([topic, str(partition)], float(max(high - max(position, low), 0)))
+            if (topic, partition) in marks:
+                low, high = marks[(topic, partition)]
+                family.add_metric([topic, str(partition)], float(max(high - max(position, low), 0)))
         yield family
 
 
@@ -188,7 +187,7 @@ class Metrics:
         self.partition_points_seen.labels(key).set(model.n_seen_)
         self.model_initialized.set(1 if model.is_initialized else 0)
 
-    def watch_lag(self, positions: Callable[[], dict], watermarks: Callable[[str, int], tuple[int, int] | None]) -> None:
+    def watch_lag(self, positions: Callable[[], dict], watermarks: Callable[[], dict]) -> None:
         """Report consumer lag at scrape time (see LagCollector); once per Metrics."""
         self.registry.register(LagCollector(positions, watermarks))
 
