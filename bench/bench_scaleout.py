@@ -25,8 +25,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kafka import KafkaProducer  # noqa: E402
-from kafka.admin import KafkaAdminClient, NewTopic  # noqa: E402
+from streamgmm.dev import kafka_tools  # noqa: E402
 
 from streamgmm.detection.decode import encode  # noqa: E402
 from streamgmm.dev.embedded import EmbeddedBroker, free_port  # noqa: E402
@@ -57,8 +56,8 @@ class Instance:
         self.config.write_text(yaml.safe_dump({
             "kafka": {"bootstrap_servers": [bootstrap], "input_topics": [topic], "output_topic": f"{topic}.anomalies",
                       "dead_letter_topic": f"{topic}.dlq", "group_id": group, "client_id": name,
-                      "consumer": {"session_timeout_ms": SESSION_MS, "heartbeat_interval_ms": 1000,
-                                   "fetch_max_wait_ms": 20}},
+                      "consumer": {"session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": 1000,
+                                   "fetch.wait.max.ms": 20}},
             "input": {"format": "float32", "dimension": D},
             "model": {"n_components": 8, "scope": "partition"},
             "checkpoint": {"dir": str(work / f"state-{name}"), "interval_seconds": 5, "interval_messages": 100_000,
@@ -82,9 +81,7 @@ class Instance:
 
 
 def create(bootstrap, topic):
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    admin.close()
+    kafka_tools.create_topics(bootstrap, {topic: PARTITIONS})
 
 
 def throughput(broker, work, payloads, instances):
@@ -109,15 +106,15 @@ def rebalance_pause(broker, work, payloads):
     stop = threading.Event()
 
     def produce():
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=5)
+        producer = kafka_tools.producer(broker.bootstrap)
         i = 0
         while not stop.is_set():
             for _ in range(50):
-                producer.send("live", payloads[i % len(payloads)])
+                producer.produce("live", payloads[i % len(payloads)])
                 i += 1
+            producer.poll(0)
             time.sleep(0.01)  # about 5,000 msg/s
-        producer.flush()
-        producer.close()
+        producer.flush(30)
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
@@ -164,12 +161,8 @@ def main():
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         create(broker.bootstrap, "scale")
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=20,
-                                 batch_size=512_000)
-        for i, payload in enumerate(payloads):
-            producer.send("scale", payload, partition=i % PARTITIONS)
-        producer.flush()
-        producer.close()
+        kafka_tools.produce(broker.bootstrap, "scale", [(None, payload) for payload in payloads],
+                            partition_of=lambda i: i % PARTITIONS)
         for instances in (1, 2, 4):
             rows.append((instances, throughput(broker, work, payloads, instances)))
         owned, scoring = rebalance_pause(broker, work, payloads)
@@ -180,7 +173,7 @@ def main():
     print("|---|---|---|")
     for instances, rate in rows:
         print(f"| {instances} | {rate:,.0f} | {rate / rows[0][1]:.2f}x |")
-    print(f"\n## Rebalance pause (2 instances, live stream ~5k msg/s, SIGKILL one; session_timeout_ms={SESSION_MS})\n")
+    print(f"\n## Rebalance pause (2 instances, live stream ~5k msg/s, SIGKILL one; session.timeout.ms={SESSION_MS})\n")
     print("| kill -> survivor owns all partitions (s) | kill -> every partition's model learning again (s) |")
     print("|---|---|")
     print(f"| {owned if owned is None else f'{owned:.1f}'} | {scoring if scoring is None else f'{scoring:.1f}'} |")

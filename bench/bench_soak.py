@@ -3,8 +3,7 @@
     python bench/bench_soak.py [--messages 1000000] [--format float32]
 
 Prints throughput over time and the daemon's resident memory (and peak) when it has
-consumed 100k messages and at the end; the goal is flat memory (within 10%).  The helper
-process (input.parallel_decode) is reported beside it; the batch buffer they share is in both.
+consumed 100k messages and at the end; the goal is flat memory (within 10%).
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kafka import KafkaProducer  # noqa: E402
-from kafka.admin import KafkaAdminClient, NewTopic  # noqa: E402
-
+from streamgmm.dev import kafka_tools  # noqa: E402
 from streamgmm.detection.decode import encode  # noqa: E402
 from streamgmm.dev.embedded import EmbeddedBroker, free_port  # noqa: E402
 from streamgmm.dev.synthetic import inject_point_anomalies, random_mixture  # noqa: E402
@@ -42,26 +39,6 @@ def memory_kb(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values["VmRSS"], values["VmHWM"]
-
-
-def children(pid: int) -> list[int]:
-    """The process's direct children (the decoder helper)."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def helper_memory_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) summed over the process's children; (0, 0) if it has none."""
-    rss = peak = 0
-    for child in children(pid):
-        try:
-            child_rss, child_peak = memory_kb(child)
-        except (OSError, KeyError):
-            continue
-        rss, peak = rss + child_rss, peak + child_peak
-    return rss, peak
 
 
 def consumed(port: int) -> float:
@@ -87,15 +64,13 @@ def main():
     payloads = [encode(x, args.format) for x in base]
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as work:
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics([NewTopic("soak", 4, 1), NewTopic("soak.anomalies", 1, 1)])
-        admin.close()
+        kafka_tools.create_topics(broker.bootstrap, {"soak": 4, "soak.anomalies": 1})
         port = free_port()
         config = Path(work) / "c.yaml"
         config.write_text(yaml.safe_dump({
             "kafka": {"bootstrap_servers": [broker.bootstrap], "input_topics": ["soak"], "output_topic": "soak.anomalies",
                       "dead_letter_topic": "soak.dlq", "group_id": "soak",
-                      "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20}},
+                      "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 20}},
             "input": {"format": args.format, "dimension": D},
             "model": {"n_components": 8, "half_life": 100_000},
             "checkpoint": {"dir": str(Path(work) / "state"), "interval_seconds": 10, "interval_messages": 200_000},
@@ -107,12 +82,15 @@ def main():
                                   stdout=subprocess.DEVNULL, stderr=open(Path(work) / "d.log", "wb"), env=env)
 
         def produce():
-            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=20,
-                                     batch_size=512_000)
+            producer = kafka_tools.producer(broker.bootstrap, **{"linger.ms": 20, "batch.size": 512_000})
             for i in range(n):
-                producer.send("soak", payloads[i % len(payloads)])
-            producer.flush()
-            producer.close()
+                while True:
+                    try:
+                        producer.produce("soak", payloads[i % len(payloads)])
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.flush(120)
 
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
@@ -125,33 +103,29 @@ def main():
                 count = consumed(port)
                 now = time.monotonic()
                 rss, peak = memory_kb(daemon.pid)
-                helper_rss, helper_peak = helper_memory_kb(daemon.pid)
-                samples.append((now - start, count, (count - last_count) / (now - last_time), rss, peak, helper_rss))
+                samples.append((now - start, count, (count - last_count) / (now - last_time), rss, peak))
                 last_count, last_time = count, now
                 if count >= 100_000 and "100k" not in rss_at:
-                    rss_at["100k"] = (rss, peak, helper_rss, helper_peak)
+                    rss_at["100k"] = (rss, peak)
                 if count >= n:
-                    rss_at["end"] = (rss, peak, helper_rss, helper_peak)
+                    rss_at["end"] = (rss, peak)
                     break
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=120)
 
     print(f"\n## Soak: {n:,} {args.format} messages of {D} features through the broker and `streamgmm run`\n")
-    print("| t (s) | consumed | msg/s over the last second | RSS MB | peak RSS MB | helper RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for t, count, speed, rss, peak, helper_rss in samples:
-        print(f"| {t:.0f} | {count:,.0f} | {speed:,.0f} | {rss / 1024:.1f} | {peak / 1024:.1f} | {helper_rss / 1024:.1f} |")
-    print("\n| point | RSS MB | peak RSS MB | helper RSS MB | helper peak RSS MB |")
+    print("| t (s) | consumed | msg/s over the last second | RSS MB | peak RSS MB |")
     print("|---|---|---|---|---|")
-    for label, (rss, peak, helper_rss, helper_peak) in rss_at.items():
-        print(f"| {label} | {rss / 1024:.1f} | {peak / 1024:.1f} | {helper_rss / 1024:.1f} | {helper_peak / 1024:.1f} |")
+    for t, count, speed, rss, peak in samples[::max(1, len(samples) // 20)]:
+        print(f"| {t:.0f} | {count:,.0f} | {speed:,.0f} | {rss / 1024:.1f} | {peak / 1024:.1f} |")
+    print("\n| point | RSS MB | peak RSS MB |")
+    print("|---|---|---|")
+    for label, (rss, peak) in rss_at.items():
+        print(f"| {label} | {rss / 1024:.1f} | {peak / 1024:.1f} |")
     if "100k" in rss_at and "end" in rss_at:
         growth = rss_at["end"][1] / rss_at["100k"][1] - 1.0
         print(f"\npeak RSS growth from 100k to {n:,} messages: {growth:+.1%} (goal: within 10%)")
-        if rss_at["100k"][3]:
-            helper_growth = rss_at["end"][3] / rss_at["100k"][3] - 1.0
-            print(f"helper peak RSS growth over the same: {helper_growth:+.1%}")
     print(f"daemon exit code after SIGTERM: {code}")
 
 
