@@ -265,7 +265,7 @@ def model_log_tail_bound(log_density, geometry: ComponentGeometry) -> np.ndarray
     and monotone in l; nodes a fraction of a nat apart), the far tail computed exactly.
     """
     log_density = np.asarray(log_density, dtype=float)
-    if len(log_density) <= 4 * INTERPOLATION_NODES:
+    if len(log_density) <= 2 * INTERPOLATION_NODES:
         return _model_log_tail_bound(log_density, geometry)
     finite = np.isfinite(log_density)
     high = log_density[finite].max(initial=-np.inf)
