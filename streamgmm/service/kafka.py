@@ -187,9 +187,16 @@ class KafkaSource:
 
     def poll(self, max_messages: int, timeout_seconds: float) -> dict[tuple[str, int], list[Message]]:
         """The next messages by partition (errors logged and dropped)."""
-        messages = self.consumer.consume(num_messages=max_messages, timeout=timeout_seconds)
+        # consume(n, timeout) waits until it has n messages or the timeout passed: a live stream
+        # would wait the whole timeout every time.  So: what is queued now; else wait for the
+        # first message only, and take what has queued behind it.
+        messages = self.consumer.consume(num_messages=max_messages, timeout=0)
         if not messages:
-            return {}
+            messages = self.consumer.consume(num_messages=1, timeout=timeout_seconds)
+            if not messages:
+                return {}
+            if max_messages > 1:
+                messages += self.consumer.consume(num_messages=max_messages - 1, timeout=0)
         if any(map(_ERROR, messages)):
             good = []
             for m in messages:
