@@ -3,7 +3,8 @@
 For a flagged point x:
 
 - **nearest component**: of the components that score points (not rare structure, see
-  ``model.rare_weight``), the one that gives x the most density, w_k N(x; mu_k, Sigma_k).
+  ``model.rare_weight``), the one x belongs to once its most deviant feature is set aside
+  (see ``explain``).
 - **per feature j**, the distribution of x_j given all the other features under that
   component: Gaussian with variance 1 / P_jj and mean x_j - (P x_c)_j / P_jj, where
   P = Sigma_k^-1 and x_c = x - mu_k.  ``z_j = (P x_c)_j / sqrt(P_jj)`` is the feature's
@@ -12,7 +13,7 @@ For a flagged point x:
   |z_j| ranks them by how much of the distance each explains on its own.  With diagonal
   covariances these are the plain per-feature z-scores.
 - **rarity**: the probability that a point of the stream scores this low or lower (see
-  ``log_tail_probability``), shown as "1 in N".
+  ``rarity``), shown as "1 in N".
 
 Everything is computed from the model's public parameters in original units (``weights_``,
 ``means_``, ``covariances_``), once per batch that has anomalies (``ComponentGeometry``), and
