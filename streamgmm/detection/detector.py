@@ -2,8 +2,9 @@
 
 ``Detector.process`` takes one polled batch and, for every record: decodes and validates
 it (invalid ones become dead letters), scores the valid ones under the current model
-*before* learning from them, flags those below the threshold (anomaly records), learns from
-the rest, and advances the per-partition offsets.  ``state()`` / ``restore()`` are what a
+*before* learning from them, flags those below the threshold (anomaly records, explained:
+see ``explain``; with kafka.scores_topic, a compact record for every scored point too), learns
+from the rest, and advances the per-partition offsets.  ``state()`` / ``restore()`` are what a
 checkpoint holds, so the Kafka loop, ``replay`` and the tests all drive the same code.
 """
 
@@ -90,6 +91,7 @@ class Detector:
         self.model = OnlineGaussianMixture(
             m.n_components,
             covariance_type=m.covariance_type,
+            max_components=m.max_components,
             warmup=m.warmup,
             alpha=m.alpha,
             t0=m.t0,
