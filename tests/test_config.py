@@ -17,8 +17,9 @@ def test_reference_config_is_valid_and_equals_the_defaults():
     [
         ({"model": {"n_compnents": 3}}, "unknown key model.n_compnents (allowed here: n_components,"),
         ({"modle": {}}, "unknown key modle (allowed here: kafka, input, model,"),
-        ({"model": {"n_components": "8"}}, "model.n_components: expected an integer, got '8'"),
-        ({"model": {"covariance_type": "ful"}}, "model.covariance_type: 'ful' is not allowed; use one of full, tied, diag, spherical"),
+        ({"model": {"n_components": "8"}}, "model.n_components: '8' is not allowed; use an integer >= 1, or auto"),
+        ({"model": {"n_components": 2.5}}, "model.n_components: expected an integer, got 2.5"),
+        ({"model": {"covariance_type": "ful"}}, "model.covariance_type: 'ful' is not allowed; use one of auto, full, tied, diag, spherical"),
         ({"metrics": {"port": 70000}}, "metrics.port: 70000 is not allowed; use a port from 0"),
         ({"kafka": {"bootstrap_servers": ["localhost"]}}, "kafka.bootstrap_servers[0]: 'localhost' is not allowed; use host:port"),
         ({"kafka": {"input_topics": []}}, "kafka.input_topics: () is not allowed; give at least one non-empty topic name"),

@@ -28,7 +28,7 @@ def test_one_pass_matches_batch_em_on_200k_points():
     X, _ = truth.sample(200_000, rng)
     held_out, _ = truth.sample(20_000, rng)
     batch = GaussianMixture(8, n_init=2, random_state=0).fit(X)
-    online = _stream(OnlineGaussianMixture(8, random_state=0), X)
+    online = _stream(OnlineGaussianMixture(8, covariance_type="full", random_state=0), X)
     assert online.n_seen_ == 200_000
     gap = batch.score(held_out) - online.score(held_out)
     assert gap < 0.02, f"online EM is {gap:.4f} nats/point below batch EM"
@@ -98,7 +98,8 @@ def test_vanishing_component_is_reseeded_at_poorly_explained_points():
     rng = np.random.default_rng(6)
     centers = np.array([[-6.0, 0.0], [0.0, 0.0], [6.0, 0.0]])
     warm = np.vstack([rng.normal(c, 0.5, (400, 2)) for c in centers])
-    model = OnlineGaussianMixture(3, warmup=1200, half_life=500, random_state=0).partial_fit(rng.permutation(warm))
+    model = OnlineGaussianMixture(3, covariance_type="full", warmup=1200, half_life=500,
+                                  random_state=0).partial_fit(rng.permutation(warm))
     assert model.n_reseeded_ == 0
     # The right-hand cluster vanishes: its component starves and must come back to life elsewhere.
     live = lambda: np.vstack([rng.normal(centers[0], 0.5, (200, 2)), rng.normal(centers[1], 0.5, (200, 2))])
@@ -112,7 +113,7 @@ def test_vanishing_component_is_reseeded_at_poorly_explained_points():
 
 def test_non_positive_definite_covariance_is_reseeded_not_raised():
     rng = np.random.default_rng(7)
-    model = _stream(OnlineGaussianMixture(3, warmup=600, random_state=0), rng.normal(size=(1200, 4)))
+    model = _stream(OnlineGaussianMixture(3, covariance_type="full", warmup=600, random_state=0), rng.normal(size=(1200, 4)))
     model._S2[1] = -np.eye(4)  # a covariance that stopped being positive definite
     model._refresh_parameters(candidates=lambda: (model._to_internal(rng.normal(size=(10, 4))), np.zeros(10)))
     assert model.n_reseeded_ == 1

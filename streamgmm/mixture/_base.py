@@ -63,7 +63,8 @@ class EstimatorParams:
         that are estimators themselves, as ``name__param``)."""
         params = {}
         for name in self._get_param_names():
-            value = getattr(self, name)
+            # What was given, also for a parameter whose attribute reads as a fitted choice.
+            value = self.__dict__[name] if name in self.__dict__ else getattr(self, name)
             if deep and hasattr(value, "get_params") and not isinstance(value, type):
                 params.update((f"{name}__{key}", v) for key, v in value.get_params().items())
             params[name] = value

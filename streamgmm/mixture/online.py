@@ -14,6 +14,11 @@ the model tracking a drifting stream.
 The model computes in a standardised space fixed at warm-up (per-feature centre and
 scale), so multiplying a feature by a constant does not change the ranking of points and
 ``reg_covar`` is relative to each feature's spread.
+
+The warm-up also sizes the model: with ``n_components="auto"`` and/or
+``covariance_type="auto"`` it fits every candidate by MAP EM (a covariance prior keeps few
+points in many dimensions from making a degenerate model) and keeps the lowest BIC
+(``_selection``); the online model keeps that K and type for good.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from ._validation import (
     check_random_state,
     check_sample_weight,
 )
-from .gaussian_mixture import INIT_PARAMS, GaussianMixture, initial_responsibilities
+from ._selection import SELECTION_COVARIANCE_TYPES, select_mixture
+from .gaussian_mixture import INIT_PARAMS, GaussianMixture
 
 # Standardised values are clipped here before they enter the sufficient statistics, so a
 # single absurd point (1e308) cannot overflow x x^T; it is scored, not learned, truthfully.
@@ -53,6 +59,28 @@ RELATIVE_SCALE_FLOOR = 1e-12
 # Model versions are unique within a process (not a per-model count from 0), so a batch scored
 # under one model state can never pass for another's, also after a restore.
 _MODEL_VERSIONS = itertools.count(1)
+AUTO = "auto"
+
+
+class _ChosenAtWarmup:
+    """A constructor parameter that may be "auto".
+
+    ``get_params`` and ``clone`` see what was given; reading the attribute on a model that
+    has made its choice gives the choice (the fitted ``n_components_`` / ``covariance_type_``),
+    so code that asks a fitted model for its covariance type gets one it can use.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, model, owner=None):
+        if model is None:
+            return self
+        chosen = model.__dict__.get(self.name + "_")
+        return model.__dict__[self.name] if chosen is None else chosen
+
+    def __set__(self, model, value):
+        model.__dict__[self.name] = value
 
 
 def _standardize(X, center, scale):
@@ -181,12 +209,16 @@ class OnlineGaussianMixture(MixtureBase):
 
     Parameters
     ----------
-    n_components : int, default=8
-    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
-        Applies in the standardised space.
+    n_components : int or "auto", default="auto"
+        "auto": chosen at warm-up by BIC from 1 to ``max_components`` (see ``_selection``).
+    covariance_type : {"auto", "full", "tied", "diag", "spherical"}, default="auto"
+        Applies in the standardised space.  "auto": chosen at warm-up by BIC with the K.
+    max_components : int, default=8
+        The largest K that ``n_components="auto"`` tries.
     warmup : int, default=1000
-        Points buffered before the model exists; they initialise it (k-means++ then a few
-        batch EM iterations) and fix the standardisation.
+        Points buffered before the model exists; they fix the standardisation, choose K and
+        the covariance type if asked to, and initialise the model (MAP EM with a covariance
+        prior, best of several restarts).
     alpha : float in (0.5, 1], default=1.0
         Step-size decay.  1 is the running mean; smaller adapts faster but is noisier.
     t0 : float, optional
@@ -212,7 +244,8 @@ class OnlineGaussianMixture(MixtureBase):
     init_params : str, default="kmeans"
         How the warm-up batch EM starts (see ``GaussianMixture``).
     warmup_n_init : int, default=4
-        Warm-up EM restarts; the best lower bound wins (the warm-up buffer is small, so this is cheap).
+        Warm-up EM restarts per candidate (K, covariance type); the chosen candidate gets
+        twice as many more.  The best likelihood wins (the warm-up buffer is small, so this is cheap).
     standardize : bool, default=True
     random_state : None, int, numpy Generator or numpy RandomState
         Fixes the model's own generator at the first ``partial_fit`` (a RandomState seeds a
@@ -223,6 +256,8 @@ class OnlineGaussianMixture(MixtureBase):
 
     Attributes
     ----------
+    n_components_, covariance_type_   what the warm-up chose (or was given); reading
+        ``n_components`` / ``covariance_type`` on an initialised model gives these too
     n_seen_ : int   points learned from (the warm-up included)
     n_reseeded_ : int   component re-seeds so far
     weights_, means_, covariances_ (original units), center_, scale_
@@ -242,11 +277,15 @@ class OnlineGaussianMixture(MixtureBase):
     True
     """
 
+    n_components = _ChosenAtWarmup()
+    covariance_type = _ChosenAtWarmup()
+
     def __init__(
         self,
-        n_components: int = 8,
+        n_components: int | str = AUTO,
         *,
-        covariance_type: str = "full",
+        covariance_type: str = AUTO,
+        max_components: int = 8,
         warmup: int = 1000,
         alpha: float = 1.0,
         t0: float | None = None,
@@ -263,6 +302,7 @@ class OnlineGaussianMixture(MixtureBase):
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
+        self.max_components = max_components
         self.warmup = warmup
         self.alpha = alpha
         self.t0 = t0
@@ -303,7 +343,8 @@ class OnlineGaussianMixture(MixtureBase):
         change (the learned statistics are shaped by them).  Returns self."""
         if not self._is_started():
             return super().set_params(**params)
-        changed = [name for name in _STRUCTURAL_PARAMS if name in params and params[name] != getattr(self, name)]
+        given = self.get_params(deep=False)
+        changed = [name for name in _STRUCTURAL_PARAMS if name in params and params[name] != given[name]]
         if changed:
             raise ValueError(
                 f"cannot change {', '.join(changed)} of a model that has started learning; "
@@ -320,9 +361,16 @@ class OnlineGaussianMixture(MixtureBase):
 
     # ------------------------------------------------------------------ checks
     def _check_parameters(self) -> None:
-        check_positive_int(self.n_components, "n_components")
-        g.check_covariance_type(self.covariance_type)
-        check_positive_int(self.warmup, "warmup", minimum=2 * self.n_components)
+        given = self.get_params(deep=False)
+        n_components, covariance_type = given["n_components"], given["covariance_type"]
+        check_positive_int(self.max_components, "max_components")
+        if n_components != AUTO:
+            check_positive_int(n_components, "n_components")
+        if covariance_type != AUTO and covariance_type not in g.COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of auto, {', '.join(g.COVARIANCE_TYPES)}; "
+                             f"got {covariance_type!r}")
+        largest = self.max_components if n_components == AUTO else n_components
+        check_positive_int(self.warmup, "warmup", minimum=2 * (1 if n_components == AUTO else n_components))
         if not (isinstance(self.alpha, (int, float)) and 0.5 < self.alpha <= 1.0):
             raise ValueError(f"alpha must be in (0.5, 1]; got {self.alpha!r}")
         if self.t0 is not None:
@@ -334,8 +382,9 @@ class OnlineGaussianMixture(MixtureBase):
         if self.forgetting is not None and not (0.0 < self.forgetting < 1.0):
             raise ValueError(f"forgetting must be a step size in (0, 1); got {self.forgetting!r}")
         check_positive_float(self.reg_covar, "reg_covar")
-        if not (0.0 <= self.min_weight < 1.0 / self.n_components):
-            raise ValueError(f"min_weight must be in [0, 1/n_components); got {self.min_weight!r}")
+        if not (0.0 <= self.min_weight < 1.0 / largest):
+            raise ValueError(f"min_weight must be in [0, 1/{'max_components' if n_components == AUTO else 'n_components'}); "
+                             f"got {self.min_weight!r}")
         if not (isinstance(self.rare_weight, (int, float)) and 0.0 <= self.rare_weight < 1.0):
             raise ValueError(f"rare_weight must be in [0, 1); got {self.rare_weight!r}")
         check_positive_int(self.warmup_iter, "warmup_iter")
@@ -410,11 +459,11 @@ class OnlineGaussianMixture(MixtureBase):
         self._check_fitted()
         s = self.scale_
         c = self._covariances
-        if self.covariance_type == "full":
+        if self.covariance_type_ == "full":
             return c * s[np.newaxis, :, np.newaxis] * s[np.newaxis, np.newaxis, :]
-        if self.covariance_type == "tied":
+        if self.covariance_type_ == "tied":
             return c * s[:, np.newaxis] * s[np.newaxis, :]
-        if self.covariance_type == "diag":
+        if self.covariance_type_ == "diag":
             return c * s**2
         return c[:, np.newaxis] * s**2
 
@@ -459,7 +508,7 @@ class OnlineGaussianMixture(MixtureBase):
         """The current model state as far as scoring needs it (see ``ScoringModel``)."""
         self._check_fitted()
         weights, means, precisions_chol = self._internal_parameters()
-        return ScoringModel(weights, means, precisions_chol, self.center_, self.scale_, self.covariance_type,
+        return ScoringModel(weights, means, precisions_chol, self.center_, self.scale_, self.covariance_type_,
                             self.rare_weight, self._version)
 
     def _usual_components(self) -> np.ndarray | None:
@@ -482,7 +531,7 @@ class OnlineGaussianMixture(MixtureBase):
         weights, means, _ = self._internal_parameters()
         X, labels, own = g.sample_with_own_log_prob(
             check_random_state(random_state), n_samples, weights, means, self._internal_covariances(),
-            self.covariance_type,
+            self.covariance_type_,
         )
         scored_by_own = np.ones(len(weights), dtype=bool) if (usual := self._usual_components()) is None else usual
         bounded = scored_by_own[labels] & np.isfinite(own)
@@ -514,7 +563,7 @@ class OnlineGaussianMixture(MixtureBase):
         if scored.X_internal is None:
             raise ValueError("this batch carries statistics only: learn them with learn_statistics")
         weight = check_sample_weight(sample_weight, scored.X_internal.shape[0])
-        statistics = batch_statistics(scored, weight, self.covariance_type)
+        statistics = batch_statistics(scored, weight, self.covariance_type_)
         learned = (weight > 0) & np.isfinite(scored.log_density)
         self.learn_statistics(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)))
 
@@ -556,49 +605,31 @@ class OnlineGaussianMixture(MixtureBase):
         self._buffer, self._buffer_weights = [], []
         self._set_standardization(X, weight)
         X_internal = self._to_internal(X)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            mixture = self._fit_warmup_mixture(X_internal, weight)
-        if mixture is not None:
-            log_prob_norm, log_resp = g.e_step(mixture._estimate_weighted_log_prob(X_internal))
-            resp = np.exp(log_resp)
-        else:
-            # Degenerate warm-up (e.g. fewer distinct points than components): start from
-            # hard k-means++ assignments; re-seeding sorts out empty components later.
-            resp = initial_responsibilities(X_internal, self.n_components, "k-means++", self._rng, weight)
-            log_prob_norm = np.zeros(len(X_internal))
-        resp = resp * weight[:, np.newaxis]
-        s0, s1, s2 = g.sufficient_statistics(X_internal, resp, self.covariance_type)
-        total = weight.sum()
-        self._S0, self._S1, self._S2 = s0 / total, s1 / total, s2 / total
+        self.selection_ = self._select_warmup_mixture(X_internal, weight)
+        fit = self.selection_.best
+        self.n_components_, self.covariance_type_ = fit.n_components, fit.covariance_type
+        self._S0, self._S1, self._S2 = g.statistics_from_parameters(
+            fit.weights, fit.means, fit.covariances, fit.covariance_type, self.reg_covar
+        )
         self._steps = 0.0
         self.n_seen_ = int(np.count_nonzero(weight))
-        self._refresh_parameters(candidates=lambda: (X_internal, log_prob_norm))
+        self._refresh_parameters(candidates=None)
 
-    def _fit_warmup_mixture(self, X_internal, weight):
-        """Batch EM on the warm-up buffer, best of ``warmup_n_init`` restarts.
-
-        The first restart uses ``init_params``, the others k-means++: k-means alone can prefer
-        splitting a wide direction over separating tight clusters, and EM does not recover
-        from that, so mixing seeding methods is much more reliable than repeating one.
-        """
-        best = None
-        for attempt in range(self.warmup_n_init):
-            candidate = GaussianMixture(
-                self.n_components,
-                covariance_type=self.covariance_type,
-                reg_covar=self.reg_covar,
-                max_iter=self.warmup_iter,
-                init_params=self.init_params if attempt == 0 else "k-means++",
-                random_state=self._rng,
-            )
-            try:
-                candidate.fit(X_internal, sample_weight=weight)
-            except ValueError:
-                continue
-            if best is None or candidate.lower_bound_ > best.lower_bound_:
-                best = candidate
-        return best
+    def _select_warmup_mixture(self, X_internal, weight):
+        """MAP EM on the warm-up buffer over the candidate Ks and covariance types (one each
+        when they are given), lowest BIC; see ``_selection.select_mixture``."""
+        given = self.get_params(deep=False)
+        if given["n_components"] == AUTO:
+            largest = min(self.max_components, max(len(X_internal) // 2, 1))
+            components = range(1, largest + 1)
+        else:
+            components = [given["n_components"]]
+        covariance_types = SELECTION_COVARIANCE_TYPES if given["covariance_type"] == AUTO else [given["covariance_type"]]
+        return select_mixture(
+            X_internal, weight, components=components, covariance_types=covariance_types, rng=self._rng,
+            reg_covar=self.reg_covar, n_init=self.warmup_n_init, final_n_init=3 * self.warmup_n_init,
+            max_iter=self.warmup_iter, init_params=self.init_params,
+        )
 
     def _set_standardization(self, X, weight) -> None:
         D = X.shape[1]
@@ -626,8 +657,11 @@ class OnlineGaussianMixture(MixtureBase):
         params.setdefault("reg_covar", mixture.reg_covar)
         model = cls(**params)
         model._start()
-        if model.n_components != mixture.n_components or model.covariance_type != mixture.covariance_type:
+        given = model.get_params(deep=False)
+        if given["n_components"] not in (AUTO, mixture.n_components) or given["covariance_type"] not in (
+                AUTO, mixture.covariance_type):
             raise ValueError("n_components and covariance_type must match the mixture's")
+        model.n_components_, model.covariance_type_ = mixture.n_components, mixture.covariance_type
         D = mixture.n_features_in_
         model.n_features_in_ = D
         weights, means = mixture.weights_, mixture.means_
@@ -648,7 +682,7 @@ class OnlineGaussianMixture(MixtureBase):
         else:
             cov = cov / np.mean(s**2)
         model._S0, model._S1, model._S2 = g.statistics_from_parameters(
-            weights, internal_means, cov, model.covariance_type, model.reg_covar
+            weights, internal_means, cov, model.covariance_type_, model.reg_covar
         )
         model._refresh_parameters(candidates=None)
         t0 = float(model.warmup if model.t0 is None else model.t0)
@@ -666,13 +700,13 @@ class OnlineGaussianMixture(MixtureBase):
         standardise them first.)
         """
         weights, means, covariances = g.parameters_from_statistics(
-            self._S0, self._S1, self._S2, self.covariance_type, self.reg_covar
+            self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar
         )
-        precisions_chol, bad_cov = g.precision_cholesky_per_component(covariances, self.covariance_type)
+        precisions_chol, bad_cov = g.precision_cholesky_per_component(covariances, self.covariance_type_)
         dead = (weights < self.min_weight) | ~np.isfinite(weights) | ~np.all(np.isfinite(means), axis=1)
-        if self.covariance_type != "tied":
+        if self.covariance_type_ != "tied":
             dead |= bad_cov
-        if dead.any() or (self.covariance_type == "tied" and bad_cov.any()):
+        if dead.any() or (self.covariance_type_ == "tied" and bad_cov.any()):
             if candidates is None:
                 worst_points = np.empty((0, means.shape[1]))
             else:
@@ -680,9 +714,9 @@ class OnlineGaussianMixture(MixtureBase):
                 worst_points = np.clip(points[np.argsort(log_density)[: int(dead.sum())]], -LEARN_CLIP, LEARN_CLIP)
             self._reseed(weights, means, covariances, dead, bad_cov, worst_points)
             weights, means, covariances = g.parameters_from_statistics(
-                self._S0, self._S1, self._S2, self.covariance_type, self.reg_covar
+                self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar
             )
-            precisions_chol, still_bad = g.precision_cholesky_per_component(covariances, self.covariance_type)
+            precisions_chol, still_bad = g.precision_cholesky_per_component(covariances, self.covariance_type_)
             if still_bad.any():
                 raise FloatingPointError("re-seeding failed to restore positive-definite covariances")
         self._weights, self._means, self._covariances = weights, means, covariances
@@ -692,20 +726,24 @@ class OnlineGaussianMixture(MixtureBase):
     def _reseed(self, weights, means, covariances, dead, bad_cov, worst_points) -> None:
         K, D = means.shape
         healthy = ~dead
-        if self.covariance_type == "tied":
+        if self.covariance_type_ == "tied":
             if bad_cov.any():
                 covariances = np.eye(D)
         else:
             if healthy.any():
                 pooled = np.average(covariances[healthy], axis=0, weights=weights[healthy] + g.MASS_EPS)
             else:
-                pooled = np.eye(D) if self.covariance_type == "full" else (np.ones(D) if self.covariance_type == "diag" else 1.0)
+                pooled = np.eye(D) if self.covariance_type_ == "full" else (np.ones(D) if self.covariance_type_ == "diag" else 1.0)
             covariances = covariances.copy()
             covariances[dead] = pooled
         weights = np.where(np.isfinite(weights), weights, 0.0)
         means = np.where(np.isfinite(means), means, 0.0)
         total_mass = float(np.sum(np.where(healthy, self._S0, 0.0))) or 1.0
-        new_mass = np.where(dead, max(10.0 * self.min_weight, 0.5 / K) * total_mass, np.where(healthy, self._S0, 0.0))
+        # A reborn component starts light (rare, when rare_weight is set): it sits on the worst
+        # explained points, which are anomalies as often as a new regime, and must earn its
+        # weight by explaining points before it counts as normal behaviour.
+        share = max(10.0 * self.min_weight, min(0.5 / K, 0.5 * self.rare_weight if self.rare_weight > 0 else 1.0))
+        new_mass = np.where(dead, share * total_mass, np.where(healthy, self._S0, 0.0))
         for slot, k in enumerate(np.flatnonzero(dead)):
             if slot < len(worst_points):
                 means[k] = worst_points[slot]
@@ -713,7 +751,7 @@ class OnlineGaussianMixture(MixtureBase):
                 heaviest = int(np.argmax(np.where(healthy, weights, -np.inf))) if healthy.any() else 0
                 means[k] = means[heaviest] + self._rng.standard_normal(D)
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
-            new_mass, means, covariances, self.covariance_type, self.reg_covar
+            new_mass, means, covariances, self.covariance_type_, self.reg_covar
         )
         self.n_reseeded_ += int(dead.sum())
 
@@ -727,7 +765,7 @@ class OnlineGaussianMixture(MixtureBase):
         state = {
             "kind": "OnlineGaussianMixture",
             "format_version": STATE_FORMAT_VERSION,
-            "params": {name: getattr(self, name) for name in _STATE_PARAMS},
+            "params": {name: value for name, value in self.get_params(deep=False).items() if name in _STATE_PARAMS},
             "n_features": self.n_features_in_,
             "n_seen": int(self.n_seen_),
             "n_reseeded": int(self.n_reseeded_),
@@ -737,6 +775,7 @@ class OnlineGaussianMixture(MixtureBase):
         }
         if self.is_initialized:
             state.update(
+                chosen={"n_components": int(self.n_components_), "covariance_type": self.covariance_type_},
                 center=self.center_.copy(),
                 scale=self.scale_.copy(),
                 S0=self._S0.copy(),
@@ -763,7 +802,12 @@ class OnlineGaussianMixture(MixtureBase):
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"state has an unusable rng_state: {exc}") from None
         if state["initialized"]:
-            K, cov_type = model.n_components, model.covariance_type
+            # A state written before "auto" existed holds the K and type in its params.
+            chosen = state.get("chosen", params)
+            K, cov_type = chosen["n_components"], chosen["covariance_type"]
+            if not isinstance(K, int) or isinstance(K, bool) or K < 1 or cov_type not in g.COVARIANCE_TYPES:
+                raise ValueError(f"state has an unusable chosen model size: {chosen!r}")
+            model.n_components_, model.covariance_type_ = K, cov_type
             model.center_ = require_array(state, "center", (D,))
             model.scale_ = require_array(state, "scale", (D,))
             if np.any(model.scale_ <= 0):
@@ -787,12 +831,13 @@ class OnlineGaussianMixture(MixtureBase):
 
 # Saved by to_dict (random_state is not: the generator's state is saved instead).
 _STATE_PARAMS = (
-    "n_components", "covariance_type", "warmup", "alpha", "t0", "half_life", "forgetting",
+    "n_components", "covariance_type", "max_components", "warmup", "alpha", "t0", "half_life", "forgetting",
     "reg_covar", "min_weight", "rare_weight", "warmup_iter", "init_params", "warmup_n_init", "standardize",
 )
 # Everything learning creates (what fit forgets).
 _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
+    "n_components_", "covariance_type_", "selection_",
     "center_", "scale_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.

@@ -79,8 +79,11 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    n_components: int = 8
-    covariance_type: str = "full"
+    # auto: chosen at warm-up, with the covariance type, by BIC over MAP EM fits of 1 to
+    # max_components components; or a fixed number of components.
+    n_components: int | str = "auto"
+    covariance_type: str = "auto"
+    max_components: int = 8
     warmup: int = 1000
     alpha: float = 1.0
     t0: float | None = None
@@ -113,9 +116,10 @@ class ThresholdConfig:
     adopt_flag_rate: float | None = None
     adopt_window: int = 2_000
     adopt_after: int = 20_000
-    # Quantile mode: the peaks of the prequential scores of the last `window` points (null:
-    # max(100000, 100/q)) give the threshold, once `calibration` points have been scored
-    # (null: max(5000, 1/q)); until then the model's own density quantile stands in.
+    # Quantile mode: the tail of the prequential scores of the last `window` unflagged points
+    # (null: max(100000, 100/q)) gives the threshold (the model's density quantile at q/10
+    # until there are enough of them); for the first `calibration` points (null: max(5000,
+    # 1/q)) flagged points count too, after that they are alarms kept out of the tail.
     window: int | None = None
     calibration: int | None = None
     # model_quantile mode (and the quantile mode's start): re-estimate from the model's own
@@ -162,7 +166,7 @@ class Config:
 
 CHOICES = {
     "input.format": ("json", "csv", "float32", "float64"),
-    "model.covariance_type": ("full", "tied", "diag", "spherical"),
+    "model.covariance_type": ("auto", "full", "tied", "diag", "spherical"),
     "model.scope": ("global", "partition"),
     "threshold.mode": ("quantile", "model_quantile", "fixed"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -184,6 +188,11 @@ def _coerce(value, tp, path):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alternative in inner[1:]:  # int | str: an integer, else a word such as "auto"
+            try:
+                return _coerce(value, alternative, path)
+            except ConfigError:
+                pass
         return _coerce(value, inner[0], path)
     if origin is tuple:
         if isinstance(value, str):
@@ -327,10 +336,16 @@ def _check_values(config: Config) -> None:
         fail("input.max_message_bytes", i.max_message_bytes, "use an integer >= 1")
     if len(i.csv_delimiter) != 1:
         fail("input.csv_delimiter", i.csv_delimiter, "use a single character")
-    if m.n_components < 1:
-        fail("model.n_components", m.n_components, "use an integer >= 1")
-    if m.warmup < 2 * m.n_components:
+    auto_components = m.n_components == "auto"
+    if not auto_components and (isinstance(m.n_components, str) or m.n_components < 1):
+        fail("model.n_components", m.n_components, "use an integer >= 1, or auto")
+    if m.max_components < 1:
+        fail("model.max_components", m.max_components, "use an integer >= 1")
+    largest = m.max_components if auto_components else m.n_components
+    if not auto_components and m.warmup < 2 * m.n_components:
         fail("model.warmup", m.warmup, f"use at least 2 * model.n_components = {2 * m.n_components}")
+    if m.warmup < 2:
+        fail("model.warmup", m.warmup, "use at least 2 points")
     if not 0.5 < m.alpha <= 1.0:
         fail("model.alpha", m.alpha, "use a number in (0.5, 1]")
     if m.half_life is not None and m.half_life <= 0:
@@ -339,8 +354,9 @@ def _check_values(config: Config) -> None:
         fail("model.t0", m.t0, "use a number > 0, or null for model.warmup")
     if m.reg_covar <= 0:
         fail("model.reg_covar", m.reg_covar, "use a number > 0")
-    if not 0 <= m.min_weight < 1.0 / m.n_components:
-        fail("model.min_weight", m.min_weight, "use a number in [0, 1/model.n_components)")
+    if not 0 <= m.min_weight < 1.0 / largest:
+        fail("model.min_weight", m.min_weight,
+             f"use a number in [0, 1/model.{'max_components' if auto_components else 'n_components'})")
     if not 0 <= m.rare_weight < 1.0:
         fail("model.rare_weight", m.rare_weight, "use a weight in [0, 1); 0 scores by the whole mixture")
     if t.mode != "fixed" and not 0 < t.quantile < 0.5:

@@ -1,0 +1,174 @@
+"""Sizing a mixture at warm-up: MAP EM with a covariance prior, chosen by BIC.
+
+The warm-up buffer is small (hundreds to a few thousand points), so a maximum-likelihood
+mixture with K full covariances in D dimensions is often degenerate (a component on a few
+points, a covariance of rank < D).  Following Fraley & Raftery (2007, "Bayesian
+regularization for normal mixture estimation"), each covariance gets a conjugate prior: it
+is estimated as if ``tau`` extra points with covariance ``psi * I`` belonged to its
+component,
+
+    Sigma_k = (n_k S_k + tau psi I) / (n_k + tau),      psi = K ** (-2 / D)
+
+in the standardised space (unit variance per feature): ``psi`` is the spread of one of K
+equal cells of a unit cloud, ``tau`` is D + 2 points for a matrix (the prior's degrees of
+freedom in Fraley & Raftery) and 3 for a variance.  The prior fades as n_k grows and keeps
+every covariance positive definite whatever the data.
+
+``select_mixture`` fits every candidate (K, covariance type) with a few restarts and keeps
+the lowest BIC (with the log-likelihood at the MAP estimate, as Fraley & Raftery do); the
+winner is refitted with more restarts, so the chosen optimum does not hang on one draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _gaussian as g
+from .gaussian_mixture import initial_responsibilities
+
+# The order candidates are tried in: with equal BIC the simpler type wins.
+SELECTION_COVARIANCE_TYPES = ("spherical", "diag", "tied", "full")
+
+
+def prior_points(covariance_type: str, n_features: int) -> float:
+    """tau: how many points the covariance prior weighs as, per component."""
+    return float(n_features + 2) if covariance_type in ("full", "tied") else 3.0
+
+
+def prior_spread(n_components: int, n_features: int) -> float:
+    """psi: the prior's variance per standardised feature."""
+    return float(n_components) ** (-2.0 / n_features)
+
+
+def map_covariances(nk, covariances, covariance_type: str, tau: float, psi: float):
+    """Shrink maximum-likelihood covariances toward ``psi * I`` by ``tau`` prior points.
+
+    nk : array of shape (n_components,), the components' masses (in points)
+    covariances : as ``_gaussian`` shapes them for ``covariance_type``
+    """
+    if covariance_type == "full":
+        n_features = covariances.shape[1]
+        shrunk = covariances * (nk / (nk + tau))[:, np.newaxis, np.newaxis]
+        shrunk.reshape(len(nk), -1)[:, :: n_features + 1] += (tau * psi / (nk + tau))[:, np.newaxis]
+        return shrunk
+    if covariance_type == "tied":
+        n = nk.sum()
+        shrunk = covariances * (n / (n + tau))
+        shrunk.flat[:: len(shrunk) + 1] += tau * psi / (n + tau)
+        return shrunk
+    if covariance_type == "diag":
+        return (covariances * nk[:, np.newaxis] + tau * psi) / (nk + tau)[:, np.newaxis]
+    return (covariances * nk + tau * psi) / (nk + tau)
+
+
+@dataclass
+class MixtureFit:
+    """One MAP EM fit: parameters in the space it was fitted in, and its criterion."""
+
+    covariance_type: str
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    log_likelihood: float  # total (weighted) log-likelihood at the MAP estimate
+    bic: float
+    n_iter: int
+
+    @property
+    def n_components(self) -> int:
+        return len(self.weights)
+
+
+@dataclass
+class Selection:
+    """What ``select_mixture`` chose, and the BIC of every candidate it tried."""
+
+    best: MixtureFit
+    bic: dict = field(default_factory=dict)  # (covariance_type, K) -> BIC
+
+
+def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, max_iter: int = 100,
+           tol: float = 1e-3) -> MixtureFit:
+    """MAP EM from responsibilities ``resp`` (n_samples, n_components).
+
+    X : array of shape (n_samples, n_features), standardised
+    weight : array of shape (n_samples,), sample weights
+    """
+    n_samples, n_features = X.shape
+    n_components = resp.shape[1]
+    tau, psi = prior_points(covariance_type, n_features), prior_spread(n_components, n_features)
+    total = float(weight.sum())
+    log_likelihood, n_iter = -np.inf, 0
+    for n_iter in range(1, max_iter + 1):
+        nk, means, covariances = g.estimate_gaussian_parameters(X, resp * weight[:, np.newaxis], reg_covar,
+                                                                covariance_type)
+        covariances = map_covariances(nk, covariances, covariance_type, tau, psi)
+        weights = nk / nk.sum()
+        precisions_chol, _ = g.precision_cholesky_per_component(covariances, covariance_type)
+        log_prob_norm, log_resp = g.e_step(g.weighted_log_prob(X, weights, means, precisions_chol, covariance_type))
+        previous, log_likelihood = log_likelihood, float(np.dot(weight, log_prob_norm))
+        resp = np.exp(log_resp)
+        if abs(log_likelihood - previous) < tol * total:
+            break
+    bic = -2.0 * log_likelihood + g.n_parameters(n_components, n_features, covariance_type) * np.log(total)
+    return MixtureFit(covariance_type, weights, means, covariances, log_likelihood, bic, n_iter)
+
+
+def _best_of(X, weight, n_components, covariance_type, rng, n_init, reg_covar, max_iter,
+             init_params="kmeans") -> MixtureFit | None:
+    """Best of ``n_init`` MAP EM runs: the first from ``init_params``, the others from
+    k-means++ seeds (k-means alone can split a wide direction rather than separate tight
+    clusters, and EM does not recover from that: mixing seedings beats repeating one)."""
+    best = None
+    for attempt in range(n_init):
+        init = init_params if attempt == 0 else "k-means++"
+        resp = initial_responsibilities(X, n_components, init, rng, weight)
+        with np.errstate(all="ignore"):
+            fit = map_em(X, weight, resp, covariance_type, reg_covar=reg_covar, max_iter=max_iter)
+        if np.isfinite(fit.log_likelihood) and (best is None or fit.log_likelihood > best.log_likelihood):
+            best = fit
+    return best
+
+
+def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: float, n_init: int = 2,
+                   final_n_init: int = 6, max_iter: int = 100, patience: int = 2,
+                   init_params: str = "kmeans") -> Selection:
+    """The (K, covariance type) with the lowest BIC, refitted with ``final_n_init`` restarts.
+
+    X : array of shape (n_samples, n_features), standardised
+    weight : array of shape (n_samples,)
+    components : the candidate Ks, ascending; per covariance type the search stops once
+        ``patience`` Ks in a row have not lowered that type's best BIC.
+    covariance_types : the candidate types.
+    init_params : how the first restart of each candidate starts (``GaussianMixture``'s choices).
+    """
+    bic: dict = {}
+    best: MixtureFit | None = None
+    n_distinct = len(np.unique(X[weight > 0], axis=0))
+    components = list(components)
+    for covariance_type in covariance_types:
+        type_best, since_best = np.inf, 0
+        for K in components:
+            if K > n_distinct and K != components[0]:
+                break  # more components than distinct points: only as many as were asked for
+            fit = _best_of(X, weight, K, covariance_type, rng, n_init, reg_covar, max_iter, init_params)
+            if fit is None:
+                continue
+            bic[(covariance_type, K)] = fit.bic
+            if best is None or fit.bic < best.bic:
+                best = fit
+            if fit.bic < type_best:
+                type_best, since_best = fit.bic, 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
+    if best is None:
+        raise ValueError("no candidate mixture could be fitted to the warm-up points")
+    if final_n_init > n_init and best.n_components > 1:
+        refit = _best_of(X, weight, best.n_components, best.covariance_type, rng, final_n_init - n_init, reg_covar,
+                         max_iter)
+        if refit is not None and refit.log_likelihood > best.log_likelihood:
+            best = refit
+    return Selection(best, bic)
