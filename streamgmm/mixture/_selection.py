@@ -2,17 +2,17 @@
 
 The warm-up buffer is small (hundreds to a few thousand points), so a maximum-likelihood
 mixture with K full covariances in D dimensions is often degenerate (a component on a few
-points, a covariance of rank < D).  Following Fraley & Raftery (2007, "Bayesian
-regularization for normal mixture estimation"), each covariance gets a conjugate prior: it
-is estimated as if ``tau`` extra points with covariance ``psi * I`` belonged to its
-component,
+points, a covariance of rank < D).  Each covariance gets the conjugate prior of Fraley &
+Raftery (2007, "Bayesian regularization for normal mixture estimation") with their default
+hyperparameters (the prior on the means left out): the MAP covariance is
 
-    Sigma_k = (n_k S_k + tau psi I) / (n_k + tau),      psi = K ** (-2 / D)
+    Sigma_k = (W_k + Lambda) / (n_k + c),      Lambda = K ** (-2 / D) I
 
-in the standardised space (unit variance per feature): ``psi`` is the spread of one of K
-equal cells of a unit cloud, ``tau`` is D + 2 points for a matrix (the prior's degrees of
-freedom in Fraley & Raftery) and 3 for a variance.  The prior fades as n_k grows and keeps
-every covariance positive definite whatever the data.
+with W_k the component's scatter matrix (n_k times its covariance), in the standardised
+space (unit variance per feature), so Lambda is the spread of one of K equal cells of a unit
+cloud; c = 2D + 4 for full and tied (an inverse-Wishart with D + 2 degrees of freedom),
+D + 4 for diag and spherical.  The prior fades as n_k grows and keeps every covariance
+positive definite whatever the data.
 
 ``select_mixture`` fits every candidate (K, covariance type) with a few restarts and keeps
 the lowest BIC (with the log-likelihood at the MAP estimate, as Fraley & Raftery do); the
@@ -33,17 +33,17 @@ SELECTION_COVARIANCE_TYPES = ("spherical", "diag", "tied", "full")
 
 
 def prior_points(covariance_type: str, n_features: int) -> float:
-    """tau: how many points the covariance prior weighs as, per component."""
-    return float(n_features + 2) if covariance_type in ("full", "tied") else 3.0
+    """tau (c above): the count the covariance prior adds to each component."""
+    return float(2 * n_features + 4) if covariance_type in ("full", "tied") else float(n_features + 4)
 
 
-def prior_spread(n_components: int, n_features: int) -> float:
-    """psi: the prior's variance per standardised feature."""
-    return float(n_components) ** (-2.0 / n_features)
+def prior_spread(covariance_type: str, n_components: int, n_features: int) -> float:
+    """psi: Lambda / tau, the variance per standardised feature the prior pulls toward."""
+    return float(n_components) ** (-2.0 / n_features) / prior_points(covariance_type, n_features)
 
 
 def map_covariances(nk, covariances, covariance_type: str, tau: float, psi: float):
-    """Shrink maximum-likelihood covariances toward ``psi * I`` by ``tau`` prior points.
+    """MAP covariances: maximum-likelihood ones with ``tau`` points of covariance ``psi * I`` added.
 
     nk : array of shape (n_components,), the components' masses (in points)
     covariances : as ``_gaussian`` shapes them for ``covariance_type``
@@ -97,7 +97,7 @@ def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, max_iter:
     """
     n_samples, n_features = X.shape
     n_components = resp.shape[1]
-    tau, psi = prior_points(covariance_type, n_features), prior_spread(n_components, n_features)
+    tau, psi = prior_points(covariance_type, n_features), prior_spread(covariance_type, n_components, n_features)
     total = float(weight.sum())
     log_likelihood, n_iter = -np.inf, 0
     for n_iter in range(1, max_iter + 1):
@@ -132,14 +132,15 @@ def _best_of(X, weight, n_components, covariance_type, rng, n_init, reg_covar, m
 
 
 def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: float, n_init: int = 2,
-                   final_n_init: int = 6, max_iter: int = 100, patience: int = 2,
+                   final_n_init: int = 6, max_iter: int = 100, patience: int = 4,
                    init_params: str = "kmeans") -> Selection:
     """The (K, covariance type) with the lowest BIC, refitted with ``final_n_init`` restarts.
 
     X : array of shape (n_samples, n_features), standardised
     weight : array of shape (n_samples,)
     components : the candidate Ks, ascending; per covariance type the search stops once
-        ``patience`` Ks in a row have not lowered that type's best BIC.
+        ``patience`` Ks in a row have not lowered that type's best BIC (EM's local optima make
+        the BIC over K ragged: a patience of 2 stopped shuttle's search at K=3 for one seed).
     covariance_types : the candidate types.
     init_params : how the first restart of each candidate starts (``GaussianMixture``'s choices).
     """
