@@ -7,25 +7,31 @@ as in SPOT (Siffer et al., KDD 2017):
 
 1. t is the (1 - p) quantile of the recent scores (p = max(2%, 10 q)); the excesses s - t of
    the scores above it (the peaks) follow a generalised Pareto distribution (GPD) whatever
-   the distribution of s, which is fitted by maximum likelihood (Grimshaw's profile);
+   the distribution of s, fitted by maximum likelihood (Grimshaw's one-dimensional profile);
 2. the threshold is z_q = t + sigma/gamma ((q n / N_t)^-gamma - 1), n the points counted and
    N_t those above t (gamma -> 0: t - sigma log(q n / N_t)).  Flagged points are those with
    s > z_q, i.e. log p(x) < value = -z_q.
 
 Bursts.  A flagged point is an alarm, not a peak: it enters the fit only as *censored* (its
-score is known to exceed the threshold it was flagged at, and nothing more), and only while a
-token bucket allows, filled at 3 q per unflagged point and holding 5: normal flags (rate q)
-are all counted, so the tail is not truncated at z_q (which would pull z_q down round after
-round), while a block of anomalies adds at most 5 censored exceedances.  Points not counted do
-not advance the window either, so a long burst does not push the normal history out.
+score is known to exceed the threshold it was flagged at, and nothing more), only if it is not
+beyond the fitted tail's (q/100)-quantile (further out it says nothing about where z_q should
+be), and only while a token bucket allows, filled at 3 q per unflagged point and holding 3:
+normal flags (rate q) are all counted, so the tail is not truncated at z_q (which would pull
+z_q down round after round), while a block of anomalies adds at most 3 censored exceedances.
+Points not counted do not advance the window either, so a long burst does not push the
+normal history out.
 
-Drift.  Only the peaks of the last ``window`` counted points are kept; t, the GPD and z_q are
-re-estimated from them every so many points (often while the stream is young, every window/10
-later), which is also where all the cost is (a refit is a few ms; per point it is a mask).
+Drift.  Only the peaks of the last ``window`` counted points are kept (default max(20k, 20/q):
+with a young model the scores move, and a longer window lags them); t and z_q are re-estimated
+from them every window/10 points with the last GPD shape (moved to the new t), the GPD itself
+every window/2 (a fit: about a millisecond, nearly all of the cost).
 
-Start.  Until ``calibration`` prequential scores have been seen, the value is the q-quantile
-of the model's own density (``ModelQuantileThreshold``, refreshed on the model's schedule);
-then the stream's estimate takes over.
+Start.  The first fit comes after 300 scored points (30 peaks over their 90% quantile; while
+the stream is young, t is the quantile with 30 points above it, down to the 90% quantile).
+Before it the value is the q/100-quantile of the model's own density
+(``ModelQuantileThreshold``): only gross outliers are flagged.  For the first ``calibration`` points
+every scored point counts as it is, flagged or not (the start is not trusted enough to censor);
+after that alarms are kept out as above.
 
 ``ModelQuantileThreshold`` (mode ``model_quantile``) is right when the data is a Gaussian
 mixture; ``FixedThreshold`` (mode ``fixed``) never moves.
@@ -49,11 +55,17 @@ TAIL_FRACTION = 0.02
 TAIL_OVER_Q = 10.0
 # Censored exceedances: tokens per unflagged point (in units of q) and the bucket's size.
 TOKEN_RATE_OVER_Q = 3.0
-TOKEN_BUCKET = 5.0
+TOKEN_BUCKET = 3.0
+# Alarms further out than the fitted tail's quantile at this fraction of q are not counted at
+# all (only those between z_q and there can say that z_q is too low).
+FAR_OVER_Q = 0.01
 # Fewer peaks than this: no stream estimate yet.  More than FIT_PEAKS: the fit takes that
 # many, evenly spread (a refit costs well under a millisecond).
 MIN_PEAKS = 30
-FIT_PEAKS = 4_000
+# ... and until the stream has MIN_PEAKS in the top TAIL_FRACTION, they come from a deeper tail,
+# the top 10% at most: the first fit comes after 300 points.
+START_TAIL_FRACTION = 0.1
+FIT_PEAKS = 2_000
 
 
 def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:
@@ -234,8 +246,8 @@ class StreamQuantileThreshold:
     """Flag about a fraction ``quantile`` of the stream, from its own prequential scores.
 
     See the module docstring for the method.  ``observe`` is called with every scored batch
-    (log-densities and flags); ``window`` counted points of peaks are kept; the model's
-    density quantile stands in for the first ``calibration`` points.
+    (log-densities and flags); the peaks of the last ``window`` counted points are kept; for
+    the first ``calibration`` points flagged points count as any other.
     """
 
     mode = "quantile"
@@ -243,10 +255,13 @@ class StreamQuantileThreshold:
     def __init__(self, quantile: float, window: int | None = None, calibration: int | None = None,
                  refresh_every: int = 50_000, samples: int | None = None):
         self.quantile = float(quantile)
-        self.window = int(window) if window else int(max(100_000, math.ceil(100.0 / quantile)))
+        self.window = int(window) if window else int(max(20_000, math.ceil(20.0 / quantile)))
         self.calibration = int(calibration) if calibration is not None else int(max(5_000, math.ceil(1.0 / quantile)))
         self.tail_fraction = min(0.5, max(TAIL_FRACTION, TAIL_OVER_Q * quantile))
-        self.start = ModelQuantileThreshold(quantile, refresh_every, samples)
+        # Until the first fit only gross outliers: the model's density is usually far too
+        # light-tailed for real data (its q-quantile flagged up to 90 q on non-Gaussian
+        # streams), so the start is its q/100-quantile (at most 200,000 draws: their lowest).
+        self.start = ModelQuantileThreshold(quantile / 100.0, refresh_every, samples)
         self._reset()
 
     def _reset(self) -> None:
@@ -259,27 +274,31 @@ class StreamQuantileThreshold:
         # Collection levels: level[i] applies from counted point start[i] on.
         self.level_start = np.zeros(1, dtype=np.int64)
         self.level = np.full(1, -np.inf)
-        self.fitted_at = 0
+        self.fitted_at = 0  # t and z_q were last re-estimated here (counted points) ...
+        self.shape_fitted_at = 0  # ... and the GPD here
+        self.gpd: tuple[float, float, float] | None = None  # (t, gamma, sigma) of that fit
         self.z: float | None = None  # the stream's threshold on s = -log p (None: not yet)
-        self.fit: dict | None = None  # the last fit, for inspection
+        self.z_far = math.inf  # the GPD's quantile at FAR_OVER_Q x q
+        self.fit: dict | None = None  # the last estimate, for inspection
 
     # ---------------------------------------------------------------- the value
     @property
     def value(self) -> float | None:
-        """The log-density threshold: -z_q once calibrated, the model's quantile before."""
+        """The log-density threshold: -z_q once fitted, the model's density quantile before."""
         if self.z is not None:
             return -self.z
         return self.start.value
 
     @property
     def calibrated(self) -> bool:
-        return self.z is not None
+        """Whether the stream's tail is trusted enough to keep alarms out of it."""
+        return self.z is not None and self.n_counted >= self.calibration
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
 
     def update(self, model: OnlineGaussianMixture) -> None:
-        if not self.calibrated:
+        if self.z is None:
             self.start.update(model)
 
     def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
@@ -287,14 +306,23 @@ class StreamQuantileThreshold:
         if self.value is None:
             return None
         left = max(self._interval() - (self.n_counted - self.fitted_at), 1)
-        if not self.calibrated:
+        if self.z is None:
             start = self.start.points_before_refresh(model)
             if start is not None:
                 left = min(left, start)
         return left
 
-    def _interval(self) -> int:
-        return int(min(max(1_000, self.n_counted // 4), max(20_000, self.window // 5)))
+    def _interval(self, shape: bool = False) -> int:
+        """Counted points between two estimates of t and z_q (``shape``: of the GPD).
+
+        The first as soon as there can be MIN_PEAKS peaks; then, while the stream is young,
+        whenever it has grown by a quarter; then t and z_q every window/10 points (a partial
+        sort of the peaks) and the GPD every window/2, at least every 20k points (a fit: about
+        a millisecond).
+        """
+        first = math.ceil(MIN_PEAKS / max(self.tail_fraction, START_TAIL_FRACTION))
+        cap = max(20_000, self.window // 2) if shape else self.window // 10
+        return int(min(max(first, self.n_counted // 4), max(first, cap)))
 
     # -------------------------------------------------------------- the scores
     def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
@@ -307,9 +335,14 @@ class StreamQuantileThreshold:
             # The start value is not trusted: every scored point counts, as it was.
             counted, flags = finite, np.zeros(len(score), dtype=bool)
         elif len(flagged):
-            counted[flagged[self._spend_tokens(counted, flagged)]] = True
+            # Beyond z_far a point says nothing about where z_q should be: it is an anomaly.
+            flagged = flagged[score[flagged] <= self.z_far]
+            if len(flagged):
+                counted[flagged[self._spend_tokens(counted, flagged)]] = True
+            else:
+                self._fill_tokens(np.count_nonzero(counted))
         else:
-            self.tokens = min(TOKEN_BUCKET, self.tokens + TOKEN_RATE_OVER_Q * self.quantile * np.count_nonzero(counted))
+            self._fill_tokens(np.count_nonzero(counted))
         n = int(np.count_nonzero(counted))
         if n == 0:
             return
@@ -326,6 +359,9 @@ class StreamQuantileThreshold:
         self.n_counted += n
         if self.n_counted - self.fitted_at >= self._interval():
             self.refit()
+
+    def _fill_tokens(self, n_unflagged: int) -> None:
+        self.tokens = min(TOKEN_BUCKET, self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
 
     def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray) -> np.ndarray:
         """Which of the flagged points (positions into ``flagged``) are counted, as a token
@@ -352,7 +388,8 @@ class StreamQuantileThreshold:
         oldest = self.n_counted - n
         in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
         floor = float(self.level[max(in_force, 0):].max())
-        above = int(math.ceil(self.tail_fraction * n))
+        # While the stream is young, a deeper tail: at least MIN_PEAKS peaks.
+        above = int(math.ceil(max(self.tail_fraction, min(START_TAIL_FRACTION, MIN_PEAKS / n)) * n))
         twice = 2 * above
         # t: the score with `above` counted scores over it; collect from twice the tail's share
         # next time (lower if there were too few stored).
@@ -366,14 +403,20 @@ class StreamQuantileThreshold:
         censored = np.maximum(censor[is_censored] - t, 0.0)
         n_tail = len(excess) + len(censored)
         if len(excess) >= MIN_PEAKS and n * self.quantile < n_tail:
-            share = min(1.0, FIT_PEAKS / n_tail)
-            gamma, sigma = fit_gpd(_thin(excess, max(MIN_PEAKS, round(share * len(excess)))),
-                                   _thin(censored, round(share * len(censored))))
-            z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
+            if self.gpd is None or self.n_counted - self.shape_fitted_at >= self._interval(shape=True):
+                share = min(1.0, FIT_PEAKS / n_tail)
+                gamma, sigma = fit_gpd(_thin(excess, max(MIN_PEAKS, round(share * len(excess)))),
+                                       _thin(censored, round(share * len(censored))))
+                self.gpd = (t, gamma, sigma)
+                self.shape_fitted_at = self.n_counted
+            else:
+                # Excesses over a GPD's threshold moved by d are GPD(gamma, sigma + gamma d).
+                fitted_t, gamma, fitted_sigma = self.gpd
+                sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
+            self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
+            self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
             self.fit = {"t": t, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored)}
-            if self.n_counted >= self.calibration:
-                self.z = z
             if collect is None:
                 collect = t - sigma * math.log(2.0)
         if collect is not None and collect != self.level[-1]:
@@ -406,7 +449,10 @@ class StreamQuantileThreshold:
             "n_counted": self.n_counted,
             "tokens": self.tokens,
             "fitted_at": self.fitted_at,
+            "shape_fitted_at": self.shape_fitted_at,
+            "gpd": None if self.gpd is None else list(self.gpd),
             "z": self.z,
+            "z_far": self.z_far,
             "level_start": self.level_start.copy(),
             "level": self.level.copy(),
             "peak_scores": scores.copy(),
@@ -424,7 +470,10 @@ class StreamQuantileThreshold:
         self.n_counted = int(state["n_counted"])
         self.tokens = float(state["tokens"])
         self.fitted_at = int(state["fitted_at"])
+        self.shape_fitted_at = int(state["shape_fitted_at"])
+        self.gpd = None if state["gpd"] is None else tuple(float(v) for v in state["gpd"])
         self.z = None if state["z"] is None else float(state["z"])
+        self.z_far = float(state["z_far"])
         self.level_start = np.asarray(state["level_start"], dtype=np.int64).copy()
         self.level = np.asarray(state["level"], dtype=float).copy()
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]
