@@ -117,9 +117,9 @@ class ThresholdConfig:
     adopt_window: int = 2_000
     adopt_after: int = 20_000
     # Quantile mode: the tail of the prequential scores of the last `window` unflagged points
-    # (null: max(100000, 100/q)) gives the threshold (the model's density quantile at q/10
-    # until there are enough of them); for the first `calibration` points (null: max(5000,
-    # 1/q)) flagged points count too, after that they are alarms kept out of the tail.
+    # (null: max(20000, 20/q)) gives the threshold (from the 300th scored point; before it, the
+    # model's density quantile at q/100); for the first `calibration` points (null:
+    # max(5000, 1/q)) flagged points count too, after that they are alarms kept out of it.
     window: int | None = None
     calibration: int | None = None
     # model_quantile mode (and the quantile mode's start): re-estimate from the model's own
@@ -370,7 +370,7 @@ def _check_values(config: Config) -> None:
     if t.adopt_after < 0:
         fail("threshold.adopt_after", t.adopt_after, "use a number of points >= 0")
     if t.window is not None and t.window < 1_000:
-        fail("threshold.window", t.window, "use a number of points >= 1000, or null for max(100000, 100/quantile)")
+        fail("threshold.window", t.window, "use a number of points >= 1000, or null for max(20000, 20/quantile)")
     if t.calibration is not None and t.calibration < 0:
         fail("threshold.calibration", t.calibration, "use a number of points >= 0, or null for max(5000, 1/quantile)")
     if t.refresh_every < 1:
