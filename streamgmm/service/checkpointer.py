@@ -51,6 +51,8 @@ class Checkpointer:
     def due(self) -> bool:
         if not self.pending_messages or self.clock() < self.retry_at:
             return False
+        if self.failures:  # a failed checkpoint is tried again when its back-off is over
+            return True
         return (self.pending_messages >= self.config.interval_messages
                 or self.clock() - self.last_written >= self.config.interval_seconds)
 

@@ -1,0 +1,154 @@
+"""The daemon's decisions with an in-memory source and sink (no broker): rewinds after output
+that failed for a passing reason, no rewind for a record refused for good, checkpoint back-off."""
+
+import time
+
+import numpy as np
+
+from streamgmm.detection.decode import encode
+from streamgmm.service.checkpointer import Outcome
+from streamgmm.service.config import config_from_dict
+from streamgmm.service.daemon import Daemon
+from streamgmm.service.kafka import Deliveries
+
+
+class FakeMessage:
+    def __init__(self, topic, partition, offset, value):
+        self._t, self._p, self._o, self._v = topic, partition, offset, value
+
+    def topic(self):
+        return self._t
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def value(self):
+        return self._v
+
+    def key(self):
+        return None
+
+    def headers(self):
+        return None
+
+    def timestamp(self):
+        return (1, 1_000)
+
+
+class FakeSource:
+    def __init__(self):
+        self.seeks, self.commits = [], []
+
+    def seek(self, topic, partition, offset):
+        self.seeks.append((topic, partition, offset))
+
+    def committed(self, partitions, timeout=10.0):
+        return {}
+
+    def commit(self, offsets):
+        self.commits.append(dict(offsets))
+
+
+class FakeSink:
+    def __init__(self):
+        self.sent, self.deliveries, self.purged = [], Deliveries(), 0
+
+    def send(self, record):
+        self.sent.append(record)
+
+    def flush(self, timeout):
+        return 0
+
+    def take(self):
+        taken, self.deliveries = self.deliveries, Deliveries()
+        return taken
+
+    def discard_pending(self):
+        self.purged += 1
+
+
+def _daemon(tmp_path):
+    config = config_from_dict({
+        "kafka": {"retry_backoff_initial_seconds": 0.01, "retry_backoff_max_seconds": 0.05},
+        "input": {"format": "json", "dimension": 3},
+        "model": {"n_components": 2, "covariance_type": "full", "warmup": 200},
+        "checkpoint": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False},
+    }, environ={})
+    daemon = Daemon(config)
+    daemon.source, daemon.sink = FakeSource(), FakeSink()
+    daemon.assigned = {("in", 0)}
+    return daemon
+
+
+def _feed(daemon, start, n, rng):
+    X = rng.normal(size=(n, 3))
+    daemon._process({("in", 0): [FakeMessage("in", 0, start + i, encode(x, "json")) for i, x in enumerate(X)]})
+
+
+def test_output_that_failed_for_a_passing_reason_rewinds_to_the_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    assert daemon.source.commits[-1] == {("in", 0): 1000}
+    _feed(daemon, 1000, 500, rng)
+    assert daemon.detector.n_valid == 1500
+    daemon.sink.deliveries.transient = 2
+    daemon._checkpoint()
+    # Back to the checkpoint: the model as it was at 1000 messages, the partition sought there.
+    assert daemon.detector.n_valid == 1000 and daemon.source.seeks[-1] == ("in", 0, 1000)
+    assert daemon.source.commits[-1] == {("in", 0): 1000} and daemon.sink.purged == 1
+    assert daemon.metrics.value("streamgmm_rewinds_total") == 1
+
+
+def test_a_record_refused_for_good_does_not_rewind(tmp_path):
+    rng = np.random.default_rng(1)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon.sink.deliveries.permanent = 1  # counted and logged by the sink's callback
+    daemon._checkpoint()
+    assert daemon.source.seeks == [] and daemon.source.commits[-1] == {("in", 0): 1000}
+    assert (daemon.metrics.value("streamgmm_rewinds_total") or 0) == 0
+
+
+def test_rewinds_in_a_row_back_off(tmp_path):
+    rng = np.random.default_rng(2)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    pauses = []
+    for _ in range(4):
+        _feed(daemon, 1000, 10, rng)
+        daemon.sink.deliveries.transient = 1
+        started = time.monotonic()
+        daemon._checkpoint()
+        pauses.append(time.monotonic() - started)
+    assert daemon._rewinds_in_a_row == 4
+    assert pauses[-1] >= 0.05 - 0.005 and pauses[0] < pauses[-1]  # 0.01, 0.02, 0.04, 0.05 s
+    _feed(daemon, 1000, 10, rng)
+    daemon._checkpoint()
+    assert daemon._rewinds_in_a_row == 0
+
+
+def test_checkpoint_failures_back_off_1_2_4_seconds(tmp_path):
+    rng = np.random.default_rng(3)
+    daemon = _daemon(tmp_path)
+    clock = [100.0]
+    daemon.checkpointer.clock = lambda: clock[0]
+    (tmp_path / "state").write_text("a file where the directory should be")
+    _feed(daemon, 0, 1000, rng)
+    waits = []
+    for _ in range(4):
+        assert daemon.checkpointer.checkpoint(daemon.detectors, daemon.sink, daemon._commit, time.time()) \
+            is Outcome.FAILED
+        waits.append(daemon.checkpointer.retry_at - clock[0])
+        clock[0] = daemon.checkpointer.retry_at - 0.01
+        assert not daemon.checkpointer.due()  # not before it said
+        clock[0] += 0.02
+        assert daemon.checkpointer.due()
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    assert daemon.source.commits == []  # nothing committed past the last good checkpoint
