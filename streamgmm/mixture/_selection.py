@@ -4,15 +4,19 @@ The warm-up buffer is small (hundreds to a few thousand points), so a maximum-li
 mixture with K full covariances in D dimensions is often degenerate (a component on a few
 points, a covariance of rank < D).  Each covariance gets the conjugate prior of Fraley &
 Raftery (2007, "Bayesian regularization for normal mixture estimation") with their default
-hyperparameters (the prior on the means left out): the MAP covariance is
+hyperparameters (mclust's ``defaultPrior``; the prior on the means left out): the MAP
+covariance is
 
-    Sigma_k = (W_k + Lambda) / (n_k + c),      Lambda = K ** (-2 / D) I
+    Sigma_k = (W_k + Lambda) / (n_k + c),      Lambda = K ** (-2 / D) C
 
-with W_k the component's scatter matrix (n_k times its covariance), in the standardised
-space (unit variance per feature), so Lambda is the spread of one of K equal cells of a unit
-cloud; c = 2D + 4 for full and tied (an inverse-Wishart with D + 2 degrees of freedom),
-D + 4 for diag and spherical.  The prior fades as n_k grows and keeps every covariance
-positive definite whatever the data.
+with W_k the component's scatter matrix (n_k times its covariance) and C the covariance of
+the data (for diag and spherical its diagonal, resp. the mean of that), so Lambda is the
+spread of one of K equal cells of the data cloud; c = 2D + 4 for full and tied (an
+inverse-Wishart with D + 2 degrees of freedom), D + 4 for diag and spherical.  C is taken in
+the standardised space with a ridge of 1e-3 (its diagonal is about 1), so Lambda is positive
+definite even for collinear features, and the prior keeps every covariance positive definite
+whatever the data; it fades as n_k grows.  (A scaled identity instead of C inflated a
+near-collinear direction of a single Gaussian enough for BIC to prefer two components.)
 
 ``select_mixture`` fits every candidate (K, covariance type) with a few restarts and keeps
 the lowest BIC (with the log-likelihood at the MAP estimate, as Fraley & Raftery do); the
@@ -37,30 +41,39 @@ def prior_points(covariance_type: str, n_features: int) -> float:
     return float(2 * n_features + 4) if covariance_type in ("full", "tied") else float(n_features + 4)
 
 
-def prior_spread(covariance_type: str, n_components: int, n_features: int) -> float:
-    """psi: Lambda / tau, the variance per standardised feature the prior pulls toward."""
-    return float(n_components) ** (-2.0 / n_features) / prior_points(covariance_type, n_features)
+# Added to the data covariance C's diagonal (standardised: about 1) in the prior's scatter.
+PRIOR_RIDGE = 1e-3
 
 
-def map_covariances(nk, covariances, covariance_type: str, tau: float, psi: float):
-    """MAP covariances: maximum-likelihood ones with ``tau`` points of covariance ``psi * I`` added.
+def prior_scatter(covariance_type: str, n_components: int, data_covariance):
+    """Lambda = K^(-2/D) C, shaped as ``covariance_type`` needs it.
+
+    data_covariance : array of shape (n_features, n_features), the data's covariance
+    """
+    n_features = len(data_covariance)
+    scale = float(n_components) ** (-2.0 / n_features)
+    C = data_covariance + PRIOR_RIDGE * np.eye(n_features)
+    if covariance_type in ("full", "tied"):
+        return scale * C
+    if covariance_type == "diag":
+        return scale * np.diag(C)
+    return scale * float(np.mean(np.diag(C)))
+
+
+def map_covariances(nk, covariances, covariance_type: str, tau: float, scatter):
+    """MAP covariances: (nk * ML covariance + scatter) / (nk + tau).
 
     nk : array of shape (n_components,), the components' masses (in points)
     covariances : as ``_gaussian`` shapes them for ``covariance_type``
     """
     if covariance_type == "full":
-        n_features = covariances.shape[1]
-        shrunk = covariances * (nk / (nk + tau))[:, np.newaxis, np.newaxis]
-        shrunk.reshape(len(nk), -1)[:, :: n_features + 1] += (tau * psi / (nk + tau))[:, np.newaxis]
-        return shrunk
+        return (covariances * nk[:, np.newaxis, np.newaxis] + scatter) / (nk + tau)[:, np.newaxis, np.newaxis]
     if covariance_type == "tied":
         n = nk.sum()
-        shrunk = covariances * (n / (n + tau))
-        shrunk.flat[:: len(shrunk) + 1] += tau * psi / (n + tau)
-        return shrunk
+        return (covariances * n + scatter) / (n + tau)
     if covariance_type == "diag":
-        return (covariances * nk[:, np.newaxis] + tau * psi) / (nk + tau)[:, np.newaxis]
-    return (covariances * nk + tau * psi) / (nk + tau)
+        return (covariances * nk[:, np.newaxis] + scatter) / (nk + tau)[:, np.newaxis]
+    return (covariances * nk + scatter) / (nk + tau)
 
 
 @dataclass
@@ -88,22 +101,31 @@ class Selection:
     bic: dict = field(default_factory=dict)  # (covariance_type, K) -> BIC
 
 
-def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, max_iter: int = 100,
+def data_covariance(X, weight) -> np.ndarray:
+    """The weighted covariance of X (n_samples, n_features)."""
+    centred = X - np.average(X, axis=0, weights=weight)
+    return (centred.T * weight) @ centred / weight.sum()
+
+
+def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, covariance=None, max_iter: int = 100,
            tol: float = 1e-3) -> MixtureFit:
     """MAP EM from responsibilities ``resp`` (n_samples, n_components).
 
     X : array of shape (n_samples, n_features), standardised
     weight : array of shape (n_samples,), sample weights
+    covariance : the data covariance C of the prior (default: X's own)
     """
     n_samples, n_features = X.shape
     n_components = resp.shape[1]
-    tau, psi = prior_points(covariance_type, n_features), prior_spread(covariance_type, n_components, n_features)
+    covariance = data_covariance(X, weight) if covariance is None else covariance
+    tau = prior_points(covariance_type, n_features)
+    scatter = prior_scatter(covariance_type, n_components, covariance)
     total = float(weight.sum())
     log_likelihood, n_iter = -np.inf, 0
     for n_iter in range(1, max_iter + 1):
         nk, means, covariances = g.estimate_gaussian_parameters(X, resp * weight[:, np.newaxis], reg_covar,
                                                                 covariance_type)
-        covariances = map_covariances(nk, covariances, covariance_type, tau, psi)
+        covariances = map_covariances(nk, covariances, covariance_type, tau, scatter)
         weights = nk / nk.sum()
         precisions_chol, _ = g.precision_cholesky_per_component(covariances, covariance_type)
         log_prob_norm, log_resp = g.e_step(g.weighted_log_prob(X, weights, means, precisions_chol, covariance_type))
@@ -115,7 +137,7 @@ def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, max_iter:
     return MixtureFit(covariance_type, weights, means, covariances, log_likelihood, bic, n_iter)
 
 
-def _best_of(X, weight, n_components, covariance_type, rng, n_init, reg_covar, max_iter,
+def _best_of(X, weight, n_components, covariance_type, rng, n_init, reg_covar, max_iter, covariance,
              init_params="kmeans") -> MixtureFit | None:
     """Best of ``n_init`` MAP EM runs: the first from ``init_params``, the others from
     k-means++ seeds (k-means alone can split a wide direction rather than separate tight
@@ -125,7 +147,8 @@ def _best_of(X, weight, n_components, covariance_type, rng, n_init, reg_covar, m
         init = init_params if attempt == 0 else "k-means++"
         resp = initial_responsibilities(X, n_components, init, rng, weight)
         with np.errstate(all="ignore"):
-            fit = map_em(X, weight, resp, covariance_type, reg_covar=reg_covar, max_iter=max_iter)
+            fit = map_em(X, weight, resp, covariance_type, reg_covar=reg_covar, covariance=covariance,
+                         max_iter=max_iter)
         if np.isfinite(fit.log_likelihood) and (best is None or fit.log_likelihood > best.log_likelihood):
             best = fit
     return best
@@ -147,13 +170,14 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
     bic: dict = {}
     best: MixtureFit | None = None
     n_distinct = len(np.unique(X[weight > 0], axis=0))
+    covariance = data_covariance(X, weight)
     components = list(components)
     for covariance_type in covariance_types:
         type_best, since_best = np.inf, 0
         for K in components:
             if K > n_distinct and K != components[0]:
                 break  # more components than distinct points: only as many as were asked for
-            fit = _best_of(X, weight, K, covariance_type, rng, n_init, reg_covar, max_iter, init_params)
+            fit = _best_of(X, weight, K, covariance_type, rng, n_init, reg_covar, max_iter, covariance, init_params)
             if fit is None:
                 continue
             bic[(covariance_type, K)] = fit.bic
@@ -169,7 +193,7 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
         raise ValueError("no candidate mixture could be fitted to the warm-up points")
     if final_n_init > n_init and best.n_components > 1:
         refit = _best_of(X, weight, best.n_components, best.covariance_type, rng, final_n_init - n_init, reg_covar,
-                         max_iter)
+                         max_iter, covariance)
         if refit is not None and refit.log_likelihood > best.log_likelihood:
             best = refit
     return Selection(best, bic)
