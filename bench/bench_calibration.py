@@ -197,6 +197,54 @@ def one_case(case):
     return name, q, seed, len(X) - WARMUP, out
 
 
+def sweep_case(case):
+    """Flagged share / q of the default mode with one threshold.window (no burst)."""
+    name, q, seed, n, window = case
+    X = stream(name, n + WARMUP, seed)
+    return name, q, window, run(X, q, "quantile", seed, window).mean() / q
+
+
+def window_sweep(jobs, seeds, windows=(10_000, 20_000, 100_000)):
+    names = ["ring (2-d circle in 4-d)", "drifting means (8-d)", "log-normal (8-d)", "Student t df=3 (8-d)"]
+    cases = [(name, q, seed, 100_000, w) for name in names for q in (0.01, 0.001)
+             for seed in range(seeds) for w in windows]
+    with ProcessPoolExecutor(jobs) as pool:
+        results = list(pool.map(sweep_case, cases))
+    print(f"\n### threshold.window: flagged share / q, 100,000 points ({seeds} seeds: worst / median)\n")
+    print("| stream | q | " + " | ".join(f"window {w:,}" for w in windows) + " |")
+    print("|---|---|" + "---|" * len(windows))
+    for name in names:
+        for q in (0.01, 0.001):
+            cells = []
+            for w in windows:
+                values = np.array([r for n_, q_, w_, r in results if (n_, q_, w_) == (name, q, w)])
+                worst = values[np.argmax(np.abs(np.log(np.maximum(values, 1e-9))))]
+                cells.append(f"{worst:.2f} / {np.median(values):.2f}")
+            print(f"| {name} | {q:g} | " + " | ".join(cells) + " |")
+
+
+def threshold_cost(n=2_000_000, batch=1000):
+    """The threshold's own time per point (classify + observe, refits included), on scores
+    from a gamma distribution fed in batches as the detector does."""
+    from streamgmm.detection.threshold import StreamQuantileThreshold
+
+    print(f"\n### Cost of the threshold per point ({n:,} scores, batches of {batch})\n")
+    print("| q | window | ns per point | refits of the GPD |")
+    print("|---|---|---|---|")
+    scores = np.random.default_rng(0).gamma(4.0, size=n)
+    for q in QUANTILES:
+        threshold = StreamQuantileThreshold(q)
+        threshold.start.value = -float(np.quantile(scores, 1 - q))
+        fits = 0
+        started = time.perf_counter()
+        for i in range(0, n, batch):
+            log_density = -scores[i:i + batch]
+            threshold.observe(log_density, threshold.classify(log_density))
+            fits += threshold.shape_fitted_at == threshold.n_counted
+        elapsed = time.perf_counter() - started
+        print(f"| {q:g} | {threshold.window:,} | {elapsed / n * 1e9:.0f} | {fits} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter streams, q 0.01 and 0.001 only")
@@ -204,13 +252,19 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default=None, help="streams whose name contains this")
     parser.add_argument("--window", type=int, default=None, help="threshold.window (default: the default)")
+    parser.add_argument("--quantiles", default=None, help="comma-separated q values (default 0.01,0.001,0.0001)")
+    parser.add_argument("--sweep", action="store_true", help="only the threshold.window sweep")
     args = parser.parse_args()
+    if args.sweep:
+        window_sweep(args.jobs, args.seeds)
+        return
     names = ["shuttle normal rows (9-d)", *SYNTHETIC] if SHUTTLE.exists() else list(SYNTHETIC)
     if args.only:
         names = [n for n in names if args.only.lower() in n.lower()]
+    quantiles = tuple(float(v) for v in args.quantiles.split(",")) if args.quantiles else QUANTILES
     cases = []
     for name in names:
-        for q in QUANTILES[:2] if args.quick else QUANTILES:
+        for q in quantiles[:2] if args.quick else quantiles:
             n = max(100_000, int(50 / q)) if not args.quick else 50_000
             if name.startswith("shuttle"):
                 if q < 0.001:
@@ -237,7 +291,7 @@ def main():
     print("| stream | q | points scored | quantile (stream tail) | first 10k | first 50k | model_quantile (before) |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
-        for q in QUANTILES:
+        for q in quantiles:
             rows = table.get((name, q))
             if not rows:
                 continue
@@ -249,7 +303,7 @@ def main():
     print("| stream | q | burst recall | flagged / q after the burst | model_quantile: recall | model_quantile: after |")
     print("|---|---|---|---|---|---|")
     for name in names:
-        for q in QUANTILES:
+        for q in quantiles:
             rows = table.get((name, q))
             if not rows:
                 continue
@@ -259,6 +313,7 @@ def main():
                   f"{summary(rows, 'model_quantile', 'after_burst')} |")
     seconds = sum(out[m]["seconds"] for _, _, _, _, out in results for m in out)
     points = sum(n for _, _, _, n, _ in results) * 2
+    threshold_cost()
     print(f"\n{len(results)} cases in {elapsed:.0f} s ({points / seconds:,.0f} points/s per process "
           "through Detector.process, float64 messages)")
 
