@@ -2,8 +2,9 @@
 
     python bench/bench_model.py [--quick]
 
-Prints three tables: online score+learn throughput (vs river HalfSpaceTrees), batch fit
-time at equal log-likelihood (vs scikit-learn), and memory against stream length.
+Prints four tables: online score+learn throughput (vs river HalfSpaceTrees; the default
+auto-sized model too), batch fit time at equal log-likelihood (vs scikit-learn), the one-off
+cost of sizing the model at warm-up, and memory against stream length.
 Single-threaded BLAS (OPENBLAS_NUM_THREADS=1 unless already set): one core, as in the issue.
 """
 
@@ -35,10 +36,12 @@ def table(title, header, rows):
         print("| " + " | ".join(str(c) for c in row) + " |")
 
 
-def online_throughput(X, batch=1000, repeats=3):
+def online_throughput(X, batch=1000, repeats=3, **params):
+    """Best of ``repeats`` score+learn rates (points/s) of a model of ``params`` (K=8 full if none)."""
+    params = params or {"n_components": 8, "covariance_type": "full"}
     best = 0.0
     for _ in range(repeats):
-        model = OnlineGaussianMixture(8, covariance_type="full", random_state=0)
+        model = OnlineGaussianMixture(random_state=0, **params)
         model.partial_fit(X[:1000])
         start = time.perf_counter()
         n = 0
@@ -48,7 +51,23 @@ def online_throughput(X, batch=1000, repeats=3):
             model.learn(scored)  # ... then learn from the same batch
             n += len(chunk)
         best = max(best, n / (time.perf_counter() - start))
-    return best
+    return best, f"{model.covariance_type_} K={model.n_components_}"
+
+
+def warmup_sizing(cases):
+    """Seconds the warm-up takes to size and fit the default (auto) model, per (D, warm-up points)."""
+    rows = []
+    for D, n in cases:
+        rng = np.random.default_rng(D)
+        X, _ = random_mixture(4, D, rng).sample(n, rng)
+        times = []
+        for seed in range(3):
+            start = time.perf_counter()
+            model = OnlineGaussianMixture(warmup=n, random_state=seed).partial_fit(X)
+            times.append(time.perf_counter() - start)
+        rows.append((D, f"{n:,}", f"{np.median(times):.2f}", f"{max(times):.2f}",
+                     f"{model.covariance_type_} K={model.n_components_}"))
+    return rows
 
 
 def river_throughput(X, n_points):
@@ -92,7 +111,7 @@ def batch_fit_comparison(X, K=8):
 def memory_against_length(X, lengths):
     rows = []
     for n in lengths:
-        model = OnlineGaussianMixture(8, random_state=0)
+        model = OnlineGaussianMixture(8, covariance_type="full", random_state=0)
         tracemalloc.start()
         for i in range(0, n, 1000):
             j = i % (len(X) - 1000)
@@ -130,7 +149,8 @@ def scaling(quick):
         for K in (2, 8, 32):
             rng = np.random.default_rng(D * 100 + K)
             X, _ = random_mixture(K, D, rng).sample(60_000, rng)
-            model = OnlineGaussianMixture(K, warmup=max(1000, 4 * K), random_state=0).partial_fit(X[:max(1000, 4 * K)])
+            model = OnlineGaussianMixture(K, covariance_type="full", warmup=max(1000, 4 * K),
+                                          random_state=0).partial_fit(X[:max(1000, 4 * K)])
             start, n = time.perf_counter(), 0
             for i in range(5_000, len(X), 1000):
                 model.learn(model.score_batch(X[i:i + 1000]))
@@ -165,17 +185,26 @@ def main():
     n = 50_000 if args.quick else 200_000
     X, _ = random_mixture(8, 16, rng).sample(n, rng)
 
-    ours = online_throughput(X)
+    ours, _ = online_throughput(X)
+    auto, chosen = online_throughput(X, n_components="auto", covariance_type="auto")
     river_n = 5_000 if args.quick else 20_000
     try:
         theirs = river_throughput(X, river_n)
-        river_cell, ratio = f"{theirs:,.0f}", f"{ours / theirs:.0f}x"
+        river_cell, ratio, auto_ratio = f"{theirs:,.0f}", f"{ours / theirs:.0f}x", f"{auto / theirs:.0f}x"
     except ImportError:
-        river_cell, ratio = "river not installed", "-"
+        river_cell, ratio, auto_ratio = "river not installed", "-", "-"
     table(
         "Online score + learn, full covariance, D=16, K=8, mini-batch 1,000, one core",
         ["method", "points/s", "ratio"],
-        [("streamgmm OnlineGaussianMixture", f"{ours:,.0f}", ratio), ("river HalfSpaceTrees (MinMaxScaler)", river_cell, "1x")],
+        [("streamgmm OnlineGaussianMixture (K=8 full)", f"{ours:,.0f}", ratio),
+         (f"streamgmm default (auto: chose {chosen})", f"{auto:,.0f}", auto_ratio),
+         ("river HalfSpaceTrees (MinMaxScaler)", river_cell, "1x")],
+    )
+    cases = [(9, 1000), (16, 1000), (36, 643)] if args.quick else [(9, 1000), (16, 1000), (36, 643), (36, 1000), (64, 1000)]
+    table(
+        "Warm-up sizing (n_components and covariance_type auto: 1-8 components x 4 types, MAP EM, BIC), one core",
+        ["D", "warm-up points", "median s", "max s (seeds 0..2)", "chosen (seed 2)"],
+        warmup_sizing(cases),
     )
 
     try:
