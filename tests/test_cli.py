@@ -108,7 +108,7 @@ def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):
         assert result.returncode == 2
         assert "model.covariance_type: 'ful' is not allowed" in result.stderr
     good = _cli("check-config", "config/streamgmm.yaml")
-    assert good.returncode == 0 and "n_components: 8" in good.stdout
+    assert good.returncode == 0 and "n_components: auto" in good.stdout
 
 
 def test_inspect_an_empty_directory_fails_clearly(tmp_path):

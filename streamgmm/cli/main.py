@@ -14,6 +14,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 
+import numpy as np
 import yaml
 
 from .. import __version__
@@ -156,25 +157,35 @@ def cmd_fit(args) -> int:
     fmt = guess_format(args.input, args.format, config.input.format)
     X, n_invalid = read_matrix(config, args.input, fmt)
     m = config.model
-    if len(X) < max(2, m.n_components):
-        print(f"streamgmm: {args.input} has {len(X)} valid rows; need at least {m.n_components}", file=sys.stderr)
+    least = 2 if m.n_components == "auto" else max(2, m.n_components)
+    if len(X) < least:
+        print(f"streamgmm: {args.input} has {len(X)} valid rows; need at least {least}", file=sys.stderr)
         return 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mixture = GaussianMixture(
-            m.n_components, covariance_type=m.covariance_type, reg_covar=m.reg_covar,
-            n_init=args.n_init, max_iter=args.max_iter, random_state=m.random_state,
-        ).fit(X)
     detector = Detector(config)
-    detector.model = OnlineGaussianMixture.from_mixture(
-        mixture, n_samples_seen=len(X), warmup=m.warmup, alpha=m.alpha, t0=m.t0,
-        half_life=m.half_life, min_weight=m.min_weight, rare_weight=m.rare_weight, random_state=m.random_state,
-    )
+    if "auto" in (m.n_components, m.covariance_type):
+        # The warm-up's own search (BIC over K and covariance types, MAP EM), over the whole file.
+        detector.model.set_params(warmup=len(X))
+        detector.model.partial_fit(X)
+        mixture = detector.model
+        report = {"n_components": int(mixture.weights_.shape[0]), "covariance_type": mixture.covariance_type_}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batch = GaussianMixture(
+                m.n_components, covariance_type=m.covariance_type, reg_covar=m.reg_covar,
+                n_init=args.n_init, max_iter=args.max_iter, random_state=m.random_state,
+            ).fit(X)
+        detector.model = OnlineGaussianMixture.from_mixture(
+            batch, n_samples_seen=len(X), warmup=m.warmup, alpha=m.alpha, t0=m.t0,
+            half_life=m.half_life, min_weight=m.min_weight, rare_weight=m.rare_weight, random_state=m.random_state,
+        )
+        report = {"n_components": m.n_components, "covariance_type": m.covariance_type,
+                  "bic": batch.bic(X), "converged": batch.converged_}
     detector.threshold.update(detector.model)
     path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state(time.time()))
     print(json.dumps({
         "checkpoint": str(path), "n_rows": len(X), "n_invalid": n_invalid,
-        "mean_log_likelihood": mixture.score(X), "bic": mixture.bic(X), "converged": mixture.converged_,
+        "mean_log_likelihood": float(np.mean(detector.model.score_samples(X))), **report,
         "threshold": detector.threshold.value,
     }))
     return 0
