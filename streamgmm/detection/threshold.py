@@ -150,9 +150,13 @@ def _thin(values: np.ndarray, size: int) -> np.ndarray:
 
 def gpd_excess_quantile(gamma: float, sigma: float, tail_probability: float) -> float:
     """The excess y with P(Y > y) = ``tail_probability`` under GPD(gamma, sigma)."""
+    log_p = math.log(tail_probability)
     if abs(gamma) < 1e-9:
-        return -sigma * math.log(tail_probability)
-    return sigma / gamma * (tail_probability ** -gamma - 1.0)
+        return -sigma * log_p
+    try:
+        return sigma / gamma * math.expm1(-gamma * log_p)
+    except OverflowError:
+        return math.inf
 
 
 # ------------------------------------------------------------------ thresholds
