@@ -142,3 +142,29 @@ def test_make_threshold_modes():
     assert make_threshold(config_from_dict({"threshold": {"mode": "model_quantile"}}).threshold).mode == "model_quantile"
     fixed = make_threshold(config_from_dict({"threshold": {"mode": "fixed", "value": -3.0}}).threshold)
     assert fixed.mode == "fixed" and fixed.value == -3.0
+
+
+def test_detector_checkpoint_round_trip_gives_identical_decisions():
+    from streamgmm.detection.decode import encode
+    from streamgmm.detection.detector import Detector, InputRecord
+    from streamgmm.dev.synthetic import random_mixture
+    from streamgmm.service.state import pack, unpack
+
+    rng = np.random.default_rng(7)
+    X, _ = random_mixture(3, 4, rng).sample(20_000, rng)
+    X[15_000] += 50.0
+    config = config_from_dict({"input": {"format": "float64", "dimension": 4},
+                               "model": {"n_components": 3, "warmup": 500}, "threshold": {"quantile": 0.01}})
+
+    def run(detector, rows, start):
+        return [detector.process([InputRecord("in", 0, start + i + j, encode(x, "float64"))
+                                  for j, x in enumerate(rows[i:i + 500])], now=5.0).decisions()
+                for i in range(0, len(rows), 500)]
+
+    a = Detector(config)
+    run(a, X[:10_000], 0)
+    assert a.threshold.calibrated
+    b = Detector(config)
+    b.restore(unpack(pack(a.state(5.0))))  # the checkpoint file's format: arrays and JSON
+    assert run(a, X[10_000:], 10_000) == run(b, X[10_000:], 10_000)
+    assert a.threshold.value == b.threshold.value
