@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,6 @@ import numpy as np
 from . import _gaussian as g
 from ._base import (
     STATE_FORMAT_VERSION,
-    ConvergenceWarning,
     MixtureBase,
     NotFittedError,
     check_state_header,
