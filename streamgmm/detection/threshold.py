@@ -306,7 +306,8 @@ class StreamQuantileThreshold:
             self.start.update(model)
 
     def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
-        """Counted points before the next refit (or the start value's next refresh)."""
+        """Counted points before the next re-estimate (or the start value's next refresh), so
+        that a large batch is decided as small ones would be, re-estimates at the same points."""
         if self.value is None:
             return None
         left = max(self._interval() - (self.n_counted - self.fitted_at), 1)
@@ -332,17 +333,18 @@ class StreamQuantileThreshold:
     def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
         """Count one scored batch: its prequential log-densities and which were flagged."""
         score = -np.asarray(log_density, dtype=float)
-        finite = np.isfinite(score)
-        counted = finite & ~flags
-        flagged = np.flatnonzero(finite & flags)
+        counted = np.isfinite(score)
+        alarms = None  # flagged points that count, censored at the threshold
         if not self.calibrated:
-            # The start value is not trusted: every scored point counts, as it was.
-            counted, flags = finite, np.zeros(len(score), dtype=bool)
-        elif len(flagged):
+            pass  # the start is not trusted: every scored point counts, as it was
+        elif flags.any():
+            flagged = np.flatnonzero(counted & flags)
+            counted &= ~flags
             # Beyond z_far a point says nothing about where z_q should be: it is an anomaly.
             flagged = flagged[score[flagged] <= self.z_far]
             if len(flagged):
-                counted[flagged[self._spend_tokens(counted, flagged)]] = True
+                alarms = flagged[self._spend_tokens(counted, flagged)]
+                counted[alarms] = True
             else:
                 self._fill_tokens(np.count_nonzero(counted))
         else:
@@ -350,16 +352,15 @@ class StreamQuantileThreshold:
         n = int(np.count_nonzero(counted))
         if n == 0:
             return
-        level = self.level[-1]
-        keep = counted & (score > level)
-        if keep.any():
-            index = self.n_counted + np.cumsum(counted)[keep] - 1
-            self._scores.append(score[keep])
-            censor = np.full(len(index), np.nan)
-            if self.value is not None:
-                censor[flags[keep]] = -self.value
+        kept = np.flatnonzero(counted & (score > self.level[-1]))
+        if len(kept):
+            position = kept if n == len(score) else np.cumsum(counted)[kept] - 1
+            self._scores.append(score[kept])
+            censor = np.full(len(kept), np.nan)
+            if alarms is not None:
+                censor[np.isin(kept, alarms)] = -self.value
             self._censor.append(censor)
-            self._index.append(index.astype(np.int64))
+            self._index.append(self.n_counted + position.astype(np.int64))
         self.n_counted += n
         if self.n_counted - self.fitted_at >= self._interval():
             self.refit()
