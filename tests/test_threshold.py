@@ -139,7 +139,8 @@ def test_gpd_excess_quantile():
 
 def test_make_threshold_modes():
     assert make_threshold(config_from_dict({}).threshold).mode == "quantile"
-    assert make_threshold(config_from_dict({"threshold": {"mode": "model_quantile"}}).threshold).mode == "model_quantile"
+    model = make_threshold(config_from_dict({"threshold": {"mode": "model_quantile"}}).threshold)
+    assert model.mode == "model_quantile"
     fixed = make_threshold(config_from_dict({"threshold": {"mode": "fixed", "value": -3.0}}).threshold)
     assert fixed.mode == "fixed" and fixed.value == -3.0
 

@@ -29,9 +29,9 @@ every window/2 (a fit: about a millisecond, nearly all of the cost).
 Start.  The first fit comes after 300 scored points (30 peaks over their 90% quantile; while
 the stream is young, t is the quantile with 30 points above it, down to the 90% quantile).
 Before it the value is the q/100-quantile of the model's own density
-(``ModelQuantileThreshold``): only gross outliers are flagged.  For the first ``calibration`` points
-every scored point counts as it is, flagged or not (the start is not trusted enough to censor);
-after that alarms are kept out as above.
+(``ModelQuantileThreshold``): only gross outliers are flagged.  For the first ``calibration``
+points every scored point counts as it is, flagged or not (the start is not trusted enough to
+censor); after that alarms are kept out as above.
 
 ``ModelQuantileThreshold`` (mode ``model_quantile``) is right when the data is a Gaussian
 mixture; ``FixedThreshold`` (mode ``fixed``) never moves.
@@ -59,13 +59,13 @@ TOKEN_BUCKET = 3.0
 # Alarms further out than the fitted tail's quantile at this fraction of q are not counted at
 # all (only those between z_q and there can say that z_q is too low).
 FAR_OVER_Q = 0.01
-# Fewer peaks than this: no stream estimate yet.  More than FIT_PEAKS: the fit takes that
-# many, evenly spread (a refit costs well under a millisecond).
+# Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
-# ... and until the stream has MIN_PEAKS in the top TAIL_FRACTION, they come from a deeper tail,
+# More than this: the fit takes this many, evenly spread (a fit then costs about a millisecond).
+FIT_PEAKS = 2_000
+# While the top TAIL_FRACTION holds fewer than MIN_PEAKS, the peaks come from a deeper tail,
 # the top 10% at most: the first fit comes after 300 points.
 START_TAIL_FRACTION = 0.1
-FIT_PEAKS = 2_000
 
 
 def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:
@@ -260,7 +260,7 @@ class StreamQuantileThreshold:
                  refresh_every: int = 50_000, samples: int | None = None):
         self.quantile = float(quantile)
         self.window = int(window) if window else int(max(20_000, math.ceil(20.0 / quantile)))
-        self.calibration = int(calibration) if calibration is not None else int(max(5_000, math.ceil(1.0 / quantile)))
+        self.calibration = int(max(5_000, math.ceil(1.0 / quantile)) if calibration is None else calibration)
         self.tail_fraction = min(0.5, max(TAIL_FRACTION, TAIL_OVER_Q * quantile))
         # Until the first fit only gross outliers: the model's density is usually far too
         # light-tailed for real data (its q-quantile flagged up to 90 q on non-Gaussian
@@ -381,7 +381,8 @@ class StreamQuantileThreshold:
             if tokens >= 1.0:
                 tokens -= 1.0
                 taken[j] = True
-        self.tokens = min(TOKEN_BUCKET, tokens + rate * (np.count_nonzero(counted) - int(unflagged_before[-1])))
+        after_last = np.count_nonzero(counted) - int(unflagged_before[-1])
+        self.tokens = min(TOKEN_BUCKET, tokens + rate * after_last)
         return taken
 
     # ------------------------------------------------------------------ the fit
