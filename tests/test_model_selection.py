@@ -184,3 +184,16 @@ def test_a_state_from_before_auto_still_loads():
 def test_size_parameter_errors(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         OnlineGaussianMixture(**kwargs).partial_fit(np.zeros((4, 2)))
+
+
+def test_the_config_sizes_the_detectors_model():
+    default = config_from_dict({}, environ={}).model
+    assert (default.n_components, default.covariance_type, default.max_components) == ("auto", "auto", 8)
+    given = config_from_dict({}, environ={"STREAMGMM_MODEL__N_COMPONENTS": "3",
+                                          "STREAMGMM_MODEL__COVARIANCE_TYPE": "diag"}).model
+    assert (given.n_components, given.covariance_type) == (3, "diag")
+    X = np.random.default_rng(8).normal(size=(300, 4))
+    detector, _ = _detector_flags(X, n_components=3, covariance_type="diag", warmup=200, random_state=0)
+    assert (detector.model.n_components_, detector.model.covariance_type_) == (3, "diag")
+    detector, _ = _detector_flags(X, max_components=2, warmup=200, random_state=0)
+    assert detector.model.n_components_ <= 2
