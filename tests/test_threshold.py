@@ -169,3 +169,19 @@ def test_detector_checkpoint_round_trip_gives_identical_decisions():
     b.restore(unpack(pack(a.state(5.0))))  # the checkpoint file's format: arrays and JSON
     assert run(a, X[10_000:], 10_000) == run(b, X[10_000:], 10_000)
     assert a.threshold.value == b.threshold.value
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_far_anomalies_more_frequent_than_q_from_the_first_point_are_all_flagged(name):
+    # 0.6% far anomalies (6 q) from the very start: inside the calibration period, where every
+    # point counts, they must not become the tail (they did: the threshold sank below them).
+    rng = np.random.default_rng(5)
+    q, n = 0.001, 60_000
+    scores = SCORES[name](rng, n)
+    anomalous = rng.random(n) < 0.006
+    scores[anomalous] = scores.max() * 50.0 + rng.uniform(0, 1000, anomalous.sum())
+    threshold = _started(0.001, start_score=np.quantile(scores[~anomalous], 1 - q / 100))
+    flags = _feed(threshold, scores)
+    assert flags[anomalous].mean() >= 0.99
+    normal_share = flags[~anomalous][20_000:].mean() / q
+    assert 0.5 <= normal_share <= 2.0, normal_share

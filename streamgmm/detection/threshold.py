@@ -61,6 +61,14 @@ TOKEN_BUCKET = 3.0
 FAR_OVER_Q = 0.01
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
+# Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
+# anomalies more frequent than q that the history took in (during calibration, or in a
+# sustained flow).  They leave the fit and the counts (see _beyond_the_bulk).
+BULK_GAP_OVER_MEDIAN = 30.0
+# ... when they are clearly more than this many q of the points (three Poisson standard
+# deviations over it).  A rarer far cluster is the normal tail's own (shuttle's normal rows
+# have one, 0.8 q): it belongs in the tail, as before.
+FAR_CLUSTER_OVER_Q = 2.0
 # More than this: the fit takes this many, evenly spread (a fit then costs about a millisecond).
 FIT_PEAKS = 2_000
 # While the top TAIL_FRACTION holds fewer than MIN_PEAKS, the peaks come from a deeper tail,
@@ -408,6 +416,21 @@ class StreamQuantileThreshold:
         excess = scores[tail & ~is_censored] - t
         censored = np.maximum(censor[is_censored] - t, 0.0)
         n_tail = len(excess) + len(censored)
+        far = self._beyond_the_bulk(excess)
+        if far is not None:
+            n_far = int(np.count_nonzero(excess > far) + np.count_nonzero(censored > far))
+            excess, censored = excess[excess <= far], censored[censored <= far]
+            expected = FAR_CLUSTER_OVER_Q * self.quantile * n  # the most a tail's own far cluster holds
+            if n_far >= 3 and n_far > expected + 3.0 * math.sqrt(expected):
+                # Anomalies, not tail: out of the counts, and out of the stored peaks for good
+                # (as the window grows their share would fall under the bar and bring them back).
+                n_tail -= n_far
+                keep = ~np.where(np.isfinite(censor), censor - t > far, scores - t > far)
+                self._scores, self._censor, self._index = [scores[keep]], [censor[keep]], [index[keep]]
+            else:
+                # The tail's own rare far points: counted as beyond the gap, but their size
+                # does not stretch the fit (a few far peaks made the shape explode).
+                censored = np.concatenate([censored, np.full(n_far, far)])
         if len(excess) >= MIN_PEAKS and n * self.quantile < n_tail:
             if self.gpd is None or self.n_counted - self.shape_fitted_at >= self._interval(shape=True):
                 share = min(1.0, FIT_PEAKS / n_tail)
@@ -428,6 +451,25 @@ class StreamQuantileThreshold:
         if collect is not None and collect != self.level[-1]:
             self.level_start = np.append(self.level_start, self.n_counted)
             self.level = np.append(self.level, collect)
+
+    def _beyond_the_bulk(self, excess: np.ndarray) -> float | None:
+        """The excess beyond which the peaks are a separate far cluster, or None.
+
+        Far: beyond a jump between consecutive excesses of more than BULK_GAP_OVER_MEDIAN times
+        the median excess, in the upper half of the peaks (so the cluster is under half the tail
+        and the median is the bulk's).  A fitted tail cannot be trusted to say this: the cluster
+        itself stretches any fit that includes it.  A heavy tail's top spacings rarely reach it,
+        and then only its top few peaks leave the fit.
+        """
+        if len(excess) < 10:
+            return None
+        ordered = np.sort(excess)
+        half = len(ordered) // 2
+        median = float(ordered[half])
+        if median <= 0.0:
+            return None
+        jumps = np.flatnonzero(np.diff(ordered[half:]) > BULK_GAP_OVER_MEDIAN * median)
+        return float(ordered[half + jumps[0]]) if len(jumps) else None  # the first: the bulk's end
 
     def _peaks(self):
         """The stored peaks of the window, compacted into one array each."""
