@@ -197,3 +197,28 @@ def test_the_config_sizes_the_detectors_model():
     assert (detector.model.n_components_, detector.model.covariance_type_) == (3, "diag")
     detector, _ = _detector_flags(X, max_components=2, warmup=200, random_state=0)
     assert detector.model.n_components_ <= 2
+
+
+def test_a_cautious_warmup_choice_turns_full_as_the_stream_grows(tmp_path):
+    # 8 correlated clusters in 16-d: BIC on 1,000 warm-up points prefers one shared (tied)
+    # covariance to 8 full ones; 200,000 points later that cost 2.2 nats/point. The review
+    # turns the model full once the stream has shown enough.
+    rng = np.random.default_rng(1)
+    truth = random_mixture(8, 16, rng)
+    X, _ = truth.sample(12_000, rng)
+    model = OnlineGaussianMixture(warmup=1000, random_state=0).partial_fit(X[:1000])
+    assert model.covariance_type_ != "full" and model.n_components_ == 8
+    _stream(model, X[1000:3000], batch=1000)
+    copy = OnlineGaussianMixture.from_dict(model.to_dict())  # mid-review
+    for m in (model, copy):
+        _stream(m, X[3000:], batch=1000)
+    assert model.covariance_type_ == "full" and model.covariance_type == "full"
+    np.testing.assert_array_equal(copy.score_samples(X[:50]), model.score_samples(X[:50]))
+    assert model.get_params()["covariance_type"] == "auto"
+
+
+def test_a_given_covariance_type_is_never_reviewed():
+    rng = np.random.default_rng(1)
+    X, _ = random_mixture(8, 16, rng).sample(12_000, rng)
+    model = _stream(OnlineGaussianMixture(8, covariance_type="tied", warmup=1000, random_state=0), X, batch=1000)
+    assert model.covariance_type_ == "tied"

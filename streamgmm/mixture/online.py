@@ -58,6 +58,9 @@ RELATIVE_SCALE_FLOOR = 1e-12
 # under one model state can never pass for another's, also after a restore.
 _MODEL_VERSIONS = itertools.count(1)
 AUTO = "auto"
+# A covariance type chosen at warm-up other than full is reviewed each time the stream doubles,
+# until it is this many warm-ups long: BIC on a small warm-up is cautious with parameters.
+TYPE_REVIEW_LIMIT = 64
 
 
 class _ChosenAtWarmup:
@@ -255,7 +258,10 @@ class OnlineGaussianMixture(MixtureBase):
     Attributes
     ----------
     n_components_, covariance_type_   what the warm-up chose (or was given); reading
-        ``n_components`` / ``covariance_type`` on an initialised model gives these too
+        ``n_components`` / ``covariance_type`` on an initialised model gives these too.
+        With ``covariance_type="auto"`` a type other than full is reviewed as the stream
+        grows (each doubling, up to 64 warm-ups): the model keeps full second moments beside
+        its own and turns full when BIC on the effective number of points says so.
     n_seen_ : int   points learned from (the warm-up included)
     n_reseeded_ : int   component re-seeds so far
     weights_, means_, covariances_ (original units), center_, scale_
@@ -319,6 +325,7 @@ class OnlineGaussianMixture(MixtureBase):
     # state; these class-level values answer for it.
     n_seen_ = 0
     n_reseeded_ = 0
+    _S2_full = None  # full second moments while a chosen covariance type is under review
 
     def _is_started(self) -> bool:
         return hasattr(self, "_rng")
@@ -562,8 +569,9 @@ class OnlineGaussianMixture(MixtureBase):
             raise ValueError("this batch carries statistics only: learn them with learn_statistics")
         weight = check_sample_weight(sample_weight, scored.X_internal.shape[0])
         statistics = batch_statistics(scored, weight, self.covariance_type_)
+        full_s2 = None if self._S2_full is None else batch_statistics(scored, weight, "full").s2
         learned = (weight > 0) & np.isfinite(scored.log_density)
-        self.learn_statistics(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)))
+        self._learn(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)), full_s2)
 
     def learn_statistics(self, statistics: BatchStatistics, candidates=None) -> None:
         """Learn a batch's statistics (``batch_statistics``/``split_statistics`` of a batch
@@ -573,6 +581,11 @@ class OnlineGaussianMixture(MixtureBase):
         rows (``standardized(X)``; inf for rows not learned): if a component dies, it is
         re-seeded at the most poorly explained of them.
         """
+        self._learn(statistics, candidates, None)
+
+    def _learn(self, statistics: BatchStatistics, candidates, full_s2) -> None:
+        """``learn_statistics``, and the full second moments ``full_s2`` of the same rows for a
+        covariance type under review (None: the review stops, the batch did not bring them)."""
         self._check_fitted()
         if statistics.model_version != self._version:
             raise ValueError(
@@ -585,9 +598,56 @@ class OnlineGaussianMixture(MixtureBase):
         self._S0 = keep * self._S0 + (rho / statistics.total_weight) * statistics.s0
         self._S1 = keep * self._S1 + (rho / statistics.total_weight) * statistics.s1
         self._S2 = keep * self._S2 + (rho / statistics.total_weight) * statistics.s2
+        if self._S2_full is not None:
+            self._S2_full = None if full_s2 is None else keep * self._S2_full + (rho / statistics.total_weight) * full_s2
         self._steps += statistics.n_points
         self.n_seen_ += statistics.n_points
         self._refresh_parameters(candidates=candidates)
+        if self._S2_full is not None and self.n_seen_ >= self._next_review:
+            self._review_covariance_type()
+
+    # ------------------------------------------------------- covariance type review
+    def _start_type_review(self) -> None:
+        """Keep full second moments beside a chosen type other than full (see ``_review_covariance_type``)."""
+        self._S2_full, self._next_review = None, 0
+        if self.get_params(deep=False)["covariance_type"] == AUTO and self.covariance_type_ != "full":
+            self._S2_full = self._full_second_moments()
+            self._next_review = 2 * self.n_seen_
+
+    def _full_second_moments(self) -> np.ndarray:
+        """S2 of a full-covariance model with the current parameters (K, D, D)."""
+        K, D = self._S1.shape
+        _, means, covariances = g.parameters_from_statistics(
+            self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar)
+        full = _full_covariances(covariances, self.covariance_type_, K, D)
+        return g.statistics_from_parameters(self._S0, means, full, "full", self.reg_covar)[2]
+
+    def _review_covariance_type(self) -> None:
+        """Turn full if BIC prefers it on what the stream has shown.
+
+        For maximum-likelihood Gaussians the expected complete-data log-likelihood per point
+        of component k is -0.5 (log det(2 pi Sigma_k) + D) whatever the covariance type, so the
+        full model gains 0.5 n sum_k w_k (log det Sigma_k(type) - log det Sigma_k(full)) over
+        the chosen type, n the effective number of points (1 / the current step size).  It
+        turns full when twice that exceeds its extra parameters times log n.
+        """
+        K, D = self._S1.shape
+        t0 = float(self.warmup if self.t0 is None else self.t0)
+        n = 1.0 / max((self._steps + t0) ** (-self.alpha), self.step_floor)
+        _, _, chosen = g.parameters_from_statistics(self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar)
+        _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self.reg_covar)
+        sign_chosen, logdet_chosen = np.linalg.slogdet(_full_covariances(chosen, self.covariance_type_, K, D))
+        sign_full, logdet_full = np.linalg.slogdet(full)
+        extra = g.n_parameters(K, D, "full") - g.n_parameters(K, D, self.covariance_type_)
+        if np.all(sign_chosen > 0) and np.all(sign_full > 0):
+            gain = 0.5 * n * float(np.dot(self._S0 / self._S0.sum(), logdet_chosen - logdet_full))
+            if 2.0 * gain > extra * np.log(n):
+                self.covariance_type_, self._S2, self._S2_full = "full", self._S2_full, None
+                self._refresh_parameters(candidates=None)
+                return
+        self._next_review *= 2
+        if self._next_review > TYPE_REVIEW_LIMIT * self.warmup:
+            self._S2_full = None
 
     def _compound_step(self, n_points: int) -> float:
         """1 - prod(1 - eta_i) over the next n_points per-point steps."""
@@ -612,6 +672,7 @@ class OnlineGaussianMixture(MixtureBase):
         self._steps = 0.0
         self.n_seen_ = int(np.count_nonzero(weight))
         self._refresh_parameters(candidates=None)
+        self._start_type_review()
 
     def _select_warmup_mixture(self, X_internal, weight):
         """MAP EM on the warm-up buffer over the candidate Ks and covariance types (one each
@@ -683,6 +744,7 @@ class OnlineGaussianMixture(MixtureBase):
             weights, internal_means, cov, model.covariance_type_, model.reg_covar
         )
         model._refresh_parameters(candidates=None)
+        model._S2_full, model._next_review = None, 0
         t0 = float(model.warmup if model.t0 is None else model.t0)
         model._steps = max(float(n_samples_seen) - t0, 0.0)
         model.n_seen_ = int(n_samples_seen)
@@ -751,6 +813,8 @@ class OnlineGaussianMixture(MixtureBase):
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
             new_mass, means, covariances, self.covariance_type_, self.reg_covar
         )
+        if self._S2_full is not None:
+            self._S2_full[dead] = self._full_second_moments()[dead]
         self.n_reseeded_ += int(dead.sum())
 
     # ---------------------------------------------------------------------- state
@@ -779,7 +843,10 @@ class OnlineGaussianMixture(MixtureBase):
                 S0=self._S0.copy(),
                 S1=self._S1.copy(),
                 S2=self._S2.copy(),
+                next_type_review=int(self._next_review),
             )
+            if self._S2_full is not None:
+                state["S2_full"] = self._S2_full.copy()
         elif self._buffer:
             state.update(buffer=np.vstack(self._buffer), buffer_weights=np.concatenate(self._buffer_weights))
         return state
@@ -817,6 +884,8 @@ class OnlineGaussianMixture(MixtureBase):
                 s2_shape = (K, D)
             model._S2 = require_array(state, "S2", s2_shape)
             model._refresh_parameters(candidates=None)
+            model._S2_full = require_array(state, "S2_full", (K, D, D)) if "S2_full" in state else None
+            model._next_review = int(state.get("next_type_review", 0))
         elif "buffer" in state:
             buffer = require_array(state, "buffer", (len(state["buffer"]), D))
             model._buffer = [buffer]
@@ -835,7 +904,7 @@ _STATE_PARAMS = (
 # Everything learning creates (what fit forgets).
 _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
-    "n_components_", "covariance_type_", "selection_",
+    "n_components_", "covariance_type_", "selection_", "_S2_full", "_next_review",
     "center_", "scale_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.
