@@ -18,7 +18,8 @@ scale), so multiplying a feature by a constant does not change the ranking of po
 The warm-up also sizes the model: with ``n_components="auto"`` and/or
 ``covariance_type="auto"`` it fits every candidate by MAP EM (a covariance prior keeps few
 points in many dimensions from making a degenerate model) and keeps the lowest BIC
-(``_selection``); the online model keeps that K and type for good.
+(``_selection``).  The online model keeps that K; a chosen covariance type other than full
+turns full later if the stream shows BIC it should (``_review_covariance_type``).
 """
 
 from __future__ import annotations
