@@ -63,21 +63,27 @@ def produce_topic(bootstrap, topic, X, fmt):
     return len(X) / (time.perf_counter() - start)
 
 
+def _rate(poll, n) -> float:
+    """Messages a second from the first non-empty poll until n are read (``poll()`` -> count)."""
+    count, first, deadline = 0, None, time.monotonic() + 300
+    while count < n and time.monotonic() < deadline:
+        got = poll()
+        if got and first is None:
+            first = time.perf_counter()
+        count += got
+    return count / (time.perf_counter() - first)
+
+
 def raw_confluent_rate(bootstrap, topic, n):
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{time.monotonic_ns()}",
                          "enable.auto.commit": False, "fetch.wait.max.ms": 20})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
-    count, first, deadline = 0, None, time.monotonic() + 300
-    while count < n and time.monotonic() < deadline:
-        got = len(consumer.consume(num_messages=10_000, timeout=0.2))
-        if got and first is None:
-            first = time.perf_counter()
-        count += got
-    rate = count / (time.perf_counter() - first)
-    consumer.close()
-    return rate
+    try:
+        return _rate(lambda: len(consumer.consume(num_messages=10_000, timeout=0.2)), n)
+    finally:
+        consumer.close()
 
 
 def raw_kafka_python_rate(bootstrap, topic, n):
@@ -88,15 +94,10 @@ def raw_kafka_python_rate(bootstrap, topic, n):
     tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    count, first, deadline = 0, None, time.monotonic() + 300
-    while count < n and time.monotonic() < deadline:
-        got = sum(len(v) for v in consumer.poll(timeout_ms=200, max_records=20_000).values())
-        if got and first is None:
-            first = time.perf_counter()
-        count += got
-    rate = count / (time.perf_counter() - first)
-    consumer.close()
-    return rate
+    try:
+        return _rate(lambda: sum(len(v) for v in consumer.poll(timeout_ms=200, max_records=20_000).values()), n)
+    finally:
+        consumer.close()
 
 
 class Variant:
