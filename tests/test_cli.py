@@ -1,8 +1,10 @@
 """The command line as users call it (subprocesses, real files)."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import yaml
@@ -114,3 +116,26 @@ def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):
 def test_inspect_an_empty_directory_fails_clearly(tmp_path):
     result = _cli("inspect", str(tmp_path))
     assert result.returncode == 1 and "no valid checkpoint" in result.stderr
+
+
+def test_json_logs_have_iso_milliseconds_a_zone_and_no_python_reprs(tmp_path):
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump({"kafka": {"bootstrap_servers": ["127.0.0.1:1"]},
+                                    "checkpoint": {"dir": str(tmp_path / "state")},
+                                    "metrics": {"port": 0}, "logging": {"format": "json"}}))
+    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("effective config" in line for line in lines):
+            lines.append(process.stderr.readline())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    documents = [json.loads(line) for line in lines if line.strip()]
+    assert documents, lines
+    for document in documents:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", document["time"]), document
+    config_line = next(d["message"] for d in documents if "effective config" in d["message"])
+    assert json.loads(config_line.split("effective config: ", 1)[1])["kafka"]["bootstrap_servers"] == ["127.0.0.1:1"]

@@ -14,6 +14,7 @@ it again (at-least-once output; ``source`` topic/partition/offset identify dupli
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 import time
@@ -136,7 +137,7 @@ class Daemon:
             if state is not None:
                 self.detector.restore(state)
                 log.info("restored the global model: n_valid=%d n_seen=%d offsets=%s",
-                         self.detector.n_valid, self.detector.model.n_seen_, state["offsets"])
+                         self.detector.n_valid, self.detector.model.n_seen_, json.dumps(state["offsets"]))
             elif self.config.model.init_from:
                 self.detector.restore(self._initial_state())
         except ValueError as exc:
@@ -280,7 +281,7 @@ class Daemon:
     def run(self) -> None:
         """Start up, then poll -> process -> send -> observe -> checkpoint until stopped."""
         self.start_up()
-        log.info("effective config: %s", masked(as_dict(self.config)))
+        log.info("effective config: %s", json.dumps(masked(as_dict(self.config))))
         try:
             self._connect()
             while not self.stopping:
