@@ -327,7 +327,7 @@ def main():
     for set_name in names:
         X, y = sets[set_name]
         print(f"\n## {set_name}: {len(X):,} x {X.shape[1]}, {y.mean():.2%} anomalies (evaluated on rows {WARMUP}+)\n")
-        print("| method | seeds | ROC-AUC worst | ROC-AUC median | AP worst | AP median | s/run | chosen |")
+        print("| method | seeds | ROC-AUC worst | ROC-AUC median | AP worst | AP median | s/run | chosen at warm-up |")
         print("|---|---|---|---|---|---|---|---|")
         for method, runs in results[set_name].items():
             auc, ap, seconds = (np.array([r[i] for r in runs]) for i in range(3))
