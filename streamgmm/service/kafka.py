@@ -85,6 +85,10 @@ def client_settings(config: Config, role: str) -> dict:
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 3_000,
             "fetch.wait.max.ms": 100,
+            # When the prefetch queue passes its thresholds librdkafka pauses fetching for
+            # this long (default 1,000 ms): on small messages the loop then drained the queue
+            # and waited (float32 A/B on the raw consumer: 158k against 871k msg/s with 10).
+            "fetch.queue.backoff.ms": 10,
         })
     elif role == "producer":
         settings.update({
