@@ -263,6 +263,8 @@ class OnlineGaussianMixture(MixtureBase):
         With ``covariance_type="auto"`` a type other than full is reviewed as the stream
         grows (each doubling, up to 64 warm-ups): the model keeps full second moments beside
         its own and turns full when BIC on the effective number of points says so.
+    selection_   the warm-up's choice: ``best`` (the MAP EM fit kept) and ``bic`` (the BIC of
+        every (covariance type, K) tried); not kept by ``to_dict``
     n_seen_ : int   points learned from (the warm-up included)
     n_reseeded_ : int   component re-seeds so far
     weights_, means_, covariances_ (original units), center_, scale_
