@@ -152,3 +152,20 @@ def test_checkpoint_failures_back_off_1_2_4_seconds(tmp_path):
         assert daemon.checkpointer.due()
     assert waits == [1.0, 2.0, 4.0, 8.0]
     assert daemon.source.commits == []  # nothing committed past the last good checkpoint
+
+
+def test_the_default_self_sizing_model_runs_through_the_loop_and_its_metrics(tmp_path):
+    # model.n_components: auto (the default) once sized the metrics with the string "auto".
+    config = config_from_dict({"input": {"format": "json", "dimension": 3}, "model": {"warmup": 200},
+                               "checkpoint": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False}},
+                              environ={})
+    daemon = Daemon(config)
+    daemon.source, daemon.sink = FakeSource(), FakeSink()
+    daemon.assigned = {("in", 0)}
+    _feed(daemon, 0, 1000, np.random.default_rng(4))
+    assert daemon.detector.ready and daemon.metrics.value("streamgmm_model_initialized") == 1
+    assert daemon.metrics.value("streamgmm_component_weight", {"component": "0"}) > 0
+    daemon._checkpoint()
+    restored = Daemon(config)
+    restored.restore()
+    assert restored.detector.n_valid == 1000

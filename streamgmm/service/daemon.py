@@ -46,7 +46,7 @@ class Daemon:
 
     def __init__(self, config: Config, metrics: Metrics | None = None):
         self.config = config
-        self.metrics = metrics or Metrics(max_components=config.model.n_components)
+        self.metrics = metrics or Metrics(max_components=config.model.max_components)
         self.scope = config.model.scope
         self.local = LocalStateStore(config.checkpoint.dir, config.checkpoint.keep)
         self.topic_store: TopicStateStore | None = None
