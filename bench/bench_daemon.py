@@ -226,6 +226,7 @@ def baseline_variant(ref: str) -> Variant | None:
     tree = ROOT / "bench" / "out" / f"baseline-{ref}"
     if not tree.exists():
         tree.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True, capture_output=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
                        capture_output=True)
     return Variant(f"baseline {ref} (kafka-python + helper)", tree, baseline=True)
