@@ -109,10 +109,9 @@ def _usual_components(weights, rare_weight) -> np.ndarray | None:
 @dataclass(frozen=True)
 class BatchStatistics:
     """The expected sufficient statistics of some rows of a batch under one model state:
-    what stepwise EM learns from them (``OnlineGaussianMixture.learn_statistics``).
+    what stepwise EM learns from them (``OnlineGaussianMixture.learn``).
 
-    Small (K x D x D at most, whatever the batch size), so another process can compute them
-    from a batch it scored and hand over only these.
+    Small: K x D x D at most, whatever the batch size.
     """
 
     s0: np.ndarray
@@ -122,31 +121,19 @@ class BatchStatistics:
     total_weight: float
     model_version: int
 
-    def __add__(self, other: "BatchStatistics") -> "BatchStatistics":
-        if other.model_version != self.model_version:
-            raise ValueError("statistics taken under different model versions cannot be added")
-        return BatchStatistics(self.s0 + other.s0, self.s1 + other.s1, self.s2 + other.s2,
-                               self.n_points + other.n_points, self.total_weight + other.total_weight,
-                               self.model_version)
-
 
 @dataclass(frozen=True)
 class ScoredBatch:
     """A batch scored under one version of the model, ready to learn from.
 
     ``log_density[i]`` is the log-density of row i before the model learns from it.
-    ``X_internal`` and ``log_resp`` are None in a batch scored by another process, which
-    hands over ``statistics`` instead: (rows not flagged, rows flagged or None) by the
-    threshold ``flag_threshold`` (see ``split_statistics``).
     """
 
-    X_internal: np.ndarray | None
+    X_internal: np.ndarray
     log_density: np.ndarray
-    log_resp: np.ndarray | None
+    log_resp: np.ndarray
     component: np.ndarray  # most responsible component per row
     model_version: int
-    statistics: tuple[BatchStatistics, BatchStatistics | None] | None = None
-    flag_threshold: float | None = None
 
 
 def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: str,
@@ -163,19 +150,6 @@ def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: s
     X = np.clip(X_internal, -LEARN_CLIP, LEARN_CLIP)
     s0, s1, s2 = g.sufficient_statistics(X, resp, covariance_type)
     return BatchStatistics(s0, s1, s2, int(np.count_nonzero(weight)), float(weight.sum()), scored.model_version)
-
-
-def split_statistics(scored: ScoredBatch, flags: np.ndarray, covariance_type: str):
-    """(statistics of the rows not flagged, of the flagged rows or None if there are none).
-
-    A detector learns from the first, and adds the second only when it adopts flagged points
-    as a new regime; splitting lets whoever scored the batch compute both before that is known.
-    """
-    unflagged = batch_statistics(scored, (~flags).astype(float), covariance_type)
-    if not flags.any():
-        return unflagged, None
-    flagged_rows = np.flatnonzero(flags)
-    return unflagged, batch_statistics(scored, np.ones(len(flagged_rows)), covariance_type, rows=flagged_rows)
 
 
 @dataclass(frozen=True)
@@ -568,26 +542,14 @@ class OnlineGaussianMixture(MixtureBase):
         Rows with zero weight, or whose density is not finite, are not learned from.
         """
         self._check_fitted()
-        if scored.X_internal is None:
-            raise ValueError("this batch carries statistics only: learn them with learn_statistics")
         weight = check_sample_weight(sample_weight, scored.X_internal.shape[0])
         statistics = batch_statistics(scored, weight, self.covariance_type_)
         full_s2 = None if self._S2_full is None else batch_statistics(scored, weight, "full").s2
         learned = (weight > 0) & np.isfinite(scored.log_density)
         self._learn(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)), full_s2)
 
-    def learn_statistics(self, statistics: BatchStatistics, candidates=None) -> None:
-        """Learn a batch's statistics (``batch_statistics``/``split_statistics`` of a batch
-        scored under this very model state).
-
-        ``candidates``: None, or a function giving (X_internal, log_density) of the batch's
-        rows (``standardized(X)``; inf for rows not learned): if a component dies, it is
-        re-seeded at the most poorly explained of them.
-        """
-        self._learn(statistics, candidates, None)
-
     def _learn(self, statistics: BatchStatistics, candidates, full_s2) -> None:
-        """``learn_statistics``, and the full second moments ``full_s2`` of the same rows for a
+        """Learn a batch's statistics, and the full second moments ``full_s2`` of the same rows for a
         covariance type under review (None: the review stops, the batch did not bring them)."""
         self._check_fitted()
         if statistics.model_version != self._version:
@@ -943,4 +905,4 @@ def _full_covariances(covariances, covariance_type, n_components, n_features):
 
 
 __all__ = ["BatchStatistics", "OnlineGaussianMixture", "ScoredBatch", "ScoringModel", "NotFittedError",
-           "batch_statistics", "split_statistics"]
+           "batch_statistics"]
