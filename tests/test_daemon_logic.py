@@ -99,6 +99,8 @@ def test_output_that_failed_for_a_passing_reason_rewinds_to_the_checkpoint(tmp_p
     assert daemon.detector.n_valid == 1500
     daemon.sink.deliveries.transient = 2
     daemon._checkpoint()
+    assert daemon._rewind_pending is not None and daemon.source.commits[-1] == {("in", 0): 1000}
+    daemon._rewind()  # the loop's next turn
     # Back to the checkpoint: the model as it was at 1000 messages, the partition sought there.
     assert daemon.detector.n_valid == 1000 and daemon.source.seeks[-1] == ("in", 0, 1000)
     assert daemon.source.commits[-1] == {("in", 0): 1000} and daemon.sink.purged == 1
@@ -126,6 +128,7 @@ def test_rewinds_in_a_row_back_off(tmp_path):
         daemon.sink.deliveries.transient = 1
         started = time.monotonic()
         daemon._checkpoint()
+        daemon._rewind()
         pauses.append(time.monotonic() - started)
     assert daemon._rewinds_in_a_row == 4
     assert pauses[-1] >= 0.05 - 0.005 and pauses[0] < pauses[-1]  # 0.01, 0.02, 0.04, 0.05 s
@@ -169,3 +172,43 @@ def test_the_default_self_sizing_model_runs_through_the_loop_and_its_metrics(tmp
     restored = Daemon(config)
     restored.restore()
     assert restored.detector.n_valid == 1000
+
+
+def test_a_revoke_while_a_rewind_is_pending_checkpoints_nothing(tmp_path):
+    rng = np.random.default_rng(6)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _feed(daemon, 1000, 300, rng)
+    daemon.sink.deliveries.transient = 1
+    daemon._checkpoint()  # REWIND: the failed output's messages are in the model
+    daemon._on_revoke([])  # e.g. the close at shutdown runs the revoke callback
+    assert daemon.source.commits[-1] == {("in", 0): 1000}  # nothing committed past the failure
+    daemon._aborting, daemon._rewind_pending = True, None
+    daemon._on_revoke([])  # leaving on an error: no checkpoint either
+    assert len(daemon.source.commits) == 1
+
+
+def test_a_rewind_before_any_checkpoint_goes_back_to_the_first_offset_read(tmp_path):
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 500, 400, np.random.default_rng(7))  # a partition first read at offset 500
+    daemon._rewind_pending = "test"
+    daemon._rewind()
+    assert daemon.source.seeks[-1] == ("in", 0, 500) and daemon.detector.n_valid == 0
+
+
+def test_a_failed_seek_leaves_the_rewind_pending(tmp_path):
+    from confluent_kafka import KafkaError, KafkaException
+
+    rng = np.random.default_rng(8)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+
+    def refuse(*args):
+        raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+
+    daemon.source.seek = refuse
+    daemon._rewind_pending = "test"
+    daemon._rewind()
+    assert daemon._rewind_pending is not None

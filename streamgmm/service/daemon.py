@@ -67,6 +67,10 @@ class Daemon:
         self._error_backoff = config.kafka.retry_backoff_initial_seconds
         self._last_poll = time.monotonic()
         self._loop_watermarks: dict = {}
+        self._aborting = False
+        # The first offset this process read of each partition: where a rewind goes back to
+        # when there is neither a checkpoint nor a committed offset yet.
+        self._first_offsets: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -228,6 +232,9 @@ class Daemon:
         committed offset: what our model learned is never learned again, and what another
         member learned after our checkpoint is not either."""
         owned = [(tp.topic, tp.partition) for tp in partitions]
+        if self._rewind_pending is not None:
+            # Reload before assigning, so the partitions start at the checkpoint: no seek needed.
+            self._reload_from_checkpoint(self._rewind_pending)
         if self.scope == "partition":
             self._restore_partitions(owned)
         try:
@@ -254,7 +261,10 @@ class Daemon:
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: everything processed so far is checkpointed and committed
         # before the partitions go, so their next owner starts exactly where we stopped.
-        if self.checkpointer.pending_messages and self.sink is not None:
+        # Not while a rewind is pending (the model holds messages whose output failed), nor
+        # when the loop is leaving on an error (its last batch may be half sent).
+        if (self.checkpointer.pending_messages and self.sink is not None and self._rewind_pending is None
+                and not self._aborting):
             outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
             if outcome is Outcome.REWIND:
                 self._rewind_pending = "output records were not acknowledged before a rebalance"
@@ -286,13 +296,18 @@ class Daemon:
             self._connect()
             while not self.stopping:
                 polled = self._poll()
+                if self._rewind_pending is not None:
+                    self._rewind()  # what was polled is read again from the checkpoint
+                    continue
                 self._process(polled)
                 self.sink.serve()
-                self._rewind_if_needed()
                 if self.checkpointer.due():
                     self._checkpoint()
-            if self.checkpointer.pending_messages:
+            if self.checkpointer.pending_messages and self._rewind_pending is None:
                 self._checkpoint()
+        except BaseException:
+            self._aborting = True  # no checkpoint on the way out: the batch in hand may be half sent
+            raise
         finally:
             self._close()
 
@@ -319,6 +334,7 @@ class Daemon:
             return
         by_model: dict[str, dict] = {}
         for (topic, partition), messages in polled.items():
+            self._first_offsets.setdefault((topic, partition), messages[0].offset())
             by_model.setdefault(model_key(self.scope, topic, partition), {})[(topic, partition)] = messages
         for key, partitions in by_model.items():
             started = time.perf_counter()
@@ -357,7 +373,6 @@ class Daemon:
         outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
         if outcome is Outcome.REWIND:
             self._rewind_pending = "output records were not acknowledged"
-            self._rewind_if_needed()
         elif outcome is Outcome.WRITTEN:
             self._rewinds_in_a_row = 0
 
@@ -369,13 +384,11 @@ class Daemon:
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
                         "resumes at the later of the two", exc.args[0].str())
 
-    def _rewind_if_needed(self) -> None:
-        """Back to the newest checkpoints: reload their state and seek to their offsets.
-
-        Spaced by the retry back-off, so a broker that keeps failing is not hammered."""
-        if self._rewind_pending is None or self.stopping:
-            return
-        why, self._rewind_pending = self._rewind_pending, None
+    def _reload_from_checkpoint(self, why: str) -> None:
+        """Drop the output not yet sent and reload every model from its newest checkpoint,
+        after a pause that grows with rewinds in a row (a broker that keeps failing is not
+        hammered).  The caller puts the consumer back at the models' offsets."""
+        self._rewind_pending = None
         self._rewinds_in_a_row += 1
         pause = min(self.config.kafka.retry_backoff_initial_seconds * 2 ** (self._rewinds_in_a_row - 1),
                     self.config.kafka.retry_backoff_max_seconds)
@@ -388,6 +401,13 @@ class Daemon:
         self.restore()
         if self.scope == "partition":
             self._restore_partitions(self.assigned)
+        self.checkpointer.pending_messages = 0
+
+    def _rewind(self) -> None:
+        """Reload the models and seek every assigned partition back to where they stand (the
+        later of their checkpoint and the group's commit; before any, where this process
+        started reading it).  A seek that fails leaves the rewind pending: tried again next turn."""
+        self._reload_from_checkpoint(self._rewind_pending)
         committed = {}
         if self.assigned:
             try:
@@ -396,17 +416,17 @@ class Daemon:
                 log.warning("cannot read the group's committed offsets (%s)", exc.args[0].str())
         for topic, partition in sorted(self.assigned):
             offsets = [o for o in (self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
-                       if o is not None]
-            if not offsets:
-                log.warning("%s/%d has no checkpoint or committed offset to rewind to; going on from here",
-                            topic, partition)
-                continue
+                       if o is not None] or [self._first_offsets.get((topic, partition))]
+            if offsets[0] is None:
+                continue  # nothing read from it yet
             try:
                 self.source.seek(topic, partition, max(offsets))
                 self._detector_for(topic, partition).offsets[(topic, partition)] = max(offsets)
             except KafkaException as exc:
-                log.warning("cannot seek %s/%d: %s", topic, partition, exc.args[0].str())
-        self.checkpointer.pending_messages = 0
+                log.warning("cannot seek %s/%d back to %d yet (%s); trying again", topic, partition, max(offsets),
+                            exc.args[0].str())
+                self._rewind_pending = "a seek back to the checkpoint failed"
+                self._rewinds_in_a_row -= 1  # the same rewind, not another one
         self._update_positions()
 
     def _close(self) -> None:

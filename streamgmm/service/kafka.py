@@ -327,6 +327,8 @@ class KafkaSink:
         self._failed(record, KafkaError(KafkaError._QUEUE_FULL, "the producer's queue stayed full for 10 s"))
 
     def _failed(self, record: OutputRecord, error: KafkaError) -> None:
+        if error.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            return  # dropped by a rewind, which produces it again
         transient = error.retriable() or error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
                                                           KafkaError._TRANSPORT, KafkaError._QUEUE_FULL)
         if transient:
