@@ -73,6 +73,7 @@ def test_secret_files_are_read(tmp_path):
     ("security", {"security.protocoll": "SSL"}, "kafka.security.security.protocoll"),
     ("consumer", {"fetch_max_wait_ms": 10}, "kafka-python's name; librdkafka's is 'fetch.wait.max.ms'"),
     ("consumer", {"enable.auto.commit": True}, "kafka.consumer.enable.auto.commit: set by streamgmm"),
+    ("consumer", {"partition.assignment.strategy": "cooperative-sticky"}, "cooperative protocol is not supported"),
 ])
 def test_librdkafka_settings_are_checked_without_a_broker(section, settings, message):
     from streamgmm.service.kafka import check_settings

@@ -201,9 +201,10 @@ class Daemon:
             try:
                 ensure_topic(settings, self.config.checkpoint.topic, {"cleanup.policy": "compact"})
                 return
-            except KafkaException as exc:
-                log.warning("cannot create the state topic %s (%s); retrying in %.1f s",
-                            self.config.checkpoint.topic, exc.args[0].str(), backoff)
+            except (KafkaException, TimeoutError) as exc:  # TimeoutError: no broker answered
+                why = exc.args[0].str() if isinstance(exc, KafkaException) else "no answer from the broker"
+                log.warning("cannot create the state topic %s (%s); retrying in %.1f s (or create it yourself "
+                            "with cleanup.policy=compact)", self.config.checkpoint.topic, why, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.kafka.retry_backoff_max_seconds)
 

@@ -67,6 +67,9 @@ def _user_settings(config: Config, section: str) -> dict:
                               f"{KAFKA_PYTHON_NAMES[name]!r} (streamgmm passes librdkafka's names through)")
         if name in OWNED_SETTINGS:
             raise ConfigError(f"{path}: set by streamgmm; use {OWNED_SETTINGS[name]}")
+        if name == "partition.assignment.strategy" and "cooperative" in str(raw[name]):
+            raise ConfigError(f"{path}: {raw[name]!r}: the cooperative protocol is not supported yet "
+                              "(the daemon assigns whole assignments); use range or roundrobin")
     return resolve_secrets(raw, f"kafka.{section}")
 
 
