@@ -212,3 +212,21 @@ def test_a_failed_seek_leaves_the_rewind_pending(tmp_path):
     daemon._rewind_pending = "test"
     daemon._rewind()
     assert daemon._rewind_pending is not None
+
+
+def test_a_refused_commit_is_made_again_at_the_hand_over(tmp_path):
+    from confluent_kafka import KafkaError, KafkaException
+
+    rng = np.random.default_rng(9)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    commit = daemon.source.commit
+
+    def refuse(offsets):
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "expired"))
+
+    daemon.source.commit = refuse
+    daemon._checkpoint()  # written, but the group refused the commit
+    daemon.source.commit = commit
+    daemon._on_revoke([])  # nothing new since: the hand-over commits the checkpoint's offsets
+    assert daemon.source.commits == [{("in", 0): 1000}]

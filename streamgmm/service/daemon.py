@@ -57,7 +57,8 @@ class Daemon:
         self.sink: KafkaSink | None = None
         self.server: HealthServer | None = None
         self.watermarks: WatermarkReader | None = None
-        self.assigned: set[tuple[str, int]] = set()
+        # Replaced whole, never changed in place: the metrics thread reads it (readiness).
+        self.assigned: frozenset[tuple[str, int]] = frozenset()
         # Next offset to process per assigned partition (read by the lag collector's thread:
         # replaced whole, never mutated).
         self.positions: dict[tuple[str, int], int] = {}
@@ -68,6 +69,7 @@ class Daemon:
         self._last_poll = time.monotonic()
         self._loop_watermarks: dict = {}
         self._aborting = False
+        self._commit_refused = False
         # The first offset this process read of each partition: where a rewind goes back to
         # when there is neither a checkpoint nor a committed offset yet.
         self._first_offsets: dict[tuple[str, int], int] = {}
@@ -253,7 +255,7 @@ class Daemon:
             if offsets:
                 self._detector_for(topic, partition).offsets[(topic, partition)] = start
         self.source.assign(starts)
-        self.assigned.update(owned)
+        self.assigned = self.assigned | set(owned)
         self._update_positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
@@ -269,6 +271,8 @@ class Daemon:
             outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
             if outcome is Outcome.REWIND:
                 self._rewind_pending = "output records were not acknowledged before a rebalance"
+        elif self._commit_refused and self.source is not None and self._rewind_pending is None and not self._aborting:
+            self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
         self._release(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
@@ -280,8 +284,8 @@ class Daemon:
         log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
     def _release(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = self.assigned - {(tp.topic, tp.partition) for tp in partitions}
         for tp in partitions:
-            self.assigned.discard((tp.topic, tp.partition))
             if self.scope == "partition":
                 self.detectors.pop(model_key(self.scope, tp.topic, tp.partition), None)
             # scope: global keeps the partition's offset: the checkpoint must not forget it.
@@ -381,7 +385,9 @@ class Daemon:
         offsets = {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}
         try:
             self.source.commit(offsets)
+            self._commit_refused = False
         except KafkaException as exc:
+            self._commit_refused = True
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
                         "resumes at the later of the two", exc.args[0].str())
 
@@ -439,7 +445,7 @@ class Daemon:
             self.sink = None
         if self.topic_store is not None:
             self.topic_store.producer.flush(10)
-        self.assigned.clear()
+        self.assigned = frozenset()
         self.positions = {}
         if self.server is not None:
             self.server.stop()
