@@ -158,3 +158,25 @@ def test_sigterm_stops_cleanly_with_a_final_checkpoint(broker, topic, tmp_path):
     assert summary["offsets"][topic] == {"0": 3000}
     assert summary["n_valid"] == 3000
     assert "stopped" in daemon.log_tail()
+
+
+def test_the_scores_topic_gets_one_record_per_scored_message(broker, topic, tmp_path):
+    create_topic(broker.bootstrap, topic, partitions=2)
+    X, _ = _stream(2000, seed=5)
+    sent = produce(broker.bootstrap, topic, [(str(i).encode(), encode(x, "json")) for i, x in enumerate(X)],
+                   partition_of=lambda i: i % 2)
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, tmp_path / "state",
+                          kafka={"scores_topic": f"{topic}.scores"})
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        _wait_processed(daemon, tmp_path / "state", len(X))
+    finally:
+        assert daemon.stop() == 0
+    scores = read_all(broker.bootstrap, f"{topic}.scores", expect=1500)
+    documents = [json.loads(m.value()) for m in scores]
+    # Every message after the 500-point warm-up (which 500 depends on how the two partitions
+    # were polled), each once, naming its source and key exactly.
+    sources = [(d["partition"], d["offset"]) for d in documents]
+    assert len(documents) == 1500 and len(set(sources)) == 1500 and set(sources) <= set(sent)
+    index_of = {source: i for i, source in enumerate(sent)}
+    assert all(d["key"] == str(index_of[(d["partition"], d["offset"])]) for d in documents)

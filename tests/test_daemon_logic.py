@@ -230,3 +230,14 @@ def test_a_refused_commit_is_made_again_at_the_hand_over(tmp_path):
     daemon.source.commit = commit
     daemon._on_revoke([])  # nothing new since: the hand-over commits the checkpoint's offsets
     assert daemon.source.commits == [{("in", 0): 1000}]
+
+
+def test_a_kafka_batch_gives_the_same_sources_as_its_records():
+    from streamgmm.service.kafka import as_batch
+
+    messages = [FakeMessage("in", 1, 10 + i, b"[1,2,3]") for i in range(5)]
+    batch = as_batch({("in", 1): messages})
+    indices = [0, 3, 4]
+    records = [batch.record(i) for i in indices]
+    assert batch.sources(indices) == ([r.topic for r in records], [r.partition for r in records],
+                                      [r.offset for r in records], [r.key for r in records])

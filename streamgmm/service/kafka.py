@@ -55,6 +55,8 @@ _TIMESTAMP = methodcaller("timestamp")
 _PARTITION = methodcaller("partition")
 _TOPIC = methodcaller("topic")
 _ERROR = methodcaller("error")
+_OFFSET = methodcaller("offset")
+_KEY = methodcaller("key")
 
 
 # ------------------------------------------------------------------------- settings
@@ -153,6 +155,13 @@ class PolledBatch:
 
     def __len__(self) -> int:
         return len(self.messages)
+
+    def sources(self, indices: list[int]) -> tuple[list, list, list, list]:
+        """(topics, partitions, offsets, keys) of these messages, column by column (the scores
+        topic takes them for every scored message: no InputRecord each)."""
+        messages = list(map(self.messages.__getitem__, indices))
+        return (list(map(_TOPIC, messages)), list(map(_PARTITION, messages)), list(map(_OFFSET, messages)),
+                list(map(_KEY, messages)))
 
     def record(self, index: int) -> InputRecord:
         """One message as an InputRecord (for the few that become output records)."""
