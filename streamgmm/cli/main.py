@@ -102,7 +102,7 @@ def _load(path, kafka: bool = False):
 
 # ---------------------------------------------------------------------- commands
 def cmd_run(args) -> int:
-    config = _load(args.config, kafka=True)
+    config = _load(args.config)  # the daemon's start-up checks the Kafka settings
     configure_logging(config.logging.level, config.logging.format)
     from ..service.daemon import Daemon, StartupError
 

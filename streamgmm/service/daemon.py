@@ -240,19 +240,13 @@ class Daemon:
             self._reload_from_checkpoint(self._rewind_pending)
         if self.scope == "partition":
             self._restore_partitions(owned)
-        try:
-            committed = self.source.committed(partitions)
-        except KafkaException as exc:
-            log.warning("cannot read the group's committed offsets (%s); resuming at the checkpoint's",
-                        exc.args[0].str())
-            committed = {}
+        committed = self._committed(owned)
         starts = []
         for topic, partition in owned:
-            offsets = [o for o in (self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
-                       if o is not None]
-            start = max(offsets) if offsets else OFFSET_INVALID  # OFFSET_INVALID: auto.offset.reset
-            starts.append(TopicPartition(topic, partition, start))
-            if offsets:
+            start = self._resume_offset(topic, partition, committed)
+            # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
+            starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
+            if start is not None:
                 self._detector_for(topic, partition).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
@@ -344,7 +338,7 @@ class Daemon:
         for key, partitions in by_model.items():
             started = time.perf_counter()
             batch = as_batch(partitions)
-            detector = self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
+            detector = self._detector(key)
             updates_before = detector.n_updates
             result = detector.process(batch, now=time.time())
             for record in result.outputs():
@@ -362,12 +356,35 @@ class Daemon:
             return self._loop_watermarks
         return self.watermarks(list(self.positions)) if self.watermarks is not None else {}
 
+    def _next_offsets(self) -> dict[tuple[str, int], int]:
+        """The next offset to process of every assigned partition that has one."""
+        return {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}
+
     def _update_positions(self) -> None:
-        self.positions = {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}
+        self.positions = self._next_offsets()
+
+    def _detector(self, key: str) -> Detector:
+        return self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
 
     def _detector_for(self, topic: str, partition: int) -> Detector:
-        key = model_key(self.scope, topic, partition)
-        return self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
+        return self._detector(model_key(self.scope, topic, partition))
+
+    def _committed(self, partitions) -> dict[tuple[str, int], int]:
+        """The group's committed offsets of these partitions ({} if the group cannot say now)."""
+        if not partitions:
+            return {}
+        try:
+            return self.source.committed([TopicPartition(t, p) for t, p in partitions])
+        except KafkaException as exc:
+            log.warning("cannot read the group's committed offsets (%s); going by the checkpoint's",
+                        exc.args[0].str())
+            return {}
+
+    def _resume_offset(self, topic: str, partition: int, committed: dict) -> int | None:
+        """The later of the model's offset and the group's committed one (None: neither)."""
+        offsets = [o for o in (self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
+                   if o is not None]
+        return max(offsets) if offsets else None
 
     def _checkpoint_offset(self, topic: str, partition: int) -> int | None:
         detector = self.detectors.get(model_key(self.scope, topic, partition))
@@ -382,9 +399,8 @@ class Daemon:
             self._rewinds_in_a_row = 0
 
     def _commit(self) -> None:
-        offsets = {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}
         try:
-            self.source.commit(offsets)
+            self.source.commit(self._next_offsets())
             self._commit_refused = False
         except KafkaException as exc:
             self._commit_refused = True
@@ -415,22 +431,18 @@ class Daemon:
         later of their checkpoint and the group's commit; before any, where this process
         started reading it).  A seek that fails leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
-        committed = {}
-        if self.assigned:
-            try:
-                committed = self.source.committed([TopicPartition(t, p) for t, p in self.assigned])
-            except KafkaException as exc:
-                log.warning("cannot read the group's committed offsets (%s)", exc.args[0].str())
+        committed = self._committed(self.assigned)
         for topic, partition in sorted(self.assigned):
-            offsets = [o for o in (self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
-                       if o is not None] or [self._first_offsets.get((topic, partition))]
-            if offsets[0] is None:
+            target = self._resume_offset(topic, partition, committed)
+            if target is None:
+                target = self._first_offsets.get((topic, partition))
+            if target is None:
                 continue  # nothing read from it yet
             try:
-                self.source.seek(topic, partition, max(offsets))
-                self._detector_for(topic, partition).offsets[(topic, partition)] = max(offsets)
+                self.source.seek(topic, partition, target)
+                self._detector_for(topic, partition).offsets[(topic, partition)] = target
             except KafkaException as exc:
-                log.warning("cannot seek %s/%d back to %d yet (%s); trying again", topic, partition, max(offsets),
+                log.warning("cannot seek %s/%d back to %d yet (%s); trying again", topic, partition, target,
                             exc.args[0].str())
                 self._rewind_pending = "a seek back to the checkpoint failed"
                 self._rewinds_in_a_row -= 1  # the same rewind, not another one
