@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from ..detection.detector import Detector
 from ..detection.records import OutputRecord
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
+# What reading a partition model's state can raise that a later attempt may not: the state topic
+# unreadable (KafkaException, TimeoutError), the directory (OSError), a record this config cannot
+# use (ValueError, StartupError) until someone fixes one of them.
+RESTORE_ERRORS = (KafkaException, OSError, ValueError, RuntimeError)
 
 
 class StartupError(RuntimeError):
@@ -73,6 +77,11 @@ class Daemon:
         # The first offset this process read of each partition: where a rewind goes back to
         # when there is neither a checkpoint nor a committed offset yet.
         self._first_offsets: dict[tuple[str, int], int] = {}
+        # scope: partition: assigned partitions whose model could not be restored yet (why), held
+        # paused and tried again after a back-off; none of their messages is processed until then.
+        self._unrestored: dict[tuple[str, int], str] = {}
+        self._restore_backoff = config.kafka.retry_backoff_initial_seconds
+        self._restore_retry_at = 0.0
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -100,7 +109,10 @@ class Daemon:
         for topic, partition in sorted(self.assigned):
             detector = self.detectors.get(model_key(self.scope, topic, partition))
             model = None if detector is None else detector.model
-            if model is not None and model.is_initialized:
+            if (topic, partition) in self._unrestored:
+                details[f"{topic}/{partition}"] = f"restoring its model: {self._unrestored[(topic, partition)]}"
+                warming.append(f"{topic}/{partition} (restoring its model)")
+            elif model is not None and model.is_initialized:
                 details[f"{topic}/{partition}"] = "ready"
             else:
                 buffered = 0 if model is None else model.n_buffered_
@@ -160,22 +172,78 @@ class Daemon:
         return {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}
 
     def _restore_partitions(self, partitions) -> None:
-        """scope: partition: a detector for each newly owned partition, from the state store."""
-        keys = {model_key(self.scope, t, p) for t, p in partitions} - set(self.detectors)
-        if not keys:
+        """scope: partition: a detector for each newly owned partition, from the state store.
+        A partition whose state cannot be read now gets none: it goes into ``_unrestored``."""
+        wanted = {model_key(self.scope, t, p): (t, p) for t, p in partitions}
+        wanted = {key: tp for key, tp in wanted.items() if key not in self.detectors}
+        if not wanted:
             return
-        states = self.topic_store.load_many(keys) if self.topic_store is not None else {}
+        try:
+            states = self.topic_store.load_many(set(wanted)) if self.topic_store is not None else None
+        except RESTORE_ERRORS as exc:
+            self._restore_failed(list(wanted.values()), exc)
+            return
         initial = None  # the model.init_from state, read once for all partitions that need it
-        for key in sorted(keys):
-            state = states.get(key) if self.topic_store is not None else self.local.load(key)
+        for key, tp in sorted(wanted.items()):
             detector = Detector(self.config)
-            if state is not None:
-                detector.restore(state)
-                log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid, detector.model.n_seen_)
-            elif self.config.model.init_from:
-                initial = initial or self._initial_state()
-                detector.restore(copy.deepcopy(initial))  # no arrays shared between partitions' models
+            try:
+                state = states.get(key) if states is not None else self.local.load(key)
+                if state is not None:
+                    detector.restore(state)
+                    log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid,
+                             detector.model.n_seen_)
+                elif self.config.model.init_from:
+                    initial = initial or self._initial_state()
+                    detector.restore(copy.deepcopy(initial))  # no arrays shared between partitions' models
+            except RESTORE_ERRORS as exc:
+                self._restore_failed([tp], exc)
+                continue
             self.detectors[key] = detector
+            self._unrestored.pop(tp, None)
+        if not self._unrestored:
+            self._restore_backoff = self.config.kafka.retry_backoff_initial_seconds
+
+    def _restore_failed(self, partitions: list[tuple[str, int]], exc: Exception) -> None:
+        why = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc) or type(exc).__name__
+        self.metrics.restore_failures.inc()
+        for tp in partitions:
+            self._unrestored[tp] = why
+        self._restore_retry_at = time.monotonic() + self._restore_backoff
+        log.error("cannot restore the model of %s (%s): paused, nothing of it is processed; trying again in "
+                  "%.1f s", ", ".join(f"{t}/{p}" for t, p in sorted(partitions)), why, self._restore_backoff)
+        self._restore_backoff = min(self._restore_backoff * 2, self.config.kafka.retry_backoff_max_seconds)
+
+    def _hold_unrestored(self) -> None:
+        """Pause the assigned partitions that have no model: librdkafka fetches nothing for them."""
+        held = [TopicPartition(t, p) for t, p in sorted(self._unrestored) if (t, p) in self.assigned]
+        if held:
+            self.source.consumer.pause(held)
+
+    def _retry_restores(self) -> None:
+        """Try the restores that failed again once their back-off is over; a restored partition is
+        sought to where it resumes (the later of its checkpoint and the group's commit, or where
+        auto.offset.reset says) and resumed.  Anything polled of it before was dropped unprocessed."""
+        if not self._unrestored or time.monotonic() < self._restore_retry_at:
+            return
+        pending = list(self._unrestored)
+        self._restore_partitions(pending)
+        restored = [tp for tp in pending if tp not in self._unrestored]
+        committed = self._committed(restored)
+        reset = OFFSET_END if self.config.kafka.auto_offset_reset == "latest" else OFFSET_BEGINNING
+        for topic, partition in sorted(restored):
+            start = self._resume_offset(topic, partition, committed)
+            try:
+                self.source.consumer.resume([TopicPartition(topic, partition)])
+                self.source.seek(topic, partition, reset if start is None else start)
+            except KafkaException as exc:
+                self.detectors.pop(model_key(self.scope, topic, partition), None)
+                self._restore_failed([(topic, partition)], exc)
+                continue
+            if start is not None:
+                self._detector_for(topic, partition).offsets[(topic, partition)] = start
+            log.info("restored %s/%d: resuming at %s", topic, partition, "reset" if start is None else start)
+        self._hold_unrestored()
+        self._update_positions()
 
     def _connect(self) -> None:
         k = self.config.kafka
@@ -246,10 +314,11 @@ class Daemon:
             start = self._resume_offset(topic, partition, committed)
             # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
             starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
-            if start is not None:
+            if start is not None and (topic, partition) not in self._unrestored:
                 self._detector_for(topic, partition).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
+        self._hold_unrestored()
         self._update_positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
@@ -278,8 +347,12 @@ class Daemon:
         log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
     def _release(self, partitions: list[TopicPartition]) -> None:
+        held = [tp for tp in partitions if (tp.topic, tp.partition) in self._unrestored]
+        if held:
+            self.source.consumer.resume(held)  # not left paused for a later assignment of them
         self.assigned = self.assigned - {(tp.topic, tp.partition) for tp in partitions}
         for tp in partitions:
+            self._unrestored.pop((tp.topic, tp.partition), None)
             if self.scope == "partition":
                 self.detectors.pop(model_key(self.scope, tp.topic, tp.partition), None)
             # scope: global keeps the partition's offset: the checkpoint must not forget it.
@@ -294,14 +367,7 @@ class Daemon:
         try:
             self._connect()
             while not self.stopping:
-                polled = self._poll()
-                if self._rewind_pending is not None:
-                    self._rewind()  # what was polled is read again from the checkpoint
-                    continue
-                self._process(polled)
-                self.sink.serve()
-                if self.checkpointer.due():
-                    self._checkpoint()
+                self._turn()
             if self.checkpointer.pending_messages and self._rewind_pending is None:
                 self._checkpoint()
         except BaseException:
@@ -309,6 +375,17 @@ class Daemon:
             raise
         finally:
             self._close()
+
+    def _turn(self) -> None:
+        self._retry_restores()
+        polled = self._poll()
+        if self._rewind_pending is not None:
+            self._rewind()  # what was polled is read again from the checkpoint
+            return
+        self._process(polled)
+        self.sink.serve()
+        if self.checkpointer.due():
+            self._checkpoint()
 
     def _poll(self) -> dict:
         k = self.config.kafka
@@ -325,8 +402,9 @@ class Daemon:
         self.metrics.last_poll.set(time.time())
         self._last_poll = time.monotonic()
         self._loop_watermarks = self.source.cached_watermarks(self.assigned)
-        # A partition revoked during the poll is not ours any more.
-        return {tp: messages for tp, messages in polled.items() if tp in self.assigned}
+        # A partition revoked during the poll is not ours any more; one without its model yet
+        # is read again from where it resumes once restored.
+        return {tp: messages for tp, messages in polled.items() if tp in self.assigned and tp not in self._unrestored}
 
     def _process(self, polled: dict) -> None:
         if not polled:
@@ -423,7 +501,8 @@ class Daemon:
         self._stop.wait(pause)
         self.restore()
         if self.scope == "partition":
-            self._restore_partitions(self.assigned)
+            self._restore_partitions(self.assigned - set(self._unrestored))  # those: _retry_restores
+            self._hold_unrestored()
         self.checkpointer.pending_messages = 0
 
     def _rewind(self) -> None:
@@ -432,7 +511,7 @@ class Daemon:
         started reading it).  A seek that fails leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
         committed = self._committed(self.assigned)
-        for topic, partition in sorted(self.assigned):
+        for topic, partition in sorted(self.assigned - set(self._unrestored)):
             target = self._resume_offset(topic, partition, committed)
             if target is None:
                 target = self._first_offsets.get((topic, partition))

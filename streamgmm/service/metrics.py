@@ -124,6 +124,10 @@ class Metrics:
             "output_records_dropped", "Output records the broker refused for good (logged with their source).",
             namespace=ns, registry=r,
         )
+        self.restore_failures = Counter(
+            "state_restore_failures", "scope: partition: attempts to restore a partition's model that failed "
+            "(its partition stays paused and the restore is retried).", namespace=ns, registry=r,
+        )
         self.checkpoints = Counter("checkpoints_written", "Checkpoints written successfully.", namespace=ns, registry=r)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint attempts that failed (retried).", namespace=ns, registry=r)
         self.checkpoint_last_success = Gauge(
