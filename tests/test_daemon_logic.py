@@ -241,3 +241,29 @@ def test_a_kafka_batch_gives_the_same_sources_as_its_records():
     records = [batch.record(i) for i in indices]
     assert batch.sources(indices) == ([r.topic for r in records], [r.partition for r in records],
                                       [r.offset for r in records], [r.key for r in records])
+
+
+def test_produce_errors_and_dropped_records_count_different_things(tmp_path):
+    from streamgmm.detection.records import OutputRecord
+
+    rng = np.random.default_rng(10)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    # Refused for good: dropped (and logged), not a produce error, no rewind.
+    daemon._on_output_refused(OutputRecord("anomalies", b"x" * 10, None, [], ("in", 0, 7)), "Message size too large")
+    daemon._checkpoint()
+    assert daemon.metrics.value("streamgmm_output_records_dropped_total") == 1
+    assert daemon.metrics.value("streamgmm_produce_errors_total") == 0
+    # Failed for a passing reason: produce errors, counted once by the checkpoint that rewinds.
+    _feed(daemon, 1000, 100, rng)
+    daemon.sink.deliveries.transient = 2
+    daemon._checkpoint()
+    daemon._rewind()
+    assert daemon.metrics.value("streamgmm_produce_errors_total") == 2
+    # ... or by a rewind that comes first (partitions lost to the group).
+    _feed(daemon, 1000, 100, rng)
+    daemon.sink.deliveries.transient = 3
+    daemon._on_lost([])
+    daemon._rewind()
+    assert daemon.metrics.value("streamgmm_produce_errors_total") == 5
+    assert daemon.metrics.value("streamgmm_output_records_dropped_total") == 1

@@ -72,6 +72,7 @@ class Checkpointer:
         unacknowledged = sink.flush(FLUSH_TIMEOUT_SECONDS)
         deliveries = sink.take()
         if deliveries.transient:
+            self.metrics.produce_errors.inc(deliveries.transient)
             self.metrics.checkpoint_failures.inc()
             log.error("%d output record(s) failed (%s): rewinding to the last checkpoint to produce them again",
                       deliveries.transient, "; ".join(sorted(deliveries.transient_reasons)[:3]))

@@ -292,7 +292,6 @@ class Daemon:
 
     def _on_output_refused(self, record: OutputRecord, why: str) -> None:
         self.metrics.output_dropped.inc()
-        self.metrics.produce_errors.inc()
         topic, partition, offset = record.source or ("?", -1, -1)
         log.error("the broker refused a record for %s for good (%s); it is dropped: source %s/%d offset %d, "
                   "%d bytes", record.topic, why, topic, partition, offset, len(record.value))
@@ -497,7 +496,7 @@ class Daemon:
                   why, self._rewinds_in_a_row, pause)
         self.metrics.rewinds.inc()
         self.sink.discard_pending()
-        self.sink.take()
+        self.metrics.produce_errors.inc(self.sink.take().transient)  # failed before the rewind found them
         self._stop.wait(pause)
         self.restore()
         if self.scope == "partition":

@@ -99,7 +99,11 @@ class Metrics:
         self.anomalies = Counter("anomalies", "Anomaly records produced to the output topic.", namespace=ns, registry=r)
         self.model_updates = Counter("model_updates", "Online EM steps taken (one per learned mini-batch).", namespace=ns, registry=r)
         self.points_learned = Counter("points_learned", "Points the model learned from (warm-up included).", namespace=ns, registry=r)
-        self.produce_errors = Counter("produce_errors", "Output records the broker did not acknowledge.", namespace=ns, registry=r)
+        self.produce_errors = Counter(
+            "produce_errors", "Output records that failed for a passing reason (timed out, broker unreachable), "
+            "counted by the checkpoint or rewind that finds them; the rewind produces them again.",
+            namespace=ns, registry=r,
+        )
         self.broker_errors = Counter("broker_errors", "Kafka client errors caught by the loop (it retries).", namespace=ns, registry=r)
         self.log_density = BatchHistogram(
             "log_density", "Log-density of scored points.",
@@ -121,7 +125,8 @@ class Metrics:
         self.rewinds = Counter("rewinds", "Rewinds to the last checkpoint after output the broker did not acknowledge.",
                                namespace=ns, registry=r)
         self.output_dropped = Counter(
-            "output_records_dropped", "Output records the broker refused for good (logged with their source).",
+            "output_records_dropped", "Output records the broker refused for good (too large, not authorised): "
+            "logged with their source, never produced.",
             namespace=ns, registry=r,
         )
         self.restore_failures = Counter(
