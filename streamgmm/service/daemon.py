@@ -126,6 +126,8 @@ class Daemon:
     def start_up(self) -> None:
         """Everything that can be checked before the loop: raises StartupError/ConfigError."""
         check_settings(self.config)
+        if self.config.checkpoint.topic:
+            self._check_state_record_size()
         try:
             self.local.check_writable()
         except CheckpointError as exc:
@@ -141,6 +143,26 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(exc.strerror or str(exc)) from None
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
+
+    def _check_state_record_size(self) -> None:
+        """A model whose statistics alone are over the producer's message.max.bytes can never be
+        written to the state topic: refused at start when the size is fixed (K and the covariance
+        type set), a warning when auto may grow that large (the write itself then fails, saying so)."""
+        m, d = self.config.model, self.config.input.dimension
+        limit = int(client_settings(self.config, "producer").get("message.max.bytes", 1_000_000))
+        k = m.max_components if m.n_components == "auto" else m.n_components
+        kind = "full" if m.covariance_type == "auto" else m.covariance_type
+        size = 8 * (k * d + {"full": k * d * d, "diag": k * d, "tied": d * d, "spherical": k}[kind])
+        if size < limit:
+            return
+        what = (f"a model of {k} components with {kind} covariances in {d} dimensions needs state records over "
+                f"{size:,} bytes, more than the producer's message.max.bytes ({limit:,}): raise "
+                f"kafka.producer.message.max.bytes (and the max.message.bytes of topic {self.config.checkpoint.topic}"
+                ") or make the model smaller")
+        if m.n_components == "auto" or m.covariance_type == "auto":
+            log.warning("model.n_components or model.covariance_type is auto and %s, if it grows that large", what)
+        else:
+            raise StartupError(what)
 
     def restore(self) -> None:
         """Load the newest valid checkpoint, or the ``model.init_from`` one, or start empty.
@@ -256,7 +278,8 @@ class Daemon:
             settings = client_settings(self.config, "producer")
             self._ensure_state_topic(settings)
             self.topic_store = TopicStateStore(self.config.checkpoint.topic, client_settings(self.config, "consumer"),
-                                               Producer({**settings, "error_cb": on_error}))
+                                               Producer({**settings, "error_cb": on_error}),
+                                               max_bytes=int(settings.get("message.max.bytes", 1_000_000)))
             self.checkpointer.topic_store = self.topic_store
         self.source = KafkaSource(client_settings(self.config, "consumer"), k.input_topics,
                                   on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from confluent_kafka import KafkaError, KafkaException
 
 from .kafka import read_topic
 
@@ -231,18 +232,36 @@ class TopicStateStore:
     Reads scan the whole topic: a broker need not compact (Tansu keeps every record).
     """
 
-    def __init__(self, topic: str, settings: dict, producer):
+    def __init__(self, topic: str, settings: dict, producer, max_bytes: int = 1_000_000):
         self.topic = topic
         self.settings = settings
         self.producer = producer  # a confluent_kafka.Producer of its own: its deliveries are the store's
+        self.max_bytes = max_bytes  # the producer's message.max.bytes, for the error that names it
         self.failed: list[str] = []
 
     def write(self, key: str, state: dict) -> None:
+        """Send one state record; CheckpointError at once if it is over the producer's limit."""
+        value = pack(state)
+
         def delivered(error, _message):
-            if error is not None:
+            if error is None:
+                return
+            if error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                self.failed.append(f"{key}: the broker refused a {len(value):,}-byte record as too large: raise "
+                                   f"the max.message.bytes of topic {self.topic} (or the brokers' message.max.bytes)")
+            else:
                 self.failed.append(f"{key}: {error.str()}")
 
-        self.producer.produce(self.topic, key=key.encode(), value=pack(state), on_delivery=delivered)
+        try:
+            self.producer.produce(self.topic, key=key.encode(), value=value, on_delivery=delivered)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            raise CheckpointError(
+                f"the state record of {key} is {len(value):,} bytes, more than the producer's message.max.bytes "
+                f"({self.max_bytes:,}) allows: raise kafka.producer.message.max.bytes (and the max.message.bytes "
+                f"of topic {self.topic} to match), or make the model smaller (model.max_components, "
+                "model.covariance_type)") from None
 
     def flush(self, timeout: float) -> None:
         """Wait for the records written; CheckpointError unless every one was acknowledged."""
