@@ -25,8 +25,8 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the key path."""
 
 
-def _frozen_mapping(default=None):
-    return field(default_factory=lambda: types.MappingProxyType(dict(default or {})))
+def _frozen_mapping():
+    return field(default_factory=lambda: types.MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,13 @@ CHOICES = {
 }
 
 
+# What a scalar annotation accepts, as its error names it (bools are ints in Python: refused
+# where a number is expected).
+_SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+            str: (str, "a string")}
+
+
 # ------------------------------------------------------------------------ building
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
 def _coerce(value, tp, path):
     """Check ``value`` against the annotation ``tp``; return it in canonical form."""
     origin = typing.get_origin(tp)
@@ -206,23 +208,12 @@ def _coerce(value, tp, path):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping of settings, got {value!r}")
         return types.MappingProxyType(dict(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")  # pragma: no cover
+    if tp not in _SCALARS:  # pragma: no cover
+        raise ConfigError(f"{path}: unsupported type {getattr(tp, '__name__', tp)}")
+    accepted, words = _SCALARS[tp]
+    if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"{path}: expected {words}, got {value!r}")
+    return float(value) if tp is float else value
 
 
 def _build(cls, data, path: str):
@@ -251,14 +242,6 @@ def _build(cls, data, path: str):
     return cls(**kwargs)
 
 
-def _set_path(tree: dict, keys: list[str], value) -> None:
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"environment override for {'.'.join(keys)} conflicts with a non-mapping value")
-    tree[keys[-1]] = value
-
-
 PASS_THROUGH_SECTIONS = ("security", "consumer", "producer")
 
 
@@ -266,8 +249,8 @@ def _librdkafka_name(env_key: str) -> str:
     """An environment variable can hold no dot: ``sasl_password`` -> ``sasl.password``
     (librdkafka's names have none of their own underscores), ``sasl_password_file`` ->
     ``sasl.password_file``."""
-    base, is_file = (env_key[: -len("_file")], True) if env_key.endswith("_file") else (env_key, False)
-    return base.replace("_", ".") + ("_file" if is_file else "")
+    base, suffix = (env_key[: -len("_file")], "_file") if env_key.endswith("_file") else (env_key, "")
+    return base.replace("_", ".") + suffix
 
 
 def apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> dict:
@@ -287,110 +270,94 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> dict:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
-        _set_path(raw, keys, value)
+        tree = raw
+        for key in keys[:-1]:
+            tree = tree.setdefault(key, {})
+            if not isinstance(tree, dict):
+                raise ConfigError(f"environment override for {'.'.join(keys)} conflicts with a non-mapping value")
+        tree[keys[-1]] = value
     return raw
 
 
-def _check_values(config: Config) -> None:
-    def fail(path, value, allowed):
-        raise ConfigError(f"{path}: {value!r} is not allowed; {allowed}")
+def _value(config: Config, path: str):
+    """The value at a key path such as ``kafka.bootstrap_servers[1]``."""
+    section, key = path.split(".")
+    key, _, index = key.partition("[")
+    value = getattr(getattr(config, section), key)
+    return value[int(index[:-1])] if index else value
 
+
+def _rules(config: Config):
+    """(key path, whether its value is allowed, what is allowed), in the order they are checked;
+    a rule is only evaluated once every rule before it held."""
+    k, i, m, t, c = config.kafka, config.input, config.model, config.threshold, config.checkpoint
     for path, choices in CHOICES.items():
-        section, key = path.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in choices:
-            fail(path, value, f"use one of {', '.join(choices)}")
-    k, i, m, t, c, me = config.kafka, config.input, config.model, config.threshold, config.checkpoint, config.metrics
-    if not k.bootstrap_servers:
-        fail("kafka.bootstrap_servers", k.bootstrap_servers, "give at least one host:port")
+        yield path, _value(config, path) in choices, f"use one of {', '.join(choices)}"
+    yield "kafka.bootstrap_servers", k.bootstrap_servers, "give at least one host:port"
     for n, server in enumerate(k.bootstrap_servers):
         host, _, port = server.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            fail(f"kafka.bootstrap_servers[{n}]", server, "use host:port with a port from 1 to 65535")
-    if not k.input_topics or any(not t_ for t_ in k.input_topics):
-        fail("kafka.input_topics", k.input_topics, "give at least one non-empty topic name")
+        yield (f"kafka.bootstrap_servers[{n}]", host and port.isdigit() and 0 < int(port) < 65536,
+               "use host:port with a port from 1 to 65535")
+    yield "kafka.input_topics", k.input_topics and all(k.input_topics), "give at least one non-empty topic name"
     for key in ("output_topic", "dead_letter_topic", "group_id"):
-        if not getattr(k, key):
-            fail(f"kafka.{key}", getattr(k, key), "give a non-empty name")
-    if set(k.input_topics) & {k.output_topic, k.dead_letter_topic}:
-        fail("kafka.output_topic", k.output_topic, "the output and dead-letter topics must differ from the inputs")
-    if k.max_batch_messages < 1:
-        fail("kafka.max_batch_messages", k.max_batch_messages, "use an integer >= 1")
-    if k.poll_timeout_ms < 0:
-        fail("kafka.poll_timeout_ms", k.poll_timeout_ms, "use an integer >= 0")
-    if not 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds:
-        fail("kafka.retry_backoff_initial_seconds", k.retry_backoff_initial_seconds,
-             "use a number > 0 and <= kafka.retry_backoff_max_seconds")
-    if k.dead_letter_max_bytes < 0:
-        fail("kafka.dead_letter_max_bytes", k.dead_letter_max_bytes, "use a number of bytes >= 0")
-    if k.scores_topic is not None and (not k.scores_topic or k.scores_topic in k.input_topics
-                                       or k.scores_topic in (k.output_topic, k.dead_letter_topic)):
-        fail("kafka.scores_topic", k.scores_topic, "use a topic of its own, or null for no scores")
-    if i.explain_top_features < 0:
-        fail("input.explain_top_features", i.explain_top_features, "use a number of features >= 0")
-    if i.dimension < 1:
-        fail("input.dimension", i.dimension, "use an integer >= 1")
-    if i.fields is not None and len(i.fields) != i.dimension:
-        fail("input.fields", i.fields, f"list exactly input.dimension={i.dimension} field names")
-    if i.max_message_bytes < 1:
-        fail("input.max_message_bytes", i.max_message_bytes, "use an integer >= 1")
-    if len(i.csv_delimiter) != 1:
-        fail("input.csv_delimiter", i.csv_delimiter, "use a single character")
-    auto_components = m.n_components == "auto"
-    if not auto_components and (isinstance(m.n_components, str) or m.n_components < 1):
-        fail("model.n_components", m.n_components, "use an integer >= 1, or auto")
-    if m.max_components < 1:
-        fail("model.max_components", m.max_components, "use an integer >= 1")
-    largest = m.max_components if auto_components else m.n_components
-    if not auto_components and m.warmup < 2 * m.n_components:
-        fail("model.warmup", m.warmup, f"use at least 2 * model.n_components = {2 * m.n_components}")
-    if m.warmup < 2:
-        fail("model.warmup", m.warmup, "use at least 2 points")
-    if not 0.5 < m.alpha <= 1.0:
-        fail("model.alpha", m.alpha, "use a number in (0.5, 1]")
-    if m.half_life is not None and m.half_life <= 0:
-        fail("model.half_life", m.half_life, "use a number of points > 0, or null for no forgetting")
-    if m.t0 is not None and m.t0 <= 0:
-        fail("model.t0", m.t0, "use a number > 0, or null for model.warmup")
-    if m.reg_covar <= 0:
-        fail("model.reg_covar", m.reg_covar, "use a number > 0")
-    if not 0 <= m.min_weight < 1.0 / largest:
-        fail("model.min_weight", m.min_weight,
-             f"use a number in [0, 1/model.{'max_components' if auto_components else 'n_components'})")
-    if not 0 <= m.rare_weight < 1.0:
-        fail("model.rare_weight", m.rare_weight, "use a weight in [0, 1); 0 scores by the whole mixture")
-    if t.mode != "fixed" and not 0 < t.quantile < 0.5:
-        fail("threshold.quantile", t.quantile, "use a fraction in (0, 0.5)")
-    if t.mode == "fixed" and t.value is None:
-        fail("threshold.value", t.value, "threshold.mode=fixed needs a log-density value")
-    if t.adopt_flag_rate is not None and not 0 < t.adopt_flag_rate < 1:
-        fail("threshold.adopt_flag_rate", t.adopt_flag_rate, "use a fraction in (0, 1), or null to never adopt")
-    if t.adopt_window < 1:
-        fail("threshold.adopt_window", t.adopt_window, "use a number of points >= 1")
-    if t.adopt_after < 0:
-        fail("threshold.adopt_after", t.adopt_after, "use a number of points >= 0")
-    if t.window is not None and t.window < 1_000:
-        fail("threshold.window", t.window, "use a number of points >= 1000, or null for max(20000, 20/quantile)")
-    if t.calibration is not None and t.calibration < 0:
-        fail("threshold.calibration", t.calibration, "use a number of points >= 0, or null for max(5000, 1/quantile)")
-    if t.refresh_every < 1:
-        fail("threshold.refresh_every", t.refresh_every, "use an integer >= 1")
-    if t.samples is not None and t.samples < 100:
-        fail("threshold.samples", t.samples, "use at least 100, or null for the default")
-    if c.interval_seconds <= 0:
-        fail("checkpoint.interval_seconds", c.interval_seconds, "use a number > 0")
-    if c.interval_messages < 1:
-        fail("checkpoint.interval_messages", c.interval_messages, "use an integer >= 1")
-    if c.keep < 2:
-        fail("checkpoint.keep", c.keep, "keep at least 2 so a corrupt newest one has a fallback")
-    if not c.dir:
-        fail("checkpoint.dir", c.dir, "give a directory")
-    if c.topic is not None and (not c.topic or c.topic in k.input_topics
-                                or c.topic in (k.output_topic, k.dead_letter_topic, k.scores_topic)):
-        fail("checkpoint.topic", c.topic, "use a topic of its own, or null")
+        yield f"kafka.{key}", getattr(k, key), "give a non-empty name"
+    outputs = (k.output_topic, k.dead_letter_topic)
+    yield ("kafka.output_topic", not set(k.input_topics) & set(outputs),
+           "the output and dead-letter topics must differ from the inputs")
+    yield "kafka.max_batch_messages", k.max_batch_messages >= 1, "use an integer >= 1"
+    yield "kafka.poll_timeout_ms", k.poll_timeout_ms >= 0, "use an integer >= 0"
+    yield ("kafka.retry_backoff_initial_seconds", 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds,
+           "use a number > 0 and <= kafka.retry_backoff_max_seconds")
+    yield "kafka.dead_letter_max_bytes", k.dead_letter_max_bytes >= 0, "use a number of bytes >= 0"
+    yield ("kafka.scores_topic", k.scores_topic is None or k.scores_topic not in ("", *k.input_topics, *outputs),
+           "use a topic of its own, or null for no scores")
+    yield "input.explain_top_features", i.explain_top_features >= 0, "use a number of features >= 0"
+    yield "input.dimension", i.dimension >= 1, "use an integer >= 1"
+    yield ("input.fields", i.fields is None or len(i.fields) == i.dimension,
+           f"list exactly input.dimension={i.dimension} field names")
+    yield "input.max_message_bytes", i.max_message_bytes >= 1, "use an integer >= 1"
+    yield "input.csv_delimiter", len(i.csv_delimiter) == 1, "use a single character"
+    auto = m.n_components == "auto"
+    yield ("model.n_components", auto or (not isinstance(m.n_components, str) and m.n_components >= 1),
+           "use an integer >= 1, or auto")
+    yield "model.max_components", m.max_components >= 1, "use an integer >= 1"
+    if not auto:
+        yield ("model.warmup", m.warmup >= 2 * m.n_components,
+               f"use at least 2 * model.n_components = {2 * m.n_components}")
+    yield "model.warmup", m.warmup >= 2, "use at least 2 points"
+    yield "model.alpha", 0.5 < m.alpha <= 1.0, "use a number in (0.5, 1]"
+    yield ("model.half_life", m.half_life is None or m.half_life > 0,
+           "use a number of points > 0, or null for no forgetting")
+    yield "model.t0", m.t0 is None or m.t0 > 0, "use a number > 0, or null for model.warmup"
+    yield "model.reg_covar", m.reg_covar > 0, "use a number > 0"
+    largest = "max_components" if auto else "n_components"
+    yield "model.min_weight", 0 <= m.min_weight < 1.0 / getattr(m, largest), f"use a number in [0, 1/model.{largest})"
+    yield "model.rare_weight", 0 <= m.rare_weight < 1.0, "use a weight in [0, 1); 0 scores by the whole mixture"
+    yield "threshold.quantile", t.mode == "fixed" or 0 < t.quantile < 0.5, "use a fraction in (0, 0.5)"
+    yield "threshold.value", t.mode != "fixed" or t.value is not None, "threshold.mode=fixed needs a log-density value"
+    yield ("threshold.adopt_flag_rate", t.adopt_flag_rate is None or 0 < t.adopt_flag_rate < 1,
+           "use a fraction in (0, 1), or null to never adopt")
+    yield "threshold.adopt_window", t.adopt_window >= 1, "use a number of points >= 1"
+    yield "threshold.adopt_after", t.adopt_after >= 0, "use a number of points >= 0"
+    yield ("threshold.window", t.window is None or t.window >= 1_000,
+           "use a number of points >= 1000, or null for max(20000, 20/quantile)")
+    yield ("threshold.calibration", t.calibration is None or t.calibration >= 0,
+           "use a number of points >= 0, or null for max(5000, 1/quantile)")
+    yield "threshold.refresh_every", t.refresh_every >= 1, "use an integer >= 1"
+    yield "threshold.samples", t.samples is None or t.samples >= 100, "use at least 100, or null for the default"
+    yield "checkpoint.interval_seconds", c.interval_seconds > 0, "use a number > 0"
+    yield "checkpoint.interval_messages", c.interval_messages >= 1, "use an integer >= 1"
+    yield "checkpoint.keep", c.keep >= 2, "keep at least 2 so a corrupt newest one has a fallback"
+    yield "checkpoint.dir", c.dir, "give a directory"
+    yield ("checkpoint.topic", c.topic is None or c.topic not in ("", *k.input_topics, *outputs, k.scores_topic),
+           "use a topic of its own, or null")
+    yield "metrics.port", 0 <= config.metrics.port < 65536, "use a port from 0 (any free port) to 65535"
 
-    if not 0 <= me.port < 65536:
-        fail("metrics.port", me.port, "use a port from 0 (any free port) to 65535")
+
+def _check_values(config: Config) -> None:
+    for path, allowed, what in _rules(config):
+        if not allowed:
+            raise ConfigError(f"{path}: {_value(config, path)!r} is not allowed; {what}")
 
 
 def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = None) -> Config:
