@@ -47,14 +47,6 @@ def _all_sized(values, size: int) -> bool:
         return False
 
 
-def _finite_row_mask(X: np.ndarray) -> np.ndarray | None:
-    """None if every value is finite (one check over the whole array, the usual case),
-    else which rows are."""
-    if np.isfinite(X).all():
-        return None
-    return np.isfinite(X).all(axis=1)
-
-
 def _to_float(value) -> float:
     try:
         return float(value)
@@ -89,17 +81,19 @@ class Decoder:
     def __init__(self, config: InputConfig):
         self.config = config
         self.dimension = config.dimension
-        self._decode_one = {
-            "json": self._decode_json,
-            "csv": self._decode_csv,
-        }.get(config.format)
+        self._decode_one = {"json": self._decode_json, "csv": self._decode_csv}.get(config.format, self._decode_raw)
         self._raw_dtype = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}.get(config.format)
 
     def decode(self, values: list[bytes | None]) -> DecodedBatch:
         """Decode a batch: one fast path for the usual batch of its format, else value by value."""
         if self._raw_dtype is not None:
-            return self._decode_raw_batch(values)
-        if self.config.format == "json":
+            expected = self._raw_dtype.itemsize * self.dimension
+            if expected <= self.config.max_message_bytes and _all_sized(values, expected):
+                # The common case: every message has the right size, so one frombuffer.
+                with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns: found non-finite later
+                    X = np.frombuffer(b"".join(values), dtype=self._raw_dtype).astype(np.float64)
+                return self._finite_rows(X.reshape(len(values), self.dimension), np.arange(len(values)), [])
+        elif self.config.format == "json":
             fast = self._decode_json_arrays_at_once(values)
             if fast is not None:
                 return fast
@@ -150,53 +144,39 @@ class Decoder:
                 X = np.array(parsed, dtype=np.float64).reshape(n, dimension)
         except (ValueError, TypeError, OverflowError):  # an integer beyond float range
             return None
-        return self._finite_rows(X, np.arange(n, dtype=np.intp), [])
+        return self._finite_rows(X, np.arange(n), [])
 
     def _decode_each(self, values) -> DecodedBatch:
         rows, index, invalid = [], [], []
         for i, value in enumerate(values):
             try:
-                self._check_size(value)
-                vector = self._decode_one(value)
-                if len(vector) != self.dimension:
-                    raise DecodeError("wrong_dimension", f"got {len(vector)} values, expected {self.dimension}")
+                if value is None or len(value) == 0:
+                    raise DecodeError("empty", "message value is empty or null")
+                if len(value) > self.config.max_message_bytes:
+                    raise DecodeError("oversized", f"message is {len(value)} bytes; "
+                                                   f"input.max_message_bytes is {self.config.max_message_bytes}")
+                rows.append(self._decode_one(value))  # each format checks the dimension
             except DecodeError as exc:
                 invalid.append(Invalid(i, exc.reason, exc.detail))
                 continue
-            rows.append(vector)
             index.append(i)
-        return self._finite_rows(rows, index, invalid)
-
-    def _finite_rows(self, rows, index, invalid) -> DecodedBatch:
-        """One array for the batch; rows with NaN/inf (or floats too large) become invalid."""
         try:
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"):
                 X = np.asarray(rows, dtype=np.float64).reshape(len(rows), self.dimension)
         except OverflowError:  # an integer beyond float range: find it row by row
             X = np.array([[_to_float(v) for v in row] for row in rows]).reshape(len(rows), self.dimension)
-        finite = _finite_row_mask(X)
-        if finite is not None:
-            invalid = invalid + [Invalid(index[p], "non_finite", "NaN or infinity in features") for p in np.flatnonzero(~finite)]
+        return self._finite_rows(X, np.asarray(index, dtype=np.intp), invalid)
+
+    @staticmethod
+    def _finite_rows(X: np.ndarray, index: np.ndarray, invalid: list[Invalid]) -> DecodedBatch:
+        """Rows with NaN/inf (or floats too large) become invalid; one check over the whole
+        array in the usual case that all are finite."""
+        if not np.isfinite(X).all():
+            finite = np.isfinite(X).all(axis=1)
+            invalid = invalid + [Invalid(int(i), "non_finite", "NaN or infinity in features") for i in index[~finite]]
             invalid.sort(key=lambda item: item.index)
-            X = X[finite]
-            index = [i for i, ok in zip(index, finite) if ok]
-        return DecodedBatch(X, np.asarray(index, dtype=np.intp), invalid)
-
-    def decode_one(self, value: bytes | None) -> np.ndarray:
-        """One value to a vector; raises DecodeError."""
-        batch = self.decode([value])
-        if batch.invalid:
-            raise DecodeError(batch.invalid[0].reason, batch.invalid[0].detail)
-        return batch.X[0]
-
-    # ------------------------------------------------------------------ checks
-    def _check_size(self, value) -> None:
-        if value is None or len(value) == 0:
-            raise DecodeError("empty", "message value is empty or null")
-        if len(value) > self.config.max_message_bytes:
-            raise DecodeError(
-                "oversized", f"message is {len(value)} bytes; input.max_message_bytes is {self.config.max_message_bytes}"
-            )
+            X, index = X[finite], index[finite]
+        return DecodedBatch(X, index, invalid)
 
     # ---------------------------------------------------------------- formats
     def _decode_json(self, value: bytes):
@@ -234,38 +214,12 @@ class Decoder:
         except ValueError as exc:
             raise DecodeError("undecodable", f"not a number: {exc}") from None
 
-    def _decode_raw_batch(self, values) -> DecodedBatch:
-        dtype = self._raw_dtype
-        expected = dtype.itemsize * self.dimension
-        invalid = []
-        if expected <= self.config.max_message_bytes and _all_sized(values, expected):
-            good = np.arange(len(values), dtype=np.intp)  # the common case: every message has the right size
-            data = b"".join(values)
-        else:
-            good = []
-            for i, value in enumerate(values):
-                if value is None or len(value) == 0:
-                    invalid.append(Invalid(i, "empty", "message value is empty or null"))
-                elif len(value) > self.config.max_message_bytes:
-                    invalid.append(Invalid(i, "oversized", f"message is {len(value)} bytes; input.max_message_bytes is {self.config.max_message_bytes}"))
-                elif len(value) != expected:
-                    invalid.append(Invalid(i, "wrong_dimension", f"got {len(value)} bytes, expected {expected} ({self.dimension} x {self.config.format})"))
-                else:
-                    good.append(i)
-            good = np.asarray(good, dtype=np.intp)
-            data = b"".join(values[i] for i in good)
-        return self._raw_rows(data, good, invalid)
-
-    def _raw_rows(self, data: bytes, good: np.ndarray, invalid: list) -> DecodedBatch:
-        """The rows ``good`` of the batch, given back to back in ``data``: one frombuffer."""
-        with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns: found non-finite below
-            X = np.frombuffer(data, dtype=self._raw_dtype).reshape(len(good), self.dimension).astype(np.float64)
-        finite = _finite_row_mask(X)
-        if finite is not None:
-            invalid.extend(Invalid(int(i), "non_finite", "NaN or infinity in features") for i in good[~finite])
-            invalid.sort(key=lambda item: item.index)
-            X, good = X[finite], good[finite]
-        return DecodedBatch(X, good, invalid)
+    def _decode_raw(self, value: bytes):
+        expected = self._raw_dtype.itemsize * self.dimension
+        if len(value) != expected:
+            raise DecodeError("wrong_dimension",
+                              f"got {len(value)} bytes, expected {expected} ({self.dimension} x {self.config.format})")
+        return np.frombuffer(value, dtype=self._raw_dtype)
 
 
 def encode(vector, fmt: str) -> bytes:
