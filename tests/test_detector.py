@@ -274,3 +274,48 @@ def test_scores_topic_gets_one_compact_record_per_scored_point():
 def test_scores_topic_and_explain_top_features_are_checked(raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict(raw)
+
+
+def _appearing_cluster_stream(seed):
+    """8,000 points of two clusters, then a batch where half the points come from a third, near
+    enough to the others that its points are scored low but not flagged (a regime appearing)."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0, 0, 0], [6.0, 0, 0, 0], [3.0, 4.5, 0, 0]])
+    X = centres[rng.integers(0, 2, 8_000)] + rng.normal(size=(8_000, 4))
+    labels = np.where(rng.random(2_000) < 0.5, 2, rng.integers(0, 2, 2_000))
+    change = centres[labels] + rng.normal(size=(2_000, 4))
+    return X, change, labels == 2
+
+
+def _steps_taken(X, batch, seed, monkeypatch=None):
+    """(n_updates for ``batch`` after X, its log-densities), with the careful step as it is
+    or, given monkeypatch, never taken."""
+    import streamgmm.detection.detector as detector_module
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(detector_module, "CAREFUL_STEP", 10**9)
+    detector = Detector(_config(model={"n_components": 2, "warmup": 1_000, "random_state": seed}))
+    _run(detector, X, batch=1_000)
+    before = detector.n_updates
+    result = detector.process(_records(batch, start=len(X)), now=5.0)
+    return detector.n_updates - before, result.log_density
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_batch_that_brings_a_new_cluster_is_learned_in_small_steps(seed, monkeypatch):
+    X, change, new = _appearing_cluster_stream(seed)
+    steps, density = _steps_taken(X, change, seed)
+    steps_at_once, density_at_once = _steps_taken(X, change, seed, monkeypatch)
+    assert steps >= steps_at_once + 10
+    # Its points late in the batch were scored by a model that had learned its earlier ones.
+    late = np.s_[-1_000:]
+    assert np.median(density[late][new[late]]) > np.median(density_at_once[late][new[late]]) + 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_batch_like_the_others_is_learned_as_it_comes(seed, monkeypatch):
+    X, _, _ = _appearing_cluster_stream(seed)
+    steps, density = _steps_taken(X[:7_000], X[7_000:], seed)
+    steps_at_once, density_at_once = _steps_taken(X[:7_000], X[7_000:], seed, monkeypatch)
+    assert steps == steps_at_once
+    np.testing.assert_array_equal(density, density_at_once)

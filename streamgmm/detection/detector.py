@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # the service layer builds the config; only its type is named
     from ..service.config import Config
 
 STATE_KIND = "streamgmm-detector"
+# Once a batch looks like a change (threshold.surprised), the rest of it is learned in steps
+# of this many points.  On the drifting benchmark stream (a cluster appears) average precision
+# went 0.775 -> 0.897 with steps of 100 and 0.909 with 50; each step costs ~0.2-0.3 ms.
+CAREFUL_STEP = 50
 
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
@@ -153,13 +157,25 @@ class Detector:
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
             parts = []
+            careful = False
             while len(rows):
                 # A young model's threshold is re-estimated often: a large batch (a backlog at
                 # start) is taken in that many steps, each scored with the threshold refreshed
                 # after the last, not all of it with the threshold of the warm-up model.
                 step = self.threshold.points_before_refresh(self.model)
                 n = len(rows) if step is None else min(len(rows), step)
-                parts.append(self._score_flag_learn(batch, X[:n], rows[:n], result, now))
+                if careful:
+                    n = min(n, CAREFUL_STEP)
+                scored = self.model.score_batch(X[:n])
+                flags = self.threshold.classify(scored.log_density)
+                if n > CAREFUL_STEP and self.threshold.surprised(scored.log_density, flags):
+                    # Far more of these scores in the tail than usual: the stream may be changing
+                    # (a cluster appearing, a shift).  The rest of the batch is scored and learned
+                    # in small steps, so that the model follows within the batch: scored all at
+                    # once, a new cluster's first points would all rank as the most anomalous.
+                    careful, n = True, CAREFUL_STEP
+                    scored, flags = scored.head(n), flags[:n]
+                parts.append(self._flag_learn(batch, X[:n], rows[:n], scored, flags, result, now))
                 X, rows = X[n:], rows[n:]
                 self.threshold.update(self.model)
             if len(parts) == 1:
@@ -174,10 +190,8 @@ class Detector:
             self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
         return result
 
-    def _score_flag_learn(self, batch, X, rows, result, now):
-        """Score, flag and learn these rows; returns (rows, log_density, flags, components)."""
-        scored = self.model.score_batch(X)
-        flags = self.threshold.classify(scored.log_density)
+    def _flag_learn(self, batch, X, rows, scored, flags, result, now):
+        """Report, flag and learn these scored rows; returns (rows, log_density, flags, components)."""
         components = scored.component
         if flags.any():
             result.anomalies += self._anomaly_records(batch, X, rows, scored, flags, iso_time(now))

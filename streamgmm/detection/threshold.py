@@ -59,6 +59,9 @@ TOKEN_BUCKET = 3.0
 # Alarms further out than the fitted tail's quantile at this fraction of q are not counted at
 # all (only those between z_q and there can say that z_q is too low).
 FAR_OVER_Q = 0.01
+# A step with this many (binomial) standard deviations more of its scores in the tail than the
+# tail's share looks like a change, not chance.
+SURPRISE_SD = 4.0
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
@@ -74,6 +77,11 @@ FIT_PEAKS = 2_000
 # While the top TAIL_FRACTION holds fewer than MIN_PEAKS, the peaks come from a deeper tail,
 # the top 10% at most: the first fit comes after 300 points.
 START_TAIL_FRACTION = 0.1
+
+
+def _many_flags(flags: np.ndarray, rate: float) -> bool:
+    """Far more flags than the expected rate: ten times, and at least 5."""
+    return int(np.count_nonzero(flags)) > max(5.0, 10.0 * rate * len(flags))
 
 
 def flags_below(log_density: np.ndarray, value: float | None) -> np.ndarray:
@@ -186,6 +194,9 @@ class FixedThreshold:
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
 
+    def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
+        return _many_flags(flags, 0.001)
+
     def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
         """Scores do not move a fixed threshold."""
 
@@ -242,6 +253,9 @@ class ModelQuantileThreshold:
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
+
+    def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
+        return _many_flags(flags, self.quantile)
 
     def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
         """Only the model moves this threshold."""
@@ -308,6 +322,16 @@ class StreamQuantileThreshold:
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
+
+    def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
+        """Whether these scores lie in the stream's tail (below t) far more often than the tail's
+        share: the stream may be changing (a cluster appearing, a shift), not just one point."""
+        if self.fit is None:
+            return _many_flags(flags, self.quantile)
+        share = self.fit["tail_share"]
+        below = int(np.count_nonzero(-np.asarray(log_density) > self.fit["t"]))
+        expected = share * len(log_density)
+        return below > max(5.0, expected + SURPRISE_SD * math.sqrt(expected * (1.0 - share)))
 
     def update(self, model: OnlineGaussianMixture) -> None:
         if self.z is None:
@@ -444,7 +468,7 @@ class StreamQuantileThreshold:
                 sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
             self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
-            self.fit = {"t": t, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
+            self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored)}
             if collect is None:
                 collect = t - sigma * math.log(2.0)

@@ -135,6 +135,11 @@ class ScoredBatch:
     component: np.ndarray  # most responsible component per row
     model_version: int
 
+    def head(self, n: int) -> "ScoredBatch":
+        """The first ``n`` rows."""
+        return ScoredBatch(self.X_internal[:n], self.log_density[:n], self.log_resp[:n], self.component[:n],
+                           self.model_version)
+
 
 def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: str,
                      rows: np.ndarray | None = None) -> BatchStatistics:
