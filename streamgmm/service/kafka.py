@@ -48,7 +48,6 @@ KAFKA_PYTHON_NAMES = {
     "linger_ms": "linger.ms", "batch_size": "batch.size", "max_request_size": "message.max.bytes",
     "retries": "retries", "acks": "acks", "enable_idempotence": "enable.idempotence",
 }
-PASS_THROUGH = ("security", "consumer", "producer")
 
 _VALUE = methodcaller("value")
 _TIMESTAMP = methodcaller("timestamp")
@@ -116,13 +115,12 @@ def check_settings(config: Config) -> None:
     """Build each client once, without talking to a broker, so librdkafka itself refuses a
     misspelled name or a bad value now (ConfigError naming the key), not as endless
     "cannot connect" retries later."""
-    for role, section in (("consumer", "consumer"), ("producer", "producer")):
-        settings = client_settings(config, role)
+    for role, client_type in (("consumer", Consumer), ("producer", Producer)):
         try:
-            client = (Consumer if role == "consumer" else Producer)({**settings, "log_level": 0})
+            client = client_type({**client_settings(config, role), "log_level": 0})
         except (KafkaException, ValueError, TypeError) as exc:
             message = str(exc.args[0].str() if isinstance(exc, KafkaException) else exc)
-            raise ConfigError(_config_error(config, section, message)) from None
+            raise ConfigError(_config_error(config, role, message)) from None
         client.close() if role == "consumer" else client.flush(0)
 
 
@@ -377,10 +375,11 @@ class KafkaSink:
 
 
 # ---------------------------------------------------------------------------- admin
-def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout: float = 15.0) -> None:
-    """Create ``topic`` (1 partition) unless it exists."""
+def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout: float = 15.0,
+                 partitions: int = 1) -> None:
+    """Create ``topic`` unless it exists."""
     admin = AdminClient({k: v for k, v in settings.items() if k not in ("error_cb", "logger")})
-    futures = admin.create_topics([NewTopic(topic, 1, 1, config=config or {})], operation_timeout=timeout)
+    futures = admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})], operation_timeout=timeout)
     try:
         futures[topic].result(timeout)
     except KafkaException as exc:
