@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from ..service.kafka import ensure_topic
 
 
 def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
     """Create each topic with its number of partitions (an existing one is left as it is)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(name, partitions, 1) for name, partitions in topics.items()],
-                                  operation_timeout=timeout)
-    for future in futures.values():
-        try:
-            future.result(timeout)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+    for name, partitions in topics.items():
+        ensure_topic({"bootstrap.servers": bootstrap}, name, timeout=timeout, partitions=partitions)
 
 
 def producer(bootstrap: str, **settings) -> Producer:
