@@ -32,7 +32,7 @@ class InputRecord:
 
 class RecordBatch:
     """A batch of InputRecords as the detector reads it (the Kafka source has its own batch
-    type with the same four members, built without a Python object per message)."""
+    type with the same members, built without a Python object per message)."""
 
     def __init__(self, records: list[InputRecord]):
         self.records = records
@@ -48,12 +48,6 @@ class RecordBatch:
 
     def record(self, index: int) -> InputRecord:
         return self.records[index]
-
-    def sources(self, indices: list[int]) -> tuple[list, list, list, list]:
-        """(topics, partitions, offsets, keys) of these records, for per-point score records."""
-        records = [self.records[i] for i in indices]
-        return ([r.topic for r in records], [r.partition for r in records], [r.offset for r in records],
-                [r.key for r in records])
 
 
 class OutputRecord(NamedTuple):
@@ -87,19 +81,11 @@ def key_fields(key: bytes | None) -> dict:
         return {"key": None, "key_base64": base64.b64encode(key).decode()}
 
 
-def source_fields(record: InputRecord) -> dict:
-    return {
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "timestamp": record.timestamp,
-        **key_fields(record.key),
-    }
-
-
 def anomaly_record(topic: str, record: InputRecord, document: dict) -> OutputRecord:
     """An anomaly document for ``record``, keyed and headed like its input."""
-    document = {"source": source_fields(record), **document}
+    source = {"topic": record.topic, "partition": record.partition, "offset": record.offset,
+              "timestamp": record.timestamp, **key_fields(record.key)}
+    document = {"source": source, **document}
     headers = list(record.headers or ()) + [
         ("streamgmm.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
     ]
