@@ -12,12 +12,12 @@ import signal
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 
 import numpy as np
 import yaml
 
 from .. import __version__
+from ..detection.records import iso_time
 from ..service.state import CheckpointError, CheckpointStore
 from ..service.config import ConfigError, as_dict, load_config, masked
 
@@ -50,7 +50,7 @@ class RepeatFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -65,11 +65,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        formatter = logging.Formatter("%(asctime)s.%(msecs)03d%(tz)s %(levelname)s %(name)s: %(message)s",
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
                                       "%Y-%m-%dT%H:%M:%S")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
-        handler.addFilter(_utc_zone)
     if level != "DEBUG":
         handler.addFilter(RepeatFilter())
     root = logging.getLogger()
@@ -78,11 +77,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     # librdkafka's own log lines (connection refused ...) only at DEBUG: its errors reach us
     # through the clients' error callback as well.
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
-
-
-def _utc_zone(record: logging.LogRecord) -> bool:
-    record.tz = "Z"
-    return True
 
 
 def _load(path, kafka: bool = False):
@@ -224,10 +218,7 @@ def inspect_summary(directory: str | None = None, state: dict | None = None, pat
         "format_version": 1,
         "streamgmm_version": state.get("streamgmm_version"),
         "created_at": state.get("created_at"),
-        "n_valid": state["counters"]["n_valid"],
-        "n_invalid": state["counters"]["n_invalid"],
-        "n_anomalies": state["counters"]["n_anomalies"],
-        "n_updates": state["counters"]["n_updates"],
+        **{name: state["counters"][name] for name in ("n_valid", "n_invalid", "n_anomalies", "n_updates")},
         "n_seen": model["n_seen"],
         "initialized": model["initialized"],
         "offsets": state["offsets"],

@@ -15,6 +15,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
+from ..detection.decode import Decoder
 from ..detection.detector import Detector
 from ..detection.records import InputRecord, finite
 from ..service.config import Config
@@ -85,9 +86,9 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         result = detector.process(batch, now=time.time())
         threshold = detector.threshold.value
         lines = []
-        for record, decision in zip(batch, result.decisions()):
+        for i, (record, decision) in enumerate(zip(batch, result.decisions())):
             if decision is None:
-                row = {"offset": record.offset, "invalid": result.invalid_index.get(len(lines)),
+                row = {"offset": record.offset, "invalid": result.invalid_index.get(i),
                        "log_density": None, "anomaly": False, "threshold": threshold}
             else:
                 density, flagged, component = decision
@@ -105,23 +106,16 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
             flush()
     flush()
     sink.flush()
-    return {
-        "n_records": offset,
-        "n_valid": detector.n_valid,
-        "n_invalid": detector.n_invalid,
-        "n_anomalies": detector.n_anomalies,
-        "n_seen": detector.model.n_seen_,
-        "threshold": detector.threshold.value,
-    }
+    return {"n_records": offset, "n_valid": detector.n_valid, "n_invalid": detector.n_invalid,
+            "n_anomalies": detector.n_anomalies, "n_seen": detector.model.n_seen_,
+            "threshold": detector.threshold.value}
 
 
 def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int]:
     """All valid rows of a recorded file as a matrix, and the number of invalid rows skipped."""
-    config = dataclasses.replace(config, input=dataclasses.replace(config.input, format=fmt))
-    detector = Detector(config)
     with _open(path) as stream:
         values = list(record_values(stream, fmt, config))
-    decoded = detector.decoder.decode(values)
+    decoded = Decoder(dataclasses.replace(config.input, format=fmt)).decode(values)
     return decoded.X, len(decoded.invalid)
 
 
