@@ -103,14 +103,16 @@ def raw_kafka_python_rate(bootstrap, topic, n):
 class Variant:
     """One daemon to measure: this tree, or the baseline worktree."""
 
-    def __init__(self, label: str, source: Path, baseline: bool):
-        self.label, self.source, self.baseline = label, source, baseline
+    def __init__(self, label: str, source: Path, kafka_python: bool, sections: dict | None = None):
+        self.label, self.source, self.kafka_python = label, source, kafka_python
+        # Keys that replace the bench's own, by section (model, threshold, input).
+        self.sections = sections or {}
 
     def config(self, bootstrap, topic, fmt, state_dir, group, port) -> dict:
         consumer = ({"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20}
-                    if self.baseline else
+                    if self.kafka_python else
                     {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 20})
-        return {
+        settings = {
             "kafka": {"bootstrap_servers": [bootstrap], "input_topics": [topic], "output_topic": f"{topic}.anomalies",
                       "dead_letter_topic": f"{topic}.dlq", "group_id": group, "consumer": consumer},
             "input": {"format": fmt, "dimension": D},
@@ -120,6 +122,7 @@ class Variant:
             "metrics": {"host": "127.0.0.1", "port": port},
             "logging": {"level": "WARNING"},
         }
+        return {key: {**value, **self.sections.get(key, {})} for key, value in settings.items()}
 
     def start(self, settings: dict, workdir: Path) -> subprocess.Popen:
         path = workdir / "config.yaml"
@@ -217,19 +220,21 @@ def latency(variant, bootstrap, topic, X, seconds=10.0, rate=2000.0):
 
 
 def baseline_variant(ref: str) -> Variant | None:
-    try:
-        import crc32c  # noqa: F401
-        import kafka  # noqa: F401
-    except ImportError:
-        print("no baseline: kafka-python and crc32c are not installed (pip install -e '.[bench]')", file=sys.stderr)
-        return None
     tree = ROOT / "bench" / "out" / f"baseline-{ref}"
     if not tree.exists():
         tree.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True, capture_output=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
                        capture_output=True)
-    return Variant(f"baseline {ref} (kafka-python + helper)", tree, baseline=True)
+    if (tree / "streamgmm" / "service" / "kafka.py").exists():  # already on confluent-kafka
+        return Variant(f"baseline {ref} (confluent-kafka)", tree, kafka_python=False)
+    try:
+        import crc32c  # noqa: F401
+        import kafka  # noqa: F401
+    except ImportError:
+        print("no baseline: kafka-python and crc32c are not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    return Variant(f"baseline {ref} (kafka-python + helper)", tree, kafka_python=True)
 
 
 def main():
@@ -238,10 +243,23 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE_REF, help="git ref of the daemon to compare with")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--detection", action="store_true",
+                        help="instead: this tree with the default detection (model and covariance type auto, "
+                             "stream-calibrated threshold, explanations) against its issue-13 settings "
+                             "(K=8 full, the model's density quantile, no explanations)")
     args = parser.parse_args()
-    variants = [Variant("this tree (confluent-kafka, one thread)", ROOT, baseline=False)]
-    baseline = None if args.no_baseline else baseline_variant(args.baseline)
-    if baseline is not None:
+    variants = [Variant("this tree (confluent-kafka, one thread)", ROOT, kafka_python=False)]
+    if args.detection:
+        variants = [Variant("defaults: auto model, stream-calibrated threshold, explained", ROOT, kafka_python=False,
+                            sections={"model": {"n_components": "auto"}}),
+                    Variant("before issue 14: K=8 full, model_quantile, unexplained", ROOT, kafka_python=False,
+                            sections={"model": {"n_components": 8, "covariance_type": "full", "warmup": 1000},
+                                      "threshold": {"mode": "model_quantile", "quantile": 0.001},
+                                      "input": {"explain_top_features": 0}})]
+        baseline = variants[1]
+    else:
+        baseline = None if args.no_baseline else baseline_variant(args.baseline)
+    if baseline is not None and baseline not in variants:
         variants.append(baseline)
     try:
         import kafka  # noqa: F401
