@@ -107,7 +107,7 @@ def test_a_checkpoint_over_the_limit_fails_and_is_retried_saying_what_to_raise(t
     daemon.detectors["global"] = _warm_detector(config)
     store, producer = _store(10_000)
     daemon.topic_store = daemon.checkpointer.topic_store = store
-    daemon.checkpointer.processed(400)
+    daemon.checkpointer.pending_messages = 400
     with caplog.at_level(logging.ERROR):
         assert daemon.checkpointer.checkpoint(daemon.detectors, daemon.sink, daemon._commit, 0.0) is Outcome.FAILED
     assert "raise kafka.producer.message.max.bytes" in caplog.text and daemon.source.commits == []

@@ -45,9 +45,6 @@ class Checkpointer:
         self.failures = 0  # in a row
         self.retry_at = 0.0
 
-    def processed(self, n_messages: int) -> None:
-        self.pending_messages += n_messages
-
     def due(self) -> bool:
         if not self.pending_messages or self.clock() < self.retry_at:
             return False
@@ -90,7 +87,14 @@ class Checkpointer:
             if self.topic_store is not None:
                 self.topic_store.flush(FLUSH_TIMEOUT_SECONDS)
         except (CheckpointError, KafkaException, BufferError) as exc:
-            return self._failed(kafka_error_text(exc.args[0]) if isinstance(exc, KafkaException) else str(exc))
+            self.metrics.checkpoint_failures.inc()
+            self.failures += 1
+            delay = min(2.0 ** (self.failures - 1), max(RETRY_MAX_SECONDS, self.config.interval_seconds))
+            self.retry_at = self.clock() + delay
+            log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; retrying in "
+                      "%.0f s", self.failures, kafka_error_text(exc.args[0]) if isinstance(exc, KafkaException)
+                      else exc, delay)
+            return Outcome.FAILED
         self.failures = 0
         self.retry_at = 0.0
         self.pending_messages = 0
@@ -104,12 +108,3 @@ class Checkpointer:
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
         return Outcome.WRITTEN
 
-    def _failed(self, why: str) -> Outcome:
-        self.metrics.checkpoint_failures.inc()
-        self.failures += 1
-        ceiling = max(RETRY_MAX_SECONDS, self.config.interval_seconds)
-        delay = min(2.0 ** (self.failures - 1), ceiling)
-        self.retry_at = self.clock() + delay
-        log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; "
-                  "retrying in %.0f s", self.failures, why, delay)
-        return Outcome.FAILED

@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
@@ -39,6 +40,10 @@ LOOP_STALL_SECONDS = 30.0
 # unreadable (KafkaException, TimeoutError), the directory (OSError), a record this config cannot
 # use (ValueError, StartupError) until someone fixes one of them.
 RESTORE_ERRORS = (KafkaException, OSError, ValueError, RuntimeError)
+
+
+def _why(exc: Exception) -> str:
+    return exc.args[0].str() if isinstance(exc, KafkaException) else str(exc) or type(exc).__name__
 
 
 class StartupError(RuntimeError):
@@ -89,10 +94,6 @@ class Daemon:
         self._stop.set()
 
     @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    @property
     def detector(self) -> Detector:
         """The global detector (scope: global)."""
         if GLOBAL_KEY not in self.detectors:
@@ -107,17 +108,17 @@ class Daemon:
             return False, "no partitions assigned (a standby member of the group, or joining)", {}
         details, warming = {}, []
         for topic, partition in sorted(self.assigned):
-            detector = self.detectors.get(model_key(self.scope, topic, partition))
+            name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
             model = None if detector is None else detector.model
             if (topic, partition) in self._unrestored:
-                details[f"{topic}/{partition}"] = f"restoring its model: {self._unrestored[(topic, partition)]}"
-                warming.append(f"{topic}/{partition} (restoring its model)")
+                details[name] = f"restoring its model: {self._unrestored[(topic, partition)]}"
+                warming.append(f"{name} (restoring its model)")
             elif model is not None and model.is_initialized:
-                details[f"{topic}/{partition}"] = "ready"
+                details[name] = "ready"
             else:
-                buffered = 0 if model is None else model.n_buffered_
-                details[f"{topic}/{partition}"] = f"warming up {buffered}/{self.config.model.warmup}"
-                warming.append(f"{topic}/{partition} {buffered}/{self.config.model.warmup}")
+                progress = f"{0 if model is None else model.n_buffered_}/{self.config.model.warmup}"
+                details[name] = f"warming up {progress}"
+                warming.append(f"{name} {progress}")
         if warming:
             return False, "warming up " + ", ".join(warming), details
         return True, f"{len(self.assigned)} partition(s) assigned, models ready", details
@@ -196,14 +197,13 @@ class Daemon:
     def _restore_partitions(self, partitions) -> None:
         """scope: partition: a detector for each newly owned partition, from the state store.
         A partition whose state cannot be read now gets none: it goes into ``_unrestored``."""
-        wanted = {model_key(self.scope, t, p): (t, p) for t, p in partitions}
-        wanted = {key: tp for key, tp in wanted.items() if key not in self.detectors}
+        wanted = {key: (t, p) for t, p in partitions if (key := model_key(self.scope, t, p)) not in self.detectors}
         if not wanted:
             return
         try:
             states = self.topic_store.load_many(set(wanted)) if self.topic_store is not None else None
         except RESTORE_ERRORS as exc:
-            self._restore_failed(list(wanted.values()), exc)
+            self._restore_failed(list(wanted.values()), _why(exc))
             return
         initial = None  # the model.init_from state, read once for all partitions that need it
         for key, tp in sorted(wanted.items()):
@@ -218,15 +218,14 @@ class Daemon:
                     initial = initial or self._initial_state()
                     detector.restore(copy.deepcopy(initial))  # no arrays shared between partitions' models
             except RESTORE_ERRORS as exc:
-                self._restore_failed([tp], exc)
+                self._restore_failed([tp], _why(exc))
                 continue
             self.detectors[key] = detector
             self._unrestored.pop(tp, None)
         if not self._unrestored:
             self._restore_backoff = self.config.kafka.retry_backoff_initial_seconds
 
-    def _restore_failed(self, partitions: list[tuple[str, int]], exc: Exception) -> None:
-        why = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc) or type(exc).__name__
+    def _restore_failed(self, partitions: list[tuple[str, int]], why: str) -> None:
         self.metrics.restore_failures.inc()
         for tp in partitions:
             self._unrestored[tp] = why
@@ -243,54 +242,45 @@ class Daemon:
 
     def _retry_restores(self) -> None:
         """Try the restores that failed again once their back-off is over; a restored partition is
-        sought to where it resumes (the later of its checkpoint and the group's commit, or where
-        auto.offset.reset says) and resumed.  Anything polled of it before was dropped unprocessed."""
+        resumed and sought to where it resumes (or where auto.offset.reset says): whatever was
+        polled of it before was dropped unprocessed."""
         if not self._unrestored or time.monotonic() < self._restore_retry_at:
             return
         pending = list(self._unrestored)
         self._restore_partitions(pending)
         restored = [tp for tp in pending if tp not in self._unrestored]
-        committed = self._committed(restored)
+        if restored:
+            self.source.consumer.resume([TopicPartition(t, p) for t, p in restored])
+            log.info("restored the models of %s: resuming them", ", ".join(f"{t}/{p}" for t, p in sorted(restored)))
         reset = OFFSET_END if self.config.kafka.auto_offset_reset == "latest" else OFFSET_BEGINNING
-        for topic, partition in sorted(restored):
-            start = self._resume_offset(topic, partition, committed)
-            try:
-                self.source.consumer.resume([TopicPartition(topic, partition)])
-                self.source.seek(topic, partition, reset if start is None else start)
-            except KafkaException as exc:
-                self.detectors.pop(model_key(self.scope, topic, partition), None)
-                self._restore_failed([(topic, partition)], exc)
-                continue
-            if start is not None:
-                self._detector_for(topic, partition).offsets[(topic, partition)] = start
-            log.info("restored %s/%d: resuming at %s", topic, partition, "reset" if start is None else start)
+        for tp, why in self._seek_to_resume(restored, lambda tp: reset).items():
+            self.detectors.pop(model_key(self.scope, *tp), None)
+            self._restore_failed([tp], why)
         self._hold_unrestored()
-        self._update_positions()
+        self.positions = self._next_offsets()
 
     def _connect(self) -> None:
         k = self.config.kafka
         on_error = self._on_client_error
-        self.sink = KafkaSink(client_settings(self.config, "producer"), on_error=on_error,
-                              on_permanent=self._on_output_refused)
+        producing, consuming = client_settings(self.config, "producer"), client_settings(self.config, "consumer")
+        self.sink = KafkaSink(producing, on_error=on_error, on_permanent=self._on_output_refused)
         if self.config.checkpoint.topic:
             from confluent_kafka import Producer
 
-            settings = client_settings(self.config, "producer")
-            self._ensure_state_topic(settings)
-            self.topic_store = TopicStateStore(self.config.checkpoint.topic, client_settings(self.config, "consumer"),
-                                               Producer({**settings, "error_cb": on_error}),
-                                               max_bytes=int(settings.get("message.max.bytes", 1_000_000)))
+            self._ensure_state_topic(producing)
+            self.topic_store = TopicStateStore(self.config.checkpoint.topic, consuming,
+                                               Producer({**producing, "error_cb": on_error}),
+                                               max_bytes=int(producing.get("message.max.bytes", 1_000_000)))
             self.checkpointer.topic_store = self.topic_store
-        self.source = KafkaSource(client_settings(self.config, "consumer"), k.input_topics,
-                                  on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
-                                  on_error=on_error)
-        self.watermarks = WatermarkReader(client_settings(self.config, "consumer"))
+        self.source = KafkaSource(consuming, k.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                  on_lost=self._on_lost, on_error=on_error)
+        self.watermarks = WatermarkReader(consuming)
         self.metrics.watch_lag(lambda: self.positions, self._watermarks_for_scrape)
         log.info("subscribed to %s at %s", ",".join(k.input_topics), ",".join(k.bootstrap_servers))
 
     def _ensure_state_topic(self, settings: dict) -> None:
         backoff = self.config.kafka.retry_backoff_initial_seconds
-        while not self.stopping:
+        while not self._stop.is_set():
             try:
                 ensure_topic(settings, self.config.checkpoint.topic, {"cleanup.policy": "compact"})
                 return
@@ -337,11 +327,11 @@ class Daemon:
             # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
             starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
             if start is not None and (topic, partition) not in self._unrestored:
-                self._detector_for(topic, partition).offsets[(topic, partition)] = start
+                self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
         self._hold_unrestored()
-        self._update_positions()
+        self.positions = self._next_offsets()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           for tp in starts))
@@ -351,13 +341,11 @@ class Daemon:
         # before the partitions go, so their next owner starts exactly where we stopped.
         # Not while a rewind is pending (the model holds messages whose output failed), nor
         # when the loop is leaving on an error (its last batch may be half sent).
-        if (self.checkpointer.pending_messages and self.sink is not None and self._rewind_pending is None
-                and not self._aborting):
-            outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
-            if outcome is Outcome.REWIND:
-                self._rewind_pending = "output records were not acknowledged before a rebalance"
-        elif self._commit_refused and self.source is not None and self._rewind_pending is None and not self._aborting:
-            self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
+        if self._rewind_pending is None and not self._aborting:
+            if self.checkpointer.pending_messages and self.sink is not None:
+                self._checkpoint(" before a rebalance")
+            elif self._commit_refused and self.source is not None:
+                self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
         self._release(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
@@ -378,7 +366,7 @@ class Daemon:
             if self.scope == "partition":
                 self.detectors.pop(model_key(self.scope, tp.topic, tp.partition), None)
             # scope: global keeps the partition's offset: the checkpoint must not forget it.
-        self._update_positions()
+        self.positions = self._next_offsets()
         self.metrics.assigned_partitions.set(len(self.assigned))
 
     # ---------------------------------------------------------------- the loop
@@ -388,7 +376,7 @@ class Daemon:
         log.info("effective config: %s", json.dumps(masked(as_dict(self.config))))
         try:
             self._connect()
-            while not self.stopping:
+            while not self._stop.is_set():
                 self._turn()
             if self.checkpointer.pending_messages and self._rewind_pending is None:
                 self._checkpoint()
@@ -445,8 +433,8 @@ class Daemon:
                 self.sink.send(record)
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
-            self.checkpointer.processed(len(batch))
-        self._update_positions()
+            self.checkpointer.pending_messages += len(batch)
+        self.positions = self._next_offsets()
 
     def _watermarks_for_scrape(self) -> dict:
         """For the lag at a scrape (metrics thread): what the loop saw at its last poll, or,
@@ -460,14 +448,8 @@ class Daemon:
         """The next offset to process of every assigned partition that has one."""
         return {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}
 
-    def _update_positions(self) -> None:
-        self.positions = self._next_offsets()
-
     def _detector(self, key: str) -> Detector:
         return self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
-
-    def _detector_for(self, topic: str, partition: int) -> Detector:
-        return self._detector(model_key(self.scope, topic, partition))
 
     def _committed(self, partitions) -> dict[tuple[str, int], int]:
         """The group's committed offsets of these partitions ({} if the group cannot say now)."""
@@ -482,19 +464,18 @@ class Daemon:
 
     def _resume_offset(self, topic: str, partition: int, committed: dict) -> int | None:
         """The later of the model's offset and the group's committed one (None: neither)."""
-        offsets = [o for o in (self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
-                   if o is not None]
-        return max(offsets) if offsets else None
+        return max({self._checkpoint_offset(topic, partition), committed.get((topic, partition))} - {None},
+                   default=None)
 
     def _checkpoint_offset(self, topic: str, partition: int) -> int | None:
         detector = self.detectors.get(model_key(self.scope, topic, partition))
         return None if detector is None else detector.offsets.get((topic, partition))
 
     # ------------------------------------------------------- checkpoints, rewinds
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, when: str = "") -> None:
         outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
         if outcome is Outcome.REWIND:
-            self._rewind_pending = "output records were not acknowledged"
+            self._rewind_pending = f"output records were not acknowledged{when}"
         elif outcome is Outcome.WRITTEN:
             self._rewinds_in_a_row = 0
 
@@ -528,38 +509,44 @@ class Daemon:
         self.checkpointer.pending_messages = 0
 
     def _rewind(self) -> None:
-        """Reload the models and seek every assigned partition back to where they stand (the
-        later of their checkpoint and the group's commit; before any, where this process
-        started reading it).  A seek that fails leaves the rewind pending: tried again next turn."""
+        """Reload the models and seek every assigned partition back to where it resumes (before
+        any checkpoint or commit, where this process started reading it).  A seek that fails
+        leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
-        committed = self._committed(self.assigned)
-        for topic, partition in sorted(self.assigned - set(self._unrestored)):
+        if self._seek_to_resume(self.assigned - set(self._unrestored), self._first_offsets.get):
+            self._rewind_pending = "a seek back to the checkpoint failed"
+            self._rewinds_in_a_row -= 1  # the same rewind, not another one
+        self.positions = self._next_offsets()
+
+    def _seek_to_resume(self, partitions, fallback: Callable) -> dict[tuple[str, int], str]:
+        """Seek each partition to the later of its checkpoint and the group's commit, else to
+        ``fallback(tp)`` (None: leave it), and set its model's offset there.  {tp: why} of those
+        whose seek failed."""
+        committed = self._committed(partitions)
+        failed = {}
+        for topic, partition in sorted(partitions):
             target = self._resume_offset(topic, partition, committed)
-            if target is None:
-                target = self._first_offsets.get((topic, partition))
+            target = fallback((topic, partition)) if target is None else target
             if target is None:
                 continue  # nothing read from it yet
             try:
                 self.source.seek(topic, partition, target)
-                self._detector_for(topic, partition).offsets[(topic, partition)] = target
             except KafkaException as exc:
-                log.warning("cannot seek %s/%d back to %d yet (%s); trying again", topic, partition, target,
-                            exc.args[0].str())
-                self._rewind_pending = "a seek back to the checkpoint failed"
-                self._rewinds_in_a_row -= 1  # the same rewind, not another one
-        self._update_positions()
+                failed[(topic, partition)] = f"cannot seek to {target} yet: {exc.args[0].str()}"
+                log.warning("%s/%d: %s; trying again", topic, partition, failed[(topic, partition)])
+                continue
+            if target >= 0:  # not a logical offset (auto.offset.reset's beginning or end)
+                self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = target
+        return failed
 
     def _close(self) -> None:
-        if self.source is not None:
-            self.source.close()
-            self.source = None
-        if self.sink is not None:
-            self.sink.close()
-            self.sink = None
+        for client in (self.source, self.sink):
+            if client is not None:
+                client.close()
+        self.source = self.sink = None
         if self.topic_store is not None:
             self.topic_store.producer.flush(10)
-        self.assigned = frozenset()
-        self.positions = {}
+        self.assigned, self.positions = frozenset(), {}
         if self.server is not None:
             self.server.stop()
         if self.watermarks is not None:

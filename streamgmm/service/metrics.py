@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -86,78 +87,58 @@ class LagCollector(Collector):
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_components: int = 64):
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r, ns = self.registry, NAMESPACE
-        self.messages_consumed = Counter("messages_consumed", "Messages read from the input topics.", namespace=ns, registry=r)
-        self.messages_valid = Counter("messages_valid", "Messages that decoded to a valid feature vector.", namespace=ns, registry=r)
-        self.invalid_messages = Counter(
-            "invalid_messages", "Messages that failed decoding or validation, by reason.", ["reason"], namespace=ns, registry=r
-        )
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        counter, gauge, histogram = (partial(kind, namespace=NAMESPACE, registry=r)
+                                     for kind in (Counter, Gauge, Histogram))
+        self.messages_consumed = counter("messages_consumed", "Messages read from the input topics.")
+        self.messages_valid = counter("messages_valid", "Messages that decoded to a valid feature vector.")
+        self.invalid_messages = counter("invalid_messages", "Messages that failed decoding or validation, by reason.",
+                                        ["reason"])
         for reason in REASONS:
             self.invalid_messages.labels(reason)
-        self.dead_letters = Counter("dead_letters", "Records produced to the dead-letter topic.", namespace=ns, registry=r)
-        self.anomalies = Counter("anomalies", "Anomaly records produced to the output topic.", namespace=ns, registry=r)
-        self.model_updates = Counter("model_updates", "Online EM steps taken (one per learned mini-batch).", namespace=ns, registry=r)
-        self.points_learned = Counter("points_learned", "Points the model learned from (warm-up included).", namespace=ns, registry=r)
-        self.produce_errors = Counter(
+        self.dead_letters = counter("dead_letters", "Records produced to the dead-letter topic.")
+        self.anomalies = counter("anomalies", "Anomaly records produced to the output topic.")
+        self.model_updates = counter("model_updates", "Online EM steps taken (one per learned mini-batch).")
+        self.points_learned = counter("points_learned", "Points the model learned from (warm-up included).")
+        self.produce_errors = counter(
             "produce_errors", "Output records that failed for a passing reason (timed out, broker unreachable), "
-            "counted by the checkpoint or rewind that finds them; the rewind produces them again.",
-            namespace=ns, registry=r,
-        )
-        self.broker_errors = Counter("broker_errors", "Kafka client errors caught by the loop (it retries).", namespace=ns, registry=r)
+            "counted by the checkpoint or rewind that finds them; the rewind produces them again.")
+        self.broker_errors = counter("broker_errors", "Kafka client errors caught by the loop (it retries).")
         self.log_density = BatchHistogram(
             "log_density", "Log-density of scored points.",
-            (-1000, -300, -100, -60, -40, -30, -25, -20, -15, -10, -5, 0, 5, 10, 20, 50), r,
-        )
-        self.threshold = Gauge("threshold_log_density", "Current anomaly threshold on the log-density.", namespace=ns, registry=r)
-        self.batch_seconds = Histogram(
-            "batch_processing_seconds", "Time to decode, score, decide and learn one polled batch.", namespace=ns, registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-        )
-        self.latency = BatchHistogram(
-            "end_to_end_latency_seconds", "From a message's timestamp to its decision.",
-            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), r,
-        )
-        self.last_poll = Gauge(
-            "last_poll_timestamp_seconds", "Unix time of the loop's last poll of the broker (every poll, even an empty one).",
-            namespace=ns, registry=r,
-        )
-        self.rewinds = Counter("rewinds", "Rewinds to the last checkpoint after output the broker did not acknowledge.",
-                               namespace=ns, registry=r)
-        self.output_dropped = Counter(
-            "output_records_dropped", "Output records the broker refused for good (too large, not authorised): "
-            "logged with their source, never produced.",
-            namespace=ns, registry=r,
-        )
-        self.restore_failures = Counter(
+            (-1000, -300, -100, -60, -40, -30, -25, -20, -15, -10, -5, 0, 5, 10, 20, 50), r)
+        self.threshold = gauge("threshold_log_density", "Current anomaly threshold on the log-density.")
+        self.batch_seconds = histogram(
+            "batch_processing_seconds", "Time to decode, score, decide and learn one polled batch.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.latency = BatchHistogram("end_to_end_latency_seconds", "From a message's timestamp to its decision.",
+                                      (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), r)
+        self.last_poll = gauge("last_poll_timestamp_seconds",
+                               "Unix time of the loop's last poll of the broker (every poll, even an empty one).")
+        self.rewinds = counter("rewinds", "Rewinds to the last checkpoint after output the broker did not acknowledge.")
+        self.output_dropped = counter("output_records_dropped", "Output records the broker refused for good (too "
+                                      "large, not authorised): logged with their source, never produced.")
+        self.restore_failures = counter(
             "state_restore_failures", "scope: partition: attempts to restore a partition's model that failed "
-            "(its partition stays paused and the restore is retried).", namespace=ns, registry=r,
-        )
-        self.checkpoints = Counter("checkpoints_written", "Checkpoints written successfully.", namespace=ns, registry=r)
-        self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint attempts that failed (retried).", namespace=ns, registry=r)
-        self.checkpoint_last_success = Gauge(
-            "checkpoint_last_success_timestamp_seconds", "Unix time of the last successful checkpoint.", namespace=ns, registry=r
-        )
-        self.checkpoint_seconds = Histogram(
-            "checkpoint_duration_seconds", "Flush + write + commit time of a checkpoint.", namespace=ns, registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-        )
-        self.component_weight = Gauge("component_weight", "Mixture weight per component.", ["component"], namespace=ns, registry=r)
-        self.recent_log_likelihood = Gauge(
-            "recent_mean_log_likelihood", "Median log-density of the points in the last scored batch (robust to outliers).", namespace=ns, registry=r
-        )
-        self.points_seen = Gauge("model_points_seen", "Points the model has learned from (n_seen).", namespace=ns, registry=r)
-        self.model_initialized = Gauge("model_initialized", "1 once warm-up is complete.", namespace=ns, registry=r)
-        self.partition_points_seen = Gauge(
-            "partition_model_points_seen", "scope: partition: points each partition's model learned.",
-            ["model"], namespace=ns, registry=r,
-        )
-        self.partition_initialized = Gauge(
-            "partition_model_initialized", "scope: partition: 1 once a partition's model is warm.", ["model"],
-            namespace=ns, registry=r,
-        )
-        self.assigned_partitions = Gauge("assigned_partitions", "Input partitions assigned to this instance.", namespace=ns, registry=r)
-        self.build = Info("build", "streamgmm build information.", namespace=ns, registry=r)
+            "(its partition stays paused and the restore is retried).")
+        self.checkpoints = counter("checkpoints_written", "Checkpoints written successfully.")
+        self.checkpoint_failures = counter("checkpoint_failures", "Checkpoint attempts that failed (retried).")
+        self.checkpoint_last_success = gauge("checkpoint_last_success_timestamp_seconds",
+                                             "Unix time of the last successful checkpoint.")
+        self.checkpoint_seconds = histogram(
+            "checkpoint_duration_seconds", "Flush + write + commit time of a checkpoint.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.component_weight = gauge("component_weight", "Mixture weight per component.", ["component"])
+        self.recent_log_likelihood = gauge("recent_mean_log_likelihood", "Median log-density of the points in the "
+                                           "last scored batch (robust to outliers).")
+        self.points_seen = gauge("model_points_seen", "Points the model has learned from (n_seen).")
+        self.model_initialized = gauge("model_initialized", "1 once warm-up is complete.")
+        self.partition_points_seen = gauge("partition_model_points_seen",
+                                           "scope: partition: points each partition's model learned.", ["model"])
+        self.partition_initialized = gauge("partition_model_initialized",
+                                           "scope: partition: 1 once a partition's model is warm.", ["model"])
+        self.assigned_partitions = gauge("assigned_partitions", "Input partitions assigned to this instance.")
+        self.build = Info("build", "streamgmm build information.", namespace=NAMESPACE, registry=r)
         self.build.info({"version": __version__})
         self.max_components = max_components
 
@@ -182,7 +163,9 @@ class Metrics:
         if partition_key is None:
             self.observe_model(detector.model)
         else:
-            self.observe_partition(partition_key, detector.model)
+            self.partition_initialized.labels(partition_key).set(1 if detector.model.is_initialized else 0)
+            self.partition_points_seen.labels(partition_key).set(detector.model.n_seen_)
+            self.model_initialized.set(1 if detector.model.is_initialized else 0)
 
     def observe_model(self, model) -> None:
         self.model_initialized.set(1 if model.is_initialized else 0)
@@ -190,11 +173,6 @@ class Metrics:
         if model.is_initialized:
             for k, weight in enumerate(model.weights_[: self.max_components]):
                 self.component_weight.labels(str(k)).set(float(weight))
-
-    def observe_partition(self, key: str, model) -> None:
-        self.partition_initialized.labels(key).set(1 if model.is_initialized else 0)
-        self.partition_points_seen.labels(key).set(model.n_seen_)
-        self.model_initialized.set(1 if model.is_initialized else 0)
 
     def watch_lag(self, positions: Callable[[], dict], watermarks: Callable[[], dict]) -> None:
         """Report consumer lag at scrape time (see LagCollector); once per Metrics."""
@@ -213,18 +191,15 @@ class HealthServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
                  readiness: Callable[[], tuple[bool, str, dict]]):
-        registry_ = registry
-        readiness_ = readiness
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    body, ctype, status = generate_latest(registry_), CONTENT_TYPE_LATEST, 200
+                    body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif path == "/healthz":
                     body, ctype, status = b"ok\n", "text/plain", 200
                 elif path == "/readyz":
-                    ok, words, details = readiness_()
+                    ok, words, details = readiness()
                     # First line for humans and probes; then the state of each assigned partition.
                     body = f"{'ready' if ok else 'not ready'}: {words}\n{json.dumps(details)}\n".encode()
                     ctype, status = "text/plain", 200 if ok else 503

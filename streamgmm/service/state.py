@@ -70,7 +70,8 @@ def pack(state: dict) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     payload = buffer.getvalue()
-    header = {"format_version": FORMAT_VERSION, "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    header = {"format_version": FORMAT_VERSION, "payload_bytes": len(payload),
+              "sha256": hashlib.sha256(payload).hexdigest()}
     return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
 
 
@@ -140,7 +141,11 @@ class CheckpointStore:
             path = write_atomically(self.directory / f"checkpoint-{sequence:012d}.sgmm", data, self._fault_pause)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
-        self._prune()
+        for old in self.paths()[: -self.keep]:
+            try:
+                old.unlink()
+            except OSError as exc:  # pruning is best effort; the next write tries again
+                log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
         return path
 
     def load_latest(self) -> tuple[dict, Path] | None:
@@ -150,18 +155,11 @@ class CheckpointStore:
         """
         for path in reversed(self.paths()):
             try:
-                return self.read(path), path
-            except CheckpointError as exc:
-                log.error("skipping checkpoint %s: %s; falling back to the previous one", path, exc)
+                return unpack(path.read_bytes(), str(path)), path
+            except (CheckpointError, OSError) as exc:
+                why = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else exc
+                log.error("skipping checkpoint %s: %s; falling back to the previous one", path, why)
         return None
-
-    @staticmethod
-    def read(path: Path) -> dict:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
-        return unpack(data, str(path))
 
     @staticmethod
     def _fault_pause(tmp: Path) -> None:
@@ -169,13 +167,6 @@ class CheckpointStore:
         if pause > 0:
             log.warning("fault injection: checkpoint %s written but not renamed; pausing %.2f s", tmp.name, pause)
             time.sleep(pause)
-
-    def _prune(self) -> None:
-        for old in self.paths()[: -self.keep]:
-            try:
-                old.unlink()
-            except OSError as exc:  # pruning is best effort; the next write tries again
-                log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
 
 
 # ------------------------------------------------------------------- per model key
@@ -185,10 +176,6 @@ GLOBAL_KEY = "global"
 def model_key(scope: str, topic: str, partition: int) -> str:
     """The model a partition's messages go to: "global", or "topic/partition"."""
     return GLOBAL_KEY if scope == "global" else f"{topic}/{partition}"
-
-
-def _directory_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key.replace("/", "-"))
 
 
 class LocalStateStore:
@@ -201,8 +188,8 @@ class LocalStateStore:
 
     def store_for(self, key: str) -> CheckpointStore:
         # The global model keeps the top-level directory, as single-instance deployments expect.
-        path = self.directory if key == GLOBAL_KEY else self.directory / "partitions" / _directory_name(key)
-        return CheckpointStore(path, self.keep)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", key.replace("/", "-"))
+        return CheckpointStore(self.directory if key == GLOBAL_KEY else self.directory / "partitions" / name, self.keep)
 
     def write(self, key: str, state: dict) -> Path:
         return self.store_for(key).write(state)
