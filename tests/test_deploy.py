@@ -30,8 +30,9 @@ CONTRACT = {
                                          "checkpoint_duration_seconds")
       for suffix in ("_bucket", "_sum", "_count")),
 }
-# The dashboard also plots these two (no alert uses them).
-DASHBOARD_EXTRA = {"streamgmm_component_weight", "streamgmm_recent_mean_log_likelihood"}
+# The dashboard also plots these (no alert uses them).
+DASHBOARD_EXTRA = {"streamgmm_component_weight", "streamgmm_recent_mean_log_likelihood",
+                   "streamgmm_output_records_dropped_total", "streamgmm_state_restore_failures_total"}
 
 
 def _metric_names():
