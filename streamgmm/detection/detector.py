@@ -31,8 +31,8 @@ STATE_KIND = "streamgmm-detector"
 # The counts a checkpoint keeps (as integers).
 COUNTERS = ("n_valid", "n_invalid", "n_anomalies", "n_updates")
 # Once a batch looks like a change (threshold.surprised), the rest of it is learned in steps
-# of this many points.  On the drifting benchmark stream (a cluster appears) average precision
-# went 0.775 -> 0.897 with steps of 100 and 0.909 with 50; each step costs ~0.2-0.3 ms.
+# of this many points: small enough to follow a cluster that appears, large enough that a step's
+# fixed cost (a refresh of the parameters) stays small (BENCHMARKS.md, detection quality: drift).
 CAREFUL_STEP = 50
 
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]

@@ -305,6 +305,9 @@ class StreamQuantileThreshold:
         self.gpd: tuple[float, float, float] | None = None  # (t, gamma, sigma) of that fit
         self.z: float | None = None  # the stream's threshold on s = -log p (None: not yet)
         self.z_far = math.inf  # the GPD's quantile at FAR_OVER_Q x q
+        # (t, the share of counted scores over it) at the last estimate: what the tail is, for
+        # ``surprised``; kept by checkpoints, so a restored threshold decides as the original
+        self.tail: tuple[float, float] | None = None
         self.fit: dict | None = None  # the last estimate, for inspection
 
     # ---------------------------------------------------------------- the value
@@ -326,10 +329,10 @@ class StreamQuantileThreshold:
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
         """Whether these scores lie in the stream's tail (below t) far more often than the tail's
         share: the stream may be changing (a cluster appearing, a shift), not just one point."""
-        if self.fit is None:
+        if self.tail is None:
             return _many_flags(flags, self.quantile)
-        share = self.fit["tail_share"]
-        below = int(np.count_nonzero(-np.asarray(log_density) > self.fit["t"]))
+        t, share = self.tail
+        below = int(np.count_nonzero(-np.asarray(log_density) > t))
         expected = share * len(log_density)
         return below > max(5.0, expected + SURPRISE_SD * math.sqrt(expected * (1.0 - share)))
 
@@ -468,6 +471,7 @@ class StreamQuantileThreshold:
                 sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
             self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
+            self.tail = (t, above / n)
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored)}
             if collect is None:
@@ -525,6 +529,7 @@ class StreamQuantileThreshold:
             "gpd": None if self.gpd is None else list(self.gpd),
             "z": self.z,
             "z_far": self.z_far,
+            "tail": None if self.tail is None else list(self.tail),
             "level_start": self.level_start.copy(),
             "level": self.level.copy(),
             "peak_scores": scores.copy(),
@@ -546,6 +551,8 @@ class StreamQuantileThreshold:
         self.gpd = None if state["gpd"] is None else tuple(float(v) for v in state["gpd"])
         self.z = None if state["z"] is None else float(state["z"])
         self.z_far = float(state["z_far"])
+        tail = state.get("tail")  # absent from checkpoints before the careful step
+        self.tail = None if tail is None else (float(tail[0]), float(tail[1]))
         self.level_start = np.asarray(state["level_start"], dtype=np.int64).copy()
         self.level = np.asarray(state["level"], dtype=float).copy()
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]

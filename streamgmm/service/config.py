@@ -92,8 +92,8 @@ class ModelConfig:
     min_weight: float = 1e-4
     # Components lighter than this are "rare structure": points they explain are scored by
     # the other components, so a small cluster of anomalies the model absorbed stays anomalous.
-    # 1%, not more: a normal mode with a few percent of the traffic must not be flagged (at 0.05
-    # a stream with a 3% cluster had its average precision fall from 0.998 to 0.10).
+    # 1%, not more: a normal mode with a few percent of the traffic must not be flagged
+    # (BENCHMARKS.md, detection quality: the 'uneven' stream).
     rare_weight: float = 0.01
     random_state: int | None = 0
     # global: one model for everything this process consumes; partition: one model per input
