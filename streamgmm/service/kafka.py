@@ -230,6 +230,17 @@ class KafkaSource:
     def assign(self, partitions: list[TopicPartition]) -> None:
         self.consumer.assign(partitions)
 
+    def pause(self, partitions) -> None:
+        """Stop fetching these assigned (topic, partition)s; what was fetched of them is purged and
+        each keeps its position until ``resume``."""
+        self.consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions) -> None:
+        """Fetch these paused (topic, partition)s again.  Seek one only after resuming it: before
+        librdkafka 1.9 a resume went back to the offset saved at the pause and lost a seek made
+        while paused (librdkafka #3471)."""
+        self.consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.consumer.seek(TopicPartition(topic, partition, offset))
 
