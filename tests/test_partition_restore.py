@@ -1,16 +1,19 @@
 """scope: partition with a state store that fails: the partition is held paused, its restore is
 retried after a back-off, and no message is lost or learned twice (in-memory consumer, no broker)."""
 
+import re
 import time
 from collections import Counter
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 
 from streamgmm.detection.decode import encode
 from streamgmm.service.config import config_from_dict
-from streamgmm.service.daemon import Daemon
-from streamgmm.service.kafka import Deliveries
+from streamgmm.detection.detector import Detector
+from streamgmm.service.daemon import Daemon, StartupError
+from streamgmm.service.kafka import Deliveries, KafkaSource
 
 
 class Message:
@@ -40,32 +43,52 @@ class Message:
 
 
 class Consumer:
-    """A consumer over in-memory partition logs: assign, pause, resume, seek, poll, commit.
+    """A consumer over in-memory partition logs with KafkaSource's methods (assign, pause, resume,
+    seek, committed, commit, poll) and librdkafka's rules for them, which the daemon must keep: a
+    paused partition is resumed before it is sought, and only a paused partition is resumed.
 
     ``leak`` hands out one batch of a partition paused right after its assignment (librdkafka may
-    have fetched before the pause took effect)."""
+    have fetched before the pause took effect).  ``reset`` is auto.offset.reset for a partition
+    assigned with no offset and no commit.  ``committed_failures`` / ``seek_failures``: that many
+    reads of the committed offsets / seeks fail first."""
 
-    def __init__(self, logs, group, leak=False):
-        self.logs, self.group, self.leak = logs, group, leak
+    def __init__(self, logs, group, leak=False, reset="earliest"):
+        self.logs, self.group, self.leak, self.reset = logs, group, leak, reset
         self.positions, self.paused = {}, set()
-        self.consumer = self  # the daemon pauses and resumes through KafkaSource.consumer
+        self.committed_failures = self.seek_failures = 0
+        self.committed_timeouts = []
 
     def assign(self, partitions):
         self.positions = {}
         for tp in partitions:
-            self.positions[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else self.group.get(
-                (tp.topic, tp.partition), 0)
+            key = (tp.topic, tp.partition)
+            if tp.offset >= 0:
+                self.positions[key] = tp.offset
+            elif key in self.group:
+                self.positions[key] = self.group[key]
+            else:
+                self.positions[key] = 0 if self.reset == "earliest" else len(self.logs[key])
 
     def pause(self, partitions):
-        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+        self.paused |= set(partitions)
 
     def resume(self, partitions):
-        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+        assert set(partitions) <= self.paused, f"resume of {set(partitions) - self.paused}, which is not paused"
+        self.paused -= set(partitions)
 
     def seek(self, topic, partition, offset):
-        self.positions[(topic, partition)] = 0 if offset == OFFSET_BEGINNING else offset
+        assert (topic, partition) not in self.paused, f"seek of {topic}/{partition} while paused: resume it first"
+        if self.seek_failures:
+            self.seek_failures -= 1
+            raise KafkaException(KafkaError(KafkaError._STATE, "Partition is not being fetched"))
+        logical = {OFFSET_BEGINNING: 0, OFFSET_END: len(self.logs[(topic, partition)])}
+        self.positions[(topic, partition)] = logical.get(offset, offset)
 
     def committed(self, partitions, timeout=10.0):
+        self.committed_timeouts.append(timeout)
+        if self.committed_failures:
+            self.committed_failures -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the group coordinator did not answer"))
         return {(tp.topic, tp.partition): self.group[(tp.topic, tp.partition)] for tp in partitions
                 if (tp.topic, tp.partition) in self.group}
 
@@ -86,6 +109,9 @@ class Consumer:
 
     def cached_watermarks(self, partitions):
         return {tp: (0, len(self.logs[tp])) for tp in partitions}
+
+    def close(self):
+        pass
 
 
 class Sink:
@@ -108,16 +134,20 @@ class Sink:
     def discard_pending(self):
         pass
 
+    def close(self):
+        pass
+
 
 class StateTopic:
     """The state topic: newest record per key; ``failures`` reads fail first."""
 
     def __init__(self, records, failures=0):
-        self.records, self.failures, self.reads = records, failures, 0
+        self.records, self.failures, self.reads, self.timeouts = records, failures, 0, []
         self.producer = self
 
     def load_many(self, keys=None, timeout=30.0):
         self.reads += 1
+        self.timeouts.append(timeout)
         if self.failures:
             self.failures -= 1
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "reading streamgmm-state took over 30 s"))
@@ -139,14 +169,18 @@ def _logs(n=600):
             for tp in PARTITIONS}
 
 
-def _daemon(tmp_path, name, consumer, store):
-    config = config_from_dict({
-        "kafka": {"retry_backoff_initial_seconds": 0.05, "retry_backoff_max_seconds": 0.2},
+def _config(tmp_path, name, reset="earliest", **model):
+    return config_from_dict({
+        "kafka": {"retry_backoff_initial_seconds": 0.05, "retry_backoff_max_seconds": 0.2, "auto_offset_reset": reset},
         "input": {"format": "json", "dimension": 3},
-        "model": {"n_components": 2, "covariance_type": "full", "warmup": 100, "scope": "partition"},
+        "model": {"n_components": 2, "covariance_type": "full", "warmup": 100, "scope": "partition", **model},
         "checkpoint": {"dir": str(tmp_path / name), "topic": "streamgmm-state", "interval_messages": 10**9},
         "metrics": {"enabled": False},
     }, environ={})
+
+
+def _daemon(tmp_path, name, consumer, store):
+    config = _config(tmp_path, name, consumer.reset)
     daemon = Daemon(config)
     daemon.source, daemon.sink = consumer, Sink()
     daemon.topic_store = daemon.checkpointer.topic_store = store
@@ -162,10 +196,8 @@ def _daemon(tmp_path, name, consumer, store):
     return daemon, processed
 
 
-def _assignment():
-    from confluent_kafka import TopicPartition
-
-    return [TopicPartition(t, p) for t, p in PARTITIONS]
+def _assignment(partitions=PARTITIONS):
+    return [TopicPartition(t, p) for t, p in partitions]
 
 
 def _run(daemon, until, seconds=5.0):
@@ -195,7 +227,7 @@ def test_a_state_store_that_fails_once_holds_the_partitions_and_learns_each_mess
     assert not ready and "restoring" in details["in/0"] and "took over 30 s" in details["in/0"]
     daemon._turn()  # the batch librdkafka fetched before the pause: dropped, not learned
     assert not processed and daemon._unrestored
-    assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 1
+    assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 2  # one per partition
 
     _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
     assert store.reads == 2 and not daemon._unrestored and not consumer.paused
@@ -231,20 +263,183 @@ def test_a_partition_with_no_state_anywhere_starts_where_auto_offset_reset_says(
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(200)})
 
 
-def test_a_corrupt_state_for_one_partition_holds_only_that_one(tmp_path):
+def _state(tmp_path, **change):
+    """A usable state record of a fresh model, with some of its input section changed."""
+    state = Detector(_config(tmp_path, "seed")).state(0.0)
+    state["input"].update(change)
+    return state
+
+
+class OneRecord(StateTopic):
+    """The state topic holds one record, for in/1."""
+
+    def load_many(self, keys=None, timeout=30.0):
+        self.reads += 1
+        return {k: v for k, v in self.records.items() if k in keys}
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"dimension": 4}, "the checkpoint is for input.dimension=4, the config says 3"),
+    ({"dimension": None, "kind": None}, "its state record is malformed (TypeError"),
+    ("no input section", "its state record is malformed (KeyError: 'input')"),
+])
+def test_a_state_record_this_config_cannot_use_stops_the_daemon_with_exit_code_2(tmp_path, record, says):
+    # Retrying cannot mend it, so neither holding the partition for ever nor an exception out of
+    # the rebalance callback (which would end consume() half way): the loop stops with a StartupError,
+    # which the command line turns into exit code 2 (not restarted by systemd).
+    if record == "no input section":
+        bad = {"kind": "streamgmm-detector"}
+    else:
+        bad = _state(tmp_path, **{k: v for k, v in record.items() if k != "kind"})
+        if "kind" in record:
+            bad["input"] = None
     logs, group = _logs(200), {}
     consumer = Consumer(logs, group)
+    daemon, processed = _daemon(tmp_path, "a", consumer, OneRecord({"in/1": bad}))
+    daemon._on_assign(_assignment())  # does not raise
+    assert daemon._stop.is_set() and set(daemon._unrestored) == {("in", 1)} and consumer.paused == {("in", 1)}
+    daemon._turn()
+    assert not processed  # stopping: not even the healthy partition's batch
+    daemon.start_up = daemon._connect = lambda: None
+    with pytest.raises(StartupError, match=re.escape(f"cannot restore the model of in/1: {says}")):
+        daemon.run()
 
-    class OneBad(StateTopic):
-        def load_many(self, keys=None, timeout=30.0):
-            if "in/1" in keys and self.failures:
-                self.failures -= 1
-                return {"in/1": {"kind": "something else"}}
-            return {}
 
-    daemon, processed = _daemon(tmp_path, "a", consumer, OneBad({}, failures=1))
+def test_a_missing_init_from_is_refused_at_start_with_scope_partition(tmp_path):
+    (tmp_path / "empty").mkdir()
+    daemon = Daemon(_config(tmp_path, "a", init_from=str(tmp_path / "empty")))
+    with pytest.raises(StartupError, match=re.escape(f"model.init_from={tmp_path / 'empty'}: no valid checkpoint")):
+        daemon.start_up()
+
+
+def test_an_unreadable_commit_is_retried_not_guessed(tmp_path):
+    # The group committed 300; there is no state record; the first state read fails and the
+    # group's commit cannot be read at the first retry: the partitions still start at 300.
+    logs, group = _logs(), {tp: 300 for tp in PARTITIONS}
+    consumer = Consumer(logs, group)
+    store = StateTopic({}, failures=1)
+    daemon, processed = _daemon(tmp_path, "a", consumer, store)
     daemon._on_assign(_assignment())
-    assert set(daemon._unrestored) == {("in", 1)} and consumer.paused == {("in", 1)}
-    _run(daemon, lambda: daemon.positions == {tp: 200 for tp in PARTITIONS})
-    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(200)})
+    consumer.committed_failures = 1
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS} and not daemon._unrestored)
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(300, 600)})
+    # Per partition: the state read at assignment, the commit at the first retry.
+    assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 4
 
+
+def test_with_latest_a_partition_held_from_its_assignment_loses_nothing_produced_meanwhile(tmp_path):
+    # No commit, no state, nothing fetched before the pause: librdkafka's position (the log's end
+    # at assignment) stands; the retry must not seek to the end at its own time.
+    full, group = _logs(200), {}
+    logs = {tp: log[:100] for tp, log in full.items()}
+    consumer = Consumer(logs, group, reset="latest")
+    daemon, processed = _daemon(tmp_path, "a", consumer, StateTopic({}, failures=1))
+    daemon._on_assign(_assignment())
+    logs.update(full)  # 100 more each while held
+    _run(daemon, lambda: daemon.positions == {tp: 200 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(100, 200)})
+
+
+def test_a_held_partition_keeps_reporting_its_lag(tmp_path):
+    logs, group = _logs(), {("in", 0): 300}
+    consumer = Consumer(logs, group)
+    daemon, _ = _daemon(tmp_path, "a", consumer, StateTopic({}, failures=1))
+    daemon.metrics.watch_lag(lambda: daemon.positions, daemon._watermarks_for_scrape)
+    daemon._restore_retry_at, daemon._schedule_restore_retry = None, lambda again: None  # no retry yet
+    daemon._on_assign(_assignment())
+    daemon._turn()
+
+    def lag(partition):
+        return daemon.metrics.value("streamgmm_consumer_lag_messages", {"topic": "in", "partition": str(partition)})
+
+    assert lag(0) == 300 and lag(1) == 600  # from the commit; from the log's start (earliest)
+
+
+def test_a_retry_reads_briefly_and_a_failed_seek_keeps_the_restored_model(tmp_path):
+    logs, group = _logs(200), {tp: 100 for tp in PARTITIONS}
+    consumer = Consumer(logs, group)
+    store = StateTopic({}, failures=1)
+    daemon, processed = _daemon(tmp_path, "a", consumer, store)
+    daemon._on_assign(_assignment())
+    consumer.seek_failures = 1
+    _run(daemon, lambda: daemon.positions == {tp: 200 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(100, 200)})
+    assert store.reads == 2  # at assignment, and the retry that restored both; the seek's retry read nothing
+    assert store.timeouts[0] == 30.0 and max(store.timeouts[1:]) <= 5.0
+    assert max(consumer.committed_timeouts[1:]) <= 5.0
+    assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 2  # the seek is no restore failure
+
+
+def test_failures_count_per_partition_and_the_back_off_doubles_once_per_round(tmp_path):
+    consumer = Consumer(_logs(200), {})
+    daemon, _ = _daemon(tmp_path, "a", consumer, None)
+
+    def unreadable(key):
+        raise PermissionError(13, "Permission denied")
+
+    daemon.topic_store, daemon.local.load = None, unreadable
+    daemon._on_assign(_assignment([("in", 0)]))
+    first_retry = daemon._restore_retry_at
+    assert daemon._restore_backoff == 0.1 and first_retry is not None
+    daemon._on_assign(_assignment([("in", 1)]))  # joins the round scheduled: does not postpone it
+    assert daemon._restore_retry_at == first_retry and daemon._restore_backoff == 0.1
+    time.sleep(0.06)
+    daemon._turn()  # one round for both partitions: doubled once
+    assert daemon._restore_backoff == 0.2
+    assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 4
+
+
+def test_readiness_reads_a_held_partition_once(tmp_path):
+    class Vanishing(dict):
+        """The loop takes the partition out right after the metrics thread found it there."""
+
+        def __contains__(self, key):
+            found = dict.__contains__(self, key)
+            self.pop(key, None)
+            return found
+
+    consumer = Consumer(_logs(200), {})
+    daemon, _ = _daemon(tmp_path, "a", consumer, StateTopic({}, failures=1))
+    daemon._on_assign(_assignment())
+    daemon._unrestored = Vanishing(daemon._unrestored)
+    ready, _, details = daemon.readiness()
+    assert not ready and details["in/0"].startswith(("restoring its model", "warming up"))
+
+
+def test_a_rewind_while_a_partition_is_held_leaves_it_paused_and_loses_nothing(tmp_path):
+    logs, group = _logs(200), {}
+    consumer = Consumer(logs, group)
+    daemon, _ = _daemon(tmp_path, "a", consumer, None)
+    failures = [3]
+
+    def second_fails(key):  # scope: partition without a state topic: a directory per partition
+        if key == "in/1" and failures[0]:
+            failures[0] -= 1
+            raise PermissionError(13, "Permission denied")
+
+    daemon.topic_store, daemon.local.load = None, second_fails
+    daemon._on_assign(_assignment())
+    assert consumer.paused == {("in", 1)}
+    daemon._turn()
+    daemon._rewind_pending = "output records were not acknowledged"
+    daemon._turn()  # seeks in/0 back; in/1 stays paused (a seek of it would be refused)
+    assert consumer.paused == {("in", 1)} and daemon._rewind_pending is None
+    _run(daemon, lambda: daemon.positions == {tp: 200 for tp in PARTITIONS})
+    assert all(daemon.detectors[f"{t}/{p}"].n_valid == 200 for t, p in PARTITIONS) and not consumer.paused
+
+
+def test_kafka_source_pauses_and_resumes_by_topic_and_partition():
+    calls = []
+
+    class Recorder:
+        def pause(self, partitions):
+            calls.append(("pause", [(tp.topic, tp.partition) for tp in partitions]))
+
+        def resume(self, partitions):
+            calls.append(("resume", [(tp.topic, tp.partition) for tp in partitions]))
+
+    source = KafkaSource.__new__(KafkaSource)
+    source.consumer = Recorder()
+    source.pause([("in", 1)])
+    source.resume([("in", 1)])
+    assert calls == [("pause", [("in", 1)]), ("resume", [("in", 1)])]

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from ..detection.detector import Detector
 from ..detection.records import OutputRecord
@@ -36,18 +36,28 @@ log = logging.getLogger(__name__)
 # The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
-# What reading a partition model's state can raise that a later attempt may not: the state topic
-# unreadable (KafkaException, TimeoutError), the directory (OSError), a record this config cannot
-# use (ValueError, StartupError) until someone fixes one of them.
-RESTORE_ERRORS = (KafkaException, OSError, ValueError, RuntimeError)
-
-
-def _why(exc: Exception) -> str:
-    return exc.args[0].str() if isinstance(exc, KafkaException) else str(exc) or type(exc).__name__
+# A held partition's state and the group's commit are read again on the loop's thread: briefly,
+# so the other partitions keep flowing (the first read, in on_assign, has the store's 30 s).
+RESTORE_RETRY_TIMEOUT_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
     """Something the daemon needs at start is missing or wrong; the message says what to do."""
+
+
+# Restoring a partition's model or resume offset failed for a reason that can pass: the state
+# topic or the group coordinator unreachable, the checkpoint directory unreadable.  Retried.
+RESTORE_IO_ERRORS = (KafkaException, OSError, TimeoutError)
+# A state record (or model.init_from) this configuration cannot use: another input.dimension
+# (ValueError), no init_from checkpoint (StartupError), a malformed record (KeyError, TypeError).
+# Every retry would fail the same way and every member of the group has the same configuration,
+# so the daemon stops with exit code 2 (as for a bad config at start) instead of holding the
+# partition paused for ever.
+STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
+
+
+def _why(exc: Exception) -> str:
+    return exc.args[0].str() if isinstance(exc, KafkaException) else str(exc) or type(exc).__name__
 
 
 class Daemon:
@@ -79,14 +89,22 @@ class Daemon:
         self._loop_watermarks: dict = {}
         self._aborting = False
         self._commit_refused = False
-        # The first offset this process read of each partition: where a rewind goes back to
-        # when there is neither a checkpoint nor a committed offset yet.
+        # The first offset this process read of each partition, processed or dropped while it
+        # was held: where a rewind or a held partition goes back to when there is neither a
+        # checkpoint nor a committed offset yet.
         self._first_offsets: dict[tuple[str, int], int] = {}
-        # scope: partition: assigned partitions whose model could not be restored yet (why), held
-        # paused and tried again after a back-off; none of their messages is processed until then.
+        # scope: partition: assigned partitions held paused, none of their messages processed:
+        # no model yet (why), or a model restored but not yet sought to where it resumes (why).
+        # Both retried after a back-off that doubles once per round.  Replaced whole, never
+        # changed in place: the metrics thread reads them (readiness, lag).
         self._unrestored: dict[tuple[str, int], str] = {}
+        self._unsought: dict[tuple[str, int], str] = {}
+        self._held_commits: dict[tuple[str, int], int] = {}  # the group's, for their lag
         self._restore_backoff = config.kafka.retry_backoff_initial_seconds
-        self._restore_retry_at = 0.0
+        self._restore_retry_at: float | None = None  # None: no retry scheduled
+        self._initial: dict | None = None  # the model.init_from state, read once
+        # Why the daemon stops with exit code 2 (a partition's state needs a config change).
+        self._fatal: str | None = None
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -110,9 +128,14 @@ class Daemon:
         for topic, partition in sorted(self.assigned):
             name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
             model = None if detector is None else detector.model
-            if (topic, partition) in self._unrestored:
-                details[name] = f"restoring its model: {self._unrestored[(topic, partition)]}"
+            # One lookup each: the loop replaces these dicts while this thread reads.
+            unrestored, unsought = self._unrestored.get((topic, partition)), self._unsought.get((topic, partition))
+            if unrestored is not None:
+                details[name] = f"restoring its model: {unrestored}"
                 warming.append(f"{name} (restoring its model)")
+            elif unsought is not None:
+                details[name] = f"model restored, not yet sought to where it resumes: {unsought}"
+                warming.append(f"{name} (seeking)")
             elif model is not None and model.is_initialized:
                 details[name] = "ready"
             else:
@@ -134,6 +157,13 @@ class Daemon:
         except CheckpointError as exc:
             raise StartupError(str(exc)) from None
         self.restore()
+        if self.scope == "partition" and self.config.model.init_from:
+            # Now, not in the first on_assign: a missing or unusable init_from is a config error.
+            self._initial = self._initial_state()
+            try:
+                Detector(self.config).restore(copy.deepcopy(self._initial))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StartupError(f"model.init_from={self.config.model.init_from}: {exc}") from None
         if self.scope == "partition" and not self.config.checkpoint.topic:
             log.warning("model.scope=partition without checkpoint.topic: partition models stay on this "
                         "instance's disk and cannot follow their partitions to other instances")
@@ -194,70 +224,122 @@ class Daemon:
         log.info("starting from the model in %s (n_seen=%d)", path, state["model"]["n_seen"])
         return {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}
 
-    def _restore_partitions(self, partitions) -> None:
-        """scope: partition: a detector for each newly owned partition, from the state store.
-        A partition whose state cannot be read now gets none: it goes into ``_unrestored``."""
-        wanted = {key: (t, p) for t, p in partitions if (key := model_key(self.scope, t, p)) not in self.detectors}
+    def _restore_partitions(self, partitions, timeout: float = 30.0) -> list[tuple[str, int]]:
+        """scope: partition: a detector for each of these partitions that has none, from the state
+        store (else model.init_from, else empty).  One whose state cannot be read now gets none and
+        is held (``_unrestored``; counted once per partition); one whose state this configuration
+        cannot use stops the daemon.  Returns the partitions held that were not before."""
+        wanted = {key: tp for tp in partitions if (key := model_key(self.scope, *tp)) not in self.detectors}
         if not wanted:
-            return
+            return []
         try:
-            states = self.topic_store.load_many(set(wanted)) if self.topic_store is not None else None
-        except RESTORE_ERRORS as exc:
-            self._restore_failed(list(wanted.values()), _why(exc))
-            return
-        initial = None  # the model.init_from state, read once for all partitions that need it
+            states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout)
+        except RESTORE_IO_ERRORS as exc:
+            return self._restores_failed(dict.fromkeys(wanted.values(), _why(exc)))
+        failed = {}
         for key, tp in sorted(wanted.items()):
-            detector = Detector(self.config)
             try:
-                state = states.get(key) if states is not None else self.local.load(key)
-                if state is not None:
-                    detector.restore(state)
-                    log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid,
-                             detector.model.n_seen_)
-                elif self.config.model.init_from:
-                    initial = initial or self._initial_state()
-                    detector.restore(copy.deepcopy(initial))  # no arrays shared between partitions' models
-            except RESTORE_ERRORS as exc:
-                self._restore_failed([tp], _why(exc))
-                continue
-            self.detectors[key] = detector
-            self._unrestored.pop(tp, None)
-        if not self._unrestored:
-            self._restore_backoff = self.config.kafka.retry_backoff_initial_seconds
+                self.detectors[key] = self._partition_detector(
+                    key, states.get(key) if states is not None else self.local.load(key))
+            except RESTORE_IO_ERRORS as exc:
+                failed[tp] = _why(exc)
+            except STATE_CONFIG_ERRORS as exc:
+                failed[tp] = self._stop_for_state(tp, exc)
+        restored = set(wanted.values()) - set(failed)
+        self._unrestored = {tp: why for tp, why in self._unrestored.items() if tp not in restored}
+        return self._restores_failed(failed)
 
-    def _restore_failed(self, partitions: list[tuple[str, int]], why: str) -> None:
-        self.metrics.restore_failures.inc()
-        for tp in partitions:
-            self._unrestored[tp] = why
-        self._restore_retry_at = time.monotonic() + self._restore_backoff
-        log.error("cannot restore the model of %s (%s): paused, nothing of it is processed; trying again in "
-                  "%.1f s", ", ".join(f"{t}/{p}" for t, p in sorted(partitions)), why, self._restore_backoff)
-        self._restore_backoff = min(self._restore_backoff * 2, self.config.kafka.retry_backoff_max_seconds)
+    def _partition_detector(self, key: str, state: dict | None) -> Detector:
+        detector = Detector(self.config)
+        if state is not None:
+            detector.restore(state)
+            log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid, detector.model.n_seen_)
+        elif self.config.model.init_from:
+            if self._initial is None:  # read at start-up, unless start_up was skipped
+                self._initial = self._initial_state()
+            detector.restore(copy.deepcopy(self._initial))  # no arrays shared between partitions' models
+        return detector
 
-    def _hold_unrestored(self) -> None:
-        """Pause the assigned partitions that have no model: librdkafka fetches nothing for them."""
-        held = [TopicPartition(t, p) for t, p in sorted(self._unrestored) if (t, p) in self.assigned]
-        if held:
-            self.source.consumer.pause(held)
+    def _restores_failed(self, failed: dict[tuple[str, int], str]) -> list[tuple[str, int]]:
+        """Hold these partitions (why); the ones not held before are returned, to be paused."""
+        if not failed:
+            return []
+        self.metrics.restore_failures.inc(len(failed))
+        held = self._held()
+        self._unrestored = {**self._unrestored, **failed}
+        by_why: dict[str, list] = {}
+        for tp, why in sorted(failed.items()):
+            by_why.setdefault(why, []).append(f"{tp[0]}/{tp[1]}")
+        for why, names in by_why.items():
+            log.error("cannot restore the model of %s (%s): held paused, none of its messages is processed until "
+                      "it is", ", ".join(names), why)
+        return [tp for tp in sorted(failed) if tp not in held]
+
+    def _stop_for_state(self, tp: tuple[str, int], exc: Exception) -> str:
+        """A state this configuration cannot use: no retry can mend it, so the daemon stops (exit
+        code 2, after the rebalance callback has returned) and says what to change."""
+        what = str(exc) if isinstance(exc, (ValueError, StartupError)) else (
+            f"its state record is malformed ({type(exc).__name__}: {exc}); point checkpoint.topic (or "
+            "checkpoint.dir) at a new one to start it afresh")
+        if self._fatal is None:
+            self._fatal = f"cannot restore the model of {tp[0]}/{tp[1]}: {what}"
+            log.critical("%s; stopping (retrying cannot mend this)", self._fatal)
+            self.stop()
+        return what
+
+    def _held(self) -> set[tuple[str, int]]:
+        return set(self._unrestored) | set(self._unsought)
+
+    def _schedule_restore_retry(self, *, again: bool) -> None:
+        """After a round of restores: the next round once the back-off is over, the back-off
+        doubling once per round (``again``: this was a retry round).  Partitions held outside a
+        retry round join the round already scheduled instead of postponing it."""
+        if not self._unrestored and not self._unsought:
+            self._restore_retry_at, self._restore_backoff = None, self.config.kafka.retry_backoff_initial_seconds
+            return
+        if self._fatal is None and (again or self._restore_retry_at is None):
+            self._restore_retry_at = time.monotonic() + self._restore_backoff
+            log.warning("%d partition(s) held paused; trying again in %.1f s", len(self._held()), self._restore_backoff)
+            self._restore_backoff = min(self._restore_backoff * 2, self.config.kafka.retry_backoff_max_seconds)
 
     def _retry_restores(self) -> None:
-        """Try the restores that failed again once their back-off is over; a restored partition is
-        resumed and sought to where it resumes (or where auto.offset.reset says): whatever was
-        polled of it before was dropped unprocessed."""
-        if not self._unrestored or time.monotonic() < self._restore_retry_at:
+        """A round of retries for the held partitions once the back-off is over:
+        1. the group's committed offsets of all of them (unreadable: nothing is guessed, each
+           counts a failure and the round ends);
+        2. the models still missing, briefly (this is the loop's thread);
+        3. each partition with a model is resumed and sought to the later of its checkpoint and
+           the group's commit, else to the first offset this process read of it (dropped while
+           held), else left where librdkafka has it (auto.offset.reset, applied at assignment).
+           A seek that fails keeps the model: only the seek is tried again."""
+        if self._restore_retry_at is None or time.monotonic() < self._restore_retry_at:
             return
-        pending = list(self._unrestored)
-        self._restore_partitions(pending)
-        restored = [tp for tp in pending if tp not in self._unrestored]
-        if restored:
-            self.source.consumer.resume([TopicPartition(t, p) for t, p in restored])
-            log.info("restored the models of %s: resuming them", ", ".join(f"{t}/{p}" for t, p in sorted(restored)))
-        reset = OFFSET_END if self.config.kafka.auto_offset_reset == "latest" else OFFSET_BEGINNING
-        for tp, why in self._seek_to_resume(restored, lambda tp: reset).items():
-            self.detectors.pop(model_key(self.scope, *tp), None)
-            self._restore_failed([tp], why)
-        self._hold_unrestored()
-        self.positions = self._next_offsets()
+        held = sorted(self._held())
+        try:
+            committed = self.source.committed([TopicPartition(t, p) for t, p in held],
+                                              timeout=RESTORE_RETRY_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            why = f"cannot read the group's committed offsets: {_why(exc)}"
+            self.metrics.restore_failures.inc(len(held))
+            self._unrestored, self._unsought = dict.fromkeys(self._unrestored, why), dict.fromkeys(self._unsought, why)
+            log.error("%s of %s: still held", why, ", ".join(f"{t}/{p}" for t, p in held))
+            self._schedule_restore_retry(again=True)
+            return
+        self._held_commits.update(committed)
+        self._restore_partitions(list(self._unrestored), timeout=RESTORE_RETRY_TIMEOUT_SECONDS)
+        ready = [tp for tp in held if tp not in self._unrestored]
+        if ready and self._fatal is None:
+            self.source.resume(ready)
+            failed = self._seek_to_resume(ready, self._first_offsets.get, committed)
+            if failed:
+                self.source.pause(sorted(failed))
+            self._unsought = failed
+            resumed = [tp for tp in ready if tp not in failed]
+            for tp in resumed:
+                self._held_commits.pop(tp, None)
+            if resumed:
+                log.info("restored the models of %s: resumed", ", ".join(f"{t}/{p}" for t, p in resumed))
+        self._schedule_restore_retry(again=True)
+        self.positions = self._positions()
 
     def _connect(self) -> None:
         k = self.config.kafka
@@ -318,8 +400,7 @@ class Daemon:
         if self._rewind_pending is not None:
             # Reload before assigning, so the partitions start at the checkpoint: no seek needed.
             self._reload_from_checkpoint(self._rewind_pending)
-        if self.scope == "partition":
-            self._restore_partitions(owned)
+        held = self._restore_partitions(owned) if self.scope == "partition" else []
         committed = self._committed(owned)
         starts = []
         for topic, partition in owned:
@@ -330,8 +411,11 @@ class Daemon:
                 self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
-        self._hold_unrestored()
-        self.positions = self._next_offsets()
+        if held:
+            self.source.pause(held)  # librdkafka fetches nothing of them until they are resumed
+            self._held_commits.update((tp, committed[tp]) for tp in held if tp in committed)
+            self._schedule_restore_retry(again=False)
+        self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           for tp in starts))
@@ -357,16 +441,20 @@ class Daemon:
         log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
     def _release(self, partitions: list[TopicPartition]) -> None:
-        held = [tp for tp in partitions if (tp.topic, tp.partition) in self._unrestored]
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        held = sorted(gone & self._held())
         if held:
-            self.source.consumer.resume(held)  # not left paused for a later assignment of them
-        self.assigned = self.assigned - {(tp.topic, tp.partition) for tp in partitions}
-        for tp in partitions:
-            self._unrestored.pop((tp.topic, tp.partition), None)
+            self.source.resume(held)  # not left paused for a later assignment of them
+        self.assigned = self.assigned - gone
+        self._unrestored = {tp: why for tp, why in self._unrestored.items() if tp not in gone}
+        self._unsought = {tp: why for tp, why in self._unsought.items() if tp not in gone}
+        for topic, partition in gone:
+            self._held_commits.pop((topic, partition), None)
             if self.scope == "partition":
-                self.detectors.pop(model_key(self.scope, tp.topic, tp.partition), None)
+                self.detectors.pop(model_key(self.scope, topic, partition), None)
             # scope: global keeps the partition's offset: the checkpoint must not forget it.
-        self.positions = self._next_offsets()
+        self._schedule_restore_retry(again=False)  # none held any more: the back-off starts over
+        self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
 
     # ---------------------------------------------------------------- the loop
@@ -380,6 +468,8 @@ class Daemon:
                 self._turn()
             if self.checkpointer.pending_messages and self._rewind_pending is None:
                 self._checkpoint()
+            if self._fatal is not None:
+                raise StartupError(self._fatal)  # exit code 2: not restarted until the config is fixed
         except BaseException:
             self._aborting = True  # no checkpoint on the way out: the batch in hand may be half sent
             raise
@@ -388,7 +478,9 @@ class Daemon:
 
     def _turn(self) -> None:
         self._retry_restores()
-        polled = self._poll()
+        polled = self._poll() if self._fatal is None else {}
+        if self._fatal is not None:
+            return  # stopping on a partition's state: nothing more is processed
         if self._rewind_pending is not None:
             self._rewind()  # what was polled is read again from the checkpoint
             return
@@ -412,9 +504,18 @@ class Daemon:
         self.metrics.last_poll.set(time.time())
         self._last_poll = time.monotonic()
         self._loop_watermarks = self.source.cached_watermarks(self.assigned)
-        # A partition revoked during the poll is not ours any more; one without its model yet
-        # is read again from where it resumes once restored.
-        return {tp: messages for tp, messages in polled.items() if tp in self.assigned and tp not in self._unrestored}
+        # A partition revoked during the poll is not ours any more.
+        if not self._unrestored and not self._unsought:
+            return {tp: messages for tp, messages in polled.items() if tp in self.assigned}
+        # A held one's messages (fetched before its pause took effect) are dropped and read again
+        # once it is resumed: from its checkpoint or commit, else from the first of them.
+        kept, held = {}, self._held()
+        for tp, messages in polled.items():
+            if tp in held:
+                self._first_offsets.setdefault(tp, messages[0].offset())
+            elif tp in self.assigned:
+                kept[tp] = messages
+        return kept
 
     def _process(self, polled: dict) -> None:
         if not polled:
@@ -434,25 +535,47 @@ class Daemon:
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
-        self.positions = self._next_offsets()
+        self.positions = self._positions()
 
     def _watermarks_for_scrape(self) -> dict:
         """For the lag at a scrape (metrics thread): what the loop saw at its last poll, or,
         when the loop has not polled for a while, the broker's answer now, so a stalled loop
         shows a growing lag rather than its last value."""
-        if time.monotonic() - self._last_poll < LOOP_STALL_SECONDS:
+        if time.monotonic() - self._last_poll >= LOOP_STALL_SECONDS:
+            return self.watermarks(list(self.positions)) if self.watermarks is not None else {}
+        held = [tp for tp in self.positions if tp in self._unrestored or tp in self._unsought]
+        if not held or self.watermarks is None:
             return self._loop_watermarks
-        return self.watermarks(list(self.positions)) if self.watermarks is not None else {}
+        # A paused partition fetches nothing, so librdkafka's cached watermarks of it are old or none.
+        return {**self._loop_watermarks, **self.watermarks(held)}
 
     def _next_offsets(self) -> dict[tuple[str, int], int]:
-        """The next offset to process of every assigned partition that has one."""
-        return {tp: o for tp in self.assigned if (o := self._checkpoint_offset(*tp)) is not None}
+        """The next offset to process of every assigned partition that has one and is not held
+        (what a checkpoint commits)."""
+        held = self._unrestored.keys() | self._unsought.keys()
+        return {tp: o for tp in self.assigned if tp not in held and (o := self._checkpoint_offset(*tp)) is not None}
+
+    def _positions(self) -> dict[tuple[str, int], int]:
+        """``_next_offsets`` and, for the lag, where each held partition will resume: the later of
+        its checkpoint and the group's commit, else the first offset read of it, else the log's
+        start (auto.offset.reset: earliest; the lag collector clamps it to the low watermark)."""
+        positions = self._next_offsets()
+        for tp in self._held() & self.assigned:
+            offset = self._resume_offset(*tp, self._held_commits)
+            offset = self._first_offsets.get(tp) if offset is None else offset
+            if offset is None and self.config.kafka.auto_offset_reset == "earliest":
+                offset = 0
+            if offset is not None:
+                positions[tp] = offset
+        return positions
 
     def _detector(self, key: str) -> Detector:
         return self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
 
     def _committed(self, partitions) -> dict[tuple[str, int], int]:
-        """The group's committed offsets of these partitions ({} if the group cannot say now)."""
+        """The group's committed offsets of these partitions ({} if the group cannot say now: for
+        assignments and rewinds, which then go by the checkpoints; a held partition's retry does
+        not guess)."""
         if not partitions:
             return {}
         try:
@@ -502,10 +625,15 @@ class Daemon:
         self.sink.discard_pending()
         self.metrics.produce_errors.inc(self.sink.take().transient)  # failed before the rewind found them
         self._stop.wait(pause)
+        unsought = {key: self.detectors[key] for tp in self._unsought
+                    if (key := model_key(self.scope, *tp)) in self.detectors}
         self.restore()
         if self.scope == "partition":
-            self._restore_partitions(self.assigned - set(self._unrestored))  # those: _retry_restores
-            self._hold_unrestored()
+            self.detectors.update(unsought)  # restored from their newest state and not used since
+            held = self._restore_partitions(self.assigned - self._held())  # the held ones: _retry_restores
+            if held:
+                self.source.pause(held)
+                self._schedule_restore_retry(again=False)
         self.checkpointer.pending_messages = 0
 
     def _rewind(self) -> None:
@@ -513,30 +641,29 @@ class Daemon:
         any checkpoint or commit, where this process started reading it).  A seek that fails
         leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
-        if self._seek_to_resume(self.assigned - set(self._unrestored), self._first_offsets.get):
+        partitions = self.assigned - self._held()
+        if self._seek_to_resume(partitions, self._first_offsets.get, self._committed(partitions)):
             self._rewind_pending = "a seek back to the checkpoint failed"
             self._rewinds_in_a_row -= 1  # the same rewind, not another one
-        self.positions = self._next_offsets()
+        self.positions = self._positions()
 
-    def _seek_to_resume(self, partitions, fallback: Callable) -> dict[tuple[str, int], str]:
+    def _seek_to_resume(self, partitions, fallback: Callable, committed: dict) -> dict[tuple[str, int], str]:
         """Seek each partition to the later of its checkpoint and the group's commit, else to
         ``fallback(tp)`` (None: leave it), and set its model's offset there.  {tp: why} of those
         whose seek failed."""
-        committed = self._committed(partitions)
         failed = {}
         for topic, partition in sorted(partitions):
             target = self._resume_offset(topic, partition, committed)
             target = fallback((topic, partition)) if target is None else target
             if target is None:
-                continue  # nothing read from it yet
+                continue  # nothing read from it yet: librdkafka's position stands
             try:
                 self.source.seek(topic, partition, target)
             except KafkaException as exc:
                 failed[(topic, partition)] = f"cannot seek to {target} yet: {exc.args[0].str()}"
                 log.warning("%s/%d: %s; trying again", topic, partition, failed[(topic, partition)])
                 continue
-            if target >= 0:  # not a logical offset (auto.offset.reset's beginning or end)
-                self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = target
+            self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = target
         return failed
 
     def _close(self) -> None:
