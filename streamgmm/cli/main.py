@@ -114,7 +114,9 @@ def cmd_run(args) -> int:
     try:
         daemon.run()
     except (StartupError, ConfigError) as exc:
-        print(f"streamgmm: cannot start: {exc}", file=sys.stderr)
+        # Raised before the loop, or by it when a partition's stored state does not fit this config.
+        what = "stopped" if daemon.started else "cannot start"
+        print(f"streamgmm: {what}: {exc}", file=sys.stderr)
         return 2
     return 0
 

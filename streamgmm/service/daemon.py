@@ -104,6 +104,7 @@ class Daemon:
         self._restore_retry_at: float | None = None  # None: no retry scheduled
         self._initial: dict | None = None  # the model.init_from state, read once
         # Why the daemon stops with exit code 2 (a partition's state needs a config change).
+        self.started = False  # start_up() passed: a StartupError now stops a running daemon
         self._fatal: str | None = None
 
     # ------------------------------------------------------------------ control
@@ -461,6 +462,7 @@ class Daemon:
     def run(self) -> None:
         """Start up, then poll -> process -> send -> observe -> checkpoint until stopped."""
         self.start_up()
+        self.started = True
         log.info("effective config: %s", json.dumps(masked(as_dict(self.config))))
         try:
             self._connect()

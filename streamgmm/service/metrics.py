@@ -119,8 +119,9 @@ class Metrics:
         self.output_dropped = counter("output_records_dropped", "Output records the broker refused for good (too "
                                       "large, not authorised): logged with their source, never produced.")
         self.restore_failures = counter(
-            "state_restore_failures", "scope: partition: attempts to restore a partition's model that failed "
-            "(its partition stays paused and the restore is retried).")
+            "state_restore_failures", "scope: partition: failed attempts to restore a partition's model, one per "
+            "partition and attempt (its state or the group's commit unreadable; the partition stays paused and "
+            "is retried).")
         self.checkpoints = counter("checkpoints_written", "Checkpoints written successfully.")
         self.checkpoint_failures = counter("checkpoint_failures", "Checkpoint attempts that failed (retried).")
         self.checkpoint_last_success = gauge("checkpoint_last_success_timestamp_seconds",
