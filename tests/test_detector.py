@@ -342,3 +342,18 @@ def test_a_restored_detector_steps_a_changing_batch_as_the_original(seed):
     assert a.n_updates - before_a == b.n_updates - before_b > 10
     np.testing.assert_array_equal(ra.log_density, rb.log_density)
     assert ra.decisions() == rb.decisions()
+
+
+@pytest.mark.parametrize("broken", ["no counters", "offsets not a mapping"])
+def test_a_malformed_checkpoint_is_refused_with_a_value_error(broken):
+    rng = np.random.default_rng(3)
+    X, _ = random_mixture(3, 4, rng).sample(1_000, rng)
+    a = Detector(_config())
+    _run(a, X)
+    state = a.state(5.0)
+    if broken == "no counters":
+        del state["counters"]
+    else:
+        state["offsets"] = [1, 2]
+    with pytest.raises(ValueError, match="malformed"):
+        Detector(_config()).restore(state)

@@ -281,6 +281,14 @@ class Detector:
         }
 
     def restore(self, state: dict) -> None:
+        """Take over a ``state()``; ValueError if it is not one this config can use."""
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:  # a record of another shape
+            raise ValueError(f"its state record is malformed ({type(exc).__name__}: {exc}); point "
+                             "checkpoint.dir (or checkpoint.topic) at a new one to start afresh") from None
+
+    def _restore(self, state: dict) -> None:
         if state.get("kind") != STATE_KIND:
             raise ValueError(f"not a detector checkpoint (kind={state.get('kind')!r})")
         dimension = state["input"]["dimension"]
