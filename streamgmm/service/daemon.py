@@ -26,7 +26,8 @@ from ..detection.detector import Detector
 from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
-from .kafka import KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings, ensure_topic
+from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings,
+                    ensure_topic, missing_topics)
 from .metrics import HealthServer, Metrics
 from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore, TopicStateStore, model_key
 
@@ -347,6 +348,11 @@ class Daemon:
         on_error = self._on_client_error
         producing, consuming = client_settings(self.config, "producer"), client_settings(self.config, "consumer")
         self.sink = KafkaSink(producing, on_error=on_error, on_permanent=self._on_output_refused)
+        outputs = [t for t in (k.output_topic, k.dead_letter_topic, k.scores_topic) if t]
+        for topic in missing_topics(self.sink.producer, outputs):
+            log.error("output topic %s does not exist and the broker did not create it: records for it will be "
+                      "retried (rewinding to the last checkpoint) until it exists; create it (kafka-topics.sh "
+                      "--create --topic %s)", topic, topic)
         if self.config.checkpoint.topic:
             from confluent_kafka import Producer
 

@@ -307,6 +307,24 @@ class WatermarkReader:
 
 
 # ----------------------------------------------------------------------------- sink
+# An output topic that does not exist (a broker with auto.create.topics.enable=false): not a fault
+# of the record, so not a reason to drop it.  The daemon rewinds and tries again, with back-off,
+# until someone creates the topic; nothing is lost meanwhile, and the lag and rewinds say so.
+MISSING_TOPIC = (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
+
+
+def missing_topics(producer, topics, timeout: float = 10.0) -> list[str]:
+    """Those of ``topics`` the cluster says do not exist (a metadata request, which creates them
+    where the broker auto-creates topics).  A broker that does not answer: none reported."""
+    missing = []
+    for topic in topics:
+        try:
+            found = producer.list_topics(topic, timeout=timeout).topics.get(topic)
+        except KafkaException:
+            continue
+        if found is None or (found.error is not None and found.error.code() in MISSING_TOPIC):
+            missing.append(topic)
+    return missing
 @dataclass
 class Deliveries:
     """What became of the records sent since the last ``take``."""
@@ -351,7 +369,8 @@ class KafkaSink:
         if error.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             return  # dropped by a rewind, which produces it again
         transient = error.retriable() or error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
-                                                          KafkaError._TRANSPORT, KafkaError._QUEUE_FULL)
+                                                          KafkaError._TRANSPORT, KafkaError._QUEUE_FULL,
+                                                          *MISSING_TOPIC)
         if transient:
             self.deliveries.transient += 1
             self.deliveries.transient_reasons.add(f"{record.topic}: {error.str()}")

@@ -1,0 +1,69 @@
+"""Output topics that do not exist: reported at start, and their records retried, not dropped."""
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from streamgmm.detection.records import OutputRecord
+from streamgmm.service.kafka import KafkaSink, missing_topics
+
+
+def _sink():
+    refused = []
+    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:1", "log_level": 0}, on_error=lambda e: None,
+                     on_permanent=lambda record, why: refused.append(why))
+    return sink, refused
+
+
+def _record(topic="anomalies"):
+    return OutputRecord(topic, b"{}", b"k", [])
+
+
+def test_a_record_for_a_missing_topic_is_retried_not_dropped():
+    sink, refused = _sink()
+    for code in (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART):
+        sink._failed(_record(), KafkaError(code))
+    taken = sink.take()
+    assert (taken.transient, taken.permanent, refused) == (2, 0, [])
+    assert any("anomalies" in reason for reason in taken.transient_reasons)
+
+
+def test_a_record_too_large_is_still_dropped_for_good():
+    sink, refused = _sink()
+    sink._failed(_record(), KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    taken = sink.take()
+    assert (taken.transient, taken.permanent, len(refused)) == (0, 1, 1)
+
+
+class _Metadata:
+    def __init__(self, topics):
+        self.topics = topics
+
+
+class _Topic:
+    def __init__(self, error=None):
+        self.error = error
+
+
+class _Cluster:
+    """list_topics as a broker with auto-create off answers it: the topic, with an error if missing."""
+
+    def __init__(self, existing, answers=True):
+        self.existing, self.answers = existing, answers
+
+    def list_topics(self, topic, timeout):
+        if not self.answers:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        found = _Topic() if topic in self.existing else _Topic(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        return _Metadata({topic: found})
+
+
+def test_missing_topics_names_those_the_cluster_does_not_have():
+    cluster = _Cluster({"anomalies"})
+    assert missing_topics(cluster, ["anomalies", "features.dead-letter", "scores"]) == ["features.dead-letter",
+                                                                                        "scores"]
+    assert missing_topics(_Cluster(set(), answers=False), ["anomalies"]) == []
+
+
+def test_missing_topics_on_the_real_broker(broker):
+    # Tansu creates a topic a metadata request names (as a Kafka broker with auto-create on): none missing.
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "log_level": 0})
+    assert missing_topics(producer, ["streamgmm-output-topic-check"]) == []
