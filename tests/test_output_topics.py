@@ -60,7 +60,11 @@ def test_missing_topics_names_those_the_cluster_does_not_have():
     cluster = _Cluster({"anomalies"})
     assert missing_topics(cluster, ["anomalies", "features.dead-letter", "scores"]) == ["features.dead-letter",
                                                                                         "scores"]
-    assert missing_topics(_Cluster(set(), answers=False), ["anomalies"]) == []
+    down = _Cluster(set(), answers=False)
+    asked = []
+    down.list_topics = lambda topic, timeout: asked.append(timeout) or _Cluster.list_topics(down, topic, timeout)
+    assert missing_topics(down, ["anomalies", "features.dead-letter", "scores"]) == []
+    assert asked == [2.0]  # a broker that does not answer is asked once, briefly
 
 
 def test_missing_topics_on_the_real_broker(broker):

@@ -313,15 +313,16 @@ class WatermarkReader:
 MISSING_TOPIC = (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
-def missing_topics(producer, topics, timeout: float = 10.0) -> list[str]:
+def missing_topics(producer, topics, timeout: float = 2.0) -> list[str]:
     """Those of ``topics`` the cluster says do not exist (a metadata request, which creates them
-    where the broker auto-creates topics).  A broker that does not answer: none reported."""
+    where the broker auto-creates topics).  A broker that does not answer within ``timeout``:
+    no more asked, none reported (start-up is not held up, nor a signal during it, by an outage)."""
     missing = []
     for topic in topics:
         try:
             found = producer.list_topics(topic, timeout=timeout).topics.get(topic)
         except KafkaException:
-            continue
+            break
         if found is None or (found.error is not None and found.error.code() in MISSING_TOPIC):
             missing.append(topic)
     return missing
