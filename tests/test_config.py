@@ -74,6 +74,11 @@ def test_secret_files_are_read(tmp_path):
     ("consumer", {"fetch_max_wait_ms": 10}, "kafka-python's name; librdkafka's is 'fetch.wait.max.ms'"),
     ("consumer", {"enable.auto.commit": True}, "kafka.consumer.enable.auto.commit: set by streamgmm"),
     ("consumer", {"partition.assignment.strategy": "cooperative-sticky"}, "cooperative protocol is not supported"),
+    # A setting of the other client is ignored by librdkafka (a warning): refused here, with where it goes.
+    ("consumer", {"acks": "all"}, "kafka.consumer.acks: a producer setting, which the consumer ignores; "
+                                  "move it to kafka.producer"),
+    ("consumer", {"compression.type": "lz4"}, "kafka.consumer.compression.type: a producer setting"),
+    ("producer", {"fetch.wait.max.ms": 5}, "kafka.producer.fetch.wait.max.ms: a consumer setting"),
 ])
 def test_librdkafka_settings_are_checked_without_a_broker(section, settings, message):
     from streamgmm.service.kafka import check_settings
@@ -81,6 +86,31 @@ def test_librdkafka_settings_are_checked_without_a_broker(section, settings, mes
     config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], section: settings}})
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_settings(config)
+
+
+def test_our_own_refusals_are_not_sent_to_librdkafkas_documentation():
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], "consumer": {"group.id": "x"}}})
+    with pytest.raises(ConfigError) as caught:
+        check_settings(config)
+    assert str(caught.value).startswith("kafka.consumer.group.id: set by streamgmm")
+    assert "CONFIGURATION.md" not in str(caught.value) and "kafka.consumer: kafka.consumer" not in str(caught.value)
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("STREAMGMM_MODEL__HALF_LFE", "5", "unknown key model.half_lfe"),
+    ("STREAMGMM_MODEL__HALF_LIFE", "-5", "model.half_life: -5.0 is not allowed"),
+])
+def test_a_bad_environment_override_names_the_variable(variable, value, says):
+    with pytest.raises(ConfigError, match=re.escape(says) + ".*" + re.escape(f"(set by the environment variable {variable})")):
+        config_from_dict({}, environ={variable: value})
+
+
+def test_a_bad_key_in_the_file_does_not_blame_the_environment():
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"model": {"half_lfe": 5}}, environ={"STREAMGMM_MODEL__WARMUP": "500"})
+    assert "environment" not in str(caught.value)
 
 
 def test_good_librdkafka_settings_pass_and_the_defaults_can_be_overridden():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ def _librdkafka_name(env_key: str) -> str:
     return base.replace("_", ".") + suffix
 
 
-def apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> dict:
+def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | None = None) -> dict:
     """``STREAMGMM_KAFKA__BOOTSTRAP_SERVERS=a:9092,b:9092`` sets kafka.bootstrap_servers.
 
     Values are parsed as YAML scalars (numbers, true/false, null, [lists]).  Under
@@ -278,6 +279,8 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> dict:
             if not isinstance(tree, dict):
                 raise ConfigError(f"environment override for {'.'.join(keys)} conflicts with a non-mapping value")
         tree[keys[-1]] = value
+        if origins is not None:
+            origins[".".join(keys)] = name
     return raw
 
 
@@ -364,10 +367,18 @@ def _check_values(config: Config) -> None:
 
 def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = None) -> Config:
     raw = _plain(raw or {})
+    origins: dict[str, str] = {}  # key path -> the environment variable that set it
     if environ:
-        raw = apply_env_overrides(raw, environ)
-    config = _build(Config, raw, "")
-    _check_values(config)
+        raw = apply_env_overrides(raw, environ, origins)
+    try:
+        config = _build(Config, raw, "")
+        _check_values(config)
+    except ConfigError as exc:
+        # A typo in an environment variable is not in the YAML: say where it came from.
+        named = [var for path, var in origins.items() if re.search(rf"(^|\s){re.escape(path)}\b", str(exc))]
+        if named:
+            raise ConfigError(f"{exc} (set by the environment variable {named[0]})") from None
+        raise
     return config
 
 

@@ -117,11 +117,56 @@ def check_settings(config: Config) -> None:
     "cannot connect" retries later."""
     for role, client_type in (("consumer", Consumer), ("producer", Producer)):
         try:
-            client = client_type({**client_settings(config, role), "log_level": 0})
+            settings = client_settings(config, role)
+        except (ValueError, TypeError) as exc:  # ours (a reserved key, a secret file): it names the key
+            raise ConfigError(str(exc)) from None
+        warnings = _Collect()
+        try:
+            client = client_type({**settings, "logger": warnings.logger})
         except (KafkaException, ValueError, TypeError) as exc:
             message = str(exc.args[0].str() if isinstance(exc, KafkaException) else exc)
             raise ConfigError(_config_error(config, role, message)) from None
+        client.poll(0)  # delivers librdkafka's start-up warnings to the logger
         client.close() if role == "consumer" else client.flush(0)
+        for message in warnings.messages:
+            # "Configuration property acks is a producer property and will be ignored by this
+            # consumer instance": silently ignored is how a misplaced setting fails.
+            misplaced = re.search(r"property (\S+) is a (producer|consumer) property", message)
+            if misplaced and misplaced.group(2) != role:
+                key = _user_key(config, role, misplaced.group(1))
+                if key is not None:
+                    raise ConfigError(f"{key}: a {misplaced.group(2)} setting, which the {role} ignores; "
+                                      f"move it to kafka.{misplaced.group(2)}")
+
+
+class _Collect(logging.Handler):
+    """librdkafka's log lines while a client is built (its logger), kept for check_settings."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.logger = logging.Logger(f"streamgmm.check_settings.{id(self)}")
+        self.logger.addHandler(self)
+        self.logger.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+# librdkafka names an alias by its own name in messages.
+LIBRDKAFKA_ALIASES = {"request.required.acks": "acks", "compression.codec": "compression.type",
+                      "queue.buffering.max.ms": "linger.ms", "message.send.max.retries": "retries",
+                      "max.in.flight.requests.per.connection": "max.in.flight"}
+
+
+def _user_key(config: Config, section: str, name: str) -> str | None:
+    """The key path under kafka.<section> (or kafka.security) that set librdkafka's ``name``."""
+    for candidate in (section, "security"):
+        given = getattr(config.kafka, candidate)
+        for key in (name, LIBRDKAFKA_ALIASES.get(name)):
+            if key is not None and key in given:
+                return f"kafka.{candidate}.{key}"
+    return None
 
 
 def _config_error(config: Config, section: str, message: str) -> str:
@@ -134,7 +179,7 @@ def _config_error(config: Config, section: str, message: str) -> str:
             # is reported as compression.codec).
             if (name and key == name.group(1)) or (value and str(given).lower() == value.group(1).lower()):
                 return f"kafka.{candidate}.{key}: {message} (see librdkafka's CONFIGURATION.md)"
-    return f"kafka.{section}: {message} (see librdkafka's CONFIGURATION.md)"
+    return f"kafka.{section} or kafka.security: {message} (see librdkafka's CONFIGURATION.md)"
 
 
 def kafka_error_text(error: KafkaError | Exception) -> str:
