@@ -138,8 +138,8 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
                     first_seen = now - 0.25
                 done = consumed >= messages
                 if ticks % 4 == 0 and not consumed:
-                    readiness = _scrape(metrics_port, "/readyz").split("\n", 1)[0] or "starting"
-                    print(f"  {now - started:5.0f} s  waiting: {readiness}", flush=True)
+                    readiness = _scrape(metrics_port, "/readyz").split("\n", 1)[0] or "not ready: starting"
+                    print(f"  {now - started:5.0f} s  {readiness}", flush=True)
                 elif ticks % 4 == 0 or done:
                     speed = (consumed - last_consumed) / (now - last_time)
                     last_consumed, last_time = consumed, now
@@ -169,8 +169,10 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
     recall = true_positives / len(injected) if injected else 0.0
     checkpoints = sorted((workdir / "state").glob("checkpoint-*.sgmm"))
     print("\nsummary")
-    print(f"  messages consumed   {consumed:,.0f} of {messages:,} in {elapsed:.1f} s ({consumed / max(elapsed, 1e-9):,.0f} msg/s;"
-          f" the producer sends at most {rate:,.0f} msg/s)")
+    # From the first message counted to the last: when the producer was done before the daemon was
+    # ready, this is the rate at which the daemon caught up with a backlog, not the producer's.
+    print(f"  messages consumed   {consumed:,.0f} of {messages:,} in {elapsed:.1f} s from the first one counted "
+          f"({consumed / max(elapsed, 1e-9):,.0f} msg/s; the producer sends at most {rate:,.0f} msg/s)")
     print(f"  injected anomalies  {len(injected):,}")
     print(f"  flagged             {len(flagged):,}")
     print(f"  precision           {precision:.3f}")
