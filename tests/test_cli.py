@@ -139,3 +139,24 @@ def test_json_logs_have_iso_milliseconds_a_zone_and_no_python_reprs(tmp_path):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", document["time"]), document
     config_line = next(d["message"] for d in documents if "effective config" in d["message"])
     assert json.loads(config_line.split("effective config: ", 1)[1])["kafka"]["bootstrap_servers"] == ["127.0.0.1:1"]
+
+
+# ------------------------------------------------------- what a newcomer ran into
+def _heavy_tailed_csv(tmp_path, n=5000):
+    """Student-t rows: many points near the threshold, so a stale threshold shows."""
+    X = np.random.default_rng(0).standard_t(3, size=(n, 3))
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,c\n" + "\n".join(",".join(repr(float(v)) for v in x) for x in X) + "\n")
+    return path
+
+
+def test_replay_threshold_is_the_one_each_row_was_decided_by(tmp_path):
+    result = _cli("replay", "--config", str(_config(tmp_path)), "--input", str(_heavy_tailed_csv(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(r["threshold"] is None for r in rows[:300])  # warm-up: no model, no threshold
+    scored = rows[300:]
+    assert all(r["anomaly"] == (r["log_density"] < r["threshold"]) for r in scored)
+    # The young model's threshold is re-estimated within the first 1000-row batch.
+    assert len({r["threshold"] for r in scored[:700]}) > 1
+

@@ -84,12 +84,12 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         if not batch:
             return
         result = detector.process(batch, now=time.time())
-        threshold = detector.threshold.value
         lines = []
-        for i, (record, decision) in enumerate(zip(batch, result.decisions())):
+        for i, (record, decision, threshold) in enumerate(
+                zip(batch, result.decisions(), result.decision_thresholds())):
             if decision is None:
                 row = {"offset": record.offset, "invalid": result.invalid_index.get(i),
-                       "log_density": None, "anomaly": False, "threshold": threshold}
+                       "log_density": None, "anomaly": False, "threshold": None}
             else:
                 density, flagged, component = decision
                 row = {"offset": record.offset,

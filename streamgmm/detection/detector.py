@@ -50,11 +50,14 @@ class BatchResult:
     n_valid: int = 0
     n_learned: int = 0
     warmup_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
-    # Rows scored by the model, by record index, with their density, flag and component.
+    # Rows scored by the model, by record index, with their density, flag and component, and
+    # the threshold that decided each (NaN while there is none): a batch is decided in steps
+    # with the threshold re-estimated between them, so it is not the threshold after the batch.
     scored_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     log_density: np.ndarray = field(default_factory=lambda: np.empty(0))
     flags: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     components: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
+    thresholds: np.ndarray = field(default_factory=lambda: np.empty(0))
     latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def outputs(self) -> list[OutputRecord]:
@@ -75,6 +78,14 @@ class BatchResult:
             self.scored_index.tolist(), self.log_density.tolist(), self.flags.tolist(), self.components.tolist()
         ):
             out[i] = (density, flagged, component)
+        return out
+
+    def decision_thresholds(self) -> list:
+        """Per input record: the threshold its decision used; None if it was not scored
+        (invalid, or warm-up) or there was no threshold yet."""
+        out: list = [None] * self.n_records
+        for i, threshold in zip(self.scored_index.tolist(), self.thresholds.tolist()):
+            out[i] = None if np.isnan(threshold) else threshold
         return out
 
 
@@ -147,6 +158,7 @@ class Detector:
                 if careful:
                     n = min(n, CAREFUL_STEP)
                 scored = self.model.score_batch(X[:n])
+                threshold = self.threshold.value  # what classify compares with; observe may move it
                 flags = self.threshold.classify(scored.log_density)
                 if n > CAREFUL_STEP and self.threshold.surprised(scored.log_density, flags):
                     # Far more of these scores in the tail than usual: the stream may be changing
@@ -155,13 +167,16 @@ class Detector:
                     # once, a new cluster's first points would all rank as the most anomalous.
                     careful, n = True, CAREFUL_STEP
                     scored, flags = scored.head(n), flags[:n]
-                parts.append(self._flag_learn(batch, X[:n], rows[:n], scored, flags, result, now))
+                parts.append((*self._flag_learn(batch, X[:n], rows[:n], scored, flags, result, now),
+                              np.full(n, np.nan if threshold is None else threshold)))
                 X, rows = X[n:], rows[n:]
                 self.threshold.update(self.model)
             if len(parts) == 1:
-                result.scored_index, result.log_density, result.flags, result.components = parts[0]
+                (result.scored_index, result.log_density, result.flags, result.components,
+                 result.thresholds) = parts[0]
             elif parts:
-                result.scored_index, result.log_density, result.flags, result.components = map(np.concatenate, zip(*parts))
+                (result.scored_index, result.log_density, result.flags, result.components,
+                 result.thresholds) = map(np.concatenate, zip(*parts))
             stamps = batch.timestamps_ms[decoded.valid_index]
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
