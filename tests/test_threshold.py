@@ -185,3 +185,43 @@ def test_far_anomalies_more_frequent_than_q_from_the_first_point_are_all_flagged
     assert flags[anomalous].mean() >= 0.99
     normal_share = flags[~anomalous][20_000:].mean() / q
     assert 0.5 <= normal_share <= 2.0, normal_share
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_the_tail_probability_reads_as_a_frequency_of_the_stream(name):
+    # Fitted on one stream of scores, the tail probability of fresh scores from the same
+    # distribution matches how often they occur, and is q at the threshold.
+    rng = np.random.default_rng(1)
+    q = 0.001
+    scores = SCORES[name](rng, 200_000)
+    threshold = _started(q, np.quantile(scores, 1 - 10 * q))
+    _feed(threshold, scores)
+    fresh = SCORES[name](rng, 1_000_000)
+    for level in (0.01, 0.001, 0.0002):
+        cut = np.quantile(fresh, 1 - level)
+        said = float(np.exp(threshold.log_tail_probability(np.array([-cut]))[0]))
+        assert 0.5 * level <= said <= 2.0 * level, f"{name}: {said:.2e} for a {level} quantile"
+    at_threshold = float(np.exp(threshold.log_tail_probability(np.array([threshold.value]))[0]))
+    assert at_threshold == pytest.approx(q, rel=0.05)
+
+
+def test_a_short_tail_never_calls_a_point_impossible_and_falls_with_distance():
+    rng = np.random.default_rng(2)
+    threshold = _started(0.001, 5.0)
+    _feed(threshold, rng.uniform(0.0, 6.0, 100_000))  # bounded scores: a short-tailed fit
+    assert threshold.gpd[1] < 0
+    far = -np.array([threshold.z, threshold.z + 1.0, threshold.z + 10.0, 1e4])
+    log_tail = threshold.log_tail_probability(far)
+    assert np.all(np.isfinite(log_tail)) and np.all(np.diff(log_tail) < 0)
+    assert float(np.exp(log_tail[0])) == pytest.approx(0.001, rel=0.05)
+
+
+def test_no_tail_probability_before_the_first_fit_and_after_a_restore_the_same():
+    threshold = _started(0.001, 5.0)
+    assert threshold.log_tail_probability(np.array([-10.0])) is None
+    rng = np.random.default_rng(3)
+    _feed(threshold, rng.gamma(3.0, size=50_000))
+    restored = StreamQuantileThreshold(0.001)
+    restored.load_dict(threshold.to_dict())
+    points = -np.array([8.0, 12.0, 20.0])
+    np.testing.assert_array_equal(restored.log_tail_probability(points), threshold.log_tail_probability(points))

@@ -294,10 +294,11 @@ def _model_log_tail_bound(log_density: np.ndarray, geometry: ComponentGeometry) 
 
 @dataclass(frozen=True)
 class Rarity:
-    """log_tail : (n,) natural log of the tail probability; method : what produced it."""
+    """log_tail : (n,) natural log of the tail probability; method : what produced it, one
+    name or one per row."""
 
     log_tail: np.ndarray
-    method: str
+    method: str | list
 
 
 def rarity(log_density, threshold, geometry: ComponentGeometry) -> Rarity:
@@ -308,7 +309,14 @@ def rarity(log_density, threshold, geometry: ComponentGeometry) -> Rarity:
     if tail_of is not None:
         log_tail = tail_of(log_density)
         if log_tail is not None:
-            return Rarity(np.minimum(np.asarray(log_tail, dtype=float), 0.0), str(threshold.tail_method))
+            log_tail = np.minimum(np.asarray(log_tail, dtype=float), 0.0)
+            beyond = ~np.isfinite(log_tail)
+            if not beyond.any():
+                return Rarity(log_tail, str(threshold.tail_method))
+            # Past the end of a short-tailed fit (probability 0 there): rarer than anything the
+            # stream's tail has shown, so the model bound says how much.
+            log_tail[beyond] = model_log_tail_bound(log_density[beyond], geometry)
+            return Rarity(log_tail, [MODEL_BOUND if b else str(threshold.tail_method) for b in beyond.tolist()])
     return Rarity(model_log_tail_bound(log_density, geometry), MODEL_BOUND)
 
 
@@ -330,9 +338,10 @@ def rarity_documents(rarity_: Rarity) -> list[dict]:
     log_tail = rarity_.log_tail
     probabilities = np.exp(log_tail).tolist()
     log10 = (log_tail / math.log(10.0)).tolist()
+    methods = rarity_.method if isinstance(rarity_.method, list) else [rarity_.method] * len(log_tail)
     return [
-        {"tail_probability": p, "log10_tail_probability": l10, "one_in": n, "method": rarity_.method}
-        for p, l10, n in zip(probabilities, log10, one_in(log_tail))
+        {"tail_probability": p, "log10_tail_probability": l10, "one_in": n, "method": m}
+        for p, l10, n, m in zip(probabilities, log10, one_in(log_tail), methods)
     ]
 
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..mixture.online import OnlineGaussianMixture
+from .explain import gpd_log_tail_probability
 
 if TYPE_CHECKING:  # the service layer builds the config; only its type is named here
     from ..service.config import ThresholdConfig
@@ -335,6 +336,29 @@ class StreamQuantileThreshold:
         below = int(np.count_nonzero(-np.asarray(log_density) > t))
         expected = share * len(log_density)
         return below > max(5.0, expected + SURPRISE_SD * math.sqrt(expected * (1.0 - share)))
+
+    tail_method = "gpd_tail"
+
+    def log_tail_probability(self, log_density: np.ndarray) -> np.ndarray | None:
+        """log P(a point of the stream scores this low or lower) from the fitted tail (see
+        ``explain.TailModel``): the share of scores beyond t times the GPD's survival function,
+        with the fit's shape moved to the current t as z_q is.  None before the first fit."""
+        if self.tail is None or self.gpd is None or self.z is None:
+            return None
+        t, share = self.tail
+        fitted_t, gamma, fitted_sigma = self.gpd
+        sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
+        log_tail = gpd_log_tail_probability(log_density, level=-t, exceedance_rate=share, scale=sigma, shape=gamma)
+        if gamma < 0:
+            # A short-tailed fit ends at t + sigma/|gamma|: beyond the threshold it goes on as an
+            # exponential at the rate it has at z_q, so that it agrees with q at the threshold and
+            # never calls a point impossible (the fit only knows the scores it has seen).
+            y_q = self.z - t
+            at_z = gpd_log_tail_probability(np.array([-self.z]), level=-t, exceedance_rate=share, scale=sigma,
+                                            shape=gamma)[0]
+            y = -np.asarray(log_density, dtype=float) - t
+            log_tail = np.where(y > y_q, at_z - (y - y_q) / (sigma + gamma * y_q), log_tail)
+        return log_tail
 
     def update(self, model: OnlineGaussianMixture) -> None:
         if self.z is None:
