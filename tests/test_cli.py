@@ -160,3 +160,37 @@ def test_replay_threshold_is_the_one_each_row_was_decided_by(tmp_path):
     # The young model's threshold is re-estimated within the first 1000-row batch.
     assert len({r["threshold"] for r in scored[:700]}) > 1
 
+
+def _one_error_line(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamgmm: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_replay_and_fit_name_input_fields_the_csv_header_lacks(tmp_path):
+    config = tmp_path / "x.yaml"
+    config.write_text(yaml.safe_dump({"input": {"format": "csv", "dimension": 3, "fields": ["a", "b", "x"]},
+                                      "model": {"n_components": 2, "warmup": 300}}))
+    data = str(_csv(tmp_path))
+    _one_error_line(_cli("replay", "--config", str(config), "--input", data), "['x']", "input.fields", data)
+    _one_error_line(_cli("fit", "--config", str(config), "--input", data, "--output", str(tmp_path / "f")),
+                    "['x']", "input.fields", data)
+
+
+def test_a_missing_input_or_output_path_is_one_line(tmp_path):
+    config = str(_config(tmp_path))
+    missing = str(tmp_path / "nonexistent.csv")
+    _one_error_line(_cli("replay", "--config", config, "--input", missing), missing, "--input")
+    _one_error_line(_cli("fit", "--config", config, "--input", missing, "--output", str(tmp_path / "f")),
+                    missing, "--input")
+    out = str(tmp_path / "nonexistent" / "o.jsonl")
+    _one_error_line(_cli("replay", "--config", config, "--input", str(_csv(tmp_path)), "--output", out),
+                    out, "--output")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _one_error_line(_cli("fit", "--config", config, "--input", str(_csv(tmp_path)), "--output", str(blocker / "d")),
+                    "--output")
+

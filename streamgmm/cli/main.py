@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad configuration or arguments, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -94,6 +95,12 @@ def _load(path, kafka: bool = False):
         raise SystemExit(2) from None
 
 
+def _fail(message: str) -> int:
+    """One line saying what to fix; exit code 2, as for a configuration error."""
+    print(f"streamgmm: {message}", file=sys.stderr)
+    return 2
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_run(args) -> int:
     config = _load(args.config)  # the daemon's start-up checks the Kafka settings
@@ -124,16 +131,23 @@ def cmd_run(args) -> int:
 def cmd_replay(args) -> int:
     config = _load(args.config)
     configure_logging("WARNING", "text")
-    from .replay import _open, guess_format, replay
+    from .replay import InputError, guess_format, open_input, replay
 
     fmt = guess_format(args.input, args.format, config.input.format)
-    sink = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
-    try:
-        with _open(args.input) as source:
+    with contextlib.ExitStack() as files:
+        try:
+            source = files.enter_context(open_input(args.input))
+        except OSError as exc:
+            return _fail(f"cannot read --input {args.input}: {exc.strerror}; fix the path")
+        try:
+            sink = (sys.stdout if args.output in (None, "-")
+                    else files.enter_context(open(args.output, "w", encoding="utf-8")))
+        except OSError as exc:
+            return _fail(f"cannot write --output {args.output}: {exc.strerror}; create its directory or fix the path")
+        try:
             summary = replay(config, source, sink, fmt)
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
+        except InputError as exc:
+            return _fail(f"{args.input}: {exc}")
     print(json.dumps({"summary": summary}), file=sys.stderr)
     if summary["n_records"] and not summary["n_valid"]:
         print(f"streamgmm: none of the {summary['n_records']} records was valid as {fmt} with "
@@ -148,15 +162,19 @@ def cmd_fit(args) -> int:
     from ..detection.detector import Detector
     from ..mixture import GaussianMixture
     from ..mixture.online import OnlineGaussianMixture
-    from .replay import guess_format, read_matrix
+    from .replay import InputError, guess_format, read_matrix
 
     fmt = guess_format(args.input, args.format, config.input.format)
-    X, n_invalid = read_matrix(config, args.input, fmt)
+    try:
+        X, n_invalid = read_matrix(config, args.input, fmt)
+    except OSError as exc:
+        return _fail(f"cannot read --input {args.input}: {exc.strerror}; fix the path")
+    except InputError as exc:
+        return _fail(f"{args.input}: {exc}")
     m = config.model
     least = 2 if m.n_components == "auto" else max(2, m.n_components)
     if len(X) < least:
-        print(f"streamgmm: {args.input} has {len(X)} valid rows; need at least {least}", file=sys.stderr)
-        return 2
+        return _fail(f"{args.input} has {len(X)} valid rows; need at least {least}")
     detector = Detector(config)
     if "auto" in (m.n_components, m.covariance_type):
         # The warm-up's own search (BIC over K and covariance types, MAP EM), over the whole file.
@@ -178,7 +196,10 @@ def cmd_fit(args) -> int:
         report = {"n_components": m.n_components, "covariance_type": m.covariance_type,
                   "bic": batch.bic(X), "converged": batch.converged_}
     detector.threshold.update(detector.model)
-    path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state(time.time()))
+    try:
+        path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state(time.time()))
+    except CheckpointError as exc:
+        return _fail(f"{exc}; fix --output")
     print(json.dumps({
         "checkpoint": str(path), "n_rows": len(X), "n_invalid": n_invalid,
         "mean_log_likelihood": float(np.mean(detector.model.score_samples(X))), **report,

@@ -23,6 +23,10 @@ from ..service.config import Config
 BATCH = 1000
 
 
+class InputError(ValueError):
+    """The recorded input does not fit the configuration (the message says how)."""
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -46,7 +50,8 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
     """Yield each data line as the bytes a Kafka message would carry.
 
     CSV may have a header; with ``input.fields`` set, those columns are taken by name
-    (so a labelled file such as shuttle.csv can be replayed as it is).
+    (so a labelled file such as shuttle.csv can be replayed as it is); InputError if the
+    header lacks one of them.
     """
     fields = config.input.fields
     delimiter = config.input.csv_delimiter
@@ -63,7 +68,8 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
                 if fields is not None:
                     missing = [f for f in fields if f not in parts]
                     if missing:
-                        raise ValueError(f"CSV header lacks input.fields {missing}")
+                        raise InputError(f"the CSV header lacks input.fields {missing} (it has "
+                                         f"{delimiter.join(parts)}): list columns the file has in input.fields")
                     columns = [parts.index(f) for f in fields]
                 continue
             first = False
@@ -113,11 +119,12 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
 
 def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int]:
     """All valid rows of a recorded file as a matrix, and the number of invalid rows skipped."""
-    with _open(path) as stream:
+    with open_input(path) as stream:
         values = list(record_values(stream, fmt, config))
     decoded = Decoder(dataclasses.replace(config.input, format=fmt)).decode(values)
     return decoded.X, len(decoded.invalid)
 
 
-def _open(path: str):
+def open_input(path: str) -> IO[str]:
+    """``path`` for reading as text, or stdin for ``-``; OSError if it cannot be opened."""
     return sys.stdin if path == "-" else Path(path).open("r", encoding="utf-8", errors="replace")
