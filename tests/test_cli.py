@@ -194,3 +194,45 @@ def test_a_missing_input_or_output_path_is_one_line(tmp_path):
     _one_error_line(_cli("fit", "--config", config, "--input", str(_csv(tmp_path)), "--output", str(blocker / "d")),
                     "--output")
 
+
+
+def _fit_auto(tmp_path, *extra):
+    config = tmp_path / "auto.yaml"
+    config.write_text(yaml.safe_dump({"input": {"format": "csv", "dimension": 3, "fields": ["a", "b", "c"]},
+                                      "model": {"warmup": 300}}))
+    out = tmp_path / f"fitted{len(extra)}"
+    result = _cli("fit", "--config", str(config), "--input", str(_heavy_tailed_csv(tmp_path)), "--output", str(out),
+                  *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), out
+
+
+def test_inspect_shows_the_fitted_auto_model_and_takes_a_checkpoint_file(tmp_path):
+    report, out = _fit_auto(tmp_path)
+    for target in (out, report["checkpoint"]):
+        text = _cli("inspect", str(target))
+        assert text.returncode == 0, text.stderr
+        assert f"{report['n_components']} component(s), {report['covariance_type']} covariances" in text.stdout
+        assert "auto" in text.stdout  # says the configuration let the warm-up choose
+        summary = json.loads(_cli("inspect", str(target), "--json").stdout)
+        assert summary["path"] == report["checkpoint"]
+        assert summary["model"]["n_components"] == report["n_components"]
+        assert summary["model"]["covariance_type"] == report["covariance_type"]
+        assert summary["model"]["configured"] == {"n_components": "auto", "covariance_type": "auto"}
+
+
+def test_inspect_a_lone_corrupt_checkpoint_says_there_is_nothing_to_fall_back_to(tmp_path):
+    _, out = _fit_auto(tmp_path)
+    (path,) = out.iterdir()
+    path.write_bytes(path.read_bytes()[:-10])
+    for target in (out, path):
+        result = _cli("inspect", str(target))
+        assert result.returncode == 1
+        assert "falling back" not in result.stderr and "truncated" in result.stderr, result.stderr
+    assert "no valid checkpoint" in _cli("inspect", str(out)).stderr
+
+
+def test_inspect_a_path_that_is_not_there_says_what_to_pass(tmp_path):
+    result = _cli("inspect", str(tmp_path / "nothing"))
+    assert result.returncode == 1 and "a checkpoint directory or a checkpoint file" in result.stderr
+

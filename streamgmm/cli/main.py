@@ -13,13 +13,14 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import yaml
 
 from .. import __version__
 from ..detection.records import iso_time
-from ..service.state import CheckpointError, CheckpointStore
+from ..service.state import CheckpointError, CheckpointStore, unpack
 from ..service.config import ConfigError, as_dict, load_config, masked
 
 log = logging.getLogger("streamgmm")
@@ -224,18 +225,40 @@ def _summarised(value):
     return value
 
 
-def inspect_summary(directory: str | None = None, state: dict | None = None, path: str | None = None) -> dict:
-    """Summary of a detector state: the newest valid checkpoint in ``directory``, or ``state``."""
-    store = CheckpointStore(directory) if directory else None
-    if state is None:
-        found = store.load_latest()
-        if found is None:
-            raise CheckpointError(f"no valid checkpoint in {directory}")
-        state, path = found
+def read_checkpoint(target: str) -> tuple[dict, Path, list[Path]]:
+    """The checkpoint file ``target``, or the newest valid one in the directory ``target``:
+    (state, its path, the directory's checkpoint files).  CheckpointError saying why not."""
+    target_path = Path(target)
+    if target_path.is_file():
+        try:
+            return unpack(target_path.read_bytes(), str(target_path)), target_path, [target_path]
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {target}: {exc.strerror}") from None
+    if not target_path.is_dir():
+        raise CheckpointError(f"{target} does not exist: pass a checkpoint directory or a checkpoint file in one")
+    paths = CheckpointStore(target_path).paths()
+    skipped = []
+    for path in reversed(paths):
+        try:
+            state = unpack(path.read_bytes(), str(path))
+        except (CheckpointError, OSError) as exc:
+            skipped.append(f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else str(exc))
+            continue
+        if skipped:
+            log.warning("%s; showing the newest valid one, %s", "; ".join(skipped), path.name)
+        return state, path, paths
+    if not paths:
+        raise CheckpointError(f"no valid checkpoint in {target}: it holds no checkpoint-*.sgmm files")
+    raise CheckpointError(f"no valid checkpoint in {target}: {'; '.join(skipped)}; there is no older one to fall back to")
+
+
+def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dict:
+    """Summary of a detector state read from ``path`` (``checkpoints``: its directory's files)."""
     model = state["model"]
     from ..mixture.online import OnlineGaussianMixture
 
     weights = OnlineGaussianMixture.from_dict(model).weights_.tolist() if model.get("initialized") else None
+    configured = {k: model["params"][k] for k in ("n_components", "covariance_type")}
     return {
         "path": str(path),
         "format_version": 1,
@@ -246,9 +269,11 @@ def inspect_summary(directory: str | None = None, state: dict | None = None, pat
         "initialized": model["initialized"],
         "offsets": state["offsets"],
         "threshold": _summarised(state["threshold"]),
-        "model": {k: model["params"][k] for k in ("n_components", "covariance_type", "alpha", "half_life")},
+        # What the model has (chosen at warm-up when the config said auto), and what the config said.
+        "model": {**configured, **model.get("chosen", {}),
+                  **{k: model["params"][k] for k in ("alpha", "half_life")}, "configured": configured},
         "weights": weights,
-        "checkpoints": [str(p) for p in store.paths()] if store else [],
+        "checkpoints": [str(p) for p in checkpoints],
     }
 
 
@@ -258,7 +283,19 @@ def topic_summaries(topic: str, bootstrap: str, key: str | None = None) -> dict:
 
     store = TopicStateStore(topic, {"bootstrap.servers": bootstrap}, producer=None)
     states = store.load_many(None if key is None else {key})
-    return {k: inspect_summary(state=v, path=f"{topic}:{k}") for k, v in sorted(states.items())}
+    return {k: inspect_summary(v, f"{topic}:{k}") for k, v in sorted(states.items())}
+
+
+def _describe_model(initialized: bool, model: dict) -> str:
+    """'ready; 3 component(s), full covariances', saying which of them the warm-up chose."""
+    auto = [f"model.{k} auto" for k, v in model["configured"].items() if v == "auto"]
+    if not initialized:
+        if auto:
+            return (f"warming up; n_components {model['n_components']}, covariance_type {model['covariance_type']} "
+                    "(auto: chosen at warm-up)")
+        return f"warming up; {model['n_components']} component(s), {model['covariance_type']} covariances"
+    chosen = f" (chosen at warm-up: {', '.join(auto)})" if auto else ""
+    return f"ready; {model['n_components']} component(s), {model['covariance_type']} covariances{chosen}"
 
 
 def _describe(summary: dict) -> str:
@@ -273,8 +310,7 @@ def _describe(summary: dict) -> str:
         f"anomalies         {summary['n_anomalies']:,} flagged",
         f"points learned    {summary['n_seen']:,} (n_seen: valid points the model learned from; flagged ones "
         f"are not, unless adopted as a new regime)",
-        f"model             {'ready' if summary['initialized'] else 'warming up'}; {model['n_components']} component(s), "
-        f"{model['covariance_type']} covariances, forgetting half-life "
+        f"model             {_describe_model(summary['initialized'], model)}, forgetting half-life "
         f"{model['half_life'] if model['half_life'] else 'none'}; {summary['n_updates']:,} updates",
         f"threshold         {threshold.get('mode')}: flags log-density below "
         f"{'(not set yet)' if value is None else f'{value:.4g}'}",
@@ -300,10 +336,10 @@ def cmd_inspect(args) -> int:
             print(json.dumps(summaries) if args.json else "\n\n".join(f"model {k}\n{_describe(v)}"
                                                                      for k, v in summaries.items()))
             return 0
-        if not args.checkpoint_dir:
-            print("streamgmm: give a checkpoint directory, or --topic and --bootstrap", file=sys.stderr)
+        if not args.checkpoint:
+            print("streamgmm: give a checkpoint directory or file, or --topic and --bootstrap", file=sys.stderr)
             return 2
-        summary = inspect_summary(args.checkpoint_dir)
+        summary = inspect_summary(*read_checkpoint(args.checkpoint))
     except CheckpointError as exc:
         print(f"streamgmm: {exc}", file=sys.stderr)
         return 1
@@ -344,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=cmd_check_config)
 
     ins = sub.add_parser("inspect", help="summarise the newest valid checkpoint (a directory or a state topic)")
-    ins.add_argument("checkpoint_dir", nargs="?")
+    ins.add_argument("checkpoint", nargs="?", metavar="PATH",
+                     help="a checkpoint directory (its newest valid checkpoint) or one checkpoint file")
     ins.add_argument("--topic", help="read state records from this checkpoint topic instead")
     ins.add_argument("--bootstrap", help="HOST:PORT of the Kafka cluster holding --topic")
     ins.add_argument("--key", help="only this model key (e.g. features/3)")
