@@ -236,3 +236,25 @@ def test_inspect_a_path_that_is_not_there_says_what_to_pass(tmp_path):
     result = _cli("inspect", str(tmp_path / "nothing"))
     assert result.returncode == 1 and "a checkpoint directory or a checkpoint file" in result.stderr
 
+
+
+def test_fit_gives_n_init_and_max_iter_to_the_auto_search(tmp_path):
+    default, _ = _fit_auto(tmp_path)
+    quick, _ = _fit_auto(tmp_path, "--n-init", "1", "--max-iter", "1")
+    assert quick["mean_log_likelihood"] != default["mean_log_likelihood"]
+
+
+def test_every_argument_says_what_it_is():
+    from streamgmm.cli.main import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if not action.required and action.option_strings and action.default not in (None, False):
+                assert "default" in action.help, f"{name} {action.option_strings} does not say its default"
+    fit_help = subparsers.choices["fit"].format_help()
+    assert "auto" in fit_help and "--n-init" in fit_help

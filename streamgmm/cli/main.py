@@ -179,23 +179,30 @@ def cmd_fit(args) -> int:
     detector = Detector(config)
     if "auto" in (m.n_components, m.covariance_type):
         # The warm-up's own search (BIC over K and covariance types, MAP EM), over the whole file.
-        detector.model.set_params(warmup=len(X))
-        detector.model.partial_fit(X)
-        mixture = detector.model
-        report = {"n_components": int(mixture.weights_.shape[0]), "covariance_type": mixture.covariance_type_}
+        search = {"warmup": len(X)}
+        if args.n_init is not None:
+            search["warmup_n_init"] = args.n_init
+        if args.max_iter is not None:
+            search["warmup_iter"] = args.max_iter
+        mixture = detector.model.set_params(**search)
+        mixture.partial_fit(X)
+        report = {"n_components": int(mixture.weights_.shape[0]), "covariance_type": mixture.covariance_type_,
+                  "n_init": mixture.warmup_n_init, "max_iter": mixture.warmup_iter}
     else:
+        n_init = FIT_N_INIT if args.n_init is None else args.n_init
+        max_iter = FIT_MAX_ITER if args.max_iter is None else args.max_iter
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             batch = GaussianMixture(
                 m.n_components, covariance_type=m.covariance_type, reg_covar=m.reg_covar,
-                n_init=args.n_init, max_iter=args.max_iter, random_state=m.random_state,
+                n_init=n_init, max_iter=max_iter, random_state=m.random_state,
             ).fit(X)
         detector.model = OnlineGaussianMixture.from_mixture(
             batch, n_samples_seen=len(X), warmup=m.warmup, alpha=m.alpha, t0=m.t0,
             half_life=m.half_life, min_weight=m.min_weight, rare_weight=m.rare_weight, random_state=m.random_state,
         )
         report = {"n_components": m.n_components, "covariance_type": m.covariance_type,
-                  "bic": batch.bic(X), "converged": batch.converged_}
+                  "n_init": n_init, "max_iter": max_iter, "bic": batch.bic(X), "converged": batch.converged_}
     detector.threshold.update(detector.model)
     try:
         path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state(time.time()))
@@ -350,6 +357,20 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+FORMAT_HELP = ("how to read --input (default: from its name, .jsonl/.json/.ndjson -> json, .csv -> csv; "
+               "otherwise input.format if it is csv or json, else csv)")
+# streamgmm fit's EM with a fixed model.n_components and covariance_type.
+FIT_N_INIT = 3
+FIT_MAX_ITER = 300
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgmm", description="Streaming anomaly detection with online Gaussian mixtures.")
     parser.add_argument("--version", action="version", version=f"streamgmm {__version__}")
@@ -360,23 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("replay", help="the same pipeline over a CSV/JSONL file or stdin")
-    rep.add_argument("--config", required=True)
-    rep.add_argument("--input", required=True, help="PATH or - for stdin")
-    rep.add_argument("--output", default="-", help="PATH or - for stdout (JSON lines)")
-    rep.add_argument("--format", choices=["csv", "json"], help="default: from the file name (.jsonl -> json)")
+    rep.add_argument("--config", required=True, help="YAML config file (input, model and threshold are used)")
+    rep.add_argument("--input", required=True, help="PATH of a CSV or JSON-lines file, or - for stdin")
+    rep.add_argument("--output", default="-", help="PATH, or - for stdout: one JSON line per record (default: -)")
+    rep.add_argument("--format", choices=["csv", "json"], help=FORMAT_HELP)
     rep.set_defaults(func=cmd_replay)
 
     fit = sub.add_parser("fit", help="batch EM on recorded data, written as a checkpoint")
-    fit.add_argument("--config", required=True)
-    fit.add_argument("--input", required=True)
-    fit.add_argument("--output", required=True, help="checkpoint directory")
-    fit.add_argument("--format", choices=["csv", "json"])
-    fit.add_argument("--n-init", type=int, default=3)
-    fit.add_argument("--max-iter", type=int, default=300)
+    fit.add_argument("--config", required=True, help="YAML config file (input, model, threshold and checkpoint.keep)")
+    fit.add_argument("--input", required=True, help="PATH of a CSV or JSON-lines file, or - for stdin")
+    fit.add_argument("--output", required=True, help="checkpoint directory to write (created if missing); "
+                                                     "start the daemon from it with model.init_from")
+    fit.add_argument("--format", choices=["csv", "json"], help=FORMAT_HELP)
+    fit.add_argument("--n-init", type=_positive_int, metavar="N",
+                     help=f"EM starts, the best kept (default: {FIT_N_INIT}); when model.n_components or "
+                          "covariance_type is auto, starts per candidate of the warm-up's BIC search, whose final "
+                          "refit takes 3 x N (default: the warm-up's own, 4)")
+    fit.add_argument("--max-iter", type=_positive_int, metavar="N",
+                     help=f"EM iterations per start at most (default: {FIT_MAX_ITER}); when model.n_components or "
+                          "covariance_type is auto, per candidate of the warm-up's BIC search (default: the "
+                          "warm-up's own, 100)")
     fit.set_defaults(func=cmd_fit)
 
     chk = sub.add_parser("check-config", help="validate a config file and print the effective config")
-    chk.add_argument("file")
+    chk.add_argument("file", help="YAML config file (STREAMGMM_* environment overrides apply)")
     chk.set_defaults(func=cmd_check_config)
 
     ins = sub.add_parser("inspect", help="summarise the newest valid checkpoint (a directory or a state topic)")
@@ -384,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a checkpoint directory (its newest valid checkpoint) or one checkpoint file")
     ins.add_argument("--topic", help="read state records from this checkpoint topic instead")
     ins.add_argument("--bootstrap", help="HOST:PORT of the Kafka cluster holding --topic")
-    ins.add_argument("--key", help="only this model key (e.g. features/3)")
-    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--key", help="only this model key, e.g. features/3 (default: every key in --topic)")
+    ins.add_argument("--json", action="store_true", help="print the summary as one JSON document instead of in words")
     ins.set_defaults(func=cmd_inspect)
 
     return parser
