@@ -142,3 +142,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="the top level must be a mapping"):
         load_config(listed, environ={})
+
+
+def test_input_dimension_follows_the_fields_unless_set():
+    assert config_from_dict({}).input.dimension == 16
+    assert config_from_dict({"input": {"fields": ["a", "b", "c"]}}).input.dimension == 3
+    with pytest.raises(ConfigError, match=re.escape("list exactly input.dimension=4 field names")):
+        config_from_dict({"input": {"fields": ["a", "b", "c"], "dimension": 4}})

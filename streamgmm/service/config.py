@@ -66,11 +66,15 @@ class KafkaConfig:
     producer: Mapping[str, Any] = _frozen_mapping()
 
 
+DEFAULT_DIMENSION = 16
+
+
 @dataclass(frozen=True)
 class InputConfig:
     format: str = "json"
     fields: tuple[str, ...] | None = None
-    dimension: int = 16
+    # Not given: the number of input.fields if those are, else 16.
+    dimension: int | None = None
     max_message_bytes: int = 1_048_576
     csv_delimiter: str = ","
     # An anomaly record names the features furthest from what its nearest component expects
@@ -372,6 +376,10 @@ def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = No
         raw = apply_env_overrides(raw, environ, origins)
     try:
         config = _build(Config, raw, "")
+        if config.input.dimension is None:
+            fields = config.input.fields
+            config = dataclasses.replace(config, input=dataclasses.replace(
+                config.input, dimension=len(fields) if fields else DEFAULT_DIMENSION))
         _check_values(config)
     except ConfigError as exc:
         # A typo in an environment variable is not in the YAML: say where it came from.

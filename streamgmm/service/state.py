@@ -153,12 +153,14 @@ class CheckpointStore:
 
         Corrupt ones are skipped with an error in the log (they are kept for inspection).
         """
-        for path in reversed(self.paths()):
+        paths = list(reversed(self.paths()))
+        for i, path in enumerate(paths):
             try:
                 return unpack(path.read_bytes(), str(path)), path
             except (CheckpointError, OSError) as exc:
                 why = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else exc
-                log.error("skipping checkpoint %s: %s; falling back to the previous one", path, why)
+                then = "falling back to the previous one" if i + 1 < len(paths) else "there is no older one"
+                log.error("skipping checkpoint %s: %s; %s", path, why, then)
         return None
 
     @staticmethod
