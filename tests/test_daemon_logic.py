@@ -10,32 +10,7 @@ from streamgmm.service.checkpointer import Outcome
 from streamgmm.service.config import config_from_dict
 from streamgmm.service.daemon import Daemon
 from streamgmm.service.kafka import Deliveries
-
-
-class FakeMessage:
-    def __init__(self, topic, partition, offset, value):
-        self._t, self._p, self._o, self._v = topic, partition, offset, value
-
-    def topic(self):
-        return self._t
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def value(self):
-        return self._v
-
-    def key(self):
-        return None
-
-    def headers(self):
-        return None
-
-    def timestamp(self):
-        return (1, 1_000)
+from fakes import FakeMessage
 
 
 class FakeSource:

@@ -14,32 +14,7 @@ from streamgmm.service.config import config_from_dict
 from streamgmm.detection.detector import Detector
 from streamgmm.service.daemon import Daemon, StartupError
 from streamgmm.service.kafka import Deliveries, KafkaSource
-
-
-class Message:
-    def __init__(self, topic, partition, offset, value):
-        self._t, self._p, self._o, self._v = topic, partition, offset, value
-
-    def topic(self):
-        return self._t
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def value(self):
-        return self._v
-
-    def key(self):
-        return None
-
-    def headers(self):
-        return None
-
-    def timestamp(self):
-        return (1, 1_000)
+from fakes import FakeMessage
 
 
 class Consumer:
@@ -165,7 +140,7 @@ PARTITIONS = [("in", 0), ("in", 1)]
 
 def _logs(n=600):
     rng = np.random.default_rng(0)
-    return {tp: [Message(*tp, i, encode(x, "json")) for i, x in enumerate(rng.normal(size=(n, 3)))]
+    return {tp: [FakeMessage(*tp, i, encode(x, "json")) for i, x in enumerate(rng.normal(size=(n, 3)))]
             for tp in PARTITIONS}
 
 

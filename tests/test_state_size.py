@@ -15,6 +15,7 @@ from streamgmm.service.checkpointer import Outcome
 from streamgmm.service.config import config_from_dict
 from streamgmm.service.daemon import Daemon, StartupError
 from streamgmm.service.state import CheckpointError, TopicStateStore
+from fakes import FakeMessage
 
 
 def _config(tmp_path, dimension=3, producer=None, **model):
@@ -33,32 +34,7 @@ def _warm_detector(config):
 
     from streamgmm.service.kafka import as_batch
 
-    class M:  # the few methods as_batch and the detector call
-        def __init__(self, i, v):
-            self.i, self.v = i, v
-
-        def topic(self):
-            return "in"
-
-        def partition(self):
-            return 0
-
-        def offset(self):
-            return self.i
-
-        def value(self):
-            return self.v
-
-        def key(self):
-            return None
-
-        def headers(self):
-            return None
-
-        def timestamp(self):
-            return (1, 1_000)
-
-    detector.process(as_batch({("in", 0): [M(i, encode(x, "json")) for i, x in enumerate(X)]}), now=time.time())
+    detector.process(as_batch({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]}), now=time.time())
     return detector
 
 

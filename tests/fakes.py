@@ -1,0 +1,29 @@
+"""In-memory stand-ins shared by the daemon-logic tests (no broker)."""
+
+
+class FakeMessage:
+    """The methods of a confluent_kafka Message that as_batch and the daemon call."""
+
+    def __init__(self, topic, partition, offset, value):
+        self._t, self._p, self._o, self._v = topic, partition, offset, value
+
+    def topic(self):
+        return self._t
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def value(self):
+        return self._v
+
+    def key(self):
+        return None
+
+    def headers(self):
+        return None
+
+    def timestamp(self):
+        return (1, 1_000)
