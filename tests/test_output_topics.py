@@ -26,6 +26,18 @@ def test_a_record_for_a_missing_topic_is_retried_not_dropped():
     assert any("anomalies" in reason for reason in taken.transient_reasons)
 
 
+def test_a_record_for_a_missing_optional_topic_is_dropped_and_counted():
+    # The scores topic: missing, it must not hold up the anomalies and the checkpoints.
+    refused = []
+    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:1", "log_level": 0}, on_error=lambda e: None,
+                     on_permanent=lambda record, why: refused.append(record.topic),
+                     optional_topics=frozenset(["scores"]))
+    sink._failed(_record("scores"), KafkaError(KafkaError._UNKNOWN_TOPIC))
+    sink._failed(_record("anomalies"), KafkaError(KafkaError._UNKNOWN_TOPIC))
+    taken = sink.take()
+    assert (taken.transient, taken.permanent, refused) == (1, 1, ["scores"])
+
+
 def test_a_record_too_large_is_still_dropped_for_good():
     sink, refused = _sink()
     sink._failed(_record(), KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))

@@ -418,3 +418,16 @@ def test_kafka_source_pauses_and_resumes_by_topic_and_partition():
     source.pause([("in", 1)])
     source.resume([("in", 1)])
     assert calls == [("pause", [("in", 1)]), ("resume", [("in", 1)])]
+
+
+@pytest.mark.parametrize("backoff, allowed", [(0.1, 5.0), (12.0, 12.0), (120.0, 25.0)])
+def test_a_retry_is_allowed_longer_as_the_back_off_grows(tmp_path, backoff, allowed):
+    # A state topic slower to read than the first allowance must not hold the partition for ever;
+    # the allowance stays under the loop-stall alert's 30 s.
+    consumer = Consumer(_logs(200), {tp: 100 for tp in PARTITIONS})
+    store = StateTopic({}, failures=2)
+    daemon, _ = _daemon(tmp_path, "a", consumer, store)
+    daemon._on_assign(_assignment())
+    daemon._restore_backoff, daemon._restore_retry_at = backoff, time.monotonic()
+    daemon._turn()
+    assert store.timeouts[-1] == allowed and consumer.committed_timeouts[-1] == allowed

@@ -306,9 +306,10 @@ class StreamQuantileThreshold:
         self.gpd: tuple[float, float, float] | None = None  # (t, gamma, sigma) of that fit
         self.z: float | None = None  # the stream's threshold on s = -log p (None: not yet)
         self.z_far = math.inf  # the GPD's quantile at FAR_OVER_Q x q
-        # (t, the share of counted scores over it) at the last estimate: what the tail is, for
-        # ``surprised``; kept by checkpoints, so a restored threshold decides as the original
-        self.tail: tuple[float, float] | None = None
+        # (t, the share of counted scores over it, the share the GPD fit stands for: without a far
+        # cluster taken out) at the last estimate: what the tail is, for ``surprised`` and
+        # ``log_tail_probability``; kept by checkpoints, so a restored threshold decides as the original
+        self.tail: tuple[float, float, float] | None = None
         self.fit: dict | None = None  # the last estimate, for inspection
 
     # ---------------------------------------------------------------- the value
@@ -332,7 +333,7 @@ class StreamQuantileThreshold:
         share: the stream may be changing (a cluster appearing, a shift), not just one point."""
         if self.tail is None:
             return _many_flags(flags, self.quantile)
-        t, share = self.tail
+        t, share, _ = self.tail
         below = int(np.count_nonzero(-np.asarray(log_density) > t))
         expected = share * len(log_density)
         return below > max(5.0, expected + SURPRISE_SD * math.sqrt(expected * (1.0 - share)))
@@ -345,7 +346,7 @@ class StreamQuantileThreshold:
         with the fit's shape moved to the current t as z_q is.  None before the first fit."""
         if self.tail is None or self.gpd is None or self.z is None:
             return None
-        t, share = self.tail
+        t, _, share = self.tail  # the share z_q was computed with: the probability at z_q is q
         fitted_t, gamma, fitted_sigma = self.gpd
         sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
         log_tail = gpd_log_tail_probability(log_density, level=-t, exceedance_rate=share, scale=sigma, shape=gamma)
@@ -495,7 +496,7 @@ class StreamQuantileThreshold:
                 sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
             self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
-            self.tail = (t, above / n)
+            self.tail = (t, above / n, n_tail / n)
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored)}
             if collect is None:
@@ -576,7 +577,7 @@ class StreamQuantileThreshold:
         self.z = None if state["z"] is None else float(state["z"])
         self.z_far = float(state["z_far"])
         tail = state.get("tail")  # absent from checkpoints before the careful step
-        self.tail = None if tail is None else (float(tail[0]), float(tail[1]))
+        self.tail = None if tail is None else (float(tail[0]), float(tail[1]), float(tail[-1]))
         self.level_start = np.asarray(state["level_start"], dtype=np.int64).copy()
         self.level = np.asarray(state["level"], dtype=float).copy()
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]

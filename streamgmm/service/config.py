@@ -81,6 +81,10 @@ class InputConfig:
     # given the others: this many of them (0: none).
     explain_top_features: int = 3
 
+    def __post_init__(self):
+        if self.dimension is None:  # frozen: set once, here, however the config is built
+            object.__setattr__(self, "dimension", len(self.fields) if self.fields else DEFAULT_DIMENSION)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -376,10 +380,6 @@ def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = No
         raw = apply_env_overrides(raw, environ, origins)
     try:
         config = _build(Config, raw, "")
-        if config.input.dimension is None:
-            fields = config.input.fields
-            config = dataclasses.replace(config, input=dataclasses.replace(
-                config.input, dimension=len(fields) if fields else DEFAULT_DIMENSION))
         _check_values(config)
     except ConfigError as exc:
         # A typo in an environment variable is not in the YAML: say where it came from.

@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
 # A held partition's state and the group's commit are read again on the loop's thread: briefly,
-# so the other partitions keep flowing (the first read, in on_assign, has the store's 30 s).
+# so the other partitions keep flowing (the first read, in on_assign, has the store's 30 s); the
+# time allowed grows with the back-off, up to under LOOP_STALL_SECONDS, so that a state topic
+# slower to read than the first allowance does not hold the partition for ever.
 RESTORE_RETRY_TIMEOUT_SECONDS = 5.0
+RESTORE_RETRY_MAX_TIMEOUT_SECONDS = 25.0
 
 
 class StartupError(RuntimeError):
@@ -236,7 +239,7 @@ class Daemon:
             return []
         try:
             states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout)
-        except RESTORE_IO_ERRORS as exc:
+        except (*RESTORE_IO_ERRORS, ValueError) as exc:  # ValueError: a record of the topic unreadable as a whole
             return self._restores_failed(dict.fromkeys(wanted.values(), _why(exc)))
         failed = {}
         for key, tp in sorted(wanted.items()):
@@ -316,9 +319,10 @@ class Daemon:
         if self._restore_retry_at is None or time.monotonic() < self._restore_retry_at:
             return
         held = sorted(self._held())
+        # _restore_backoff has doubled once per failed round
+        timeout = min(RESTORE_RETRY_MAX_TIMEOUT_SECONDS, max(RESTORE_RETRY_TIMEOUT_SECONDS, self._restore_backoff))
         try:
-            committed = self.source.committed([TopicPartition(t, p) for t, p in held],
-                                              timeout=RESTORE_RETRY_TIMEOUT_SECONDS)
+            committed = self.source.committed([TopicPartition(t, p) for t, p in held], timeout=timeout)
         except KafkaException as exc:
             why = f"cannot read the group's committed offsets: {_why(exc)}"
             self.metrics.restore_failures.inc(len(held))
@@ -327,9 +331,13 @@ class Daemon:
             self._schedule_restore_retry(again=True)
             return
         self._held_commits.update(committed)
-        self._restore_partitions(list(self._unrestored), timeout=RESTORE_RETRY_TIMEOUT_SECONDS)
+        self._restore_partitions(list(self._unrestored), timeout=timeout)
         ready = [tp for tp in held if tp not in self._unrestored]
-        if ready and self._fatal is None:
+        if ready and self._fatal is not None:
+            # Stopping: a model restored in this round is not sought, so it must not be checkpointed
+            # or committed at its state's offset (the group's commit may be later): held until then.
+            self._unsought = {**self._unsought, **dict.fromkeys(ready, "stopping")}
+        elif ready:
             self.source.resume(ready)
             failed = self._seek_to_resume(ready, self._first_offsets.get, committed)
             if failed:
@@ -347,12 +355,14 @@ class Daemon:
         k = self.config.kafka
         on_error = self._on_client_error
         producing, consuming = client_settings(self.config, "producer"), client_settings(self.config, "consumer")
-        self.sink = KafkaSink(producing, on_error=on_error, on_permanent=self._on_output_refused)
+        self.sink = KafkaSink(producing, on_error=on_error, on_permanent=self._on_output_refused,
+                              optional_topics=frozenset([k.scores_topic] if k.scores_topic else []))
         outputs = [t for t in (k.output_topic, k.dead_letter_topic, k.scores_topic) if t]
         for topic in missing_topics(self.sink.producer, outputs):
-            log.error("output topic %s does not exist and the broker did not create it: records for it will be "
-                      "retried (rewinding to the last checkpoint) until it exists; create it (kafka-topics.sh "
-                      "--create --topic %s)", topic, topic)
+            then = ("its records are dropped and counted (output_records_dropped_total)" if topic == k.scores_topic
+                    else "records for it will be retried (rewinding to the last checkpoint) until it exists")
+            log.error("output topic %s does not exist and the broker did not create it: %s; create it "
+                      "(kafka-topics.sh --create --topic %s)", topic, then, topic)
         if self.config.checkpoint.topic:
             from confluent_kafka import Producer
 

@@ -355,6 +355,7 @@ class WatermarkReader:
 # An output topic that does not exist (a broker with auto.create.topics.enable=false): not a fault
 # of the record, so not a reason to drop it.  The daemon rewinds and tries again, with back-off,
 # until someone creates the topic; nothing is lost meanwhile, and the lag and rewinds say so.
+# Except for an optional output (the scores topic): its records are dropped and counted.
 MISSING_TOPIC = (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
@@ -389,9 +390,12 @@ class KafkaSink:
     """
 
     def __init__(self, settings: dict, *, on_error: Callable[[KafkaError], None],
-                 on_permanent: Callable[[OutputRecord, str], None]):
+                 on_permanent: Callable[[OutputRecord, str], None], optional_topics: frozenset = frozenset()):
         self.producer = Producer({**settings, "error_cb": on_error, "logger": logging.getLogger("librdkafka")})
         self.on_permanent = on_permanent
+        # Topics whose records may be dropped when the topic is missing (the scores topic): a
+        # missing optional output must not hold up the anomalies and the checkpoints.
+        self.optional_topics = optional_topics
         self.deliveries = Deliveries()
 
     def send(self, record: OutputRecord) -> None:
@@ -414,9 +418,10 @@ class KafkaSink:
     def _failed(self, record: OutputRecord, error: KafkaError) -> None:
         if error.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             return  # dropped by a rewind, which produces it again
-        transient = error.retriable() or error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
-                                                          KafkaError._TRANSPORT, KafkaError._QUEUE_FULL,
-                                                          *MISSING_TOPIC)
+        missing_topic = error.code() in MISSING_TOPIC
+        transient = (error.retriable() or error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
+                                                           KafkaError._TRANSPORT, KafkaError._QUEUE_FULL)
+                     or (missing_topic and record.topic not in self.optional_topics))
         if transient:
             self.deliveries.transient += 1
             self.deliveries.transient_reasons.add(f"{record.topic}: {error.str()}")
