@@ -1,5 +1,7 @@
 """In-memory stand-ins shared by the daemon-logic tests (no broker)."""
 
+from streamgmm.service.kafka import Deliveries
+
 
 class FakeMessage:
     """The methods of a confluent_kafka Message that as_batch and the daemon call."""
@@ -27,3 +29,29 @@ class FakeMessage:
 
     def timestamp(self):
         return (1, 1_000)
+
+
+class FakeSink:
+    """KafkaSink's methods: records kept in ``sent``, delivery reports set by the test."""
+
+    def __init__(self):
+        self.sent, self.deliveries, self.purged = [], Deliveries(), 0
+
+    def send(self, record):
+        self.sent.append(record)
+
+    def serve(self):
+        pass
+
+    def flush(self, timeout):
+        return 0
+
+    def take(self):
+        taken, self.deliveries = self.deliveries, Deliveries()
+        return taken
+
+    def discard_pending(self):
+        self.purged += 1
+
+    def close(self):
+        pass

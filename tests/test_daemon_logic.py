@@ -9,8 +9,7 @@ from streamgmm.detection.decode import encode
 from streamgmm.service.checkpointer import Outcome
 from streamgmm.service.config import config_from_dict
 from streamgmm.service.daemon import Daemon
-from streamgmm.service.kafka import Deliveries
-from fakes import FakeMessage
+from fakes import FakeMessage, FakeSink
 
 
 class FakeSource:
@@ -25,24 +24,6 @@ class FakeSource:
 
     def commit(self, offsets):
         self.commits.append(dict(offsets))
-
-
-class FakeSink:
-    def __init__(self):
-        self.sent, self.deliveries, self.purged = [], Deliveries(), 0
-
-    def send(self, record):
-        self.sent.append(record)
-
-    def flush(self, timeout):
-        return 0
-
-    def take(self):
-        taken, self.deliveries = self.deliveries, Deliveries()
-        return taken
-
-    def discard_pending(self):
-        self.purged += 1
 
 
 def _daemon(tmp_path):

@@ -13,8 +13,8 @@ from streamgmm.detection.decode import encode
 from streamgmm.service.config import config_from_dict
 from streamgmm.detection.detector import Detector
 from streamgmm.service.daemon import Daemon, StartupError
-from streamgmm.service.kafka import Deliveries, KafkaSource
-from fakes import FakeMessage
+from streamgmm.service.kafka import KafkaSource
+from fakes import FakeMessage, FakeSink
 
 
 class Consumer:
@@ -89,30 +89,6 @@ class Consumer:
         pass
 
 
-class Sink:
-    def __init__(self):
-        self.deliveries = Deliveries()
-
-    def send(self, record):
-        pass
-
-    def serve(self):
-        pass
-
-    def flush(self, timeout):
-        return 0
-
-    def take(self):
-        taken, self.deliveries = self.deliveries, Deliveries()
-        return taken
-
-    def discard_pending(self):
-        pass
-
-    def close(self):
-        pass
-
-
 class StateTopic:
     """The state topic: newest record per key; ``failures`` reads fail first."""
 
@@ -157,7 +133,7 @@ def _config(tmp_path, name, reset="earliest", **model):
 def _daemon(tmp_path, name, consumer, store):
     config = _config(tmp_path, name, consumer.reset)
     daemon = Daemon(config)
-    daemon.source, daemon.sink = consumer, Sink()
+    daemon.source, daemon.sink = consumer, FakeSink()
     daemon.topic_store = daemon.checkpointer.topic_store = store
     processed = Counter()
     process = daemon._process

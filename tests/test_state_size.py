@@ -75,7 +75,8 @@ def test_the_broker_refusing_a_record_as_too_large_names_the_topic_setting(tmp_p
 
 
 def test_a_checkpoint_over_the_limit_fails_and_is_retried_saying_what_to_raise(tmp_path, caplog):
-    from test_daemon_logic import FakeSink, FakeSource  # noqa: I001 (tests/ is on the path)
+    from fakes import FakeSink
+    from test_daemon_logic import FakeSource  # noqa: I001 (tests/ is on the path)
 
     config = _config(tmp_path, dimension=40)
     daemon = Daemon(config)
