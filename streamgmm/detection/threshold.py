@@ -347,8 +347,7 @@ class StreamQuantileThreshold:
         if self.tail is None or self.gpd is None or self.z is None:
             return None
         t, _, share = self.tail  # the share z_q was computed with: the probability at z_q is q
-        fitted_t, gamma, fitted_sigma = self.gpd
-        sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
+        gamma, sigma = self._gpd_at(t)
         log_tail = gpd_log_tail_probability(log_density, level=-t, exceedance_rate=share, scale=sigma, shape=gamma)
         if gamma < 0:
             # A short-tailed fit ends at t + sigma/|gamma|: beyond the threshold it goes on as an
@@ -491,9 +490,7 @@ class StreamQuantileThreshold:
                 self.gpd = (t, gamma, sigma)
                 self.shape_fitted_at = self.n_counted
             else:
-                # Excesses over a GPD's threshold moved by d are GPD(gamma, sigma + gamma d).
-                fitted_t, gamma, fitted_sigma = self.gpd
-                sigma = max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
+                gamma, sigma = self._gpd_at(t)
             self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
             self.tail = (t, above / n, n_tail / n)
@@ -504,6 +501,12 @@ class StreamQuantileThreshold:
         if collect is not None and collect != self.level[-1]:
             self.level_start = np.append(self.level_start, self.n_counted)
             self.level = np.append(self.level, collect)
+
+    def _gpd_at(self, t: float) -> tuple[float, float]:
+        """(shape, scale) of the last GPD fit for excesses over ``t``: excesses over a GPD's
+        threshold moved by d are GPD(gamma, sigma + gamma d) (the scale kept above a tenth)."""
+        fitted_t, gamma, fitted_sigma = self.gpd
+        return gamma, max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
 
     def _beyond_the_bulk(self, excess: np.ndarray) -> float | None:
         """The excess beyond which the peaks are a separate far cluster, or None.
