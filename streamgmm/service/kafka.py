@@ -173,13 +173,14 @@ def _config_error(config: Config, section: str, message: str) -> str:
     """librdkafka's complaint, prefixed with the key path it is about."""
     name = re.search(r'property:? "?([A-Za-z0-9._-]+)"?', message)
     value = re.search(r'value "([^"]*)"', message)
-    for candidate in (section, "security"):
-        for key, given in getattr(config.kafka, candidate).items():
-            # By name, or by value: librdkafka names an alias by its own name (compression.type
-            # is reported as compression.codec).
-            if (name and key == name.group(1)) or (value and str(given).lower() == value.group(1).lower()):
-                return f"kafka.{candidate}.{key}: {message} (see librdkafka's CONFIGURATION.md)"
-    return f"kafka.{section} or kafka.security: {message} (see librdkafka's CONFIGURATION.md)"
+    path = _user_key(config, section, name.group(1)) if name else None
+    if path is None and value:
+        # An alias not in LIBRDKAFKA_ALIASES is found by the value librdkafka quotes.
+        path = next((f"kafka.{candidate}.{key}" for candidate in (section, "security")
+                     for key, given in getattr(config.kafka, candidate).items()
+                     if str(given).lower() == value.group(1).lower()), None)
+    where = path or f"kafka.{section} or kafka.security"
+    return f"{where}: {message} (see librdkafka's CONFIGURATION.md)"
 
 
 def kafka_error_text(error: KafkaError | Exception) -> str:
