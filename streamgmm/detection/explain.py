@@ -313,8 +313,8 @@ def rarity(log_density, threshold, geometry: ComponentGeometry) -> Rarity:
             beyond = ~np.isfinite(log_tail)
             if not beyond.any():
                 return Rarity(log_tail, str(threshold.tail_method))
-            # Past the end of a short-tailed fit (probability 0 there): rarer than anything the
-            # stream's tail has shown, so the model bound says how much.
+            # Probability 0 under the tail model (a density of -inf, or past the end of a tail
+            # model that stops there): the model bound says how rare, row by row.
             log_tail[beyond] = model_log_tail_bound(log_density[beyond], geometry)
             return Rarity(log_tail, [MODEL_BOUND if b else str(threshold.tail_method) for b in beyond.tolist()])
     return Rarity(model_log_tail_bound(log_density, geometry), MODEL_BOUND)
