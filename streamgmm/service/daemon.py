@@ -359,7 +359,8 @@ class Daemon:
                               optional_topics=frozenset([k.scores_topic] if k.scores_topic else []))
         outputs = [t for t in (k.output_topic, k.dead_letter_topic, k.scores_topic) if t]
         for topic in missing_topics(self.sink.producer, outputs):
-            then = ("its records are dropped and counted (output_records_dropped_total)" if topic in self.sink.optional_topics
+            then = ("its records are dropped and counted (output_records_dropped_total)"
+                    if topic in self.sink.optional_topics
                     else "records for it will be retried (rewinding to the last checkpoint) until it exists")
             log.error("output topic %s does not exist and the broker did not create it: %s; create it "
                       "(kafka-topics.sh --create --topic %s)", topic, then, topic)
