@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -102,10 +103,27 @@ def _fail(message: str) -> int:
     return 2
 
 
+# Set by an operator, these choose the BLAS threads themselves.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def one_blas_thread() -> None:
+    """The loop's matrices are small (a batch by K x D): a second BLAS thread costs more to wake
+    than it saves, and takes the core librdkafka fetches on.  Measured on the same batches:
+    warm-up 0.25 against 0.35-0.43 s, the next 95,000 points 0.12 against 0.17-0.21 s
+    (BENCHMARKS.md).  An operator's own *_NUM_THREADS wins."""
+    if any(os.environ.get(name) for name in BLAS_THREAD_VARIABLES):
+        return
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_run(args) -> int:
     config = _load(args.config)  # the daemon's start-up checks the Kafka settings
     configure_logging(config.logging.level, config.logging.format)
+    one_blas_thread()
     from ..service.daemon import Daemon, StartupError
 
     daemon = Daemon(config)
@@ -132,6 +150,7 @@ def cmd_run(args) -> int:
 def cmd_replay(args) -> int:
     config = _load(args.config)
     configure_logging("WARNING", "text")
+    one_blas_thread()
     from .replay import InputError, guess_format, open_input, replay
 
     fmt = guess_format(args.input, args.format, config.input.format)
