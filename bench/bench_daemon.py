@@ -2,6 +2,7 @@
 daemon of this tree beside a baseline release of it, in one run on the same broker.
 
     python bench/bench_daemon.py [--messages 100000] [--rounds 3] [--baseline REF | --no-baseline]
+    python bench/bench_daemon.py --latency [--rounds 3]
 
 For each input format (json, float32) one topic of 2 x --messages messages of 16 features,
 4 partitions.  Each round measures on the same topic: the raw consume rate of both Kafka
@@ -219,6 +220,110 @@ def latency(variant, bootstrap, topic, X, seconds=10.0, rate=2000.0):
     return np.array(latencies)
 
 
+def _bare_consumer(client, bootstrap, topic, wait_ms, seconds, assigned, stop, out):
+    """Runs in a process of its own (no GIL shared with the producer): ms from each message's
+    timestamp to the poll that returned it, put on ``out`` at the end."""
+    received, deadline = [], time.monotonic() + seconds + 60
+    if client == "confluent-kafka":
+        from confluent_kafka import Consumer
+
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-bare", "enable.auto.commit": False,
+                             "auto.offset.reset": "latest", "fetch.wait.max.ms": wait_ms})
+        consumer.subscribe([topic], on_assign=lambda _, partitions: assigned.set())
+        while not stop.is_set() and time.monotonic() < deadline:
+            # as the daemon's source polls: what is queued, else wait for one message
+            messages = consumer.consume(1000, 0) or consumer.consume(1, 0.1)
+            now = time.time() * 1000
+            received.extend(now - m.timestamp()[1] for m in messages)
+    else:
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{topic}-bare",
+                                 enable_auto_commit=False, auto_offset_reset="latest", fetch_max_wait_ms=wait_ms)
+        while not stop.is_set() and time.monotonic() < deadline:
+            polled = consumer.poll(timeout_ms=100)
+            now = time.time() * 1000
+            if consumer.assignment():
+                assigned.set()
+            received.extend(now - m.timestamp for batch in polled.values() for m in batch)
+    consumer.close()
+    out.put(received)
+
+
+def bare_latency(client, bootstrap, topic, X, wait_ms, seconds=10.0, rate=2000.0):
+    """The same live producer as ``latency``, read by a bare consumer of ``client`` (no daemon):
+    what the client and the broker cost before the daemon does anything."""
+    import multiprocessing
+
+    kafka_tools.create_topics(bootstrap, {topic: PARTITIONS})
+    context = multiprocessing.get_context("spawn")
+    assigned, stop, out = context.Event(), context.Event(), context.Queue()
+    reader = context.Process(target=_bare_consumer, args=(client, bootstrap, topic, wait_ms, seconds, assigned, stop, out))
+    reader.start()
+    try:
+        assigned.wait(60)
+        time.sleep(2.0)  # its first fetch has positioned it at the end before anything is produced
+        producer = kafka_tools.producer(bootstrap, **{"linger.ms": 1})
+        start = time.perf_counter()
+        for i in range(int(seconds * rate)):
+            producer.produce(topic, encode(X[i % len(X)], "float32"), timestamp=int(time.time() * 1000))
+            producer.poll(0)
+            ahead = start + (i + 1) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        producer.flush(30)
+        time.sleep(1.0)
+        stop.set()
+        received = out.get(timeout=60)
+    finally:
+        reader.join(30)
+        if reader.is_alive():
+            reader.kill()
+            reader.join(10)
+    return np.array(received) / 1000.0
+
+
+def latency_main(args, variants) -> None:
+    """--latency: the daemons' latency beside the bare clients', rounds interleaved."""
+    wait = 20
+    probes = {f"bare confluent-kafka, fetch.wait.max.ms {wait}": ("confluent-kafka", wait),
+              "bare confluent-kafka, fetch.wait.max.ms 10": ("confluent-kafka", 10),
+              "bare confluent-kafka, fetch.wait.max.ms 5": ("confluent-kafka", 5)}
+    try:
+        import kafka  # noqa: F401
+        probes[f"bare kafka-python, fetch_max_wait_ms {wait}"] = ("kafka-python", wait)
+    except ImportError:
+        pass
+    this = variants[0]
+    variants = [this, *(Variant(f"this tree, fetch.wait.max.ms {ms}", ROOT, kafka_python=False, sections={"kafka": {
+        "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": ms}}})
+        for ms in (10, 5)), *variants[1:]]
+    rng = np.random.default_rng(0)
+    X, _ = random_mixture(8, D, rng).sample(40_000, rng)
+    found: dict = {}
+    with EmbeddedBroker() as broker:
+        for round_ in range(args.rounds):
+            for i, (label, (client, wait_ms)) in enumerate(probes.items()):
+                found.setdefault(label, []).append(
+                    bare_latency(client, broker.bootstrap, f"lat-bare-{i}-{round_}", X, wait_ms))
+            for i, variant in enumerate(variants):
+                found.setdefault(variant.label, []).append(
+                    latency(variant, broker.bootstrap, f"lat-daemon-{i}-{round_}", X))
+            for label, runs in found.items():
+                print(f"round {round_ + 1} {label}: p50 {np.percentile(runs[-1], 50) * 1000:.1f} ms",
+                      file=sys.stderr, flush=True)
+    print(f"\n## Latency at 2,000 msg/s (float32, caught up), {args.rounds} interleaved rounds\n")
+    print("Bare clients: message timestamp -> the poll that returned it. Daemons: message timestamp -> "
+          "its anomaly record produced (1% of the messages are outliers).\n")
+    print("| reader | messages timed | p50 ms, each round | p50 ms, median | p99 ms, median |")
+    print("|---|---|---|---|---|")
+    for label, runs in found.items():
+        p50 = [np.percentile(r, 50) * 1000 for r in runs if len(r)]
+        p99 = [np.percentile(r, 99) * 1000 for r in runs if len(r)]
+        print(f"| {label} | {sum(len(r) for r in runs):,} | {', '.join(f'{v:.1f}' for v in p50)} | "
+              f"{np.median(p50):.1f} | {np.median(p99):.1f} |")
+
+
 def baseline_variant(ref: str) -> Variant | None:
     tree = ROOT / "bench" / "out" / f"baseline-{ref}"
     if not tree.exists():
@@ -247,6 +352,9 @@ def main():
                         help="instead: this tree with the default detection (model and covariance type auto, "
                              "stream-calibrated threshold, explanations) against its issue-13 settings "
                              "(K=8 full, the model's density quantile, no explanations)")
+    parser.add_argument("--latency", action="store_true",
+                        help="only latency: the daemons (this tree at fetch.wait.max.ms 20, 10 and 5, the baseline) "
+                             "beside bare confluent-kafka and kafka-python consumers, --rounds interleaved")
     args = parser.parse_args()
     variants = [Variant("this tree (confluent-kafka, one thread)", ROOT, kafka_python=False)]
     if args.detection:
@@ -261,6 +369,9 @@ def main():
         baseline = None if args.no_baseline else baseline_variant(args.baseline)
     if baseline is not None and baseline not in variants:
         variants.append(baseline)
+    if args.latency:
+        latency_main(args, variants)
+        return
     try:
         import kafka  # noqa: F401
         raw_clients = {"confluent-kafka": raw_confluent_rate, "kafka-python": raw_kafka_python_rate}
