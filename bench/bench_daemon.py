@@ -181,6 +181,18 @@ def daemon_rates(variant, bootstrap, topic, fmt, n_cold, n_total, group, timeout
     return cold, sustained
 
 
+def produce_live(producer, topic, rows, rate: float) -> None:
+    """Produce ``rows`` as float32 at ``rate`` a second, each stamped with the time it is sent."""
+    start = time.perf_counter()
+    for i, row in enumerate(rows):
+        producer.produce(topic, encode(row, "float32"), timestamp=int(time.time() * 1000))
+        producer.poll(0)
+        ahead = start + (i + 1) / rate - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    producer.flush(30)
+
+
 def latency(variant, bootstrap, topic, X, seconds=10.0, rate=2000.0):
     """p50/p99 from message timestamp to anomaly record, caught up, live producer, 1% outliers."""
     kafka_tools.create_topics(bootstrap, {topic: PARTITIONS})
@@ -198,17 +210,8 @@ def latency(variant, bootstrap, topic, X, seconds=10.0, rate=2000.0):
                 time.sleep(0.05)
             rng = np.random.default_rng(7)
             live_since_ms = int(time.time() * 1000)
-            start = time.perf_counter()
-            n = int(seconds * rate)
-            for i in range(n):
-                row = X[2000 + i % (len(X) - 2000)]
-                producer.produce(topic, encode(row if rng.random() > 0.01 else row + 100.0, "float32"),
-                                 timestamp=int(time.time() * 1000))
-                producer.poll(0)
-                ahead = start + (i + 1) / rate - time.perf_counter()
-                if ahead > 0:
-                    time.sleep(ahead)
-            producer.flush(30)
+            live = (X[2000 + i % (len(X) - 2000)] for i in range(int(seconds * rate)))
+            produce_live(producer, topic, (row if rng.random() > 0.01 else row + 100.0 for row in live), rate)
             time.sleep(2.0)
         finally:
             stop(process)
@@ -264,14 +267,7 @@ def bare_latency(client, bootstrap, topic, X, wait_ms, seconds=10.0, rate=2000.0
         assigned.wait(60)
         time.sleep(2.0)  # its first fetch has positioned it at the end before anything is produced
         producer = kafka_tools.producer(bootstrap, **{"linger.ms": 1})
-        start = time.perf_counter()
-        for i in range(int(seconds * rate)):
-            producer.produce(topic, encode(X[i % len(X)], "float32"), timestamp=int(time.time() * 1000))
-            producer.poll(0)
-            ahead = start + (i + 1) / rate - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-        producer.flush(30)
+        produce_live(producer, topic, (X[i % len(X)] for i in range(int(seconds * rate))), rate)
         time.sleep(1.0)
         stop.set()
         received = out.get(timeout=60)

@@ -109,9 +109,9 @@ BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THR
 
 def one_blas_thread() -> None:
     """The loop's matrices are small (a batch by K x D): a second BLAS thread costs more to wake
-    than it saves, and takes the core librdkafka fetches on.  Measured on the same batches:
-    warm-up 0.25 against 0.35-0.43 s, the next 95,000 points 0.12 against 0.17-0.21 s
-    (BENCHMARKS.md).  An operator's own *_NUM_THREADS wins."""
+    than it saves, and takes the core librdkafka fetches on.  Measured in-process on 2 cores,
+    D=16, batches of 5,000: warm-up 0.25 against 0.35-0.43 s, the next 95,000 points 0.12
+    against 0.17-0.21 s.  An operator's own *_NUM_THREADS wins."""
     if any(os.environ.get(name) for name in BLAS_THREAD_VARIABLES):
         return
     from threadpoolctl import threadpool_limits
