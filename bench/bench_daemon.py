@@ -223,7 +223,7 @@ def latency(variant, bootstrap, topic, X, seconds=10.0, rate=2000.0):
     return np.array(latencies)
 
 
-def _bare_consumer(client, bootstrap, topic, wait_ms, seconds, assigned, stop, out):
+def _bare_consumer(client, bootstrap, topic, wait_ms, seconds, assigned, finish, out):
     """Runs in a process of its own (no GIL shared with the producer): ms from each message's
     timestamp to the poll that returned it, put on ``out`` at the end."""
     received, deadline = [], time.monotonic() + seconds + 60
@@ -233,7 +233,7 @@ def _bare_consumer(client, bootstrap, topic, wait_ms, seconds, assigned, stop, o
         consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-bare", "enable.auto.commit": False,
                              "auto.offset.reset": "latest", "fetch.wait.max.ms": wait_ms})
         consumer.subscribe([topic], on_assign=lambda _, partitions: assigned.set())
-        while not stop.is_set() and time.monotonic() < deadline:
+        while not finish.is_set() and time.monotonic() < deadline:
             # as the daemon's source polls: what is queued, else wait for one message
             messages = consumer.consume(1000, 0) or consumer.consume(1, 0.1)
             now = time.time() * 1000
@@ -243,7 +243,7 @@ def _bare_consumer(client, bootstrap, topic, wait_ms, seconds, assigned, stop, o
 
         consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{topic}-bare",
                                  enable_auto_commit=False, auto_offset_reset="latest", fetch_max_wait_ms=wait_ms)
-        while not stop.is_set() and time.monotonic() < deadline:
+        while not finish.is_set() and time.monotonic() < deadline:
             polled = consumer.poll(timeout_ms=100)
             now = time.time() * 1000
             if consumer.assignment():
@@ -260,18 +260,22 @@ def bare_latency(client, bootstrap, topic, X, wait_ms, seconds=10.0, rate=2000.0
 
     kafka_tools.create_topics(bootstrap, {topic: PARTITIONS})
     context = multiprocessing.get_context("spawn")
-    assigned, stop, out = context.Event(), context.Event(), context.Queue()
-    reader = context.Process(target=_bare_consumer, args=(client, bootstrap, topic, wait_ms, seconds, assigned, stop, out))
+    assigned, finish, out = context.Event(), context.Event(), context.Queue()
+    reader = context.Process(target=_bare_consumer,
+                             args=(client, bootstrap, topic, wait_ms, seconds, assigned, finish, out))
     reader.start()
     try:
-        assigned.wait(60)
+        if not assigned.wait(60):
+            raise RuntimeError(f"the bare {client} consumer got no partitions of {topic} in 60 s "
+                               f"(exit code {reader.exitcode})")
         time.sleep(2.0)  # its first fetch has positioned it at the end before anything is produced
         producer = kafka_tools.producer(bootstrap, **{"linger.ms": 1})
         produce_live(producer, topic, (X[i % len(X)] for i in range(int(seconds * rate))), rate)
         time.sleep(1.0)
-        stop.set()
+        finish.set()
         received = out.get(timeout=60)
     finally:
+        finish.set()
         reader.join(30)
         if reader.is_alive():
             reader.kill()
@@ -306,8 +310,8 @@ def latency_main(args, variants) -> None:
                 found.setdefault(variant.label, []).append(
                     latency(variant, broker.bootstrap, f"lat-daemon-{i}-{round_}", X))
             for label, runs in found.items():
-                print(f"round {round_ + 1} {label}: p50 {np.percentile(runs[-1], 50) * 1000:.1f} ms",
-                      file=sys.stderr, flush=True)
+                p50 = f"{np.percentile(runs[-1], 50) * 1000:.1f} ms" if len(runs[-1]) else "nothing timed"
+                print(f"round {round_ + 1} {label}: p50 {p50}", file=sys.stderr, flush=True)
     print(f"\n## Latency at 2,000 msg/s (float32, caught up), {args.rounds} interleaved rounds\n")
     print("Bare clients: message timestamp -> the poll that returned it. Daemons: message timestamp -> "
           "its anomaly record produced (1% of the messages are outliers).\n")

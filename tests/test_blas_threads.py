@@ -18,6 +18,15 @@ def two_blas_threads(monkeypatch):
         yield
 
 
+def test_run_and_replay_call_it():
+    import importlib
+    import inspect
+
+    cli = importlib.import_module("streamgmm.cli.main")  # streamgmm.cli.main is also the function's name
+    for command in (cli.cmd_run, cli.cmd_replay):
+        assert "one_blas_thread()" in inspect.getsource(command)
+
+
 def test_blas_is_held_to_one_thread():
     assert blas_threads() and all(n == 2 for n in blas_threads())
     one_blas_thread()
@@ -27,4 +36,4 @@ def test_blas_is_held_to_one_thread():
 def test_an_operators_setting_wins(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     one_blas_thread()
-    assert all(n == 2 for n in blas_threads())
+    assert blas_threads() and all(n == 2 for n in blas_threads())

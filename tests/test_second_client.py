@@ -190,7 +190,8 @@ def test_kafka_python_writes_the_input_and_reads_every_output(broker, topic, tmp
             timeout=40, what=f"{len(messages)} messages checkpointed",
         )
     finally:
-        assert daemon.stop() == 0
+        exit_code = daemon.stop()  # asserted after, so that a wait_for timeout is what fails
+    assert exit_code == 0
 
     # Dead letters: one per malformed message, value unchanged (a tombstone's as b""), key and
     # original headers kept ahead of the daemon's own.
