@@ -21,6 +21,7 @@ import yaml
 
 from .. import __version__
 from ..detection.records import iso_time
+from ..mixture.online import FINAL_N_INIT_FACTOR, WARMUP_N_INIT
 from ..service.state import CheckpointError, CheckpointStore, unpack
 from ..service.config import ConfigError, as_dict, load_config, masked
 
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-init", type=_positive_int, metavar="N",
                      help=f"EM starts, the best kept (default: {FIT_N_INIT}); when model.n_components or "
                           "covariance_type is auto, starts per candidate of the warm-up's BIC search, whose final "
-                          "refit takes 3 x N (default: the warm-up's own, 4)")
+                          f"refit takes {FINAL_N_INIT_FACTOR} x N in all (default: the warm-up's own, {WARMUP_N_INIT})")
     fit.add_argument("--max-iter", type=_positive_int, metavar="N",
                      help=f"EM iterations per start at most (default: {FIT_MAX_ITER}); when model.n_components or "
                           "covariance_type is auto, per candidate of the warm-up's BIC search (default: the "

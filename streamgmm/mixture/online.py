@@ -62,6 +62,10 @@ AUTO = "auto"
 # A covariance type chosen at warm-up other than full is reviewed each time the stream doubles,
 # until it is this many warm-ups long: BIC on a small warm-up is cautious with parameters.
 TYPE_REVIEW_LIMIT = 64
+# Warm-up EM restarts per candidate (K, covariance type) by default, and the multiple of them the
+# chosen candidate is refitted with in all (2 and 12: BENCHMARKS.md, "Restarts per candidate").
+WARMUP_N_INIT = 2
+FINAL_N_INIT_FACTOR = 6
 
 
 class _ChosenAtWarmup:
@@ -225,10 +229,8 @@ class OnlineGaussianMixture(MixtureBase):
     init_params : str, default="kmeans"
         How the warm-up batch EM starts (see ``GaussianMixture``).
     warmup_n_init : int, default=2
-        Warm-up EM restarts per candidate (K, covariance type); the chosen candidate gets
-        five times as many more (12 in all by default).  The best likelihood wins.  Two per
-        candidate gave the worst seed's scores of four on every quality-bench stream (BENCHMARKS.md)
-        and takes 40% less warm-up time.
+        Warm-up EM restarts per candidate (K, covariance type); the chosen candidate is refitted
+        with six times as many in all (12 by default).  The best likelihood wins.
     standardize : bool, default=True
     random_state : None, int, numpy Generator or numpy RandomState
         Fixes the model's own generator at the first ``partial_fit`` (a RandomState seeds a
@@ -284,7 +286,7 @@ class OnlineGaussianMixture(MixtureBase):
         rare_weight: float = 0.0,
         warmup_iter: int = 100,
         init_params: str = "kmeans",
-        warmup_n_init: int = 2,
+        warmup_n_init: int = WARMUP_N_INIT,
         standardize: bool = True,
         random_state=None,
     ):
@@ -658,7 +660,7 @@ class OnlineGaussianMixture(MixtureBase):
         covariance_types = SELECTION_COVARIANCE_TYPES if given["covariance_type"] == AUTO else [given["covariance_type"]]
         return select_mixture(
             X_internal, weight, components=components, covariance_types=covariance_types, rng=self._rng,
-            reg_covar=self.reg_covar, n_init=self.warmup_n_init, final_n_init=6 * self.warmup_n_init,
+            reg_covar=self.reg_covar, n_init=self.warmup_n_init, final_n_init=FINAL_N_INIT_FACTOR * self.warmup_n_init,
             max_iter=self.warmup_iter, init_params=self.init_params,
         )
 
