@@ -27,7 +27,7 @@ from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
 from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings,
-                    ensure_topic, missing_topics)
+                    ensure_topic, message_max_bytes, missing_topics)
 from .metrics import HealthServer, Metrics
 from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore, TopicStateStore, model_key
 
@@ -185,7 +185,7 @@ class Daemon:
         written to the state topic: refused at start when the size is fixed (K and the covariance
         type set), a warning when auto may grow that large (the write itself then fails, saying so)."""
         m, d = self.config.model, self.config.input.dimension
-        limit = int(client_settings(self.config, "producer").get("message.max.bytes", 1_000_000))
+        limit = message_max_bytes(client_settings(self.config, "producer"))
         k = m.max_components if m.n_components == "auto" else m.n_components
         kind = "full" if m.covariance_type == "auto" else m.covariance_type
         size = 8 * (k * d + {"full": k * d * d, "diag": k * d, "tied": d * d, "spherical": k}[kind])
@@ -370,7 +370,7 @@ class Daemon:
             self._ensure_state_topic(producing)
             self.topic_store = TopicStateStore(self.config.checkpoint.topic, consuming,
                                                Producer({**producing, "error_cb": on_error}),
-                                               max_bytes=int(producing.get("message.max.bytes", 1_000_000)))
+                                               max_bytes=message_max_bytes(producing))
             self.checkpointer.topic_store = self.topic_store
         self.source = KafkaSource(consuming, k.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                   on_lost=self._on_lost, on_error=on_error)
@@ -516,7 +516,7 @@ class Daemon:
         except KafkaException as exc:
             # The client reconnects by itself; pause so an outage does not spin the CPU.
             self.metrics.broker_errors.inc()
-            log.warning("Kafka error in the loop (%s); retrying in %.1f s", exc.args[0].str(), self._error_backoff)
+            log.warning("Kafka error in the loop (%s); retrying in %.1f s", _why(exc), self._error_backoff)
             self._stop.wait(self._error_backoff)
             self._error_backoff = min(self._error_backoff * 2, k.retry_backoff_max_seconds)
             polled = {}
@@ -562,7 +562,7 @@ class Daemon:
         shows a growing lag rather than its last value."""
         if time.monotonic() - self._last_poll >= LOOP_STALL_SECONDS:
             return self.watermarks(list(self.positions)) if self.watermarks is not None else {}
-        held = [tp for tp in self.positions if tp in self._unrestored or tp in self._unsought]
+        held = list(self._held() & self.positions.keys())
         if not held or self.watermarks is None:
             return self._loop_watermarks
         # A paused partition fetches nothing, so librdkafka's cached watermarks of it are old or none.
@@ -571,7 +571,7 @@ class Daemon:
     def _next_offsets(self) -> dict[tuple[str, int], int]:
         """The next offset to process of every assigned partition that has one and is not held
         (what a checkpoint commits)."""
-        held = self._unrestored.keys() | self._unsought.keys()
+        held = self._held()
         return {tp: o for tp in self.assigned if tp not in held and (o := self._checkpoint_offset(*tp)) is not None}
 
     def _positions(self) -> dict[tuple[str, int], int]:
@@ -601,7 +601,7 @@ class Daemon:
             return self.source.committed([TopicPartition(t, p) for t, p in partitions])
         except KafkaException as exc:
             log.warning("cannot read the group's committed offsets (%s); going by the checkpoint's",
-                        exc.args[0].str())
+                        _why(exc))
             return {}
 
     def _resume_offset(self, topic: str, partition: int, committed: dict) -> int | None:
@@ -628,7 +628,7 @@ class Daemon:
         except KafkaException as exc:
             self._commit_refused = True
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
-                        "resumes at the later of the two", exc.args[0].str())
+                        "resumes at the later of the two", _why(exc))
 
     def _reload_from_checkpoint(self, why: str) -> None:
         """Drop the output not yet sent and reload every model from its newest checkpoint,
@@ -679,7 +679,7 @@ class Daemon:
             try:
                 self.source.seek(topic, partition, target)
             except KafkaException as exc:
-                failed[(topic, partition)] = f"cannot seek to {target} yet: {exc.args[0].str()}"
+                failed[(topic, partition)] = f"cannot seek to {target} yet: {_why(exc)}"
                 log.warning("%s/%d: %s; trying again", topic, partition, failed[(topic, partition)])
                 continue
             self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = target

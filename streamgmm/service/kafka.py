@@ -74,6 +74,15 @@ def _user_settings(config: Config, section: str) -> dict:
     return resolve_secrets(raw, f"kafka.{section}")
 
 
+# librdkafka's default message.max.bytes: the largest record its producer sends.
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+
+
+def message_max_bytes(settings: dict) -> int:
+    """The producer's message.max.bytes in these client settings."""
+    return int(settings.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+
+
 def client_settings(config: Config, role: str) -> dict:
     """librdkafka settings for ``role`` ("consumer", "producer" or "admin"): streamgmm's
     defaults, then the security section, then the role's own section."""
@@ -373,6 +382,8 @@ def missing_topics(producer, topics, timeout: float = 2.0) -> list[str]:
         if found is None or (found.error is not None and found.error.code() in MISSING_TOPIC):
             missing.append(topic)
     return missing
+
+
 @dataclass
 class Deliveries:
     """What became of the records sent since the last ``take``."""

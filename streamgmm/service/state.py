@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException
 
-from .kafka import read_topic
+from .kafka import DEFAULT_MESSAGE_MAX_BYTES, read_topic
 
 from ..mixture._atomic import write_atomically
 
@@ -221,7 +221,7 @@ class TopicStateStore:
     Reads scan the whole topic: a broker need not compact (Tansu keeps every record).
     """
 
-    def __init__(self, topic: str, settings: dict, producer, max_bytes: int = 1_000_000):
+    def __init__(self, topic: str, settings: dict, producer, max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES):
         self.topic = topic
         self.settings = settings
         self.producer = producer  # a confluent_kafka.Producer of its own: its deliveries are the store's
