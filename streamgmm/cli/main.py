@@ -22,7 +22,7 @@ import yaml
 from .. import __version__
 from ..detection.records import iso_time
 from ..mixture.online import FINAL_N_INIT_FACTOR, WARMUP_N_INIT
-from ..service.state import CheckpointError, CheckpointStore, unpack
+from ..service.state import CheckpointError, CheckpointStore, read_checkpoint_file
 from ..service.config import ConfigError, as_dict, load_config, masked
 
 log = logging.getLogger("streamgmm")
@@ -257,26 +257,19 @@ def read_checkpoint(target: str) -> tuple[dict, Path, list[Path]]:
     (state, its path, the directory's checkpoint files).  CheckpointError saying why not."""
     target_path = Path(target)
     if target_path.is_file():
-        try:
-            return unpack(target_path.read_bytes(), str(target_path)), target_path, [target_path]
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {target}: {exc.strerror}") from None
+        return read_checkpoint_file(target_path), target_path, [target_path]
     if not target_path.is_dir():
         raise CheckpointError(f"{target} does not exist: pass a checkpoint directory or a checkpoint file in one")
-    paths = CheckpointStore(target_path).paths()
-    skipped = []
-    for path in reversed(paths):
-        try:
-            state = unpack(path.read_bytes(), str(path))
-        except (CheckpointError, OSError) as exc:
-            skipped.append(f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else str(exc))
-            continue
+    store = CheckpointStore(target_path)
+    found, skipped = store.newest_valid()
+    reasons = "; ".join(why for _, why in skipped)
+    if found is not None:
         if skipped:
-            log.warning("%s; showing the newest valid one, %s", "; ".join(skipped), path.name)
-        return state, path, paths
-    if not paths:
+            log.warning("%s; showing the newest valid one, %s", reasons, found[1].name)
+        return (*found, store.paths())
+    if not skipped:
         raise CheckpointError(f"no valid checkpoint in {target}: it holds no checkpoint-*.sgmm files")
-    raise CheckpointError(f"no valid checkpoint in {target}: {'; '.join(skipped)}; there is no older one to fall back to")
+    raise CheckpointError(f"no valid checkpoint in {target}: {reasons}; there is no older one to fall back to")
 
 
 def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dict:

@@ -116,6 +116,15 @@ def unpack(data: bytes, source: str = "checkpoint") -> dict:
     return restore(document)
 
 
+def read_checkpoint_file(path: str | os.PathLike) -> dict:
+    """The state in one checkpoint file; CheckpointError saying why not (unreadable, damaged)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    return unpack(data, str(path))
+
+
 # ------------------------------------------------------------------------ store
 class CheckpointStore:
     """Numbered checkpoint files in one directory; keeps the newest ``keep``."""
@@ -148,20 +157,26 @@ class CheckpointStore:
                 log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
         return path
 
-    def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest checkpoint that reads back intact, or None if there is none.
-
-        Corrupt ones are skipped with an error in the log (they are kept for inspection).
-        """
-        paths = list(reversed(self.paths()))
-        for i, path in enumerate(paths):
+    def newest_valid(self) -> tuple[tuple[dict, Path] | None, list[tuple[Path, str]]]:
+        """(state, path) of the newest checkpoint that reads back intact (None if there is none),
+        and each newer one that did not, with why (they are kept for inspection)."""
+        skipped = []
+        for path in reversed(self.paths()):
             try:
-                return unpack(path.read_bytes(), str(path)), path
-            except (CheckpointError, OSError) as exc:
-                why = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else exc
-                then = "falling back to the previous one" if i + 1 < len(paths) else "there is no older one"
-                log.error("skipping checkpoint %s: %s; %s", path, why, then)
-        return None
+                return (read_checkpoint_file(path), path), skipped
+            except CheckpointError as exc:
+                skipped.append((path, str(exc)))
+        return None, skipped
+
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest checkpoint that reads back intact, or None; each one skipped is an error
+        in the log."""
+        found, skipped = self.newest_valid()
+        for n, (path, why) in enumerate(skipped, 1):
+            older = found is not None or n < len(skipped)
+            then = "falling back to the previous one" if older else "there is no older one"
+            log.error("skipping checkpoint %s: %s; %s", path, why, then)
+        return found
 
     @staticmethod
     def _fault_pause(tmp: Path) -> None:
