@@ -223,3 +223,27 @@ def test_produce_errors_and_dropped_records_count_different_things(tmp_path):
     daemon._rewind()
     assert daemon.metrics.value("streamgmm_produce_errors_total") == 5
     assert daemon.metrics.value("streamgmm_output_records_dropped_total") == 1
+
+
+def test_a_committed_offset_the_group_could_not_read_is_an_error_not_a_missing_commit():
+    """confluent-kafka reports a failed read per partition (TopicPartition.error); leaving that
+    partition out would make it look never committed, and resume it behind its commit."""
+    import pytest
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from streamgmm.service.kafka import KafkaSource
+
+    def found(error):
+        return [SimpleNamespace(topic="in", partition=0, offset=7, error=None),
+                SimpleNamespace(topic="in", partition=1, offset=-1001, error=None),
+                SimpleNamespace(topic="in", partition=2, offset=-1001, error=error)]
+
+    source = object.__new__(KafkaSource)  # no client: committed() only asks its consumer
+    source.consumer = SimpleNamespace(committed=lambda partitions, timeout: found(None))
+    assert source.committed([]) == {("in", 0): 7}  # partition 1 has no commit yet
+    source.consumer = SimpleNamespace(
+        committed=lambda partitions, timeout: found(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)))
+    with pytest.raises(KafkaException):
+        source.committed([])

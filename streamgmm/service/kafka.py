@@ -278,9 +278,14 @@ class KafkaSource:
         return split_by_partition(messages)
 
     def committed(self, partitions: list[TopicPartition], timeout: float = 10.0) -> dict[tuple[str, int], int]:
-        """The group's committed offsets of ``partitions`` (those that have one)."""
+        """The group's committed offsets of ``partitions`` (those that have one).  Raises
+        KafkaException when the group cannot say for any of them: a partition left out because
+        its read failed would pass for one never committed, and be resumed behind its commit."""
         found = self.consumer.committed(partitions, timeout=timeout)
-        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0 and tp.error is None}
+        failed = [tp for tp in found if tp.error is not None]
+        if failed:
+            raise KafkaException(failed[0].error)
+        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         self.consumer.assign(partitions)
