@@ -15,6 +15,14 @@ def squared_distances(X, centers):
     return np.maximum(d, 0.0)
 
 
+def cluster_sums(X, labels, n_clusters):
+    """Sum of the rows of X (n_samples, n_features) per label: one bincount over (label,
+    feature) cells, a third of np.add.at's time, with the same additions in the same order."""
+    n_features = X.shape[1]
+    cells = (labels[:, np.newaxis] * n_features + np.arange(n_features)).ravel()
+    return np.bincount(cells, weights=X.ravel(), minlength=n_clusters * n_features).reshape(n_clusters, n_features)
+
+
 def kmeans_plusplus(X, n_clusters, rng, sample_weight=None):
     """Greedy k-means++ (Arthur & Vassilvitskii; 2 + log k local trials as scikit-learn does).
 
@@ -58,8 +66,7 @@ def kmeans(X, n_clusters, rng, sample_weight=None, max_iter=100, tol=1e-4):
         distances = squared_distances(X, centers)
         labels = np.argmin(distances, axis=1)
         mass = np.bincount(labels, weights=weight, minlength=n_clusters)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, X * weight[:, np.newaxis])
+        sums = cluster_sums(X * weight[:, np.newaxis], labels, n_clusters)
         new_centers = centers.copy()
         filled = mass > 0
         new_centers[filled] = sums[filled] / mass[filled, np.newaxis]

@@ -137,15 +137,18 @@ def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, covarianc
     return MixtureFit(covariance_type, weights, means, covariances, log_likelihood, bic, n_iter)
 
 
-def _best_of(X, weight, n_components, covariance_type, rng, n_init, reg_covar, max_iter, covariance,
-             init_params="kmeans") -> MixtureFit | None:
-    """Best of ``n_init`` MAP EM runs: the first from ``init_params``, the others from
-    k-means++ seeds (k-means alone can split a wide direction rather than separate tight
+def starting_points(X, weight, n_components, rng, n_init, init_params="kmeans") -> list:
+    """``n_init`` responsibilities to start EM from: the first from ``init_params``, the others
+    from k-means++ seeds (k-means alone can split a wide direction rather than separate tight
     clusters, and EM does not recover from that: mixing seedings beats repeating one)."""
+    return [initial_responsibilities(X, n_components, init_params if attempt == 0 else "k-means++", rng, weight)
+            for attempt in range(n_init)]
+
+
+def _best_of(X, weight, starts, covariance_type, reg_covar, max_iter, covariance) -> MixtureFit | None:
+    """The MAP EM fit of highest likelihood from these starting responsibilities."""
     best = None
-    for attempt in range(n_init):
-        init = init_params if attempt == 0 else "k-means++"
-        resp = initial_responsibilities(X, n_components, init, rng, weight)
+    for resp in starts:
         with np.errstate(all="ignore"):
             fit = map_em(X, weight, resp, covariance_type, reg_covar=reg_covar, covariance=covariance,
                          max_iter=max_iter)
@@ -172,12 +175,18 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
     n_distinct = len(np.unique(X[weight > 0], axis=0))
     covariance = data_covariance(X, weight)
     components = list(components)
+    # Every covariance type of a K starts from the same seedings: the seeding (k-means) cost
+    # a third of the search when each type drew its own, and BIC then compares the types from
+    # equal starts.
+    starts: dict[int, list] = {}
     for covariance_type in covariance_types:
         type_best, since_best = np.inf, 0
         for K in components:
             if K > n_distinct and K != components[0]:
                 break  # more components than distinct points: only as many as were asked for
-            fit = _best_of(X, weight, K, covariance_type, rng, n_init, reg_covar, max_iter, covariance, init_params)
+            if K not in starts:
+                starts[K] = starting_points(X, weight, K, rng, n_init, init_params)
+            fit = _best_of(X, weight, starts[K], covariance_type, reg_covar, max_iter, covariance)
             if fit is None:
                 continue
             bic[(covariance_type, K)] = fit.bic
@@ -192,8 +201,8 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
     if best is None:
         raise ValueError("no candidate mixture could be fitted to the warm-up points")
     if final_n_init > n_init and best.n_components > 1:
-        refit = _best_of(X, weight, best.n_components, best.covariance_type, rng, final_n_init - n_init, reg_covar,
-                         max_iter, covariance)
+        more = starting_points(X, weight, best.n_components, rng, final_n_init - n_init)
+        refit = _best_of(X, weight, more, best.covariance_type, reg_covar, max_iter, covariance)
         if refit is not None and refit.log_likelihood > best.log_likelihood:
             best = refit
     return Selection(best, bic)
