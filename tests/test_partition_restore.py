@@ -172,16 +172,16 @@ def test_a_state_store_that_fails_once_holds_the_partitions_and_learns_each_mess
     consumer = Consumer(logs, group, leak=True)
     daemon, processed = _daemon(tmp_path, "b", consumer, store)
     daemon._on_assign(_assignment())
-    assert set(daemon._unrestored) == set(PARTITIONS) and consumer.paused == set(PARTITIONS)
+    assert set(daemon.held.unrestored) == set(PARTITIONS) and consumer.paused == set(PARTITIONS)
     assert daemon.detectors == {} and daemon.assigned == set(PARTITIONS)
     ready, words, details = daemon.readiness()
     assert not ready and "restoring" in details["in/0"] and "took over 30 s" in details["in/0"]
     daemon._turn()  # the batch librdkafka fetched before the pause: dropped, not learned
-    assert not processed and daemon._unrestored
+    assert not processed and daemon.held.unrestored
     assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 2  # one per partition
 
     _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
-    assert store.reads == 2 and not daemon._unrestored and not consumer.paused
+    assert store.reads == 2 and not daemon.held.unrestored and not consumer.paused
     # Each message after the checkpoint exactly once; the models hold 300 + 300.
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(300, 600)})
     assert all(daemon.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)
@@ -196,9 +196,9 @@ def test_restores_that_keep_failing_back_off_and_a_revoked_partition_is_no_longe
     daemon, processed = _daemon(tmp_path, "a", consumer, store)
     daemon._on_assign(_assignment())
     _run(daemon, lambda: store.reads >= 4, seconds=2.0)
-    assert daemon._restore_backoff == 0.2 and not processed and daemon.source.group == {}
+    assert daemon.held.backoff == 0.2 and not processed and daemon.source.group == {}
     daemon._on_revoke(_assignment())
-    assert not daemon._unrestored and not consumer.paused
+    assert not daemon.held.unrestored and not consumer.paused
     reads = store.reads
     time.sleep(0.25)
     daemon._turn()
@@ -248,7 +248,7 @@ def test_a_state_record_this_config_cannot_use_stops_the_daemon_with_exit_code_2
     consumer = Consumer(logs, group)
     daemon, processed = _daemon(tmp_path, "a", consumer, OneRecord({"in/1": bad}))
     daemon._on_assign(_assignment())  # does not raise
-    assert daemon._stop.is_set() and set(daemon._unrestored) == {("in", 1)} and consumer.paused == {("in", 1)}
+    assert daemon._stop.is_set() and set(daemon.held.unrestored) == {("in", 1)} and consumer.paused == {("in", 1)}
     daemon._turn()
     assert not processed  # stopping: not even the healthy partition's batch
     daemon.start_up = daemon._connect = lambda: None
@@ -272,7 +272,7 @@ def test_an_unreadable_commit_is_retried_not_guessed(tmp_path):
     daemon, processed = _daemon(tmp_path, "a", consumer, store)
     daemon._on_assign(_assignment())
     consumer.committed_failures = 1
-    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS} and not daemon._unrestored)
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS} and not daemon.held.unrestored)
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(300, 600)})
     # Per partition: the state read at assignment, the commit at the first retry.
     assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 4
@@ -296,7 +296,7 @@ def test_a_held_partition_keeps_reporting_its_lag(tmp_path):
     consumer = Consumer(logs, group)
     daemon, _ = _daemon(tmp_path, "a", consumer, StateTopic({}, failures=1))
     daemon.metrics.watch_lag(lambda: daemon.positions, daemon._watermarks_for_scrape)
-    daemon._restore_retry_at, daemon._schedule_restore_retry = None, lambda again: None  # no retry yet
+    daemon.held.schedule_retry = lambda again: None  # no retry yet
     daemon._on_assign(_assignment())
     daemon._turn()
 
@@ -330,13 +330,13 @@ def test_failures_count_per_partition_and_the_back_off_doubles_once_per_round(tm
 
     daemon.topic_store, daemon.local.load = None, unreadable
     daemon._on_assign(_assignment([("in", 0)]))
-    first_retry = daemon._restore_retry_at
-    assert daemon._restore_backoff == 0.1 and first_retry is not None
+    first_retry = daemon.held.retry_at
+    assert daemon.held.backoff == 0.1 and first_retry is not None
     daemon._on_assign(_assignment([("in", 1)]))  # joins the round scheduled: does not postpone it
-    assert daemon._restore_retry_at == first_retry and daemon._restore_backoff == 0.1
+    assert daemon.held.retry_at == first_retry and daemon.held.backoff == 0.1
     time.sleep(0.06)
     daemon._turn()  # one round for both partitions: doubled once
-    assert daemon._restore_backoff == 0.2
+    assert daemon.held.backoff == 0.2
     assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 4
 
 
@@ -352,7 +352,7 @@ def test_readiness_reads_a_held_partition_once(tmp_path):
     consumer = Consumer(_logs(200), {})
     daemon, _ = _daemon(tmp_path, "a", consumer, StateTopic({}, failures=1))
     daemon._on_assign(_assignment())
-    daemon._unrestored = Vanishing(daemon._unrestored)
+    daemon.held.unrestored = Vanishing(daemon.held.unrestored)
     ready, _, details = daemon.readiness()
     assert not ready and details["in/0"].startswith(("restoring its model", "warming up"))
 
@@ -377,6 +377,29 @@ def test_a_rewind_while_a_partition_is_held_leaves_it_paused_and_loses_nothing(t
     assert consumer.paused == {("in", 1)} and daemon._rewind_pending is None
     _run(daemon, lambda: daemon.positions == {tp: 200 for tp in PARTITIONS})
     assert all(daemon.detectors[f"{t}/{p}"].n_valid == 200 for t, p in PARTITIONS) and not consumer.paused
+
+
+def test_a_partition_assigned_again_is_rewound_to_its_new_first_offset_not_an_old_one(tmp_path):
+    # Lost with nothing checkpointed, then assigned again with auto.offset.reset: latest: a rewind
+    # goes back to the first offset read since the new assignment (300), not to the one read
+    # before it was lost (100).
+    full, group = _logs(400), {}
+    logs = {tp: log[:100] for tp, log in full.items()}
+    consumer = Consumer(logs, group, reset="latest")
+    daemon, processed = _daemon(tmp_path, "a", consumer, StateTopic({}))
+    daemon._on_assign(_assignment())
+    logs.update({tp: log[:200] for tp, log in full.items()})
+    daemon._turn()  # reads 100..199
+    daemon._on_lost(_assignment())
+    logs.update({tp: log[:300] for tp, log in full.items()})
+    daemon._on_assign(_assignment())  # at the log's end: 300
+    logs.update(full)
+    daemon._turn()  # reads 300..399
+    daemon._rewind_pending = "output records were not acknowledged"
+    daemon._turn()
+    assert consumer.positions == {tp: 300 for tp in PARTITIONS} and daemon._rewind_pending is None
+    read = [*range(100, 200), *range(300, 400)]  # 200..299 came while another member had them
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in read})
 
 
 def test_kafka_source_pauses_and_resumes_by_topic_and_partition():
@@ -404,6 +427,6 @@ def test_a_retry_is_allowed_longer_as_the_back_off_grows(tmp_path, backoff, allo
     store = StateTopic({}, failures=2)
     daemon, _ = _daemon(tmp_path, "a", consumer, store)
     daemon._on_assign(_assignment())
-    daemon._restore_backoff, daemon._restore_retry_at = backoff, time.monotonic()
+    daemon.held.backoff, daemon.held.retry_at = backoff, time.monotonic()
     daemon._turn()
     assert store.timeouts[-1] == allowed and consumer.committed_timeouts[-1] == allowed

@@ -29,6 +29,7 @@ from .config import Config, as_dict, masked
 from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings,
                     ensure_topic, message_max_bytes, missing_topics)
 from .metrics import HealthServer, Metrics
+from .partitions import HeldPartitions, later_offset
 from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore, TopicStateStore, model_key
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,6 @@ log = logging.getLogger(__name__)
 # The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
-# A held partition's state and the group's commit are read again on the loop's thread: briefly,
-# so the other partitions keep flowing (the first read, in on_assign, has the store's 30 s); the
-# time allowed grows with the back-off, up to under LOOP_STALL_SECONDS, so that a state topic
-# slower to read than the first allowance does not hold the partition for ever.
-RESTORE_RETRY_TIMEOUT_SECONDS = 5.0
-RESTORE_RETRY_MAX_TIMEOUT_SECONDS = 25.0
 
 
 class StartupError(RuntimeError):
@@ -93,22 +88,13 @@ class Daemon:
         self._loop_watermarks: dict = {}
         self._aborting = False
         self._commit_refused = False
-        # The first offset this process read of each partition, processed or dropped while it
-        # was held: where a rewind or a held partition goes back to when there is neither a
-        # checkpoint nor a committed offset yet.
-        self._first_offsets: dict[tuple[str, int], int] = {}
-        # scope: partition: assigned partitions held paused, none of their messages processed:
-        # no model yet (why), or a model restored but not yet sought to where it resumes (why).
-        # Both retried after a back-off that doubles once per round.  Replaced whole, never
-        # changed in place: the metrics thread reads them (readiness, lag).
-        self._unrestored: dict[tuple[str, int], str] = {}
-        self._unsought: dict[tuple[str, int], str] = {}
-        self._held_commits: dict[tuple[str, int], int] = {}  # the group's, for their lag
-        self._restore_backoff = config.kafka.retry_backoff_initial_seconds
-        self._restore_retry_at: float | None = None  # None: no retry scheduled
+        # scope: partition: the partitions held paused until their model is restored and they
+        # are sought; and, for every scope, the first offset read of each partition.
+        self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
+                                   max_backoff=config.kafka.retry_backoff_max_seconds)
         self._initial: dict | None = None  # the model.init_from state, read once
-        # Why the daemon stops with exit code 2 (a partition's state needs a config change).
         self.started = False  # start_up() passed: a StartupError now stops a running daemon
+        # Why the daemon stops with exit code 2 (a partition's state needs a config change).
         self._fatal: str | None = None
 
     # ------------------------------------------------------------------ control
@@ -133,8 +119,7 @@ class Daemon:
         for topic, partition in sorted(self.assigned):
             name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
             model = None if detector is None else detector.model
-            # One lookup each: the loop replaces these dicts while this thread reads.
-            unrestored, unsought = self._unrestored.get((topic, partition)), self._unsought.get((topic, partition))
+            unrestored, unsought = self.held.reasons((topic, partition))
             if unrestored is not None:
                 details[name] = f"restoring its model: {unrestored}"
                 warming.append(f"{name} (restoring its model)")
@@ -232,7 +217,7 @@ class Daemon:
     def _restore_partitions(self, partitions, timeout: float = 30.0) -> list[tuple[str, int]]:
         """scope: partition: a detector for each of these partitions that has none, from the state
         store (else model.init_from, else empty).  One whose state cannot be read now gets none and
-        is held (``_unrestored``; counted once per partition); one whose state this configuration
+        is held (``held.unrestored``; counted once per partition); one whose state this configuration
         cannot use stops the daemon.  Returns the partitions held that were not before."""
         wanted = {key: tp for tp in partitions if (key := model_key(self.scope, *tp)) not in self.detectors}
         if not wanted:
@@ -250,8 +235,7 @@ class Daemon:
                 failed[tp] = _why(exc)
             except STATE_CONFIG_ERRORS as exc:
                 failed[tp] = self._stop_for_state(tp, exc)
-        restored = set(wanted.values()) - set(failed)
-        self._unrestored = {tp: why for tp, why in self._unrestored.items() if tp not in restored}
+        self.held.restored(set(wanted.values()) - set(failed))
         return self._restores_failed(failed)
 
     def _partition_detector(self, key: str, state: dict | None) -> Detector:
@@ -266,19 +250,12 @@ class Daemon:
         return detector
 
     def _restores_failed(self, failed: dict[tuple[str, int], str]) -> list[tuple[str, int]]:
-        """Hold these partitions (why); the ones not held before are returned, to be paused."""
+        """Hold these partitions (why), counted once each; the ones not held before are returned,
+        to be paused."""
         if not failed:
             return []
         self.metrics.restore_failures.inc(len(failed))
-        held = self._held()
-        self._unrestored = {**self._unrestored, **failed}
-        by_why: dict[str, list] = {}
-        for tp, why in sorted(failed.items()):
-            by_why.setdefault(why, []).append(f"{tp[0]}/{tp[1]}")
-        for why, names in by_why.items():
-            log.error("cannot restore the model of %s (%s): held paused, none of its messages is processed until "
-                      "it is", ", ".join(names), why)
-        return [tp for tp in sorted(failed) if tp not in held]
+        return self.held.hold_unrestored(failed)
 
     def _stop_for_state(self, tp: tuple[str, int], exc: Exception) -> str:
         """A state this configuration cannot use: no retry can mend it, so the daemon stops (exit
@@ -289,23 +266,9 @@ class Daemon:
         if self._fatal is None:
             self._fatal = f"cannot restore the model of {tp[0]}/{tp[1]}: {what}"
             log.critical("%s; stopping (retrying cannot mend this)", self._fatal)
+            self.held.stop_retrying()
             self.stop()
         return what
-
-    def _held(self) -> set[tuple[str, int]]:
-        return set(self._unrestored) | set(self._unsought)
-
-    def _schedule_restore_retry(self, *, again: bool) -> None:
-        """After a round of restores: the next round once the back-off is over, the back-off
-        doubling once per round (``again``: this was a retry round).  Partitions held outside a
-        retry round join the round already scheduled instead of postponing it."""
-        if not self._unrestored and not self._unsought:
-            self._restore_retry_at, self._restore_backoff = None, self.config.kafka.retry_backoff_initial_seconds
-            return
-        if self._fatal is None and (again or self._restore_retry_at is None):
-            self._restore_retry_at = time.monotonic() + self._restore_backoff
-            log.warning("%d partition(s) held paused; trying again in %.1f s", len(self._held()), self._restore_backoff)
-            self._restore_backoff = min(self._restore_backoff * 2, self.config.kafka.retry_backoff_max_seconds)
 
     def _retry_restores(self) -> None:
         """A round of retries for the held partitions once the back-off is over:
@@ -316,39 +279,30 @@ class Daemon:
            the group's commit, else to the first offset this process read of it (dropped while
            held), else left where librdkafka has it (auto.offset.reset, applied at assignment).
            A seek that fails keeps the model: only the seek is tried again."""
-        if self._restore_retry_at is None or time.monotonic() < self._restore_retry_at:
+        if not self.held.retry_due():
             return
-        held = sorted(self._held())
-        # _restore_backoff has doubled once per failed round
-        timeout = min(RESTORE_RETRY_MAX_TIMEOUT_SECONDS, max(RESTORE_RETRY_TIMEOUT_SECONDS, self._restore_backoff))
+        held = sorted(self.held.partitions())
+        timeout = self.held.retry_timeout()
         try:
             committed = self.source.committed([TopicPartition(t, p) for t, p in held], timeout=timeout)
         except KafkaException as exc:
-            why = f"cannot read the group's committed offsets: {_why(exc)}"
             self.metrics.restore_failures.inc(len(held))
-            self._unrestored, self._unsought = dict.fromkeys(self._unrestored, why), dict.fromkeys(self._unsought, why)
-            log.error("%s of %s: still held", why, ", ".join(f"{t}/{p}" for t, p in held))
-            self._schedule_restore_retry(again=True)
+            self.held.round_failed(f"cannot read the group's committed offsets: {_why(exc)}")
             return
-        self._held_commits.update(committed)
-        self._restore_partitions(list(self._unrestored), timeout=timeout)
-        ready = [tp for tp in held if tp not in self._unrestored]
+        self.held.remember_commits(committed)
+        self._restore_partitions(list(self.held.unrestored), timeout=timeout)
+        ready = [tp for tp in held if tp not in self.held.unrestored]
         if ready and self._fatal is not None:
             # Stopping: a model restored in this round is not sought, so it must not be checkpointed
             # or committed at its state's offset (the group's commit may be later): held until then.
-            self._unsought = {**self._unsought, **dict.fromkeys(ready, "stopping")}
+            self.held.keep_unsought(dict.fromkeys(ready, "stopping"))
         elif ready:
             self.source.resume(ready)
-            failed = self._seek_to_resume(ready, self._first_offsets.get, committed)
+            failed = self._seek_to_resume(ready, self.held.first_offset, committed)
             if failed:
                 self.source.pause(sorted(failed))
-            self._unsought = failed
-            resumed = [tp for tp in ready if tp not in failed]
-            for tp in resumed:
-                self._held_commits.pop(tp, None)
-            if resumed:
-                log.info("restored the models of %s: resumed", ", ".join(f"{t}/{p}" for t, p in resumed))
-        self._schedule_restore_retry(again=True)
+            self.held.sought(ready, failed)
+        self.held.schedule_retry(again=True)
         self.positions = self._positions()
 
     def _connect(self) -> None:
@@ -425,14 +379,14 @@ class Daemon:
             start = self._resume_offset(topic, partition, committed)
             # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
             starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
-            if start is not None and (topic, partition) not in self._unrestored:
+            if start is not None and (topic, partition) not in self.held.unrestored:
                 self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
         if held:
             self.source.pause(held)  # librdkafka fetches nothing of them until they are resumed
-            self._held_commits.update((tp, committed[tp]) for tp in held if tp in committed)
-            self._schedule_restore_retry(again=False)
+            self.held.remember_commits(committed)
+            self.held.schedule_retry(again=False)
         self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
@@ -460,18 +414,14 @@ class Daemon:
 
     def _release(self, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        held = sorted(gone & self._held())
+        held = self.held.release(gone)
         if held:
             self.source.resume(held)  # not left paused for a later assignment of them
         self.assigned = self.assigned - gone
-        self._unrestored = {tp: why for tp, why in self._unrestored.items() if tp not in gone}
-        self._unsought = {tp: why for tp, why in self._unsought.items() if tp not in gone}
-        for topic, partition in gone:
-            self._held_commits.pop((topic, partition), None)
-            if self.scope == "partition":
+        if self.scope == "partition":
+            for topic, partition in gone:
                 self.detectors.pop(model_key(self.scope, topic, partition), None)
-            # scope: global keeps the partition's offset: the checkpoint must not forget it.
-        self._schedule_restore_retry(again=False)  # none held any more: the back-off starts over
+        # scope: global keeps the partition's offset: the checkpoint must not forget it.
         self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
 
@@ -524,14 +474,14 @@ class Daemon:
         self._last_poll = time.monotonic()
         self._loop_watermarks = self.source.cached_watermarks(self.assigned)
         # A partition revoked during the poll is not ours any more.
-        if not self._unrestored and not self._unsought:
+        if not self.held:
             return {tp: messages for tp, messages in polled.items() if tp in self.assigned}
         # A held one's messages (fetched before its pause took effect) are dropped and read again
         # once it is resumed: from its checkpoint or commit, else from the first of them.
-        kept, held = {}, self._held()
+        kept, held = {}, self.held.partitions()
         for tp, messages in polled.items():
             if tp in held:
-                self._first_offsets.setdefault(tp, messages[0].offset())
+                self.held.saw(tp, messages[0].offset())
             elif tp in self.assigned:
                 kept[tp] = messages
         return kept
@@ -541,7 +491,7 @@ class Daemon:
             return
         by_model: dict[str, dict] = {}
         for (topic, partition), messages in polled.items():
-            self._first_offsets.setdefault((topic, partition), messages[0].offset())
+            self.held.saw((topic, partition), messages[0].offset())
             by_model.setdefault(model_key(self.scope, topic, partition), {})[(topic, partition)] = messages
         for key, partitions in by_model.items():
             started = time.perf_counter()
@@ -562,7 +512,7 @@ class Daemon:
         shows a growing lag rather than its last value."""
         if time.monotonic() - self._last_poll >= LOOP_STALL_SECONDS:
             return self.watermarks(list(self.positions)) if self.watermarks is not None else {}
-        held = list(self._held() & self.positions.keys())
+        held = list(self.held.partitions() & self.positions.keys())
         if not held or self.watermarks is None:
             return self._loop_watermarks
         # A paused partition fetches nothing, so librdkafka's cached watermarks of it are old or none.
@@ -571,19 +521,16 @@ class Daemon:
     def _next_offsets(self) -> dict[tuple[str, int], int]:
         """The next offset to process of every assigned partition that has one and is not held
         (what a checkpoint commits)."""
-        held = self._held()
+        held = self.held.partitions()
         return {tp: o for tp in self.assigned if tp not in held and (o := self._checkpoint_offset(*tp)) is not None}
 
     def _positions(self) -> dict[tuple[str, int], int]:
-        """``_next_offsets`` and, for the lag, where each held partition will resume: the later of
-        its checkpoint and the group's commit, else the first offset read of it, else the log's
-        start (auto.offset.reset: earliest; the lag collector clamps it to the low watermark)."""
+        """``_next_offsets`` and, for the lag, where each held partition will resume
+        (``HeldPartitions.lag_position``)."""
         positions = self._next_offsets()
-        for tp in self._held() & self.assigned:
-            offset = self._resume_offset(*tp, self._held_commits)
-            offset = self._first_offsets.get(tp) if offset is None else offset
-            if offset is None and self.config.kafka.auto_offset_reset == "earliest":
-                offset = 0
+        earliest = self.config.kafka.auto_offset_reset == "earliest"
+        for tp in self.held.partitions() & self.assigned:
+            offset = self.held.lag_position(tp, self._checkpoint_offset(*tp), earliest=earliest)
             if offset is not None:
                 positions[tp] = offset
         return positions
@@ -606,8 +553,7 @@ class Daemon:
 
     def _resume_offset(self, topic: str, partition: int, committed: dict) -> int | None:
         """The later of the model's offset and the group's committed one (None: neither)."""
-        return max({self._checkpoint_offset(topic, partition), committed.get((topic, partition))} - {None},
-                   default=None)
+        return later_offset(self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
 
     def _checkpoint_offset(self, topic: str, partition: int) -> int | None:
         detector = self.detectors.get(model_key(self.scope, topic, partition))
@@ -644,15 +590,16 @@ class Daemon:
         self.sink.discard_pending()
         self.metrics.produce_errors.inc(self.sink.take().transient)  # failed before the rewind found them
         self._stop.wait(pause)
-        unsought = {key: self.detectors[key] for tp in self._unsought
+        unsought = {key: self.detectors[key] for tp in self.held.unsought
                     if (key := model_key(self.scope, *tp)) in self.detectors}
         self.restore()
         if self.scope == "partition":
             self.detectors.update(unsought)  # restored from their newest state and not used since
-            held = self._restore_partitions(self.assigned - self._held())  # the held ones: _retry_restores
+            # The held ones are restored by _retry_restores.
+            held = self._restore_partitions(self.assigned - self.held.partitions())
             if held:
                 self.source.pause(held)
-                self._schedule_restore_retry(again=False)
+                self.held.schedule_retry(again=False)
         self.checkpointer.pending_messages = 0
 
     def _rewind(self) -> None:
@@ -660,8 +607,8 @@ class Daemon:
         any checkpoint or commit, where this process started reading it).  A seek that fails
         leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
-        partitions = self.assigned - self._held()
-        if self._seek_to_resume(partitions, self._first_offsets.get, self._committed(partitions)):
+        partitions = self.assigned - self.held.partitions()
+        if self._seek_to_resume(partitions, self.held.first_offset, self._committed(partitions)):
             self._rewind_pending = "a seek back to the checkpoint failed"
             self._rewinds_in_a_row -= 1  # the same rewind, not another one
         self.positions = self._positions()
