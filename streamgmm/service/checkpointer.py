@@ -92,8 +92,7 @@ class Checkpointer:
             delay = min(2.0 ** (self.failures - 1), max(RETRY_MAX_SECONDS, self.config.interval_seconds))
             self.retry_at = self.clock() + delay
             log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; retrying in "
-                      "%.0f s", self.failures, kafka_error_text(exc.args[0]) if isinstance(exc, KafkaException)
-                      else exc, delay)
+                      "%.0f s", self.failures, kafka_error_text(exc), delay)
             return Outcome.FAILED
         self.failures = 0
         self.retry_at = 0.0

@@ -27,7 +27,7 @@ from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
 from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings,
-                    ensure_topic, message_max_bytes, missing_topics)
+                    ensure_topic, kafka_error_text, message_max_bytes, missing_topics)
 from .metrics import HealthServer, Metrics
 from .partitions import HeldPartitions, later_offset
 from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore, TopicStateStore, model_key
@@ -53,10 +53,6 @@ RESTORE_IO_ERRORS = (KafkaException, OSError, TimeoutError)
 # so the daemon stops with exit code 2 (as for a bad config at start) instead of holding the
 # partition paused for ever.
 STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
-
-
-def _why(exc: Exception) -> str:
-    return exc.args[0].str() if isinstance(exc, KafkaException) else str(exc) or type(exc).__name__
 
 
 class Daemon:
@@ -225,14 +221,14 @@ class Daemon:
         try:
             states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout)
         except (*RESTORE_IO_ERRORS, ValueError) as exc:  # ValueError: a record of the topic unreadable as a whole
-            return self._restores_failed(dict.fromkeys(wanted.values(), _why(exc)))
+            return self._restores_failed(dict.fromkeys(wanted.values(), kafka_error_text(exc)))
         failed = {}
         for key, tp in sorted(wanted.items()):
             try:
                 self.detectors[key] = self._partition_detector(
                     key, states.get(key) if states is not None else self.local.load(key))
             except RESTORE_IO_ERRORS as exc:
-                failed[tp] = _why(exc)
+                failed[tp] = kafka_error_text(exc)
             except STATE_CONFIG_ERRORS as exc:
                 failed[tp] = self._stop_for_state(tp, exc)
         self.held.restored(set(wanted.values()) - set(failed))
@@ -287,7 +283,7 @@ class Daemon:
             committed = self.source.committed([TopicPartition(t, p) for t, p in held], timeout=timeout)
         except KafkaException as exc:
             self.metrics.restore_failures.inc(len(held))
-            self.held.round_failed(f"cannot read the group's committed offsets: {_why(exc)}")
+            self.held.round_failed(f"cannot read the group's committed offsets: {kafka_error_text(exc)}")
             return
         self.held.remember_commits(committed)
         self._restore_partitions(list(self.held.unrestored), timeout=timeout)
@@ -339,7 +335,7 @@ class Daemon:
                 ensure_topic(settings, self.config.checkpoint.topic, {"cleanup.policy": "compact"})
                 return
             except (KafkaException, TimeoutError) as exc:  # TimeoutError: no broker answered
-                why = exc.args[0].str() if isinstance(exc, KafkaException) else "no answer from the broker"
+                why = kafka_error_text(exc) if isinstance(exc, KafkaException) else "no answer from the broker"
                 log.warning("cannot create the state topic %s (%s); retrying in %.1f s (or create it yourself "
                             "with cleanup.policy=compact)", self.config.checkpoint.topic, why, backoff)
                 self._stop.wait(backoff)
@@ -466,7 +462,7 @@ class Daemon:
         except KafkaException as exc:
             # The client reconnects by itself; pause so an outage does not spin the CPU.
             self.metrics.broker_errors.inc()
-            log.warning("Kafka error in the loop (%s); retrying in %.1f s", _why(exc), self._error_backoff)
+            log.warning("Kafka error in the loop (%s); retrying in %.1f s", kafka_error_text(exc), self._error_backoff)
             self._stop.wait(self._error_backoff)
             self._error_backoff = min(self._error_backoff * 2, k.retry_backoff_max_seconds)
             polled = {}
@@ -548,7 +544,7 @@ class Daemon:
             return self.source.committed([TopicPartition(t, p) for t, p in partitions])
         except KafkaException as exc:
             log.warning("cannot read the group's committed offsets (%s); going by the checkpoint's",
-                        _why(exc))
+                        kafka_error_text(exc))
             return {}
 
     def _resume_offset(self, topic: str, partition: int, committed: dict) -> int | None:
@@ -574,7 +570,7 @@ class Daemon:
         except KafkaException as exc:
             self._commit_refused = True
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
-                        "resumes at the later of the two", _why(exc))
+                        "resumes at the later of the two", kafka_error_text(exc))
 
     def _reload_from_checkpoint(self, why: str) -> None:
         """Drop the output not yet sent and reload every model from its newest checkpoint,
@@ -626,7 +622,7 @@ class Daemon:
             try:
                 self.source.seek(topic, partition, target)
             except KafkaException as exc:
-                failed[(topic, partition)] = f"cannot seek to {target} yet: {_why(exc)}"
+                failed[(topic, partition)] = f"cannot seek to {target} yet: {kafka_error_text(exc)}"
                 log.warning("%s/%d: %s; trying again", topic, partition, failed[(topic, partition)])
                 continue
             self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = target

@@ -133,8 +133,7 @@ def check_settings(config: Config) -> None:
         try:
             client = client_type({**settings, "logger": warnings.logger})
         except (KafkaException, ValueError, TypeError) as exc:
-            message = str(exc.args[0].str() if isinstance(exc, KafkaException) else exc)
-            raise ConfigError(_config_error(config, role, message)) from None
+            raise ConfigError(_config_error(config, role, kafka_error_text(exc))) from None
         client.poll(0)  # delivers librdkafka's start-up warnings to the logger
         client.close() if role == "consumer" else client.flush(0)
         for message in warnings.messages:
@@ -193,7 +192,10 @@ def _config_error(config: Config, section: str, message: str) -> str:
 
 
 def kafka_error_text(error: KafkaError | Exception) -> str:
-    return error.str() if isinstance(error, KafkaError) else str(error)
+    """What went wrong, in librdkafka's words where it is a Kafka error."""
+    if isinstance(error, KafkaException) and isinstance(error.args[0], KafkaError):
+        error = error.args[0]
+    return error.str() if isinstance(error, KafkaError) else str(error) or type(error).__name__
 
 
 # --------------------------------------------------------------------------- source
