@@ -89,18 +89,6 @@ class _ChosenAtWarmup:
         model.__dict__[self.name] = value
 
 
-def _standardize(X, center, scale):
-    # Absurd inputs (1e308 in a feature with a small spread) overflow to inf here: such
-    # rows get a -inf density, are flagged and are never learned from.
-    with np.errstate(over="ignore", invalid="ignore"):
-        return (X - center) / scale
-
-
-def _log_jacobian_of(scale) -> float:
-    """Added to internal (standardised) log-densities to make them densities of the input."""
-    return -float(np.sum(np.log(scale)))
-
-
 def _usual_components(weights, rare_weight) -> np.ndarray | None:
     """Which components score points (not rare), or None when all of them do."""
     if rare_weight > 0:
@@ -159,34 +147,6 @@ def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: s
     X = np.clip(X_internal, -LEARN_CLIP, LEARN_CLIP)
     s0, s1, s2 = g.sufficient_statistics(X, resp, covariance_type)
     return BatchStatistics(s0, s1, s2, int(np.count_nonzero(weight)), float(weight.sum()), scored.model_version)
-
-
-@dataclass(frozen=True)
-class ScoringModel:
-    """What scoring needs of an OnlineGaussianMixture, detached from it.
-
-    Small and picklable, so another process can score a batch (``score``) that the model then
-    learns from: ``version`` ties the result to the model state it was taken from.
-    """
-
-    weights: np.ndarray
-    means: np.ndarray
-    precisions_chol: np.ndarray
-    center: np.ndarray
-    scale: np.ndarray
-    covariance_type: str
-    rare_weight: float
-    version: int
-
-    def score(self, X) -> ScoredBatch:
-        """The online model's one scoring path: density of each row and responsibilities."""
-        X_internal = _standardize(X, self.center, self.scale)
-        wlp = g.weighted_log_prob(X_internal, self.weights, self.means, self.precisions_chol, self.covariance_type)
-        log_prob_norm, log_resp = g.e_step(wlp)
-        usual = _usual_components(self.weights, self.rare_weight)
-        density = log_prob_norm if usual is None else g.logsumexp_rows(np.where(usual, wlp, -np.inf))
-        return ScoredBatch(X_internal, density + _log_jacobian_of(self.scale), log_resp,
-                           np.argmax(log_resp, axis=1), self.version)
 
 
 class OnlineGaussianMixture(MixtureBase):
@@ -413,7 +373,10 @@ class OnlineGaussianMixture(MixtureBase):
 
     # ---------------------------------------------------------- standardisation
     def _to_internal(self, X):
-        return _standardize(X, self.center_, self.scale_)
+        # Absurd inputs (1e308 in a feature with a small spread) overflow to inf here: such
+        # rows get a -inf density, are flagged and are never learned from.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (X - self.center_) / self.scale_
 
     def standardized(self, X) -> np.ndarray:
         """X in the standardised space the model computes in (``ScoredBatch.X_internal``)."""
@@ -425,7 +388,8 @@ class OnlineGaussianMixture(MixtureBase):
 
     @property
     def _log_jacobian(self) -> float:
-        return _log_jacobian_of(self.scale_)
+        """Added to internal (standardised) log-densities to make them densities of the input."""
+        return -float(np.sum(np.log(self.scale_)))
 
     def _internal_parameters(self):
         return self._weights, self._means, self._precisions_chol
@@ -492,15 +456,17 @@ class OnlineGaussianMixture(MixtureBase):
         return self
 
     def score_batch(self, X) -> ScoredBatch:
-        """Score a batch under the current model without learning (prequential step one)."""
-        return self.scoring_model().score(self._check_X(X))
-
-    def scoring_model(self) -> ScoringModel:
-        """The current model state as far as scoring needs it (see ``ScoringModel``)."""
+        """Score a batch under the current model without learning (prequential step one): the
+        online model's one scoring path, each row's density and responsibilities."""
         self._check_fitted()
+        X_internal = self._to_internal(self._check_X(X))
         weights, means, precisions_chol = self._internal_parameters()
-        return ScoringModel(weights, means, precisions_chol, self.center_, self.scale_, self.covariance_type_,
-                            self.rare_weight, self._version)
+        wlp = g.weighted_log_prob(X_internal, weights, means, precisions_chol, self.covariance_type_)
+        log_prob_norm, log_resp = g.e_step(wlp)
+        usual = self._usual_components()
+        density = log_prob_norm if usual is None else g.logsumexp_rows(np.where(usual, wlp, -np.inf))
+        return ScoredBatch(X_internal, density + self._log_jacobian, log_resp, np.argmax(log_resp, axis=1),
+                           self._version)
 
     def _usual_components(self) -> np.ndarray | None:
         return _usual_components(self._weights, self.rare_weight)
@@ -913,5 +879,5 @@ def _full_covariances(covariances, covariance_type, n_components, n_features):
     return np.array([np.eye(n_features) * c for c in covariances])
 
 
-__all__ = ["BatchStatistics", "OnlineGaussianMixture", "ScoredBatch", "ScoringModel", "NotFittedError",
+__all__ = ["BatchStatistics", "OnlineGaussianMixture", "ScoredBatch", "NotFittedError",
            "batch_statistics"]
