@@ -28,6 +28,11 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         ({"input": {"fields": ["a", "b"], "dimension": 3}}, "input.fields: ('a', 'b') is not allowed; list exactly input.dimension=3"),
         ({"kafka": {"output_topic": "features"}}, "must differ from the inputs"),
         ({"threshold": {"learn_from_anomalies": "no"}}, "threshold.learn_from_anomalies: expected true or false, got 'no'"),
+        ({"kafka": {"poll_timeout_ms": 0}}, "kafka.poll_timeout_ms: 0 is not allowed; use an integer >= 1"),
+        ({"kafka": {"dead_letter_max_bytes": 3_000_000}},
+         "kafka.dead_letter_max_bytes: 3000000 is not allowed; use at most half the producer's message.max.bytes (1000000)"),
+        ({"kafka": {"producer": {"message.max.bytes": 100_000}}},
+         "kafka.dead_letter_max_bytes: 65536 is not allowed; use at most half the producer's message.max.bytes (100000)"),
     ],
 )
 def test_invalid_config_names_the_key_and_value(raw, message):

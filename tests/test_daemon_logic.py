@@ -188,6 +188,47 @@ def test_a_refused_commit_is_made_again_at_the_hand_over(tmp_path):
     assert daemon.source.commits == [{("in", 0): 1000}]
 
 
+def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_again(tmp_path):
+    from streamgmm.service.state import CheckpointError
+
+    rng = np.random.default_rng(10)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _feed(daemon, 1000, 500, rng)  # learned, not checkpointed: the group's commit stays at 1000
+
+    def full_disk(key, state):
+        raise CheckpointError("No space left on device")
+
+    daemon.local.write = full_disk
+    daemon._on_revoke([])
+    assert daemon.source.commits == [{("in", 0): 1000}] and daemon._rewind_pending is not None
+    daemon._rewind()
+    assert daemon.detector.n_valid == 1000 and daemon.source.seeks[-1] == ("in", 0, 1000)
+
+
+def test_a_rewind_never_goes_behind_the_commit_the_partition_was_assigned_at(tmp_path):
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    rng = np.random.default_rng(11)
+    daemon = _daemon(tmp_path)
+    daemon.source.assign = lambda partitions: None
+    _feed(daemon, 0, 500, rng)
+    daemon._checkpoint()  # our checkpoint: 500
+    daemon._on_revoke([TopicPartition("in", 0)])
+    daemon.source.committed = lambda partitions, timeout=10.0: {("in", 0): 900}  # another member's
+    daemon._on_assign([TopicPartition("in", 0)])
+    _feed(daemon, 900, 100, rng)
+
+    def unreachable(partitions, timeout=10.0):
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "coordinator unreachable"))
+
+    daemon.source.committed = unreachable
+    daemon._rewind_pending = "test"
+    daemon._rewind()  # the model goes back to its checkpoint (500); 500..899 are the other member's
+    assert daemon.source.seeks[-1] == ("in", 0, 900) and daemon.detector.offsets[("in", 0)] == 900
+
+
 def test_a_kafka_batch_gives_the_same_sources_as_its_records():
     from streamgmm.service.kafka import as_batch
 

@@ -269,3 +269,23 @@ def test_a_model_that_never_saw_data_round_trips_and_checks_its_parameters_late(
     np.testing.assert_array_equal(copy.partial_fit(X).score_samples(X), fresh.partial_fit(X).score_samples(X))
     with pytest.raises(ValueError, match=re.escape("alpha must be in (0.5, 1]; got 7")):
         OnlineGaussianMixture(2, alpha=7).to_dict()
+
+
+@pytest.mark.parametrize("absurd", [1e30, 1e100, 1e200, -1e308])
+def test_an_absurd_value_in_the_warm_up_neither_stops_the_fit_nor_sets_the_scale(absurd):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 3)) * [1.0, 10.0, 0.1]
+    poisoned = X.copy()
+    poisoned[17, 0] = absurd
+    model = OnlineGaussianMixture(warmup=400, random_state=0).partial_fit(poisoned)
+    assert model.is_initialized and model.n_seen_ == 399  # the absurd row is not learned
+    np.testing.assert_allclose(model.scale_, X[np.arange(400) != 17].std(axis=0), rtol=1e-9)
+    assert model.score_samples(poisoned[17:18])[0] < model.score_samples(X).min()  # scored as what it is
+
+
+def test_a_zero_inflated_feature_keeps_its_rare_values_in_the_warm_up():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(1000, 2))
+    X[rng.choice(1000, 8, replace=False), 1] = 5000.0  # under 1%: the feature's central spread is ~6
+    model = OnlineGaussianMixture(warmup=1000, random_state=0).partial_fit(X)
+    assert model.n_seen_ == 1000

@@ -55,6 +55,14 @@ LEARN_CLIP = 1e12
 # A feature whose warm-up spread is below this (relative to its magnitude) is treated as
 # constant: scale 1, so it neither blows up nor dominates.
 RELATIVE_SCALE_FLOOR = 1e-12
+# A warm-up row this many times the feature's central spread (1st to 99th percentile) from its
+# median is left out of the standardisation and the warm-up fit: one absurd value (1e100 among
+# values of order 1) would otherwise set the feature's scale and squash the rest to a constant.
+# Heavy tails stay in (a Cauchy feature passes this far once in 1e8 rows).
+ABSURD_SPREADS = 1e6
+# ... and so is a row whose squared deviation would overflow, whatever the spread (1e200: the
+# warm-up fit could not run at all and every restart would fail on the same buffered row).
+SQUARE_SAFE = 1e150
 # Model versions are unique within a process (not a per-model count from 0), so a batch scored
 # under one model state can never pass for another's, also after a restore.
 _MODEL_VERSIONS = itertools.count(1)
@@ -87,6 +95,15 @@ class _ChosenAtWarmup:
 
     def __set__(self, model, value):
         model.__dict__[self.name] = value
+
+
+def _ordinary_rows(X) -> np.ndarray:
+    """Which warm-up rows are not absurd (see ``ABSURD_SPREADS`` and ``SQUARE_SAFE``)."""
+    low, median, high = np.percentile(X, [1.0, 50.0, 99.0], axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        deviation = np.abs(X - median)
+        limit = np.where(high > low, np.minimum(ABSURD_SPREADS * (high - low), SQUARE_SAFE), SQUARE_SAFE)
+        return np.all(deviation <= limit, axis=1)
 
 
 def _usual_components(weights, rare_weight) -> np.ndarray | None:
@@ -600,10 +617,12 @@ class OnlineGaussianMixture(MixtureBase):
     def _initialize_from_buffer(self) -> None:
         X = np.vstack(self._buffer)
         weight = np.concatenate(self._buffer_weights)
-        self._buffer, self._buffer_weights = [], []
+        ordinary = _ordinary_rows(X)
+        if np.any(weight[ordinary] > 0):
+            X, weight = X[ordinary], weight[ordinary]
         self._set_standardization(X, weight)
-        X_internal = self._to_internal(X)
-        self.selection_ = self._select_warmup_mixture(X_internal, weight)
+        self.selection_ = self._select_warmup_mixture(self._to_internal(X), weight)
+        self._buffer, self._buffer_weights = [], []  # kept until the fit has worked
         fit = self.selection_.best
         self.n_components_, self.covariance_type_ = fit.n_components, fit.covariance_type
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(

@@ -300,6 +300,15 @@ def _value(config: Config, path: str):
     return value[int(index[:-1])] if index else value
 
 
+def _producer_message_max_bytes(kafka: KafkaConfig) -> int | None:
+    """kafka.producer's message.max.bytes (librdkafka's default when not set; None: not a number,
+    which librdkafka itself refuses at start)."""
+    try:
+        return int(kafka.producer.get("message.max.bytes", 1_000_000))
+    except (TypeError, ValueError):
+        return None
+
+
 def _rules(config: Config):
     """(key path, whether its value is allowed, what is allowed), in the order they are checked;
     a rule is only evaluated once every rule before it held."""
@@ -318,10 +327,14 @@ def _rules(config: Config):
     yield ("kafka.output_topic", not set(k.input_topics) & set(outputs),
            "the output and dead-letter topics must differ from the inputs")
     yield "kafka.max_batch_messages", k.max_batch_messages >= 1, "use an integer >= 1"
-    yield "kafka.poll_timeout_ms", k.poll_timeout_ms >= 0, "use an integer >= 0"
+    yield "kafka.poll_timeout_ms", k.poll_timeout_ms >= 1, "use an integer >= 1 (0 would spin an idle loop)"
     yield ("kafka.retry_backoff_initial_seconds", 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds,
            "use a number > 0 and <= kafka.retry_backoff_max_seconds")
     yield "kafka.dead_letter_max_bytes", k.dead_letter_max_bytes >= 0, "use a number of bytes >= 0"
+    producer_limit = _producer_message_max_bytes(k)
+    yield ("kafka.dead_letter_max_bytes", producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit,
+           f"use at most half the producer's message.max.bytes ({producer_limit}): the dead letter also carries "
+           "the input's key and headers, and a record over that limit can never be produced")
     yield ("kafka.scores_topic", k.scores_topic is None or k.scores_topic not in ("", *k.input_topics, *outputs),
            "use a topic of its own, or null for no scores")
     yield "input.explain_top_features", i.explain_top_features >= 0, "use a number of features >= 0"

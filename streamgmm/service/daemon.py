@@ -84,6 +84,10 @@ class Daemon:
         self._loop_watermarks: dict = {}
         self._aborting = False
         self._commit_refused = False
+        # The group's committed offset of each partition when it was assigned to us: a rewind
+        # never goes behind it, even when the group cannot say its commit at that moment (what
+        # lies before it was learned by the member that committed it).
+        self._commits_at_assignment: dict[tuple[str, int], int] = {}
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
@@ -370,6 +374,7 @@ class Daemon:
             self._reload_from_checkpoint(self._rewind_pending)
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         committed = self._committed(owned)
+        self._commits_at_assignment = {**self._commits_at_assignment, **committed}
         starts = []
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
@@ -395,7 +400,10 @@ class Daemon:
         # when the loop is leaving on an error (its last batch may be half sent).
         if self._rewind_pending is None and not self._aborting:
             if self.checkpointer.pending_messages and self.sink is not None:
-                self._checkpoint(" before a rebalance")
+                if self._checkpoint(" before a rebalance") is Outcome.FAILED:
+                    # The group's commit stays at the last checkpoint, where the partitions' next
+                    # owner starts: what this model learned since is unlearned, not learned twice.
+                    self._rewind_pending = "the checkpoint before a rebalance failed"
             elif self._commit_refused and self.source is not None:
                 self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
         self._release(partitions)
@@ -414,6 +422,7 @@ class Daemon:
         if held:
             self.source.resume(held)  # not left paused for a later assignment of them
         self.assigned = self.assigned - gone
+        self._commits_at_assignment = {tp: o for tp, o in self._commits_at_assignment.items() if tp not in gone}
         if self.scope == "partition":
             for topic, partition in gone:
                 self.detectors.pop(model_key(self.scope, topic, partition), None)
@@ -556,12 +565,13 @@ class Daemon:
         return None if detector is None else detector.offsets.get((topic, partition))
 
     # ------------------------------------------------------- checkpoints, rewinds
-    def _checkpoint(self, when: str = "") -> None:
+    def _checkpoint(self, when: str = "") -> Outcome:
         outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
         if outcome is Outcome.REWIND:
             self._rewind_pending = f"output records were not acknowledged{when}"
         elif outcome is Outcome.WRITTEN:
             self._rewinds_in_a_row = 0
+        return outcome
 
     def _commit(self) -> None:
         try:
@@ -604,7 +614,9 @@ class Daemon:
         leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
         partitions = self.assigned - self.held.partitions()
-        if self._seek_to_resume(partitions, self.held.first_offset, self._committed(partitions)):
+        committed = self._committed(partitions)
+        floors = {tp: later_offset(committed.get(tp), self._commits_at_assignment.get(tp)) for tp in partitions}
+        if self._seek_to_resume(partitions, self.held.first_offset, {tp: o for tp, o in floors.items() if o is not None}):
             self._rewind_pending = "a seek back to the checkpoint failed"
             self._rewinds_in_a_row -= 1  # the same rewind, not another one
         self.positions = self._positions()

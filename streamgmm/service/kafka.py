@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from operator import methodcaller
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -267,7 +267,11 @@ class KafkaSource:
             if not messages:
                 return {}
             if max_messages > 1:
-                messages += self.consumer.consume(num_messages=max_messages - 1, timeout=0)
+                try:
+                    messages += self.consumer.consume(num_messages=max_messages - 1, timeout=0)
+                except KafkaException as exc:  # the first is ours already: raising would lose it
+                    log.warning("consume failed after its first message (%s); going on with that one",
+                                kafka_error_text(exc))
         if any(map(_ERROR, messages)):
             good = []
             for m in messages:
@@ -487,8 +491,9 @@ def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout
             raise
 
 
-def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> list[Message]:
-    """Every message of ``topic`` from the beginning, up to its high watermark when read."""
+def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Message]:
+    """Every message of ``topic`` from its log start up to its high watermark when read, as they
+    come (a caller that keeps only some of them never holds the whole topic)."""
     consumer = Consumer({**{k: v for k, v in settings.items() if k not in ("error_cb",)},
                          "group.id": f"streamgmm-reader-{time.monotonic_ns()}", "enable.auto.commit": False,
                          "enable.partition.eof": False, "logger": logging.getLogger("librdkafka")})
@@ -496,23 +501,22 @@ def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> list[Messag
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
-        ends = {}
+        starts, ends = {}, {}
         for p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
             if high > low:
-                ends[p] = high
+                starts[p], ends[p] = low, high
         if not ends:
-            return []
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        found: list[Message] = []
+            return
+        # From the log start, not offset 0: below it the consumer's auto.offset.reset would decide.
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in ends])
         positions = {p: -1 for p in ends}
         while time.monotonic() < deadline and any(positions[p] < ends[p] - 1 for p in ends):
             for m in consumer.consume(num_messages=1000, timeout=0.5):
                 if m.error() is None:
-                    found.append(m)
                     positions[m.partition()] = m.offset()
+                    yield m
         if any(positions[p] < ends[p] - 1 for p in ends):
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic} took over {timeout} s"))
-        return found
     finally:
         consumer.close()

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,8 @@ class CheckpointStore:
 
 # ------------------------------------------------------------------- per model key
 GLOBAL_KEY = "global"
+# A corrupt newest state record falls back to the one before, up to this many of a key.
+STATE_RECORDS_TRIED = 10
 
 
 def model_key(scope: str, topic: str, partition: int) -> str:
@@ -278,13 +281,16 @@ class TopicStateStore:
     def load_many(self, keys=None, timeout: float = 30.0) -> dict[str, dict]:
         """The newest readable state per key (every key when ``keys`` is None); a corrupt newest
         record falls back to the one before."""
-        values: dict[str, list[bytes]] = {}
+        wanted = None if keys is None else set(keys)
+        values: dict[str, deque[bytes]] = {}
         for message in read_topic(self.settings, self.topic, timeout):
             if message.key() is not None and message.value() is not None:
-                values.setdefault(message.key().decode(), []).append(message.value())
+                key = message.key().decode()
+                if wanted is None or key in wanted:  # the newest few of each: the topic may hold thousands
+                    values.setdefault(key, deque(maxlen=STATE_RECORDS_TRIED)).append(message.value())
         found = {}
         for key in sorted(values) if keys is None else keys:
-            for value in reversed(values.get(key, [])[-10:]):
+            for value in reversed(values.get(key, ())):
                 try:
                     found[key] = unpack(value, f"{self.topic} record {key}")
                     break
