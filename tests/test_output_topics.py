@@ -83,3 +83,21 @@ def test_missing_topics_on_the_real_broker(broker):
     # Tansu creates a topic a metadata request names (as a Kafka broker with auto-create on): none missing.
     producer = Producer({"bootstrap.servers": broker.bootstrap, "log_level": 0})
     assert missing_topics(producer, ["streamgmm-output-topic-check"]) == []
+
+
+def test_an_existing_state_topic_is_used_without_asking_to_create_it(broker, topic, monkeypatch):
+    # A principal allowed to use a topic made for it, but not to create topics, is refused a
+    # create even of an existing topic (TOPIC_AUTHORIZATION_FAILED): it must not be asked.
+    from confluent_kafka.admin import AdminClient
+
+    from streamgmm.service.kafka import ensure_topic
+
+    settings = {"bootstrap.servers": broker.bootstrap}
+    ensure_topic(settings, topic, {"cleanup.policy": "compact"})
+    assert topic in AdminClient(settings).list_topics(topic, timeout=10).topics
+
+    def refused(*args, **kwargs):
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorised"))
+
+    monkeypatch.setattr(AdminClient, "create_topics", refused)
+    ensure_topic(settings, topic, {"cleanup.policy": "compact"})

@@ -481,8 +481,14 @@ class KafkaSink:
 # ---------------------------------------------------------------------------- admin
 def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout: float = 15.0,
                  partitions: int = 1) -> None:
-    """Create ``topic`` unless it exists."""
-    admin = AdminClient({k: v for k, v in settings.items() if k not in ("error_cb", "logger")})
+    """Create ``topic`` unless it exists (asked first: a principal allowed to use a topic that
+    was made for it, but not to create topics, is refused a create even of an existing one)."""
+    # Asking must not create it: a broker's auto-creation would skip ``config`` (compaction).
+    admin = AdminClient({**{k: v for k, v in settings.items() if k not in ("error_cb", "logger")},
+                         "allow.auto.create.topics": False})
+    metadata = admin.list_topics(topic, timeout=timeout)
+    if topic in metadata.topics and metadata.topics[topic].error is None:
+        return
     futures = admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})], operation_timeout=timeout)
     try:
         futures[topic].result(timeout)
