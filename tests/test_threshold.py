@@ -113,6 +113,23 @@ def test_drift_is_followed_within_the_window():
     assert 0.5 * q <= flags[100_000:].mean() <= 2.0 * q
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_tail_that_gets_lighter_is_followed_not_frozen(seed):
+    # Heavy-tailed scores, then light ones far below the old tail (a model that has learned, or
+    # a calmer stream): the old collection level held nothing any more, and the threshold
+    # stayed where it was for good, flagging nothing.
+    rng = np.random.default_rng(seed)
+    q = 0.001
+    heavy = np.log1p(stats.t.rvs(1.5, size=60_000, random_state=rng) ** 2) * 6.0
+    light = rng.gamma(3.0, size=100_000)
+    threshold = _started(q, np.quantile(heavy[:10_000], 1 - q))
+    flags = _feed(threshold, np.concatenate([heavy, light]))
+    assert 0.5 * q <= flags[60_000 + threshold.window + 10_000:].mean() <= 2.0 * q
+    restored = StreamQuantileThreshold(q)
+    restored.load_dict(threshold.to_dict())
+    assert restored.history_start == threshold.history_start
+
+
 @pytest.mark.parametrize("gamma, sigma", [(0.0, 1.0), (0.3, 2.0), (-0.3, 1.0), (0.7, 0.5)])
 def test_gpd_fit_matches_scipy(gamma, sigma):
     excess = stats.genpareto.rvs(gamma, scale=sigma, size=4_000, random_state=np.random.default_rng(5))

@@ -293,6 +293,7 @@ class StreamQuantileThreshold:
 
     def _reset(self) -> None:
         self.n_counted = 0  # points counted so far (unflagged, plus flagged ones with a token)
+        self.history_start = 0  # the counted point the history starts at (see ``_restart_history``)
         self.tokens = TOKEN_BUCKET
         # Stored peaks: every counted score above the collection level in force when it came.
         self._scores: list[np.ndarray] = []
@@ -386,7 +387,7 @@ class StreamQuantileThreshold:
         """
         first = math.ceil(MIN_PEAKS / max(self.tail_fraction, START_TAIL_FRACTION))
         cap = max(20_000, self.window // 2) if shape else self.window // 10
-        return int(min(max(first, self.n_counted // 4), max(first, cap)))
+        return int(min(max(first, (self.n_counted - self.history_start) // 4), max(first, cap)))
 
     # -------------------------------------------------------------- the scores
     def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
@@ -449,7 +450,7 @@ class StreamQuantileThreshold:
         """Re-estimate t, the GPD and z_q from the peaks in the window."""
         self.fitted_at = self.n_counted
         scores, censor, index = self._peaks()
-        n = min(self.n_counted, self.window)
+        n = min(self.n_counted - self.history_start, self.window)
         oldest = self.n_counted - n
         in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
         floor = float(self.level[max(in_force, 0):].max())
@@ -498,9 +499,24 @@ class StreamQuantileThreshold:
                         "n_censored": len(censored)}
             if collect is None:
                 collect = t - sigma * math.log(2.0)
+        elif collect is None:
+            self._restart_history()
+            return
         if collect is not None and collect != self.level[-1]:
             self.level_start = np.append(self.level_start, self.n_counted)
             self.level = np.append(self.level, collect)
+
+    def _restart_history(self) -> None:
+        """Too few peaks even to place t: the scores have moved below the collection level (the
+        tail got lighter, or a young model's scores fell) and the stored peaks are another
+        stream's.  The history starts again from here, collecting every score, and the next
+        estimates come as on a young stream (the first after 300 points); z_q stays until then.
+        Without this the threshold stayed where it was for good and flagged nothing."""
+        self.history_start = self.n_counted
+        self._scores, self._censor, self._index = [], [], []
+        self.level_start = np.full(1, self.n_counted, dtype=np.int64)
+        self.level = np.full(1, -np.inf)
+        self.gpd = None
 
     def _gpd_at(self, t: float) -> tuple[float, float]:
         """(shape, scale) of the last GPD fit for excesses over ``t``: excesses over a GPD's
@@ -533,7 +549,7 @@ class StreamQuantileThreshold:
             scores, censor, index = (np.concatenate(a) for a in (self._scores, self._censor, self._index))
         else:
             scores, censor, index = np.empty(0), np.empty(0), np.empty(0, dtype=np.int64)
-        oldest = self.n_counted - self.window
+        oldest = max(self.n_counted - self.window, self.history_start)
         if len(index) and index[0] < oldest:
             live = index >= oldest
             scores, censor, index = scores[live], censor[live], index[live]
@@ -551,6 +567,7 @@ class StreamQuantileThreshold:
             "value": self.value,
             "start": self.start.to_dict(),
             "n_counted": self.n_counted,
+            "history_start": self.history_start,
             "tokens": self.tokens,
             "fitted_at": self.fitted_at,
             "shape_fitted_at": self.shape_fitted_at,
@@ -573,6 +590,7 @@ class StreamQuantileThreshold:
             return
         self.start.load_dict(state["start"])
         self.n_counted = int(state["n_counted"])
+        self.history_start = int(state.get("history_start", 0))  # absent before the restart existed
         self.tokens = float(state["tokens"])
         self.fitted_at = int(state["fitted_at"])
         self.shape_fitted_at = int(state["shape_fitted_at"])
