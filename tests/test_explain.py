@@ -226,3 +226,23 @@ def shifted_feature_rate(make, D, covariance_type, seed, n_train=20_000, n_test=
 def test_a_shifted_feature_is_named_first(stream_name, seeds, D, covariance_type):
     rates = [shifted_feature_rate(STREAMS[stream_name], D, covariance_type, seed) for seed in seeds]
     assert min(rates) >= 0.95, f"{stream_name} D={D} {covariance_type}: rates {rates}"
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_a_glitch_value_however_large_gets_the_explanation_of_a_merely_far_one(stream, covariance_type):
+    # An overflowed counter or a float-max sentinel: the expected value, normal range and
+    # component must not depend on how absurd the value is (they were differences of numbers
+    # that large: "expected -7.8" at 1e12, the wrong component, expected 0 beyond 1e16).
+    geometry = model_geometry(_fitted(stream, covariance_type))
+    point = stream[5].copy()
+    explanations = []
+    for value in (1e5, 1e12, 1e20, 3.4e38):
+        point[2] = value
+        explanations.append(explain(point[None], geometry, n_top=2))
+    first = explanations[0]
+    for e in explanations[1:]:
+        assert e.top[0, 0] == 2 and e.component[0] == first.component[0]
+        np.testing.assert_allclose(e.expected, first.expected, rtol=1e-9)
+        np.testing.assert_allclose(e.sd, first.sd, rtol=1e-12)
+    z = [abs(e.z[0, 0]) for e in explanations]
+    assert z == sorted(z) and z[-1] > 1e30  # the distance is still the value's own

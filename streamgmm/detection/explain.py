@@ -39,6 +39,13 @@ MODEL_BOUND = "model_bound"
 # highest (10 nats x max(D, 10)) of log-density; points further down are computed exactly.
 INTERPOLATION_NODES = 512
 INTERPOLATION_SPAN_PER_FEATURE = 10.0
+# For the arithmetic of the explanation, a value further than this many of a component's
+# standard deviations beyond every component is brought back to that distance: further out,
+# the expected value (the value less its own residual) and the density with the feature
+# repaired (a huge density plus a huge z ** 2 / 2) are differences of numbers that large, with
+# no correct digit left (a counter at 1e12 was "expected" at -7.8, and the wrong component
+# chosen).  The value, its z and the distance reported are still the original's.
+EXPLAIN_CLIP_SD = 1e4
 
 
 class TailModel(Protocol):
@@ -63,7 +70,8 @@ class ComponentGeometry:
 
     log_weights : (K,); means : (K, D); precisions : (K, D, D) (diagonal for diag and
     spherical covariances); log_det : (K,) log-determinant of each covariance; usual : (K,)
-    whether the component scores points (False for rare structure).
+    whether the component scores points (False for rare structure); sd : (K, D) each
+    feature's standard deviation in each component.
     """
 
     log_weights: np.ndarray
@@ -71,6 +79,7 @@ class ComponentGeometry:
     precisions: np.ndarray
     log_det: np.ndarray
     usual: np.ndarray
+    sd: np.ndarray
 
     @property
     def n_features(self) -> int:
@@ -127,7 +136,8 @@ def component_geometry(weights, means, covariances, covariance_type: str, rare_w
     log_det = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
     with np.errstate(divide="ignore"):
         log_weights = np.log(weights)
-    return ComponentGeometry(log_weights, means, precisions, log_det, usual_components(weights, rare_weight))
+    sd = np.sqrt(np.diagonal(full, axis1=1, axis2=2))
+    return ComponentGeometry(log_weights, means, precisions, log_det, usual_components(weights, rare_weight), sd)
 
 
 def model_geometry(model) -> ComponentGeometry:
@@ -167,8 +177,10 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
     most mahalanobis ** 2), and a feature that is off only because the first one is (its
     expected value given the first was off) is not named after it.
     """
-    X = np.asarray(X, dtype=float)
-    n, n_features = X.shape
+    original = np.asarray(X, dtype=float)
+    n, n_features = original.shape
+    reach = EXPLAIN_CLIP_SD * geometry.sd
+    X = np.clip(original, (geometry.means - reach).min(axis=0), (geometry.means + reach).max(axis=0))
     with np.errstate(over="ignore", invalid="ignore"):
         diff = X[:, np.newaxis, :] - geometry.means[np.newaxis]  # (n, K, D)
         p_diff = np.einsum("kij,nkj->nki", geometry.precisions, diff)  # P x_c per component
@@ -201,6 +213,13 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
             # x_j moved to its expected value: P x_c changes by -shift times P's column j.
             p_x = p_x - shift[:, np.newaxis] * precision[rows, :, j]
     mahalanobis = np.sqrt(np.maximum(squared[rows, component], 0.0))
+    far = np.flatnonzero(np.any(X != original, axis=1))
+    if len(far):  # the first feature's z and the distance, of the value as it is (see EXPLAIN_CLIP_SD)
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff_far = original[far] - geometry.means[component[far]]
+            p_far = np.einsum("nij,nj->ni", precision[far], diff_far)
+            z[far, 0] = p_far[np.arange(len(far)), top[far, 0]] * sd[far, top[far, 0]]
+            mahalanobis[far] = np.sqrt(np.einsum("ni,ni->n", diff_far, p_far))
     return Explanation(component, mahalanobis, top, expected, np.take_along_axis(sd, top, axis=1), z)
 
 
