@@ -113,6 +113,37 @@ def test_restore_refuses_a_different_dimension():
         Detector(_config(input={"dimension": 5})).restore(a.state(5.0))
 
 
+def test_a_restart_applies_the_settings_a_learned_model_can_change_and_names_the_others():
+    rng = np.random.default_rng(6)
+    X, _ = random_mixture(3, 4, rng).sample(4000, rng)
+    a = Detector(_config(threshold={"quantile": 0.01}))
+    _run(a, X)
+    b = Detector(_config(model={"n_components": 5, "covariance_type": "diag", "half_life": 5000, "rare_weight": 0.02},
+                         threshold={"quantile": 0.001}))
+    b.restore(a.state(5.0))
+    assert b.model.half_life == 5000 and b.model.rare_weight == 0.02  # applied
+    assert b.model.n_components_ == 3 and b.model.covariance_type_ == "full"  # kept, and said
+    notes = "\n".join(b.restore_notes)
+    assert "model.half_life is now 5000" in notes and "model.rare_weight is now 0.02" in notes
+    assert "model.n_components: the config says 5 but the checkpoint's model has 3" in notes
+    assert "model.covariance_type: the config says 'diag'" in notes and "checkpoint.dir" in notes
+    assert "threshold.quantile is now 0.001 (the checkpoint's threshold was for 0.01)" in notes
+    assert b.threshold.value < a.threshold.value  # re-estimated for the rarer quantile at once
+    unchanged = Detector(_config(threshold={"quantile": 0.01}))
+    unchanged.restore(a.state(5.0))
+    assert unchanged.restore_notes == [] and unchanged.threshold.value == a.threshold.value
+
+
+def test_a_fixed_threshold_takes_the_configured_value_after_a_restart():
+    rng = np.random.default_rng(7)
+    X, _ = random_mixture(3, 4, rng).sample(1000, rng)
+    a = Detector(_config(threshold={"mode": "fixed", "value": -20.0}))
+    _run(a, X)
+    b = Detector(_config(threshold={"mode": "fixed", "value": -30.0}))
+    b.restore(a.state(5.0))
+    assert b.threshold.value == -30.0
+
+
 def test_offsets_track_every_partition_including_invalid_records():
     detector = Detector(_config())
     records = [InputRecord("a", 0, 10, b"bad"), InputRecord("a", 1, 4, encode([1, 2, 3, 4], "float64")),

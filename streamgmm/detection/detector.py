@@ -100,6 +100,7 @@ class Detector:
             alpha=m.alpha, t0=m.t0, half_life=m.half_life, reg_covar=m.reg_covar, min_weight=m.min_weight,
             rare_weight=m.rare_weight, random_state=m.random_state)
         self.threshold = make_threshold(config.threshold)
+        self.restore_notes: list[str] = []  # what a restore took from the config, or could not
         self.decoder = Decoder(config.input)
         self.offsets: dict[tuple[str, int], int] = {}
         self.n_valid = self.n_invalid = self.n_anomalies = self.n_updates = 0
@@ -303,6 +304,31 @@ class Detector:
             raise ValueError(f"its state record is malformed ({type(exc).__name__}: {exc}); point "
                              "checkpoint.dir (or checkpoint.topic) at a new one to start afresh") from None
 
+    def _take_model_settings(self) -> list[str]:
+        """The restored model takes the config's settings that a learned model can change (step
+        sizes, forgetting, the covariance floor, rare_weight, and the warm-up's while it lasts):
+        a restart is how an operator applies them.  Returns what changed, and what could not: a
+        learned model keeps its size and covariance type."""
+        m, model = self.config.model, self.model
+        current = model.get_params(deep=False)
+        wanted = {"alpha": m.alpha, "t0": m.t0, "half_life": m.half_life, "reg_covar": m.reg_covar,
+                  "min_weight": m.min_weight, "rare_weight": m.rare_weight, "max_components": m.max_components,
+                  "warmup": m.warmup}
+        changed = {name: value for name, value in wanted.items() if current[name] != value}
+        notes = [f"model.{name} is now {value!r} (the checkpoint's model had {current[name]!r})"
+                 for name, value in changed.items()]
+        if changed:
+            model.set_params(**changed)
+        for name in ("n_components", "covariance_type"):
+            configured = getattr(m, name)
+            if configured != current[name]:
+                learned = (f", learned: {getattr(model, name + '_')!r}" if model.is_initialized else "")
+                notes.append(f"model.{name}: the config says {configured!r} but the checkpoint's model has "
+                             f"{current[name]!r}{learned}, which a learned model cannot change: it is kept; "
+                             "to start a model of the new size, point checkpoint.dir (and checkpoint.topic) "
+                             "at new ones")
+        return notes
+
     def _restore(self, state: dict) -> None:
         if state.get("kind") != STATE_KIND:
             raise ValueError(f"not a detector checkpoint (kind={state.get('kind')!r})")
@@ -319,6 +345,14 @@ class Detector:
                 f"{list(configured)}: the same names in the same order, or a new checkpoint.dir for a new feature set"
             )
         self.model = OnlineGaussianMixture.from_dict(state["model"])
+        self.restore_notes = self._take_model_settings()
+        saved_quantile = state["threshold"].get("quantile")
+        if state["threshold"]["mode"] != self.threshold.mode:
+            self.restore_notes.append(f"threshold.mode is now {self.threshold.mode} (the checkpoint's threshold was "
+                                      f"{state['threshold']['mode']}): it starts afresh")
+        elif saved_quantile is not None and saved_quantile != getattr(self.threshold, "quantile", saved_quantile):
+            self.restore_notes.append(f"threshold.quantile is now {self.threshold.quantile} (the checkpoint's threshold "
+                                      f"was for {saved_quantile}): re-estimated from the stream's scores")
         if state["threshold"]["mode"] == self.threshold.mode:
             self.threshold.load_dict(state["threshold"])
         self.threshold.update(self.model)

@@ -205,7 +205,7 @@ class FixedThreshold:
         return {"mode": self.mode, "value": self.value}
 
     def load_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+        """The configured value stands (a restart is how it is changed)."""
 
 
 class ModelQuantileThreshold:
@@ -262,9 +262,11 @@ class ModelQuantileThreshold:
         """Only the model moves this threshold."""
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "value": self.value, "refreshed_at": self.refreshed_at}
+        return {"mode": self.mode, "value": self.value, "refreshed_at": self.refreshed_at, "quantile": self.quantile}
 
     def load_dict(self, state: dict) -> None:
+        if state.get("quantile", self.quantile) != self.quantile:
+            return  # a value for another quantile: re-estimated at the next update
         self.value = None if state["value"] is None else float(state["value"])
         self.refreshed_at = int(state["refreshed_at"])
 
@@ -564,6 +566,7 @@ class StreamQuantileThreshold:
         scores, censor, index = self._peaks()
         return {
             "mode": self.mode,
+            "quantile": self.quantile,
             "value": self.value,
             "start": self.start.to_dict(),
             "n_counted": self.n_counted,
@@ -604,6 +607,8 @@ class StreamQuantileThreshold:
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]
         self._censor = [np.asarray(state["peak_censor"], dtype=float).copy()]
         self._index = [np.asarray(state["peak_index"], dtype=np.int64).copy()]
+        if state.get("quantile", self.quantile) != self.quantile and self.n_counted:
+            self.refit()  # the same peaks, the configured quantile: z_q at once, not a refit later
 
 
 def make_threshold(config: ThresholdConfig):

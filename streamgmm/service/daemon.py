@@ -55,6 +55,11 @@ RESTORE_IO_ERRORS = (KafkaException, OSError, TimeoutError)
 STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
 
 
+def _log_restore_notes(what: str, detector: Detector) -> None:
+    for note in detector.restore_notes:
+        log.warning("%s: %s", what, note)
+
+
 class Daemon:
     """Runs until ``stop()``; survives broker outages; never exits on its own."""
 
@@ -201,6 +206,7 @@ class Daemon:
                          self.detector.n_valid, self.detector.model.n_seen_, json.dumps(state["offsets"]))
             elif self.config.model.init_from:
                 self.detector.restore(self._initial_state())
+            _log_restore_notes("the global model", self.detector)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.metrics.observe_model(self.detector.model)
@@ -247,6 +253,7 @@ class Daemon:
             if self._initial is None:  # read at start-up, unless start_up was skipped
                 self._initial = self._initial_state()
             detector.restore(copy.deepcopy(self._initial))  # no arrays shared between partitions' models
+        _log_restore_notes(f"model {key}", detector)
         return detector
 
     def _restores_failed(self, failed: dict[tuple[str, int], str]) -> list[tuple[str, int]]:
