@@ -29,6 +29,8 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         ({"kafka": {"output_topic": "features"}}, "must differ from the inputs"),
         ({"threshold": {"learn_from_anomalies": "no"}}, "threshold.learn_from_anomalies: expected true or false, got 'no'"),
         ({"kafka": {"poll_timeout_ms": 0}}, "kafka.poll_timeout_ms: 0 is not allowed; use an integer >= 1"),
+        ({"input": {"fields": ["a", "a", "b"]}}, "input.fields: ('a', 'a', 'b') is not allowed; list each field name once"),
+        ({"threshold": {"adopt_flag_rate": 2.0}}, "or null for 10 x threshold.quantile (threshold.adopt: false never adopts)"),
         ({"kafka": {"dead_letter_max_bytes": 3_000_000}},
          "kafka.dead_letter_max_bytes: 3000000 is not allowed; use at most half the producer's message.max.bytes (1000000)"),
         ({"kafka": {"producer": {"message.max.bytes": 100_000}}},
@@ -38,6 +40,13 @@ def test_reference_config_is_valid_and_equals_the_defaults():
 def test_invalid_config_names_the_key_and_value(raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict(raw)
+
+
+def test_an_environment_variable_with_one_underscore_after_its_section_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("environment variable STREAMGMM_MODEL_WARMUP: a section and its "
+                                                    "key are separated by two underscores (STREAMGMM_MODEL__WARMUP)")):
+        config_from_dict({}, environ={"STREAMGMM_MODEL_WARMUP": "7"})
+    config_from_dict({}, environ={"STREAMGMM_FAULT_CHECKPOINT_PAUSE_SECONDS": "1"})  # not a config variable
 
 
 def test_environment_overrides_any_key():

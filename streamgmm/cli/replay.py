@@ -67,6 +67,9 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
                 first = False
                 if fields is not None:
                     missing = [f for f in fields if f not in parts]
+                    if missing and line.lstrip().startswith("{"):
+                        raise InputError("the input looks like JSON lines, read as CSV: use --format json "
+                                         "(or input.format: json)")
                     if missing:
                         raise InputError(f"the CSV header lacks input.fields {missing} (it has "
                                          f"{delimiter.join(parts)}): list columns the file has in input.fields")

@@ -271,7 +271,12 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
     kafka.security / consumer / producer the key is librdkafka's name with dots written as
     underscores: ``STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD`` sets ``sasl.password``.
     """
+    sections = tuple(f"{ENV_PREFIX}{field.name.upper()}_" for field in dataclasses.fields(Config))
     for name, text in sorted(environ.items()):
+        if name.startswith(sections) and "__" not in name:
+            section = next(prefix for prefix in sections if name.startswith(prefix))
+            raise ConfigError(f"environment variable {name}: a section and its key are separated by two "
+                              f"underscores ({section[:-1]}__{name[len(section):]})")
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
@@ -341,6 +346,7 @@ def _rules(config: Config):
     yield "input.dimension", i.dimension >= 1, "use an integer >= 1"
     yield ("input.fields", i.fields is None or len(i.fields) == i.dimension,
            f"list exactly input.dimension={i.dimension} field names")
+    yield "input.fields", i.fields is None or len(set(i.fields)) == len(i.fields), "list each field name once"
     yield "input.max_message_bytes", i.max_message_bytes >= 1, "use an integer >= 1"
     yield "input.csv_delimiter", len(i.csv_delimiter) == 1, "use a single character"
     auto = m.n_components == "auto"
@@ -362,7 +368,7 @@ def _rules(config: Config):
     yield "threshold.quantile", t.mode == "fixed" or 0 < t.quantile < 0.5, "use a fraction in (0, 0.5)"
     yield "threshold.value", t.mode != "fixed" or t.value is not None, "threshold.mode=fixed needs a log-density value"
     yield ("threshold.adopt_flag_rate", t.adopt_flag_rate is None or 0 < t.adopt_flag_rate < 1,
-           "use a fraction in (0, 1), or null to never adopt")
+           "use a fraction in (0, 1), or null for 10 x threshold.quantile (threshold.adopt: false never adopts)")
     yield "threshold.adopt_window", t.adopt_window >= 1, "use a number of points >= 1"
     yield "threshold.adopt_after", t.adopt_after >= 0, "use a number of points >= 0"
     yield ("threshold.window", t.window is None or t.window >= 1_000,
