@@ -174,6 +174,10 @@ def cmd_replay(args) -> int:
         print(f"streamgmm: none of the {summary['n_records']} records was valid as {fmt} with "
               f"input.dimension={config.input.dimension}; check --format and input.fields", file=sys.stderr)
         return 1
+    if summary["n_valid"] and summary["n_valid"] < config.model.warmup:
+        print(f"streamgmm: only {summary['n_valid']} valid records, fewer than the warm-up "
+              f"(model.warmup={config.model.warmup}): no model was made and nothing was scored; "
+              "replay more data or set a smaller model.warmup", file=sys.stderr)
     return 0
 
 
