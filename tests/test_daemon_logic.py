@@ -229,6 +229,33 @@ def test_a_rewind_never_goes_behind_the_commit_the_partition_was_assigned_at(tmp
     assert daemon.source.seeks[-1] == ("in", 0, 900) and daemon.detector.offsets[("in", 0)] == 900
 
 
+def test_with_nothing_assigned_readiness_says_whether_kafka_is_unreachable_or_the_input_topic_missing(tmp_path):
+    from confluent_kafka import KafkaError, KafkaException
+
+    daemon = _daemon(tmp_path)
+    daemon.assigned = frozenset()
+    daemon.source.poll = lambda n, timeout: {}
+    daemon.source.cached_watermarks = lambda assigned: {}
+    daemon.source.missing = lambda topics, timeout: ["features"]
+    daemon._turn()
+    assert daemon.readiness()[1] == ("input topic(s) features do not exist: create them or fix "
+                                     "kafka.input_topics")
+
+    def unreachable(topics, timeout):
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+
+    daemon.source.missing = unreachable
+    daemon._turn()  # asked again only after a while
+    assert "input topic" in daemon.readiness()[1]
+    daemon._unassigned_checked -= 60.0
+    daemon._turn()
+    assert daemon.readiness()[1].startswith("cannot reach Kafka at 127.0.0.1:9092 (")
+    daemon.source.missing = lambda topics, timeout: []
+    daemon._unassigned_checked -= 60.0
+    daemon._turn()  # joining, or a standby member
+    assert daemon.readiness()[1] == "no partitions assigned (a standby member of the group, or joining)"
+
+
 def test_a_kafka_batch_gives_the_same_sources_as_its_records():
     from streamgmm.service.kafka import as_batch
 

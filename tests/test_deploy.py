@@ -165,7 +165,8 @@ def test_alert_rules_use_only_contract_metrics():
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
     assert {a["alert"] for a in alerts} >= {
         "StreamgmmDown", "StreamgmmAbsent", "StreamgmmLoopStalled", "StreamgmmConsumerStalled", "StreamgmmLagGrowing",
-        "StreamgmmCheckpointFailing", "StreamgmmNotReady", "StreamgmmAnomalyRateSpike", "StreamgmmStateRestoreFailing"}
+        "StreamgmmCheckpointFailing", "StreamgmmNotReady", "StreamgmmAnomalyRateSpike", "StreamgmmStateRestoreFailing",
+        "StreamgmmNothingAssigned", "StreamgmmBrokerErrors"}
     for alert in alerts:
         unknown = _referenced(alert["expr"]) - CONTRACT
         assert not unknown, (alert["alert"], unknown)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import threading
 import time
 from typing import Callable
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 # The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
+# With no partition assigned, the loop asks the cluster this often why (broker unreachable,
+# input topics missing), for /readyz and the log; each question waits at most the timeout.
+UNASSIGNED_CHECK_SECONDS = 15.0
+UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 
 
 class StartupError(RuntimeError):
@@ -93,6 +98,9 @@ class Daemon:
         # never goes behind it, even when the group cannot say its commit at that moment (what
         # lies before it was learned by the member that committed it).
         self._commits_at_assignment: dict[tuple[str, int], int] = {}
+        # Why no partition is assigned, when the cluster says (None: joining, or a standby member).
+        self._unassigned_reason: str | None = None
+        self._unassigned_checked = -math.inf
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
@@ -119,7 +127,7 @@ class Daemon:
         if self.source is None:
             return False, "not connected to Kafka yet", {}
         if not self.assigned:
-            return False, "no partitions assigned (a standby member of the group, or joining)", {}
+            return False, self._unassigned_reason or "no partitions assigned (a standby member of the group, or joining)", {}
         details, warming = {}, []
         for topic, partition in sorted(self.assigned):
             name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
@@ -398,7 +406,7 @@ class Daemon:
         self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
-                                          for tp in starts))
+                                          for tp in starts) or "no partitions")
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: everything processed so far is checkpointed and committed
@@ -459,6 +467,7 @@ class Daemon:
 
     def _turn(self) -> None:
         self._retry_restores()
+        self._ask_why_unassigned()
         polled = self._poll() if self._fatal is None else {}
         if self._fatal is not None:
             return  # stopping on a partition's state: nothing more is processed
@@ -469,6 +478,27 @@ class Daemon:
         self.sink.serve()
         if self.checkpointer.due():
             self._checkpoint()
+
+    def _ask_why_unassigned(self) -> None:
+        """With nothing assigned for a while, ask the cluster why: unreachable, or input topics
+        that do not exist (a standby member or a group still joining has neither)."""
+        now = time.monotonic()
+        if self.assigned or now - self._unassigned_checked < UNASSIGNED_CHECK_SECONDS:
+            if self.assigned:
+                self._unassigned_reason = None
+            return
+        self._unassigned_checked = now
+        inputs = self.config.kafka.input_topics
+        try:
+            missing = self.source.missing(inputs, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
+            reason = (f"input topic(s) {', '.join(missing)} do not exist: create them or fix kafka.input_topics"
+                      if missing else None)
+        except KafkaException as exc:
+            reason = (f"cannot reach Kafka at {','.join(self.config.kafka.bootstrap_servers)} "
+                      f"({kafka_error_text(exc)})")
+        if reason is not None and reason != self._unassigned_reason:
+            log.error("no partitions assigned: %s", reason)
+        self._unassigned_reason = reason
 
     def _poll(self) -> dict:
         k = self.config.kafka

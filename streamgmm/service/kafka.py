@@ -256,6 +256,12 @@ class KafkaSource:
         self.consumer.subscribe(list(topics), on_assign=lambda c, tps: on_assign(tps),
                                 on_revoke=lambda c, tps: on_revoke(tps), on_lost=lambda c, tps: on_lost(tps))
 
+    def missing(self, topics, timeout: float) -> list[str]:
+        """Those of ``topics`` the cluster does not have (asking for all topics creates none);
+        KafkaException when it cannot be asked."""
+        found = self.consumer.list_topics(timeout=timeout).topics
+        return [t for t in topics if t not in found or found[t].error is not None]
+
     def poll(self, max_messages: int, timeout_seconds: float) -> dict[tuple[str, int], list[Message]]:
         """The next messages by partition (errors logged and dropped)."""
         # consume(n, timeout) waits until it has n messages or the timeout passed: a live stream
