@@ -185,6 +185,24 @@ def test_a_new_cluster_is_adopted_but_a_short_burst_is_not():
     assert sum(len(r.anomalies) for r in results[-5:]) / 5_000 > 0.15  # never learned
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_self_sized_model_grows_a_component_for_a_cluster_that_appears_later(seed):
+    # An operator's stream: one Gaussian through the warm-up (auto chooses K=1), then 10% of the
+    # points from a new cluster. Adopting it by stretching the one component never ended: the
+    # new cluster was flagged at 100% for 50,000 points and more.
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(70_000, 3))
+    late = np.zeros(len(X), dtype=bool)
+    late[20_000:] = rng.random(50_000) < 0.1
+    X[late] += 8.0
+    detector = Detector(_config(input={"dimension": 3}, model={"n_components": "auto", "warmup": 1000}))
+    flags = np.concatenate([r.flags for r in _run(detector, X, batch=1000)])
+    scored_late = late[1000:]
+    assert detector.model.n_components_ >= 2
+    assert flags[-10_000:][scored_late[-10_000:]].mean() < 0.05  # adopted
+    assert flags[-10_000:][~scored_late[-10_000:]].mean() < 0.003  # the rest about q (0.001)
+
+
 def test_a_backlog_taken_in_one_batch_is_flagged_as_in_small_batches():
     # A daemon started on a backlog polls large batches from the first one on. The young
     # model's threshold must still be refreshed on its schedule inside such a batch, not left

@@ -289,3 +289,21 @@ def test_a_zero_inflated_feature_keeps_its_rare_values_in_the_warm_up():
     X[rng.choice(1000, 8, replace=False), 1] = 5000.0  # under 1%: the feature's central spread is ~6
     model = OnlineGaussianMixture(warmup=1000, random_state=0).partial_fit(X)
     assert model.n_seen_ == 1000
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_a_component_added_for_a_new_cluster_takes_its_points(covariance_type):
+    rng = np.random.default_rng(8)
+    model = OnlineGaussianMixture(1, covariance_type=covariance_type, max_components=3, warmup=1000, random_state=0)
+    model.partial_fit(rng.normal(size=(1000, 3)))
+    new = rng.normal(size=(40, 3)) * 0.5 + 8.0
+    model.add_component(new, weight=0.1)
+    assert model.n_components_ == 2 and np.isclose(model.weights_.sum(), 1.0)
+    np.testing.assert_allclose(model.weights_, [0.9, 0.1], atol=1e-9)
+    np.testing.assert_allclose(model.means_[1], new.mean(axis=0), atol=1e-9)
+    for _ in range(20):  # the stream goes on with the new cluster at 10%
+        model.partial_fit(np.vstack([rng.normal(size=(90, 3)), rng.normal(size=(10, 3)) * 0.5 + 8.0]))
+    assert model.predict(np.array([[8.0, 8.0, 8.0]]))[0] == 1 and abs(model.weights_[1] - 0.1) < 0.03
+    model.add_component(rng.normal(size=(5, 3)) - 8.0, weight=0.01)
+    with pytest.raises(ValueError, match="max_components=3"):
+        model.add_component(rng.normal(size=(5, 3)), weight=0.01)

@@ -108,6 +108,7 @@ class Detector:
         # and for how many points in a row it has been above threshold.adopt_flag_rate.
         self.flag_rate = 0.0
         self.points_above = 0
+        self.grew_in_adoption = False  # the adoption under way has added its component
         self._geometry_cache: ComponentGeometry | None = None
         self._geometry_of: int | None = None  # the model version it is of
 
@@ -196,6 +197,13 @@ class Detector:
         self.n_anomalies += int(flags.sum())
         self.threshold.observe(scored.log_density, flags)
         learned = self._learn_flagged(flags) | ~flags
+        if self._may_grow(flags):
+            # A new regime: its own component (stretching the ones there are to it would take
+            # them away from what they explain: a model that sized itself at one component
+            # never adopted a cluster that appeared later), then learned as a batch of it.
+            self.model.add_component(X[flags], weight=self.flag_rate)
+            self.grew_in_adoption = True
+            scored = self.model.score_batch(X)
         if learned.any():
             self.model.learn(scored, sample_weight=learned.astype(float))
             result.n_learned += int(np.count_nonzero(learned & np.isfinite(scored.log_density)))
@@ -217,6 +225,12 @@ class Detector:
         """True while a sustained excess of flagged points is being learned as a new regime."""
         return self.adopt_flag_rate is not None and self.points_above >= self.config.threshold.adopt_after
 
+    def _may_grow(self, flags) -> bool:
+        """An adoption may add one component: the model sizes itself (model.n_components: auto)
+        and is under model.max_components, and this step has points to seed it."""
+        return (self.adopting and not self.grew_in_adoption and self.config.model.n_components == "auto"
+                and self.model.n_components_ < self.model.max_components and int(np.count_nonzero(flags)) >= 2)
+
     def _learn_flagged(self, flags) -> bool:
         """Whether this batch's flagged points are learned too.
 
@@ -234,6 +248,7 @@ class Detector:
             self.points_above += len(flags)
         else:
             self.points_above = 0
+            self.grew_in_adoption = False
         return t.learn_from_anomalies or self.adopting
 
     # ------------------------------------------------------------ output records
@@ -293,7 +308,8 @@ class Detector:
             "threshold": self.threshold.to_dict(),
             "offsets": offsets,
             "counters": {**{name: getattr(self, name) for name in COUNTERS},
-                         "flag_rate": self.flag_rate, "points_above": self.points_above},
+                         "flag_rate": self.flag_rate, "points_above": self.points_above,
+                         "grew_in_adoption": self.grew_in_adoption},
         }
 
     def restore(self, state: dict) -> None:
@@ -361,6 +377,7 @@ class Detector:
             setattr(self, name, int(counters[name]))
         self.flag_rate = float(counters.get("flag_rate", 0.0))
         self.points_above = int(counters.get("points_above", 0))
+        self.grew_in_adoption = bool(counters.get("grew_in_adoption", False))
         self.offsets = {
             (topic, int(partition)): int(offset)
             for topic, partitions in state["offsets"].items()

@@ -563,6 +563,45 @@ class OnlineGaussianMixture(MixtureBase):
         if self._S2_full is not None and self.n_seen_ >= self._next_review:
             self._review_covariance_type()
 
+    # ------------------------------------------------------------------ growth
+    def add_component(self, X, weight: float) -> None:
+        """Give these points (original units, a new regime the model does not explain: a
+        cluster that appeared after the warm-up) a component of their own, of mixture weight
+        ``weight``: their mean, and their covariance shrunk toward the components' pooled one
+        (with the weight of D + 2 points, so a few points in many dimensions are safe).  The
+        model then learns it like the others.  A model with ``max_components`` already does not
+        grow: ValueError."""
+        self._check_fitted()
+        K, D = self._means.shape
+        if K >= self.max_components:
+            raise ValueError(f"the model already has max_components={self.max_components} components")
+        X = np.clip(self._to_internal(self._check_X(X)), -LEARN_CLIP, LEARN_CLIP)
+        if len(X) < 2:
+            raise ValueError("a new component needs at least 2 points")
+        mean, centred = X.mean(axis=0), X - X.mean(axis=0)
+        prior_points = D + 2.0
+        covariances = self._covariances
+        if self.covariance_type_ == "full":
+            pooled = np.average(covariances, axis=0, weights=self._weights)
+            own = (centred.T @ centred + prior_points * pooled) / (len(X) + prior_points)
+            covariances = np.concatenate([covariances, own[np.newaxis]])
+        elif self.covariance_type_ == "diag":
+            pooled = np.average(covariances, axis=0, weights=self._weights)
+            own = ((centred**2).sum(axis=0) + prior_points * pooled) / (len(X) + prior_points)
+            covariances = np.concatenate([covariances, own[np.newaxis]])
+        elif self.covariance_type_ == "spherical":
+            pooled = float(np.average(covariances, weights=self._weights))
+            own = ((centred**2).sum() / D + prior_points * pooled) / (len(X) + prior_points)
+            covariances = np.append(covariances, own)
+        share = float(np.clip(weight, 2.0 * self.min_weight, 0.5))
+        mass = np.append(self._S0, share / (1.0 - share) * self._S0.sum())
+        self._S0, self._S1, self._S2 = g.statistics_from_parameters(
+            mass, np.vstack([self._means, mean]), covariances, self.covariance_type_, self.reg_covar)
+        self.n_components_ = K + 1
+        self._refresh_parameters(candidates=None)
+        if self._S2_full is not None:
+            self._start_type_review()  # the full moments beside it gain the component too
+
     # ------------------------------------------------------- covariance type review
     def _start_type_review(self) -> None:
         """Keep full second moments beside a chosen type other than full (see ``_review_covariance_type``)."""
