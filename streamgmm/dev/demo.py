@@ -121,7 +121,7 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
             producer.start()
             print(f"  metrics while it runs: curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^streamgmm_")
             started = time.monotonic()
-            first_seen = None
+            first_seen = produced_at = None
             last_consumed, last_time = 0.0, time.monotonic()
             ticks = 0
             while time.monotonic() - started < timeout:
@@ -134,6 +134,8 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
                 text = _scrape(metrics_port)
                 consumed = _metric(text, "streamgmm_messages_consumed_total")
                 now = time.monotonic()
+                if produced_at is None and not producer.is_alive():
+                    produced_at = now
                 if consumed and first_seen is None:
                     first_seen = now - 0.25
                 done = consumed >= messages
@@ -171,8 +173,15 @@ def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | Non
     print("\nsummary")
     # From the first message counted to the last: when the producer was done before the daemon was
     # ready, this is the rate at which the daemon caught up with a backlog, not the producer's.
-    print(f"  messages consumed   {consumed:,.0f} of {messages:,} in {elapsed:.1f} s from the first one counted "
-          f"({consumed / max(elapsed, 1e-9):,.0f} msg/s; the producer sends at most {rate:,.0f} msg/s)")
+    backlog = produced_at is not None and first_seen is not None and produced_at <= first_seen + 0.25
+    if elapsed < 2.0:
+        timing = f"in under {elapsed:.1f} s from the first one counted (too quick to time at 0.25 s sampling)"
+    else:
+        timing = f"in {elapsed:.1f} s from the first one counted ({consumed / elapsed:,.0f} msg/s)"
+    print(f"  messages consumed   {consumed:,.0f} of {messages:,} {timing}")
+    print("  " + ("the producer (at most {:,.0f} msg/s) had finished before the daemon's first message (joining the "
+                 "group takes a few seconds): the daemon read a backlog" if backlog else
+                 "the producer sends at most {:,.0f} msg/s, live beside the daemon").format(rate))
     print(f"  injected anomalies  {len(injected):,}")
     print(f"  flagged             {len(flagged):,}")
     print(f"  precision           {precision:.3f}")

@@ -454,7 +454,10 @@ class OnlineGaussianMixture(MixtureBase):
     def partial_fit(self, X, y=None, sample_weight=None):
         """Learn from one mini-batch; before the warm-up is complete, buffer it. Returns self.
 
-        The first call checks the parameters (``ValueError`` naming the parameter).
+        The first call checks the parameters (``ValueError`` naming the parameter).  Rows whose
+        density is not finite (values so far out that their standardised square overflows) are
+        scored but not learned from, and absurd rows in the warm-up (``ABSURD_SPREADS``) do not
+        shape the model: ``n_seen_`` counts the rows learned.
         """
         if not self._is_started():
             self._start()
