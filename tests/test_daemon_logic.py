@@ -236,21 +236,21 @@ def test_with_nothing_assigned_readiness_says_whether_kafka_is_unreachable_or_th
     daemon.assigned = frozenset()
     daemon.source.poll = lambda n, timeout: {}
     daemon.source.cached_watermarks = lambda assigned: {}
-    daemon.source.missing = lambda topics, timeout: ["features"]
+    daemon.source.unavailable = lambda topics, timeout: {"features": "does not exist: create it or fix "
+                                                                     "kafka.input_topics"}
     daemon._turn()
-    assert daemon.readiness()[1] == ("input topic(s) features do not exist: create them or fix "
-                                     "kafka.input_topics")
+    assert daemon.readiness()[1] == "input topic features does not exist: create it or fix kafka.input_topics"
 
     def unreachable(topics, timeout):
         raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
 
-    daemon.source.missing = unreachable
+    daemon.source.unavailable = unreachable
     daemon._turn()  # asked again only after a while
     assert "input topic" in daemon.readiness()[1]
     daemon._unassigned_checked -= 60.0
     daemon._turn()
     assert daemon.readiness()[1].startswith("cannot reach Kafka at 127.0.0.1:9092 (")
-    daemon.source.missing = lambda topics, timeout: []
+    daemon.source.unavailable = lambda topics, timeout: {}
     daemon._unassigned_checked -= 60.0
     daemon._turn()  # joining, or a standby member
     assert daemon.readiness()[1] == "no partitions assigned (a standby member of the group, or joining)"

@@ -134,6 +134,21 @@ def test_a_restart_applies_the_settings_a_learned_model_can_change_and_names_the
     assert unchanged.restore_notes == [] and unchanged.threshold.value == a.threshold.value
 
 
+def test_a_restart_keeps_what_a_learned_model_cannot_take_and_says_so():
+    rng = np.random.default_rng(8)
+    X, _ = random_mixture(3, 4, rng).sample(2000, rng)
+    a = Detector(_config(model={"n_components": "auto", "max_components": 8}))
+    _run(a, X)
+    # Valid for K=3 but not for the checkpoint's auto model (min_weight < 1/max_components), and
+    # a warm-up that would change a learned model's step size (t0 null: the warm-up's length).
+    b = Detector(_config(model={"n_components": 3, "min_weight": 0.2, "warmup": 50}))
+    b.restore(a.state(5.0))
+    notes = "\n".join(b.restore_notes)
+    assert "model.min_weight: the config says 0.2, which the checkpoint's model cannot take" in notes
+    assert b.model.min_weight == a.model.min_weight and b.model.warmup == a.model.warmup == 500
+    assert "warmup" not in notes
+
+
 def test_a_fixed_threshold_takes_the_configured_value_after_a_restart():
     rng = np.random.default_rng(7)
     X, _ = random_mixture(3, 4, rng).sample(1000, rng)
@@ -195,10 +210,17 @@ def test_a_self_sized_model_grows_a_component_for_a_cluster_that_appears_later(s
     late = np.zeros(len(X), dtype=bool)
     late[20_000:] = rng.random(50_000) < 0.1
     X[late] += 8.0
+    glitches = np.arange(20_000, 70_000, 997)
+    X[glitches, 0] = 1e9  # an overflowed counter now and then: flagged, never learned
     detector = Detector(_config(input={"dimension": 3}, model={"n_components": "auto", "warmup": 1000}))
-    flags = np.concatenate([r.flags for r in _run(detector, X, batch=1000)])
+    results = _run(detector, X, batch=1000)
+    flags = np.concatenate([r.flags for r in results])
+    for r in results:  # what is reported is what was decided, also in the step that grew the model
+        assert np.all(r.log_density[r.flags] < r.thresholds[r.flags])
+    late[glitches] = False
+    assert flags[glitches - 1000].all()
     scored_late = late[1000:]
-    assert detector.model.n_components_ >= 2
+    assert detector.model.n_components_ >= 2 and np.abs(detector.model.means_).max() < 20
     assert flags[-10_000:][scored_late[-10_000:]].mean() < 0.05  # adopted
     assert flags[-10_000:][~scored_late[-10_000:]].mean() < 0.003  # the rest about q (0.001)
 

@@ -27,8 +27,8 @@ class Consumer:
     assigned with no offset and no commit.  ``committed_failures`` / ``seek_failures``: that many
     reads of the committed offsets / seeks fail first."""
 
-    def missing(self, topics, timeout):
-        return []  # the input topics exist
+    def unavailable(self, topics, timeout):
+        return {}  # the input topics exist and may be read
 
     def __init__(self, logs, group, leak=False, reset="earliest"):
         self.logs, self.group, self.leak, self.reset = logs, group, leak, reset

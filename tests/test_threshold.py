@@ -130,6 +130,28 @@ def test_a_tail_that_gets_lighter_is_followed_not_frozen(seed):
     assert restored.history_start == threshold.history_start
 
 
+@pytest.mark.parametrize("new_q", [0.0005, 0.002, 0.01])
+def test_a_restored_threshold_takes_a_new_quantile_on_the_peaks_it_kept(new_q):
+    # A smaller q has a longer window than the peaks kept: counting the points whose peaks were
+    # never stored halved the tail's share and flagged twice q.
+    rng = np.random.default_rng(1)
+    old = StreamQuantileThreshold(0.001)
+    _feed(old, rng.chisquare(4, 100_000), batch=500)
+    new = StreamQuantileThreshold(new_q)
+    new.load_dict(old.to_dict())
+    fresh = -rng.chisquare(4, 400_000)
+    assert 0.7 * new_q <= new.classify(fresh).mean() <= 1.4 * new_q
+
+
+def test_a_threshold_saved_as_its_history_restarted_restores_under_a_new_quantile():
+    threshold = StreamQuantileThreshold(0.001)
+    _feed(threshold, np.random.default_rng(2).chisquare(4, 30_000))
+    threshold._restart_history()  # as the last step of a batch: nothing counted since
+    restored = StreamQuantileThreshold(0.002)
+    restored.load_dict(threshold.to_dict())  # no division by the empty history
+    assert restored.history_start == restored.n_counted == threshold.n_counted
+
+
 @pytest.mark.parametrize("gamma, sigma", [(0.0, 1.0), (0.3, 2.0), (-0.3, 1.0), (0.7, 0.5)])
 def test_gpd_fit_matches_scipy(gamma, sigma):
     excess = stats.genpareto.rvs(gamma, scale=sigma, size=4_000, random_state=np.random.default_rng(5))

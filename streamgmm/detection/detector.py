@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..mixture.online import OnlineGaussianMixture
+from ..mixture.online import ABSURD_SPREADS, OnlineGaussianMixture
 from .decode import Decoder
 from .explain import ComponentGeometry, explain, explanation_documents, model_geometry, one_in, rarity, rarity_documents
 from .records import (LOWEST_FLOAT, InputRecord, OutputRecord, RecordBatch, anomaly_record, batch_sources,
@@ -196,19 +196,23 @@ class Detector:
             result.scores += self._score_records(batch, rows, scored, flags)
         self.n_anomalies += int(flags.sum())
         self.threshold.observe(scored.log_density, flags)
-        learned = self._learn_flagged(flags) | ~flags
-        if self._may_grow(flags):
+        log_density = scored.log_density  # as decided: reported even if the model grows below
+        # Glitches (absurd values, see ABSURD_SPREADS) are flagged and never learned, not even
+        # while a regime is adopted: one of them would drag a component to it.
+        absurd = flags & (np.abs(scored.X_internal).max(axis=1, initial=0.0) > ABSURD_SPREADS)
+        learned = (self._learn_flagged(flags) | ~flags) & ~absurd
+        if self._may_grow(flags & ~absurd):
             # A new regime: its own component (stretching the ones there are to it would take
             # them away from what they explain: a model that sized itself at one component
             # never adopted a cluster that appeared later), then learned as a batch of it.
-            self.model.add_component(X[flags], weight=self.flag_rate)
+            self.model.add_component(X[flags & ~absurd], weight=self.flag_rate)
             self.grew_in_adoption = True
             scored = self.model.score_batch(X)
         if learned.any():
             self.model.learn(scored, sample_weight=learned.astype(float))
             result.n_learned += int(np.count_nonzero(learned & np.isfinite(scored.log_density)))
             self.n_updates += 1
-        return rows, scored.log_density, flags, components
+        return rows, log_density, flags, components
 
     @property
     def adopt_flag_rate(self) -> float | None:
@@ -228,7 +232,7 @@ class Detector:
     def _may_grow(self, flags) -> bool:
         """An adoption may add one component: the model sizes itself (model.n_components: auto)
         and is under model.max_components, and this step has points to seed it."""
-        return (self.adopting and not self.grew_in_adoption and self.config.model.n_components == "auto"
+        return (self.adopting and not self.grew_in_adoption and self.model.get_params()["n_components"] == "auto"
                 and self.model.n_components_ < self.model.max_components and int(np.count_nonzero(flags)) >= 2)
 
     def _learn_flagged(self, flags) -> bool:
@@ -328,13 +332,22 @@ class Detector:
         m, model = self.config.model, self.model
         current = model.get_params(deep=False)
         wanted = {"alpha": m.alpha, "t0": m.t0, "half_life": m.half_life, "reg_covar": m.reg_covar,
-                  "min_weight": m.min_weight, "rare_weight": m.rare_weight, "max_components": m.max_components,
-                  "warmup": m.warmup}
-        changed = {name: value for name, value in wanted.items() if current[name] != value}
-        notes = [f"model.{name} is now {value!r} (the checkpoint's model had {current[name]!r})"
-                 for name, value in changed.items()]
-        if changed:
-            model.set_params(**changed)
+                  "min_weight": m.min_weight, "rare_weight": m.rare_weight, "max_components": m.max_components}
+        if not model.is_initialized:
+            # Once learned, the warm-up is history: it also sets the step size's offset (t0 null),
+            # and `streamgmm fit` counts an offline fit as that many points.
+            wanted["warmup"] = m.warmup
+        notes = []
+        for name, value in wanted.items():
+            if current[name] == value:
+                continue
+            try:
+                model.set_params(**{name: value})
+            except ValueError as exc:  # allowed by the config, not with this model's size
+                notes.append(f"model.{name}: the config says {value!r}, which the checkpoint's model cannot "
+                             f"take ({exc}): it keeps {current[name]!r}")
+            else:
+                notes.append(f"model.{name} is now {value!r} (the checkpoint's model had {current[name]!r})")
         for name in ("n_components", "covariance_type"):
             configured = getattr(m, name)
             if configured != current[name]:
@@ -369,6 +382,12 @@ class Detector:
         elif saved_quantile is not None and saved_quantile != getattr(self.threshold, "quantile", saved_quantile):
             self.restore_notes.append(f"threshold.quantile is now {self.threshold.quantile} (the checkpoint's threshold "
                                       f"was for {saved_quantile}): re-estimated from the stream's scores")
+        elif saved_quantile is None and hasattr(self.threshold, "quantile"):
+            self.restore_notes.append(f"the checkpoint's threshold does not say its quantile (written by an older "
+                                      f"version): it is taken as is for threshold.quantile={self.threshold.quantile}")
+        elif self.threshold.mode == "fixed" and state["threshold"].get("value") != self.threshold.value:
+            self.restore_notes.append(f"threshold.value is now {self.threshold.value} (the checkpoint's was "
+                                      f"{state['threshold'].get('value')})")
         if state["threshold"]["mode"] == self.threshold.mode:
             self.threshold.load_dict(state["threshold"])
         self.threshold.update(self.model)

@@ -44,7 +44,9 @@ INTERPOLATION_SPAN_PER_FEATURE = 10.0
 # the expected value (the value less its own residual) and the density with the feature
 # repaired (a huge density plus a huge z ** 2 / 2) are differences of numbers that large, with
 # no correct digit left (a counter at 1e12 was "expected" at -7.8, and the wrong component
-# chosen).  The value, its z and the distance reported are still the original's.
+# chosen).  The value reported, the first feature's z and the distance are still the original's;
+# a second far feature of the same row is named in its order (see ``_bring_back``) with the z of
+# the value brought back (about 1e4).
 EXPLAIN_CLIP_SD = 1e4
 
 
@@ -180,7 +182,7 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
     original = np.asarray(X, dtype=float)
     n, n_features = original.shape
     reach = EXPLAIN_CLIP_SD * geometry.sd
-    X = np.clip(original, (geometry.means - reach).min(axis=0), (geometry.means + reach).max(axis=0))
+    X = _bring_back(original, (geometry.means - reach).min(axis=0), (geometry.means + reach).max(axis=0))
     with np.errstate(over="ignore", invalid="ignore"):
         diff = X[:, np.newaxis, :] - geometry.means[np.newaxis]  # (n, K, D)
         p_diff = np.einsum("kij,nkj->nki", geometry.precisions, diff)  # P x_c per component
@@ -221,6 +223,19 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
             z[far, 0] = p_far[np.arange(len(far)), top[far, 0]] * sd[far, top[far, 0]]
             mahalanobis[far] = np.sqrt(np.einsum("ni,ni->n", diff_far, p_far))
     return Explanation(component, mahalanobis, top, expected, np.take_along_axis(sd, top, axis=1), z)
+
+
+def _bring_back(X: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """X with each value beyond [low, high] (per feature) brought back to just past that range,
+    log-compressed so that far values keep their order (a 1e20 glitch stays further out than a
+    1e8 one in the same row, and is named first); at most 2.5 times the range's half-width off
+    its centre.  Values inside are unchanged."""
+    centre, half = (low + high) / 2.0, (high - low) / 2.0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        deviation = X - centre
+        ratio = np.abs(deviation) / half
+        compressed = centre + np.sign(deviation) * half * (1.0 + 1e-3 * np.minimum(np.log(ratio), 1500.0))
+    return np.where(ratio > 1.0, compressed, X)
 
 
 def explanation_documents(X, explanation: Explanation, geometry: ComponentGeometry, names) -> list[dict]:

@@ -453,6 +453,8 @@ class StreamQuantileThreshold:
         self.fitted_at = self.n_counted
         scores, censor, index = self._peaks()
         n = min(self.n_counted - self.history_start, self.window)
+        if n <= 0:
+            return  # nothing counted since the history started
         oldest = self.n_counted - n
         in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
         floor = float(self.level[max(in_force, 0):].max())
@@ -567,6 +569,7 @@ class StreamQuantileThreshold:
         return {
             "mode": self.mode,
             "quantile": self.quantile,
+            "window": self.window,
             "value": self.value,
             "start": self.start.to_dict(),
             "n_counted": self.n_counted,
@@ -607,8 +610,13 @@ class StreamQuantileThreshold:
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]
         self._censor = [np.asarray(state["peak_censor"], dtype=float).copy()]
         self._index = [np.asarray(state["peak_index"], dtype=np.int64).copy()]
-        if state.get("quantile", self.quantile) != self.quantile and self.n_counted:
-            self.refit()  # the same peaks, the configured quantile: z_q at once, not a refit later
+        if state.get("quantile", self.quantile) != self.quantile:
+            # The stored peaks cover the saved window only: a longer one (a smaller q) must not
+            # count points whose peaks were never kept.
+            saved_window = int(state.get("window", self.window))
+            self.history_start = max(self.history_start, self.n_counted - saved_window)
+            if self.n_counted > self.history_start:
+                self.refit()  # the same peaks, the configured quantile: z_q at once, not a refit later
 
 
 def make_threshold(config: ThresholdConfig):

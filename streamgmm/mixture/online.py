@@ -598,12 +598,18 @@ class OnlineGaussianMixture(MixtureBase):
             covariances = np.append(covariances, own)
         share = float(np.clip(weight, 2.0 * self.min_weight, 0.5))
         mass = np.append(self._S0, share / (1.0 - share) * self._S0.sum())
+        if self._S2_full is not None:
+            # The full moments kept for the type review gain the new component's, estimated the
+            # same way; what they have gathered on the others is kept.
+            _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self.reg_covar)
+            pooled = np.average(full, axis=0, weights=self._weights)
+            own = (centred.T @ centred + prior_points * pooled) / (len(X) + prior_points)
+            added = g.statistics_from_parameters(mass[-1:], mean[np.newaxis], own[np.newaxis], "full", self.reg_covar)[2]
+            self._S2_full = np.concatenate([self._S2_full, added])
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
             mass, np.vstack([self._means, mean]), covariances, self.covariance_type_, self.reg_covar)
         self.n_components_ = K + 1
         self._refresh_parameters(candidates=None)
-        if self._S2_full is not None:
-            self._start_type_review()  # the full moments beside it gain the component too
 
     # ------------------------------------------------------- covariance type review
     def _start_type_review(self) -> None:

@@ -490,9 +490,8 @@ class Daemon:
         self._unassigned_checked = now
         inputs = self.config.kafka.input_topics
         try:
-            missing = self.source.missing(inputs, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
-            reason = (f"input topic(s) {', '.join(missing)} do not exist: create them or fix kafka.input_topics"
-                      if missing else None)
+            problems = self.source.unavailable(inputs, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
+            reason = "; ".join(f"input topic {topic} {why}" for topic, why in problems.items()) or None
         except KafkaException as exc:
             reason = (f"cannot reach Kafka at {','.join(self.config.kafka.bootstrap_servers)} "
                       f"({kafka_error_text(exc)})")

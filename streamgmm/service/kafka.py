@@ -256,11 +256,21 @@ class KafkaSource:
         self.consumer.subscribe(list(topics), on_assign=lambda c, tps: on_assign(tps),
                                 on_revoke=lambda c, tps: on_revoke(tps), on_lost=lambda c, tps: on_lost(tps))
 
-    def missing(self, topics, timeout: float) -> list[str]:
-        """Those of ``topics`` the cluster does not have (asking for all topics creates none);
-        KafkaException when it cannot be asked."""
-        found = self.consumer.list_topics(timeout=timeout).topics
-        return [t for t in topics if t not in found or found[t].error is not None]
+    def unavailable(self, topics, timeout: float) -> dict[str, str]:
+        """Why each of ``topics`` that cannot be read now cannot ({} when all can): it does not
+        exist, this consumer may not read it, or the broker's error.  Asking creates no topic (a
+        consumer does not ask for auto-creation); KafkaException when the cluster cannot be asked."""
+        problems = {}
+        for topic in topics:
+            found = self.consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+            error = None if found is None else found.error
+            if found is None or (error is not None and error.code() in MISSING_TOPIC):
+                problems[topic] = "does not exist: create it or fix kafka.input_topics"
+            elif error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                problems[topic] = "may not be read by this consumer: grant it, or fix kafka.security"
+            elif error is not None:
+                problems[topic] = error.str()
+        return problems
 
     def poll(self, max_messages: int, timeout_seconds: float) -> dict[tuple[str, int], list[Message]]:
         """The next messages by partition (errors logged and dropped)."""
