@@ -103,7 +103,9 @@ class Checkpointer:
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
         self.metrics.checkpoint_last_success.set(now)
-        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)", len(paths), duration, paths[-1].parent,
+        where = (paths[-1].parent if len(paths) == 1 else
+                 f"{len(paths)} directories under {paths[-1].parent.parent}" if paths else "nowhere (no model)")
+        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)", len(paths), duration, where,
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
         return Outcome.WRITTEN
 
