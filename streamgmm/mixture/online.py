@@ -150,18 +150,14 @@ class ScoredBatch:
                            self.model_version)
 
 
-def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: str,
-                     rows: np.ndarray | None = None) -> BatchStatistics:
-    """Statistics of the batch's rows (only ``rows`` if given) weighted by ``weight`` (one per
-    row taken); rows whose density is not finite weigh nothing."""
-    X_internal, log_resp, log_density = scored.X_internal, scored.log_resp, scored.log_density
-    if rows is not None:
-        X_internal, log_resp, log_density = X_internal[rows], log_resp[rows], log_density[rows]
-    weight = np.where(np.isfinite(log_density), weight, 0.0)
+def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: str) -> BatchStatistics:
+    """Statistics of the batch's rows weighted by ``weight`` (one per row); rows whose density
+    is not finite weigh nothing."""
+    weight = np.where(np.isfinite(scored.log_density), weight, 0.0)
     with np.errstate(invalid="ignore"):
-        resp = np.exp(log_resp)
+        resp = np.exp(scored.log_resp)
     resp = np.where(weight[:, np.newaxis] > 0, resp, 0.0) * weight[:, np.newaxis]
-    X = np.clip(X_internal, -LEARN_CLIP, LEARN_CLIP)
+    X = np.clip(scored.X_internal, -LEARN_CLIP, LEARN_CLIP)
     s0, s1, s2 = g.sufficient_statistics(X, resp, covariance_type)
     return BatchStatistics(s0, s1, s2, int(np.count_nonzero(weight)), float(weight.sum()), scored.model_version)
 
