@@ -179,13 +179,38 @@ def test_a_refused_commit_is_made_again_at_the_hand_over(tmp_path):
     commit = daemon.source.commit
 
     def refuse(offsets):
-        raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "expired"))
+        raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, "coordinator moving"))
 
     daemon.source.commit = refuse
-    daemon._checkpoint()  # written, but the group refused the commit
+    daemon._checkpoint()  # written, but the group could not take the commit
     daemon.source.commit = commit
     daemon._on_revoke([])  # nothing new since: the hand-over commits the checkpoint's offsets
     assert daemon.source.commits == [{("in", 0): 1000}]
+
+
+def test_a_commit_refused_because_the_group_moved_on_withdraws_the_checkpoint_and_unlearns(tmp_path):
+    # A member stopped past its session timeout wakes, checkpoints and commits: the group refuses
+    # (unknown member) and its partitions' new owners start from the last commit. The checkpoint
+    # just written must not be what the model goes back to, or those messages are learned twice.
+    from confluent_kafka import KafkaError, KafkaException
+
+    rng = np.random.default_rng(12)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _feed(daemon, 1000, 400, rng)
+    commit = daemon.source.commit
+
+    def expired(offsets):
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member"))
+
+    daemon.source.commit = expired
+    daemon._checkpoint()
+    assert daemon._rewind_pending is not None
+    assert len(list((tmp_path / "state").glob("checkpoint-*.sgmm"))) == 1  # the one committed
+    daemon.source.commit = commit
+    daemon._rewind()
+    assert daemon.detector.n_valid == 1000 and daemon.source.seeks[-1] == ("in", 0, 1000)
 
 
 def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_again(tmp_path):

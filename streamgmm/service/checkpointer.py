@@ -98,6 +98,7 @@ class Checkpointer:
         self.retry_at = 0.0
         self.pending_messages = 0
         self.last_written = self.clock()
+        self.last_paths = paths
         commit()
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
@@ -108,4 +109,12 @@ class Checkpointer:
         log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)", len(paths), duration, where,
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
         return Outcome.WRITTEN
+
+    def withdraw_last(self) -> None:
+        """Delete the local checkpoint files the last checkpoint wrote, so that the newest is the
+        one before (see ``Daemon._checkpoint``)."""
+        for path in getattr(self, "last_paths", []):
+            path.unlink(missing_ok=True)
+            log.warning("withdrew checkpoint %s: its offsets were not committed", path)
+        self.last_paths = []
 

@@ -42,6 +42,9 @@ LOOP_STALL_SECONDS = 30.0
 # With no partition assigned, the loop asks the cluster this often why (broker unreachable,
 # input topics missing), for /readyz and the log; each question waits at most the timeout.
 UNASSIGNED_CHECK_SECONDS = 15.0
+# A commit refused with these: the group has moved on without this member.
+MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
+                             KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
 UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 
 
@@ -94,6 +97,7 @@ class Daemon:
         self._loop_watermarks: dict = {}
         self._aborting = False
         self._commit_refused = False
+        self._membership_lost = False  # the last commit was refused because the group moved on
         # The group's committed offset of each partition when it was assigned to us: a rewind
         # never goes behind it, even when the group cannot say its commit at that moment (what
         # lies before it was learned by the member that committed it).
@@ -602,9 +606,17 @@ class Daemon:
 
     # ------------------------------------------------------- checkpoints, rewinds
     def _checkpoint(self, when: str = "") -> Outcome:
+        self._membership_lost = False
         outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
         if outcome is Outcome.REWIND:
             self._rewind_pending = f"output records were not acknowledged{when}"
+        elif outcome is Outcome.WRITTEN and self._membership_lost and self.scope == "global":
+            # The group refused the commit because it had moved on without this member (a stopped
+            # or stalled process): the partitions' new owners start from the group's last commit,
+            # so what this checkpoint holds beyond it would be learned twice. It is withdrawn and
+            # the model unlearns back to the one before.
+            self.checkpointer.withdraw_last()
+            self._rewind_pending = f"the group refused the commit of the checkpoint{when} (this member had left it)"
         elif outcome is Outcome.WRITTEN:
             self._rewinds_in_a_row = 0
         return outcome
@@ -615,6 +627,7 @@ class Daemon:
             self._commit_refused = False
         except KafkaException as exc:
             self._commit_refused = True
+            self._membership_lost = exc.args[0].code() in MEMBERSHIP_LOST
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
                         "resumes at the later of the two", kafka_error_text(exc))
 
