@@ -258,3 +258,22 @@ def test_every_argument_says_what_it_is():
                 assert "default" in action.help, f"{name} {action.option_strings} does not say its default"
     fit_help = subparsers.choices["fit"].format_help()
     assert "auto" in fit_help and "--n-init" in fit_help
+
+
+def test_repeated_warnings_are_held_back_but_repeated_events_are_not():
+    import logging
+
+    from streamgmm.cli.main import RepeatFilter
+
+    def record(level, message, created):
+        r = logging.LogRecord("streamgmm.service.daemon", level, __file__, 1, message, (), None)
+        r.created = created
+        return r
+
+    repeat = RepeatFilter(interval=30.0)
+    assert repeat.filter(record(logging.WARNING, "cannot connect to Kafka", 0.0))
+    assert not repeat.filter(record(logging.WARNING, "cannot connect to Kafka", 10.0))
+    assert repeat.filter(record(logging.WARNING, "cannot connect to Kafka", 31.0))
+    # The same rebalance twice within seconds is two events: both are logged.
+    assert repeat.filter(record(logging.INFO, "revoked feat/0", 0.0))
+    assert repeat.filter(record(logging.INFO, "revoked feat/0", 5.0))

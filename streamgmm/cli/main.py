@@ -32,7 +32,8 @@ class RepeatFilter(logging.Filter):
     """Let the same message through at most once per ``interval`` seconds.
 
     During an outage librdkafka reports every refused connection; one line per message per
-    half minute keeps the cause visible without flooding the journal.
+    half minute keeps the cause visible without flooding the journal.  Warnings and errors
+    only: an INFO line is an event (a partition assigned, revoked) that happened again.
     """
 
     def __init__(self, interval: float = 30.0):
@@ -41,6 +42,8 @@ class RepeatFilter(logging.Filter):
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True  # facts (assigned, revoked, checkpoint written) are never repeats to hide
         key = f"{record.name}:{record.getMessage()}"
         now = record.created
         if now - self._last.get(key, -1e18) < self.interval:
