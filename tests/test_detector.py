@@ -336,6 +336,18 @@ def test_scores_topic_gets_one_compact_record_per_scored_point():
     assert anomaly["rarity"]["tail_probability"] == pytest.approx(docs[6]["tail_probability"], rel=1e-9)
 
 
+def test_scores_topic_has_a_record_for_every_valid_message_warm_up_included():
+    rng = np.random.default_rng(9)
+    X, _ = random_mixture(3, 4, rng).sample(1200, rng)
+    detector = Detector(_config(kafka={"scores_topic": "scores"}))
+    results = _run(detector, X, batch=300)
+    docs = [json.loads(record.value) for r in results for record in r.scores]
+    assert [doc["offset"] for doc in docs] == list(range(1200))
+    warm = docs[:500]  # model.warmup: learned, not scored
+    assert all(doc["log_density"] is None and doc["anomaly"] is False and doc["threshold"] is None for doc in warm)
+    assert all(doc["log_density"] is not None for doc in docs[500:])
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"kafka": {"scores_topic": "anomalies"}}, "kafka.scores_topic: 'anomalies' is not allowed; use a topic of its own"),
     ({"kafka": {"scores_topic": "features"}}, "kafka.scores_topic: 'features' is not allowed"),

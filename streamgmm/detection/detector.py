@@ -147,6 +147,8 @@ class Detector:
                 self.model.partial_fit(X[:n_warm])
                 result.n_learned = n_warm
                 result.warmup_index = rows[:n_warm]
+                if self.config.kafka.scores_topic is not None:  # one record per message, warm-up too
+                    result.scores += self._warmup_score_records(batch, rows[:n_warm])
                 X, rows = X[n_warm:], rows[n_warm:]
                 self.threshold.update(self.model)
             parts = []
@@ -286,6 +288,13 @@ class Detector:
                 rarity_documents(rarity(density, self.threshold, geometry)),
                 explanation_documents(X, explanation, geometry, names))
         ]
+
+    def _warmup_score_records(self, batch, rows) -> list[OutputRecord]:
+        """Score records of warm-up rows: learned, not scored (log_density null, as replay says)."""
+        empty = [None] * len(rows)
+        return score_records(self.config.kafka.scores_topic, batch_sources(batch, rows.tolist()),
+                             log_density=empty, threshold=None, flags=[False] * len(rows), components=empty,
+                             tail_probability=empty, one_in=empty)
 
     def _score_records(self, batch, rows, scored, flags) -> list[OutputRecord]:
         """One compact record per scored row, for kafka.scores_topic."""
