@@ -275,6 +275,12 @@ def read_checkpoint(target: str) -> tuple[dict, Path, list[Path]]:
             log.warning("%s; showing the newest valid one, %s", reasons, found[1].name)
         return (*found, store.paths())
     if not skipped:
+        partitions = sorted(p.name for p in (target_path / "partitions").glob("*") if p.is_dir())
+        if partitions:  # model.scope: partition keeps one directory per partition
+            others = f" (or {', '.join(partitions[1:4])}{' ...' if len(partitions) > 4 else ''})" if partitions[1:] else ""
+            raise CheckpointError(f"{target} holds one model per partition (model.scope: partition): inspect "
+                                  f"{target_path / 'partitions' / partitions[0]}{others}, or the state topic with "
+                                  "--topic")
         raise CheckpointError(f"no valid checkpoint in {target}: it holds no checkpoint-*.sgmm files")
     raise CheckpointError(f"no valid checkpoint in {target}: {reasons}; there is no older one to fall back to")
 
