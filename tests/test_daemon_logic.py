@@ -340,3 +340,27 @@ def test_a_committed_offset_the_group_could_not_read_is_an_error_not_a_missing_c
         committed=lambda partitions, timeout: found(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)))
     with pytest.raises(KafkaException):
         source.committed([])
+
+
+def test_scope_partition_is_initialized_when_every_model_is_and_drops_series_of_partitions_gone():
+    # One partition that never warms up (only invalid messages) must keep the instance not
+    # initialized: the last partition processed decided before, flipping the gauge at each batch.
+    from types import SimpleNamespace
+
+    from streamgmm.service.metrics import Metrics
+
+    metrics = Metrics()
+    warm, cold = SimpleNamespace(is_initialized=True, n_seen_=3000), SimpleNamespace(is_initialized=False, n_seen_=0)
+    for key, model in (("in/0", warm), ("in/1", cold)):
+        metrics.observe_batch(SimpleNamespace(n_records=0, n_valid=0, invalid_reasons={}, dead_letters=[],
+                                              anomalies=[], n_learned=0, log_density=np.empty(0),
+                                              latencies_seconds=np.empty(0)),
+                              SimpleNamespace(n_updates=0, threshold=SimpleNamespace(value=None), model=model),
+                              0, 0.01, partition_key=key)
+    metrics.observe_partition_models({"in/0": warm, "in/1": cold})
+    assert metrics.value("streamgmm_model_initialized") == 0
+    assert metrics.value("streamgmm_model_points_seen") == 3000
+    metrics.observe_partition_models({"in/0": warm})  # in/1 handed away
+    assert metrics.value("streamgmm_model_initialized") == 1
+    assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/1"}) is None
+    assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/0"}) == 3000

@@ -445,6 +445,7 @@ class Daemon:
         if self.scope == "partition":
             for topic, partition in gone:
                 self.detectors.pop(model_key(self.scope, topic, partition), None)
+            self.metrics.observe_partition_models({key: d.model for key, d in self.detectors.items()})
         # scope: global keeps the partition's offset: the checkpoint must not forget it.
         self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
@@ -549,6 +550,8 @@ class Daemon:
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
+        if self.scope == "partition":
+            self.metrics.observe_partition_models({key: d.model for key, d in self.detectors.items()})
         self.positions = self._positions()
 
     def _watermarks_for_scrape(self) -> dict:

@@ -138,6 +138,7 @@ class Metrics:
                                            "scope: partition: points each partition's model learned.", ["model"])
         self.partition_initialized = gauge("partition_model_initialized",
                                            "scope: partition: 1 once a partition's model is warm.", ["model"])
+        self._partition_keys: set[str] = set()  # the models those two have series for
         self.assigned_partitions = gauge("assigned_partitions", "Input partitions assigned to this instance.")
         self.build = Info("build", "streamgmm build information.", namespace=NAMESPACE, registry=r)
         self.build.info({"version": __version__})
@@ -166,7 +167,18 @@ class Metrics:
         else:
             self.partition_initialized.labels(partition_key).set(1 if detector.model.is_initialized else 0)
             self.partition_points_seen.labels(partition_key).set(detector.model.n_seen_)
-            self.model_initialized.set(1 if detector.model.is_initialized else 0)
+            self._partition_keys.add(partition_key)
+
+    def observe_partition_models(self, models: dict) -> None:
+        """scope: partition: the instance's model is initialized when every partition's it holds
+        is (so StreamgmmNotReady sees one that never warms up), its points seen the sum; the
+        per-partition series of partitions it no longer holds go."""
+        self.model_initialized.set(1 if models and all(m.is_initialized for m in models.values()) else 0)
+        self.points_seen.set(sum(m.n_seen_ for m in models.values()))
+        for key in self._partition_keys - models.keys():
+            self.partition_initialized.remove(key)
+            self.partition_points_seen.remove(key)
+        self._partition_keys &= models.keys()
 
     def observe_model(self, model) -> None:
         self.model_initialized.set(1 if model.is_initialized else 0)
