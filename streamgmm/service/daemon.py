@@ -42,10 +42,10 @@ LOOP_STALL_SECONDS = 30.0
 # With no partition assigned, the loop asks the cluster this often why (broker unreachable,
 # input topics missing), for /readyz and the log; each question waits at most the timeout.
 UNASSIGNED_CHECK_SECONDS = 15.0
+UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
-UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 
 
 class StartupError(RuntimeError):
