@@ -277,3 +277,7 @@ def test_repeated_warnings_are_held_back_but_repeated_events_are_not():
     # The same rebalance twice within seconds is two events: both are logged.
     assert repeat.filter(record(logging.INFO, "revoked feat/0", 0.0))
     assert repeat.filter(record(logging.INFO, "revoked feat/0", 5.0))
+    lost = [record(logging.WARNING, "lost feat/0 to the group", t) for t in (0.0, 5.0)]
+    for r in lost:
+        r.event = True  # as the daemon logs it
+    assert all(repeat.filter(r) for r in lost)

@@ -213,6 +213,57 @@ def test_a_commit_refused_because_the_group_moved_on_withdraws_the_checkpoint_an
     assert daemon.detector.n_valid == 1000 and daemon.source.seeks[-1] == ("in", 0, 1000)
 
 
+def test_every_checkpoint_since_the_last_commit_is_withdrawn_when_the_group_has_moved_on(tmp_path):
+    # Cut off from the coordinator past the session timeout but still fetching: commits fail
+    # (coordinator not available), then the group says unknown member, or the partitions are
+    # lost. The model must go back to the last checkpoint the group took, not the one before
+    # the last.
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    for ending in ("refused", "lost"):
+        rng = np.random.default_rng(13)
+        daemon = _daemon(tmp_path / ending)
+        _feed(daemon, 0, 1000, rng)
+        daemon._checkpoint()  # taken by the group: 1000
+        commit = daemon.source.commit
+
+        def unavailable(offsets):
+            raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, "no coordinator"))
+
+        def expired(offsets):
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member"))
+
+        daemon.source.commit = unavailable
+        _feed(daemon, 1000, 300, rng)
+        daemon._checkpoint()  # written at 1300, not taken
+        _feed(daemon, 1300, 300, rng)
+        if ending == "refused":
+            daemon.source.commit = expired
+            daemon._checkpoint()  # written at 1600, refused: the member had left
+        else:
+            daemon._checkpoint()  # written at 1600, not taken
+            daemon._on_lost([TopicPartition("in", 0)])
+            daemon.assigned = frozenset({("in", 0)})  # assigned again
+        daemon.source.commit = commit
+        assert daemon._rewind_pending is not None
+        daemon._rewind()
+        assert daemon.detector.n_valid == 1000, ending
+        assert daemon.source.seeks[-1] == ("in", 0, 1000), ending
+        assert len(list((tmp_path / ending / "state").glob("checkpoint-*.sgmm.withdrawn"))) == 2
+
+
+def test_scope_partition_counts_an_assigned_partition_without_a_model_as_not_warm():
+    from types import SimpleNamespace
+
+    from streamgmm.service.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_partition_models({"in/0": SimpleNamespace(is_initialized=True, n_seen_=10)}, {"in/0", "in/1"})
+    assert metrics.value("streamgmm_model_initialized") == 0
+    metrics.observe_partition_models({"in/0": SimpleNamespace(is_initialized=True, n_seen_=10)}, {"in/0"})
+    assert metrics.value("streamgmm_model_initialized") == 1
+
+
 def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_again(tmp_path):
     from streamgmm.service.state import CheckpointError
 

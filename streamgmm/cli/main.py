@@ -42,8 +42,8 @@ class RepeatFilter(logging.Filter):
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True  # facts (assigned, revoked, checkpoint written) are never repeats to hide
+        if record.levelno < logging.WARNING or getattr(record, "event", False):
+            return True  # events (assigned, revoked, lost, checkpoint written) are never repeats to hide
         key = f"{record.name}:{record.getMessage()}"
         now = record.created
         if now - self._last.get(key, -1e18) < self.interval:

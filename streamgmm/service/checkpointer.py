@@ -12,7 +12,7 @@ from confluent_kafka import KafkaException
 from .config import CheckpointConfig
 from .kafka import KafkaSink, kafka_error_text
 from .metrics import Metrics
-from .state import CheckpointError, LocalStateStore, TopicStateStore
+from .state import GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ class Checkpointer:
         self.retry_at = 0.0
         self.pending_messages = 0
         self.last_written = self.clock()
-        self.last_paths = paths
-        commit()
+        # Files whose offsets the group has not taken, newest last: what a member that turns out
+        # to have left the group withdraws (see ``withdraw_uncommitted``).
+        self.uncommitted = [] if commit() else [*getattr(self, "uncommitted", []), *paths]
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
@@ -110,11 +111,24 @@ class Checkpointer:
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
         return Outcome.WRITTEN
 
-    def withdraw_last(self) -> None:
-        """Delete the local checkpoint files the last checkpoint wrote, so that the newest is the
-        one before (see ``Daemon._checkpoint``)."""
-        for path in getattr(self, "last_paths", []):
-            path.unlink(missing_ok=True)
-            log.warning("withdrew checkpoint %s: its offsets were not committed", path)
-        self.last_paths = []
+    def withdraw_uncommitted(self) -> None:
+        """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) every
+        local checkpoint written since the last one the group committed, so that a reload goes
+        back to that one (see ``Daemon._checkpoint``).  Unless none would be left to load: a
+        model learned twice in part is better than a model lost."""
+        uncommitted = [p for p in getattr(self, "uncommitted", []) if p.exists()]
+        self.uncommitted = []
+        if not uncommitted:
+            return
+        withdrawn = [p.rename(p.with_name(p.name + ".withdrawn")) for p in uncommitted]
+        remaining, _ = self.local.store_for(GLOBAL_KEY).newest_valid()
+        if remaining is None:
+            for original, moved in zip(uncommitted, withdrawn):
+                moved.rename(original)
+            log.error("the group did not take the offsets of checkpoint(s) %s, but no earlier valid one is left: "
+                      "they stay (what they hold beyond the group's commit may be learned twice)",
+                      ", ".join(p.name for p in uncommitted))
+            return
+        log.warning("withdrew checkpoint(s) %s: the group did not take their offsets",
+                    ", ".join(p.name for p in uncommitted))
 

@@ -322,6 +322,7 @@ class Daemon:
                 self.source.pause(sorted(failed))
             self.held.sought(ready, failed)
         self.held.schedule_retry(again=True)
+        self._observe_partition_models()
         self.positions = self._positions()
 
     def _connect(self) -> None:
@@ -409,6 +410,8 @@ class Daemon:
             self.held.schedule_retry(again=False)
         self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
+        if self.scope == "partition":
+            self._observe_partition_models()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           for tp in starts) or "no partitions")
 
@@ -432,8 +435,11 @@ class Daemon:
         # The group gave these away without us (we were too slow or cut off): their new owner
         # resumes from the last commit, so what we learned of them since must be unlearned.
         self._rewind_pending = "partitions were lost to the group (session timed out)"
+        if self.scope == "global":
+            self.checkpointer.withdraw_uncommitted()  # their new owners start from the group's commit
         self._release(partitions)
-        log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
+        log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions),
+                    extra={"event": True})  # each loss is logged, however soon after the last
 
     def _release(self, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
@@ -445,7 +451,7 @@ class Daemon:
         if self.scope == "partition":
             for topic, partition in gone:
                 self.detectors.pop(model_key(self.scope, topic, partition), None)
-            self.metrics.observe_partition_models({key: d.model for key, d in self.detectors.items()})
+            self._observe_partition_models()
         # scope: global keeps the partition's offset: the checkpoint must not forget it.
         self.positions = self._positions()
         self.metrics.assigned_partitions.set(len(self.assigned))
@@ -483,6 +489,12 @@ class Daemon:
         self.sink.serve()
         if self.checkpointer.due():
             self._checkpoint()
+
+    def _observe_partition_models(self) -> None:
+        """scope: partition: the metrics of the models held, an assigned partition with none
+        (held: its model could not be restored yet) counting as not warm."""
+        models = {key: d.model for key, d in self.detectors.items()}
+        self.metrics.observe_partition_models(models, {model_key(self.scope, *tp) for tp in self.assigned})
 
     def _ask_why_unassigned(self) -> None:
         """With nothing assigned for a while, ask the cluster why: unreachable, or input topics
@@ -551,7 +563,7 @@ class Daemon:
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
         if self.scope == "partition":
-            self.metrics.observe_partition_models({key: d.model for key, d in self.detectors.items()})
+            self._observe_partition_models()
         self.positions = self._positions()
 
     def _watermarks_for_scrape(self) -> dict:
@@ -616,23 +628,27 @@ class Daemon:
         elif outcome is Outcome.WRITTEN and self._membership_lost and self.scope == "global":
             # The group refused the commit because it had moved on without this member (a stopped
             # or stalled process): the partitions' new owners start from the group's last commit,
-            # so what this checkpoint holds beyond it would be learned twice. It is withdrawn and
-            # the model unlearns back to the one before.
-            self.checkpointer.withdraw_last()
+            # so what the checkpoints since hold beyond it would be learned twice. They are
+            # withdrawn and the model unlearns back to the last one the group took.
+            self.checkpointer.withdraw_uncommitted()
             self._rewind_pending = f"the group refused the commit of the checkpoint{when} (this member had left it)"
         elif outcome is Outcome.WRITTEN:
             self._rewinds_in_a_row = 0
         return outcome
 
-    def _commit(self) -> None:
+    def _commit(self) -> bool:
+        """Commit the models' offsets to the group; whether it took them."""
         try:
             self.source.commit(self._next_offsets())
             self._commit_refused = False
+            return True
         except KafkaException as exc:
             self._commit_refused = True
-            self._membership_lost = exc.args[0].code() in MEMBERSHIP_LOST
+            error = exc.args[0] if exc.args else None
+            self._membership_lost = isinstance(error, KafkaError) and error.code() in MEMBERSHIP_LOST
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
                         "resumes at the later of the two", kafka_error_text(exc))
+            return False
 
     def _reload_from_checkpoint(self, why: str) -> None:
         """Drop the output not yet sent and reload every model from its newest checkpoint,
@@ -659,6 +675,8 @@ class Daemon:
                 self.source.pause(held)
                 self.held.schedule_retry(again=False)
         self.checkpointer.pending_messages = 0
+        if self.scope == "partition":
+            self._observe_partition_models()
 
     def _rewind(self) -> None:
         """Reload the models and seek every assigned partition back to where it resumes (before

@@ -169,11 +169,13 @@ class Metrics:
             self.partition_points_seen.labels(partition_key).set(detector.model.n_seen_)
             self._partition_keys.add(partition_key)
 
-    def observe_partition_models(self, models: dict) -> None:
+    def observe_partition_models(self, models: dict, assigned: set | None = None) -> None:
         """scope: partition: the instance's model is initialized when every partition's it holds
-        is (so StreamgmmNotReady sees one that never warms up), its points seen the sum; the
-        per-partition series of partitions it no longer holds go."""
-        self.model_initialized.set(1 if models and all(m.is_initialized for m in models.values()) else 0)
+        is, and every assigned one (``assigned``, model keys) has one (so StreamgmmNotReady sees
+        one that never warms up), its points seen the sum; the per-partition series of
+        partitions it no longer holds go."""
+        complete = assigned is None or assigned <= models.keys()
+        self.model_initialized.set(1 if models and complete and all(m.is_initialized for m in models.values()) else 0)
         self.points_seen.set(sum(m.n_seen_ for m in models.values()))
         for key in self._partition_keys - models.keys():
             self.partition_initialized.remove(key)
