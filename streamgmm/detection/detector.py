@@ -89,16 +89,21 @@ class BatchResult:
         return out
 
 
+def _model_params(m) -> dict:
+    """The OnlineGaussianMixture parameters that model.* sets (``m``: the ModelConfig), in the
+    order a restore applies them."""
+    return {"n_components": m.n_components, "covariance_type": m.covariance_type, "alpha": m.alpha, "t0": m.t0,
+            "half_life": m.half_life, "reg_covar": m.reg_covar, "min_weight": m.min_weight,
+            "rare_weight": m.rare_weight, "max_components": m.max_components, "warmup": m.warmup,
+            "random_state": m.random_state}
+
+
 class Detector:
     """Scores, flags and learns; owns the model, the threshold, counters and offsets."""
 
     def __init__(self, config: Config):
         self.config = config
-        m = config.model
-        self.model = OnlineGaussianMixture(
-            m.n_components, covariance_type=m.covariance_type, max_components=m.max_components, warmup=m.warmup,
-            alpha=m.alpha, t0=m.t0, half_life=m.half_life, reg_covar=m.reg_covar, min_weight=m.min_weight,
-            rare_weight=m.rare_weight, random_state=m.random_state)
+        self.model = OnlineGaussianMixture(**_model_params(config.model))
         self.threshold = make_threshold(config.threshold)
         self.restore_notes: list[str] = []  # what a restore took from the config, or could not
         self.decoder = Decoder(config.input)
@@ -340,12 +345,11 @@ class Detector:
         learned model keeps its size and covariance type."""
         m, model = self.config.model, self.model
         current = model.get_params(deep=False)
-        wanted = {"alpha": m.alpha, "t0": m.t0, "half_life": m.half_life, "reg_covar": m.reg_covar,
-                  "min_weight": m.min_weight, "rare_weight": m.rare_weight, "max_components": m.max_components}
-        if not model.is_initialized:
-            # Once learned, the warm-up is history: it also sets the step size's offset (t0 null),
-            # and `streamgmm fit` counts an offline fit as that many points.
-            wanted["warmup"] = m.warmup
+        # Not its size and covariance type (below), nor its random state (the checkpoint's goes
+        # on); once learned, not the warm-up either: it is history, and also sets the step
+        # size's offset (t0 null), as `streamgmm fit` counts an offline fit as that many points.
+        kept = {"n_components", "covariance_type", "random_state"} | ({"warmup"} if model.is_initialized else set())
+        wanted = {name: value for name, value in _model_params(m).items() if name not in kept}
         notes = []
         for name, value in wanted.items():
             if current[name] == value:
