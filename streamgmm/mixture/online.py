@@ -578,28 +578,27 @@ class OnlineGaussianMixture(MixtureBase):
         if len(X) < 2:
             raise ValueError("a new component needs at least 2 points")
         mean, centred = X.mean(axis=0), X - X.mean(axis=0)
-        prior_points = D + 2.0
+
+        def shrunk(scatter, covariances):
+            """The points' covariance from their ``scatter``, shrunk toward the components'
+            pooled ``covariances`` with the weight of D + 2 points."""
+            pooled = np.average(covariances, axis=0, weights=self._weights)
+            return (scatter + (D + 2.0) * pooled) / (len(X) + D + 2.0)
+
         covariances = self._covariances
         if self.covariance_type_ == "full":
-            pooled = np.average(covariances, axis=0, weights=self._weights)
-            own = (centred.T @ centred + prior_points * pooled) / (len(X) + prior_points)
-            covariances = np.concatenate([covariances, own[np.newaxis]])
+            covariances = np.concatenate([covariances, shrunk(centred.T @ centred, covariances)[np.newaxis]])
         elif self.covariance_type_ == "diag":
-            pooled = np.average(covariances, axis=0, weights=self._weights)
-            own = ((centred**2).sum(axis=0) + prior_points * pooled) / (len(X) + prior_points)
-            covariances = np.concatenate([covariances, own[np.newaxis]])
+            covariances = np.concatenate([covariances, shrunk((centred**2).sum(axis=0), covariances)[np.newaxis]])
         elif self.covariance_type_ == "spherical":
-            pooled = float(np.average(covariances, weights=self._weights))
-            own = ((centred**2).sum() / D + prior_points * pooled) / (len(X) + prior_points)
-            covariances = np.append(covariances, own)
+            covariances = np.append(covariances, shrunk((centred**2).sum() / D, covariances))
         share = float(np.clip(weight, 2.0 * self.min_weight, 0.5))
         mass = np.append(self._S0, share / (1.0 - share) * self._S0.sum())
         if self._S2_full is not None:
             # The full moments kept for the type review gain the new component's, estimated the
             # same way; what they have gathered on the others is kept.
             _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self.reg_covar)
-            pooled = np.average(full, axis=0, weights=self._weights)
-            own = (centred.T @ centred + prior_points * pooled) / (len(X) + prior_points)
+            own = shrunk(centred.T @ centred, full)
             added = g.statistics_from_parameters(mass[-1:], mean[np.newaxis], own[np.newaxis], "full", self.reg_covar)[2]
             self._S2_full = np.concatenate([self._S2_full, added])
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
