@@ -452,10 +452,10 @@ class StreamQuantileThreshold:
         """Re-estimate t, the GPD and z_q from the peaks in the window."""
         self.fitted_at = self.n_counted
         scores, censor, index = self._peaks()
-        n = min(self.n_counted - self.history_start, self.window)
+        oldest = self._window_start()
+        n = self.n_counted - oldest
         if n <= 0:
             return  # nothing counted since the history started
-        oldest = self.n_counted - n
         in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
         floor = float(self.level[max(in_force, 0):].max())
         # While the stream is young, a deeper tail: at least MIN_PEAKS peaks.
@@ -547,13 +547,18 @@ class StreamQuantileThreshold:
         jumps = np.flatnonzero(np.diff(ordered[half:]) > BULK_GAP_OVER_MEDIAN * median)
         return float(ordered[half + jumps[0]]) if len(jumps) else None  # the first: the bulk's end
 
+    def _window_start(self) -> int:
+        """The first counted point the fit may use: ``window`` points back, not before the history's
+        start (nor before the stream's)."""
+        return max(self.n_counted - self.window, self.history_start, 0)
+
     def _peaks(self):
         """The stored peaks of the window, compacted into one array each."""
         if self._scores:
             scores, censor, index = (np.concatenate(a) for a in (self._scores, self._censor, self._index))
         else:
             scores, censor, index = np.empty(0), np.empty(0), np.empty(0, dtype=np.int64)
-        oldest = max(self.n_counted - self.window, self.history_start)
+        oldest = self._window_start()
         if len(index) and index[0] < oldest:
             live = index >= oldest
             scores, censor, index = scores[live], censor[live], index[live]
