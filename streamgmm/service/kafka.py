@@ -260,17 +260,10 @@ class KafkaSource:
         """Why each of ``topics`` that cannot be read now cannot ({} when all can): it does not
         exist, this consumer may not read it, or the broker's error.  Asking creates no topic (a
         consumer does not ask for auto-creation); KafkaException when the cluster cannot be asked."""
-        problems = {}
-        for topic in topics:
-            found = self.consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-            error = None if found is None else found.error
-            if found is None or (error is not None and error.code() in MISSING_TOPIC):
-                problems[topic] = "does not exist: create it or fix kafka.input_topics"
-            elif error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-                problems[topic] = "may not be read by this consumer: grant it, or fix kafka.security"
-            elif error is not None:
-                problems[topic] = error.str()
-        return problems
+        words = {TOPIC_MISSING: "does not exist: create it or fix kafka.input_topics",
+                 TOPIC_FORBIDDEN: "may not be read by this consumer: grant it, or fix kafka.security"}
+        problems = {topic: topic_problem(self.consumer, topic, timeout) for topic in topics}
+        return {topic: words.get(problem, problem) for topic, problem in problems.items() if problem is not None}
 
     def poll(self, max_messages: int, timeout_seconds: float) -> dict[tuple[str, int], list[Message]]:
         """The next messages by partition (errors logged and dropped)."""
@@ -403,12 +396,28 @@ def missing_topics(producer, topics, timeout: float = 2.0) -> list[str]:
     missing = []
     for topic in topics:
         try:
-            found = producer.list_topics(topic, timeout=timeout).topics.get(topic)
+            if topic_problem(producer, topic, timeout) == TOPIC_MISSING:
+                missing.append(topic)
         except KafkaException:
             break
-        if found is None or (found.error is not None and found.error.code() in MISSING_TOPIC):
-            missing.append(topic)
     return missing
+
+
+TOPIC_MISSING, TOPIC_FORBIDDEN = "missing", "forbidden"
+
+
+def topic_problem(client, topic: str, timeout: float) -> str | None:
+    """What the cluster says of ``topic`` to this client (a metadata request, which creates it
+    where the broker auto-creates topics for this client): None if it can be used,
+    TOPIC_MISSING, TOPIC_FORBIDDEN, or the broker's error in words.  KafkaException when the
+    cluster cannot be asked."""
+    found = client.list_topics(topic, timeout=timeout).topics.get(topic)
+    error = None if found is None else found.error
+    if found is None or (error is not None and error.code() in MISSING_TOPIC):
+        return TOPIC_MISSING
+    if error is not None:
+        return TOPIC_FORBIDDEN if error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED else error.str()
+    return None
 
 
 @dataclass
