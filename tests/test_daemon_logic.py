@@ -26,6 +26,16 @@ class FakeSource:
         self.commits.append(dict(offsets))
 
 
+def _fails(code, why):
+    """A stand-in for a client call that raises the KafkaException librdkafka would."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    def call(*args, **kwargs):
+        raise KafkaException(KafkaError(code, why))
+
+    return call
+
+
 def _daemon(tmp_path):
     config = config_from_dict({
         "kafka": {"retry_backoff_initial_seconds": 0.01, "retry_backoff_max_seconds": 0.05},
@@ -37,6 +47,17 @@ def _daemon(tmp_path):
     daemon = Daemon(config)
     daemon.source, daemon.sink = FakeSource(), FakeSink()
     daemon.assigned = {("in", 0)}
+    return daemon
+
+
+def _past_a_checkpoint(tmp_path, seed, more):
+    """A daemon whose model was checkpointed and committed at offset 1000 and has learned
+    ``more`` messages since."""
+    rng = np.random.default_rng(seed)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _feed(daemon, 1000, more, rng)
     return daemon
 
 
@@ -131,11 +152,7 @@ def test_the_default_self_sizing_model_runs_through_the_loop_and_its_metrics(tmp
 
 
 def test_a_revoke_while_a_rewind_is_pending_checkpoints_nothing(tmp_path):
-    rng = np.random.default_rng(6)
-    daemon = _daemon(tmp_path)
-    _feed(daemon, 0, 1000, rng)
-    daemon._checkpoint()
-    _feed(daemon, 1000, 300, rng)
+    daemon = _past_a_checkpoint(tmp_path, seed=6, more=300)
     daemon.sink.deliveries.transient = 1
     daemon._checkpoint()  # REWIND: the failed output's messages are in the model
     daemon._on_revoke([])  # e.g. the close at shutdown runs the revoke callback
@@ -154,15 +171,14 @@ def test_a_rewind_before_any_checkpoint_goes_back_to_the_first_offset_read(tmp_p
 
 
 def test_a_failed_seek_leaves_the_rewind_pending(tmp_path):
-    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import KafkaError
 
     rng = np.random.default_rng(8)
     daemon = _daemon(tmp_path)
     _feed(daemon, 0, 1000, rng)
     daemon._checkpoint()
 
-    def refuse(*args):
-        raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+    refuse = _fails(KafkaError._STATE, "Erroneous state")
 
     daemon.source.seek = refuse
     daemon._rewind_pending = "test"
@@ -171,15 +187,14 @@ def test_a_failed_seek_leaves_the_rewind_pending(tmp_path):
 
 
 def test_a_refused_commit_is_made_again_at_the_hand_over(tmp_path):
-    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import KafkaError
 
     rng = np.random.default_rng(9)
     daemon = _daemon(tmp_path)
     _feed(daemon, 0, 1000, rng)
     commit = daemon.source.commit
 
-    def refuse(offsets):
-        raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, "coordinator moving"))
+    refuse = _fails(KafkaError.COORDINATOR_NOT_AVAILABLE, "coordinator moving")
 
     daemon.source.commit = refuse
     daemon._checkpoint()  # written, but the group could not take the commit
@@ -192,17 +207,12 @@ def test_a_commit_refused_because_the_group_moved_on_withdraws_the_checkpoint_an
     # A member stopped past its session timeout wakes, checkpoints and commits: the group refuses
     # (unknown member) and its partitions' new owners start from the last commit. The checkpoint
     # just written must not be what the model goes back to, or those messages are learned twice.
-    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import KafkaError
 
-    rng = np.random.default_rng(12)
-    daemon = _daemon(tmp_path)
-    _feed(daemon, 0, 1000, rng)
-    daemon._checkpoint()
-    _feed(daemon, 1000, 400, rng)
+    daemon = _past_a_checkpoint(tmp_path, seed=12, more=400)
     commit = daemon.source.commit
 
-    def expired(offsets):
-        raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member"))
+    expired = _fails(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member")
 
     daemon.source.commit = expired
     daemon._checkpoint()
@@ -218,7 +228,7 @@ def test_every_checkpoint_since_the_last_commit_is_withdrawn_when_the_group_has_
     # (coordinator not available), then the group says unknown member, or the partitions are
     # lost. The model must go back to the last checkpoint the group took, not the one before
     # the last.
-    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import KafkaError, TopicPartition
 
     for ending in ("refused", "lost"):
         rng = np.random.default_rng(13)
@@ -227,11 +237,9 @@ def test_every_checkpoint_since_the_last_commit_is_withdrawn_when_the_group_has_
         daemon._checkpoint()  # taken by the group: 1000
         commit = daemon.source.commit
 
-        def unavailable(offsets):
-            raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, "no coordinator"))
+        unavailable = _fails(KafkaError.COORDINATOR_NOT_AVAILABLE, "no coordinator")
 
-        def expired(offsets):
-            raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member"))
+        expired = _fails(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member")
 
         daemon.source.commit = unavailable
         _feed(daemon, 1000, 300, rng)
@@ -267,11 +275,8 @@ def test_scope_partition_counts_an_assigned_partition_without_a_model_as_not_war
 def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_again(tmp_path):
     from streamgmm.service.state import CheckpointError
 
-    rng = np.random.default_rng(10)
-    daemon = _daemon(tmp_path)
-    _feed(daemon, 0, 1000, rng)
-    daemon._checkpoint()
-    _feed(daemon, 1000, 500, rng)  # learned, not checkpointed: the group's commit stays at 1000
+    # 500 learned, not checkpointed: the group's commit stays at 1000
+    daemon = _past_a_checkpoint(tmp_path, seed=10, more=500)
 
     def full_disk(key, state):
         raise CheckpointError("No space left on device")
@@ -284,7 +289,7 @@ def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_
 
 
 def test_a_rewind_never_goes_behind_the_commit_the_partition_was_assigned_at(tmp_path):
-    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import KafkaError, TopicPartition
 
     rng = np.random.default_rng(11)
     daemon = _daemon(tmp_path)
@@ -296,8 +301,7 @@ def test_a_rewind_never_goes_behind_the_commit_the_partition_was_assigned_at(tmp
     daemon._on_assign([TopicPartition("in", 0)])
     _feed(daemon, 900, 100, rng)
 
-    def unreachable(partitions, timeout=10.0):
-        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "coordinator unreachable"))
+    unreachable = _fails(KafkaError._TIMED_OUT, "coordinator unreachable")
 
     daemon.source.committed = unreachable
     daemon._rewind_pending = "test"
@@ -306,7 +310,7 @@ def test_a_rewind_never_goes_behind_the_commit_the_partition_was_assigned_at(tmp
 
 
 def test_with_nothing_assigned_readiness_says_whether_kafka_is_unreachable_or_the_input_topic_missing(tmp_path):
-    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import KafkaError
 
     daemon = _daemon(tmp_path)
     daemon.assigned = frozenset()
@@ -317,8 +321,7 @@ def test_with_nothing_assigned_readiness_says_whether_kafka_is_unreachable_or_th
     daemon._turn()
     assert daemon.readiness()[1] == "input topic features does not exist: create it or fix kafka.input_topics"
 
-    def unreachable(topics, timeout):
-        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+    unreachable = _fails(KafkaError._TRANSPORT, "Connection refused")
 
     daemon.source.unavailable = unreachable
     daemon._turn()  # asked again only after a while
