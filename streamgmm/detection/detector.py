@@ -206,7 +206,9 @@ class Detector:
         log_density = scored.log_density  # as decided: reported even if the model grows below
         # Glitches (absurd values, see ABSURD_SPREADS) are flagged and never learned, not even
         # while a regime is adopted: one of them would drag a component to it.
-        absurd = flags & (np.abs(scored.X_internal).max(axis=1, initial=0.0) > ABSURD_SPREADS)
+        absurd = np.zeros_like(flags)
+        if flags.any():  # only flagged rows can be glitches: nothing on the path of the others
+            absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
         learned = (self._learn_flagged(flags) | ~flags) & ~absurd
         if self._may_grow(flags & ~absurd):
             # A new regime: its own component (stretching the ones there are to it would take
