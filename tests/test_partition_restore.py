@@ -14,6 +14,7 @@ from streamgmm.service.config import config_from_dict
 from streamgmm.detection.detector import Detector
 from streamgmm.service.daemon import Daemon, StartupError
 from streamgmm.service.kafka import KafkaSource
+from streamgmm.service.state import TopicStateStore, pack
 from fakes import FakeMessage, FakeSink
 
 
@@ -99,7 +100,7 @@ class StateTopic:
         self.records, self.failures, self.reads, self.timeouts = records, failures, 0, []
         self.producer = self
 
-    def load_many(self, keys=None, timeout=30.0):
+    def load_many(self, keys=None, timeout=30.0, floors=None):
         self.reads += 1
         self.timeouts.append(timeout)
         if self.failures:
@@ -227,7 +228,7 @@ def _state(tmp_path, **change):
 class OneRecord(StateTopic):
     """The state topic holds one record, for in/1."""
 
-    def load_many(self, keys=None, timeout=30.0):
+    def load_many(self, keys=None, timeout=30.0, floors=None):
         self.reads += 1
         return {k: v for k, v in self.records.items() if k in keys}
 
@@ -433,3 +434,78 @@ def test_a_retry_is_allowed_longer_as_the_back_off_grows(tmp_path, backoff, allo
     daemon.held.backoff, daemon.held.retry_at = backoff, time.monotonic()
     daemon._turn()
     assert store.timeouts[-1] == allowed and consumer.committed_timeouts[-1] == allowed
+
+
+class LoggedStateTopic(TopicStateStore):
+    """The state topic as a log (every record kept, in order), read by the real ``load_many``."""
+
+    def __init__(self, monkeypatch):
+        super().__init__("streamgmm-state", {}, producer=None)
+        self.log = []
+        monkeypatch.setattr("streamgmm.service.state.read_topic", lambda settings, topic, timeout: iter(self.log))
+
+    def write(self, key, state):
+        self.log.append(KeyedMessage(key.encode(), pack(state)))
+
+    def flush(self, timeout):
+        pass
+
+
+class KeyedMessage:
+    def __init__(self, key, value):
+        self._k, self._v = key, value
+
+    def key(self):
+        return self._k
+
+    def value(self):
+        return self._v
+
+
+def _refused(offsets):
+    raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "the member is not known to the group"))
+
+
+def test_a_state_record_written_by_an_expired_member_after_the_new_owners_is_passed_over(tmp_path, monkeypatch):
+    logs, group = _logs(), {}
+    store = LoggedStateTopic(monkeypatch)
+    # A learns 0..299 of each partition, checkpoints and commits, reads on to 399, and is stopped
+    # (SIGSTOP) past its session timeout before its next checkpoint.
+    a, _ = _daemon(tmp_path, "a", Consumer({tp: log[:400] for tp, log in logs.items()}, group), store)
+    a._on_assign(_assignment())
+    _run(a, lambda: a.positions == {tp: 300 for tp in PARTITIONS})
+    a._checkpoint()
+    _run(a, lambda: a.positions == {tp: 400 for tp in PARTITIONS})
+    # B is given the partitions: it restores A's state at 300, learns 300..499, checkpoints, commits.
+    b, _ = _daemon(tmp_path, "b", Consumer({tp: log[:500] for tp, log in logs.items()}, group), store)
+    b._on_assign(_assignment())
+    _run(b, lambda: b.positions == {tp: 500 for tp in PARTITIONS})
+    b._checkpoint()
+    assert group == {tp: 500 for tp in PARTITIONS}
+    # A wakes and checkpoints before it hears it was expired: its records (at 400) are the newest.
+    a.source.commit = _refused
+    a._checkpoint()
+    assert group == {tp: 500 for tp in PARTITIONS} and len(store.log) == 6
+    # C is given the partitions: it restores B's states, which the group's commit is at.
+    c, processed = _daemon(tmp_path, "c", Consumer(logs, group), store)
+    c._on_assign(_assignment())
+    assert all(c.detectors[f"{t}/{p}"].n_valid == 500 for t, p in PARTITIONS)
+    _run(c, lambda: c.positions == {tp: 600 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(500, 600)})
+    assert all(c.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)  # each message learned once
+
+
+def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatch):
+    # An operator moved the group's offsets ahead of every state: the newest state, resumed at the commit.
+    logs, group = _logs(), {}
+    store = LoggedStateTopic(monkeypatch)
+    a, _ = _daemon(tmp_path, "a", Consumer({tp: log[:300] for tp, log in logs.items()}, group), store)
+    a._on_assign(_assignment())
+    _run(a, lambda: a.positions == {tp: 300 for tp in PARTITIONS})
+    a._checkpoint()
+    group.update({tp: 450 for tp in PARTITIONS})
+    c, processed = _daemon(tmp_path, "c", Consumer(logs, group), store)
+    c._on_assign(_assignment())
+    assert all(c.detectors[f"{t}/{p}"].n_valid == 300 for t, p in PARTITIONS)
+    _run(c, lambda: c.positions == {tp: 600 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(450, 600)})

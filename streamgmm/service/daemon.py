@@ -240,8 +240,12 @@ class Daemon:
         wanted = {key: tp for tp in partitions if (key := model_key(self.scope, *tp)) not in self.detectors}
         if not wanted:
             return []
+        # The state restored must reach the group's commit: a newer record behind it is a stale one.
+        floors = {key: {tp: self._commits_at_assignment[tp]} for key, tp in wanted.items()
+                  if tp in self._commits_at_assignment}
         try:
-            states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout)
+            states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout,
+                                                                                      floors=floors)
         except (*RESTORE_IO_ERRORS, ValueError) as exc:  # ValueError: a record of the topic unreadable as a whole
             return self._restores_failed(dict.fromkeys(wanted.values(), kafka_error_text(exc)))
         failed = {}
@@ -309,6 +313,7 @@ class Daemon:
             self.held.round_failed(f"cannot read the group's committed offsets: {kafka_error_text(exc)}")
             return
         self.held.remember_commits(committed)
+        self._commits_at_assignment = {**self._commits_at_assignment, **committed}  # (if unread at assignment)
         self._restore_partitions(list(self.held.unrestored), timeout=timeout)
         ready = [tp for tp in held if tp not in self.held.unrestored]
         if ready and self._fatal is not None:
@@ -392,9 +397,9 @@ class Daemon:
         if self._rewind_pending is not None:
             # Reload before assigning, so the partitions start at the checkpoint: no seek needed.
             self._reload_from_checkpoint(self._rewind_pending)
-        held = self._restore_partitions(owned) if self.scope == "partition" else []
         committed = self._committed(owned)
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
+        held = self._restore_partitions(owned) if self.scope == "partition" else []
         starts = []
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)

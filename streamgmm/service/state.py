@@ -278,9 +278,16 @@ class TopicStateStore:
             raise CheckpointError(f"state topic {self.topic}: {pending} record(s) unacknowledged after "
                                   f"{timeout:.0f} s, {len(failed)} failed {failed[:3]}")
 
-    def load_many(self, keys=None, timeout: float = 30.0) -> dict[str, dict]:
+    def load_many(self, keys=None, timeout: float = 30.0, floors: dict | None = None) -> dict[str, dict]:
         """The newest readable state per key (every key when ``keys`` is None); a corrupt newest
-        record falls back to the one before."""
+        record falls back to the one before.
+
+        ``floors``: {key: {(topic, partition): the group's committed offset}}.  A record behind
+        the commit of one of its partitions is passed over for an older one at or past it: a
+        member that had lost the partition without knowing (stopped past its session timeout)
+        can write one more record after the new owner's, and restoring it would drop what the
+        new owner learned up to its commit.  Only if none of the last few reaches the commit (an
+        operator moved it ahead) is the newest taken."""
         wanted = None if keys is None else set(keys)
         values: dict[str, deque[bytes]] = {}
         for message in read_topic(self.settings, self.topic, timeout):
@@ -290,10 +297,34 @@ class TopicStateStore:
                     values.setdefault(key, deque(maxlen=STATE_RECORDS_TRIED)).append(message.value())
         found = {}
         for key in sorted(values) if keys is None else keys:
+            floor = (floors or {}).get(key, {})
+            passed_over, newest = 0, None
             for value in reversed(values.get(key, ())):
                 try:
-                    found[key] = unpack(value, f"{self.topic} record {key}")
-                    break
+                    state = unpack(value, f"{self.topic} record {key}")
                 except CheckpointError as exc:
                     log.error("skipping state record %s: %s; trying the previous one", key, exc)
+                    continue
+                if _reaches(state, floor):
+                    found[key] = state
+                    if passed_over:
+                        log.warning("state %s: passing over %d newer record(s) behind the group's commit %s (written "
+                                    "by a member that had lost the partition without knowing); restoring the "
+                                    "one at offsets %s", key, passed_over,
+                                    {f"{t}/{p}": o for (t, p), o in floor.items()}, state["offsets"])
+                    break
+                passed_over, newest = passed_over + 1, newest or state
+            else:
+                if newest is not None:  # none reaches the commit: the newest, resumed at the commit
+                    found[key] = newest
         return found
+
+
+def _reaches(state: dict, floor: dict) -> bool:
+    """Whether the state's offsets are at or past ``floor`` ({(topic, partition): offset}) on
+    every partition it names."""
+    try:
+        offsets = state.get("offsets") or {}
+        return all(offsets.get(topic, {}).get(str(partition), -1) >= offset for (topic, partition), offset in floor.items())
+    except (AttributeError, TypeError):
+        return True  # malformed: taken, so that restoring it says what is wrong
