@@ -105,7 +105,7 @@ class StateTopic:
         self.timeouts.append(timeout)
         if self.failures:
             self.failures -= 1
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "reading streamgmm-state took over 30 s"))
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "reading streamgmm-state: nothing came for 30 s"))
         return {k: v for k, v in self.records.items() if keys is None or k in keys}
 
     def write(self, key, state):
@@ -179,7 +179,7 @@ def test_a_state_store_that_fails_once_holds_the_partitions_and_learns_each_mess
     assert set(daemon.held.unrestored) == set(PARTITIONS) and consumer.paused == set(PARTITIONS)
     assert daemon.detectors == {} and daemon.assigned == set(PARTITIONS)
     ready, words, details = daemon.readiness()
-    assert not ready and "restoring" in details["in/0"] and "took over 30 s" in details["in/0"]
+    assert not ready and "restoring" in details["in/0"] and "nothing came for 30 s" in details["in/0"]
     daemon._turn()  # the batch librdkafka fetched before the pause: dropped, not learned
     assert not processed and daemon.held.unrestored
     assert daemon.metrics.value("streamgmm_state_restore_failures_total") == 2  # one per partition
@@ -509,3 +509,43 @@ def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatc
     assert all(c.detectors[f"{t}/{p}"].n_valid == 300 for t, p in PARTITIONS)
     _run(c, lambda: c.positions == {tp: 600 for tp in PARTITIONS})
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(450, 600)})
+
+
+class TopicMessage(FakeMessage):
+    def error(self):
+        return None
+
+
+class SlowTopicConsumer:
+    """A consumer of a 2-partition topic of 6 messages that gives one message per consume after
+    ``delay`` seconds, or (``stalled``) nothing at all."""
+
+    def __init__(self, delay, stalled=False):
+        self.delay, self.stalled, self.left = delay, stalled, [TopicMessage("t", i % 2, i // 2, b"x") for i in range(6)]
+
+    def list_topics(self, topic, timeout):
+        return type("Metadata", (), {"topics": {topic: type("Topic", (), {"partitions": {0: None, 1: None}})}})
+
+    def get_watermark_offsets(self, tp, timeout):
+        return 0, 3
+
+    def assign(self, partitions):
+        pass
+
+    def consume(self, num_messages, timeout):
+        time.sleep(self.delay)
+        return [] if self.stalled or not self.left else [self.left.pop(0)]
+
+    def close(self):
+        pass
+
+
+def test_a_state_topic_read_steadily_is_read_to_its_end_however_long_it_takes(monkeypatch):
+    from streamgmm.service import kafka
+
+    monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.1))
+    read = list(kafka.read_topic({}, "t", timeout=0.25))  # 0.6 s in all, a message every 0.1 s
+    assert [(m.partition(), m.offset()) for m in read] == [(i % 2, i // 2) for i in range(6)]
+    monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.05, stalled=True))
+    with pytest.raises(KafkaException, match="nothing came for 0.25 s"):
+        list(kafka.read_topic({}, "t", timeout=0.25))

@@ -524,7 +524,9 @@ def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout
 
 def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Message]:
     """Every message of ``topic`` from its log start up to its high watermark when read, as they
-    come (a caller that keeps only some of them never holds the whole topic)."""
+    come (a caller that keeps only some of them never holds the whole topic).  Raises
+    KafkaException (_TIMED_OUT) when nothing comes for ``timeout`` seconds: a long topic read
+    steadily takes as long as it takes (a state topic a broker does not compact grows)."""
     consumer = Consumer({**{k: v for k, v in settings.items() if k not in ("error_cb",)},
                          "group.id": f"streamgmm-reader-{time.monotonic_ns()}", "enable.auto.commit": False,
                          "enable.partition.eof": False, "logger": logging.getLogger("librdkafka")})
@@ -546,8 +548,9 @@ def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Me
             for m in consumer.consume(num_messages=1000, timeout=0.5):
                 if m.error() is None:
                     positions[m.partition()] = m.offset()
+                    deadline = time.monotonic() + timeout
                     yield m
         if any(positions[p] < ends[p] - 1 for p in ends):
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic} took over {timeout} s"))
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic}: nothing came for {timeout} s"))
     finally:
         consumer.close()
