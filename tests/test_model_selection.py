@@ -128,6 +128,33 @@ def test_few_points_in_many_dimensions_make_a_sane_model(n_points, n_features, w
     assert roc_auc_score(anomalies[warmup:], scores) > 0.9
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_fewer_warm_up_points_than_features_do_not_make_a_full_covariance_of_the_prior_alone(seed):
+    # 40 points of N(0, I) in 100-d: tied K=8 was chosen, and new points scored -8e6 a point
+    # (the truth: about -142) until the stream had mended the covariance.
+    rng = np.random.default_rng(seed)
+    model = OnlineGaussianMixture(warmup=40, random_state=seed).fit(rng.normal(size=(40, 100)))
+    assert model.covariance_type_ in ("diag", "spherical")
+    new = model.score(rng.normal(size=(1000, 100)))
+    assert new > -300, f"new points score {new:.0f} nats a point"
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("clusters", [1, 2])
+def test_a_constant_feature_does_not_change_the_number_of_components(seed, clusters):
+    # Its variance comes from the prior alone, which shrinks with K: BIC took 7 components for
+    # one Gaussian beside a constant column.
+    rng = np.random.default_rng(10 + seed)
+    X = rng.normal(size=(1000, 2)) + np.where(np.arange(1000)[:, None] % clusters == 0, 0.0, 8.0)
+    plain = OnlineGaussianMixture(warmup=1000, random_state=seed).fit(X)
+    with_constant = OnlineGaussianMixture(warmup=1000, random_state=seed).fit(np.c_[X, np.full(1000, 7.0)])
+    assert plain.n_components_ == with_constant.n_components_ == clusters
+    # The other features are scored as without it (a diagonal model where a spherical one won).
+    np.testing.assert_allclose(with_constant.means_[:, :2][np.argsort(with_constant.means_[:, 0])],
+                               plain.means_[np.argsort(plain.means_[:, 0])], atol=1e-6)
+    assert np.all(with_constant.means_[:, 2] == 7.0)
+
+
 def test_seeds_give_close_models():
     rng = np.random.default_rng(5)
     truth = random_mixture(4, 5, rng, separation=8.0)

@@ -137,6 +137,12 @@ def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, covarianc
     return MixtureFit(covariance_type, weights, means, covariances, log_likelihood, bic, n_iter)
 
 
+def responsibilities(fit: MixtureFit, X) -> np.ndarray:
+    """Each point's posterior over the components of ``fit``."""
+    precisions_chol, _ = g.precision_cholesky_per_component(fit.covariances, fit.covariance_type)
+    return np.exp(g.e_step(g.weighted_log_prob(X, fit.weights, fit.means, precisions_chol, fit.covariance_type))[1])
+
+
 def starting_points(X, weight, n_components, rng, n_init, init_params="kmeans") -> list:
     """``n_init`` responsibilities to start EM from: the first from ``init_params``, the others
     from k-means++ seeds (k-means alone can split a wide direction rather than separate tight
@@ -170,9 +176,31 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
     covariance_types : the candidate types.
     init_params : how the first restart of each candidate starts (``GaussianMixture``'s choices).
     """
+    varying = np.ptp(X[weight > 0], axis=0) > 0 if np.any(weight > 0) else np.ones(X.shape[1], dtype=bool)
+    if 0 < np.count_nonzero(varying) < X.shape[1]:
+        # A feature constant over the warm-up says nothing about K, but its variance comes from
+        # the prior alone, which shrinks as K^(-2/D): every component added gained about log(K)/D
+        # nats a point there, and BIC took 7 components for one Gaussian.  The search runs on the
+        # other features; the winner's responsibilities then give every feature its parameters
+        # (diagonal for a spherical winner: one variance cannot serve a constant feature and the
+        # others, and diag scores the others as the winner does).
+        found = select_mixture(X[:, varying], weight, components=components, covariance_types=covariance_types,
+                               rng=rng, reg_covar=reg_covar, n_init=n_init, final_n_init=final_n_init,
+                               max_iter=max_iter, patience=patience, init_params=init_params)
+        with np.errstate(all="ignore"):
+            whole = map_em(X, weight, responsibilities(found.best, X[:, varying]),
+                           "diag" if found.best.covariance_type == "spherical" else found.best.covariance_type,
+                           reg_covar=reg_covar, max_iter=1)
+        return Selection(whole, found.bic)
     bic: dict = {}
     best: MixtureFit | None = None
     n_distinct = len(np.unique(X[weight > 0], axis=0))
+    if len(covariance_types) > 1 and n_distinct <= X.shape[1]:
+        # No more points than features: a full or tied covariance would be the prior's alone in
+        # the directions the points do not span, far too tight there (the prior's scale is the
+        # data's spread over 2D + 4), and every new point would score as an outlier; BIC, which
+        # sees only the points fitted, preferred it.  (Asked for by name, a type is fitted.)
+        covariance_types = [t for t in covariance_types if t not in ("full", "tied")]
     covariance = data_covariance(X, weight)
     components = list(components)
     # Every covariance type of a K starts from the same seedings: the seeding (k-means) cost
