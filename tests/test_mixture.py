@@ -55,6 +55,24 @@ def test_integer_sample_weight_equals_repeated_rows(blobs, covariance_type):
     np.testing.assert_allclose(weighted.covariances_, repeated.covariances_, rtol=1e-8, atol=1e-10)
 
 
+def test_weights_that_leave_fewer_rows_than_components_are_refused(blobs):
+    weight = np.zeros(len(blobs))
+    weight[5] = 1.0
+    with pytest.raises(ValueError, match="at least n_components rows of positive sample_weight"):
+        GaussianMixture(2, random_state=0).fit(blobs, sample_weight=weight)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_from_data_draws_its_centres_among_the_weighted_rows(seed):
+    # Drawn among all rows, a centre on a row of weight 0 made a component of no mass at (0, 0).
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(-3, 1, (300, 2)), rng.normal(3, 1, (300, 2))])
+    weight = np.zeros(len(X))
+    weight[300:] = 1.0  # the blob at -3 is not data
+    model = GaussianMixture(2, init_params="random_from_data", random_state=seed).fit(X, sample_weight=weight)
+    assert model.weights_.min() > 0.01 and np.all(model.means_ > 1.0)  # both on the weighted blob
+
+
 @pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
 def test_every_init_finds_the_three_blobs(blobs, init_params):
     model = GaussianMixture(3, init_params=init_params, n_init=3, max_iter=300, random_state=0).fit(blobs)

@@ -181,6 +181,22 @@ def test_from_fitted_batch_mixture_scores_like_it():
     assert online.n_seen_ == 500
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_from_a_batch_mixture_of_any_type_on_features_of_different_scales_scores_like_it(covariance_type):
+    # Spherical was standardised per feature and became another model (up to 21 nats a point apart).
+    rng = np.random.default_rng(12)
+    X = np.c_[rng.normal(0, 1, 2000), rng.normal(0, 1000, 2000), rng.normal(5, 0.001, 2000)]
+    batch = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(X)
+    online = OnlineGaussianMixture.from_mixture(batch, n_samples_seen=len(X))
+    np.testing.assert_allclose(online.score_samples(X), batch.score_samples(X), atol=1e-8)
+
+
+def test_numpy_numbers_are_numbers():
+    model = OnlineGaussianMixture(alpha=np.float32(0.9), rare_weight=np.float64(0.01), warmup=100)
+    model.partial_fit(np.random.default_rng(0).normal(size=(200, 2)))
+    assert model.is_initialized
+
+
 def test_scoring_before_warmup_says_so():
     model = OnlineGaussianMixture(2, warmup=100)
     model.partial_fit(np.zeros((10, 2)))

@@ -35,8 +35,8 @@ def initial_responsibilities(X, n_components, init_params, rng, sample_weight):
     """Responsibilities (n_samples, n_components) to start EM from.
 
     ``kmeans`` runs Lloyd's algorithm; ``k-means++`` and ``random_from_data`` pick centres
-    (by k-means++ or uniformly) and assign every point to its nearest one; ``random`` draws
-    uniform responsibilities.
+    (by k-means++, or at random in proportion to the sample weights) and assign every point to
+    its nearest one; ``random`` draws uniform responsibilities.
     """
     n_samples = X.shape[0]
     resp = np.zeros((n_samples, n_components))
@@ -46,7 +46,10 @@ def initial_responsibilities(X, n_components, init_params, rng, sample_weight):
         if init_params == "k-means++":
             indices = kmeans_plusplus(X, n_components, rng, sample_weight)
         else:
-            indices = rng.choice(n_samples, size=n_components, replace=False)
+            # Among the rows with weight, as often as their weight: a row of weight 0 is not data.
+            uniform = sample_weight is None or np.all(sample_weight == sample_weight[0])
+            p = None if uniform else sample_weight / sample_weight.sum()  # (None: the draws scikit-learn makes)
+            indices = rng.choice(n_samples, size=n_components, replace=False, p=p)
         labels = np.argmin(squared_distances(X, X[indices]), axis=1)
         # The chosen points keep their own component even if they tie with another centre.
         labels[indices] = np.arange(n_components)
@@ -182,6 +185,9 @@ class GaussianMixture(MixtureBase):
         weight = check_sample_weight(sample_weight, X.shape[0])
         if weight.sum() <= 0:
             raise ValueError("sample_weight sums to zero: there is nothing to fit")
+        if sample_weight is not None and np.count_nonzero(weight) < self.n_components:
+            raise ValueError(f"Expected at least n_components rows of positive sample_weight but got "
+                             f"n_components = {self.n_components}, rows weighted = {np.count_nonzero(weight)}")
         self.n_features_in_ = X.shape[1]
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1

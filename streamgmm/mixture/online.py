@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,11 @@ def _ordinary_rows(X) -> np.ndarray:
         deviation = np.abs(X - median)
         limit = np.where(high > low, np.minimum(ABSURD_SPREADS * (high - low), SQUARE_SAFE), SQUARE_SAFE)
         return np.all(deviation <= limit, axis=1)
+
+
+def _is_real(value) -> bool:
+    """A real number, numpy's included (np.float32(0.9) is as good an alpha as 0.9), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _usual_components(weights, rare_weight) -> np.ndarray | None:
@@ -335,7 +341,7 @@ class OnlineGaussianMixture(MixtureBase):
                              f"got {covariance_type!r}")
         largest = self.max_components if n_components == AUTO else n_components
         check_positive_int(self.warmup, "warmup", minimum=2 * (1 if n_components == AUTO else n_components))
-        if not (isinstance(self.alpha, (int, float)) and 0.5 < self.alpha <= 1.0):
+        if not (_is_real(self.alpha) and 0.5 < self.alpha <= 1.0):
             raise ValueError(f"alpha must be in (0.5, 1]; got {self.alpha!r}")
         if self.t0 is not None:
             check_positive_float(self.t0, "t0")
@@ -349,7 +355,7 @@ class OnlineGaussianMixture(MixtureBase):
         if not (0.0 <= self.min_weight < 1.0 / largest):
             raise ValueError(f"min_weight must be in [0, 1/{'max_components' if n_components == AUTO else 'n_components'}); "
                              f"got {self.min_weight!r}")
-        if not (isinstance(self.rare_weight, (int, float)) and 0.0 <= self.rare_weight < 1.0):
+        if not (_is_real(self.rare_weight) and 0.0 <= self.rare_weight < 1.0):
             raise ValueError(f"rare_weight must be in [0, 1); got {self.rare_weight!r}")
         check_positive_int(self.warmup_iter, "warmup_iter")
         check_positive_int(self.warmup_n_init, "warmup_n_init")
@@ -731,6 +737,10 @@ class OnlineGaussianMixture(MixtureBase):
         spread = np.einsum("k,kdd->d", weights, component_cov) + weights @ (means - center) ** 2
         model.center_ = center if model.standardize else np.zeros(D)
         model.scale_ = np.sqrt(spread) if model.standardize else np.ones(D)
+        if mixture.covariance_type == "spherical":
+            # One variance per component is spherical in one scale only: per-feature scales would
+            # turn it into another model (up to 21 nats a point apart).
+            model.scale_ = np.full(D, np.sqrt(np.mean(model.scale_**2)))
         s = model.scale_
         internal_means = (means - model.center_) / s
         cov = mixture.covariances_
