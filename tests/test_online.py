@@ -323,3 +323,9 @@ def test_a_component_added_for_a_new_cluster_takes_its_points(covariance_type):
     model.add_component(rng.normal(size=(5, 3)) - 8.0, weight=0.01)
     with pytest.raises(ValueError, match="max_components=3"):
         model.add_component(rng.normal(size=(5, 3)), weight=0.01)
+
+
+def test_fit_with_fewer_rows_than_the_warm_up_says_the_model_cannot_score_yet():
+    with pytest.warns(UserWarning, match="fewer than warmup=100"):
+        model = OnlineGaussianMixture(warmup=100).fit(np.random.default_rng(0).normal(size=(10, 2)))
+    assert not model.is_initialized

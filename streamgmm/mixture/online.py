@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -451,7 +452,12 @@ class OnlineGaussianMixture(MixtureBase):
         """
         for name in _STATE_ATTRIBUTES:
             self.__dict__.pop(name, None)
-        return self.partial_fit(X, sample_weight=sample_weight)
+        self.partial_fit(X, sample_weight=sample_weight)
+        if not self.is_initialized:  # scikit-learn's tools would go on to score nothing (nan)
+            warnings.warn(f"fit got {self.n_buffered_} rows, fewer than warmup={self.warmup}: the model is still "
+                          "warming up and cannot score; pass at least warmup rows, or lower warmup", UserWarning,
+                          stacklevel=2)
+        return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """Learn from one mini-batch; before the warm-up is complete, buffer it. Returns self.
@@ -460,6 +466,10 @@ class OnlineGaussianMixture(MixtureBase):
         density is not finite (values so far out that their standardised square overflows) are
         scored but not learned from, and absurd rows in the warm-up (``ABSURD_SPREADS``) do not
         shape the model: ``n_seen_`` counts the rows learned.
+
+        ``sample_weight`` weighs the rows against each other within the batch: the step size
+        comes from the number of rows, so weights of 5 everywhere learn what weights of 1 do
+        (unlike the batch ``GaussianMixture``, where an integer weight is a repeated row).
         """
         if not self._is_started():
             self._start()
