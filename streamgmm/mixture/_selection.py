@@ -41,6 +41,12 @@ def prior_points(covariance_type: str, n_features: int) -> float:
     return float(2 * n_features + 4) if covariance_type in ("full", "tied") else float(n_features + 4)
 
 
+# A full or tied candidate needs this many times D degrees of freedom per covariance (see
+# select_mixture): from m of them in D dimensions the smallest eigenvalue of a sample
+# covariance is about (1 - sqrt(D/m))^2 of the true one (Marchenko-Pastur): 0 at m = D, 0.09
+# at 2D.  Ordinary warm-ups are far above it (1,000 points in 16-d: full up to K=30).
+DEGREES_OF_FREEDOM_OVER_D = 2
+
 # Added to the data covariance C's diagonal (standardised: about 1) in the prior's scatter.
 PRIOR_RIDGE = 1e-3
 
@@ -137,6 +143,18 @@ def map_em(X, weight, resp, covariance_type: str, *, reg_covar: float, covarianc
     return MixtureFit(covariance_type, weights, means, covariances, log_likelihood, bic, n_iter)
 
 
+def _enough_points(covariance_type: str, n_components: int, n_points: int, n_features: int) -> bool:
+    """Whether ``n_points`` distinct points give ``n_components`` covariances of this type
+    DEGREES_OF_FREEDOM_OVER_D x D degrees of freedom each: a tied scatter has n - K, a full
+    one n_k - 1 (at best n/K - 1)."""
+    needed = DEGREES_OF_FREEDOM_OVER_D * n_features
+    if covariance_type == "tied":
+        return n_points - n_components >= needed
+    if covariance_type == "full":
+        return n_points >= n_components * (needed + 1)
+    return True
+
+
 def responsibilities(fit: MixtureFit, X) -> np.ndarray:
     """Each point's posterior over the components of ``fit``."""
     precisions_chol, _ = g.precision_cholesky_per_component(fit.covariances, fit.covariance_type)
@@ -195,12 +213,13 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
     bic: dict = {}
     best: MixtureFit | None = None
     n_distinct = len(np.unique(X[weight > 0], axis=0))
-    if len(covariance_types) > 1 and n_distinct <= X.shape[1]:
-        # No more points than features: a full or tied covariance would be the prior's alone in
-        # the directions the points do not span, far too tight there (the prior's scale is the
-        # data's spread over 2D + 4), and every new point would score as an outlier; BIC, which
-        # sees only the points fitted, preferred it.  (Asked for by name, a type is fitted.)
-        covariance_types = [t for t in covariance_types if t not in ("full", "tied")]
+    # When the type is auto, a full or tied candidate with too few points for its covariances
+    # (see DEGREES_OF_FREEDOM_OVER_D) is not tried: in the directions the points barely span it
+    # is the prior's alone, far too tight (the prior's scale is the data's spread over 2D + 4),
+    # and every new point scores hundreds of nats low; BIC, which sees only the points fitted,
+    # preferred it (40 points in 100-d: tied K=8; 25 in 20-d: tied K=5 or 8, 450-970 nats a
+    # point below the truth on new points).  Asked for by name, a type is fitted.
+    rank_limited = len(covariance_types) > 1
     covariance = data_covariance(X, weight)
     components = list(components)
     # Every covariance type of a K starts from the same seedings: the seeding (k-means) cost
@@ -212,6 +231,8 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
         for K in components:
             if K > n_distinct and K != components[0]:
                 break  # more components than distinct points: only as many as were asked for
+            if rank_limited and not _enough_points(covariance_type, K, n_distinct, X.shape[1]):
+                break  # (and no larger K either)
             if K not in starts:
                 starts[K] = starting_points(X, weight, K, rng, n_init, init_params)
             fit = _best_of(X, weight, starts[K], covariance_type, reg_covar, max_iter, covariance)
