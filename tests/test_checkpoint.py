@@ -81,3 +81,16 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="I/O error"):
         store.write(_state(1))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, mend", [(28, "free space on its disk"), (13, "fix its permissions")])
+def test_a_checkpoint_dir_that_cannot_be_written_says_what_to_mend(tmp_path, monkeypatch, error, mend):
+    # A full disk was told to "fix its permissions".
+    from streamgmm.service import state
+
+    def refused(path, data):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(state, "write_atomically", refused)
+    with pytest.raises(CheckpointError, match=f"{os.strerror(error)}; {mend} or point checkpoint.dir elsewhere"):
+        state.LocalStateStore(tmp_path, keep=3).check_writable()

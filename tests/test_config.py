@@ -102,6 +102,26 @@ def test_librdkafka_settings_are_checked_without_a_broker(section, settings, mes
         check_settings(config)
 
 
+@pytest.mark.parametrize("value", ["6s", "6,000", "1e4", " 6000 ms"])
+def test_a_number_with_a_unit_or_separator_is_refused_before_librdkafka_half_reads_it(value):
+    # librdkafka reads the leading digits of "6s" and runs with a 6 ms session timeout: the member
+    # was expired and rewound over and over (6 rewinds in 27 s, nothing committed).
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"],
+                                         "consumer": {"session.timeout.ms": value}}})
+    with pytest.raises(ConfigError, match=r"kafka.consumer.session.timeout.ms: .* is not a plain number"):
+        check_settings(config)
+
+
+@pytest.mark.parametrize("settings", [{"session.timeout.ms": "6000"}, {"session.timeout.ms": 6000},
+                                      {"client.rack": "1a"}, {"broker.version.fallback": "2.3.0"}])
+def test_numbers_written_plainly_and_words_that_start_with_digits_pass(settings):
+    from streamgmm.service.kafka import check_settings
+
+    check_settings(config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], "consumer": settings}}))
+
+
 def test_our_own_refusals_are_not_sent_to_librdkafkas_documentation():
     from streamgmm.service.kafka import check_settings
 
@@ -163,3 +183,11 @@ def test_input_dimension_follows_the_fields_unless_set():
     assert config_from_dict({"input": {"fields": ["a", "b", "c"]}}).input.dimension == 3
     with pytest.raises(ConfigError, match=re.escape("list exactly input.dimension=4 field names")):
         config_from_dict({"input": {"fields": ["a", "b", "c"], "dimension": 4}})
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    # YAML keeps the last of two silently: one of two warmup lines would be ignored without a word.
+    path = tmp_path / "twice.yaml"
+    path.write_text("input:\n  format: json\n  dimension: 4\nmodel:\n  warmup: 300\n  warmup: 400\n")
+    with pytest.raises(ConfigError, match=r"found the key 'warmup' twice(.|\n)*line 6"):
+        load_config(path, environ={})

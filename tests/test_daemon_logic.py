@@ -418,3 +418,7 @@ def test_scope_partition_is_initialized_when_every_model_is_and_drops_series_of_
     assert metrics.value("streamgmm_model_initialized") == 1
     assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/1"}) is None
     assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/0"}) == 3000
+    # A partition assigned with a restored model has its series before its first batch.
+    metrics.observe_partition_models({"in/0": warm, "in/2": SimpleNamespace(is_initialized=True, n_seen_=700)})
+    assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/2"}) == 700
+    assert metrics.value("streamgmm_partition_model_initialized", {"model": "in/2"}) == 1

@@ -101,3 +101,35 @@ def test_an_existing_state_topic_is_used_without_asking_to_create_it(broker, top
 
     monkeypatch.setattr(AdminClient, "create_topics", refused)
     ensure_topic(settings, topic, {"cleanup.policy": "compact"})
+
+
+def test_inspect_with_a_group_shows_the_state_its_members_restore(broker, topic):
+    # A member expired without knowing wrote a record (at 40) after the new owner's (at 150, the
+    # group's commit): the daemon passes over it, and so must inspect --group, which a plain
+    # inspect of the newest record does not.
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streamgmm.cli.main import topic_summaries
+    from streamgmm.detection.detector import Detector
+    from streamgmm.service.config import config_from_dict
+    from streamgmm.service.kafka import ensure_topic
+    from streamgmm.service.state import TopicStateStore
+
+    settings = {"bootstrap.servers": broker.bootstrap}
+    state_topic, group, source = f"{topic}.state", f"{topic}-group", f"{topic}.in"
+    ensure_topic(settings, state_topic, {"cleanup.policy": "compact"})
+    ensure_topic(settings, source, {})
+    producer = Producer(settings)
+    store = TopicStateStore(state_topic, settings, producer)
+    for offset in (150, 40):  # the new owner's, then the expired member's
+        state = Detector(config_from_dict({"input": {"dimension": 2}}, environ={})).state(0.0)
+        state["offsets"], state["counters"]["n_valid"] = {source: {"0": offset}}, offset
+        store.write(f"{source}/0", state)
+    store.flush(10)
+    member = Consumer({**settings, "group.id": group, "enable.auto.commit": False})
+    member.commit(offsets=[TopicPartition(source, 0, 150)], asynchronous=False)
+    member.close()
+
+    assert topic_summaries(state_topic, broker.bootstrap)[f"{source}/0"]["n_valid"] == 40
+    restored = topic_summaries(state_topic, broker.bootstrap, group=group)[f"{source}/0"]
+    assert (restored["n_valid"], restored["group_commit"]) == (150, 150)

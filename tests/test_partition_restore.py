@@ -495,7 +495,7 @@ def test_a_state_record_written_by_an_expired_member_after_the_new_owners_is_pas
     assert all(c.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)  # each message learned once
 
 
-def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatch):
+def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatch, caplog):
     # An operator moved the group's offsets ahead of every state: the newest state, resumed at the commit.
     logs, group = _logs(), {}
     store = LoggedStateTopic(monkeypatch)
@@ -509,6 +509,19 @@ def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatc
     assert all(c.detectors[f"{t}/{p}"].n_valid == 300 for t, p in PARTITIONS)
     _run(c, lambda: c.positions == {tp: 600 for tp in PARTITIONS})
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(450, 600)})
+    # Said, per partition: the 150 messages between are not learned by this model.
+    said = [r.getMessage() for r in caplog.records if "behind the group's commit 450" in r.getMessage()]
+    assert len(said) == 2 and all("the 150 messages between" in m for m in said)
+
+
+def test_a_partition_with_a_group_commit_but_no_state_says_so(tmp_path, monkeypatch, caplog):
+    # A member whose checkpoint.topic has a typo: the group has committed, its topic has nothing.
+    logs, group = _logs(), {tp: 200 for tp in PARTITIONS}
+    c, processed = _daemon(tmp_path, "c", Consumer(logs, group), LoggedStateTopic(monkeypatch))
+    c._on_assign(_assignment())
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("no state of it in checkpoint.topic streamgmm-state, but the group has committed it up to 200" in m
+               for m in said) == 2
 
 
 class TopicMessage(FakeMessage):

@@ -310,13 +310,46 @@ def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ())
     }
 
 
-def topic_summaries(topic: str, bootstrap: str, key: str | None = None) -> dict:
-    """Summaries of the newest state record per model key in a checkpoint topic."""
+def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: str | None = None) -> dict:
+    """Summaries of the newest state record per model key in a checkpoint topic; with ``group``,
+    of the record that group's members restore (the newest at or past its commit, see
+    ``TopicStateStore.load_many``), each with the group's commit beside it."""
     from ..service.state import TopicStateStore
 
-    store = TopicStateStore(topic, {"bootstrap.servers": bootstrap}, producer=None)
-    states = store.load_many(None if key is None else {key})
-    return {k: inspect_summary(v, f"{topic}:{k}") for k, v in sorted(states.items())}
+    settings = {"bootstrap.servers": bootstrap}
+    store = TopicStateStore(topic, settings, producer=None)
+    keys = None if key is None else {key}
+    commits = {} if group is None else _group_commits(settings, group, store.load_many(keys))
+    states = store.load_many(keys, floors={k: {tp: offset} for k, (tp, offset) in commits.items()})
+    summaries = {k: inspect_summary(v, f"{topic}:{k}") for k, v in sorted(states.items())}
+    for k, (_, offset) in commits.items():
+        if k in summaries:
+            summaries[k]["group_commit"] = offset
+    return summaries
+
+
+def _group_commits(settings: dict, group: str, states: dict) -> dict:
+    """{model key: ((topic, partition), the group's committed offset)} for the partition-scope
+    keys ("topic/partition") of ``states`` that the group has committed."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    partitions = {}
+    for key in states:
+        topic, _, partition = key.rpartition("/")
+        if topic and partition.isdigit():
+            partitions[key] = TopicPartition(topic, int(partition))
+    if not partitions:
+        return {}
+    consumer = Consumer({**settings, "group.id": group, "enable.auto.commit": False})
+    try:
+        found = consumer.committed(list(partitions.values()), timeout=10)
+    except KafkaException as exc:
+        raise CheckpointError(f"cannot read the commits of group {group}: {exc.args[0].str()}") from None
+    finally:
+        consumer.close()
+    by_partition = {(tp.topic, tp.partition): tp.offset for tp in found if tp.error is None and tp.offset >= 0}
+    return {key: ((tp.topic, tp.partition), by_partition[(tp.topic, tp.partition)])
+            for key, tp in partitions.items() if (tp.topic, tp.partition) in by_partition}
 
 
 def _describe_model(initialized: bool, model: dict) -> str:
@@ -351,6 +384,9 @@ def _describe(summary: dict) -> str:
     for topic, partitions in summary["offsets"].items():
         resume = ", ".join(f"partition {p} at offset {o:,}" for p, o in sorted(partitions.items(), key=lambda x: int(x[0])))
         lines.append(f"resumes           {topic}: {resume}")
+    if "group_commit" in summary:
+        lines.append(f"group commit      {summary['group_commit']:,} (a member of the group resumes at the later of "
+                     "the two)")
     if summary["weights"]:
         lines.append("component weights " + " ".join(f"{w:.3f}" for w in summary["weights"]))
     return "\n".join(lines)
@@ -363,7 +399,7 @@ def cmd_inspect(args) -> int:
             if not args.bootstrap:
                 print("streamgmm: inspect --topic needs --bootstrap HOST:PORT", file=sys.stderr)
                 return 2
-            summaries = topic_summaries(args.topic, args.bootstrap, args.key)
+            summaries = topic_summaries(args.topic, args.bootstrap, args.key, args.group)
             if not summaries:
                 raise CheckpointError(f"no readable state record in topic {args.topic}")
             print(json.dumps(summaries) if args.json else "\n\n".join(f"model {k}\n{_describe(v)}"
@@ -439,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--topic", help="read state records from this checkpoint topic instead")
     ins.add_argument("--bootstrap", help="HOST:PORT of the Kafka cluster holding --topic")
     ins.add_argument("--key", help="only this model key, e.g. features/3 (default: every key in --topic)")
+    ins.add_argument("--group", help="with --topic: show the record this consumer group's members restore (the "
+                                     "newest at or past the group's commit) and the commit beside it")
     ins.add_argument("--json", action="store_true", help="print the summary as one JSON document instead of in words")
     ins.set_defaults(func=cmd_inspect)
 

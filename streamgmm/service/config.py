@@ -409,6 +409,21 @@ def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = No
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps the last one
+    silently, so of two ``warmup:`` lines one would be ignored without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment (``os.environ`` by default) and validate."""
     raw: Any = {}
@@ -418,7 +433,7 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

@@ -400,6 +400,8 @@ class Daemon:
         committed = self._committed(owned)
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
         held = self._restore_partitions(owned) if self.scope == "partition" else []
+        if self.scope == "partition":
+            self._warn_of_state_behind_the_group(owned, committed)
         starts = []
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
@@ -419,6 +421,26 @@ class Daemon:
             self._observe_partition_models()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           for tp in starts) or "no partitions")
+
+    def _warn_of_state_behind_the_group(self, owned, committed: dict) -> None:
+        """scope: partition: a restored state behind the group's commit, or none where the group
+        has one, means messages learned by a model whose state is not where this member looks
+        (another checkpoint.topic or dir, a record lost): they are not learned again, so say so."""
+        where = (f"checkpoint.topic {self.config.checkpoint.topic}" if self.topic_store is not None
+                 else f"checkpoint.dir {self.config.checkpoint.dir}")
+        for tp in owned:
+            commit = committed.get(tp)
+            if commit is None or tp in self.held.unrestored:
+                continue
+            state = self._checkpoint_offset(*tp)
+            if state is None:
+                log.warning("%s/%d: no state of it in %s, but the group has committed it up to %d: a new model "
+                            "starts there (do the group's members share this %s?)", *tp, where, commit, where)
+            elif state < commit:
+                log.warning("%s/%d: its state in %s is at offset %d, behind the group's commit %d: the %d messages "
+                            "between were learned by a model whose state is not there (another checkpoint.topic or "
+                            "dir, a record lost, or the commit moved ahead by hand) and are not learned again",
+                            *tp, where, state, commit, commit - state)
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: everything processed so far is checkpointed and committed
@@ -664,7 +686,7 @@ class Daemon:
         pause = min(self.config.kafka.retry_backoff_initial_seconds * 2 ** (self._rewinds_in_a_row - 1),
                     self.config.kafka.retry_backoff_max_seconds)
         log.error("%s: rewinding to the last checkpoint (rewind %d in a row; pausing %.1f s first)",
-                  why, self._rewinds_in_a_row, pause)
+                  why, self._rewinds_in_a_row, pause, extra={"event": True})  # each rewind is logged
         self.metrics.rewinds.inc()
         self.sink.discard_pending()
         self.metrics.produce_errors.inc(self.sink.take().transient)  # failed before the rewind found them

@@ -146,6 +146,33 @@ def check_settings(config: Config) -> None:
                     raise ConfigError(f"{key}: a {misplaced.group(2)} setting, which the {role} ignores; "
                                       f"move it to kafka.{misplaced.group(2)}")
 
+    _refuse_half_read_numbers(config)
+
+
+# A number librdkafka reads whole; of anything else starting with digits it reads the leading
+# digits and drops the rest without a word ("6s" is 6 ms, "6,000" is 6, "1e4" is 1).
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
+def _refuse_half_read_numbers(config: Config) -> None:
+    """ConfigError for a string value of a numeric librdkafka setting that starts like a
+    number without being one (a unit, a thousands separator, an exponent)."""
+    for section in ("security", "consumer", "producer"):
+        for key, value in getattr(config.kafka, section).items():
+            text = value.strip() if isinstance(value, str) else None
+            if text and re.match(r"[+-]?\d", text) and not _PLAIN_NUMBER.fullmatch(text) and _numeric_setting(key):
+                raise ConfigError(f"kafka.{section}.{key}: {value!r} is not a plain number, and librdkafka would "
+                                  f"read only its leading digits ({re.match(r'[+-]?[0-9]+', text).group()}); write "
+                                  "the number alone, in the unit its name says")
+
+
+def _numeric_setting(name: str) -> bool:
+    """Whether librdkafka's setting ``name`` takes a number (it refuses a word for it)."""
+    try:
+        Producer({name: "not-a-number"}).flush(0)
+    except (KafkaException, ValueError, TypeError) as exc:
+        return "Invalid value" in kafka_error_text(exc) if isinstance(exc, KafkaException) else False
+    return False
 
 class _Collect(logging.Handler):
     """librdkafka's log lines while a client is built (its logger), kept for check_settings."""

@@ -165,15 +165,19 @@ class Metrics:
         if partition_key is None:
             self.observe_model(detector.model)
         else:
-            self.partition_initialized.labels(partition_key).set(1 if detector.model.is_initialized else 0)
-            self.partition_points_seen.labels(partition_key).set(detector.model.n_seen_)
-            self._partition_keys.add(partition_key)
+            self._observe_partition_model(partition_key, detector.model)
+
+    def _observe_partition_model(self, key: str, model) -> None:
+        self.partition_initialized.labels(key).set(1 if model.is_initialized else 0)
+        self.partition_points_seen.labels(key).set(model.n_seen_)
+        self._partition_keys.add(key)
 
     def observe_partition_models(self, models: dict, assigned: set | None = None) -> None:
         """scope: partition: the instance's model is initialized when every partition's it holds
         is, and every assigned one (``assigned``, model keys) has one (so StreamgmmNotReady sees
         one that never warms up), its points seen the sum; the per-partition series of
-        partitions it no longer holds go."""
+        partitions it no longer holds go, and those of the ones it holds are there from their
+        assignment (not from their first batch: an idle partition had none)."""
         complete = assigned is None or assigned <= models.keys()
         self.model_initialized.set(1 if models and complete and all(m.is_initialized for m in models.values()) else 0)
         self.points_seen.set(sum(m.n_seen_ for m in models.values()))
@@ -181,6 +185,8 @@ class Metrics:
             self.partition_initialized.remove(key)
             self.partition_points_seen.remove(key)
         self._partition_keys &= models.keys()
+        for key, model in models.items():
+            self._observe_partition_model(key, model)
 
     def observe_model(self, model) -> None:
         self.model_initialized.set(1 if model.is_initialized else 0)

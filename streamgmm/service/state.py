@@ -15,6 +15,7 @@ or corrupted file fails its checksum on load and the previous checkpoint is used
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -227,8 +228,10 @@ class LocalStateStore:
             write_atomically(probe, b"ok")
             probe.unlink()
         except OSError as exc:
+            mend = {errno.ENOSPC: "free space on its disk", errno.EDQUOT: "free space within its quota",
+                    errno.EROFS: "mount it read-write"}.get(exc.errno, "fix its permissions")
             raise CheckpointError(f"checkpoint.dir {self.directory} is not writable: {exc.strerror or exc}; "
-                                  "fix its permissions or point checkpoint.dir elsewhere") from None
+                                  f"{mend} or point checkpoint.dir elsewhere") from None
 
 
 class TopicStateStore:
