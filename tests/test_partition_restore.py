@@ -493,6 +493,7 @@ def test_a_state_record_written_by_an_expired_member_after_the_new_owners_is_pas
     _run(c, lambda: c.positions == {tp: 600 for tp in PARTITIONS})
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(500, 600)})
     assert all(c.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)  # each message learned once
+    assert c.metrics.value("streamgmm_state_behind_group_total") == 0
 
 
 def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatch, caplog):
@@ -512,6 +513,7 @@ def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatc
     # Said, per partition: the 150 messages between are not learned by this model.
     said = [r.getMessage() for r in caplog.records if "behind the group's commit 450" in r.getMessage()]
     assert len(said) == 2 and all("the 150 messages between" in m for m in said)
+    assert c.metrics.value("streamgmm_state_behind_group_total") == 2
 
 
 def test_a_partition_with_a_group_commit_but_no_state_says_so(tmp_path, monkeypatch, caplog):
@@ -522,6 +524,7 @@ def test_a_partition_with_a_group_commit_but_no_state_says_so(tmp_path, monkeypa
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum("no state of it in checkpoint.topic streamgmm-state, but the group has committed it up to 200" in m
                for m in said) == 2
+    assert c.metrics.value("streamgmm_state_behind_group_total") == 2
 
 
 class TopicMessage(FakeMessage):

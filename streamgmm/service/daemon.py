@@ -433,6 +433,8 @@ class Daemon:
             if commit is None or tp in self.held.unrestored:
                 continue
             state = self._checkpoint_offset(*tp)
+            if state is None or state < commit:
+                self.metrics.state_behind_group.inc()
             if state is None:
                 log.warning("%s/%d: no state of it in %s, but the group has committed it up to %d: a new model "
                             "starts there (do the group's members share this %s?)", *tp, where, commit, where)

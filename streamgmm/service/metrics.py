@@ -122,6 +122,11 @@ class Metrics:
             "state_restore_failures", "scope: partition: failed attempts to restore a partition's model, one per "
             "partition and attempt (its state or the group's commit unreadable; the partition stays paused and "
             "is retried).")
+        self.state_behind_group = counter(
+            "state_behind_group", "scope: partition: partitions assigned whose restored state was behind the "
+            "group's commit, or absent where the group had one: what was learned in between is in a state this "
+            "member cannot see (another checkpoint.topic, a lost record, offsets moved by hand) and is not "
+            "learned again.")
         self.checkpoints = counter("checkpoints_written", "Checkpoints written successfully.")
         self.checkpoint_failures = counter("checkpoint_failures", "Checkpoint attempts that failed (retried).")
         self.checkpoint_last_success = gauge("checkpoint_last_success_timestamp_seconds",
