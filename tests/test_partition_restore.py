@@ -565,3 +565,22 @@ def test_a_state_topic_read_steadily_is_read_to_its_end_however_long_it_takes(mo
     monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.05, stalled=True))
     with pytest.raises(KafkaException, match="nothing came for 0.25 s"):
         list(kafka.read_topic({}, "t", timeout=0.25))
+
+
+def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_the_commits(tmp_path, monkeypatch):
+    # The models are restored from the topic only: a full local disk held up every partition's
+    # state record and commit (8 failures and a rewind in an operator's run).
+    from streamgmm.service import state as state_module
+
+    def disk_full(path, data, pause=None):
+        raise OSError(28, "No space left on device")
+
+    logs, group = _logs(), {}
+    store = LoggedStateTopic(monkeypatch)
+    daemon, _ = _daemon(tmp_path, "a", Consumer({tp: log[:300] for tp, log in logs.items()}, group), store)
+    daemon.checkpointer.local_is_copy = True  # as _connect sets it for scope: partition with a topic
+    daemon._on_assign(_assignment())
+    _run(daemon, lambda: daemon.positions == {tp: 300 for tp in PARTITIONS})
+    monkeypatch.setattr(state_module, "write_atomically", disk_full)
+    assert daemon._checkpoint().name == "WRITTEN"
+    assert group == {tp: 300 for tp in PARTITIONS} and len(store.log) == 2

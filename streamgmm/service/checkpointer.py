@@ -38,6 +38,9 @@ class Checkpointer:
         self.config = config
         self.local = local
         self.topic_store = topic_store
+        # scope: partition with a state topic: models are restored from the topic only, so the
+        # files are a copy for inspection, and a full disk must not hold up the topic and commits.
+        self.local_is_copy = False
         self.metrics = metrics
         self.clock = clock
         self.pending_messages = 0  # processed since the last checkpoint
@@ -79,11 +82,20 @@ class Checkpointer:
                 raise CheckpointError(f"{unacknowledged} output record(s) still unacknowledged after "
                                       f"{FLUSH_TIMEOUT_SECONDS:.0f} s (is the broker reachable?)")
             paths = []
+            copy_failed = None
             for key, detector in sorted(detectors.items()):
                 state = detector.state(now)
-                paths.append(self.local.write(key, state))
+                try:
+                    paths.append(self.local.write(key, state))
+                except (CheckpointError, OSError) as exc:
+                    if not self.local_is_copy:
+                        raise
+                    copy_failed = exc
                 if self.topic_store is not None:
                     self.topic_store.write(key, state)
+            if copy_failed is not None:
+                log.warning("the local copy of the checkpoint in checkpoint.dir %s failed (%s); the state topic "
+                            "holds the models, which are restored from there", self.config.dir, copy_failed)
             if self.topic_store is not None:
                 self.topic_store.flush(FLUSH_TIMEOUT_SECONDS)
         except (CheckpointError, KafkaException, BufferError) as exc:
@@ -106,7 +118,8 @@ class Checkpointer:
         self.metrics.checkpoint_seconds.observe(duration)
         self.metrics.checkpoint_last_success.set(now)
         where = (paths[-1].parent if len(paths) == 1 else
-                 f"{len(paths)} directories under {paths[-1].parent.parent}" if paths else "nowhere (no model)")
+                 f"{len(paths)} directories under {paths[-1].parent.parent}" if paths else
+                 f"the state topic {self.topic_store.topic}" if self.topic_store is not None else "nowhere (no model)")
         log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)", len(paths), duration, where,
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
         return Outcome.WRITTEN

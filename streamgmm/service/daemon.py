@@ -162,7 +162,10 @@ class Daemon:
         try:
             self.local.check_writable()
         except CheckpointError as exc:
-            raise StartupError(str(exc)) from None
+            if not (self.scope == "partition" and self.config.checkpoint.topic):
+                raise StartupError(str(exc)) from None
+            # The models live in the state topic; the files are only a copy.
+            log.warning("%s; going on: the state topic %s holds the models", exc, self.config.checkpoint.topic)
         self.restore()
         if self.scope == "partition" and self.config.model.init_from:
             # Now, not in the first on_assign: a missing or unusable init_from is a config error.
@@ -351,6 +354,7 @@ class Daemon:
                                                Producer({**producing, "error_cb": on_error}),
                                                max_bytes=message_max_bytes(producing))
             self.checkpointer.topic_store = self.topic_store
+            self.checkpointer.local_is_copy = self.scope == "partition"
         self.source = KafkaSource(consuming, k.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                   on_lost=self._on_lost, on_error=on_error)
         self.watermarks = WatermarkReader(consuming)
