@@ -462,6 +462,19 @@ class KeyedMessage:
         return self._v
 
 
+def _checkpointed_at(tmp_path, name, logs, group, store, offset, reads_to=None):
+    """A member given every partition that learns it up to ``offset``, checkpoints and commits
+    (and reads on to ``reads_to`` without checkpointing)."""
+    member, _ = _daemon(tmp_path, name, Consumer({tp: log[:reads_to or offset] for tp, log in logs.items()}, group),
+                        store)
+    member._on_assign(_assignment())
+    _run(member, lambda: member.positions == {tp: offset for tp in PARTITIONS})
+    member._checkpoint()
+    if reads_to:
+        _run(member, lambda: member.positions == {tp: reads_to for tp in PARTITIONS})
+    return member
+
+
 def _refused(offsets):
     raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "the member is not known to the group"))
 
@@ -471,16 +484,9 @@ def test_a_state_record_written_by_an_expired_member_after_the_new_owners_is_pas
     store = LoggedStateTopic(monkeypatch)
     # A learns 0..299 of each partition, checkpoints and commits, reads on to 399, and is stopped
     # (SIGSTOP) past its session timeout before its next checkpoint.
-    a, _ = _daemon(tmp_path, "a", Consumer({tp: log[:400] for tp, log in logs.items()}, group), store)
-    a._on_assign(_assignment())
-    _run(a, lambda: a.positions == {tp: 300 for tp in PARTITIONS})
-    a._checkpoint()
-    _run(a, lambda: a.positions == {tp: 400 for tp in PARTITIONS})
+    a = _checkpointed_at(tmp_path, "a", logs, group, store, 300, reads_to=400)
     # B is given the partitions: it restores A's state at 300, learns 300..499, checkpoints, commits.
-    b, _ = _daemon(tmp_path, "b", Consumer({tp: log[:500] for tp, log in logs.items()}, group), store)
-    b._on_assign(_assignment())
-    _run(b, lambda: b.positions == {tp: 500 for tp in PARTITIONS})
-    b._checkpoint()
+    _checkpointed_at(tmp_path, "b", logs, group, store, 500)
     assert group == {tp: 500 for tp in PARTITIONS}
     # A wakes and checkpoints before it hears it was expired: its records (at 400) are the newest.
     a.source.commit = _refused
@@ -500,10 +506,7 @@ def test_with_no_state_at_the_commit_the_newest_is_restored(tmp_path, monkeypatc
     # An operator moved the group's offsets ahead of every state: the newest state, resumed at the commit.
     logs, group = _logs(), {}
     store = LoggedStateTopic(monkeypatch)
-    a, _ = _daemon(tmp_path, "a", Consumer({tp: log[:300] for tp, log in logs.items()}, group), store)
-    a._on_assign(_assignment())
-    _run(a, lambda: a.positions == {tp: 300 for tp in PARTITIONS})
-    a._checkpoint()
+    _checkpointed_at(tmp_path, "a", logs, group, store, 300)
     group.update({tp: 450 for tp in PARTITIONS})
     c, processed = _daemon(tmp_path, "c", Consumer(logs, group), store)
     c._on_assign(_assignment())
