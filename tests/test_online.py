@@ -329,3 +329,30 @@ def test_fit_with_fewer_rows_than_the_warm_up_says_the_model_cannot_score_yet():
     with pytest.warns(UserWarning, match="fewer than warmup=100"):
         model = OnlineGaussianMixture(warmup=100).fit(np.random.default_rng(0).normal(size=(10, 2)))
     assert not model.is_initialized
+
+
+def test_the_step_a_feature_is_recorded_at():
+    from streamgmm.mixture.online import recorded_resolution
+
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.poisson(3, 500), np.round(rng.normal(size=500), 2), rng.normal(size=500),
+              rng.choice([0.2, 0.7], 500), np.full(500, 4.0), 1e6 * rng.integers(0, 5, 500)]
+    np.testing.assert_allclose(recorded_resolution(X, np.ones(500)), [1.0, 0.01, 0.0, 0.5, 0.0, 1e6])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_count_never_seen_in_the_warm_up_is_not_scored_as_impossible(seed):
+    # Errors per interval, Poisson(0.3), the counts 3 and more not learned (the detector does
+    # not learn what it flags): the warm-up put tied components on the counts 0, 1 and 2,
+    # learning shrank their variance to 1e-6, and the count 3 (1 point in 260) scored -400,000
+    # nats, flagged every time (5 q).  A count is a rounded quantity: no tighter than rounding.
+    rng = np.random.default_rng(seed)
+    X = np.c_[rng.poisson(0.3, 20_000), rng.normal(size=20_000)].astype(float)
+    model = OnlineGaussianMixture(warmup=1000, random_state=seed)
+    for batch in np.array_split(X, 20):
+        model.partial_fit(batch[batch[:, 0] < 3])
+    two, three, four = model.score_samples(np.array([[2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]))
+    assert two - three < 15 and three - four < 30, (two, three, four)
+    restored = OnlineGaussianMixture.from_dict(model.to_dict())  # the rounding is part of the state
+    np.testing.assert_array_equal(restored.score_samples(X[:100]), model.score_samples(X[:100]))
+    assert model.rounding_variance_[0] > 0 and model.rounding_variance_[1] == 0

@@ -181,13 +181,14 @@ def _best_of(X, weight, starts, covariance_type, reg_covar, max_iter, covariance
     return best
 
 
-def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: float, n_init: int = 2,
+def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar, n_init: int = 2,
                    final_n_init: int = 6, max_iter: int = 100, patience: int = 4,
                    init_params: str = "kmeans") -> Selection:
     """The (K, covariance type) with the lowest BIC, refitted with ``final_n_init`` restarts.
 
     X : array of shape (n_samples, n_features), standardised
     weight : array of shape (n_samples,)
+    reg_covar : added to every variance: a number, or one per feature
     components : the candidate Ks, ascending; per covariance type the search stops once
         ``patience`` Ks in a row have not lowered that type's best BIC (EM's local optima make
         the BIC over K ragged: a patience of 2 stopped shuttle's search at K=3 for one seed).
@@ -203,7 +204,7 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar: f
         # (diagonal for a spherical winner: one variance cannot serve a constant feature and the
         # others, and diag scores the others as the winner does).
         found = select_mixture(X[:, varying], weight, components=components, covariance_types=covariance_types,
-                               rng=rng, reg_covar=reg_covar, n_init=n_init, final_n_init=final_n_init,
+                               rng=rng, reg_covar=reg_covar[varying] if np.ndim(reg_covar) else reg_covar, n_init=n_init, final_n_init=final_n_init,
                                max_iter=max_iter, patience=patience, init_params=init_params)
         with np.errstate(all="ignore"):
             whole = map_em(X, weight, responsibilities(found.best, X[:, varying]),

@@ -65,6 +65,9 @@ ABSURD_SPREADS = 1e6
 # ... and so is a row whose squared deviation would overflow, whatever the spread (1e200: the
 # warm-up fit could not run at all and every restart would fail on the same buffered row).
 SQUARE_SAFE = 1e150
+# Values within this fraction of a step of the grid are on it: float arithmetic on recorded
+# decimals (0.1 + 0.2) is not exact.
+GRID_TOLERANCE = 1e-6
 # Model versions are unique within a process (not a per-model count from 0), so a batch scored
 # under one model state can never pass for another's, also after a restore.
 _MODEL_VERSIONS = itertools.count(1)
@@ -106,6 +109,23 @@ def _ordinary_rows(X) -> np.ndarray:
         deviation = np.abs(X - median)
         limit = np.where(high > low, np.minimum(ABSURD_SPREADS * (high - low), SQUARE_SAFE), SQUARE_SAFE)
         return np.all(deviation <= limit, axis=1)
+
+
+def recorded_resolution(X, weight) -> np.ndarray:
+    """Per feature, the step its warm-up values are recorded at (counts: 1, cents: 0.01), or 0
+    when they are not all on one grid (measured values)."""
+    steps = np.zeros(X.shape[1])
+    for j, column in enumerate(X[weight > 0].T):
+        values = np.unique(column)
+        if len(values) < 2 or not np.all(np.isfinite(values)):
+            continue
+        step = float(np.min(np.diff(values)))
+        on_grid = (values - values[0]) / step
+        # (The float error of each ratio grows with it; the tolerance does not, or a measured
+        # feature with a tiny closest pair would pass for a fine grid.)
+        if np.all(np.abs(on_grid - np.round(on_grid)) <= GRID_TOLERANCE + 64 * np.finfo(float).eps * on_grid):
+            steps[j] = step
+    return steps
 
 
 def _is_real(value) -> bool:
@@ -292,6 +312,17 @@ class OnlineGaussianMixture(MixtureBase):
     n_seen_ = 0
     n_reseeded_ = 0
     _S2_full = None  # full second moments while a chosen covariance type is under review
+    rounding_variance_ = 0.0  # see _reg
+
+    @property
+    def _reg(self):
+        """What is added to every component's variances (standardised units): ``reg_covar``, plus
+        the variance of rounding, step^2 / 12, for a feature recorded on a grid (see
+        ``recorded_resolution``).  A count is a rounded quantity, and a density of counts must not
+        be tighter than that: otherwise a component on the count 0 shrinks without end as the
+        stream grows (tied K=8 on the values 0, 1 and 2, variance 1e-6), and the count 3, one point
+        in 260, scored -300,000 nats and was flagged every time (5 q)."""
+        return self.reg_covar + self.rounding_variance_
 
     def _is_started(self) -> bool:
         return hasattr(self, "_rng")
@@ -613,12 +644,12 @@ class OnlineGaussianMixture(MixtureBase):
         if self._S2_full is not None:
             # The full moments kept for the type review gain the new component's, estimated the
             # same way; what they have gathered on the others is kept.
-            _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self.reg_covar)
+            _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self._reg)
             own = shrunk(centred.T @ centred, full)
-            added = g.statistics_from_parameters(mass[-1:], mean[np.newaxis], own[np.newaxis], "full", self.reg_covar)[2]
+            added = g.statistics_from_parameters(mass[-1:], mean[np.newaxis], own[np.newaxis], "full", self._reg)[2]
             self._S2_full = np.concatenate([self._S2_full, added])
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
-            mass, np.vstack([self._means, mean]), covariances, self.covariance_type_, self.reg_covar)
+            mass, np.vstack([self._means, mean]), covariances, self.covariance_type_, self._reg)
         self.n_components_ = K + 1
         self._refresh_parameters(candidates=None)
 
@@ -634,9 +665,9 @@ class OnlineGaussianMixture(MixtureBase):
         """S2 of a full-covariance model with the current parameters (K, D, D)."""
         K, D = self._S1.shape
         _, means, covariances = g.parameters_from_statistics(
-            self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar)
+            self._S0, self._S1, self._S2, self.covariance_type_, self._reg)
         full = _full_covariances(covariances, self.covariance_type_, K, D)
-        return g.statistics_from_parameters(self._S0, means, full, "full", self.reg_covar)[2]
+        return g.statistics_from_parameters(self._S0, means, full, "full", self._reg)[2]
 
     def _review_covariance_type(self) -> None:
         """Turn full if BIC prefers it on what the stream has shown.
@@ -650,8 +681,8 @@ class OnlineGaussianMixture(MixtureBase):
         K, D = self._S1.shape
         t0 = float(self.warmup if self.t0 is None else self.t0)
         n = 1.0 / max((self._steps + t0) ** (-self.alpha), self.step_floor)
-        _, _, chosen = g.parameters_from_statistics(self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar)
-        _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self.reg_covar)
+        _, _, chosen = g.parameters_from_statistics(self._S0, self._S1, self._S2, self.covariance_type_, self._reg)
+        _, _, full = g.parameters_from_statistics(self._S0, self._S1, self._S2_full, "full", self._reg)
         sign_chosen, logdet_chosen = np.linalg.slogdet(_full_covariances(chosen, self.covariance_type_, K, D))
         sign_full, logdet_full = np.linalg.slogdet(full)
         extra = g.n_parameters(K, D, "full") - g.n_parameters(K, D, self.covariance_type_)
@@ -680,12 +711,13 @@ class OnlineGaussianMixture(MixtureBase):
         if np.any(weight[ordinary] > 0):
             X, weight = X[ordinary], weight[ordinary]
         self._set_standardization(X, weight)
+        self.rounding_variance_ = (recorded_resolution(X, weight) / self.scale_) ** 2 / 12.0
         self.selection_ = self._select_warmup_mixture(self._to_internal(X), weight)
         self._buffer, self._buffer_weights = [], []  # kept until the fit has worked
         fit = self.selection_.best
         self.n_components_, self.covariance_type_ = fit.n_components, fit.covariance_type
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
-            fit.weights, fit.means, fit.covariances, fit.covariance_type, self.reg_covar
+            fit.weights, fit.means, fit.covariances, fit.covariance_type, self._reg
         )
         self._steps = 0.0
         self.n_seen_ = int(np.count_nonzero(weight))
@@ -704,7 +736,7 @@ class OnlineGaussianMixture(MixtureBase):
         covariance_types = SELECTION_COVARIANCE_TYPES if given["covariance_type"] == AUTO else [given["covariance_type"]]
         return select_mixture(
             X_internal, weight, components=components, covariance_types=covariance_types, rng=self._rng,
-            reg_covar=self.reg_covar, n_init=self.warmup_n_init, final_n_init=FINAL_N_INIT_FACTOR * self.warmup_n_init,
+            reg_covar=self._reg, n_init=self.warmup_n_init, final_n_init=FINAL_N_INIT_FACTOR * self.warmup_n_init,
             max_iter=self.warmup_iter, init_params=self.init_params,
         )
 
@@ -763,7 +795,7 @@ class OnlineGaussianMixture(MixtureBase):
         else:
             cov = cov / np.mean(s**2)
         model._S0, model._S1, model._S2 = g.statistics_from_parameters(
-            weights, internal_means, cov, model.covariance_type_, model.reg_covar
+            weights, internal_means, cov, model.covariance_type_, model._reg
         )
         model._refresh_parameters(candidates=None)
         model._S2_full, model._next_review = None, 0
@@ -782,7 +814,7 @@ class OnlineGaussianMixture(MixtureBase):
         standardise them first.)
         """
         weights, means, covariances = g.parameters_from_statistics(
-            self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar
+            self._S0, self._S1, self._S2, self.covariance_type_, self._reg
         )
         precisions_chol, bad_cov = g.precision_cholesky_per_component(covariances, self.covariance_type_)
         dead = (weights < self.min_weight) | ~np.isfinite(weights) | ~np.all(np.isfinite(means), axis=1)
@@ -796,7 +828,7 @@ class OnlineGaussianMixture(MixtureBase):
                 worst_points = np.clip(points[np.argsort(log_density)[: int(dead.sum())]], -LEARN_CLIP, LEARN_CLIP)
             self._reseed(weights, means, covariances, dead, bad_cov, worst_points)
             weights, means, covariances = g.parameters_from_statistics(
-                self._S0, self._S1, self._S2, self.covariance_type_, self.reg_covar
+                self._S0, self._S1, self._S2, self.covariance_type_, self._reg
             )
             precisions_chol, still_bad = g.precision_cholesky_per_component(covariances, self.covariance_type_)
             if still_bad.any():
@@ -833,7 +865,7 @@ class OnlineGaussianMixture(MixtureBase):
                 heaviest = int(np.argmax(np.where(healthy, weights, -np.inf))) if healthy.any() else 0
                 means[k] = means[heaviest] + self._rng.standard_normal(D)
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
-            new_mass, means, covariances, self.covariance_type_, self.reg_covar
+            new_mass, means, covariances, self.covariance_type_, self._reg
         )
         if self._S2_full is not None:
             self._S2_full[dead] = self._full_second_moments()[dead]
@@ -862,6 +894,7 @@ class OnlineGaussianMixture(MixtureBase):
                 chosen={"n_components": int(self.n_components_), "covariance_type": self.covariance_type_},
                 center=self.center_.copy(),
                 scale=self.scale_.copy(),
+                rounding_variance=np.broadcast_to(self.rounding_variance_, self.scale_.shape).copy(),
                 S0=self._S0.copy(),
                 S1=self._S1.copy(),
                 S2=self._S2.copy(),
@@ -899,6 +932,8 @@ class OnlineGaussianMixture(MixtureBase):
             model.scale_ = require_array(state, "scale", (D,))
             if np.any(model.scale_ <= 0):
                 raise ValueError("state entry 'scale' must be positive")
+            if "rounding_variance" in state:  # (a state written before it existed has none)
+                model.rounding_variance_ = require_array(state, "rounding_variance", (D,))
             model._S0 = require_array(state, "S0", (K,))
             model._S1 = require_array(state, "S1", (K, D))
             s2_shape = covariance_shape(cov_type, K, D)
@@ -927,7 +962,7 @@ _STATE_PARAMS = (
 _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
     "n_components_", "covariance_type_", "selection_", "_S2_full", "_next_review",
-    "center_", "scale_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
+    "center_", "scale_", "rounding_variance_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.
 _STRUCTURAL_PARAMS = ("n_components", "covariance_type", "standardize")
