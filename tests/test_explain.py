@@ -11,6 +11,7 @@ from streamgmm.detection.explain import (
     Rarity,
     component_geometry,
     explain,
+    explanation_documents,
     gpd_log_tail_probability,
     model_geometry,
     model_log_tail_bound,
@@ -246,3 +247,26 @@ def test_a_glitch_value_however_large_gets_the_explanation_of_a_merely_far_one(s
         np.testing.assert_allclose(e.sd, first.sd, rtol=1e-12)
     z = [abs(e.z[0, 0]) for e in explanations]
     assert z == sorted(z) and z[-1] > 1e30  # the distance is still the value's own
+
+
+def test_a_normal_range_does_not_reach_past_the_values_the_model_learned():
+    # A latency (log-normal, in ms) had "normal_range [-35.2, 87.2]", a count a range below 0:
+    # the Gaussian does not know the feature's limits, the values learned do.
+    rng = np.random.default_rng(3)
+    X = np.c_[rng.lognormal(3.0, 0.8, 5000), rng.normal(size=5000)]
+    model = OnlineGaussianMixture(warmup=1000, random_state=0)
+    for batch in np.array_split(X, 5):
+        model.partial_fit(batch)
+    np.testing.assert_allclose([model.data_min_[0], model.data_max_[0]], [X[:, 0].min(), X[:, 0].max()], rtol=1e-12)
+    spikes = np.array([[20.0, 6.0], [20.0, -6.0]])  # the second feature off: the latency is named second
+    geometry = model_geometry(model)
+    documents = explanation_documents(spikes, explain(spikes, geometry, n_top=2), geometry, ["latency", "noise"])
+    for document in documents:
+        ranges = {t["name"]: t["normal_range"] for t in document["top_features"]}
+        assert ranges["latency"][0] >= model.data_min_[0] > 0
+    unbounded = explanation_documents(spikes, explain(spikes, geometry, n_top=2),
+                                      component_geometry(model.weights_, model.means_, model.covariances_,
+                                                         model.covariance_type_), ["latency", "noise"])
+    assert min(t["normal_range"][0] for d in unbounded for t in d["top_features"] if t["name"] == "latency") < 0
+    restored = OnlineGaussianMixture.from_dict(model.to_dict())
+    np.testing.assert_array_equal(restored.data_min_, model.data_min_)

@@ -22,6 +22,7 @@ then for the flagged rows only, vectorised: a point that is not flagged costs no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,7 +74,8 @@ class ComponentGeometry:
     log_weights : (K,); means : (K, D); precisions : (K, D, D) (diagonal for diag and
     spherical covariances); log_det : (K,) log-determinant of each covariance; usual : (K,)
     whether the component scores points (False for rare structure); sd : (K, D) each
-    feature's standard deviation in each component.
+    feature's standard deviation in each component; low, high : (D,) the least and greatest
+    value of each feature the model learned (None: unknown), which bound the normal ranges.
     """
 
     log_weights: np.ndarray
@@ -82,6 +84,8 @@ class ComponentGeometry:
     log_det: np.ndarray
     usual: np.ndarray
     sd: np.ndarray
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -143,9 +147,12 @@ def component_geometry(weights, means, covariances, covariance_type: str, rare_w
 
 
 def model_geometry(model) -> ComponentGeometry:
-    """``component_geometry`` of a fitted OnlineGaussianMixture (any covariance type)."""
-    return component_geometry(model.weights_, model.means_, model.covariances_, model.covariance_type,
-                              getattr(model, "rare_weight", 0.0))
+    """``component_geometry`` of a fitted OnlineGaussianMixture (any covariance type), with the
+    range of the values it learned where it keeps one."""
+    geometry = component_geometry(model.weights_, model.means_, model.covariances_, model.covariance_type,
+                                  getattr(model, "rare_weight", 0.0))
+    low, high = getattr(model, "data_min_", None), getattr(model, "data_max_", None)
+    return geometry if low is None or high is None else dataclasses.replace(geometry, low=low, high=high)
 
 
 # --------------------------------------------------------------- explanation
@@ -249,7 +256,15 @@ def explanation_documents(X, explanation: Explanation, geometry: ComponentGeomet
     weights = np.exp(geometry.log_weights)[e.component].tolist()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         share = np.minimum(e.z**2 / (e.mahalanobis**2)[:, np.newaxis], 1.0)
-        lo, hi = (e.expected - NORMAL_RANGE_SD * e.sd).tolist(), (e.expected + NORMAL_RANGE_SD * e.sd).tolist()
+        lo, hi = e.expected - NORMAL_RANGE_SD * e.sd, e.expected + NORMAL_RANGE_SD * e.sd
+        if geometry.low is not None:
+            # Not past what the model ever learned: a latency's range went below zero, a count's
+            # below 0, a share's past 1 (the Gaussian does not know the feature's limits).
+            # (Where the expected value itself lies beyond them, the range is left as it is.)
+            low, high = np.maximum(lo, geometry.low[e.top]), np.minimum(hi, geometry.high[e.top])
+            inside = low <= high
+            lo, hi = np.where(inside, low, lo), np.where(inside, high, hi)
+        lo, hi = lo.tolist(), hi.tolist()
     values = np.take_along_axis(np.asarray(X, dtype=float), e.top, axis=1).tolist()
     expected, zs, shares, top = e.expected.tolist(), e.z.tolist(), share.tolist(), e.top.tolist()
     return [

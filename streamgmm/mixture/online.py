@@ -313,6 +313,7 @@ class OnlineGaussianMixture(MixtureBase):
     n_reseeded_ = 0
     _S2_full = None  # full second moments while a chosen covariance type is under review
     rounding_variance_ = 0.0  # see _reg
+    data_min_ = data_max_ = None  # per feature, the least and greatest value learned (original units)
 
     @property
     def _reg(self):
@@ -585,6 +586,15 @@ class OnlineGaussianMixture(MixtureBase):
         full_s2 = None if self._S2_full is None else batch_statistics(scored, weight, "full").s2
         learned = (weight > 0) & np.isfinite(scored.log_density)
         self._learn(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)), full_s2)
+        if self.data_min_ is not None and np.any(learned):
+            # In standardised units (the map back is increasing), a feature a row: numpy reduces
+            # a contiguous row several times faster than a column (about 2% of a step, not 10%).
+            X = scored.X_internal if learned.all() else scored.X_internal[learned]
+            by_feature = np.ascontiguousarray(X.T)
+            with np.errstate(over="ignore", invalid="ignore"):
+                low, high = self._from_internal(by_feature.min(axis=1)), self._from_internal(by_feature.max(axis=1))
+            self.data_min_ = np.where(np.isfinite(low), np.minimum(self.data_min_, low), self.data_min_)
+            self.data_max_ = np.where(np.isfinite(high), np.maximum(self.data_max_, high), self.data_max_)
 
     def _learn(self, statistics: BatchStatistics, candidates, full_s2) -> None:
         """Learn a batch's statistics, and the full second moments ``full_s2`` of the same rows for a
@@ -712,6 +722,7 @@ class OnlineGaussianMixture(MixtureBase):
             X, weight = X[ordinary], weight[ordinary]
         self._set_standardization(X, weight)
         self.rounding_variance_ = (recorded_resolution(X, weight) / self.scale_) ** 2 / 12.0
+        self.data_min_, self.data_max_ = X[weight > 0].min(axis=0), X[weight > 0].max(axis=0)
         self.selection_ = self._select_warmup_mixture(self._to_internal(X), weight)
         self._buffer, self._buffer_weights = [], []  # kept until the fit has worked
         fit = self.selection_.best
@@ -895,6 +906,7 @@ class OnlineGaussianMixture(MixtureBase):
                 center=self.center_.copy(),
                 scale=self.scale_.copy(),
                 rounding_variance=np.broadcast_to(self.rounding_variance_, self.scale_.shape).copy(),
+                **({} if self.data_min_ is None else {"data_min": self.data_min_.copy(), "data_max": self.data_max_.copy()}),
                 S0=self._S0.copy(),
                 S1=self._S1.copy(),
                 S2=self._S2.copy(),
@@ -934,6 +946,9 @@ class OnlineGaussianMixture(MixtureBase):
                 raise ValueError("state entry 'scale' must be positive")
             if "rounding_variance" in state:  # (a state written before it existed has none)
                 model.rounding_variance_ = require_array(state, "rounding_variance", (D,))
+            if "data_min" in state:
+                model.data_min_ = require_array(state, "data_min", (D,))
+                model.data_max_ = require_array(state, "data_max", (D,))
             model._S0 = require_array(state, "S0", (K,))
             model._S1 = require_array(state, "S1", (K, D))
             s2_shape = covariance_shape(cov_type, K, D)
@@ -962,7 +977,7 @@ _STATE_PARAMS = (
 _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
     "n_components_", "covariance_type_", "selection_", "_S2_full", "_next_review",
-    "center_", "scale_", "rounding_variance_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
+    "center_", "scale_", "rounding_variance_", "data_min_", "data_max_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.
 _STRUCTURAL_PARAMS = ("n_components", "covariance_type", "standardize")
