@@ -31,7 +31,8 @@ the stream is young, t is the quantile with 30 points above it, down to the 90% 
 Before it the value is the q/100-quantile of the model's own density
 (``ModelQuantileThreshold``): only gross outliers are flagged.  For the first ``calibration``
 points every scored point counts as it is, flagged or not (the start is not trusted enough to
-censor); after that alarms are kept out as above.
+censor); after that alarms are kept out as above.  The same holds for the first ``calibration``
+points after the history restarts (a tail that got lighter, see ``_restart_history``).
 
 ``ModelQuantileThreshold`` (mode ``model_quantile``) is right when the data is a Gaussian
 mixture; ``FixedThreshold`` (mode ``fixed``) never moves.
@@ -326,7 +327,11 @@ class StreamQuantileThreshold:
     @property
     def calibrated(self) -> bool:
         """Whether the stream's tail is trusted enough to keep alarms out of it."""
-        return self.z is not None and self.n_counted >= self.calibration
+        # Counted from the history's start: after a restart (see ``_restart_history``) the tail is
+        # young again, and until it has grown, flagged points count as they are, so that a z_q
+        # estimated from few peaks corrects itself (censored, a z_q too low stayed: 8 q after a
+        # level shift had been learned).
+        return self.z is not None and self.n_counted - self.history_start >= self.calibration
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
         return flags_below(log_density, self.value)
