@@ -587,3 +587,24 @@ def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_
     monkeypatch.setattr(state_module, "write_atomically", disk_full)
     assert daemon._checkpoint().name == "WRITTEN"
     assert group == {tp: 300 for tp in PARTITIONS} and len(store.log) == 2
+
+
+def test_a_partition_whose_position_is_past_the_end_of_its_log_is_said_not_ready(tmp_path, monkeypatch, caplog):
+    # The broker lost its data (or the topic was made again): the group's commit is at 900, the
+    # log holds 600. Tansu answers nothing, and the lag showed 0 and /readyz "models ready".
+    logs, group = _logs(), {tp: 900 for tp in PARTITIONS}
+    daemon, processed = _daemon(tmp_path, "a", Consumer(logs, group), LoggedStateTopic(monkeypatch))
+    daemon._on_assign(_assignment())
+    for _ in range(3):
+        daemon._turn()
+    ready, words, details = daemon.readiness()
+    assert not ready and "past the end of their log" in words
+    assert details["in/0"] == "its next offset 900 is past the end of its log (600)"
+    assert daemon.metrics.value("streamgmm_partitions_past_log_end") == 2
+    said = [r.getMessage() for r in caplog.records if "past the end of its log" in r.getMessage()]
+    assert len(said) == 2  # once per partition, not once per turn
+    # The log grows past it again: read, and the gauge back to 0.
+    for tp in PARTITIONS:
+        logs[tp].extend(FakeMessage(*tp, o, logs[tp][0].value()) for o in range(600, 1000))
+    _run(daemon, lambda: daemon.positions == {tp: 1000 for tp in PARTITIONS})
+    assert daemon.metrics.value("streamgmm_partitions_past_log_end") == 0 and not daemon._past_the_end

@@ -190,8 +190,10 @@ class Detector:
             has_stamp = stamps > 0
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
-        for key, offset in batch.last_offsets.items():
-            self.offsets[key] = max(self.offsets.get(key, 0), offset + 1)
+        # The next offset after the last one processed, not the greatest ever seen: a topic made
+        # again starts from 0, and librdkafka resets to it (auto.offset.reset) when the broker
+        # says the old position is out of range; a maximum would keep committing the old one.
+        self.offsets.update({key: offset + 1 for key, offset in batch.last_offsets.items()})
         return result
 
     def _flag_learn(self, batch, X, rows, scored, flags, result, now):

@@ -102,6 +102,9 @@ class Daemon:
         # never goes behind it, even when the group cannot say its commit at that moment (what
         # lies before it was learned by the member that committed it).
         self._commits_at_assignment: dict[tuple[str, int], int] = {}
+        # Assigned partitions whose next offset is past the end of their log (the topic was
+        # recreated, or the broker lost data): {tp: (position, log end)}; nothing is read of them.
+        self._past_the_end: dict[tuple[str, int], tuple[int, int]] = {}
         # Why no partition is assigned, when the cluster says (None: joining, or a standby member).
         self._unassigned_reason: str | None = None
         self._unassigned_checked = -math.inf
@@ -149,6 +152,12 @@ class Daemon:
                 progress = f"{0 if model is None else model.n_buffered_}/{self.config.model.warmup}"
                 details[name] = f"warming up {progress}"
                 warming.append(f"{name} {progress}")
+        past = dict(self._past_the_end)  # (replaced whole by the loop's thread)
+        for (topic, partition), (position, end) in sorted(past.items()):
+            details[f"{topic}/{partition}"] = f"its next offset {position} is past the end of its log ({end})"
+        if past:
+            return False, (f"{len(past)} partition(s) past the end of their log (topic recreated, or the broker "
+                           "lost data): nothing is read of them"), details
         if warming:
             return False, "warming up " + ", ".join(warming), details
         return True, f"{len(self.assigned)} partition(s) assigned, models ready", details
@@ -564,6 +573,7 @@ class Daemon:
         self.metrics.last_poll.set(time.time())
         self._last_poll = time.monotonic()
         self._loop_watermarks = self.source.cached_watermarks(self.assigned)
+        self._look_for_positions_past_the_end()
         # A partition revoked during the poll is not ours any more.
         if not self.held:
             return {tp: messages for tp, messages in polled.items() if tp in self.assigned}
@@ -576,6 +586,26 @@ class Daemon:
             elif tp in self.assigned:
                 kept[tp] = messages
         return kept
+
+    def _look_for_positions_past_the_end(self) -> None:
+        """An assigned partition whose next offset is past the end of its log reads nothing and
+        shows no lag: a topic deleted and made again, or a broker that lost its data (a Kafka
+        broker answers OFFSET_OUT_OF_RANGE and librdkafka applies auto.offset.reset; Tansu just
+        returns nothing).  Said once per partition (ERROR), in /readyz and in a gauge."""
+        past = {}
+        for tp, (_, end) in self._loop_watermarks.items():
+            position = self.positions.get(tp)
+            if position is not None and position > end and tp not in self.held.partitions():
+                past[tp] = (position, end)
+                if tp not in self._past_the_end:
+                    log.error("%s/%d: the next offset to read, %d, is past the end of its log (%d): the topic was "
+                              "deleted and made again, or the broker lost data, and nothing of it is read. To "
+                              "start it over, stop the daemon and start it with a new checkpoint.dir (and "
+                              "checkpoint.topic) and kafka.group_id: the checkpoint and the group's commit both "
+                              "point past the log", *tp, position, end)
+        if past != self._past_the_end:
+            self._past_the_end = past
+            self.metrics.partitions_past_log_end.set(len(past))
 
     def _process(self, polled: dict) -> None:
         if not polled:

@@ -145,6 +145,9 @@ class Metrics:
                                            "scope: partition: 1 once a partition's model is warm.", ["model"])
         self._partition_keys: set[str] = set()  # the models those two have series for
         self.assigned_partitions = gauge("assigned_partitions", "Input partitions assigned to this instance.")
+        self.partitions_past_log_end = gauge(
+            "partitions_past_log_end", "Assigned input partitions whose next offset is past the end of their log "
+            "(the topic was recreated, or the broker lost data): nothing is read of them.")
         self.build = Info("build", "streamgmm build information.", namespace=NAMESPACE, registry=r)
         self.build.info({"version": __version__})
         self.max_components = max_components
