@@ -122,6 +122,22 @@ def test_numbers_written_plainly_and_words_that_start_with_digits_pass(settings)
     check_settings(config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], "consumer": settings}}))
 
 
+@pytest.mark.parametrize("section, settings, message", [
+    ("consumer", {"session.timeout.ms": 6000, "heartbeat.interval.ms": 9000},
+     "kafka.consumer.heartbeat.interval.ms: 9000 is not below session.timeout.ms (6000)"),
+    ("consumer", {"session.timeout.ms": 6000, "heartbeat.interval.ms": 6000}, "is not below session.timeout.ms"),
+    ("producer", {"acks": 0}, "kafka.producer.acks: 0 sends output nobody acknowledges"),
+    ("producer", {"request.required.acks": "0"}, "kafka.producer.request.required.acks: 0"),
+])
+def test_settings_librdkafka_takes_but_the_daemon_cannot_keep_its_word_under_are_refused(section, settings, message):
+    # A heartbeat of 9 s with a 6 s session: the member lost its partitions every 9 s, 4 rewinds in 40 s.
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], section: settings}})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_settings(config)
+
+
 def test_our_own_refusals_are_not_sent_to_librdkafkas_documentation():
     from streamgmm.service.kafka import check_settings
 

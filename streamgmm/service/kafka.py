@@ -147,6 +147,7 @@ def check_settings(config: Config) -> None:
                                       f"move it to kafka.{misplaced.group(2)}")
 
     _refuse_half_read_numbers(config)
+    _refuse_settings_that_break_the_guarantees(config)
 
 
 # A number librdkafka reads whole; of anything else starting with digits it reads the leading
@@ -164,6 +165,27 @@ def _refuse_half_read_numbers(config: Config) -> None:
                 raise ConfigError(f"kafka.{section}.{key}: {value!r} is not a plain number, and librdkafka would "
                                   f"read only its leading digits ({re.match(r'[+-]?[0-9]+', text).group()}); write "
                                   "the number alone, in the unit its name says")
+
+
+def _refuse_settings_that_break_the_guarantees(config: Config) -> None:
+    """ConfigError for librdkafka settings it takes but under which the daemon cannot keep its
+    word: a heartbeat no more often than the session times out (the member is expired between
+    two heartbeats and rewinds over and over), and output nobody acknowledges (acks 0: a
+    checkpoint would commit past records the broker never took)."""
+    consumer, producer = config.kafka.consumer, config.kafka.producer
+    try:
+        session = int(consumer.get("session.timeout.ms", 45_000))
+        heartbeat = int(consumer.get("heartbeat.interval.ms", 3_000))
+    except (TypeError, ValueError):
+        return  # librdkafka itself refused a value that is not a number
+    if heartbeat >= session:
+        raise ConfigError(f"kafka.consumer.heartbeat.interval.ms: {heartbeat} is not below session.timeout.ms "
+                          f"({session}): the group would expire the member between two heartbeats; make it at "
+                          "most a third of the session timeout")
+    for key in ("acks", "request.required.acks"):
+        if str(producer.get(key, "all")).strip() == "0":
+            raise ConfigError(f"kafka.producer.{key}: 0 sends output nobody acknowledges, and a checkpoint would "
+                              "commit past records the broker never took; use all (the default) or 1")
 
 
 def _numeric_setting(name: str) -> bool:
