@@ -1,5 +1,6 @@
 """The daemon's logic with an in-memory source: scoring, warm-up, threshold, state."""
 
+import hashlib
 import json
 import math
 import re
@@ -449,3 +450,21 @@ def test_a_malformed_checkpoint_is_refused_with_a_value_error(broken):
         state["offsets"] = [1, 2]
     with pytest.raises(ValueError, match="malformed"):
         Detector(_config()).restore(state)
+
+
+@pytest.mark.parametrize("key", [b"k" * 950_000, "é".encode() * 475_000, bytes(range(256)) * 3000])
+def test_a_huge_key_is_cut_in_the_documents_not_in_the_record(key):
+    # A 950 KB key, copied into the anomaly document's source too, made records the broker
+    # refused as too large: 3 of 226 outliers never reached the output topic.
+    from streamgmm.detection.records import KEY_FIELD_MAX_BYTES, anomaly_record, score_records
+
+    record = InputRecord("in", 0, 7, b"[1,2]", key=key)
+    out = anomaly_record("anomalies", record, {"log_density": -50.0})
+    source = json.loads(out.value)["source"]
+    assert out.key == key and len(out.value) < 2 * KEY_FIELD_MAX_BYTES
+    assert source["key_truncated"] is True and source["key_bytes"] == len(key)
+    assert source["key_sha256"] == hashlib.sha256(key).hexdigest()
+    assert len(source["key"].encode()) <= KEY_FIELD_MAX_BYTES
+    score = score_records("scores", (["in"], [0], [7], [key]), log_density=[-5.0], threshold=-20.0, flags=[False],
+                          components=[0], tail_probability=[0.5], one_in=[2])[0]
+    assert score.key == key and json.loads(score.value)["key_bytes"] == len(key)

@@ -72,12 +72,25 @@ def iso_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
+# A key longer than this is cut in the documents' "source" (the record's own Kafka key stays
+# whole): a 950 KB key, copied there too, made anomaly records the broker refused as too large.
+KEY_FIELD_MAX_BYTES = 1024
+
+
 def key_fields(key: bytes | None) -> dict:
+    """The input's key as document fields: text, else base64; cut to KEY_FIELD_MAX_BYTES with
+    its length and SHA-256 beside it (to match it upstream)."""
     if key is None:
         return {"key": None}
+    cut = {}
+    if len(key) > KEY_FIELD_MAX_BYTES:
+        cut = {"key_truncated": True, "key_bytes": len(key), "key_sha256": hashlib.sha256(key).hexdigest()}
+        key = key[:KEY_FIELD_MAX_BYTES]
     try:
-        return {"key": key.decode("utf-8")}
+        return {"key": key.decode("utf-8"), **cut}
     except UnicodeDecodeError:
+        if cut:  # (a multi-byte character cut in two is dropped)
+            return {"key": key.decode("utf-8", errors="ignore"), **cut}
         return {"key": None, "key_base64": base64.b64encode(key).decode()}
 
 
@@ -137,7 +150,8 @@ _KEY_NEEDS_ENCODING = re.compile(rb'[^\x20-\x7e]|["\\]')
 
 def _key_fragments(keys: list) -> list[bytes]:
     """``"key":...`` of each key, as key_fields writes it."""
-    if not _KEY_NEEDS_ENCODING.search(b"".join(k for k in keys if k is not None)):
+    plain = [k for k in keys if k is not None]
+    if not _KEY_NEEDS_ENCODING.search(b"".join(plain)) and max(map(len, plain), default=0) <= KEY_FIELD_MAX_BYTES:
         return [b'"key":null' if k is None else b'"key":"' + k + b'"' for k in keys]
     return [orjson.dumps(key_fields(k))[1:-1] for k in keys]
 
