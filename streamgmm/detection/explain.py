@@ -364,9 +364,16 @@ def rarity(log_density, threshold, geometry: ComponentGeometry) -> Rarity:
                 return Rarity(log_tail, str(threshold.tail_method))
             # Probability 0 under the tail model (a density of -inf, or past the end of a tail
             # model that stops there): the model bound says how rare, row by row.
-            log_tail[beyond] = model_log_tail_bound(log_density[beyond], geometry)
+            log_tail[beyond] = _never_impossible(model_log_tail_bound(log_density[beyond], geometry))
             return Rarity(log_tail, [MODEL_BOUND if b else str(threshold.tail_method) for b in beyond.tolist()])
-    return Rarity(model_log_tail_bound(log_density, geometry), MODEL_BOUND)
+    return Rarity(_never_impossible(model_log_tail_bound(log_density, geometry)), MODEL_BOUND)
+
+
+def _never_impossible(log_tail: np.ndarray) -> np.ndarray:
+    """A density of -inf (a value like 1e308, whose square overflows) is as rare as can be
+    written, not impossible: its log tail probability is the lowest float, not -inf (which the
+    record could only write as null)."""
+    return np.maximum(log_tail, -np.finfo(float).max)
 
 
 def one_in(log_tail: np.ndarray) -> list:
