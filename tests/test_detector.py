@@ -468,3 +468,15 @@ def test_a_huge_key_is_cut_in_the_documents_not_in_the_record(key):
     score = score_records("scores", (["in"], [0], [7], [key]), log_density=[-5.0], threshold=-20.0, flags=[False],
                           components=[0], tail_probability=[0.5], one_in=[2])[0]
     assert score.key == key and json.loads(score.value)["key_bytes"] == len(key)
+
+
+@pytest.mark.parametrize("value", [1e308, -1e308, 1e200])
+def test_a_value_whose_square_overflows_is_as_rare_as_can_be_written_not_impossible(value):
+    # Its density is -inf: the record's log10_tail_probability was null, where the README
+    # promises it still says how rare the point is.
+    rng = np.random.default_rng(0)
+    detector = Detector(_config())
+    _run(detector, rng.normal(size=(6000, 4)))
+    result = detector.process(_records(np.array([[value, 0.0, 0.0, 0.0]]), start=9000), now=5.0)
+    rarity = json.loads(result.anomalies[0].value)["rarity"]
+    assert rarity["log10_tail_probability"] < -1e300 and rarity["one_in"] is None

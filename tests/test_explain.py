@@ -165,11 +165,6 @@ def test_rarity_uses_the_thresholds_tail_model_when_it_has_one(stream):
     assert unfitted.method == MODEL_BOUND
     np.testing.assert_array_equal(unfitted.log_tail, model_log_tail_bound(density, g))
     assert rarity(density, object(), g).method == MODEL_BOUND
-    # A density of -inf (a value of 1e308: its square overflows) is as rare as can be written, not
-    # impossible: the record's log10_tail_probability was null.
-    overflowed = rarity_documents(rarity(np.array([-np.inf]), Tail({"level": -15.0, "exceedance_rate": 0.01,
-                                                                     "scale": 2.0, "shape": 0.1}), g))[0]
-    assert overflowed["log10_tail_probability"] < -1e300 and overflowed["one_in"] is None
 
 
 def test_gpd_tail_ends_where_a_short_tail_ends():
