@@ -105,8 +105,10 @@ class Daemon:
         # Assigned partitions whose next offset is past the end of their log (the topic was
         # recreated, or the broker lost data): {tp: (position, log end)}; nothing is read of them.
         self._past_the_end: dict[tuple[str, int], tuple[int, int]] = {}
-        # Why no partition is assigned, when the cluster says (None: joining, or a standby member).
+        # Why no partition is assigned, when the cluster says (None: joining, or a standby member),
+        # and since when none is.
         self._unassigned_reason: str | None = None
+        self._unassigned_since = time.monotonic()
         self._unassigned_checked = -math.inf
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
@@ -134,7 +136,11 @@ class Daemon:
         if self.source is None:
             return False, "not connected to Kafka yet", {}
         if not self.assigned:
-            return False, self._unassigned_reason or "no partitions assigned (a standby member of the group, or joining)", {}
+            waited = time.monotonic() - self._unassigned_since
+            return False, self._unassigned_reason or (
+                f"no partitions assigned for {waited:.0f} s (a standby member of the group, or joining; a group "
+                f"stuck joining shows here for long: kafka-consumer-groups --describe --group "
+                f"{self.config.kafka.group_id})"), {}
         details, warming = {}, []
         for topic, partition in sorted(self.assigned):
             name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
@@ -158,6 +164,10 @@ class Daemon:
         if past:
             return False, (f"{len(past)} partition(s) past the end of their log (topic recreated, or the broker "
                            "lost data): nothing is read of them"), details
+        if warming and self.scope == "global":  # one model: its progress once, not once per partition
+            model = self.detectors.get(GLOBAL_KEY)
+            return False, (f"warming up the model {0 if model is None else model.model.n_buffered_}/"
+                           f"{self.config.model.warmup}"), details
         if warming:
             return False, "warming up " + ", ".join(warming), details
         return True, f"{len(self.assigned)} partition(s) assigned, models ready", details
@@ -489,6 +499,8 @@ class Daemon:
         if held:
             self.source.resume(held)  # not left paused for a later assignment of them
         self.assigned = self.assigned - gone
+        if not self.assigned:
+            self._unassigned_since = time.monotonic()
         self._commits_at_assignment = {tp: o for tp, o in self._commits_at_assignment.items() if tp not in gone}
         if self.scope == "partition":
             for topic, partition in gone:
