@@ -57,6 +57,7 @@ def test_metrics_move_and_readyz_flips_when_the_model_is_initialised(broker, top
         assert m("streamgmm_threshold_log_density") is not None
         assert m("streamgmm_checkpoint_last_success_timestamp_seconds") > 0
         assert m("streamgmm_assigned_partitions") == 2
+        assert m("streamgmm_partitions_past_log_end") == 0  # caught up is at the log's end, not past it
         assert abs(m("streamgmm_last_poll_timestamp_seconds") - time.time()) < 30  # the loop polls, even idle
         assert m("streamgmm_component_weight", 'component="0"') > 0
         daemon.wait_for(lambda: m("streamgmm_consumer_lag_messages", f'partition="0",topic="{topic}"') is not None,
