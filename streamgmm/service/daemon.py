@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 LOOP_STALL_SECONDS = 30.0
 # With no partition assigned, the loop asks the cluster this often why (broker unreachable,
 # input topics missing), for /readyz and the log; each question waits at most the timeout.
+# A partition whose next offset is past its log's end for this long is reported (see
+# _look_for_positions_past_the_end).
+PAST_THE_END_SECONDS = 30.0
 UNASSIGNED_CHECK_SECONDS = 15.0
 UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 # A commit refused with these: the group has moved on without this member.
@@ -105,6 +108,7 @@ class Daemon:
         # Assigned partitions whose next offset is past the end of their log (the topic was
         # recreated, or the broker lost data): {tp: (position, log end)}; nothing is read of them.
         self._past_the_end: dict[tuple[str, int], tuple[int, int]] = {}
+        self._past_the_end_since: dict[tuple[str, int], float] = {}
         # Why no partition is assigned, when the cluster says (None: joining, or a standby member),
         # and since when none is.
         self._unassigned_reason: str | None = None
@@ -604,17 +608,26 @@ class Daemon:
         shows no lag: a topic deleted and made again, or a broker that lost its data (a Kafka
         broker answers OFFSET_OUT_OF_RANGE and librdkafka applies auto.offset.reset; Tansu just
         returns nothing).  Said once per partition (ERROR), in /readyz and in a gauge."""
-        past = {}
+        now, past = time.monotonic(), {}
         for tp, (_, end) in self._loop_watermarks.items():
             position = self.positions.get(tp)
-            if position is not None and position > end and tp not in self.held.partitions():
-                past[tp] = (position, end)
-                if tp not in self._past_the_end:
-                    log.error("%s/%d: the next offset to read, %d, is past the end of its log (%d): the topic was "
-                              "deleted and made again, or the broker lost data, and nothing of it is read. To "
-                              "start it over, stop the daemon and start it with a new checkpoint.dir (and "
-                              "checkpoint.topic) and kafka.group_id: the checkpoint and the group's commit both "
-                              "point past the log", *tp, position, end)
+            if position is None or position <= end or tp in self.held.partitions():
+                self._past_the_end_since.pop(tp, None)
+                continue
+            # librdkafka keeps a partition's last fetched end across a revoke and an assignment:
+            # a partition handed back after another member moved it on looks past its end until
+            # the next fetch. Only a lasting one counts.
+            if now - self._past_the_end_since.setdefault(tp, now) < PAST_THE_END_SECONDS:
+                continue
+            past[tp] = (position, end)
+            if tp not in self._past_the_end:
+                log.error("%s/%d: the next offset to read, %d, has been past the end of its log (%d) for %.0f s: "
+                          "the topic was deleted and made again, or the broker lost data, and nothing of it is "
+                          "read until the log reaches that offset. If the topic was made again, its messages can "
+                          "only be read from the start by a model and a group that have not read the old one "
+                          "(another checkpoint.dir or checkpoint.topic, and kafka.group_id)",
+                          *tp, position, end, now - self._past_the_end_since[tp])
+        self._past_the_end_since = {tp: t for tp, t in self._past_the_end_since.items() if tp in self.assigned}
         if past != self._past_the_end:
             self._past_the_end = past
             self.metrics.partitions_past_log_end.set(len(past))
