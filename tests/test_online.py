@@ -353,6 +353,10 @@ def test_a_count_never_seen_in_the_warm_up_is_not_scored_as_impossible(seed):
         model.partial_fit(batch[batch[:, 0] < 3])
     two, three, four = model.score_samples(np.array([[2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]))
     assert two - three < 15 and three - four < 30, (two, three, four)
-    restored = OnlineGaussianMixture.from_dict(model.to_dict())  # the rounding is part of the state
+    # The rounding is part of the state, which says version 2 so that a reader without it (version
+    # 1, an older streamgmm in a rolling upgrade) refuses it instead of scoring another model.
+    assert model.to_dict()["format_version"] == 2
+    assert OnlineGaussianMixture(warmup=100).fit(rng.normal(size=(200, 2))).to_dict()["format_version"] == 1
+    restored = OnlineGaussianMixture.from_dict(model.to_dict())
     np.testing.assert_array_equal(restored.score_samples(X[:100]), model.score_samples(X[:100]))
     assert model.rounding_variance_[0] > 0 and model.rounding_variance_[1] == 0

@@ -15,6 +15,11 @@ from ._atomic import write_atomically
 from ._validation import check_array, check_random_state
 
 STATE_FORMAT_VERSION = 1
+# Version 2: an online model whose variances carry the variance of rounding (a feature on a grid).
+# Its statistics have that variance taken out, so a reader that does not add it back (version 1)
+# would score another model (a count 3 at -125 nats, not -10): such a state says 2, and a
+# version-1 reader refuses it.  Every other state still says 1.
+STATE_FORMAT_VERSION_ROUNDING = 2
 
 
 def _scikit_learn_bases(name: str) -> tuple:
@@ -285,10 +290,10 @@ def check_state_header(state: dict, kind: str) -> None:
     if state.get("kind") != kind:
         raise ValueError(f"state is for a {state.get('kind')!r} model, not {kind!r}")
     version = state.get("format_version")
-    if version != STATE_FORMAT_VERSION:
+    if version not in (STATE_FORMAT_VERSION, STATE_FORMAT_VERSION_ROUNDING):
         raise ValueError(
-            f"state format version {version!r} is not supported (this streamgmm reads "
-            f"version {STATE_FORMAT_VERSION}); refit or convert the model"
+            f"state format version {version!r} is not supported (this streamgmm reads versions "
+            f"{STATE_FORMAT_VERSION} and {STATE_FORMAT_VERSION_ROUNDING}); refit or convert the model"
         )
 
 

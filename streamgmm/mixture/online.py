@@ -35,6 +35,7 @@ import numpy as np
 from . import _gaussian as g
 from ._base import (
     STATE_FORMAT_VERSION,
+    STATE_FORMAT_VERSION_ROUNDING,
     MixtureBase,
     NotFittedError,
     check_state_header,
@@ -891,7 +892,7 @@ class OnlineGaussianMixture(MixtureBase):
             self._start()
         state = {
             "kind": "OnlineGaussianMixture",
-            "format_version": STATE_FORMAT_VERSION,
+            "format_version": STATE_FORMAT_VERSION_ROUNDING if np.any(self.rounding_variance_) else STATE_FORMAT_VERSION,
             "params": {name: value for name, value in self.get_params(deep=False).items() if name in _STATE_PARAMS},
             "n_features": self.n_features_in_,
             "n_seen": int(self.n_seen_),
