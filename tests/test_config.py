@@ -207,3 +207,13 @@ def test_a_key_given_twice_is_refused_naming_it(tmp_path):
     path.write_text("input:\n  format: json\n  dimension: 4\nmodel:\n  warmup: 300\n  warmup: 400\n")
     with pytest.raises(ConfigError, match=r"found the key 'warmup' twice(.|\n)*line 6"):
         load_config(path, environ={})
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    # The check for keys given twice must not refuse "<<: *anchor" (it did: no constructor for it).
+    path = tmp_path / "merged.yaml"
+    path.write_text("input:\n  format: json\n  dimension: 4\nkafka:\n  consumer:\n"
+                    "    <<: &timeouts {session.timeout.ms: 6000, heartbeat.interval.ms: 1000}\n"
+                    "    fetch.wait.max.ms: 50\n")
+    consumer = load_config(path, environ={}).kafka.consumer
+    assert consumer == {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 50}

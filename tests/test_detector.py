@@ -1,5 +1,6 @@
 """The daemon's logic with an in-memory source: scoring, warm-up, threshold, state."""
 
+import base64
 import hashlib
 import json
 import math
@@ -464,7 +465,11 @@ def test_a_huge_key_is_cut_in_the_documents_not_in_the_record(key):
     assert out.key == key and len(out.value) < 2 * KEY_FIELD_MAX_BYTES
     assert source["key_truncated"] is True and source["key_bytes"] == len(key)
     assert source["key_sha256"] == hashlib.sha256(key).hexdigest()
-    assert len(source["key"].encode()) <= KEY_FIELD_MAX_BYTES
+    if source["key"] is None:  # binary: base64 of its first KEY_FIELD_MAX_BYTES
+        assert base64.b64decode(source["key_base64"]) == key[:KEY_FIELD_MAX_BYTES] and not key.isascii()
+    else:
+        assert len(source["key"].encode()) <= KEY_FIELD_MAX_BYTES and key[:KEY_FIELD_MAX_BYTES].startswith(
+            source["key"].encode())
     score = score_records("scores", (["in"], [0], [7], [key]), log_density=[-5.0], threshold=-20.0, flags=[False],
                           components=[0], tail_probability=[0.5], one_in=[2])[0]
     assert score.key == key and json.loads(score.value)["key_bytes"] == len(key)

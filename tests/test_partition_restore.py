@@ -539,14 +539,15 @@ class SlowTopicConsumer:
     """A consumer of a 2-partition topic of 6 messages that gives one message per consume after
     ``delay`` seconds, or (``stalled``) nothing at all."""
 
-    def __init__(self, delay, stalled=False):
-        self.delay, self.stalled, self.left = delay, stalled, [TopicMessage("t", i % 2, i // 2, b"x") for i in range(6)]
+    def __init__(self, delay, stalled=False, n=6):
+        self.delay, self.stalled, self.n = delay, stalled, n
+        self.left = [TopicMessage("t", i % 2, i // 2, b"x") for i in range(n)]
 
     def list_topics(self, topic, timeout):
         return type("Metadata", (), {"topics": {topic: type("Topic", (), {"partitions": {0: None, 1: None}})}})
 
     def get_watermark_offsets(self, tp, timeout):
-        return 0, 3
+        return 0, self.n // 2
 
     def assign(self, partitions):
         pass
@@ -568,6 +569,10 @@ def test_a_state_topic_read_steadily_is_read_to_its_end_however_long_it_takes(mo
     monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.05, stalled=True))
     with pytest.raises(KafkaException, match="nothing came for 0.25 s"):
         list(kafka.read_topic({}, "t", timeout=0.25))
+    # ... but not for ever: it runs inside a rebalance callback (10 timeouts at most, here 1 s).
+    monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.05, n=100))
+    with pytest.raises(KafkaException, match="still not read to its end after 1 s"):
+        list(kafka.read_topic({}, "t", timeout=0.1))
 
 
 def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_the_commits(tmp_path, monkeypatch):

@@ -85,13 +85,13 @@ def key_fields(key: bytes | None) -> dict:
     cut = {}
     if len(key) > KEY_FIELD_MAX_BYTES:
         cut = {"key_truncated": True, "key_bytes": len(key), "key_sha256": hashlib.sha256(key).hexdigest()}
-        key = key[:KEY_FIELD_MAX_BYTES]
     try:
-        return {"key": key.decode("utf-8"), **cut}
+        text = key.decode("utf-8")  # the whole key decides whether it is text
     except UnicodeDecodeError:
-        if cut:  # (a multi-byte character cut in two is dropped)
-            return {"key": key.decode("utf-8", errors="ignore"), **cut}
-        return {"key": None, "key_base64": base64.b64encode(key).decode()}
+        return {"key": None, "key_base64": base64.b64encode(key[:KEY_FIELD_MAX_BYTES]).decode(), **cut}
+    if cut:  # cut at a character's boundary
+        text = key[:KEY_FIELD_MAX_BYTES].decode("utf-8", errors="ignore")
+    return {"key": text, **cut}
 
 
 def anomaly_record(topic: str, record: InputRecord, document: dict) -> OutputRecord:

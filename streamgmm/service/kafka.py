@@ -571,15 +571,22 @@ def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout
             raise
 
 
+READ_TOPIC_MAX_TIMEOUTS = 10
+READ_TOPIC_MAX_SECONDS = 120.0
+
+
 def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Message]:
     """Every message of ``topic`` from its log start up to its high watermark when read, as they
     come (a caller that keeps only some of them never holds the whole topic).  Raises
-    KafkaException (_TIMED_OUT) when nothing comes for ``timeout`` seconds: a long topic read
-    steadily takes as long as it takes (a state topic a broker does not compact grows)."""
+    KafkaException (_TIMED_OUT) when nothing comes for ``timeout`` seconds, or after
+    READ_TOPIC_MAX_TIMEOUTS x ``timeout`` (at most READ_TOPIC_MAX_SECONDS) in all: a long topic
+    read steadily is not cut short (a state topic a broker does not compact grows), but the
+    rebalance callback that reads it must end well before max.poll.interval.ms (5 minutes)."""
     consumer = Consumer({**{k: v for k, v in settings.items() if k not in ("error_cb",)},
                          "group.id": f"streamgmm-reader-{time.monotonic_ns()}", "enable.auto.commit": False,
                          "enable.partition.eof": False, "logger": logging.getLogger("librdkafka")})
     deadline = time.monotonic() + timeout
+    end = time.monotonic() + min(READ_TOPIC_MAX_TIMEOUTS * timeout, READ_TOPIC_MAX_SECONDS)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
@@ -597,9 +604,11 @@ def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Me
             for m in consumer.consume(num_messages=1000, timeout=0.5):
                 if m.error() is None:
                     positions[m.partition()] = m.offset()
-                    deadline = time.monotonic() + timeout
+                    deadline = min(time.monotonic() + timeout, end)
                     yield m
         if any(positions[p] < ends[p] - 1 for p in ends):
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic}: nothing came for {timeout} s"))
+            why = "nothing came for" if time.monotonic() < end else "still not read to its end after"
+            waited = timeout if time.monotonic() < end else min(READ_TOPIC_MAX_TIMEOUTS * timeout, READ_TOPIC_MAX_SECONDS)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic}: {why} {waited:g} s"))
     finally:
         consumer.close()

@@ -193,8 +193,8 @@ class Metrics:
             self.partition_initialized.remove(key)
             self.partition_points_seen.remove(key)
         self._partition_keys &= models.keys()
-        for key, model in models.items():
-            self._observe_partition_model(key, model)
+        for key in models.keys() - self._partition_keys:  # new ones; the others move with their batches
+            self._observe_partition_model(key, models[key])
 
     def observe_model(self, model) -> None:
         self.model_initialized.set(1 if model.is_initialized else 0)
