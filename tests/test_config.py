@@ -138,6 +138,15 @@ def test_settings_librdkafka_takes_but_the_daemon_cannot_keep_its_word_under_are
         check_settings(config)
 
 
+def test_acks_0_is_refused_beside_a_session_timeout_written_as_a_decimal():
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"],
+                                         "consumer": {"session.timeout.ms": "45000.0"}, "producer": {"acks": 0}}})
+    with pytest.raises(ConfigError, match="kafka.producer.acks: 0"):
+        check_settings(config)
+
+
 def test_our_own_refusals_are_not_sent_to_librdkafkas_documentation():
     from streamgmm.service.kafka import check_settings
 

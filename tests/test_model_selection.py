@@ -252,3 +252,9 @@ def test_a_given_covariance_type_is_never_reviewed():
     X, _ = random_mixture(8, 16, rng).sample(12_000, rng)
     model = _stream(OnlineGaussianMixture(8, covariance_type="tied", warmup=1000, random_state=0), X, batch=1000)
     assert model.covariance_type_ == "tied"
+
+
+def test_spherical_asked_for_by_name_stays_spherical_beside_a_constant_feature():
+    X = np.random.default_rng(0).normal(size=(500, 2))
+    model = OnlineGaussianMixture(covariance_type="spherical", warmup=500, random_state=0)
+    assert model.fit(np.c_[X, np.full(500, 7.0)]).covariance_type_ == "spherical"

@@ -360,3 +360,13 @@ def test_a_count_never_seen_in_the_warm_up_is_not_scored_as_impossible(seed):
     restored = OnlineGaussianMixture.from_dict(model.to_dict())
     np.testing.assert_array_equal(restored.score_samples(X[:100]), model.score_samples(X[:100]))
     assert model.rounding_variance_[0] > 0 and model.rounding_variance_[1] == 0
+
+
+def test_a_warm_up_with_fewer_weighted_rows_than_components_still_starts_from_data():
+    # random_from_data draws by weight: with 2 weighted rows and 3 components numpy refused the draw.
+    X = np.random.default_rng(0).normal(size=(40, 2))
+    weight = np.zeros(40)
+    weight[:2] = 1.0
+    model = OnlineGaussianMixture(n_components=3, init_params="random_from_data", warmup=40, random_state=0)
+    model.partial_fit(X, sample_weight=weight)
+    assert model.is_initialized and model.n_components_ == 3

@@ -408,6 +408,9 @@ def cmd_inspect(args) -> int:
         if not args.checkpoint:
             print("streamgmm: give a checkpoint directory or file, or --topic and --bootstrap", file=sys.stderr)
             return 2
+        if args.group:
+            print("streamgmm: inspect --group goes with --topic (a checkpoint directory has no group)", file=sys.stderr)
+            return 2
         summary = inspect_summary(*read_checkpoint(args.checkpoint))
     except CheckpointError as exc:
         print(f"streamgmm: {exc}", file=sys.stderr)

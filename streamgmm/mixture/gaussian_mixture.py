@@ -49,7 +49,9 @@ def initial_responsibilities(X, n_components, init_params, rng, sample_weight):
             # Among the rows with weight, as often as their weight: a row of weight 0 is not data.
             uniform = sample_weight is None or np.all(sample_weight == sample_weight[0])
             p = None if uniform else sample_weight / sample_weight.sum()  # (None: the draws scikit-learn makes)
-            indices = rng.choice(n_samples, size=n_components, replace=False, p=p)
+            # Fewer weighted rows than components (an online warm-up asked for more): some repeat.
+            repeat = p is not None and np.count_nonzero(p) < n_components
+            indices = rng.choice(n_samples, size=n_components, replace=repeat, p=p)
         labels = np.argmin(squared_distances(X, X[indices]), axis=1)
         # The chosen points keep their own component even if they tie with another centre.
         labels[indices] = np.arange(n_components)

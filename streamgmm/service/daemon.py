@@ -340,7 +340,10 @@ class Daemon:
             return
         self.held.remember_commits(committed)
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}  # (if unread at assignment)
-        self._restore_partitions(list(self.held.unrestored), timeout=timeout)
+        unrestored = list(self.held.unrestored)
+        self._restore_partitions(unrestored, timeout=timeout)
+        if self.topic_store is not None:
+            self._warn_of_state_behind_the_group([tp for tp in unrestored if tp not in self.held.unrestored], committed)
         ready = [tp for tp in held if tp not in self.held.unrestored]
         if ready and self._fatal is not None:
             # Stopping: a model restored in this round is not sought, so it must not be checkpointed
@@ -427,7 +430,7 @@ class Daemon:
         committed = self._committed(owned)
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
         held = self._restore_partitions(owned) if self.scope == "partition" else []
-        if self.scope == "partition":
+        if self.topic_store is not None:  # (without one, a model cannot follow its partition: said at start)
             self._warn_of_state_behind_the_group(owned, committed)
         starts = []
         for topic, partition in owned:

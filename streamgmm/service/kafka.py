@@ -174,13 +174,13 @@ def _refuse_settings_that_break_the_guarantees(config: Config) -> None:
     checkpoint would commit past records the broker never took)."""
     consumer, producer = config.kafka.consumer, config.kafka.producer
     try:
-        session = int(consumer.get("session.timeout.ms", 45_000))
-        heartbeat = int(consumer.get("heartbeat.interval.ms", 3_000))
+        session = float(consumer.get("session.timeout.ms", 45_000))
+        heartbeat = float(consumer.get("heartbeat.interval.ms", 3_000))
     except (TypeError, ValueError):
-        return  # librdkafka itself refused a value that is not a number
-    if heartbeat >= session:
-        raise ConfigError(f"kafka.consumer.heartbeat.interval.ms: {heartbeat} is not below session.timeout.ms "
-                          f"({session}): the group would expire the member between two heartbeats; make it at "
+        session = heartbeat = None  # librdkafka itself refused a value that is not a number
+    if session is not None and heartbeat >= session:
+        raise ConfigError(f"kafka.consumer.heartbeat.interval.ms: {heartbeat:g} is not below session.timeout.ms "
+                          f"({session:g}): the group would expire the member between two heartbeats; make it at "
                           "most a third of the session timeout")
     for key in ("acks", "request.required.acks"):
         if str(producer.get(key, "all")).strip() == "0":
@@ -190,8 +190,9 @@ def _refuse_settings_that_break_the_guarantees(config: Config) -> None:
 
 def _numeric_setting(name: str) -> bool:
     """Whether librdkafka's setting ``name`` takes a number (it refuses a word for it)."""
+    quiet = _Collect()  # its start-up warnings ("no bootstrap.servers") are not the user's
     try:
-        Producer({name: "not-a-number"}).flush(0)
+        Producer({name: "not-a-number", "logger": quiet.logger}).flush(0)
     except (KafkaException, ValueError, TypeError) as exc:
         return "Invalid value" in kafka_error_text(exc) if isinstance(exc, KafkaException) else False
     return False
