@@ -204,8 +204,9 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar, n
         # (diagonal for a spherical winner under auto: one variance cannot serve a constant feature
         # and the others, and diag scores the others as the winner does; asked for by name, spherical).
         found = select_mixture(X[:, varying], weight, components=components, covariance_types=covariance_types,
-                               rng=rng, reg_covar=reg_covar[varying] if np.ndim(reg_covar) else reg_covar, n_init=n_init, final_n_init=final_n_init,
-                               max_iter=max_iter, patience=patience, init_params=init_params)
+                               rng=rng, reg_covar=reg_covar[varying] if np.ndim(reg_covar) else reg_covar,
+                               n_init=n_init, final_n_init=final_n_init, max_iter=max_iter, patience=patience,
+                               init_params=init_params)
         with np.errstate(all="ignore"):
             whole = map_em(X, weight, responsibilities(found.best, X[:, varying]),
                            "diag" if found.best.covariance_type == "spherical" and len(covariance_types) > 1

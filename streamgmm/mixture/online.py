@@ -978,7 +978,8 @@ _STATE_PARAMS = (
 _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
     "n_components_", "covariance_type_", "selection_", "_S2_full", "_next_review",
-    "center_", "scale_", "rounding_variance_", "data_min_", "data_max_", "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
+    "center_", "scale_", "rounding_variance_", "data_min_", "data_max_",
+    "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.
 _STRUCTURAL_PARAMS = ("n_components", "covariance_type", "standardize")

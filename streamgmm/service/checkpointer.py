@@ -34,13 +34,13 @@ class Checkpointer:
     whichever comes first, and back-off after a failure) and runs the steps of one."""
 
     def __init__(self, config: CheckpointConfig, local: LocalStateStore, topic_store: TopicStateStore | None,
-                 metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+                 metrics: Metrics, clock: Callable[[], float] = time.monotonic, local_is_copy: bool = False):
         self.config = config
         self.local = local
         self.topic_store = topic_store
         # scope: partition with a state topic: models are restored from the topic only, so the
         # files are a copy for inspection, and a full disk must not hold up the topic and commits.
-        self.local_is_copy = False
+        self.local_is_copy = local_is_copy
         self.metrics = metrics
         self.clock = clock
         self.pending_messages = 0  # processed since the last checkpoint
