@@ -613,8 +613,24 @@ def test_a_partition_whose_position_is_past_the_end_of_its_log_is_said_not_ready
     assert daemon.metrics.value("streamgmm_partitions_past_log_end") == 2
     said = [r.getMessage() for r in caplog.records if "past the end of its log" in r.getMessage()]
     assert len(said) == 2  # once per partition, not once per turn
+    # (A Kafka broker would answer OFFSET_OUT_OF_RANGE and librdkafka reset to the start: from
+    # then on a rewind must not seek back to the old commit, which lies past the new log.)
+    assert daemon._commits_at_assignment == {tp: 900 for tp in PARTITIONS}
     # The log grows past it again: read, and the gauge back to 0.
     for tp in PARTITIONS:
         logs[tp].extend(FakeMessage(*tp, o, logs[tp][0].value()) for o in range(600, 1000))
     _run(daemon, lambda: daemon.positions == {tp: 1000 for tp in PARTITIONS})
     assert daemon.metrics.value("streamgmm_partitions_past_log_end") == 0 and not daemon._past_the_end
+
+
+def test_a_partition_read_again_from_below_the_groups_old_commit_drops_that_floor(tmp_path, monkeypatch):
+    # The topic was made again and librdkafka reset to its start: a rewind sought back to the old
+    # commit (past the new log; a Kafka broker then resets to the start again and the model
+    # learns those messages twice).
+    logs, group = _logs(), {tp: 900 for tp in PARTITIONS}
+    consumer = Consumer(logs, group)
+    daemon, processed = _daemon(tmp_path, "a", consumer, LoggedStateTopic(monkeypatch))
+    daemon._on_assign(_assignment())
+    consumer.positions = {tp: 0 for tp in PARTITIONS}  # auto.offset.reset to the new log's start
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
+    assert daemon._commits_at_assignment == {}

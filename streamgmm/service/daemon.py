@@ -653,6 +653,11 @@ class Daemon:
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
+        for tp in polled.keys() & self._commits_at_assignment.keys():
+            if self._checkpoint_offset(*tp) < self._commits_at_assignment[tp]:
+                # Read from below the group's old commit: the log was reset (a topic made again,
+                # librdkafka's auto.offset.reset); a rewind must not seek back past it any more.
+                del self._commits_at_assignment[tp]
         if self.scope == "partition":
             self._observe_partition_models()
         self.positions = self._positions()
