@@ -73,7 +73,7 @@ def iso_time(seconds: float) -> str:
 
 
 # A key longer than this is cut in the documents' "source" (the record's own Kafka key stays
-# whole): a 950 KB key, copied there too, made anomaly records the broker refused as too large.
+# whole): a key near the broker's message limit, copied there too, made records it refused.
 KEY_FIELD_MAX_BYTES = 1024
 
 

@@ -329,8 +329,7 @@ class StreamQuantileThreshold:
         """Whether the stream's tail is trusted enough to keep alarms out of it."""
         # Counted from the history's start: after a restart (see ``_restart_history``) the tail is
         # young again, and until it has grown, flagged points count as they are, so that a z_q
-        # estimated from few peaks corrects itself (censored, a z_q too low stayed: 8 q after a
-        # level shift had been learned).
+        # estimated from few peaks corrects itself (censored, a z_q too low stays too low).
         return self.z is not None and self.n_counted - self.history_start >= self.calibration
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:

@@ -220,8 +220,8 @@ def select_mixture(X, weight, *, components, covariance_types, rng, reg_covar, n
     # (see DEGREES_OF_FREEDOM_OVER_D) is not tried: in the directions the points barely span it
     # is the prior's alone, far too tight (the prior's scale is the data's spread over 2D + 4),
     # and every new point scores hundreds of nats low; BIC, which sees only the points fitted,
-    # preferred it (40 points in 100-d: tied K=8; 25 in 20-d: tied K=5 or 8, 450-970 nats a
-    # point below the truth on new points).  Asked for by name, a type is fitted.
+    # preferred it (BENCHMARKS.md, "Few points in many dimensions").  Asked for by name, a type
+    # is fitted.
     rank_limited = len(covariance_types) > 1
     covariance = data_covariance(X, weight)
     components = list(components)

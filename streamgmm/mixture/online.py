@@ -321,9 +321,9 @@ class OnlineGaussianMixture(MixtureBase):
         """What is added to every component's variances (standardised units): ``reg_covar``, plus
         the variance of rounding, step^2 / 12, for a feature recorded on a grid (see
         ``recorded_resolution``).  A count is a rounded quantity, and a density of counts must not
-        be tighter than that: otherwise a component on the count 0 shrinks without end as the
-        stream grows (tied K=8 on the values 0, 1 and 2, variance 1e-6), and the count 3, one point
-        in 260, scored -300,000 nats and was flagged every time (5 q)."""
+        be tighter than that: otherwise a component sitting on one count shrinks without end as the
+        stream grows, and the next count up, never learned, scores as impossible (BENCHMARKS.md,
+        "Counts recorded on a grid")."""
         return self.reg_covar + self.rounding_variance_
 
     def _is_started(self) -> bool:
@@ -589,7 +589,7 @@ class OnlineGaussianMixture(MixtureBase):
         self._learn(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)), full_s2)
         if self.data_min_ is not None and np.any(learned):
             # In standardised units (the map back is increasing), a feature a row: numpy reduces
-            # a contiguous row several times faster than a column (about 2% of a step, not 10%).
+            # a contiguous row several times faster than a column.
             X = scored.X_internal if learned.all() else scored.X_internal[learned]
             by_feature = np.ascontiguousarray(X.T)
             with np.errstate(over="ignore", invalid="ignore"):
