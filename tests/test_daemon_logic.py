@@ -425,3 +425,7 @@ def test_scope_partition_is_initialized_when_every_model_is_and_drops_series_of_
     metrics.observe_partition_models({"in/0": warm, "in/2": SimpleNamespace(is_initialized=True, n_seen_=700)})
     assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/2"}) == 700
     assert metrics.value("streamgmm_partition_model_initialized", {"model": "in/2"}) == 1
+    # Another model under the same key (a rewind reloaded it): its series follow, without a batch.
+    metrics.observe_partition_models({"in/0": warm, "in/2": SimpleNamespace(is_initialized=False, n_seen_=0)})
+    assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/2"}) == 0
+    assert metrics.value("streamgmm_partition_model_initialized", {"model": "in/2"}) == 0

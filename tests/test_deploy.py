@@ -23,7 +23,7 @@ CONTRACT = {
     "streamgmm_dead_letters_total", "streamgmm_anomalies_total", "streamgmm_points_learned_total",
     "streamgmm_produce_errors_total", "streamgmm_broker_errors_total", "streamgmm_checkpoints_written_total",
     "streamgmm_checkpoint_failures_total", "streamgmm_state_restore_failures_total",
-    "streamgmm_state_behind_group_total", "streamgmm_partitions_past_log_end",
+    "streamgmm_state_behind_group_total", "streamgmm_partitions_past_log_end", "streamgmm_start_time_seconds",
     "streamgmm_consumer_lag_messages", "streamgmm_last_poll_timestamp_seconds",
     "streamgmm_checkpoint_last_success_timestamp_seconds", "streamgmm_assigned_partitions",
     "streamgmm_model_initialized", "streamgmm_threshold_log_density",

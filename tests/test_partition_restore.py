@@ -442,7 +442,7 @@ class LoggedStateTopic(TopicStateStore):
     def __init__(self, monkeypatch):
         super().__init__("streamgmm-state", {}, producer=None)
         self.log = []
-        monkeypatch.setattr("streamgmm.service.state.read_topic", lambda settings, topic, timeout: iter(self.log))
+        monkeypatch.setattr("streamgmm.service.state.read_topic", lambda settings, topic, timeout, cap: iter(self.log))
 
     def write(self, key, state):
         self.log.append(KeyedMessage(key.encode(), pack(state)))
@@ -569,10 +569,10 @@ def test_a_state_topic_read_steadily_is_read_to_its_end_however_long_it_takes(mo
     monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.05, stalled=True))
     with pytest.raises(KafkaException, match="nothing came for 0.25 s"):
         list(kafka.read_topic({}, "t", timeout=0.25))
-    # ... but not for ever: it runs inside a rebalance callback (10 timeouts at most, here 1 s).
+    # ... but not for ever when asked (in a rebalance callback, before max.poll.interval.ms).
     monkeypatch.setattr(kafka, "Consumer", lambda settings: SlowTopicConsumer(delay=0.05, n=100))
     with pytest.raises(KafkaException, match="still not read to its end after 1 s"):
-        list(kafka.read_topic({}, "t", timeout=0.1))
+        list(kafka.read_topic({}, "t", timeout=0.1, max_seconds=1.0))
 
 
 def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_the_commits(tmp_path, monkeypatch):
@@ -634,3 +634,13 @@ def test_a_partition_read_again_from_below_the_groups_old_commit_drops_that_floo
     consumer.positions = {tp: 0 for tp in PARTITIONS}  # auto.offset.reset to the new log's start
     _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
     assert daemon._commits_at_assignment == {}
+
+
+def test_with_scope_global_a_partition_new_to_the_model_is_not_behind_the_group(tmp_path, monkeypatch):
+    # One model for all partitions: one it has not read yet is normal, not a state lost.
+    logs, group = _logs(), {tp: 400 for tp in PARTITIONS}
+    daemon = Daemon(_config(tmp_path, "g", scope="global"))
+    daemon.source, daemon.sink = Consumer(logs, group), FakeSink()
+    daemon.topic_store = daemon.checkpointer.topic_store = LoggedStateTopic(monkeypatch)
+    daemon._on_assign(_assignment())
+    assert daemon.metrics.value("streamgmm_state_behind_group_total") == 0

@@ -342,7 +342,7 @@ class Daemon:
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}  # (if unread at assignment)
         unrestored = list(self.held.unrestored)
         self._restore_partitions(unrestored, timeout=timeout)
-        if self.topic_store is not None:
+        if self.scope == "partition" and self.topic_store is not None:
             self._warn_of_state_behind_the_group([tp for tp in unrestored if tp not in self.held.unrestored], committed)
         ready = [tp for tp in held if tp not in self.held.unrestored]
         if ready and self._fatal is not None:
@@ -376,9 +376,13 @@ class Daemon:
             from confluent_kafka import Producer
 
             self._ensure_state_topic(producing)
+            # Read in rebalance callbacks: done well before librdkafka's max.poll.interval.ms would
+            # take this member out of the group.
+            poll_interval = float(k.consumer.get("max.poll.interval.ms", 300_000)) / 1000.0
             self.topic_store = TopicStateStore(self.config.checkpoint.topic, consuming,
                                                Producer({**producing, "error_cb": on_error}),
-                                               max_bytes=message_max_bytes(producing))
+                                               max_bytes=message_max_bytes(producing),
+                                               read_max_seconds=0.8 * poll_interval)
             self.checkpointer.topic_store = self.topic_store
             self.checkpointer.local_is_copy = self.scope == "partition"
         self.source = KafkaSource(consuming, k.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -430,7 +434,7 @@ class Daemon:
         committed = self._committed(owned)
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
         held = self._restore_partitions(owned) if self.scope == "partition" else []
-        if self.topic_store is not None:  # (without one, a model cannot follow its partition: said at start)
+        if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
         starts = []
         for topic, partition in owned:

@@ -9,6 +9,7 @@ a synchronous commit on revoke are allowed there.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -572,22 +573,19 @@ def ensure_topic(settings: dict, topic: str, config: dict | None = None, timeout
             raise
 
 
-READ_TOPIC_MAX_TIMEOUTS = 10
-READ_TOPIC_MAX_SECONDS = 120.0
-
-
-def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Message]:
+def read_topic(settings: dict, topic: str, timeout: float = 30.0,
+               max_seconds: float | None = None) -> Iterator[Message]:
     """Every message of ``topic`` from its log start up to its high watermark when read, as they
     come (a caller that keeps only some of them never holds the whole topic).  Raises
     KafkaException (_TIMED_OUT) when nothing comes for ``timeout`` seconds, or after
-    READ_TOPIC_MAX_TIMEOUTS x ``timeout`` (at most READ_TOPIC_MAX_SECONDS) in all: a long topic
-    read steadily is not cut short (a state topic a broker does not compact grows), but the
-    rebalance callback that reads it must end well before max.poll.interval.ms (5 minutes)."""
+    ``max_seconds`` in all (None: no limit): a long topic read steadily is not cut short (a state
+    topic a broker does not compact grows), but a rebalance callback that reads it must end
+    before max.poll.interval.ms."""
     consumer = Consumer({**{k: v for k, v in settings.items() if k not in ("error_cb",)},
                          "group.id": f"streamgmm-reader-{time.monotonic_ns()}", "enable.auto.commit": False,
                          "enable.partition.eof": False, "logger": logging.getLogger("librdkafka")})
     deadline = time.monotonic() + timeout
-    end = time.monotonic() + min(READ_TOPIC_MAX_TIMEOUTS * timeout, READ_TOPIC_MAX_SECONDS)
+    end = math.inf if max_seconds is None else time.monotonic() + max_seconds
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
@@ -608,8 +606,8 @@ def read_topic(settings: dict, topic: str, timeout: float = 30.0) -> Iterator[Me
                     deadline = min(time.monotonic() + timeout, end)
                     yield m
         if any(positions[p] < ends[p] - 1 for p in ends):
-            why = "nothing came for" if time.monotonic() < end else "still not read to its end after"
-            waited = timeout if time.monotonic() < end else min(READ_TOPIC_MAX_TIMEOUTS * timeout, READ_TOPIC_MAX_SECONDS)
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic}: {why} {waited:g} s"))
+            why = (f"nothing came for {timeout:g} s" if time.monotonic() < end else
+                   f"still not read to its end after {max_seconds:g} s")
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic}: {why}"))
     finally:
         consumer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -143,11 +144,16 @@ class Metrics:
                                            "scope: partition: points each partition's model learned.", ["model"])
         self.partition_initialized = gauge("partition_model_initialized",
                                            "scope: partition: 1 once a partition's model is warm.", ["model"])
-        self._partition_keys: set[str] = set()  # the models those two have series for
+        # The model each of those two series was last set from: set again when another model takes
+        # the key (a restore, a rewind), else only by the key's batches. (The model itself, not its
+        # id: a replaced model's id can be reused by the next.)
+        self._partition_models: dict[str, object] = {}
         self.assigned_partitions = gauge("assigned_partitions", "Input partitions assigned to this instance.")
         self.partitions_past_log_end = gauge(
             "partitions_past_log_end", "Assigned input partitions whose next offset is past the end of their log "
             "(the topic was recreated, or the broker lost data): nothing is read of them.")
+        self.start_time = gauge("start_time_seconds", "When this process started (Unix seconds).")
+        self.start_time.set(time.time())
         self.build = Info("build", "streamgmm build information.", namespace=NAMESPACE, registry=r)
         self.build.info({"version": __version__})
         self.max_components = max_components
@@ -178,7 +184,7 @@ class Metrics:
     def _observe_partition_model(self, key: str, model) -> None:
         self.partition_initialized.labels(key).set(1 if model.is_initialized else 0)
         self.partition_points_seen.labels(key).set(model.n_seen_)
-        self._partition_keys.add(key)
+        self._partition_models[key] = model
 
     def observe_partition_models(self, models: dict, assigned: set | None = None) -> None:
         """scope: partition: the instance's model is initialized when every partition's it holds
@@ -189,12 +195,13 @@ class Metrics:
         complete = assigned is None or assigned <= models.keys()
         self.model_initialized.set(1 if models and complete and all(m.is_initialized for m in models.values()) else 0)
         self.points_seen.set(sum(m.n_seen_ for m in models.values()))
-        for key in self._partition_keys - models.keys():
+        for key in self._partition_models.keys() - models.keys():
             self.partition_initialized.remove(key)
             self.partition_points_seen.remove(key)
-        self._partition_keys &= models.keys()
-        for key in models.keys() - self._partition_keys:  # new ones; the others move with their batches
-            self._observe_partition_model(key, models[key])
+            del self._partition_models[key]
+        for key, model in models.items():
+            if self._partition_models.get(key) is not model:  # new, restored or rewound
+                self._observe_partition_model(key, model)
 
     def observe_model(self, model) -> None:
         self.model_initialized.set(1 if model.is_initialized else 0)

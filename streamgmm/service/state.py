@@ -242,9 +242,11 @@ class TopicStateStore:
     Reads scan the whole topic: a broker need not compact (Tansu keeps every record).
     """
 
-    def __init__(self, topic: str, settings: dict, producer, max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES):
+    def __init__(self, topic: str, settings: dict, producer, max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
+                 read_max_seconds: float | None = None):
         self.topic = topic
         self.settings = settings
+        self.read_max_seconds = read_max_seconds  # a read in a rebalance callback must end (see read_topic)
         self.producer = producer  # a confluent_kafka.Producer of its own: its deliveries are the store's
         self.max_bytes = max_bytes  # the producer's message.max.bytes, for the error that names it
         self.failed: list[str] = []
@@ -293,7 +295,7 @@ class TopicStateStore:
         operator moved it ahead) is the newest taken."""
         wanted = None if keys is None else set(keys)
         values: dict[str, deque[bytes]] = {}
-        for message in read_topic(self.settings, self.topic, timeout):
+        for message in read_topic(self.settings, self.topic, timeout, self.read_max_seconds):
             if message.key() is not None and message.value() is not None:
                 key = message.key().decode()
                 if wanted is None or key in wanted:  # the newest few of each: the topic may hold thousands
