@@ -586,7 +586,7 @@ def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_
     logs, group = _logs(), {}
     store = LoggedStateTopic(monkeypatch)
     daemon, _ = _daemon(tmp_path, "a", Consumer({tp: log[:300] for tp, log in logs.items()}, group), store)
-    daemon.checkpointer.local_is_copy = True  # as _connect sets it for scope: partition with a topic
+    assert daemon.checkpointer.local_is_copy  # scope: partition with a state topic: the files are a copy
     daemon._on_assign(_assignment())
     _run(daemon, lambda: daemon.positions == {tp: 300 for tp in PARTITIONS})
     monkeypatch.setattr(state_module, "write_atomically", disk_full)

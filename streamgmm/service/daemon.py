@@ -80,7 +80,10 @@ class Daemon:
         self.scope = config.model.scope
         self.local = LocalStateStore(config.checkpoint.dir, config.checkpoint.keep)
         self.topic_store: TopicStateStore | None = None
-        self.checkpointer = Checkpointer(config.checkpoint, self.local, None, self.metrics)
+        # With scope: partition and a state topic, models are restored from the topic only: the
+        # files are a copy (see Checkpointer.local_is_copy).
+        self.checkpointer = Checkpointer(config.checkpoint, self.local, None, self.metrics,
+                                         local_is_copy=self.scope == "partition" and bool(config.checkpoint.topic))
         # One detector per model key: "global", or "topic/partition" with scope: partition.
         self.detectors: dict[str, Detector] = {}
         self.source: KafkaSource | None = None
@@ -185,9 +188,8 @@ class Daemon:
         try:
             self.local.check_writable()
         except CheckpointError as exc:
-            if not (self.scope == "partition" and self.config.checkpoint.topic):
+            if not self.checkpointer.local_is_copy:
                 raise StartupError(str(exc)) from None
-            # The models live in the state topic; the files are only a copy.
             log.warning("%s; going on: the state topic %s holds the models", exc, self.config.checkpoint.topic)
         self.restore()
         if self.scope == "partition" and self.config.model.init_from:
@@ -384,7 +386,6 @@ class Daemon:
                                                max_bytes=message_max_bytes(producing),
                                                read_max_seconds=0.8 * poll_interval)
             self.checkpointer.topic_store = self.topic_store
-            self.checkpointer.local_is_copy = self.scope == "partition"
         self.source = KafkaSource(consuming, k.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                   on_lost=self._on_lost, on_error=on_error)
         self.watermarks = WatermarkReader(consuming)
@@ -460,8 +461,7 @@ class Daemon:
         """scope: partition: a restored state behind the group's commit, or none where the group
         has one, means messages learned by a model whose state is not where this member looks
         (another checkpoint.topic or dir, a record lost): they are not learned again, so say so."""
-        where = (f"checkpoint.topic {self.config.checkpoint.topic}" if self.topic_store is not None
-                 else f"checkpoint.dir {self.config.checkpoint.dir}")
+        where = f"checkpoint.topic {self.config.checkpoint.topic}"  # (only called with one)
         for tp in owned:
             commit = committed.get(tp)
             if commit is None or tp in self.held.unrestored:
@@ -615,10 +615,10 @@ class Daemon:
         shows no lag: a topic deleted and made again, or a broker that lost its data (a Kafka
         broker answers OFFSET_OUT_OF_RANGE and librdkafka applies auto.offset.reset; Tansu just
         returns nothing).  Said once per partition (ERROR), in /readyz and in a gauge."""
-        now, past = time.monotonic(), {}
+        now, past, held = time.monotonic(), {}, self.held.partitions()
         for tp, (_, end) in self._loop_watermarks.items():
             position = self.positions.get(tp)
-            if position is None or position <= end or tp in self.held.partitions():
+            if position is None or position <= end or tp in held:
                 self._past_the_end_since.pop(tp, None)
                 continue
             # librdkafka keeps a partition's last fetched end across a revoke and an assignment:
