@@ -26,7 +26,12 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         ({"threshold": {"mode": "fixed"}}, "threshold.value: None is not allowed; threshold.mode=fixed needs a log-density value"),
         ({"checkpoint": {"keep": 1}}, "checkpoint.keep: 1 is not allowed; keep at least 2"),
         ({"input": {"fields": ["a", "b"], "dimension": 3}}, "input.fields: ('a', 'b') is not allowed; list exactly input.dimension=3"),
-        ({"kafka": {"output_topic": "features"}}, "must differ from the inputs"),
+        ({"kafka": {"output_topic": "features"}}, "kafka.output_topic: 'features' is not allowed; use a topic other "
+                                                  "than the inputs"),
+        # It named kafka.output_topic for a dead-letter topic equal to an input.
+        ({"kafka": {"dead_letter_topic": "features"}}, "kafka.dead_letter_topic: 'features' is not allowed"),
+        # A scheme passed the check and the daemon retried "No brokers configured" for ever.
+        ({"kafka": {"bootstrap_servers": ["http://127.0.0.1:9092"]}}, "without a scheme (kafka-1:9092, not http://"),
         ({"threshold": {"learn_from_anomalies": "no"}}, "threshold.learn_from_anomalies: expected true or false, got 'no'"),
         ({"kafka": {"poll_timeout_ms": 0}}, "kafka.poll_timeout_ms: 0 is not allowed; use an integer >= 1"),
         ({"input": {"fields": ["a", "a", "b"]}}, "input.fields: ('a', 'a', 'b') is not allowed; list each field name once"),
@@ -102,16 +107,45 @@ def test_librdkafka_settings_are_checked_without_a_broker(section, settings, mes
         check_settings(config)
 
 
-@pytest.mark.parametrize("value", ["6s", "6,000", "1e4", " 6000 ms"])
-def test_a_number_with_a_unit_or_separator_is_refused_before_librdkafka_half_reads_it(value):
+@pytest.mark.parametrize("section, key, value", [
+    ("consumer", "session.timeout.ms", "6s"), ("consumer", "session.timeout.ms", "6,000"),
+    ("consumer", "session.timeout.ms", "1e4"), ("consumer", "session.timeout.ms", " 6000 ms"),
+    # These two were refused by librdkafka first, for the value it half-read: "value 1 is outside
+    # allowed range", "message.timeout.ms must be greater than linger.ms".
+    ("producer", "message.max.bytes", "1MB"), ("producer", "message.timeout.ms", "2m"),
+])
+def test_a_number_with_a_unit_or_separator_is_refused_before_librdkafka_half_reads_it(section, key, value):
     # librdkafka reads the leading digits of "6s" and runs with a 6 ms session timeout: the member
     # was expired and rewound over and over (6 rewinds in 27 s, nothing committed).
     from streamgmm.service.kafka import check_settings
 
-    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"],
-                                         "consumer": {"session.timeout.ms": value}}})
-    with pytest.raises(ConfigError, match=r"kafka.consumer.session.timeout.ms: .* is not a plain number"):
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], section: {key: value}}})
+    with pytest.raises(ConfigError, match=rf"kafka.{section}.{re.escape(key)}: .* is not a plain number"):
         check_settings(config)
+
+
+def test_the_sasl_plain_names_from_the_environment_get_librdkafkas_name():
+    # The shipped env example had STREAMGMM_KAFKA__SECURITY__SASL_PLAIN_PASSWORD: exit 2 with
+    # "No such configuration property: sasl.plain.password" and no word of the right name.
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"]}},
+                              environ={"STREAMGMM_KAFKA__SECURITY__SASL_PLAIN_PASSWORD": "x"})
+    with pytest.raises(ConfigError, match=re.escape("kafka.security.sasl.plain.password: this is kafka-python's "
+                                                    "name; librdkafka's is 'sasl.password'")):
+        check_settings(config)
+
+
+def test_the_shipped_environment_example_is_a_valid_config():
+    from pathlib import Path
+
+    from streamgmm.service.kafka import check_settings
+
+    example = Path(__file__).parent.parent / "systemd" / "streamgmm.env.example"
+    environ = dict(line.lstrip("#").split("=", 1) for line in example.read_text().splitlines()
+                   if line.lstrip("#").startswith("STREAMGMM_"))
+    assert "STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD" in environ
+    check_settings(config_from_dict({}, environ=environ))
 
 
 @pytest.mark.parametrize("settings", [{"session.timeout.ms": "6000"}, {"session.timeout.ms": 6000},
@@ -160,6 +194,7 @@ def test_our_own_refusals_are_not_sent_to_librdkafkas_documentation():
 @pytest.mark.parametrize("variable, value, says", [
     ("STREAMGMM_MODEL__HALF_LFE", "5", "unknown key model.half_lfe"),
     ("STREAMGMM_MODEL__HALF_LIFE", "-5", "model.half_life: -5.0 is not allowed"),
+    ("STREAMGMM_MODELL__HALF_LIFE", "5", "unknown key modell "),  # a typo in the section named the variable not
 ])
 def test_a_bad_environment_override_names_the_variable(variable, value, says):
     with pytest.raises(ConfigError, match=re.escape(says) + ".*" + re.escape(f"(set by the environment variable {variable})")):

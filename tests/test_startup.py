@@ -60,6 +60,14 @@ def test_metrics_port_in_use(tmp_path):
     assert f"cannot serve metrics on 127.0.0.1:{port}" in last and "metrics.port" in last
 
 
+def test_a_metrics_host_that_is_not_an_address_says_to_fix_the_host(tmp_path):
+    # It said "set metrics.port to a free port" for a host that does not resolve.
+    path, _ = _config(tmp_path, metrics={"host": "0.0.0.0.0"})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "cannot serve metrics on 0.0.0.0.0:" in last and "set metrics.host" in last and "metrics.port" not in last
+
+
 def test_missing_secret_file(tmp_path):
     path, _ = _config(tmp_path, kafka={"security": {"sasl.password_file": str(tmp_path / "nope")}})
     code, last, stderr = _run(path)

@@ -323,14 +323,14 @@ def _rules(config: Config):
     yield "kafka.bootstrap_servers", k.bootstrap_servers, "give at least one host:port"
     for n, server in enumerate(k.bootstrap_servers):
         host, _, port = server.rpartition(":")
-        yield (f"kafka.bootstrap_servers[{n}]", host and port.isdigit() and 0 < int(port) < 65536,
-               "use host:port with a port from 1 to 65535")
+        yield (f"kafka.bootstrap_servers[{n}]", host and "/" not in host and port.isdigit() and 0 < int(port) < 65536,
+               "use host:port with a port from 1 to 65535, without a scheme (kafka-1:9092, not http://kafka-1:9092)")
     yield "kafka.input_topics", k.input_topics and all(k.input_topics), "give at least one non-empty topic name"
     for key in ("output_topic", "dead_letter_topic", "group_id"):
         yield f"kafka.{key}", getattr(k, key), "give a non-empty name"
     outputs = (k.output_topic, k.dead_letter_topic)
-    yield ("kafka.output_topic", not set(k.input_topics) & set(outputs),
-           "the output and dead-letter topics must differ from the inputs")
+    for key in ("output_topic", "dead_letter_topic"):
+        yield f"kafka.{key}", getattr(k, key) not in k.input_topics, "use a topic other than the inputs"
     yield "kafka.max_batch_messages", k.max_batch_messages >= 1, "use an integer >= 1"
     yield "kafka.poll_timeout_ms", k.poll_timeout_ms >= 1, "use an integer >= 1 (0 would spin an idle loop)"
     yield ("kafka.retry_backoff_initial_seconds", 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds,
@@ -392,6 +392,13 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{path}: {_value(config, path)!r} is not allowed; {what}")
 
 
+def _names_unknown_section(message: str, path: str) -> bool:
+    """Whether ``message`` refuses a section that begins ``path`` (STREAMGMM_MODELL__HALF_LIFE:
+    "unknown key modell")."""
+    parts = path.split(".")
+    return any(message.startswith(f"unknown key {'.'.join(parts[:n])} ") for n in range(1, len(parts)))
+
+
 def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = None) -> Config:
     raw = _plain(raw or {})
     origins: dict[str, str] = {}  # key path -> the environment variable that set it
@@ -402,7 +409,8 @@ def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = No
         _check_values(config)
     except ConfigError as exc:
         # A typo in an environment variable is not in the YAML: say where it came from.
-        named = [var for path, var in origins.items() if re.search(rf"(^|\s){re.escape(path)}\b", str(exc))]
+        named = [var for path, var in origins.items() if re.search(rf"(^|\s){re.escape(path)}\b", str(exc))
+                 or _names_unknown_section(str(exc), path)]
         if named:
             raise ConfigError(f"{exc} (set by the environment variable {named[0]})") from None
         raise

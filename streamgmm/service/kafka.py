@@ -64,9 +64,11 @@ def _user_settings(config: Config, section: str) -> dict:
     raw = getattr(config.kafka, section)
     for name in raw:
         path = f"kafka.{section}.{name}"
-        if name in KAFKA_PYTHON_NAMES and KAFKA_PYTHON_NAMES[name] != name:
+        # An environment variable spells sasl_plain_password as sasl.plain.password: the same hint.
+        underscored = name.replace(".", "_")
+        if underscored in KAFKA_PYTHON_NAMES and KAFKA_PYTHON_NAMES[underscored] != name:
             raise ConfigError(f"{path}: this is kafka-python's name; librdkafka's is "
-                              f"{KAFKA_PYTHON_NAMES[name]!r} (streamgmm passes librdkafka's names through)")
+                              f"{KAFKA_PYTHON_NAMES[underscored]!r} (streamgmm passes librdkafka's names through)")
         if name in OWNED_SETTINGS:
             raise ConfigError(f"{path}: set by streamgmm; use {OWNED_SETTINGS[name]}")
         if name == "partition.assignment.strategy" and "cooperative" in str(raw[name]):
@@ -125,6 +127,8 @@ def check_settings(config: Config) -> None:
     """Build each client once, without talking to a broker, so librdkafka itself refuses a
     misspelled name or a bad value now (ConfigError naming the key), not as endless
     "cannot connect" retries later."""
+    # Before the clients: librdkafka reads "1MB" as 1 and refuses that with a message about 1.
+    _refuse_half_read_numbers(config)
     for role, client_type in (("consumer", Consumer), ("producer", Producer)):
         try:
             settings = client_settings(config, role)
@@ -147,7 +151,6 @@ def check_settings(config: Config) -> None:
                     raise ConfigError(f"{key}: a {misplaced.group(2)} setting, which the {role} ignores; "
                                       f"move it to kafka.{misplaced.group(2)}")
 
-    _refuse_half_read_numbers(config)
     _refuse_settings_that_break_the_guarantees(config)
 
 

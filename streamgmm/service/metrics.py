@@ -7,6 +7,7 @@ known label values are created up front so dashboards see zeros, not gaps.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -259,8 +260,11 @@ class HealthServer:
         try:
             self.server = Server((host, port), Handler)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}; set metrics.port to "
-                                     "a free port (or 0 for any) or stop what holds it") from None
+            if exc.errno == errno.EADDRINUSE:
+                what = "set metrics.port to a free port (or 0 for any) or stop what holds it"
+            else:  # a name that does not resolve, an address not on this host
+                what = "set metrics.host to an address of this host (127.0.0.1, or 0.0.0.0 for all)"
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}; {what}") from None
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="streamgmm-http", daemon=True)
 
