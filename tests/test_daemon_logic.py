@@ -23,7 +23,9 @@ class FakeSource:
     def committed(self, partitions, timeout=10.0):
         return {}
 
-    def commit(self, offsets):
+    wedged = False
+
+    def commit(self, offsets, give_up=None):
         self.commits.append(dict(offsets))
 
 
@@ -429,3 +431,40 @@ def test_scope_partition_is_initialized_when_every_model_is_and_drops_series_of_
     metrics.observe_partition_models({"in/0": warm, "in/2": SimpleNamespace(is_initialized=False, n_seen_=0)})
     assert metrics.value("streamgmm_partition_model_points_seen", {"model": "in/2"}) == 0
     assert metrics.value("streamgmm_partition_model_initialized", {"model": "in/2"}) == 0
+
+
+def test_a_stop_whose_last_checkpoint_fails_is_not_clean_and_says_what_the_next_start_does(tmp_path, caplog):
+    # It said "scoring goes on ... retrying in 1 s" and the process exited 0.
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 300, np.random.default_rng(5))
+    (tmp_path / "state").write_text("a file where the directory should be")
+    with caplog.at_level("ERROR"):
+        daemon._last_checkpoint()
+    assert daemon.clean_stop is False
+    assert "the checkpoint at shutdown failed" in caplog.text and "read and learned again at the next start" in caplog.text
+    assert "retrying" not in caplog.text
+
+
+def test_a_stop_with_output_to_send_again_is_not_clean(tmp_path, caplog):
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 300, np.random.default_rng(6))
+    daemon._rewind_pending = "output records were not acknowledged"
+    with caplog.at_level("ERROR"):
+        daemon._last_checkpoint()
+    assert daemon.clean_stop is False and "stopping without a checkpoint" in caplog.text
+
+
+def test_a_stop_whose_last_checkpoint_is_written_is_clean(tmp_path):
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 300, np.random.default_rng(7))
+    daemon._last_checkpoint()
+    assert daemon.clean_stop is True and daemon.source.commits[-1] == {("in", 0): 300}
+
+
+def test_an_assignment_says_which_of_checkpoint_and_group_commit_it_resumes_at():
+    # scope global resumed at a group commit moved 1,000 ahead (or back) without a word.
+    from streamgmm.service.daemon import _why_there
+
+    assert _why_there(2500, 3000).startswith(" (the group's commit; the model's checkpoint is at 2500: 500 message")
+    assert _why_there(2000, 0).startswith(" (the model's checkpoint; the group's commit is behind it at 0")
+    assert _why_there(2000, 2000) == _why_there(None, 5) == _why_there(5, None) == ""

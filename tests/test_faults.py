@@ -228,3 +228,81 @@ def test_the_lag_at_a_scrape_comes_from_the_broker_once_the_loop_has_stalled(tmp
     assert daemon._watermarks_for_scrape() == {("t", 0): (0, 100)} and not asked  # the loop's own view
     daemon._last_poll = time.monotonic() - daemon_module.LOOP_STALL_SECONDS - 1
     assert daemon._watermarks_for_scrape() == {("t", 0): (0, 500)} and asked == [[("t", 0)]]
+
+
+def test_a_stop_while_the_broker_hangs_ends_in_bounded_time_and_the_checkpoint_holds(tmp_path):
+    """A broker that holds its connections without answering (SIGSTOP, not dead) held the final
+    synchronous commit for minutes: a SIGTERM never ended (400 s, then systemd's SIGKILL).  Now
+    the commit is given up 15 s after the stop (the checkpoint file already holds the offsets),
+    the exit code says the stop was not clean, and a restart resumes from the checkpoint with
+    every message learned once."""
+    from streamgmm.dev.embedded import EmbeddedBroker
+
+    topic = "hang"
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as own:
+        create_topic(own.bootstrap, topic, partitions=2)
+        messages, _ = _vectors(5000, seed=31)
+        produce(own.bootstrap, topic, messages[:3000], partition_of=lambda i: i % 2)
+        config = write_config(tmp_path / "c.yaml", own.bootstrap, topic, tmp_path / "state",
+                              kafka={"consumer": GROUP_CONSUMER},
+                              checkpoint={"dir": str(tmp_path / "state"), "interval_seconds": 3600,
+                                          "interval_messages": 10**9})
+        daemon = DaemonProcess(config, tmp_path / "d.log").start()
+        try:
+            daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 3000, what="consumed")
+            own.process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                code = daemon.stop(timeout=80)
+                took = time.monotonic() - started
+            finally:
+                own.process.send_signal(signal.SIGCONT)
+        finally:
+            daemon.kill()
+        log = Path(tmp_path / "d.log").read_text()
+        assert code in (0, 1), log[-3000:]
+        assert took < 75, f"the stop took {took:.0f} s"
+        state = inspect(tmp_path / "state")
+        assert state is not None and state["n_valid"] == 3000, log[-3000:]
+        # Restarted with the broker back: the rest is learned, nothing twice.
+        produce(own.bootstrap, topic, messages[3000:], partition_of=lambda i: i % 2)
+        again = DaemonProcess(config, tmp_path / "d2.log").start()
+        try:
+            again.wait_for(lambda: again.metric("streamgmm_messages_consumed_total") == 2000, timeout=90,
+                           what="the rest consumed after the restart")
+        finally:
+            assert again.stop() == 0
+        assert inspect(tmp_path / "state")["n_valid"] == 5000
+
+
+def test_sighup_stops_cleanly_and_a_second_signal_stops_at_once(broker, topic, tmp_path):
+    """SIGHUP (a closed terminal) killed the process at once, without a word or a checkpoint;
+    a second SIGTERM ended it with nothing in the log."""
+    create_topic(broker.bootstrap, topic, partitions=1)
+    messages, _ = _vectors(2000, seed=32)
+    produce(broker.bootstrap, topic, messages, partition_of=lambda i: 0)
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, tmp_path / "state",
+                          checkpoint={"dir": str(tmp_path / "state"), "interval_seconds": 3600,
+                                      "interval_messages": 10**9})
+    daemon = DaemonProcess(config, tmp_path / "d.log").start()
+    try:
+        daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 2000, what="consumed")
+        assert daemon.stop(signal.SIGHUP) == 0
+    finally:
+        daemon.kill()
+    assert "received SIGHUP: finishing the batch, checkpointing and stopping" in Path(tmp_path / "d.log").read_text()
+    assert inspect(tmp_path / "state")["n_valid"] == 2000
+
+    # A second signal while the first stop is under way (held here by a checkpoint pause).
+    slow = DaemonProcess(config, tmp_path / "d2.log", env={"STREAMGMM_FAULT_CHECKPOINT_PAUSE_SECONDS": "30"}).start()
+    try:
+        slow.wait_for(lambda: (slow.metric("streamgmm_assigned_partitions") or 0) == 1, what="assigned")
+        produce(broker.bootstrap, topic, messages[:10], partition_of=lambda i: 0)
+        slow.wait_for(lambda: slow.metric("streamgmm_messages_consumed_total") == 10, what="consumed more")
+        slow.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        code = slow.stop(signal.SIGTERM, timeout=10)
+    finally:
+        slow.kill()
+    assert code == 128 + signal.SIGTERM
+    assert "received SIGTERM again: stopping at once, without a checkpoint" in Path(tmp_path / "d2.log").read_text()

@@ -71,7 +71,9 @@ class Consumer:
         return {(tp.topic, tp.partition): self.group[(tp.topic, tp.partition)] for tp in partitions
                 if (tp.topic, tp.partition) in self.group}
 
-    def commit(self, offsets):
+    wedged = False
+
+    def commit(self, offsets, give_up=None):
         self.group.update(offsets)
 
     def poll(self, max_messages, timeout):
@@ -475,7 +477,7 @@ def _checkpointed_at(tmp_path, name, logs, group, store, offset, reads_to=None):
     return member
 
 
-def _refused(offsets):
+def _refused(offsets, give_up=None):
     raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "the member is not known to the group"))
 
 

@@ -133,14 +133,19 @@ def cmd_run(args) -> int:
     daemon = Daemon(config)
 
     def on_signal(signum, frame):
-        log.info("received %s: finishing the batch, checkpointing and stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if daemon.stopping:
+            # A second signal: out at once.  The checkpoints on disk stand; what came after the
+            # last one is read and learned again at the next start.
+            log.warning("received %s again: stopping at once, without a checkpoint", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("received %s: finishing the batch, checkpointing and stopping", name)
         daemon.stop()
-        # A second signal falls through to the default handler and ends the process at once.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: a closed terminal or a reload asked by habit stops cleanly, not at once.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         daemon.run()
     except (StartupError, ConfigError) as exc:
@@ -148,7 +153,13 @@ def cmd_run(args) -> int:
         what = "stopped" if daemon.started else "cannot start"
         print(f"streamgmm: {what}: {exc}", file=sys.stderr)
         return 2
-    return 0
+    code = 0 if daemon.clean_stop else 1  # 1: stopped without its last checkpoint (logged)
+    if daemon.source_wedged:
+        # librdkafka would wait for the commit still in flight when the interpreter tears the
+        # consumer down: leave without that.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def cmd_replay(args) -> int:

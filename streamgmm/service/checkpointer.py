@@ -56,7 +56,8 @@ class Checkpointer:
         return (self.pending_messages >= self.config.interval_messages
                 or self.clock() - self.last_written >= self.config.interval_seconds)
 
-    def checkpoint(self, detectors: dict, sink: KafkaSink, commit: Callable[[], None], now: float) -> Outcome:
+    def checkpoint(self, detectors: dict, sink: KafkaSink, commit: Callable[[], None], now: float,
+                   final: bool = False) -> Outcome:
         """1. Flush the sink: every anomaly and dead letter of the messages covered is
               acknowledged (or refused for good, counted and logged: it cannot hold us up).
            2. A record that failed for a passing reason: return REWIND, write nothing.
@@ -103,8 +104,12 @@ class Checkpointer:
             self.failures += 1
             delay = min(2.0 ** (self.failures - 1), max(RETRY_MAX_SECONDS, self.config.interval_seconds))
             self.retry_at = self.clock() + delay
-            log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; retrying in "
-                      "%.0f s", self.failures, kafka_error_text(exc), delay)
+            if final:  # at shutdown there is no retry: say what the next start does instead
+                log.error("the checkpoint at shutdown failed: %s; offsets stay uncommitted, and the messages since "
+                          "the last checkpoint are read and learned again at the next start", kafka_error_text(exc))
+            else:
+                log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; "
+                          "retrying in %.0f s", self.failures, kafka_error_text(exc), delay)
             return Outcome.FAILED
         self.failures = 0
         self.retry_at = 0.0
@@ -139,7 +144,8 @@ class Checkpointer:
             for original, moved in zip(uncommitted, withdrawn):
                 moved.rename(original)
             log.error("the group did not take the offsets of checkpoint(s) %s, but no earlier valid one is left: "
-                      "they stay (what they hold beyond the group's commit may be learned twice)",
+                      "they stay (if another member took these partitions over, what they hold beyond the group's "
+                      "commit is learned twice; this member alone resumes at them)",
                       ", ".join(p.name for p in uncommitted))
             return
         log.warning("withdrew checkpoint(s) %s: the group did not take their offsets",

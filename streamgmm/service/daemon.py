@@ -46,6 +46,9 @@ LOOP_STALL_SECONDS = 30.0
 PAST_THE_END_SECONDS = 30.0
 UNASSIGNED_CHECK_SECONDS = 15.0
 UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
+# After a stop is asked, a commit the broker has not answered is given up after this long (the
+# checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
+STOP_COMMIT_WAIT_SECONDS = 15.0
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
@@ -69,6 +72,19 @@ STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
 def _log_restore_notes(what: str, detector: Detector) -> None:
     for note in detector.restore_notes:
         log.warning("%s: %s", what, note)
+
+
+def _why_there(checkpointed: int | None, committed: int | None) -> str:
+    """Where a partition resumes, said when the model's checkpoint and the group's commit differ:
+    an operator who moved the group's offsets (or another member that read on) sees which won
+    and how many messages lie between."""
+    if checkpointed is None or committed is None or checkpointed == committed:
+        return ""
+    if committed > checkpointed:
+        return (f" (the group's commit; the model's checkpoint is at {checkpointed}: {committed - checkpointed} "
+                "message(s) between were learned by another member, or skipped by a move of the group's offsets)")
+    return (f" (the model's checkpoint; the group's commit is behind it at {committed}: not read again, the model "
+            "has learned them)")
 
 
 class Daemon:
@@ -96,6 +112,10 @@ class Daemon:
         # replaced whole, never mutated).
         self.positions: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
+        self._stop_asked_at = 0.0
+        # Whether the last stop left everything checkpointed (False: the exit code says so).
+        self.clean_stop = True
+        self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._rewind_pending: str | None = None
         self._rewinds_in_a_row = 0
         self._error_backoff = config.kafka.retry_backoff_initial_seconds
@@ -129,7 +149,19 @@ class Daemon:
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
         """Ask the loop to finish its batch, checkpoint, commit and return (signal-safe)."""
+        if not self._stop.is_set():
+            self._stop_asked_at = time.monotonic()
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked."""
+        return self._stop.is_set()
+
+    def _give_up_commit(self) -> bool:
+        """A commit the broker has not answered is given up this long after a stop was asked:
+        the checkpoint holds the offsets, and a stop must end (systemd kills after 90 s)."""
+        return self._stop.is_set() and time.monotonic() - self._stop_asked_at >= STOP_COMMIT_WAIT_SECONDS
 
     @property
     def detector(self) -> Detector:
@@ -437,9 +469,10 @@ class Daemon:
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
-        starts = []
+        starts, why = [], {}
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
+            why[(topic, partition)] = _why_there(self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
             # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
             starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
             if start is not None and (topic, partition) not in self.held.unrestored:
@@ -455,7 +488,7 @@ class Daemon:
         if self.scope == "partition":
             self._observe_partition_models()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
-                                          for tp in starts) or "no partitions")
+                                          f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
 
     def _warn_of_state_behind_the_group(self, owned, committed: dict) -> None:
         """scope: partition: a restored state behind the group's commit, or none where the group
@@ -531,8 +564,7 @@ class Daemon:
             self._connect()
             while not self._stop.is_set():
                 self._turn()
-            if self.checkpointer.pending_messages and self._rewind_pending is None:
-                self._checkpoint()
+            self._last_checkpoint()
             if self._fatal is not None:
                 raise StartupError(self._fatal)  # exit code 2: not restarted until the config is fixed
         except BaseException:
@@ -540,6 +572,17 @@ class Daemon:
             raise
         finally:
             self._close()
+
+    def _last_checkpoint(self) -> None:
+        """The checkpoint on the way out; ``clean_stop`` says whether it left nothing to redo."""
+        if not self.checkpointer.pending_messages:
+            return
+        if self._rewind_pending is None:
+            self.clean_stop = self._checkpoint(" at shutdown") is Outcome.WRITTEN
+        else:
+            self.clean_stop = False
+            log.error("stopping without a checkpoint (%s): the messages since the last one are read and learned "
+                      "again at the next start", self._rewind_pending)
 
     def _turn(self) -> None:
         self._retry_restores()
@@ -722,7 +765,8 @@ class Daemon:
     # ------------------------------------------------------- checkpoints, rewinds
     def _checkpoint(self, when: str = "") -> Outcome:
         self._membership_lost = False
-        outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time())
+        outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time(),
+                                               final=when == " at shutdown")
         if outcome is Outcome.REWIND:
             self._rewind_pending = f"output records were not acknowledged{when}"
         elif outcome is Outcome.WRITTEN and self._membership_lost and self.scope == "global":
@@ -739,7 +783,7 @@ class Daemon:
     def _commit(self) -> bool:
         """Commit the models' offsets to the group; whether it took them."""
         try:
-            self.source.commit(self._next_offsets())
+            self.source.commit(self._next_offsets(), give_up=self._give_up_commit)
             self._commit_refused = False
             return True
         except KafkaException as exc:
@@ -811,6 +855,7 @@ class Daemon:
         return failed
 
     def _close(self) -> None:
+        self.source_wedged = self.source is not None and self.source.wedged
         for client in (self.source, self.sink):
             if client is not None:
                 client.close()

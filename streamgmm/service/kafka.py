@@ -301,12 +301,18 @@ def as_batch(by_partition: dict[tuple[str, int], list[Message]]) -> PolledBatch:
     return PolledBatch(messages, list(map(_VALUE, messages)), stamps.astype(float), last_offsets)
 
 
+# How often the loop's thread looks up from a commit in flight (to serve signals, and to see
+# whether it should give up).
+COMMIT_WAIT_STEP_SECONDS = 0.2
+
+
 class KafkaSource:
     """The consumer: subscribe with rebalance callbacks, poll batches, seek, commit."""
 
     def __init__(self, settings: dict, topics: tuple[str, ...], *, on_assign: Callable, on_revoke: Callable,
                  on_lost: Callable, on_error: Callable[[KafkaError], None]):
         self.consumer = Consumer({**settings, "error_cb": on_error, "logger": logging.getLogger("librdkafka")})
+        self.wedged = False  # a commit the broker never answered is still running (see ``commit``)
         self.consumer.subscribe(list(topics), on_assign=lambda c, tps: on_assign(tps),
                                 on_revoke=lambda c, tps: on_revoke(tps), on_lost=lambda c, tps: on_lost(tps))
 
@@ -373,11 +379,38 @@ class KafkaSource:
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.consumer.seek(TopicPartition(topic, partition, offset))
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit synchronously; raises KafkaException when the group refuses it."""
-        if offsets:
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
-                                 asynchronous=False)
+    def commit(self, offsets: dict[tuple[str, int], int], give_up: Callable[[], bool] = lambda: False) -> None:
+        """Commit synchronously; raises KafkaException when the group refuses it, or when
+        ``give_up()`` turns true before the broker answered.
+
+        A broker that holds its connections without answering (stopped, not dead) held the
+        synchronous commit for minutes: the loop froze and a SIGTERM was never served (Python
+        runs signal handlers only between bytecodes).  So the commit runs on a thread of its own
+        and the loop's thread waits for it in short sleeps, signals served in between.  After
+        giving up, this consumer is not called again (librdkafka hung a second call on a consumer
+        busy in another thread): ``wedged`` is set and ``close`` leaves it as it is.
+        """
+        if not offsets:
+            return
+        outcome: list[BaseException | None] = []
+        partitions = [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
+
+        def commit() -> None:
+            try:
+                self.consumer.commit(offsets=partitions, asynchronous=False)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the loop's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=commit, name="streamgmm-commit", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(COMMIT_WAIT_STEP_SECONDS)
+            if worker.is_alive() and give_up():
+                self.wedged = True
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the broker did not answer the offset commit"))
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
 
     def cached_watermarks(self, partitions) -> dict[tuple[str, int], tuple[int, int]]:
         """(low, high) of each partition as librdkafka last fetched them: no broker request."""
@@ -392,6 +425,10 @@ class KafkaSource:
         return found
 
     def close(self) -> None:
+        if self.wedged:
+            log.warning("leaving the consumer unclosed: its offset commit is still waiting for the broker; the "
+                        "group expires this member after session.timeout.ms")
+            return
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:  # closing is best effort at shutdown
