@@ -2,6 +2,7 @@
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -281,3 +282,35 @@ def test_repeated_warnings_are_held_back_but_repeated_events_are_not():
     for r in lost:
         r.event = True  # as the daemon logs it
     assert all(repeat.filter(r) for r in lost)
+
+
+def test_healthcheck_asks_the_port_the_config_and_its_overrides_give(tmp_path):
+    # The image's HEALTHCHECK asked port 9464 whatever metrics.port said: unhealthy on any other.
+    import http.server
+    import os
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"metrics": {"port": port, "host": "0.0.0.0"}}))
+        assert _cli("healthcheck", "--config", str(path)).returncode == 0
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            free = unused.getsockname()[1]
+        elsewhere = subprocess.run([sys.executable, "-m", "streamgmm", "healthcheck", "--config", str(path)],
+                                   capture_output=True, text=True, timeout=60,
+                                   env={**os.environ, "STREAMGMM_METRICS__PORT": str(free)})
+        assert elsewhere.returncode == 1 and f"127.0.0.1:{free}/healthz" in elsewhere.stderr
+    finally:
+        server.shutdown()

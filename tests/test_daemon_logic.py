@@ -468,3 +468,15 @@ def test_an_assignment_says_which_of_checkpoint_and_group_commit_it_resumes_at()
     assert _why_there(2500, 3000).startswith(" (the group's commit; the model's checkpoint is at 2500: 500 message")
     assert _why_there(2000, 0).startswith(" (the model's checkpoint; the group's commit is behind it at 0")
     assert _why_there(2000, 2000) == _why_there(None, 5) == _why_there(5, None) == ""
+
+
+def test_the_end_of_the_warm_up_is_logged_with_the_model_it_made(tmp_path, caplog):
+    # Nothing said when the warm-up ended or what it chose; only `inspect` did.
+    daemon = _daemon(tmp_path)
+    with caplog.at_level("INFO"):
+        _feed(daemon, 0, 150, np.random.default_rng(8))
+        assert "warm-up done" not in caplog.text
+        _feed(daemon, 150, 100, np.random.default_rng(9))
+    assert re.search(r"global: warm-up done on 200 points in [0-9.]+ s: 2 component\(s\), full covariances "
+                     r"\(weights 0\.\d+, 0\.\d+\)", caplog.text), caplog.text
+    assert caplog.text.count("warm-up done") == 1

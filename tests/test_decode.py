@@ -25,6 +25,16 @@ def test_json_objects_take_named_fields_in_order():
     assert batch.invalid[0].reason == "wrong_dimension" and "missing field(s) b" in batch.invalid[0].detail
 
 
+def test_a_value_that_is_not_a_number_is_named_in_the_reason():
+    # The reason said "every feature must be a JSON number" for {"latency_ms": "20"}: which one?
+    decoder = Decoder(InputConfig(format="json", dimension=2, fields=("cpu", "latency_ms")))
+    batch = decoder.decode([b'{"cpu": 1, "latency_ms": "20"}', b'[1, [2]]', b'{"cpu": null, "latency_ms": 1}'])
+    assert [inv.detail.split("; ")[1] for inv in batch.invalid] == ["latency_ms is a string", "latency_ms is an array",
+                                                                    "cpu is null"]
+    unnamed = Decoder(InputConfig(format="json", dimension=2)).decode([b'[1, true]'])
+    assert unnamed.invalid[0].detail.endswith("value 1 is true or false")
+
+
 @pytest.mark.parametrize(
     "fmt, value, reason",
     [

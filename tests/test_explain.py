@@ -180,6 +180,7 @@ def test_one_in_reads_as_three_significant_digits():
     log_tail = np.log([2.1e-6, 0.5, 1e-30, 1.0]).tolist() + [-800.0, -np.inf]
     assert one_in(np.array(log_tail)) == [476000, 2.0, 1e30, 1.0, None, None]
     assert one_in(np.log(np.array([2.1e-6, 1e-3]))) == [476000, 1000]
+    assert one_in(np.log(np.array([1 / 49.9, 1 / 3.14159]))) == [49.9, 3.14]  # not 49.900000000000006
     document = rarity_documents(Rarity(np.array([-800.0]), MODEL_BOUND))[0]
     assert document["tail_probability"] == 0.0 and document["one_in"] is None
     assert document["log10_tail_probability"] == pytest.approx(-800.0 / math.log(10.0))

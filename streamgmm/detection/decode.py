@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # the service layer builds the config; only its type is named
 
 
 REASONS = ("oversized", "empty", "undecodable", "wrong_dimension", "non_finite")
+# What a value that is not a number is, in JSON's words (a dead letter's reason names it).
+_JSON_KINDS = {str: "a string", bool: "true or false", type(None): "null", list: "an array", dict: "an object"}
 _NUMBER_TYPES = (int, float)
 # Bytes a flat JSON array of numbers can hold (NaN and Infinity included: they are
 # reported as non_finite later).  Letters of true/false/null are not all in here.
@@ -198,7 +200,10 @@ class Decoder:
             raise DecodeError("wrong_dimension", f"got {len(document)} values, expected {self.dimension}")
         # type() rather than isinstance(): JSON true/false are bools, which are ints in Python.
         if not all(type(v) in _NUMBER_TYPES for v in document):
-            raise DecodeError("undecodable", "every feature must be a JSON number")
+            at = next(i for i, v in enumerate(document) if type(v) not in _NUMBER_TYPES)
+            name = self.config.fields[at] if self.config.fields else f"value {at}"
+            raise DecodeError("undecodable", f"every feature must be a JSON number; {name} is "
+                                             f"{_JSON_KINDS.get(type(document[at]), 'not a number')}")
         return document
 
     def _decode_csv(self, value: bytes):

@@ -386,7 +386,8 @@ def one_in(log_tail: np.ndarray) -> list:
     exact = (n >= 100.0) & (n < 2.0**53)
     if exact.all():
         return n.astype(np.int64).tolist()
-    return [int(v) if e else (v if v < math.inf else None) for v, e in zip(n.tolist(), exact.tolist())]
+    # Below 100, through the shortest decimal: 49.9, not 499 * 0.1 = 49.900000000000006.
+    return [int(v) if e else (float(f"{v:.3g}") if v < math.inf else None) for v, e in zip(n.tolist(), exact.tolist())]
 
 
 def rarity_documents(rarity_: Rarity) -> list[dict]:

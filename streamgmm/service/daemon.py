@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from ..detection.detector import Detector
@@ -72,6 +73,15 @@ STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
 def _log_restore_notes(what: str, detector: Detector) -> None:
     for note in detector.restore_notes:
         log.warning("%s: %s", what, note)
+
+
+def _log_warm_model(key: str, detector: Detector, seconds: float) -> None:
+    """Say the model a warm-up made (nothing was scored before it; /readyz counted up to it)."""
+    model = detector.model
+    weights = np.asarray(model.weights_)
+    log.info("%s: warm-up done on %d points in %.2f s: %d component(s), %s covariances (weights %s); scoring "
+             "from here", key, model.warmup, seconds, model.n_components_, model.covariance_type_,
+             ", ".join(f"{w:.3f}" for w in sorted(weights, reverse=True)))
 
 
 def _why_there(checkpointed: int | None, committed: int | None) -> str:
@@ -693,8 +703,10 @@ class Daemon:
             started = time.perf_counter()
             batch = as_batch(partitions)
             detector = self._detector(key)
-            updates_before = detector.n_updates
+            updates_before, was_ready = detector.n_updates, detector.ready
             result = detector.process(batch, now=time.time())
+            if detector.ready and not was_ready:
+                _log_warm_model(key, detector, time.perf_counter() - started)
             for record in result.outputs():
                 self.sink.send(record)
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
