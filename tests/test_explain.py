@@ -271,3 +271,22 @@ def test_a_normal_range_does_not_reach_past_the_values_the_model_learned():
     assert min(t["normal_range"][0] for d in unbounded for t in d["top_features"] if t["name"] == "latency") < 0
     restored = OnlineGaussianMixture.from_dict(model.to_dict())
     np.testing.assert_array_equal(restored.data_min_, model.data_min_)
+
+
+def test_an_expected_value_names_the_feature_it_leans_on():
+    # Two features correlated 0.95 (requests, connections) and one on its own: "req 3000, expected
+    # 2771" read as 2771 being normal, when it is what conns = 750 (also far off) implies.
+    cov = np.array([[1.0, 0.95, 0.0], [0.95, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    geometry = component_geometry([1.0], np.zeros((1, 3)), cov[None], "full")
+    points = np.array([[20.0, 19.0, 0.0],   # both far, together
+                       [2.0, -2.0, 0.0],    # the pair broken, each within range
+                       [0.0, 0.0, 8.0]])    # the lone feature off: leans on nothing
+    e = explain(points, geometry, n_top=2)
+    documents = explanation_documents(points, e, geometry, ["req", "conns", "cpu"])
+    first = [d["top_features"][0] for d in documents]
+    assert {first[0]["name"], first[0]["given"]} == {"req", "conns"}
+    assert {first[1]["name"], first[1]["given"]} == {"req", "conns"}
+    assert first[2]["name"] == "cpu" and first[2]["given"] is None
+    # The partner leans the expectation by at least a conditional sd; a partner near its mean does not.
+    quiet = explain(np.array([[3.0, 0.1, 0.0]]), geometry, n_top=1)
+    assert quiet.given[0, 0] == -1

@@ -41,7 +41,7 @@ ANOMALY_FIELDS = {"source", "features", "feature_names", "log_density", "thresho
                   "model_version", "n_seen", "detected_at", "rarity", "nearest_component", "top_features"}
 SOURCE_FIELDS = {"topic", "partition", "offset", "timestamp", "key"}
 RARITY_FIELDS = {"tail_probability", "log10_tail_probability", "one_in", "method"}
-TOP_FEATURE_FIELDS = {"name", "value", "expected", "normal_range", "z", "share"}
+TOP_FEATURE_FIELDS = {"name", "value", "expected", "normal_range", "z", "share", "given"}
 
 
 def _messages(seed: int = 11) -> list[dict]:

@@ -169,6 +169,9 @@ class Explanation:
     expected: np.ndarray
     sd: np.ndarray
     z: np.ndarray
+    # (n, n_top): the feature that moves the expected value most, when it moves it by at least
+    # one conditional standard deviation (-1: none); see ``explain``.
+    given: np.ndarray | None = None
 
 
 def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
@@ -210,6 +213,8 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
     top = np.zeros((n, n_top), dtype=np.intp)
     expected, z = np.zeros((n, n_top)), np.zeros((n, n_top))
     chosen = np.zeros((n, n_features), dtype=bool)
+    given = np.full((n, n_top), -1, dtype=np.intp)
+    centred = X - geometry.means[component]  # x - mu, with each named feature then at its expected value
     with np.errstate(over="ignore", invalid="ignore"):
         for step in range(n_top):
             z_all = p_x * sd
@@ -218,6 +223,15 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
             top[:, step], z[:, step] = j, z_all[rows, j]
             shift = p_x[rows, j] / p_jj[rows, j]
             expected[:, step] = X[rows, j] - shift
+            # expected - mu_j = sum over i != j of -(P_ji / P_jj)(x_i - mu_i): the feature with the
+            # largest term is what the expectation leans on (a correlated partner: "expected 2771
+            # given conns = 750" reads as conns being off too, not as 2771 being normal).
+            lean = -precision[rows, j, :] / p_jj[rows, j][:, np.newaxis] * centred
+            lean[rows, j] = 0.0
+            partner = np.argmax(np.nan_to_num(np.abs(lean), nan=np.inf), axis=1)
+            moved = np.abs(lean[rows, partner]) >= sd[rows, j]
+            given[:, step] = np.where(moved, partner, -1)
+            centred[rows, j] -= shift
             chosen[rows, j] = True
             # x_j moved to its expected value: P x_c changes by -shift times P's column j.
             p_x = p_x - shift[:, np.newaxis] * precision[rows, :, j]
@@ -229,7 +243,7 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
             p_far = np.einsum("nij,nj->ni", precision[far], diff_far)
             z[far, 0] = p_far[np.arange(len(far)), top[far, 0]] * sd[far, top[far, 0]]
             mahalanobis[far] = np.sqrt(np.einsum("ni,ni->n", diff_far, p_far))
-    return Explanation(component, mahalanobis, top, expected, np.take_along_axis(sd, top, axis=1), z)
+    return Explanation(component, mahalanobis, top, expected, np.take_along_axis(sd, top, axis=1), z, given)
 
 
 def _bring_back(X: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -267,11 +281,14 @@ def explanation_documents(X, explanation: Explanation, geometry: ComponentGeomet
         lo, hi = lo.tolist(), hi.tolist()
     values = np.take_along_axis(np.asarray(X, dtype=float), e.top, axis=1).tolist()
     expected, zs, shares, top = e.expected.tolist(), e.z.tolist(), share.tolist(), e.top.tolist()
+    given = (np.full(e.top.shape, -1) if e.given is None else e.given).tolist()
     return [
         {"nearest_component": {"index": k, "weight": w, "mahalanobis": distance},
          "top_features": [
-             {"name": names[j], "value": v, "expected": mu, "normal_range": [a, b], "z": zj, "share": sh}
-             for j, v, mu, a, b, zj, sh in zip(top[i], values[i], expected[i], lo[i], hi[i], zs[i], shares[i])
+             {"name": names[j], "value": v, "expected": mu, "normal_range": [a, b], "z": zj, "share": sh,
+              "given": names[g] if g >= 0 else None}
+             for j, v, mu, a, b, zj, sh, g in zip(top[i], values[i], expected[i], lo[i], hi[i], zs[i], shares[i],
+                                                  given[i])
          ]}
         for i, (k, w, distance) in enumerate(zip(e.component.tolist(), weights, e.mahalanobis.tolist()))
     ]
