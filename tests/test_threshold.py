@@ -281,3 +281,31 @@ def test_after_its_history_restarts_the_tail_is_young_again_and_flags_count_as_t
     assert not threshold.calibrated
     _feed(threshold, rng.gamma(3.0, size=1000))
     assert threshold.calibrated
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_tail_filled_by_a_change_the_model_has_since_learned_is_let_go(seed):
+    # A new regime at point 5,000, during calibration (every score counts): its first scores,
+    # hundreds of nats while the model caught up, filled the tail; at q = 1e-4 the window is
+    # 200,000 points, and t and z_q stayed far above every later score: nothing was flagged for
+    # 64k+ points, 8-sd outliers of the new regime included (helper-31).  Once far fewer recent
+    # scores come above t than its share, the history starts again.
+    rng = np.random.default_rng(seed)
+    q = 1e-4
+    threshold = _started(q, 30.0)
+    _feed(threshold, rng.gamma(3.0, size=4_000))
+    _feed(threshold, 100.0 + 50.0 * rng.random(1_500))  # the change, before the model learns it
+    _feed(threshold, rng.gamma(3.0, size=60_000))
+    clean = _started(q, 30.0)
+    _feed(clean, rng.gamma(3.0, size=60_000))
+    assert threshold.z == pytest.approx(clean.z, rel=0.25), (threshold.z, clean.z)
+    flags = _feed(threshold, rng.gamma(3.0, size=100_000))
+    assert 0.3 <= flags.mean() / q <= 3.0
+
+
+def test_a_stationary_stream_never_finds_its_tail_stale():
+    rng = np.random.default_rng(4)
+    for q in (0.01, 0.001, 0.0001):
+        threshold = _started(q, 30.0)
+        _feed(threshold, rng.standard_t(3, size=300_000) ** 2)
+        assert threshold.history_start == 0, q

@@ -64,6 +64,10 @@ FAR_OVER_Q = 0.01
 # A step with this many (binomial) standard deviations more of its scores in the tail than the
 # tail's share looks like a change, not chance.
 SURPRISE_SD = 4.0
+# The recent scores over t this many times fewer than the tail's share says: the tail is stale
+# (see ``_stale``), when at least STALE_MIN_EXPECTED were expected.
+STALE_RATIO = 4.0
+STALE_MIN_EXPECTED = 40.0
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
@@ -471,6 +475,9 @@ class StreamQuantileThreshold:
         top = -np.partition(-scores, kth) if kth else scores
         t = max(float(top[above]) if len(top) > above else floor, floor)
         collect = float(top[twice]) if len(top) > twice else None
+        if self._stale(scores, index, t, oldest):
+            self._restart_history()
+            return
         tail = scores > t
         is_censored = np.isfinite(censor) & tail
         excess = scores[tail & ~is_censored] - t
@@ -513,6 +520,21 @@ class StreamQuantileThreshold:
         if collect is not None and collect != self.level[-1]:
             self.level_start = np.append(self.level_start, self.n_counted)
             self.level = np.append(self.level, collect)
+
+    def _stale(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> bool:
+        """Whether the window's tail no longer describes the stream: over the last re-estimate's
+        span, far fewer scores came above t than the tail's share (a quarter, with at least
+        STALE_MIN_EXPECTED expected, so chance alone does not: Poisson(40) <= 10 is 2e-9).
+        A change the model has since learned (a new regime during calibration: its first
+        scores, hundreds of nats, filled the tail) left t and z_q far above every score for a
+        whole window, 200,000 points at q = 1e-4: nothing was flagged."""
+        span = self._interval()
+        start = self.n_counted - span
+        expected = self.tail_fraction * span
+        if start <= oldest or expected < STALE_MIN_EXPECTED:
+            return False  # the window is all recent: no older tail to be stale
+        recent_above = int(np.count_nonzero((index >= start) & (scores > t)))
+        return recent_above < expected / STALE_RATIO
 
     def _restart_history(self) -> None:
         """Too few peaks even to place t: the scores have moved below the collection level (the
