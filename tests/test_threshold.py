@@ -309,3 +309,18 @@ def test_a_stationary_stream_never_finds_its_tail_stale():
         threshold = _started(q, 30.0)
         _feed(threshold, rng.standard_t(3, size=300_000) ** 2)
         assert threshold.history_start == 0, q
+
+
+def test_the_rarity_of_the_last_fit_stands_across_a_restart_of_the_history():
+    # After a restart the records fell back to the model bound until the next fit: on Pareto
+    # latencies "1 in 3e54" for a point 175 in 100k scored as low (helper-31).
+    rng = np.random.default_rng(5)
+    threshold = _started(0.001, 20.0)
+    _feed(threshold, rng.gamma(3.0, size=30_000))
+    points = -np.array([10.0, 14.0, 25.0])
+    before = threshold.log_tail_probability(points)
+    threshold._restart_history()
+    np.testing.assert_array_equal(threshold.log_tail_probability(points), before)
+    fitted = threshold.shape_fitted_at
+    _feed(threshold, rng.gamma(3.0, size=400))
+    assert threshold.shape_fitted_at > fitted  # the shape is fitted anew at the first estimate

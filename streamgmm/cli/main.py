@@ -198,7 +198,7 @@ def cmd_replay(args) -> int:
 def cmd_fit(args) -> int:
     config = _load(args.config)
     configure_logging(config.logging.level, config.logging.format)
-    from ..detection.detector import Detector
+    from ..detection.detector import Detector, rare_weight
     from ..mixture import GaussianMixture
     from ..mixture.online import OnlineGaussianMixture
     from .replay import InputError, guess_format, read_matrix
@@ -237,7 +237,7 @@ def cmd_fit(args) -> int:
             ).fit(X)
         detector.model = OnlineGaussianMixture.from_mixture(
             batch, n_samples_seen=len(X), warmup=m.warmup, alpha=m.alpha, t0=m.t0,
-            half_life=m.half_life, min_weight=m.min_weight, rare_weight=m.rare_weight, random_state=m.random_state,
+            half_life=m.half_life, min_weight=m.min_weight, rare_weight=rare_weight(config), random_state=m.random_state,
         )
         report = {"n_components": m.n_components, "covariance_type": m.covariance_type,
                   "n_init": n_init, "max_iter": max_iter, "bic": batch.bic(X), "converged": batch.converged_}

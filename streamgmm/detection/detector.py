@@ -89,12 +89,23 @@ class BatchResult:
         return out
 
 
-def _model_params(m) -> dict:
-    """The OnlineGaussianMixture parameters that model.* sets (``m``: the ModelConfig), in the
-    order a restore applies them."""
+# model.rare_weight: auto is the alert share asked for (threshold.quantile), never more than this.
+RARE_WEIGHT_CAP = 0.01
+
+
+def rare_weight(config: Config) -> float:
+    """model.rare_weight as a number (see ModelConfig in service/config.py for why auto is q)."""
+    value = config.model.rare_weight
+    return min(RARE_WEIGHT_CAP, config.threshold.quantile) if value == "auto" else float(value)
+
+
+def _model_params(config: Config) -> dict:
+    """The OnlineGaussianMixture parameters that model.* sets, in the order a restore applies
+    them (rare_weight: auto resolved, see ``rare_weight``)."""
+    m = config.model
     return {"n_components": m.n_components, "covariance_type": m.covariance_type, "alpha": m.alpha, "t0": m.t0,
             "half_life": m.half_life, "reg_covar": m.reg_covar, "min_weight": m.min_weight,
-            "rare_weight": m.rare_weight, "max_components": m.max_components, "warmup": m.warmup,
+            "rare_weight": rare_weight(config), "max_components": m.max_components, "warmup": m.warmup,
             "random_state": m.random_state}
 
 
@@ -103,7 +114,7 @@ class Detector:
 
     def __init__(self, config: Config):
         self.config = config
-        self.model = OnlineGaussianMixture(**_model_params(config.model))
+        self.model = OnlineGaussianMixture(**_model_params(config))
         self.threshold = make_threshold(config.threshold)
         self.restore_notes: list[str] = []  # what a restore took from the config, or could not
         self.decoder = Decoder(config.input)
@@ -353,7 +364,7 @@ class Detector:
         # on); once learned, not the warm-up either: it is history, and also sets the step
         # size's offset (t0 null), as `streamgmm fit` counts an offline fit as that many points.
         kept = {"n_components", "covariance_type", "random_state"} | ({"warmup"} if model.is_initialized else set())
-        wanted = {name: value for name, value in _model_params(m).items() if name not in kept}
+        wanted = {name: value for name, value in _model_params(self.config).items() if name not in kept}
         notes = []
         for name, value in wanted.items():
             if current[name] == value:

@@ -541,12 +541,15 @@ class StreamQuantileThreshold:
         tail got lighter, or a young model's scores fell) and the stored peaks are another
         stream's.  The history starts again from here, collecting every score, and the next
         estimates come as on a young stream (the first after 300 points); z_q stays until then.
-        Without this the threshold stayed where it was for good and flagged nothing."""
+        Without this the threshold stayed where it was for good and flagged nothing.  So does the
+        last GPD fit, for the rarity of flagged points (it was dropped, and the records until
+        the next fit fell back to the model bound: "1 in 3e54" where 175 in 100k scored as low);
+        the next estimate fits the shape anew (it is the first since this restart)."""
         self.history_start = self.n_counted
         self._scores, self._censor, self._index = [], [], []
         self.level_start = np.full(1, self.n_counted, dtype=np.int64)
         self.level = np.full(1, -np.inf)
-        self.gpd = None
+        self.shape_fitted_at = min(self.shape_fitted_at, self.history_start - 10**9)  # refit at the next estimate
 
     def _gpd_at(self, t: float) -> tuple[float, float]:
         """(shape, scale) of the last GPD fit for excesses over ``t``: excesses over a GPD's

@@ -101,9 +101,11 @@ class ModelConfig:
     min_weight: float = 1e-4
     # Components lighter than this are "rare structure": points they explain are scored by
     # the other components, so a small cluster of anomalies the model absorbed stays anomalous.
-    # 1%, not more: a normal mode with a few percent of the traffic must not be flagged
-    # (BENCHMARKS.md, detection quality: the 'uneven' stream).
-    rare_weight: float = 0.01
+    # auto: threshold.quantile, at most 1%.  Not more than 1%: a normal mode with a few percent
+    # of the traffic must not be flagged (BENCHMARKS.md, detection quality: the 'uneven'
+    # stream); not more than q: a normal mode more frequent than the alerts asked for would be
+    # flagged whole (a feature zero 99% of the time, q = 0.001: 10.5 q flagged).
+    rare_weight: float | str = "auto"
     random_state: int | None = 0
     # global: one model for everything this process consumes; partition: one model per input
     # partition, whose state follows the partition across the consumer group.
@@ -364,7 +366,8 @@ def _rules(config: Config):
     yield "model.reg_covar", m.reg_covar > 0, "use a number > 0"
     largest = "max_components" if auto else "n_components"
     yield "model.min_weight", 0 <= m.min_weight < 1.0 / getattr(m, largest), f"use a number in [0, 1/model.{largest})"
-    yield "model.rare_weight", 0 <= m.rare_weight < 1.0, "use a weight in [0, 1); 0 scores by the whole mixture"
+    yield ("model.rare_weight", m.rare_weight == "auto" or (not isinstance(m.rare_weight, str) and 0 <= m.rare_weight < 1.0),
+           "use a weight in [0, 1) (0 scores by the whole mixture), or auto (threshold.quantile, at most 0.01)")
     yield "threshold.quantile", t.mode == "fixed" or 0 < t.quantile < 0.5, "use a fraction in (0, 0.5)"
     yield "threshold.value", t.mode != "fixed" or t.value is not None, "threshold.mode=fixed needs a log-density value"
     yield ("threshold.adopt_flag_rate", t.adopt_flag_rate is None or 0 < t.adopt_flag_rate < 1,
