@@ -480,3 +480,18 @@ def test_the_end_of_the_warm_up_is_logged_with_the_model_it_made(tmp_path, caplo
     assert re.search(r"global: warm-up done on 200 points in [0-9.]+ s: 2 component\(s\), full covariances "
                      r"\(weights 0\.\d+, 0\.\d+\)", caplog.text), caplog.text
     assert caplog.text.count("warm-up done") == 1
+
+
+def test_a_batch_mostly_dead_lettered_is_a_warning_at_most_once_a_minute(tmp_path, caplog):
+    # A member configured with the wrong dimension dead-lettered every message with no WARNING.
+    daemon = _daemon(tmp_path)
+    bad = [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(np.ones((50, 4)))]
+    with caplog.at_level("WARNING"):
+        daemon._process({("in", 0): bad})
+        daemon._process({("in", 0): bad})
+    assert caplog.text.count("50 of 50 messages of a batch were dead-lettered (wrong_dimension 50; e.g. "
+                             "wrong_dimension: got 4 values, expected 3)") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _feed(daemon, 100, 50, np.random.default_rng(10))
+    assert "dead-lettered" not in caplog.text

@@ -502,3 +502,13 @@ def test_a_feature_that_is_almost_always_zero_is_flagged_at_about_q(seed):
     assert detector.model.rare_weight == 0.001
     flags = np.concatenate([r.flags for r in _run(detector, X, batch=1000)])
     assert 0.4 <= flags.mean() / 0.001 <= 2.5, flags.mean() / 0.001  # 0.63-0.97 on seeds 0-3; 9.6-11 before
+
+
+def test_a_message_without_a_real_timestamp_is_not_timed():
+    # One message stamped 1 ms (1970) put 56 years into the latency histogram's sum.
+    X = np.random.default_rng(0).normal(size=(600, 4))
+    now = 1_764_000_000.0
+    records = [InputRecord("in", 0, i, encode(x, "float64"), timestamp=1 if i % 2 else int(now * 1000) - 250)
+               for i, x in enumerate(X)]
+    result = Detector(_config()).process(records, now=now)
+    assert len(result.latencies_seconds) == 300 and np.allclose(result.latencies_seconds, 0.25)

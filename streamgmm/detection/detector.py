@@ -47,6 +47,7 @@ class BatchResult:
     scores: list[OutputRecord] = field(default_factory=list)
     invalid_reasons: Counter = field(default_factory=Counter)
     invalid_index: dict = field(default_factory=dict)  # record index -> reason
+    invalid_example: str | None = None  # the first invalid record's detail, for the log
     n_valid: int = 0
     n_learned: int = 0
     warmup_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
@@ -89,6 +90,8 @@ class BatchResult:
         return out
 
 
+# Message timestamps before this (2001-01-01) are not timed (see ``process``).
+EARLIEST_TIMESTAMP_MS = 978_307_200_000
 # model.rare_weight: auto is the alert share asked for (threshold.quantile), never more than this.
 RARE_WEIGHT_CAP = 0.01
 
@@ -150,6 +153,8 @@ class Detector:
                 dead_letter(self.config.kafka.dead_letter_topic, record, invalid.reason, invalid.detail, max_value))
             result.invalid_reasons[invalid.reason] += 1
             result.invalid_index[invalid.index] = invalid.reason
+            if result.invalid_example is None:
+                result.invalid_example = f"{invalid.reason}: {invalid.detail}"
         self.n_invalid += len(decoded.invalid)
 
         X, rows = decoded.X, decoded.valid_index
@@ -198,7 +203,9 @@ class Detector:
                 (result.scored_index, result.log_density, result.flags, result.components,
                  result.thresholds) = map(np.concatenate, zip(*parts))
             stamps = batch.timestamps_ms[decoded.valid_index]
-            has_stamp = stamps > 0
+            # A timestamp before 2001 is a producer that set none of its own (1, or 0): one such
+            # message put 56 years into the latency histogram's sum.
+            has_stamp = stamps >= EARLIEST_TIMESTAMP_MS
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 
         # The next offset after the last one processed, not the greatest ever seen: a topic made

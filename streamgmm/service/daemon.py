@@ -47,6 +47,10 @@ LOOP_STALL_SECONDS = 30.0
 PAST_THE_END_SECONDS = 30.0
 UNASSIGNED_CHECK_SECONDS = 15.0
 UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
+# A batch of at least this many messages, more than half of them dead-lettered, is logged as a
+# WARNING, at most this often.
+MOSTLY_INVALID_MIN_BATCH = 20
+MOSTLY_INVALID_EVERY_SECONDS = 60.0
 # After a stop is asked, a commit the broker has not answered is given up after this long (the
 # checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
 STOP_COMMIT_WAIT_SECONDS = 15.0
@@ -125,6 +129,7 @@ class Daemon:
         self._stop_asked_at = 0.0
         # Whether the last stop left everything checkpointed (False: the exit code says so).
         self.clean_stop = True
+        self._mostly_invalid_said_at = -math.inf
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._rewind_pending: str | None = None
         self._rewinds_in_a_row = 0
@@ -709,6 +714,7 @@ class Daemon:
                 _log_warm_model(key, detector, time.perf_counter() - started)
             for record in result.outputs():
                 self.sink.send(record)
+            self._warn_of_mostly_invalid(result)
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
@@ -720,6 +726,22 @@ class Daemon:
         if self.scope == "partition":
             self._observe_partition_models()
         self.positions = self._positions()
+
+    def _warn_of_mostly_invalid(self, result) -> None:
+        """A batch mostly dead-lettered says so in the log, at most once a minute: a member with
+        the wrong input.dimension dead-lettered 3,000 of 3,000 messages, and committed them,
+        with nothing but counters to show it."""
+        n_invalid = sum(result.invalid_reasons.values())
+        if result.n_records < MOSTLY_INVALID_MIN_BATCH or 2 * n_invalid <= result.n_records:
+            return
+        if time.monotonic() - self._mostly_invalid_said_at < MOSTLY_INVALID_EVERY_SECONDS:
+            return
+        self._mostly_invalid_said_at = time.monotonic()
+        log.warning("%d of %d messages of a batch were dead-lettered (%s; e.g. %s): if all of them are, check "
+                    "input.format, input.dimension and input.fields against what the producers send",
+                    n_invalid, result.n_records,
+                    ", ".join(f"{reason} {count}" for reason, count in result.invalid_reasons.most_common()),
+                    result.invalid_example)
 
     def _watermarks_for_scrape(self) -> dict:
         """For the lag at a scrape (metrics thread): what the loop saw at its last poll, or,
