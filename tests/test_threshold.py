@@ -324,3 +324,16 @@ def test_the_rarity_of_the_last_fit_stands_across_a_restart_of_the_history():
     fitted = threshold.shape_fitted_at
     _feed(threshold, rng.gamma(3.0, size=400))
     assert threshold.shape_fitted_at > fitted  # the shape is fitted anew at the first estimate
+
+
+def test_before_the_first_fit_rarity_is_the_rank_among_the_scores_seen():
+    # The model's bound said "1 in 1e85" on Pareto latencies where 1 in 1,000 scored as low
+    # (helper-31): before the tail is fitted, say only what the scores seen can say.
+    threshold = _started(0.001, 1e9)
+    assert threshold.log_tail_probability(-np.array([1.0])) is None  # nothing seen yet
+    _feed(threshold, np.arange(1.0, 201.0))  # 200 scores, fewer than the first fit needs
+    assert threshold.fit is None and threshold.tail_method == "empirical_rank"
+    np.testing.assert_allclose(np.exp(threshold.log_tail_probability(-np.array([500.0, 200.0, 101.0, 0.5]))),
+                               [1 / 201, 2 / 201, 101 / 201, 1.0])
+    _feed(threshold, np.random.default_rng(0).gamma(3.0, size=2_000))
+    assert threshold.tail_method == "gpd_tail"

@@ -349,14 +349,30 @@ class StreamQuantileThreshold:
         expected = share * len(log_density)
         return below > max(5.0, expected + SURPRISE_SD * math.sqrt(expected * (1.0 - share)))
 
-    tail_method = "gpd_tail"
+    @property
+    def tail_method(self) -> str:
+        """How ``log_tail_probability`` says how rare: ``gpd_tail`` once fitted, before that
+        ``empirical_rank`` (see there)."""
+        return "gpd_tail" if self._fitted() else "empirical_rank"
+
+    def _fitted(self) -> bool:
+        return self.tail is not None and self.gpd is not None and self.z is not None
 
     def log_tail_probability(self, log_density: np.ndarray) -> np.ndarray | None:
         """log P(a point of the stream scores this low or lower) from the fitted tail (see
         ``explain.TailModel``): the share of scores beyond t times the GPD's survival function,
-        with the fit's shape moved to the current t as z_q is.  None before the first fit."""
-        if self.tail is None or self.gpd is None or self.z is None:
-            return None
+        with the fit's shape moved to the current t as z_q is.
+
+        Before the first fit (the first 300 scored points), the rank among the scores seen so
+        far, (at or beyond + 1) / (seen + 1): at most "1 in seen + 1", which is all those points
+        can say.  The model's own bound said "1 in 1e85" on Pareto latencies, where 1 in 1,000
+        of the stream scored as low.  None before any score was counted."""
+        if not self._fitted():
+            if not self._scores or self.n_counted == 0:
+                return None
+            seen = np.sort(np.concatenate(self._scores))
+            at_or_beyond = len(seen) - np.searchsorted(seen, -np.asarray(log_density, dtype=float), side="left")
+            return np.log((at_or_beyond + 1.0) / (self.n_counted - self.history_start + 1.0))
         t, _, share = self.tail  # the share z_q was computed with: the probability at z_q is q
         gamma, sigma = self._gpd_at(t)
         log_tail = gpd_log_tail_probability(log_density, level=-t, exceedance_rate=share, scale=sigma, shape=gamma)
