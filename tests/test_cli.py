@@ -314,3 +314,22 @@ def test_healthcheck_asks_the_port_the_config_and_its_overrides_give(tmp_path):
         assert elsewhere.returncode == 1 and f"127.0.0.1:{free}/healthz" in elsewhere.stderr
     finally:
         server.shutdown()
+
+
+def test_replay_starts_from_model_init_from_and_explains_its_anomalies(tmp_path):
+    # replay ignored model.init_from (a preview of a fitted model scored with a fresh one), and its
+    # lines had no rarity or top features: what on-call reads could not be previewed.
+    out = tmp_path / "fitted"
+    assert _cli("fit", "--config", str(_config(tmp_path)), "--input", str(_csv(tmp_path)),
+                "--output", str(out)).returncode == 0
+    started = _cli("replay", "--config", str(_config(tmp_path, init_from=str(out))), "--input", str(_csv(tmp_path)))
+    assert started.returncode == 0, started.stderr
+    rows = [json.loads(line) for line in started.stdout.splitlines()]
+    assert rows[0]["log_density"] is not None  # no warm-up: the fitted model scores from the first row
+    outlier = rows[1001]
+    assert outlier["anomaly"] and outlier["top_features"][0]["name"] in ("a", "b", "c")
+    assert outlier["rarity"]["one_in"] is not None or outlier["rarity"]["log10_tail_probability"] < -10
+    assert "top_features" not in rows[1002]
+    missing = _cli("replay", "--config", str(_config(tmp_path, init_from=str(tmp_path / "none"))),
+                   "--input", str(_csv(tmp_path)))
+    assert missing.returncode != 0 and "model.init_from" in missing.stderr

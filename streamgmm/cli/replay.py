@@ -19,8 +19,11 @@ from ..detection.decode import Decoder
 from ..detection.detector import Detector
 from ..detection.records import InputRecord, finite
 from ..service.config import Config
+from ..service.state import CheckpointStore
 
 BATCH = 1000
+# Of an anomaly record, what an anomaly's replay line carries.
+EXPLANATION_FIELDS = ("rarity", "nearest_component", "top_features")
 
 
 class InputError(ValueError):
@@ -85,6 +88,16 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
     """Run the pipeline over ``source``; returns the detector's counters."""
     config = dataclasses.replace(config, input=dataclasses.replace(config.input, format=fmt))
     detector = Detector(config)
+    if config.model.init_from:
+        # As the daemon with an empty checkpoint.dir: the model (and threshold) of that checkpoint,
+        # counters and offsets anew (it was ignored: a replay to preview a fitted model scored
+        # with a fresh one).
+        found = CheckpointStore(config.model.init_from).load_latest()
+        if found is None:
+            raise InputError(f"model.init_from={config.model.init_from}: no valid checkpoint there; write one "
+                             "with `streamgmm fit` or set model.init_from: null")
+        state, _ = found
+        detector.restore({**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}})
     offset = 0
     batch: list[InputRecord] = []
 
@@ -93,6 +106,12 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         if not batch:
             return
         result = detector.process(batch, now=time.time())
+        # An anomaly's line carries what its record on the output topic says of why (rarity, the
+        # nearest component, the top features), so a replay previews what on-call will read.
+        why = {}
+        for anomaly in result.anomalies:
+            document = json.loads(anomaly.value)
+            why[document["source"]["offset"]] = {k: document[k] for k in EXPLANATION_FIELDS if k in document}
         lines = []
         for i, (record, decision, threshold) in enumerate(
                 zip(batch, result.decisions(), result.decision_thresholds())):
@@ -104,6 +123,8 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
                 row = {"offset": record.offset,
                        "log_density": None if density is None else finite(density),
                        "anomaly": flagged, "threshold": threshold, "component": component}
+                if flagged and record.offset in why:
+                    row.update(why[record.offset])
             lines.append(json.dumps(row))
         sink.write("\n".join(lines) + "\n")
         batch = []
