@@ -23,8 +23,8 @@ COPY config/streamgmm.yaml /etc/streamgmm/streamgmm.yaml
 USER streamgmm
 VOLUME ["/var/lib/streamgmm"]
 EXPOSE 9464
-# /healthz answers while the loop is alive (liveness: a broker outage is /readyz's and the
-# alerts' to report; restarting the container would not mend it). The port comes from the config
+# /healthz answers while the process serves HTTP (liveness: a broker outage is /readyz's and
+# the alerts' to report; restarting the container would not mend it). The port comes from the config
 # and its STREAMGMM_* overrides, as the daemon's does.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["streamgmm", "healthcheck", "--config", "/etc/streamgmm/streamgmm.yaml"]

@@ -30,8 +30,11 @@ def test_reference_config_is_valid_and_equals_the_defaults():
                                                   "than the inputs"),
         # It named kafka.output_topic for a dead-letter topic equal to an input.
         ({"kafka": {"dead_letter_topic": "features"}}, "kafka.dead_letter_topic: 'features' is not allowed"),
+        ({"model": {"rare_weight": 0.0001}}, "model.rare_weight: 0.0001 is not allowed; use 0 or a weight above "
+                                             "model.min_weight (0.0001)"),
+        ({"model": {"rare_weight": "sometimes"}}, "model.rare_weight: 'sometimes' is not allowed"),
         # A scheme passed the check and the daemon retried "No brokers configured" for ever.
-        ({"kafka": {"bootstrap_servers": ["http://127.0.0.1:9092"]}}, "without a scheme (kafka-1:9092, not http://"),
+        ({"kafka": {"bootstrap_servers": ["http://127.0.0.1:9092"]}}, "without a scheme such as http:// (kafka-1:9092)"),
         ({"threshold": {"learn_from_anomalies": "no"}}, "threshold.learn_from_anomalies: expected true or false, got 'no'"),
         ({"kafka": {"poll_timeout_ms": 0}}, "kafka.poll_timeout_ms: 0 is not allowed; use an integer >= 1"),
         ({"input": {"fields": ["a", "a", "b"]}}, "input.fields: ('a', 'a', 'b') is not allowed; list each field name once"),
@@ -261,3 +264,21 @@ def test_yaml_merge_keys_still_load(tmp_path):
                     "    fetch.wait.max.ms: 50\n")
     consumer = load_config(path, environ={}).kafka.consumer
     assert consumer == {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 50}
+
+
+def test_bootstrap_servers_may_carry_librdkafkas_protocol_prefix():
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["SASL_SSL://kafka-1:9093", "PLAINTEXT://[::1]:9092"]}})
+    assert config.kafka.bootstrap_servers[0] == "SASL_SSL://kafka-1:9093"
+
+
+@pytest.mark.parametrize("threshold, min_weight, expected", [
+    ({"quantile": 0.001}, 1e-4, 0.001),
+    ({"quantile": 0.05}, 1e-4, 0.01),  # at most 0.01
+    ({"quantile": 1e-4}, 1e-4, 0.001),  # at least 10 x min_weight: a re-seeded component can start rare
+    ({"mode": "fixed", "value": -20.0, "quantile": 0.0}, 1e-4, 0.01),  # fixed asks for no share
+])
+def test_rare_weight_auto_follows_the_quantile_within_bounds(threshold, min_weight, expected):
+    from streamgmm.detection.detector import rare_weight
+
+    config = config_from_dict({"model": {"min_weight": min_weight}, "threshold": threshold})
+    assert rare_weight(config) == pytest.approx(expected)

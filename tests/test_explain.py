@@ -287,6 +287,9 @@ def test_an_expected_value_names_the_feature_it_leans_on():
     assert {first[0]["name"], first[0]["given"]} == {"req", "conns"}
     assert {first[1]["name"], first[1]["given"]} == {"req", "conns"}
     assert first[2]["name"] == "cpu" and first[2]["given"] is None
+    # The second feature is explained with the first at its expected value: it leans on nothing
+    # named before it (it read "conns -2, expected -1.8, given req" beside "req 2.0").
+    assert all(d["top_features"][1]["given"] != d["top_features"][0]["name"] for d in documents)
     # The partner leans the expectation by at least a conditional sd; a partner near its mean does not.
     quiet = explain(np.array([[3.0, 0.1, 0.0]]), geometry, n_top=1)
     assert quiet.given[0, 0] == -1

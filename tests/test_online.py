@@ -121,6 +121,20 @@ def test_non_positive_definite_covariance_is_reseeded_not_raised():
     assert np.all(np.linalg.eigvalsh(model._covariances) > 0)
 
 
+@pytest.mark.parametrize("rare_weight", [0.001, 0.01])
+def test_a_reseeded_component_starts_rare(rare_weight):
+    # It started at max(10 x min_weight, ...) = 0.001, not under a rare_weight of 0.001: a
+    # component moved onto the worst-explained points (anomalies as often as not) counted as
+    # normal at once (review).
+    rng = np.random.default_rng(7)
+    model = _stream(OnlineGaussianMixture(3, covariance_type="full", warmup=600, rare_weight=rare_weight,
+                                          random_state=0), rng.normal(size=(1200, 4)))
+    model._S2[1] = -np.eye(4)
+    model._refresh_parameters(candidates=lambda: (model._to_internal(rng.normal(size=(10, 4))), np.zeros(10)))
+    assert model.n_reseeded_ == 1
+    assert model.min_weight < model.weights_[1] < 0.6 * rare_weight  # half of it, as for any rare_weight
+
+
 def test_identical_points_do_not_crash():
     model = OnlineGaussianMixture(4, warmup=100, random_state=0)
     _stream(model, np.ones((5000, 3)), batch=250)

@@ -117,3 +117,27 @@ def test_check_config_catches_what_it_can_without_a_broker(tmp_path, section, ke
     result = subprocess.run([sys.executable, "-m", "streamgmm", "check-config", str(path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_hangup_the_process_was_started_ignoring_stays_ignored(tmp_path):
+    # `nohup streamgmm run ... &` then the terminal closes: SIGHUP must not stop it (handling
+    # SIGHUP as a clean stop replaced the inherited SIG_IGN).  With no broker the daemon waits
+    # and retries; a SIGTERM then stops it.
+    import signal
+
+    path, _ = _config(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        time.sleep(3.0)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert b"received SIGTERM" in process.stderr.read()

@@ -337,3 +337,18 @@ def test_before_the_first_fit_rarity_is_the_rank_among_the_scores_seen():
                                [1 / 201, 2 / 201, 101 / 201, 1.0])
     _feed(threshold, np.random.default_rng(0).gamma(3.0, size=2_000))
     assert threshold.tail_method == "gpd_tail"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_tied_at_t_do_not_make_the_tail_look_stale(seed):
+    # A stream of repeated values (99.6% of each batch one score) put t on the tie: few scores
+    # were strictly over it, and the first version of the rule restarted the history 19 times
+    # in 200k points (review).
+    rng = np.random.default_rng(seed)
+    threshold = _started(0.001, 30.0)
+    for _ in range(400):
+        scores = np.full(500, 5.0 + 0.01 * rng.normal())
+        rare = rng.random(500) < 0.004
+        scores[rare] = 8.0 + rng.exponential(size=rare.sum())
+        _feed(threshold, scores, batch=500)
+    assert threshold.history_start == 0 and threshold.calibrated

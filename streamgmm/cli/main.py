@@ -132,33 +132,41 @@ def cmd_run(args) -> int:
 
     daemon = Daemon(config)
 
+    signalled = []
+
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
-        if daemon.stopping:
+        if signalled:
             # A second signal: out at once.  The checkpoints on disk stand; what came after the
             # last one is read and learned again at the next start.
             log.warning("received %s again: stopping at once, without a checkpoint", name)
             logging.shutdown()
             os._exit(128 + signum)
+        signalled.append(signum)
         log.info("received %s: finishing the batch, checkpointing and stopping", name)
         daemon.stop()
 
-    # SIGHUP too: a closed terminal or a reload asked by habit stops cleanly, not at once.
+    # SIGHUP too: a closed terminal stops cleanly, not at once; a signal the process was started
+    # ignoring (nohup, a background job) stays ignored.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_signal)
+    code = 0
     try:
         daemon.run()
+        code = 0 if daemon.clean_stop else 1  # 1: stopped without its last checkpoint (logged)
     except (StartupError, ConfigError) as exc:
         # Raised before the loop, or by it when a partition's stored state does not fit this config.
         what = "stopped" if daemon.started else "cannot start"
         print(f"streamgmm: {what}: {exc}", file=sys.stderr)
-        return 2
-    code = 0 if daemon.clean_stop else 1  # 1: stopped without its last checkpoint (logged)
-    if daemon.source_wedged:
-        # librdkafka would wait for the commit still in flight when the interpreter tears the
-        # consumer down: leave without that.
-        logging.shutdown()
-        os._exit(code)
+        code = 2
+    finally:
+        if daemon.source_wedged:
+            # librdkafka would wait for the commit still in flight when the interpreter tears the
+            # consumer down: leave without that.
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(code if sys.exc_info()[0] is None else 1)
     return code
 
 
@@ -269,8 +277,9 @@ def cmd_healthcheck(args) -> int:
     import urllib.request
 
     config = _load(args.config)
-    if not config.metrics.enabled:
-        print("streamgmm: metrics.enabled is false: no /healthz to ask", file=sys.stderr)
+    if not config.metrics.enabled or config.metrics.port == 0:
+        # Disabled, or on a port chosen at start: nothing this config can say where to ask.
+        print("streamgmm: metrics.enabled is false or metrics.port is 0: no /healthz to ask", file=sys.stderr)
         return 0
     host = config.metrics.host if config.metrics.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{host}:{config.metrics.port}/healthz"

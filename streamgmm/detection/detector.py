@@ -92,14 +92,22 @@ class BatchResult:
 
 # Message timestamps before this (2001-01-01) are not timed (see ``process``).
 EARLIEST_TIMESTAMP_MS = 978_307_200_000
-# model.rare_weight: auto is the alert share asked for (threshold.quantile), never more than this.
+# model.rare_weight: auto is the alert share asked for (threshold.quantile), never more than this,
+# nor less than RARE_OVER_MIN_WEIGHT x model.min_weight (a component lighter than min_weight is
+# re-seeded, and a re-seeded one must be able to start rare).
 RARE_WEIGHT_CAP = 0.01
+RARE_OVER_MIN_WEIGHT = 10.0
 
 
 def rare_weight(config: Config) -> float:
-    """model.rare_weight as a number (see ModelConfig in service/config.py for why auto is q)."""
+    """model.rare_weight as a number (see ModelConfig in service/config.py for why auto is q).
+    Under threshold.mode fixed, which asks for no share, auto is the cap."""
     value = config.model.rare_weight
-    return min(RARE_WEIGHT_CAP, config.threshold.quantile) if value == "auto" else float(value)
+    if value != "auto":
+        return float(value)
+    if config.threshold.mode == "fixed":
+        return RARE_WEIGHT_CAP
+    return min(RARE_WEIGHT_CAP, max(config.threshold.quantile, RARE_OVER_MIN_WEIGHT * config.model.min_weight))
 
 
 def _model_params(config: Config) -> dict:
@@ -203,8 +211,8 @@ class Detector:
                 (result.scored_index, result.log_density, result.flags, result.components,
                  result.thresholds) = map(np.concatenate, zip(*parts))
             stamps = batch.timestamps_ms[decoded.valid_index]
-            # A timestamp before 2001 is a producer that set none of its own (1, or 0): one such
-            # message put 56 years into the latency histogram's sum.
+            # A timestamp before 2001 is a producer that set none of its own (1, or 0): timed, it
+            # would put decades into the latency histogram's sum.
             has_stamp = stamps >= EARLIEST_TIMESTAMP_MS
             result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
 

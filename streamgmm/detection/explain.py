@@ -228,6 +228,7 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
             # given conns = 750" reads as conns being off too, not as 2771 being normal).
             lean = -precision[rows, j, :] / p_jj[rows, j][:, np.newaxis] * centred
             lean[rows, j] = 0.0
+            lean[chosen] = 0.0  # a feature named before stands at its expected value here, not its own
             partner = np.argmax(np.nan_to_num(np.abs(lean), nan=np.inf), axis=1)
             moved = np.abs(lean[rows, partner]) >= sd[rows, j]
             given[:, step] = np.where(moved, partner, -1)

@@ -365,8 +365,8 @@ class StreamQuantileThreshold:
 
         Before the first fit (the first 300 scored points), the rank among the scores seen so
         far, (at or beyond + 1) / (seen + 1): at most "1 in seen + 1", which is all those points
-        can say.  The model's own bound said "1 in 1e85" on Pareto latencies, where 1 in 1,000
-        of the stream scored as low.  None before any score was counted."""
+        can say (the model's own bound is a statement about the model, off by many orders of
+        magnitude where the data's tail is heavier).  None before any score was counted."""
         if not self._fitted():
             if not self._scores or self.n_counted == 0:
                 return None
@@ -542,15 +542,19 @@ class StreamQuantileThreshold:
         span, far fewer scores came above t than the tail's share (a quarter, with at least
         STALE_MIN_EXPECTED expected, so chance alone does not: Poisson(40) <= 10 is 2e-9).
         A change the model has since learned (a new regime during calibration: its first
-        scores, hundreds of nats, filled the tail) left t and z_q far above every score for a
-        whole window, 200,000 points at q = 1e-4: nothing was flagged."""
+        scores filled the tail) would otherwise hold t and z_q far above every later score for a
+        whole window, and nothing would be flagged (BENCHMARKS.md, Calibration, third session)."""
         span = self._interval()
         start = self.n_counted - span
-        expected = self.tail_fraction * span
-        if start <= oldest or expected < STALE_MIN_EXPECTED:
+        if start <= oldest:
             return False  # the window is all recent: no older tail to be stale
-        recent_above = int(np.count_nonzero((index >= start) & (scores > t)))
-        return recent_above < expected / STALE_RATIO
+        # Against the window's own rate over t, not the tail's nominal share: scores tied at t (a
+        # stream of repeated values) are not over it, anywhere in the window.
+        above = scores > t
+        expected = np.count_nonzero(above) * span / (self.n_counted - oldest)
+        if expected < STALE_MIN_EXPECTED:
+            return False
+        return int(np.count_nonzero(above & (index >= start))) < expected / STALE_RATIO
 
     def _restart_history(self) -> None:
         """Too few peaks even to place t: the scores have moved below the collection level (the
@@ -558,9 +562,9 @@ class StreamQuantileThreshold:
         stream's.  The history starts again from here, collecting every score, and the next
         estimates come as on a young stream (the first after 300 points); z_q stays until then.
         Without this the threshold stayed where it was for good and flagged nothing.  So does the
-        last GPD fit, for the rarity of flagged points (it was dropped, and the records until
-        the next fit fell back to the model bound: "1 in 3e54" where 175 in 100k scored as low);
-        the next estimate fits the shape anew (it is the first since this restart)."""
+        last GPD fit, for the rarity of flagged points until the next (the model bound, the
+        only other answer, says how rare under the model, not in the stream); the next estimate
+        fits the shape anew (it is the first since this restart)."""
         self.history_start = self.n_counted
         self._scores, self._censor, self._index = [], [], []
         self.level_start = np.full(1, self.n_counted, dtype=np.int64)

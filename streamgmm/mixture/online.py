@@ -869,6 +869,8 @@ class OnlineGaussianMixture(MixtureBase):
         # explained points, which are anomalies as often as a new regime, and must earn its
         # weight by explaining points before it counts as normal behaviour.
         share = max(10.0 * self.min_weight, min(0.5 / K, 0.5 * self.rare_weight if self.rare_weight > 0 else 1.0))
+        if self.rare_weight > 0:
+            share = min(share, 0.5 * self.rare_weight)  # under rare_weight even where 10 x min_weight is not
         new_mass = np.where(dead, share * total_mass, np.where(healthy, self._S0, 0.0))
         for slot, k in enumerate(np.flatnonzero(dead)):
             if slot < len(worst_points):

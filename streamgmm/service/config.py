@@ -104,7 +104,7 @@ class ModelConfig:
     # auto: threshold.quantile, at most 1%.  Not more than 1%: a normal mode with a few percent
     # of the traffic must not be flagged (BENCHMARKS.md, detection quality: the 'uneven'
     # stream); not more than q: a normal mode more frequent than the alerts asked for would be
-    # flagged whole (a feature zero 99% of the time, q = 0.001: 10.5 q flagged).
+    # flagged whole, far more than q (BENCHMARKS.md, Calibration, third session).
     rare_weight: float | str = "auto"
     random_state: int | None = 0
     # global: one model for everything this process consumes; partition: one model per input
@@ -325,8 +325,9 @@ def _rules(config: Config):
     yield "kafka.bootstrap_servers", k.bootstrap_servers, "give at least one host:port"
     for n, server in enumerate(k.bootstrap_servers):
         host, _, port = server.rpartition(":")
+        host = re.sub(r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)://", "", host, flags=re.IGNORECASE)  # librdkafka's
         yield (f"kafka.bootstrap_servers[{n}]", host and "/" not in host and port.isdigit() and 0 < int(port) < 65536,
-               "use host:port with a port from 1 to 65535, without a scheme (kafka-1:9092, not http://kafka-1:9092)")
+               "use host:port with a port from 1 to 65535, without a scheme such as http:// (kafka-1:9092)")
     yield "kafka.input_topics", k.input_topics and all(k.input_topics), "give at least one non-empty topic name"
     for key in ("output_topic", "dead_letter_topic", "group_id"):
         yield f"kafka.{key}", getattr(k, key), "give a non-empty name"
@@ -368,6 +369,9 @@ def _rules(config: Config):
     yield "model.min_weight", 0 <= m.min_weight < 1.0 / getattr(m, largest), f"use a number in [0, 1/model.{largest})"
     yield ("model.rare_weight", m.rare_weight == "auto" or (not isinstance(m.rare_weight, str) and 0 <= m.rare_weight < 1.0),
            "use a weight in [0, 1) (0 scores by the whole mixture), or auto (threshold.quantile, at most 0.01)")
+    yield ("model.rare_weight", isinstance(m.rare_weight, str) or m.rare_weight == 0 or m.rare_weight > m.min_weight,
+           f"use 0 or a weight above model.min_weight ({m.min_weight}): a component lighter than min_weight is "
+           "re-seeded, so none could be rare")
     yield "threshold.quantile", t.mode == "fixed" or 0 < t.quantile < 0.5, "use a fraction in (0, 0.5)"
     yield "threshold.value", t.mode != "fixed" or t.value is not None, "threshold.mode=fixed needs a log-density value"
     yield ("threshold.adopt_flag_rate", t.adopt_flag_rate is None or 0 < t.adopt_flag_rate < 1,

@@ -54,6 +54,7 @@ MOSTLY_INVALID_EVERY_SECONDS = 60.0
 # After a stop is asked, a commit the broker has not answered is given up after this long (the
 # checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
 STOP_COMMIT_WAIT_SECONDS = 15.0
+COMMIT_LEAST_WAIT_SECONDS = 5.0
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
@@ -131,6 +132,8 @@ class Daemon:
         self.clean_stop = True
         self._mostly_invalid_said_at = -math.inf
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
+        self._closing = False  # in _close: no hand-over commits (see _hand_over)
+        self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
         self._rewind_pending: str | None = None
         self._rewinds_in_a_row = 0
         self._error_backoff = config.kafka.retry_backoff_initial_seconds
@@ -168,15 +171,16 @@ class Daemon:
             self._stop_asked_at = time.monotonic()
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        """Whether a stop was asked."""
-        return self._stop.is_set()
-
-    def _give_up_commit(self) -> bool:
-        """A commit the broker has not answered is given up this long after a stop was asked:
-        the checkpoint holds the offsets, and a stop must end (systemd kills after 90 s)."""
-        return self._stop.is_set() and time.monotonic() - self._stop_asked_at >= STOP_COMMIT_WAIT_SECONDS
+    def _give_up_commit(self, started: float) -> Callable[[], bool]:
+        """When to give up a commit the broker has not answered: STOP_COMMIT_WAIT_SECONDS after a
+        stop was asked, and not before it has had COMMIT_LEAST_WAIT_SECONDS of its own (a last
+        checkpoint that waited for output could otherwise leave it none).  The checkpoint holds
+        the offsets, and a stop must end (systemd kills after 90 s)."""
+        def give_up() -> bool:
+            now = time.monotonic()
+            return (self._stop.is_set() and now - self._stop_asked_at >= STOP_COMMIT_WAIT_SECONDS
+                    and now - started >= COMMIT_LEAST_WAIT_SECONDS)
+        return give_up
 
     @property
     def detector(self) -> Detector:
@@ -527,11 +531,20 @@ class Daemon:
                             *tp, where, state, commit, commit - state)
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self._in_rebalance = True
+        try:
+            self._hand_over(partitions)
+        finally:
+            self._in_rebalance = False
+
+    def _hand_over(self, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: everything processed so far is checkpointed and committed
         # before the partitions go, so their next owner starts exactly where we stopped.
         # Not while a rewind is pending (the model holds messages whose output failed), nor
-        # when the loop is leaving on an error (its last batch may be half sent).
-        if self._rewind_pending is None and not self._aborting:
+        # when the loop is leaving on an error (its last batch may be half sent), nor while
+        # closing (the loop made its last checkpoint and commit already; a commit here, inside
+        # close(), would wait for a hung broker with no one to give it up).
+        if self._rewind_pending is None and not self._aborting and not self._closing:
             if self.checkpointer.pending_messages and self.sink is not None:
                 if self._checkpoint(" before a rebalance") is Outcome.FAILED:
                     # The group's commit stays at the last checkpoint, where the partitions' next
@@ -729,8 +742,8 @@ class Daemon:
 
     def _warn_of_mostly_invalid(self, result) -> None:
         """A batch mostly dead-lettered says so in the log, at most once a minute: a member with
-        the wrong input.dimension dead-lettered 3,000 of 3,000 messages, and committed them,
-        with nothing but counters to show it."""
+        the wrong input.* dead-letters (and commits) everything, and counters alone do not say
+        why."""
         n_invalid = sum(result.invalid_reasons.values())
         if result.n_records < MOSTLY_INVALID_MIN_BATCH or 2 * n_invalid <= result.n_records:
             return
@@ -817,7 +830,9 @@ class Daemon:
     def _commit(self) -> bool:
         """Commit the models' offsets to the group; whether it took them."""
         try:
-            self.source.commit(self._next_offsets(), give_up=self._give_up_commit)
+            # From a rebalance callback, on this thread (the loop's is inside consume()).
+            give_up = None if self._in_rebalance else self._give_up_commit(time.monotonic())
+            self.source.commit(self._next_offsets(), give_up=give_up)
             self._commit_refused = False
             return True
         except KafkaException as exc:
@@ -889,10 +904,11 @@ class Daemon:
         return failed
 
     def _close(self) -> None:
-        self.source_wedged = self.source is not None and self.source.wedged
+        self._closing = True
         for client in (self.source, self.sink):
             if client is not None:
                 client.close()
+                self.source_wedged = self.source_wedged or bool(getattr(client, "wedged", False))
         self.source = self.sink = None
         if self.topic_store is not None:
             self.topic_store.producer.flush(10)

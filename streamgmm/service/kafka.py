@@ -379,9 +379,11 @@ class KafkaSource:
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.consumer.seek(TopicPartition(topic, partition, offset))
 
-    def commit(self, offsets: dict[tuple[str, int], int], give_up: Callable[[], bool] = lambda: False) -> None:
+    def commit(self, offsets: dict[tuple[str, int], int], give_up: Callable[[], bool] | None = None) -> None:
         """Commit synchronously; raises KafkaException when the group refuses it, or when
-        ``give_up()`` turns true before the broker answered.
+        ``give_up()`` turns true before the broker answered (None: on this thread, waiting as
+        long as librdkafka does: inside a rebalance callback the loop's thread is in
+        ``consume()``, and a call from another thread then hangs).
 
         A broker that holds its connections without answering (stopped, not dead) held the
         synchronous commit for minutes: the loop froze and a SIGTERM was never served (Python
@@ -392,8 +394,11 @@ class KafkaSource:
         """
         if not offsets:
             return
-        outcome: list[BaseException | None] = []
         partitions = [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
+        if give_up is None:
+            self.consumer.commit(offsets=partitions, asynchronous=False)
+            return
+        outcome: list[BaseException | None] = []
 
         def commit() -> None:
             try:
