@@ -269,7 +269,7 @@ STREAMGMM_VARIANTS = {
     "streamgmm K=8 full (the old default)": ({"n_components": 8, "covariance_type": "full"}, {}),
     "streamgmm half_life=5000 (forgetting)": ({"half_life": 5000}, {}),
     "streamgmm rare_weight=0.05 (before)": ({"rare_weight": 0.05}, {}),
-    "streamgmm rare_weight=0.001 (= q)": ({"rare_weight": 0.001}, {}),
+    "streamgmm rare_weight=0.01 (before auto)": ({"rare_weight": 0.01}, {}),
 }
 STREAMING = ("river HST", "river LODA", "PySAD RSHash", "PySAD xStream")
 SLOW = ("river LODA", "PySAD RSHash", "PySAD xStream")
