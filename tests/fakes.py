@@ -43,7 +43,7 @@ class FakeSink:
     def serve(self):
         pass
 
-    def flush(self, timeout):
+    def flush(self, timeout, give_up=None):
         return 0
 
     def take(self):
@@ -53,5 +53,5 @@ class FakeSink:
     def discard_pending(self):
         self.purged += 1
 
-    def close(self):
+    def close(self, timeout=10.0):
         pass

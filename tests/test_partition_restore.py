@@ -113,7 +113,7 @@ class StateTopic:
     def write(self, key, state):
         self.records[key] = state
 
-    def flush(self, timeout):
+    def flush(self, timeout, give_up=None):
         pass
 
 
@@ -449,7 +449,7 @@ class LoggedStateTopic(TopicStateStore):
     def write(self, key, state):
         self.log.append(KeyedMessage(key.encode(), pack(state)))
 
-    def flush(self, timeout):
+    def flush(self, timeout, give_up=None):
         pass
 
 

@@ -64,7 +64,7 @@ def test_the_broker_refusing_a_record_as_too_large_names_the_topic_setting(tmp_p
         def produce(self, topic, key, value, on_delivery):
             self.report = lambda: on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
 
-        def flush(self, timeout):
+        def flush(self, timeout, give_up=None):
             self.report()
             return 0
 

@@ -57,7 +57,7 @@ class Checkpointer:
                 or self.clock() - self.last_written >= self.config.interval_seconds)
 
     def checkpoint(self, detectors: dict, sink: KafkaSink, commit: Callable[[], None], now: float,
-                   final: bool = False) -> Outcome:
+                   final: bool = False, give_up: Callable[[], bool] | None = None) -> Outcome:
         """1. Flush the sink: every anomaly and dead letter of the messages covered is
               acknowledged (or refused for good, counted and logged: it cannot hold us up).
            2. A record that failed for a passing reason: return REWIND, write nothing.
@@ -70,7 +70,7 @@ class Checkpointer:
             self.pending_messages = 0
             return Outcome.NOTHING_TO_DO
         started = time.perf_counter()
-        unacknowledged = sink.flush(FLUSH_TIMEOUT_SECONDS)
+        unacknowledged = sink.flush(FLUSH_TIMEOUT_SECONDS, give_up)
         deliveries = sink.take()
         if deliveries.transient:
             self.metrics.produce_errors.inc(deliveries.transient)
@@ -81,7 +81,7 @@ class Checkpointer:
         try:
             if unacknowledged:
                 raise CheckpointError(f"{unacknowledged} output record(s) still unacknowledged after "
-                                      f"{FLUSH_TIMEOUT_SECONDS:.0f} s (is the broker reachable?)")
+                                      f"{time.perf_counter() - started:.0f} s (is the broker reachable?)")
             paths = []
             copy_failed = None
             for key, detector in sorted(detectors.items()):
@@ -98,7 +98,7 @@ class Checkpointer:
                 log.warning("the local copy of the checkpoint in checkpoint.dir %s failed (%s); the state topic "
                             "holds the models, which are restored from there", self.config.dir, copy_failed)
             if self.topic_store is not None:
-                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS)
+                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
         except (CheckpointError, KafkaException, BufferError) as exc:
             self.metrics.checkpoint_failures.inc()
             self.failures += 1

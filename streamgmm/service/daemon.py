@@ -55,6 +55,8 @@ MOSTLY_INVALID_EVERY_SECONDS = 60.0
 # checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
 STOP_COMMIT_WAIT_SECONDS = 15.0
 COMMIT_LEAST_WAIT_SECONDS = 5.0
+# After a stop is asked, a checkpoint waits this long at most for output to be acknowledged.
+STOP_FLUSH_WAIT_SECONDS = 10.0
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
@@ -170,6 +172,11 @@ class Daemon:
         if not self._stop.is_set():
             self._stop_asked_at = time.monotonic()
         self._stop.set()
+
+    def _give_up_flush(self) -> bool:
+        """Whether a checkpoint's wait for acknowledgements ends now: STOP_FLUSH_WAIT_SECONDS after
+        a stop was asked (the unacknowledged output is produced again after the next start)."""
+        return self._stop.is_set() and time.monotonic() - self._stop_asked_at >= STOP_FLUSH_WAIT_SECONDS
 
     def _give_up_commit(self, started: float) -> Callable[[], bool]:
         """When to give up a commit the broker has not answered: STOP_COMMIT_WAIT_SECONDS after a
@@ -812,8 +819,11 @@ class Daemon:
     # ------------------------------------------------------- checkpoints, rewinds
     def _checkpoint(self, when: str = "") -> Outcome:
         self._membership_lost = False
+        # Once a stop is asked, a checkpoint waits for the broker's acknowledgements at most
+        # STOP_FLUSH_WAIT_SECONDS from the stop, and speaks as the last one (no retry follows).
         outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time(),
-                                               final=when == " at shutdown")
+                                               final=when == " at shutdown" or self._stop.is_set(),
+                                               give_up=self._give_up_flush)
         if outcome is Outcome.REWIND:
             self._rewind_pending = f"output records were not acknowledged{when}"
         elif outcome is Outcome.WRITTEN and self._membership_lost and self.scope == "global":
@@ -830,7 +840,7 @@ class Daemon:
     def _commit(self) -> bool:
         """Commit the models' offsets to the group; whether it took them."""
         try:
-            # From a rebalance callback, on this thread (the loop's is inside consume()).
+            # From a rebalance callback, on this thread (see KafkaSource.commit).
             give_up = None if self._in_rebalance else self._give_up_commit(time.monotonic())
             self.source.commit(self._next_offsets(), give_up=give_up)
             self._commit_refused = False
@@ -905,10 +915,13 @@ class Daemon:
 
     def _close(self) -> None:
         self._closing = True
-        for client in (self.source, self.sink):
-            if client is not None:
-                client.close()
-                self.source_wedged = self.source_wedged or bool(getattr(client, "wedged", False))
+        if self.source is not None:
+            self.source.close()
+            self.source_wedged = self.source.wedged
+        if self.sink is not None:
+            # After a stop that could not checkpoint, what is unacknowledged is produced again at
+            # the next start: no long wait for it here.
+            self.sink.close(**({} if self.clean_stop else {"timeout": 1.0}))
         self.source = self.sink = None
         if self.topic_store is not None:
             self.topic_store.producer.flush(10)

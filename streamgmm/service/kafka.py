@@ -301,9 +301,22 @@ def as_batch(by_partition: dict[tuple[str, int], list[Message]]) -> PolledBatch:
     return PolledBatch(messages, list(map(_VALUE, messages)), stamps.astype(float), last_offsets)
 
 
-# How often the loop's thread looks up from a commit in flight (to serve signals, and to see
-# whether it should give up).
+# How often the loop's thread looks up from a commit or a flush in flight (to serve signals, and
+# to see whether it should give up).
 COMMIT_WAIT_STEP_SECONDS = 0.2
+# A commit still unanswered after this long is a WARNING (the loop waits for it).
+COMMIT_SLOW_SECONDS = 10.0
+
+
+def flush_in_steps(producer, timeout: float, give_up: Callable[[], bool] | None = None) -> int:
+    """``producer.flush(timeout)`` in steps of COMMIT_WAIT_STEP_SECONDS: Python runs signal
+    handlers only between them (a SIGTERM during a 30 s flush to a hung broker waited for all of
+    it).  Stops early when ``give_up()``; returns how many records are still pending."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = producer.flush(max(0.0, min(COMMIT_WAIT_STEP_SECONDS, deadline - time.monotonic())))
+        if not pending or time.monotonic() >= deadline or (give_up is not None and give_up()):
+            return pending
 
 
 class KafkaSource:
@@ -381,9 +394,10 @@ class KafkaSource:
 
     def commit(self, offsets: dict[tuple[str, int], int], give_up: Callable[[], bool] | None = None) -> None:
         """Commit synchronously; raises KafkaException when the group refuses it, or when
-        ``give_up()`` turns true before the broker answered (None: on this thread, waiting as
-        long as librdkafka does: inside a rebalance callback the loop's thread is in
-        ``consume()``, and a call from another thread then hangs).
+        ``give_up()`` turns true before the broker answered.  ``give_up`` None: on this thread,
+        waiting as long as librdkafka does; so from a rebalance callback, where the loop's thread
+        is inside ``consume()`` and a commit from another thread never returned (measured: a
+        hand-over on revoke waited until the process was stopped).
 
         A broker that holds its connections without answering (stopped, not dead) held the
         synchronous commit for minutes: the loop froze and a SIGTERM was never served (Python
@@ -409,8 +423,13 @@ class KafkaSource:
 
         worker = threading.Thread(target=commit, name="streamgmm-commit", daemon=True)
         worker.start()
+        started, said = time.monotonic(), False
         while worker.is_alive():
             worker.join(COMMIT_WAIT_STEP_SECONDS)
+            if worker.is_alive() and not said and time.monotonic() - started >= COMMIT_SLOW_SECONDS:
+                said = True  # a hung broker stalled the loop with nothing in the log
+                log.warning("the offset commit has waited %.0f s for the broker, which does not answer; the loop "
+                            "waits for it (a stop gives it up)", time.monotonic() - started)
             if worker.is_alive() and give_up():
                 self.wedged = True
                 raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the broker did not answer the offset commit"))
@@ -577,9 +596,11 @@ class KafkaSink:
         """Run the delivery callbacks that are due (cheap; call once a loop)."""
         self.producer.poll(0)
 
-    def flush(self, timeout: float) -> int:
-        """Wait for every record sent so far to be acknowledged or failed; how many are still pending."""
-        return self.producer.flush(timeout)
+    def flush(self, timeout: float, give_up: Callable[[], bool] | None = None) -> int:
+        """Wait for every record sent so far to be acknowledged or failed; how many are still
+        pending.  In short steps, so that signals are served between them and ``give_up()`` (a
+        stop that has waited long enough) ends the wait early."""
+        return flush_in_steps(self.producer, timeout, give_up)
 
     def take(self) -> Deliveries:
         taken, self.deliveries = self.deliveries, Deliveries()
@@ -594,7 +615,7 @@ class KafkaSink:
             pass
 
     def close(self, timeout: float = 10.0) -> None:
-        remaining = self.producer.flush(timeout)
+        remaining = flush_in_steps(self.producer, timeout)
         if remaining:
             log.warning("closing the producer with %d record(s) unacknowledged", remaining)
 

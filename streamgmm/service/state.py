@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException
 
-from .kafka import DEFAULT_MESSAGE_MAX_BYTES, read_topic
+from .kafka import DEFAULT_MESSAGE_MAX_BYTES, flush_in_steps, read_topic
 
 from ..mixture._atomic import write_atomically
 
@@ -275,9 +275,10 @@ class TopicStateStore:
                 f"of topic {self.topic} to match), or make the model smaller (model.max_components, "
                 "model.covariance_type)") from None
 
-    def flush(self, timeout: float) -> None:
-        """Wait for the records written; CheckpointError unless every one was acknowledged."""
-        pending = self.producer.flush(timeout)
+    def flush(self, timeout: float, give_up=None) -> None:
+        """Wait for the records written; CheckpointError unless every one was acknowledged
+        (``give_up()``: a stop that has waited long enough, see ``kafka.flush_in_steps``)."""
+        pending = flush_in_steps(self.producer, timeout, give_up)
         failed, self.failed = self.failed, []
         if pending or failed:
             raise CheckpointError(f"state topic {self.topic}: {pending} record(s) unacknowledged after "
