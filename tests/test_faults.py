@@ -230,6 +230,19 @@ def test_the_lag_at_a_scrape_comes_from_the_broker_once_the_loop_has_stalled(tmp
     assert daemon._watermarks_for_scrape() == {("t", 0): (0, 500)} and asked == [[("t", 0)]]
 
 
+def _stop_while_the_broker_hangs(broker, daemon, after: float = 0.0) -> tuple[int, float]:
+    """SIGSTOP the broker, SIGTERM the daemon ``after`` s later, SIGCONT the broker once the
+    daemon has stopped: (exit code, seconds the stop took)."""
+    broker.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(after)
+        started = time.monotonic()
+        code = daemon.stop(timeout=80)
+        return code, time.monotonic() - started
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+
+
 def test_a_stop_while_the_broker_hangs_ends_in_bounded_time_and_the_checkpoint_holds(tmp_path):
     """A broker that holds its connections without answering (SIGSTOP, not dead) held the final
     synchronous commit for minutes: a SIGTERM never ended (400 s, then systemd's SIGKILL).  Now
@@ -250,13 +263,7 @@ def test_a_stop_while_the_broker_hangs_ends_in_bounded_time_and_the_checkpoint_h
         daemon = DaemonProcess(config, tmp_path / "d.log").start()
         try:
             daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 3000, what="consumed")
-            own.process.send_signal(signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                code = daemon.stop(timeout=80)
-                took = time.monotonic() - started
-            finally:
-                own.process.send_signal(signal.SIGCONT)
+            code, took = _stop_while_the_broker_hangs(own, daemon)
         finally:
             daemon.kill()
         log = Path(tmp_path / "d.log").read_text()
@@ -329,14 +336,7 @@ def test_a_stop_with_output_the_hung_broker_never_acknowledged_ends_soon_and_los
         try:
             daemon.wait_for(lambda: (daemon.metric("streamgmm_messages_consumed_total") or 0) >= 3000,
                             what="part of the backlog consumed")
-            own.process.send_signal(signal.SIGSTOP)
-            try:
-                time.sleep(1.0)
-                started = time.monotonic()
-                code = daemon.stop(timeout=80)
-                took = time.monotonic() - started
-            finally:
-                own.process.send_signal(signal.SIGCONT)
+            code, took = _stop_while_the_broker_hangs(own, daemon, after=1.0)
         finally:
             daemon.kill()
         log = Path(tmp_path / "d.log").read_text()
