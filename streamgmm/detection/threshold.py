@@ -64,7 +64,7 @@ FAR_OVER_Q = 0.01
 # A step with this many (binomial) standard deviations more of its scores in the tail than the
 # tail's share looks like a change, not chance.
 SURPRISE_SD = 4.0
-# The recent scores over t this many times fewer than the tail's share says: the tail is stale
+# The recent scores over t this many times fewer than the window's rate says: the tail is stale
 # (see ``_stale``), when at least STALE_MIN_EXPECTED were expected.
 STALE_RATIO = 4.0
 STALE_MIN_EXPECTED = 40.0
@@ -539,8 +539,8 @@ class StreamQuantileThreshold:
 
     def _stale(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> bool:
         """Whether the window's tail no longer describes the stream: over the last re-estimate's
-        span, far fewer scores came above t than the tail's share (a quarter, with at least
-        STALE_MIN_EXPECTED expected, so chance alone does not: Poisson(40) <= 10 is 2e-9).
+        span, far fewer scores came above t than the window's own rate says (a quarter, with at
+        least STALE_MIN_EXPECTED expected, so chance alone does not: Poisson(40) <= 10 is 2e-9).
         A change the model has since learned (a new regime during calibration: its first
         scores filled the tail) would otherwise hold t and z_q far above every later score for a
         whole window, and nothing would be flagged (BENCHMARKS.md, Calibration, third session)."""
