@@ -495,3 +495,22 @@ def test_a_batch_mostly_dead_lettered_is_a_warning_at_most_once_a_minute(tmp_pat
     with caplog.at_level("WARNING"):
         _feed(daemon, 100, 50, np.random.default_rng(10))
     assert "dead-lettered" not in caplog.text
+
+
+def test_a_first_checkpoint_the_group_refuses_is_withdrawn_and_the_model_starts_afresh(tmp_path):
+    # A member expired before its first commit (a hung broker during a hand-over) kept that
+    # checkpoint, "no earlier valid one is left: they stay": the partitions' next owner read the
+    # same messages from the group's commit, and 9,758 were learned by two models (helper-33).
+    from confluent_kafka import KafkaError
+
+    rng = np.random.default_rng(13)
+    daemon = _daemon(tmp_path)
+    daemon.held.saw(("in", 0), 0)  # where this process started reading
+    _feed(daemon, 0, 600, rng)
+    daemon.source.commit = _fails(KafkaError.UNKNOWN_MEMBER_ID, "Broker: Unknown member")
+    daemon._checkpoint()
+    assert daemon._rewind_pending is not None
+    assert not list((tmp_path / "state").glob("checkpoint-*.sgmm"))  # withdrawn, not kept
+    assert list((tmp_path / "state").glob("checkpoint-*.sgmm.withdrawn"))
+    daemon._rewind()
+    assert daemon.detector.n_valid == 0 and daemon.source.seeks[-1] == ("in", 0, 0)

@@ -132,22 +132,19 @@ class Checkpointer:
     def withdraw_uncommitted(self) -> None:
         """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) every
         local checkpoint written since the last one the group committed, so that a reload goes
-        back to that one (see ``Daemon._checkpoint``).  Unless none would be left to load: a
-        model learned twice in part is better than a model lost."""
+        back to that one (see ``Daemon._checkpoint``).  When none is left, the model starts
+        afresh from the group's commit: kept, it would hold messages that the group gives to the
+        partitions' next owner as well, and they are read again from the group's commit either
+        way (a member expired before its first commit had its messages learned by two models)."""
         uncommitted = [p for p in getattr(self, "uncommitted", []) if p.exists()]
         self.uncommitted = []
         if not uncommitted:
             return
-        withdrawn = [p.rename(p.with_name(p.name + ".withdrawn")) for p in uncommitted]
+        for path in uncommitted:
+            path.rename(path.with_name(path.name + ".withdrawn"))
         remaining, _ = self.local.store_for(GLOBAL_KEY).newest_valid()
-        if remaining is None:
-            for original, moved in zip(uncommitted, withdrawn):
-                moved.rename(original)
-            log.error("the group did not take the offsets of checkpoint(s) %s, but no earlier valid one is left: "
-                      "they stay (if another member took these partitions over, what they hold beyond the group's "
-                      "commit is learned twice; this member alone resumes at them)",
-                      ", ".join(p.name for p in uncommitted))
-            return
-        log.warning("withdrew checkpoint(s) %s: the group did not take their offsets",
-                    ", ".join(p.name for p in uncommitted))
+        log.warning("withdrew checkpoint(s) %s: the group did not take their offsets%s",
+                    ", ".join(p.name for p in uncommitted),
+                    "" if remaining is not None else "; no earlier one is left: the model starts afresh from the "
+                                                     "group's commit")
 
