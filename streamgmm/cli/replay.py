@@ -19,7 +19,7 @@ from ..detection.decode import Decoder
 from ..detection.detector import Detector
 from ..detection.records import InputRecord, finite
 from ..service.config import Config
-from ..service.state import CheckpointStore
+from ..service.state import CheckpointError, initial_state
 
 BATCH = 1000
 # Of an anomaly record, what an anomaly's replay line carries.
@@ -92,12 +92,11 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         # As the daemon with an empty checkpoint.dir: the model (and threshold) of that checkpoint,
         # counters and offsets anew (it was ignored: a replay to preview a fitted model scored
         # with a fresh one).
-        found = CheckpointStore(config.model.init_from).load_latest()
-        if found is None:
-            raise InputError(f"model.init_from={config.model.init_from}: no valid checkpoint there; write one "
-                             "with `streamgmm fit` or set model.init_from: null")
-        state, _ = found
-        detector.restore({**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}})
+        try:
+            state, _ = initial_state(config.model.init_from)
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from None
+        detector.restore(state)
     offset = 0
     batch: list[InputRecord] = []
 

@@ -29,10 +29,11 @@ from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
 from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_settings, client_settings,
-                    ensure_topic, kafka_error_text, message_max_bytes, missing_topics)
+                    ensure_topic, flush_in_steps, kafka_error_text, message_max_bytes, missing_topics)
 from .metrics import HealthServer, Metrics
 from .partitions import HeldPartitions, later_offset
-from .state import GLOBAL_KEY, CheckpointError, CheckpointStore, LocalStateStore, TopicStateStore, model_key
+from .state import (GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, initial_state,
+                    model_key)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ STOP_COMMIT_WAIT_SECONDS = 15.0
 COMMIT_LEAST_WAIT_SECONDS = 5.0
 # After a stop is asked, a checkpoint waits this long at most for output to be acknowledged.
 STOP_FLUSH_WAIT_SECONDS = 10.0
+# Closing, the producers wait this long for what is still unacknowledged; after a stop whose last
+# checkpoint failed, the shorter.
+CLOSE_FLUSH_SECONDS = 10.0
+UNCLEAN_CLOSE_FLUSH_SECONDS = 1.0
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
@@ -173,21 +178,22 @@ class Daemon:
             self._stop_asked_at = time.monotonic()
         self._stop.set()
 
+    def _stopped_for(self, seconds: float) -> bool:
+        """Whether a stop was asked at least ``seconds`` ago."""
+        return self._stop.is_set() and time.monotonic() - self._stop_asked_at >= seconds
+
     def _give_up_flush(self) -> bool:
         """Whether a checkpoint's wait for acknowledgements ends now: STOP_FLUSH_WAIT_SECONDS after
         a stop was asked (the unacknowledged output is produced again after the next start)."""
-        return self._stop.is_set() and time.monotonic() - self._stop_asked_at >= STOP_FLUSH_WAIT_SECONDS
+        return self._stopped_for(STOP_FLUSH_WAIT_SECONDS)
 
     def _give_up_commit(self, started: float) -> Callable[[], bool]:
         """When to give up a commit the broker has not answered: STOP_COMMIT_WAIT_SECONDS after a
         stop was asked, and not before it has had COMMIT_LEAST_WAIT_SECONDS of its own (a last
         checkpoint that waited for output could otherwise leave it none).  The checkpoint holds
         the offsets, and a stop must end (systemd kills after 90 s)."""
-        def give_up() -> bool:
-            now = time.monotonic()
-            return (self._stop.is_set() and now - self._stop_asked_at >= STOP_COMMIT_WAIT_SECONDS
-                    and now - started >= COMMIT_LEAST_WAIT_SECONDS)
-        return give_up
+        return lambda: (self._stopped_for(STOP_COMMIT_WAIT_SECONDS)
+                        and time.monotonic() - started >= COMMIT_LEAST_WAIT_SECONDS)
 
     @property
     def detector(self) -> Detector:
@@ -310,13 +316,12 @@ class Daemon:
         self.metrics.observe_model(self.detector.model)
 
     def _initial_state(self) -> dict:
-        seed = CheckpointStore(self.config.model.init_from).load_latest()
-        if seed is None:
-            raise StartupError(f"model.init_from={self.config.model.init_from}: no valid checkpoint there; "
-                               "write one with `streamgmm fit` or set model.init_from: null")
-        state, path = seed
+        try:
+            state, path = initial_state(self.config.model.init_from)
+        except CheckpointError as exc:
+            raise StartupError(str(exc)) from None
         log.info("starting from the model in %s (n_seen=%d)", path, state["model"]["n_seen"])
-        return {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}
+        return state
 
     def _restore_partitions(self, partitions, timeout: float = 30.0) -> list[tuple[str, int]]:
         """scope: partition: a detector for each of these partitions that has none, from the state
@@ -613,7 +618,7 @@ class Daemon:
         if not self.checkpointer.pending_messages:
             return
         if self._rewind_pending is None:
-            self.clean_stop = self._checkpoint(" at shutdown") is Outcome.WRITTEN
+            self.clean_stop = self._checkpoint(" at shutdown", last=True) is Outcome.WRITTEN
         else:
             self.clean_stop = False
             log.error("stopping without a checkpoint (%s): the messages since the last one are read and learned "
@@ -817,12 +822,12 @@ class Daemon:
         return None if detector is None else detector.offsets.get((topic, partition))
 
     # ------------------------------------------------------- checkpoints, rewinds
-    def _checkpoint(self, when: str = "") -> Outcome:
+    def _checkpoint(self, when: str = "", last: bool = False) -> Outcome:
         self._membership_lost = False
         # Once a stop is asked, a checkpoint waits for the broker's acknowledgements at most
         # STOP_FLUSH_WAIT_SECONDS from the stop, and speaks as the last one (no retry follows).
         outcome = self.checkpointer.checkpoint(self.detectors, self.sink, self._commit, time.time(),
-                                               final=when == " at shutdown" or self._stop.is_set(),
+                                               final=last or self._stop.is_set(),
                                                give_up=self._give_up_flush)
         if outcome is Outcome.REWIND:
             self._rewind_pending = f"output records were not acknowledged{when}"
@@ -918,13 +923,14 @@ class Daemon:
         if self.source is not None:
             self.source.close()
             self.source_wedged = self.source.wedged
+        # After a stop that could not checkpoint, what is unacknowledged is produced again at the
+        # next start: no long wait for it here, for the output or the state records.
+        wait = CLOSE_FLUSH_SECONDS if self.clean_stop else UNCLEAN_CLOSE_FLUSH_SECONDS
         if self.sink is not None:
-            # After a stop that could not checkpoint, what is unacknowledged is produced again at
-            # the next start: no long wait for it here.
-            self.sink.close(**({} if self.clean_stop else {"timeout": 1.0}))
+            self.sink.close(timeout=wait)
         self.source = self.sink = None
         if self.topic_store is not None:
-            self.topic_store.producer.flush(10)
+            flush_in_steps(self.topic_store.producer, wait)
         self.assigned, self.positions = frozenset(), {}
         if self.server is not None:
             self.server.stop()

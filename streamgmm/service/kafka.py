@@ -303,18 +303,18 @@ def as_batch(by_partition: dict[tuple[str, int], list[Message]]) -> PolledBatch:
 
 # How often the loop's thread looks up from a commit or a flush in flight (to serve signals, and
 # to see whether it should give up).
-COMMIT_WAIT_STEP_SECONDS = 0.2
+WAIT_STEP_SECONDS = 0.2
 # A commit still unanswered after this long is a WARNING (the loop waits for it).
 COMMIT_SLOW_SECONDS = 10.0
 
 
 def flush_in_steps(producer, timeout: float, give_up: Callable[[], bool] | None = None) -> int:
-    """``producer.flush(timeout)`` in steps of COMMIT_WAIT_STEP_SECONDS: Python runs signal
+    """``producer.flush(timeout)`` in steps of WAIT_STEP_SECONDS: Python runs signal
     handlers only between them (a SIGTERM during a 30 s flush to a hung broker waited for all of
     it).  Stops early when ``give_up()``; returns how many records are still pending."""
     deadline = time.monotonic() + timeout
     while True:
-        pending = producer.flush(max(0.0, min(COMMIT_WAIT_STEP_SECONDS, deadline - time.monotonic())))
+        pending = producer.flush(max(0.0, min(WAIT_STEP_SECONDS, deadline - time.monotonic())))
         if not pending or time.monotonic() >= deadline or (give_up is not None and give_up()):
             return pending
 
@@ -425,7 +425,7 @@ class KafkaSource:
         worker.start()
         started, said = time.monotonic(), False
         while worker.is_alive():
-            worker.join(COMMIT_WAIT_STEP_SECONDS)
+            worker.join(WAIT_STEP_SECONDS)
             if worker.is_alive() and not said and time.monotonic() - started >= COMMIT_SLOW_SECONDS:
                 said = True  # a hung broker stalled the loop with nothing in the log
                 log.warning("the offset commit has waited %.0f s for the broker, which does not answer; the loop "

@@ -199,6 +199,18 @@ def model_key(scope: str, topic: str, partition: int) -> str:
     return GLOBAL_KEY if scope == "global" else f"{topic}/{partition}"
 
 
+def initial_state(init_from: str) -> tuple[dict, Path]:
+    """The newest valid checkpoint in ``init_from`` (model.init_from, e.g. written by ``streamgmm
+    fit``) as a state to start from: its model and threshold, with counters and offsets anew.
+    CheckpointError when there is none."""
+    found = CheckpointStore(init_from).load_latest()
+    if found is None:
+        raise CheckpointError(f"model.init_from={init_from}: no valid checkpoint there; write one with "
+                              "`streamgmm fit` or set model.init_from: null")
+    state, path = found
+    return {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}, path
+
+
 class LocalStateStore:
     """Numbered checkpoint files in ``checkpoint.dir`` (``global``) or one sub-directory per
     partition model."""
@@ -278,11 +290,12 @@ class TopicStateStore:
     def flush(self, timeout: float, give_up=None) -> None:
         """Wait for the records written; CheckpointError unless every one was acknowledged
         (``give_up()``: a stop that has waited long enough, see ``kafka.flush_in_steps``)."""
+        started = time.monotonic()
         pending = flush_in_steps(self.producer, timeout, give_up)
         failed, self.failed = self.failed, []
         if pending or failed:
             raise CheckpointError(f"state topic {self.topic}: {pending} record(s) unacknowledged after "
-                                  f"{timeout:.0f} s, {len(failed)} failed {failed[:3]}")
+                                  f"{time.monotonic() - started:.0f} s, {len(failed)} failed {failed[:3]}")
 
     def load_many(self, keys=None, timeout: float = 30.0, floors: dict | None = None) -> dict[str, dict]:
         """The newest readable state per key (every key when ``keys`` is None); a corrupt newest
