@@ -154,3 +154,61 @@ def test_collapsed_component_error_says_what_to_do():
     X = np.vstack([np.zeros((50, 2)), np.ones((50, 2))])
     with pytest.raises(ValueError, match="increase reg_covar"):
         GaussianMixture(2, reg_covar=0.0, random_state=0).fit(X)
+
+
+class _Frame:
+    """The two things of a DataFrame the estimators look at: named columns and the values."""
+
+    def __init__(self, values, columns):
+        self.values, self.columns = np.asarray(values), list(columns)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def reordered(self, columns):
+        return _Frame(self.values[:, [self.columns.index(c) for c in columns]], columns)
+
+
+@pytest.mark.parametrize("make", [lambda: GaussianMixture(2, random_state=0),
+                                  lambda: __import__("streamgmm").OnlineGaussianMixture(2, warmup=100, random_state=0)])
+def test_columns_named_at_fit_must_come_back_in_the_same_order(blobs, make):
+    # Columns passed in another order were scored without a word (wrong densities).
+    X = blobs[:, :3]
+    frame = _Frame(X, ["a", "b", "c"])
+    model = make().fit(frame)
+    assert list(model.feature_names_in_) == ["a", "b", "c"]
+    np.testing.assert_array_equal(model.score_samples(frame), model.score_samples(frame.reordered(["a", "b", "c"])))
+    with pytest.raises(ValueError, match="The feature names should match those that were passed during fit"):
+        model.score_samples(frame.reordered(["c", "b", "a"]))
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        model.score_samples(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.bic(frame)  # checked once, not again inside
+    restored = type(model).from_dict(model.to_dict())
+    assert list(restored.feature_names_in_) == ["a", "b", "c"]
+
+
+def test_a_saved_model_keeps_its_settings(tmp_path, blobs):
+    # load() gave back tol=0.001, max_iter=100, n_init=1, init_params='kmeans', random_state=None
+    # whatever was fitted; a refit or clone of the loaded model then used the defaults.
+    model = GaussianMixture(3, tol=1e-8, max_iter=500, n_init=2, init_params="k-means++", random_state=7).fit(blobs)
+    model.save(tmp_path / "m.npz")
+    loaded = GaussianMixture.load(tmp_path / "m.npz")
+    assert loaded.get_params() == model.get_params()
+    assert loaded.lower_bounds_ == pytest.approx(model.lower_bounds_)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_diagonal_log_probabilities_equal_the_direct_sum_far_from_the_origin(covariance_type):
+    # The expanded products (no (n, K, D) temporary) against sum_d p^2 (x - mu)^2 itself, on
+    # data offset by 1e6 with unit spread, where an uncentred expansion loses digits; and a
+    # row so far out that its square overflows scores -inf, not nan.
+    rng = np.random.default_rng(3)
+    X = 1e6 + rng.normal(size=(500, 4))
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0).fit(X)
+    p = model.precisions_cholesky_ if covariance_type == "diag" else model.precisions_cholesky_[:, None] * np.ones(4)
+    direct = -0.5 * (4 * np.log(2 * np.pi) + np.einsum("nkd,nkd->nk", (X[:, None] - model.means_) * p, (X[:, None] - model.means_) * p))
+    direct += np.log(p).sum(axis=1) + np.log(model.weights_)
+    np.testing.assert_allclose(model.score_samples(X), np.logaddexp.reduce(direct, axis=1), rtol=0, atol=1e-6)
+    assert model.score_samples(np.array([[1e300, 0.0, 0.0, 0.0]]))[0] == -np.inf

@@ -376,11 +376,31 @@ def test_a_count_never_seen_in_the_warm_up_is_not_scored_as_impossible(seed):
     assert model.rounding_variance_[0] > 0 and model.rounding_variance_[1] == 0
 
 
-def test_a_warm_up_with_fewer_weighted_rows_than_components_still_starts_from_data():
-    # random_from_data draws by weight: with 2 weighted rows and 3 components numpy refused the draw.
+def test_rows_of_zero_weight_do_not_count_towards_the_warm_up():
+    # A warm-up of 40 rows with 2 weighted built a 3-component model from 2 points; all-zero
+    # weights raised numpy's ZeroDivisionError. Now the warm-up waits for 40 weighted rows.
     X = np.random.default_rng(0).normal(size=(40, 2))
+    model = OnlineGaussianMixture(n_components=3, init_params="random_from_data", warmup=40, random_state=0)
+    model.partial_fit(X, sample_weight=np.zeros(40))
+    assert not model.is_initialized and model.n_buffered_ == 0
     weight = np.zeros(40)
     weight[:2] = 1.0
-    model = OnlineGaussianMixture(n_components=3, init_params="random_from_data", warmup=40, random_state=0)
     model.partial_fit(X, sample_weight=weight)
-    assert model.is_initialized and model.n_components_ == 3
+    assert not model.is_initialized and model.n_buffered_ == 2
+    model.partial_fit(X[2:])
+    assert model.is_initialized and model.n_components_ == 3 and model.n_seen_ == 40
+
+
+def test_a_warm_up_longer_than_warmup_counts_all_its_points():
+    # fit(X) with 50,000 rows then a batch of 5,000 from elsewhere: the mean moved to 2.49 as if
+    # the warm-up had been 1,000 points (the step restarted at 1/(warmup+1)); 50,000 then 5,000
+    # points in 1,000-row batches end at the pooled mean, 0.27.
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(0.0, 1.0, (50_000, 2)), rng.normal(3.0, 1.0, (5_000, 2))
+    at_once = OnlineGaussianMixture(n_components=1, covariance_type="full", random_state=0).fit(A).partial_fit(B)
+    streamed = OnlineGaussianMixture(n_components=1, covariance_type="full", random_state=0)
+    for batch in np.array_split(A, 50):
+        streamed.partial_fit(batch)
+    streamed.partial_fit(B)
+    np.testing.assert_allclose(at_once.means_, streamed.means_, atol=0.01)
+    np.testing.assert_allclose(at_once.means_, np.vstack([A, B]).mean(axis=0, keepdims=True), atol=0.01)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _gaussian as g
 from ._atomic import write_atomically
-from ._validation import check_array, check_random_state
+from ._validation import check_array, check_feature_names, check_random_state, feature_names_of
 
 STATE_FORMAT_VERSION = 1
 # Version 2: an online model whose variances carry the variance of rounding (a feature on a grid).
@@ -175,7 +175,15 @@ class MixtureBase(EstimatorParams):
 
     def _check_X(self, X):
         self._check_fitted()
+        check_feature_names(self, X)
         return check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
+
+    def _remember_feature_names(self, X) -> None:
+        names = feature_names_of(X)
+        if names is None:
+            self.__dict__.pop("feature_names_in_", None)
+        else:
+            self.feature_names_in_ = names
 
     def _estimate_weighted_log_prob(self, X):
         """log(pi_k) + log p(x | k) for X in the model's original units; shape (n, K)."""
@@ -187,7 +195,7 @@ class MixtureBase(EstimatorParams):
 
     def score_samples(self, X) -> np.ndarray:
         """Log-density of each sample under the mixture, shape (n_samples,)."""
-        return g.logsumexp_rows(self._estimate_weighted_log_prob(self._check_X(X)))
+        return self._score_from_weighted_log_prob(self._estimate_weighted_log_prob(self._check_X(X)))
 
     def score(self, X, y=None, sample_weight=None) -> float:
         """Mean (or weighted mean) log-density of X."""
@@ -228,12 +236,19 @@ class MixtureBase(EstimatorParams):
     def bic(self, X) -> float:
         """Bayesian information criterion on X (lower is better)."""
         X = self._check_X(X)
-        return -2.0 * self.score(X) * X.shape[0] + self._n_parameters() * np.log(X.shape[0])
+        return -2.0 * self._log_likelihood(X) + self._n_parameters() * np.log(X.shape[0])
 
     def aic(self, X) -> float:
         """Akaike information criterion on X (lower is better)."""
         X = self._check_X(X)
-        return -2.0 * self.score(X) * X.shape[0] + 2.0 * self._n_parameters()
+        return -2.0 * self._log_likelihood(X) + 2.0 * self._n_parameters()
+
+    def _log_likelihood(self, X) -> float:
+        """Total log-likelihood of checked X (what score(X) * len(X) is, without checking X again)."""
+        return float(np.sum(self._score_from_weighted_log_prob(self._estimate_weighted_log_prob(X))))
+
+    def _score_from_weighted_log_prob(self, wlp):
+        return g.logsumexp_rows(wlp)
 
     # ---------------------------------------------------------------------- state
     def save(self, path) -> None:

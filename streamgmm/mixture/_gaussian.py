@@ -16,6 +16,8 @@ from scipy import linalg
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 LOG_2PI = np.log(2.0 * np.pi)
+# Rows x components x features per chunk of the log-probability products (32 MB of float64).
+ROW_CHUNK_ELEMENTS = 1 << 22
 
 # Added to component masses so that an empty component never divides by zero
 # (the same guard scikit-learn uses, which keeps our iterations identical to its).
@@ -242,13 +244,28 @@ def _squared_mahalanobis_tied(X, means, precisions_chol):
 
 
 def _squared_mahalanobis_diag(X, means, precisions_chol):
-    y = (X[:, np.newaxis, :] - means[np.newaxis]) * precisions_chol[np.newaxis]
-    return np.einsum("nkd,nkd->nk", y, y)
+    # sum_d p^2 (x - mu)^2 expanded into three products, as scikit-learn does: (n, K) arrays
+    # only, no (n, K, D) difference.  Centring on the means' average first keeps the expansion
+    # from cancelling when the data sit far from the origin.
+    shift = means.mean(axis=0)
+    X, means = X - shift, means - shift
+    p2 = precisions_chol**2
+    return _expanded((X * X) @ p2.T - 2.0 * (X @ (means * p2).T) + np.sum(means * means * p2, axis=1))
 
 
 def _squared_mahalanobis_spherical(X, means, precisions_chol):
-    diff = X[:, np.newaxis, :] - means[np.newaxis]
-    return np.einsum("nkd,nkd->nk", diff, diff) * precisions_chol**2
+    shift = means.mean(axis=0)
+    X, means = X - shift, means - shift
+    p2 = precisions_chol**2
+    return _expanded((np.sum(X * X, axis=1)[:, np.newaxis] - 2.0 * (X @ means.T) + np.sum(means * means, axis=1)) * p2)
+
+
+def _expanded(squared):
+    """An expanded square: rounding can leave it a hair below zero, and a row so far out that
+    its square overflows gives inf - inf; both are put right (0 and inf)."""
+    squared = np.maximum(squared, 0.0, out=squared)
+    squared[np.isnan(squared)] = np.inf
+    return squared
 
 
 _MAHALANOBIS = {
@@ -266,10 +283,18 @@ def estimate_log_gaussian_prob(X, means, precisions_chol, covariance_type):
     -------
     log_prob : array of shape (n_samples, n_components)
     """
-    n_features = X.shape[1]
+    n_samples, n_features = X.shape
     log_det = compute_log_det_cholesky(precisions_chol, covariance_type, n_features)
+    squared_mahalanobis = _MAHALANOBIS[covariance_type]
+    # Rows in chunks, so the (rows, K, D) temporaries of the full and tied products stay near
+    # 32 MB whatever n (a batch of the daemon is one chunk).
+    rows = max(1, ROW_CHUNK_ELEMENTS // (means.shape[0] * n_features))
     with np.errstate(over="ignore", invalid="ignore"):
-        mahalanobis = _MAHALANOBIS[covariance_type](X, means, precisions_chol)
+        if n_samples <= rows:
+            mahalanobis = squared_mahalanobis(X, means, precisions_chol)
+        else:
+            mahalanobis = np.concatenate([squared_mahalanobis(X[start:start + rows], means, precisions_chol)
+                                          for start in range(0, n_samples, rows)])
     return -0.5 * (n_features * LOG_2PI + mahalanobis) + log_det
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 from scipy import sparse
@@ -30,6 +31,8 @@ def check_array(X, *, n_features: int | None = None, min_samples: int = 1, name:
     except (TypeError, ValueError) as exc:
         if str(exc).startswith("Complex data"):
             raise
+        if "NAType" in str(exc):
+            raise ValueError(f"{name} contains missing values (pandas NA); drop or impute those rows first") from None
         # TypeError stays TypeError (an object that is no number), ValueError ValueError (a bad string).
         raise type(exc)(f"{name} must be numeric, array-like of shape (n_samples, n_features): {exc}") from None
     if array.ndim == 1:
@@ -60,6 +63,39 @@ def check_array(X, *, n_features: int | None = None, min_samples: int = 1, name:
             "drop or impute those rows first"
         )
     return np.ascontiguousarray(array)
+
+
+def feature_names_of(X) -> np.ndarray | None:
+    """The column names of a DataFrame-like X when they are all strings (as scikit-learn's
+    ``feature_names_in_``), else None."""
+    columns = getattr(X, "columns", None)
+    if columns is None:
+        return None
+    names = np.asarray(list(columns), dtype=object)
+    return names if len(names) and all(isinstance(name, str) for name in names) else None
+
+
+def check_feature_names(estimator, X) -> None:
+    """scikit-learn's rule: columns named at fit must come back with the same names in the same
+    order (a DataFrame with its columns reordered would be scored wrongly without a word);
+    a warning when only one of the two has names."""
+    fitted, given = getattr(estimator, "feature_names_in_", None), feature_names_of(X)
+    kind = type(estimator).__name__
+    if fitted is None and given is None:
+        return
+    if given is None:
+        warnings.warn(f"X does not have valid feature names, but {kind} was fitted with feature names", UserWarning,
+                      stacklevel=3)
+    elif fitted is None:
+        warnings.warn(f"X has feature names, but {kind} was fitted without feature names", UserWarning, stacklevel=3)
+    elif len(fitted) != len(given) or np.any(fitted != given):
+        unseen = [name for name in given if name not in set(fitted)]
+        missing = [name for name in fitted if name not in set(given)]
+        detail = "".join(f"Feature names unseen at fit time:\n- {n}\n" for n in unseen[:1]) if unseen else ""
+        detail += f"Feature names seen at fit time, yet now missing:\n- {missing[0]}\n" if missing else ""
+        if not unseen and not missing:
+            detail = "Feature names must be in the same order as they were in fit.\n"
+        raise ValueError("The feature names should match those that were passed during fit.\n" + detail)
 
 
 def check_sample_weight(sample_weight, n_samples: int) -> np.ndarray:

@@ -182,6 +182,7 @@ class GaussianMixture(MixtureBase):
     # -------------------------------------------------------------------- fitting
     def fit(self, X, y=None, sample_weight=None):
         """Estimate the parameters with EM; returns self."""
+        self._remember_feature_names(X)
         X = check_array(X, min_samples=2)
         self._check_parameters(X)
         weight = check_sample_weight(sample_weight, X.shape[0])
@@ -321,6 +322,10 @@ class GaussianMixture(MixtureBase):
         return {
             "kind": "GaussianMixture",
             "format_version": STATE_FORMAT_VERSION,
+            # The settings a refit or clone of the loaded model uses (arrays given as init are
+            # not kept; a random generator is kept as None).
+            "params": {name: value for name, value in self.get_params(deep=False).items()
+                       if value is None or isinstance(value, (bool, int, float, str))},
             "n_components": int(self.n_components),
             "n_features": int(self.n_features_in_),
             "covariance_type": self.covariance_type,
@@ -332,6 +337,9 @@ class GaussianMixture(MixtureBase):
             "means": self.means_.copy(),
             "covariances": np.asarray(self.covariances_).copy(),
             "precisions_cholesky": np.asarray(self.precisions_cholesky_).copy(),
+            **({"lower_bounds": np.asarray(self.lower_bounds_, dtype=float)} if hasattr(self, "lower_bounds_") else {}),
+            **({"feature_names": [str(n) for n in self.feature_names_in_]}
+               if getattr(self, "feature_names_in_", None) is not None else {}),
         }
 
     @classmethod
@@ -339,8 +347,14 @@ class GaussianMixture(MixtureBase):
         check_state_header(state, "GaussianMixture")
         K, D, cov_type = int(state["n_components"]), int(state["n_features"]), state["covariance_type"]
         g.check_covariance_type(cov_type)
-        model = cls(n_components=K, covariance_type=cov_type, reg_covar=float(state["reg_covar"]))
+        known = cls().get_params(deep=False)
+        params = {name: value for name, value in state.get("params", {}).items() if name in known}
+        model = cls(**{**params, "n_components": K, "covariance_type": cov_type, "reg_covar": float(state["reg_covar"])})
         model.n_features_in_ = D
+        if state.get("feature_names") is not None:
+            model.feature_names_in_ = np.asarray(state["feature_names"], dtype=object)
+        if "lower_bounds" in state:
+            model.lower_bounds_ = [float(v) for v in np.asarray(state["lower_bounds"], dtype=float).ravel()]
         model.weights_ = require_array(state, "weights", (K,))
         model.means_ = require_array(state, "means", (K, D))
         model.covariances_ = require_array(state, "covariances", covariance_shape(cov_type, K, D))

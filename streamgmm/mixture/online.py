@@ -44,6 +44,7 @@ from ._base import (
 )
 from ._validation import (
     check_array,
+    check_feature_names,
     check_positive_float,
     check_positive_int,
     check_random_state,
@@ -506,13 +507,18 @@ class OnlineGaussianMixture(MixtureBase):
         """
         if not self._is_started():
             self._start()
+        if self.n_features_in_ is None:
+            self._remember_feature_names(X)
+        else:
+            check_feature_names(self, X)
         X = check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
         weight = check_sample_weight(sample_weight, X.shape[0])
         if self.n_features_in_ is None:
             self.n_features_in_ = X.shape[1]
         if not self.is_initialized:
-            self._buffer.append(X)
-            self._buffer_weights.append(weight)
+            # Rows of zero weight teach nothing: the warm-up counts the others.
+            self._buffer.append(X[weight > 0])
+            self._buffer_weights.append(weight[weight > 0])
             if self.n_buffered_ >= self.warmup:
                 self._initialize_from_buffer()
             return self
@@ -731,8 +737,11 @@ class OnlineGaussianMixture(MixtureBase):
         self._S0, self._S1, self._S2 = g.statistics_from_parameters(
             fit.weights, fit.means, fit.covariances, fit.covariance_type, self._reg
         )
-        self._steps = 0.0
         self.n_seen_ = int(np.count_nonzero(weight))
+        # A warm-up longer than t0 (fit(X) with more than warmup rows) has already taken the
+        # steps of its extra points: the next batch then weighs 1/(n+1) per point, not 1/(t0+1).
+        t0 = float(self.warmup if self.t0 is None else self.t0)
+        self._steps = max(float(self.n_seen_) - t0, 0.0)
         self._refresh_parameters(candidates=None)
         self._start_type_review()
 
@@ -903,6 +912,8 @@ class OnlineGaussianMixture(MixtureBase):
             "initialized": self.is_initialized,
             "rng_state": self._rng.bit_generator.state,
         }
+        if getattr(self, "feature_names_in_", None) is not None:
+            state["feature_names"] = [str(name) for name in self.feature_names_in_]
         if self.is_initialized:
             state.update(
                 chosen={"n_components": int(self.n_components_), "covariance_type": self.covariance_type_},
@@ -929,6 +940,8 @@ class OnlineGaussianMixture(MixtureBase):
         model._start()
         D = state["n_features"]
         model.n_features_in_ = None if D is None else int(D)
+        if state.get("feature_names") is not None:
+            model.feature_names_in_ = np.asarray(state["feature_names"], dtype=object)
         model.n_seen_ = int(state["n_seen"])
         model.n_reseeded_ = int(state["n_reseeded"])
         model._steps = float(state["steps"])
@@ -979,6 +992,7 @@ _STATE_PARAMS = (
 # Everything learning creates (what fit forgets).
 _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
+    "feature_names_in_",
     "n_components_", "covariance_type_", "selection_", "_S2_full", "_next_review",
     "center_", "scale_", "rounding_variance_", "data_min_", "data_max_",
     "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
