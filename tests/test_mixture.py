@@ -212,3 +212,15 @@ def test_diagonal_log_probabilities_equal_the_direct_sum_far_from_the_origin(cov
     direct += np.log(p).sum(axis=1) + np.log(model.weights_)
     np.testing.assert_allclose(model.score_samples(X), np.logaddexp.reduce(direct, axis=1), rtol=0, atol=1e-6)
     assert model.score_samples(np.array([[1e300, 0.0, 0.0, 0.0]]))[0] == -np.inf
+
+
+def test_warm_start_with_other_settings_says_what_to_do(blobs):
+    # A changed covariance_type or feature count under warm_start raised numpy's broadcast error.
+    model = GaussianMixture(3, warm_start=True, random_state=0).fit(blobs)
+    model.set_params(covariance_type="diag")
+    with pytest.raises(ValueError, match="warm_start=True continues the last fit.*set warm_start=False"):
+        model.fit(blobs)
+    model.set_params(covariance_type="full")
+    with pytest.raises(ValueError, match="warm_start=False"):
+        model.fit(blobs[:, :1])
+    model.fit(blobs)  # the same settings still continue

@@ -191,8 +191,10 @@ class GaussianMixture(MixtureBase):
         if sample_weight is not None and np.count_nonzero(weight) < self.n_components:
             raise ValueError(f"Expected at least n_components rows of positive sample_weight but got "
                              f"n_components = {self.n_components}, rows weighted = {np.count_nonzero(weight)}")
-        self.n_features_in_ = X.shape[1]
         do_init = not (self.warm_start and hasattr(self, "converged_"))
+        if not do_init:
+            self._check_warm_start(X.shape[1])
+        self.n_features_in_ = X.shape[1]
         n_init = self.n_init if do_init else 1
         rng = check_random_state(self.random_state)
 
@@ -298,6 +300,17 @@ class GaussianMixture(MixtureBase):
             now = time.time()
             print(f"  Iteration {n_iter}\t time lapse {now - self._iter_prev_time:.5f}s\t ll change {diff_ll:.5f}")
             self._iter_prev_time = now
+
+    def _check_warm_start(self, n_features: int) -> None:
+        """warm_start continues the last fit: its shapes must still fit the settings and data."""
+        fitted = (self.means_.shape[0], self.means_.shape[1], np.shape(self.covariances_))
+        wanted = (self.n_components, n_features, covariance_shape(self.covariance_type, self.n_components, n_features))
+        if fitted != wanted:
+            raise ValueError(
+                f"warm_start=True continues the last fit ({fitted[0]} components, {fitted[1]} features, covariances "
+                f"of shape {fitted[2]}), which does not fit n_components={self.n_components}, "
+                f"covariance_type={self.covariance_type!r} and {n_features} features; set warm_start=False to start over"
+            )
 
     def _print_verbose_msg_init_end(self, lower_bound, converged) -> None:
         status = "converged" if converged else "did not converge"
