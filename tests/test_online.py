@@ -404,3 +404,9 @@ def test_a_warm_up_longer_than_warmup_counts_all_its_points():
     streamed.partial_fit(B)
     np.testing.assert_allclose(at_once.means_, streamed.means_, atol=0.01)
     np.testing.assert_allclose(at_once.means_, np.vstack([A, B]).mean(axis=0, keepdims=True), atol=0.01)
+
+
+def test_fit_predict_as_the_batch_model():
+    X = np.vstack([np.random.default_rng(1).normal(size=(300, 2)), 20 + np.random.default_rng(2).normal(size=(300, 2))])
+    labels = OnlineGaussianMixture(n_components=2, warmup=600, random_state=0).fit_predict(X)
+    assert len(set(labels[:300])) == 1 and len(set(labels[300:])) == 1 and labels[0] != labels[-1]

@@ -210,6 +210,10 @@ class MixtureBase(EstimatorParams):
         """Index of the most responsible component for each sample."""
         return np.argmax(self._estimate_weighted_log_prob(self._check_X(X)), axis=1)
 
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then the most responsible component of each row of X."""
+        return self.fit(X, sample_weight=sample_weight).predict(X)
+
     def sample(self, n_samples: int = 1, random_state=None):
         """Draw samples from the fitted mixture.
 

@@ -238,10 +238,6 @@ class GaussianMixture(MixtureBase):
             )
         return self
 
-    def fit_predict(self, X, y=None, sample_weight=None):
-        """Fit, then the most responsible component of each row of X."""
-        return self.fit(X, sample_weight=sample_weight).predict(X)
-
     def _initialize_parameters(self, X, rng, sample_weight) -> None:
         """Starting parameters: responsibilities from ``init_params`` unless the user gave all three."""
         if self.weights_init is not None and self.means_init is not None and self.precisions_init is not None:
