@@ -104,15 +104,19 @@ def raw_kafka_python_rate(bootstrap, topic, n):
 class Variant:
     """One daemon to measure: this tree, or the baseline worktree."""
 
-    def __init__(self, label: str, source: Path, kafka_python: bool, sections: dict | None = None):
+    def __init__(self, label: str, source: Path, kafka_python: bool, sections: dict | None = None,
+                 fetch_wait_ms: int | None = 20):
         self.label, self.source, self.kafka_python = label, source, kafka_python
+        # The bench's fetch wait for both clients; None leaves each daemon its own default.
+        self.fetch_wait_ms = fetch_wait_ms
         # Keys that replace the bench's own, by section (model, threshold, input).
         self.sections = sections or {}
 
     def config(self, bootstrap, topic, fmt, state_dir, group, port) -> dict:
-        consumer = ({"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 20}
+        consumer = ({"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": self.fetch_wait_ms}
                     if self.kafka_python else
-                    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 20})
+                    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": self.fetch_wait_ms})
+        consumer = {key: value for key, value in consumer.items() if value is not None}
         settings = {
             "kafka": {"bootstrap_servers": [bootstrap], "input_topics": [topic], "output_topic": f"{topic}.anomalies",
                       "dead_letter_topic": f"{topic}.dlq", "group_id": group, "consumer": consumer},
@@ -295,9 +299,10 @@ def latency_main(args, variants) -> None:
     except ImportError:
         pass
     this = variants[0]
-    variants = [this, *(Variant(f"this tree, fetch.wait.max.ms {ms}", ROOT, kafka_python=False, sections={"kafka": {
-        "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": ms}}})
-        for ms in (10, 5)), *variants[1:]]
+    defaults = [Variant(f"{v.label}, its default fetch wait", v.source, v.kafka_python, fetch_wait_ms=None)
+                for v in variants]
+    variants = [this, *(Variant(f"this tree, fetch.wait.max.ms {ms}", ROOT, kafka_python=False, fetch_wait_ms=ms)
+                        for ms in (10, 5)), *variants[1:], *defaults]
     rng = np.random.default_rng(0)
     X, _ = random_mixture(8, D, rng).sample(40_000, rng)
     found: dict = {}
