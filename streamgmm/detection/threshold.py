@@ -5,7 +5,8 @@ traffic whatever the shape of the data.  It works on the anomaly score s = -log 
 point *as it was scored* (prequential, before the model learned it), by peaks over threshold
 as in SPOT (Siffer et al., KDD 2017):
 
-1. t is the (1 - p) quantile of the recent scores (p = max(2%, 10 q)); the excesses s - t of
+1. t is the (1 - p) quantile of the recent scores (p = max(2%, 10 q), or the share of the
+   top TAIL_PEAKS when the window holds more at 2%: q = 1e-4); the excesses s - t of
    the scores above it (the peaks) follow a generalised Pareto distribution (GPD) whatever
    the distribution of s, fitted by maximum likelihood (Grimshaw's one-dimensional profile);
 2. the threshold is z_q = t + sigma/gamma ((q n / N_t)^-gamma - 1), n the points counted and
@@ -55,6 +56,11 @@ if TYPE_CHECKING:  # the service layer builds the config; only its type is named
 # well inside the fitted tail; at most half of them).
 TAIL_FRACTION = 0.02
 TAIL_OVER_Q = 10.0
+# ... and once the window holds more peaks than this at that share (q = 1e-4: 4,000 in its
+# 200,000 points), t moves up to keep this many: enough for the fit (the shape's standard error
+# about 0.05), and z_q extrapolated 50 times past t instead of 200 (a heavy tail read at 2%
+# put z_q at 96 nats where the scores' own 1e-4 quantile was 79: 0.37 q flagged).
+TAIL_PEAKS = 1_000
 # Censored exceedances: tokens per unflagged point (in units of q) and the bucket's size.
 TOKEN_RATE_OVER_Q = 3.0
 TOKEN_BUCKET = 3.0
@@ -483,7 +489,8 @@ class StreamQuantileThreshold:
         in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
         floor = float(self.level[max(in_force, 0):].max())
         # While the stream is young, a deeper tail: at least MIN_PEAKS peaks.
-        above = int(math.ceil(max(self.tail_fraction, min(START_TAIL_FRACTION, MIN_PEAKS / n)) * n))
+        share = max(TAIL_OVER_Q * self.quantile, min(self.tail_fraction, TAIL_PEAKS / n))
+        above = int(math.ceil(max(share, min(START_TAIL_FRACTION, MIN_PEAKS / n)) * n))
         twice = 2 * above
         # t: the score with `above` counted scores over it; collect from twice the tail's share
         # next time (lower if there were too few stored).
