@@ -340,6 +340,33 @@ def test_with_nothing_assigned_readiness_says_whether_kafka_is_unreachable_or_th
                         daemon.readiness()[1]), daemon.readiness()[1]
 
 
+def test_an_input_topic_missing_beside_one_assigned_is_said_and_its_return_too(tmp_path, caplog):
+    # With partitions of another input topic assigned, a missing one was said once at start and
+    # never again; /readyz said ready (helper-35).
+    config = config_from_dict({"kafka": {"input_topics": ["in", "later"]}, "input": {"format": "json", "dimension": 3},
+                               "checkpoint": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False}},
+                              environ={})
+    daemon = Daemon(config)
+    daemon.source, daemon.sink = FakeSource(), FakeSink()
+    daemon.assigned = frozenset({("in", 0)})
+    daemon.source.poll = lambda n, timeout: {}
+    daemon.source.cached_watermarks = lambda assigned: {}
+    asked = []
+    daemon.source.unavailable = lambda topics, timeout: asked.append(topics) or {
+        "later": "does not exist: create it or fix kafka.input_topics"}
+    with caplog.at_level("INFO"):
+        daemon._turn()
+        daemon._turn()  # asked again only after a while
+        assert asked == [["later"]]
+        assert daemon.readiness()[2]["later"] == "input topic does not exist: create it or fix kafka.input_topics"
+        assert caplog.text.count("input topic later does not exist") == 1
+        daemon.source.unavailable = lambda topics, timeout: {}
+        daemon._unassigned_checked -= 60.0
+        daemon._turn()
+    assert "later" not in daemon.readiness()[2]
+    assert "input topic later can be read now" in caplog.text
+
+
 def test_a_kafka_batch_gives_the_same_sources_as_its_records():
     from streamgmm.service.kafka import as_batch
 
@@ -467,7 +494,25 @@ def test_an_assignment_says_which_of_checkpoint_and_group_commit_it_resumes_at()
 
     assert _why_there(2500, 3000).startswith(" (the group's commit; the model's checkpoint is at 2500: 500 message")
     assert _why_there(2000, 0).startswith(" (the model's checkpoint; the group's commit is behind it at 0")
-    assert _why_there(2000, 2000) == _why_there(None, 5) == _why_there(5, None) == ""
+    assert _why_there(2000, 2000) == _why_there(5, None) == _why_there(None, None) == ""
+    # A fall-back to an older checkpoint without the partition resumed at the group's commit with
+    # a plain "assigned ... at 4502" (helper-35).
+    assert _why_there(None, 4502) == " (the group's commit; the model's checkpoint has no offset for it)"
+
+
+def test_checkpoint_files_that_do_not_read_back_are_counted_and_said(tmp_path, caplog):
+    # Every checkpoint overwritten with random bytes: a new model, with one ERROR per file and
+    # no metric (helper-35).
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 300, np.random.default_rng(7))
+    daemon._last_checkpoint()
+    for path in (tmp_path / "state").glob("checkpoint-*.sgmm"):
+        path.write_bytes(np.random.default_rng(1).bytes(500))
+    fresh = _daemon(tmp_path)
+    with caplog.at_level("ERROR"):
+        fresh.restore()
+    assert fresh.metrics.value("streamgmm_checkpoints_unreadable_total") == 1
+    assert "reads back intact: its model starts afresh" in caplog.text
 
 
 def test_the_end_of_the_warm_up_is_logged_with_the_model_it_made(tmp_path, caplog):

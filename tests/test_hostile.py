@@ -134,3 +134,13 @@ def test_one_point_repeated_a_million_times():
     assert np.isfinite(detector.model.score_samples(same[:1])[0])
     # The model now puts most of its mass there: that point is the most ordinary thing it knows.
     assert detector.model.score_samples(same[:1])[0] > detector.model.score_samples(rng.normal(size=(1, 3)))[0]
+
+
+def test_a_tombstone_is_dead_lettered_empty_and_says_it_was_null():
+    # It became b"" with nothing to tell it from an empty value (helper-35).
+    detector = _detector()
+    _warm(detector, np.random.default_rng(0))
+    letters = detector.process([InputRecord("t", 0, 1000, None, key=b"k"), InputRecord("t", 0, 1001, b"", key=b"k")],
+                               now=5.0).dead_letters
+    assert [letter.value for letter in letters] == [b"", b""]
+    assert [dict(letter.headers).get("streamgmm.value.null") for letter in letters] == [b"true", None]

@@ -91,6 +91,9 @@ class Consumer:
     def cached_watermarks(self, partitions):
         return {tp: (0, len(self.logs[tp])) for tp in partitions}
 
+    def end_offset(self, topic, partition, timeout=5.0):
+        return len(self.logs[(topic, partition)])
+
     def close(self):
         pass
 
@@ -386,7 +389,7 @@ def test_a_rewind_while_a_partition_is_held_leaves_it_paused_and_loses_nothing(t
 
 
 def test_a_partition_assigned_again_is_rewound_to_its_new_first_offset_not_an_old_one(tmp_path):
-    # Lost with nothing checkpointed, then assigned again with auto.offset.reset: latest: a rewind
+    # Lost with nothing checkpointed, then assigned again (auto.offset.reset: latest): a rewind
     # goes back to the first offset read since the new assignment (300), not to the one read
     # before it was lost (100).
     full, group = _logs(400), {}
@@ -397,8 +400,10 @@ def test_a_partition_assigned_again_is_rewound_to_its_new_first_offset_not_an_ol
     logs.update({tp: log[:200] for tp, log in full.items()})
     daemon._turn()  # reads 100..199
     daemon._on_lost(_assignment())
+    assert group == {tp: 100 for tp in PARTITIONS}  # where latest put them, committed at the first assignment
     logs.update({tp: log[:300] for tp, log in full.items()})
-    daemon._on_assign(_assignment())  # at the log's end: 300
+    group.update({tp: 300 for tp in PARTITIONS})  # the member that had them meanwhile committed 300
+    daemon._on_assign(_assignment())  # at the group's commit: 300
     logs.update(full)
     daemon._turn()  # reads 300..399
     daemon._rewind_pending = "output records were not acknowledged"

@@ -15,7 +15,7 @@ from streamgmm.detection.decode import encode
 from streamgmm.detection.detector import Detector
 from streamgmm.detection.records import InputRecord
 from streamgmm.service.config import config_from_dict
-from streamgmm.service.state import CheckpointStore
+from streamgmm.service.state import CheckpointStore, LocalStateStore
 
 
 def _config(tmp_path, **sections):
@@ -141,3 +141,36 @@ def test_a_hangup_the_process_was_started_ignoring_stays_ignored(tmp_path):
             process.kill()
             process.wait(timeout=10)
     assert b"received SIGTERM" in process.stderr.read()
+
+
+def test_a_checkpoint_of_another_pipeline_is_refused(tmp_path):
+    # Two daemons started from one directory share ./state: a restart took the other's model,
+    # which read other topics, and flagged 3,000 of 3,000 normal messages (helper-35).
+    _, raw = _config(tmp_path)
+    _checkpoint(raw, tmp_path)  # a model that read topic "in"
+    path, _ = _config(tmp_path, kafka={"input_topics": ["other"]})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "another pipeline: it read in, this daemon reads other" in last and "model.init_from" in last
+
+
+def test_two_daemons_on_one_checkpoint_dir_the_second_is_refused(tmp_path):
+    # They overwrote each other's files through the same temporary names and pruned each
+    # other's checkpoints (helper-35). The first holds the directory while it runs (here it
+    # retries an unreachable broker); the second says who holds it.
+    path, _ = _config(tmp_path)
+    first = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "state" / ".lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and str(first.pid) in lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert str(first.pid) in lock.read_text()
+        code, last, stderr = _run(path)
+        assert code == 2 and "Traceback" not in stderr
+        assert f"is in use by streamgmm pid {first.pid}" in last and "its own checkpoint.dir" in last
+    finally:
+        first.kill()
+        first.wait(10)
+    LocalStateStore(tmp_path / "state", keep=3).lock()  # a killed holder leaves it free (kill -9 included)

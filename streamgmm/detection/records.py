@@ -114,8 +114,8 @@ def dead_letter(topic: str, record: InputRecord, reason: str, detail: str, max_v
     never succeed must not hold the stream up); its original size and SHA-256 go in headers so
     the message can still be found and matched upstream.
     """
-    value = record.value or b""  # a dead letter is never a tombstone
-    headers = list(record.headers or ()) + [
+    value = record.value or b""  # never a tombstone: on a compacted topic it would delete its key
+    headers = list(record.headers or ()) + ([("streamgmm.value.null", b"true")] if record.value is None else []) + [
         ("streamgmm.error.reason", reason.encode()),
         ("streamgmm.error.detail", detail[:500].encode()),
         ("streamgmm.source.topic", record.topic.encode()),

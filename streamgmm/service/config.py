@@ -194,9 +194,13 @@ _SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((in
             str: (str, "a string")}
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
 # ------------------------------------------------------------------------ building
 def _coerce(value, tp, path):
     """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    if isinstance(value, _EnvValue):
+        value = value.text if _takes_text(tp) else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -224,6 +228,8 @@ def _coerce(value, tp, path):
     if tp not in _SCALARS:  # pragma: no cover
         raise ConfigError(f"{path}: unsupported type {getattr(tp, '__name__', tp)}")
     accepted, words = _SCALARS[tp]
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e4 (no dot) as text
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
         raise ConfigError(f"{path}: expected {words}, got {value!r}")
     return float(value) if tp is float else value
@@ -269,9 +275,12 @@ def _librdkafka_name(env_key: str) -> str:
 def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | None = None) -> dict:
     """``STREAMGMM_KAFKA__BOOTSTRAP_SERVERS=a:9092,b:9092`` sets kafka.bootstrap_servers.
 
-    Values are parsed as YAML scalars (numbers, true/false, null, [lists]).  Under
-    kafka.security / consumer / producer the key is librdkafka's name with dots written as
-    underscores: ``STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD`` sets ``sasl.password``.
+    Values are parsed as YAML scalars (numbers, true/false, null, [lists]) for settings that
+    take them; a setting that takes text gets the text as typed (a group id ``00123`` stays
+    00123, not YAML's octal 83).  Under kafka.security / consumer / producer the key is
+    librdkafka's name with dots written as underscores, ``STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD``
+    sets ``sasl.password``, and the value is the text as typed, as librdkafka reads it (a
+    password ``0777`` stayed no password of its: YAML made it 511, ``p #w`` made it ``p``).
     """
     sections = tuple(f"{ENV_PREFIX}{field.name.upper()}_" for field in dataclasses.fields(Config))
     for name, text in sorted(environ.items()):
@@ -284,10 +293,12 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
         if len(keys) == 3 and keys[0] == "kafka" and keys[1] in PASS_THROUGH_SECTIONS:
             keys[2] = _librdkafka_name(keys[2])
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
             value = text
+        else:
+            try:
+                value = _EnvValue(text, yaml.safe_load(text) if text != "" else "")
+            except yaml.YAMLError:
+                value = text
         tree = raw
         for key in keys[:-1]:
             tree = tree.setdefault(key, {})
@@ -297,6 +308,23 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
         if origins is not None:
             origins[".".join(keys)] = name
     return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class _EnvValue:
+    """An environment variable's text and its YAML reading: ``_coerce`` gives a setting that
+    takes text the text, any other the reading."""
+
+    text: str
+    parsed: Any
+
+
+def _takes_text(tp) -> bool:
+    """Whether the annotation ``tp`` is text: str, a tuple of str, or either or None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(inner) == 1 and _takes_text(inner[0])
+    return tp is str or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str)
 
 
 def _value(config: Config, path: str):
@@ -477,12 +505,12 @@ def as_dict(config) -> dict:
 
 def masked(value, key: str = ""):
     """A copy safe to log: values of secret-looking keys replaced by ***."""
+    if value is not None and any(word in key.lower() for word in SECRET_WORDS) and not key.endswith("_file"):
+        return "***"  # whatever its shape: a mapping under a secret's name is still the secret
     if isinstance(value, Mapping):
         return {k: masked(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [masked(v, key) for v in value]
-    if value is not None and any(word in key.lower() for word in SECRET_WORDS) and not key.endswith("_file"):
-        return "***"
     return value
 
 

@@ -100,6 +100,9 @@ def _why_there(checkpointed: int | None, committed: int | None) -> str:
     """Where a partition resumes, said when the model's checkpoint and the group's commit differ:
     an operator who moved the group's offsets (or another member that read on) sees which won
     and how many messages lie between."""
+    if checkpointed is None and committed is not None:
+        # (after a fall-back to an older checkpoint that lacks it, too: helper-35)
+        return " (the group's commit; the model's checkpoint has no offset for it)"
     if checkpointed is None or committed is None or checkpointed == committed:
         return ""
     if committed > checkpointed:
@@ -162,6 +165,9 @@ class Daemon:
         self._unassigned_reason: str | None = None
         self._unassigned_since = time.monotonic()
         self._unassigned_checked = -math.inf
+        # Input topics this member has no partition of that the cluster says cannot be read (why),
+        # asked every UNASSIGNED_CHECK_SECONDS while some have none here.
+        self._inputs_unavailable: dict[str, str] = {}
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
@@ -229,6 +235,8 @@ class Daemon:
                 progress = f"{0 if model is None else model.n_buffered_}/{self.config.model.warmup}"
                 details[name] = f"warming up {progress}"
                 warming.append(f"{name} {progress}")
+        for topic, why in dict(self._inputs_unavailable).items():  # (replaced whole by the loop's thread)
+            details[topic] = f"input topic {why}"
         past = dict(self._past_the_end)  # (replaced whole by the loop's thread)
         for (topic, partition), (position, end) in sorted(past.items()):
             details[f"{topic}/{partition}"] = f"its next offset {position} is past the end of its log ({end})"
@@ -251,11 +259,14 @@ class Daemon:
             self._check_state_record_size()
         try:
             self.local.check_writable()
+            if self.scope == "global":  # (partition models keep a directory each)
+                self.local.lock()
         except CheckpointError as exc:
             if not self.checkpointer.local_is_copy:
                 raise StartupError(str(exc)) from None
             log.warning("%s; going on: the state topic %s holds the models", exc, self.config.checkpoint.topic)
         self.restore()
+        self._refuse_another_pipelines_model()
         if self.scope == "partition" and self.config.model.init_from:
             # Now, not in the first on_assign: a missing or unusable init_from is a config error.
             self._initial = self._initial_state()
@@ -273,6 +284,24 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(exc.strerror or str(exc)) from None
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
+
+    def _refuse_another_pipelines_model(self) -> None:
+        """A restored global model that read none of this daemon's input topics is another
+        pipeline's (two daemons started from one directory share ./state): scoring with it
+        flagged 3,000 of 3,000 normal messages without a word (helper-35)."""
+        if self.scope != "global" or (detector := self.detectors.get(GLOBAL_KEY)) is None or not detector.offsets:
+            return
+        read = sorted({topic for topic, _ in detector.offsets})
+        inputs = self.config.kafka.input_topics
+        if not set(read) & set(inputs):
+            raise StartupError(
+                f"the newest checkpoint in checkpoint.dir {self.config.checkpoint.dir} is the model of another "
+                f"pipeline: it read {', '.join(read)}, this daemon reads {', '.join(inputs)}; point checkpoint.dir "
+                "at this daemon's own directory, or, to start from that model on purpose (counters and offsets "
+                f"anew), set model.init_from: {self.config.checkpoint.dir} with an empty checkpoint.dir")
+        if gone := [topic for topic in read if topic not in inputs]:
+            log.warning("the restored model also read %s, which is not among kafka.input_topics any more",
+                        ", ".join(gone))
 
     def _check_state_record_size(self) -> None:
         """A model whose statistics alone are over the producer's message.max.bytes can never be
@@ -302,7 +331,7 @@ class Daemon:
         self.detectors = {}
         if self.scope == "partition":
             return
-        state = self.local.load(GLOBAL_KEY)
+        state = self._load_local(GLOBAL_KEY)
         try:
             if state is not None:
                 self.detector.restore(state)
@@ -314,6 +343,13 @@ class Daemon:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.metrics.observe_model(self.detector.model)
+
+    def _load_local(self, key: str) -> dict | None:
+        """The newest intact checkpoint file of a model, the files skipped counted."""
+        skipped = self.local.skipped
+        state = self.local.load(key)
+        self.metrics.checkpoints_unreadable.inc(self.local.skipped - skipped)
+        return state
 
     def _initial_state(self) -> dict:
         try:
@@ -343,7 +379,7 @@ class Daemon:
         for key, tp in sorted(wanted.items()):
             try:
                 self.detectors[key] = self._partition_detector(
-                    key, states.get(key) if states is not None else self.local.load(key))
+                    key, states.get(key) if states is not None else self._load_local(key))
             except RESTORE_IO_ERRORS as exc:
                 failed[tp] = kafka_error_text(exc)
             except STATE_CONFIG_ERRORS as exc:
@@ -500,16 +536,30 @@ class Daemon:
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
-        starts, why = [], {}
+        starts, why, pinned = [], {}, {}
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
             why[(topic, partition)] = _why_there(self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
+            if start is None and self.config.kafka.auto_offset_reset == "latest":
+                # "latest" is where the log ends now, committed at once: left to librdkafka, it was
+                # resolved anew at every start, and a daemon stopped before its first message
+                # skipped all that was written while it was down (helper-35: 1,841 of 2,000).
+                start = pinned[(topic, partition)] = self.source.end_offset(topic, partition)
+                if start is not None:
+                    why[(topic, partition)] = " (auto.offset.reset latest: the log's end, committed)"
             # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
             starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
             if start is not None and (topic, partition) not in self.held.unrestored:
                 self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
+        if pinned := {tp: offset for tp, offset in pinned.items() if offset is not None}:
+            try:
+                self.source.commit(pinned)  # on this thread: a rebalance callback (see KafkaSource.commit)
+            except KafkaException as exc:
+                log.warning("could not commit where %s start (%s): a restart before their first checkpoint "
+                            "starts at the log's end again", ", ".join(f"{t}/{p}" for t, p in pinned),
+                            kafka_error_text(exc))
         if held:
             self.source.pause(held)  # librdkafka fetches nothing of them until they are resumed
             self.held.remember_commits(committed)
@@ -651,6 +701,7 @@ class Daemon:
         if self.assigned or now - self._unassigned_checked < UNASSIGNED_CHECK_SECONDS:
             if self.assigned:
                 self._unassigned_reason = None
+                self._look_for_unreadable_inputs(now)
             return
         self._unassigned_checked = now
         inputs = self.config.kafka.input_topics
@@ -663,6 +714,30 @@ class Daemon:
         if reason is not None and reason != self._unassigned_reason:
             log.error("no partitions assigned: %s", reason)
         self._unassigned_reason = reason
+
+    def _look_for_unreadable_inputs(self, now: float) -> None:
+        """Input topics none of whose partitions are here: one the cluster says cannot be read is
+        an ERROR once (and in /readyz), and its coming back is said.  With partitions of another
+        topic assigned, a missing one was said once at start and never again (helper-35)."""
+        here = {topic for topic, _ in self.assigned}
+        absent = [topic for topic in self.config.kafka.input_topics if topic not in here]
+        if not absent:
+            self._inputs_unavailable = {}
+            return
+        if now - self._unassigned_checked < UNASSIGNED_CHECK_SECONDS:
+            return
+        self._unassigned_checked = now
+        try:
+            problems = self.source.unavailable(absent, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
+        except KafkaException:
+            return  # the loop's own errors say so
+        for topic, why in problems.items():
+            if topic not in self._inputs_unavailable:
+                log.error("input topic %s %s; the other input topics are read", topic, why)
+        for topic in set(self._inputs_unavailable) - set(problems):
+            log.info("input topic %s can be read now: its partitions are assigned within the consumer's "
+                     "topic.metadata.refresh.interval.ms (30 s by default here)", topic)
+        self._inputs_unavailable = problems
 
     def _poll(self) -> dict:
         k = self.config.kafka

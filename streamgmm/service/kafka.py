@@ -109,6 +109,9 @@ def client_settings(config: Config, role: str) -> dict:
             # this long (default 1,000 ms): on small messages the loop then drained the queue
             # and waited (float32 A/B on the raw consumer: 158k against 871k msg/s with 10).
             "fetch.queue.backoff.ms": 10,
+            # New input topics and partitions are found at this refresh: librdkafka's 5 min left a
+            # topic created after the start unread for 290 s (10 s at 10,000; helper-35).
+            "topic.metadata.refresh.interval.ms": 30_000,
         })
     elif role == "producer":
         settings.update({
@@ -439,6 +442,14 @@ class KafkaSource:
                 raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the broker did not answer the offset commit"))
         if outcome and outcome[0] is not None:
             raise outcome[0]
+
+    def end_offset(self, topic: str, partition: int, timeout: float = 5.0) -> int | None:
+        """The partition's log end now, asked of the broker (None if it cannot say in time)."""
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+        except (KafkaException, RuntimeError):
+            return None
+        return high if high >= 0 else None
 
     def cached_watermarks(self, partitions) -> dict[tuple[str, int], tuple[int, int]]:
         """(low, high) of each partition as librdkafka last fetched them: no broker request."""

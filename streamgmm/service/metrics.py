@@ -129,6 +129,9 @@ class Metrics:
             "group's commit, or absent where the group had one: what was learned in between is in a state this "
             "member cannot see (another checkpoint.topic, a lost record, offsets moved by hand) and is not "
             "learned again.")
+        self.checkpoints_unreadable = counter(
+            "checkpoints_unreadable", "Checkpoint files skipped when restoring because they did not read back intact "
+            "(truncated, corrupt, another format): an older one, or a new model, was used instead.")
         self.checkpoints = counter("checkpoints_written", "Checkpoints written successfully.")
         self.checkpoint_failures = counter("checkpoint_failures", "Checkpoint attempts that failed (retried).")
         self.checkpoint_last_success = gauge("checkpoint_last_success_timestamp_seconds",

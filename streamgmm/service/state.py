@@ -16,6 +16,7 @@ or corrupted file fails its checksum on load and the previous checkpoint is used
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -134,6 +135,7 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = Path(directory)
         self.keep = keep
+        self.skipped = 0  # files the last load_latest skipped
 
     def paths(self) -> list[Path]:
         """Checkpoint files, oldest first."""
@@ -174,6 +176,7 @@ class CheckpointStore:
         """The newest checkpoint that reads back intact, or None; each one skipped is an error
         in the log."""
         found, skipped = self.newest_valid()
+        self.skipped = len(skipped)
         for n, (path, why) in enumerate(skipped, 1):
             older = found is not None or n < len(skipped)
             then = "falling back to the previous one" if older else "there is no older one"
@@ -218,6 +221,7 @@ class LocalStateStore:
     def __init__(self, directory: str | os.PathLike, keep: int):
         self.directory = Path(directory)
         self.keep = keep
+        self.skipped = 0  # checkpoint files that did not read back intact, over every load
 
     def store_for(self, key: str) -> CheckpointStore:
         # The global model keeps the top-level directory, as single-instance deployments expect.
@@ -228,8 +232,36 @@ class LocalStateStore:
         return self.store_for(key).write(state)
 
     def load(self, key: str) -> dict | None:
-        found = self.store_for(key).load_latest()
+        store = self.store_for(key)
+        found = store.load_latest()
+        self.skipped += store.skipped
+        if found is None and store.skipped:
+            log.error("no checkpoint of %s in %s reads back intact: its model starts afresh with a new warm-up, "
+                      "from the group's commit (what the lost checkpoints had learned is not learned again); "
+                      "`streamgmm inspect %s` shows each file", key, store.directory, store.directory)
         return None if found is None else found[0]
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory for the life of the process (CheckpointError if
+        another process holds it).  Two daemons on one directory overwrote each other's files
+        through the same temporary names and pruned each other's checkpoints, and a restart then
+        took whichever model was newest (helper-35: another pipeline's)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / ".lock"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CheckpointError(f"checkpoint.dir {self.directory} is in use by {holder}: give each daemon its own "
+                                  "checkpoint.dir (the members of a group too, with model.scope: global)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"streamgmm pid {os.getpid()}\n")
+        handle.flush()
+        self._lock = handle  # released when the process ends, however it ends
 
     def check_writable(self) -> None:
         """Raise CheckpointError unless a file can be created in the directory (checked at start:
