@@ -2,9 +2,10 @@
 
     python bench/bench_model.py [--quick]
 
-Prints four tables: online score+learn throughput (vs river HalfSpaceTrees; the default
+Prints five tables: online score+learn throughput (vs river HalfSpaceTrees; the default
 auto-sized model too), batch fit time at equal log-likelihood (vs scikit-learn), the one-off
-cost of sizing the model at warm-up, and memory against stream length.
+cost of sizing the model at warm-up, scoring time and memory by covariance type (vs
+scikit-learn), and memory against stream length.
 Single-threaded BLAS (OPENBLAS_NUM_THREADS=1 unless already set): one core, as in the issue.
 """
 
@@ -124,6 +125,31 @@ def memory_against_length(X, lengths):
     return rows
 
 
+def scoring_by_covariance_type(X, K=16):
+    """score_samples on all of X for each covariance type, beside scikit-learn's: best of 2
+    seconds and the peak memory numpy allocated (tracemalloc) while scoring."""
+    from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+
+    rows = []
+    for covariance_type in ("full", "tied", "diag", "spherical"):
+        cells = []
+        for cls in (GaussianMixture, SklearnGaussianMixture):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = cls(K, covariance_type=covariance_type, max_iter=2, random_state=0).fit(X[:20_000])
+            seconds = []
+            for _ in range(2):
+                tracemalloc.start()
+                started = time.perf_counter()
+                model.score_samples(X)
+                seconds.append(time.perf_counter() - started)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+            cells += [min(seconds), peak / 2**20]
+        rows.append((covariance_type, *cells))
+    return rows
+
+
 def dgemm_peak_gflops():
     """Single-thread double-precision GEMM rate: the machine's practical flop ceiling here."""
     a = np.random.default_rng(0).normal(size=(1024, 1024))
@@ -217,6 +243,16 @@ def main():
         )
     except ImportError:
         print("\n(scikit-learn not installed: batch comparison skipped)")
+
+    try:
+        table(
+            f"score_samples on {n:,} x 16, K=16, by covariance type (best of 2; peak memory allocated while scoring)",
+            ["covariance", "streamgmm s", "streamgmm peak MB", "sklearn s", "sklearn peak MB", "time ratio"],
+            [(c, f"{t1:.3f}", f"{m1:.0f}", f"{t2:.3f}", f"{m2:.0f}", f"{t1 / t2:.2f}")
+             for c, t1, m1, t2, m2 in scoring_by_covariance_type(X)],
+        )
+    except ImportError:
+        print("\n(scikit-learn not installed: scoring comparison skipped)")
 
     lengths = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
     table(
