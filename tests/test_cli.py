@@ -372,3 +372,84 @@ def test_a_daemon_started_from_a_fit_on_clean_data_flags_anomalies_present_from_
         if name == "started":
             assert flags[normal].mean() < 3 * 0.001, flags[normal].mean()
     assert recall["started"] >= 0.85, recall  # 0.92; without the calibration in fit 0.05, as plain (0.09)
+
+
+def test_replay_to_its_own_input_is_refused_and_the_file_kept(tmp_path):
+    # --output equal to --input emptied the file, exit 0 (helper-37).
+    data = _csv(tmp_path)
+    before = data.read_bytes()
+    result = _cli("replay", "--config", str(_config(tmp_path)), "--input", str(data), "--output", str(data))
+    assert result.returncode == 2 and "is the --input file" in result.stderr and "Traceback" not in result.stderr
+    assert data.read_bytes() == before
+
+
+def test_quoted_csv_a_bom_and_spaced_header_names_are_read(tmp_path):
+    # A quoted header was refused, a headerless quoted file lost its first row (taken for a
+    # header), "a, b, c" and a byte-order mark were names the header lacked (helper-37).
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 3))
+    rows = [",".join(f'"{v!r}"' for v in x) for x in X.tolist()]
+    files = {"quoted_no_header.csv": rows, "quoted.csv": ['"a","b","c"'] + rows,
+             "spaced.csv": ["a, b, c"] + [",".join(map(repr, x)) for x in X.tolist()],
+             "bom.csv": ["\ufeffa,b,c"] + [",".join(map(repr, x)) for x in X.tolist()]}
+    for name, lines in files.items():
+        path = tmp_path / name
+        path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+        result = _cli("replay", "--config", str(_config(tmp_path)), "--input", str(path), "--output",
+                      str(tmp_path / "out.jsonl"))
+        assert result.returncode == 0, (name, result.stderr)
+        summary = json.loads(result.stderr.strip().splitlines()[0])["summary"]
+        assert summary["n_records"] == summary["n_valid"] == 400, (name, summary)
+
+
+def test_replay_from_a_model_of_other_fields_is_one_line(tmp_path):
+    data = _csv(tmp_path)
+    assert _cli("fit", "--config", str(_config(tmp_path)), "--input", str(data), "--output",
+                str(tmp_path / "m")).returncode == 0
+    other = tmp_path / "o.yaml"
+    other.write_text(yaml.safe_dump({"input": {"format": "csv", "dimension": 3, "fields": ["c", "b", "a"]},
+                                     "model": {"n_components": 2, "warmup": 300, "init_from": str(tmp_path / "m")}}))
+    result = _cli("replay", "--config", str(other), "--input", str(data))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.init_from" in result.stderr.strip().splitlines()[-1]
+
+
+def test_fit_on_fewer_rows_than_the_warm_up_is_refused(tmp_path):
+    # 3 rows made a model that flagged 100 points in 300 as "1 in 1.3" (helper-37).
+    data = tmp_path / "few.csv"
+    data.write_text("a,b,c\n1,2,3\n2,3,4\n3,4,5\n")
+    result = _cli("fit", "--config", str(_config(tmp_path)), "--input", str(data), "--output", str(tmp_path / "m"))
+    assert result.returncode == 2 and "fewer than model.warmup=300" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_config_file_that_is_not_utf8_and_a_yaml_error_are_one_line_naming_the_file(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("# caf\u00e9\ninput: {dimension: 3}\n".encode("latin-1"))
+    result = _cli("check-config", str(latin))
+    assert result.returncode == 2 and "is not UTF-8" in result.stderr and "Traceback" not in result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("input:\n  dimension: [3\n")
+    result = _cli("check-config", str(broken))
+    assert result.returncode == 2 and "broken.yaml" in result.stderr and "<unicode string>" not in result.stderr
+
+
+def test_ctrl_c_during_a_replay_is_one_line(tmp_path):
+    import signal
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "big.csv"
+    data.write_text("a,b,c\n" + "\n".join(",".join(map(repr, x)) for x in rng.normal(size=(400_000, 3)).tolist()))
+    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "replay", "--config", str(_config(tmp_path)),
+                                "--input", str(data), "--output", str(tmp_path / "out.jsonl")],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").stat().st_size < 10_000:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr

@@ -95,6 +95,16 @@ def test_text_settings_from_the_environment_keep_the_text_and_numbers_read_as_nu
     assert config.kafka.input_topics == ("0x10", "events")
     assert config.model.half_life == 10_000.0
     assert config_from_dict({"model": {"half_life": "2.5e3"}}).model.half_life == 2500.0  # the file's YAML too
+    assert config_from_dict({"model": {"rare_weight": "1e-3"}}).model.rare_weight == 0.001  # float | "auto"
+    # ... and YAML's own text, lists and null as before (helper-36: "null" became a topic named null).
+    config = config_from_dict({"kafka": {"scores_topic": "scores"}, "checkpoint": {"topic": "state"}},
+                              environ={"STREAMGMM_KAFKA__SCORES_TOPIC": "null", "STREAMGMM_CHECKPOINT__TOPIC": "~",
+                                       "STREAMGMM_KAFKA__INPUT_TOPICS": "[a, b]", "STREAMGMM_KAFKA__GROUP_ID": "'my group'",
+                                       "STREAMGMM_KAFKA__CONSUMER": "{fetch.wait.max.ms: 5}",
+                                       "STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "6000"})
+    assert config.kafka.scores_topic is None and config.checkpoint.topic is None
+    assert config.kafka.input_topics == ("a", "b") and config.kafka.group_id == "my group"
+    assert dict(config.kafka.consumer) == {"fetch.wait.max.ms": 5, "session.timeout.ms": "6000"}
 
 
 def test_env_override_typo_is_an_error_too():

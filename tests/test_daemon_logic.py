@@ -361,7 +361,7 @@ def test_an_input_topic_missing_beside_one_assigned_is_said_and_its_return_too(t
         assert daemon.readiness()[2]["later"] == "input topic does not exist: create it or fix kafka.input_topics"
         assert caplog.text.count("input topic later does not exist") == 1
         daemon.source.unavailable = lambda topics, timeout: {}
-        daemon._unassigned_checked -= 60.0
+        daemon._inputs_checked -= 60.0
         daemon._turn()
     assert "later" not in daemon.readiness()[2]
     assert "input topic later can be read now" in caplog.text
@@ -502,7 +502,7 @@ def test_an_assignment_says_which_of_checkpoint_and_group_commit_it_resumes_at()
 
 def test_checkpoint_files_that_do_not_read_back_are_counted_and_said(tmp_path, caplog):
     # Every checkpoint overwritten with random bytes: a new model, with one ERROR per file and
-    # no metric (helper-35).
+    # no metric before (helper-35).
     daemon = _daemon(tmp_path)
     _feed(daemon, 0, 300, np.random.default_rng(7))
     daemon._last_checkpoint()

@@ -224,3 +224,16 @@ def test_warm_start_with_other_settings_says_what_to_do(blobs):
     with pytest.raises(ValueError, match="warm_start=False"):
         model.fit(blobs[:, :1])
     model.fit(blobs)  # the same settings still continue
+
+
+def test_warm_start_refuses_reordered_columns_and_a_failed_fit_keeps_the_names(blobs):
+    # warm_start took reordered columns and went on from parameters in the old order; a fit that
+    # failed after reading the names left them on the old parameters (helper-36).
+    frame = _Frame(blobs[:, :3], ["a", "b", "c"])
+    model = GaussianMixture(2, warm_start=True, random_state=0).fit(frame)
+    with pytest.raises(ValueError, match="The feature names should match"):
+        model.fit(frame.reordered(["c", "b", "a"]))
+    with pytest.raises(ValueError):
+        model.fit(_Frame(np.full((5, 3), np.nan), ["x", "y", "z"]))
+    assert list(model.feature_names_in_) == ["a", "b", "c"]
+    model.score_samples(frame)

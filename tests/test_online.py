@@ -410,3 +410,14 @@ def test_fit_predict_as_the_batch_model():
     X = np.vstack([np.random.default_rng(1).normal(size=(300, 2)), 20 + np.random.default_rng(2).normal(size=(300, 2))])
     labels = OnlineGaussianMixture(n_components=2, warmup=600, random_state=0).fit_predict(X)
     assert len(set(labels[:300])) == 1 and len(set(labels[300:])) == 1 and labels[0] != labels[-1]
+
+
+@pytest.mark.parametrize("t0, expected", [(10, 2.80), (100, 1.95), (None, 0.465)])
+def test_t0_below_warmup_still_sets_the_first_steps(t0, expected):
+    # Counting a longer warm-up's points must not cancel t0 (helper-36: t0 = 10 and 100 both gave
+    # the running mean, 0.465, after a warm-up of exactly warmup points).
+    rng = np.random.default_rng(0)
+    model = OnlineGaussianMixture(n_components=1, covariance_type="full", warmup=1000, t0=t0, random_state=0)
+    model.fit(rng.normal(0.0, 1.0, (1000, 2)))
+    model.partial_fit(rng.normal(3.0, 1.0, (200, 2)))
+    assert model.means_.mean() == pytest.approx(expected, abs=0.05)

@@ -651,3 +651,33 @@ def test_with_scope_global_a_partition_new_to_the_model_is_not_behind_the_group(
     daemon.topic_store = daemon.checkpointer.topic_store = LoggedStateTopic(monkeypatch)
     daemon._on_assign(_assignment())
     assert daemon.metrics.value("streamgmm_state_behind_group_total") == 0
+
+
+def test_latest_is_not_pinned_when_the_groups_commits_cannot_be_read(tmp_path):
+    # A failed read of the group's commits is no absent commit: the log's end was committed over
+    # the group's 100 and 500 messages a partition skipped (helper-36).
+    logs, group = _logs(600), {tp: 100 for tp in PARTITIONS}
+    consumer = Consumer(logs, group, reset="latest")
+    consumer.committed_failures = 1
+    daemon, processed = _daemon(tmp_path, "a", consumer, StateTopic({}))
+    daemon._on_assign(_assignment())
+    assert group == {tp: 100 for tp in PARTITIONS}
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(100, 600)})
+
+
+def test_latest_is_not_pinned_for_a_held_partition(tmp_path):
+    # Held (its state unreadable at assignment) with no group commit: the pin committed the log's
+    # end, and the retry then resumed there, past the state's offset 200 (helper-36).
+    logs, group, records = _logs(600), {}, {}
+    first, _ = _daemon(tmp_path, "a", Consumer({tp: log[:200] for tp, log in logs.items()}, group), StateTopic(records))
+    first._on_assign(_assignment())
+    _run(first, lambda: first.positions == {tp: 200 for tp in PARTITIONS})
+    first._checkpoint()
+    group.clear()  # the group's offsets expired (or a new group.id over the same state topic)
+    consumer = Consumer(logs, group, reset="latest")
+    daemon, processed = _daemon(tmp_path, "b", consumer, StateTopic(records, failures=1))
+    daemon._on_assign(_assignment())
+    assert group == {} and set(daemon.held.unrestored) == set(PARTITIONS)
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(200, 600)})

@@ -174,3 +174,18 @@ def test_two_daemons_on_one_checkpoint_dir_the_second_is_refused(tmp_path):
         first.kill()
         first.wait(10)
     LocalStateStore(tmp_path / "state", keep=3).lock()  # a killed holder leaves it free (kill -9 included)
+
+
+def test_a_file_system_without_locks_is_not_called_in_use(tmp_path, monkeypatch, caplog):
+    # ENOLCK (NFS without lockd) was reported as "in use by streamgmm pid 1": exit 2, and with
+    # RestartPreventExitStatus=2 a unit that stays down (helper-36).
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        LocalStateStore(tmp_path / "state", keep=3).lock()
+    assert "cannot lock checkpoint.dir" in caplog.text and "No locks available" in caplog.text

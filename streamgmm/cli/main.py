@@ -177,6 +177,10 @@ def cmd_replay(args) -> int:
     from .replay import InputError, guess_format, open_input, replay
 
     fmt = guess_format(args.input, args.format, config.input.format)
+    if args.output not in (None, "-") and args.input != "-" and Path(args.output).exists() \
+            and Path(args.input).exists() and os.path.samefile(args.input, args.output):
+        return _fail(f"--output {args.output} is the --input file: opening it for writing would empty it; "
+                     "write elsewhere")
     with contextlib.ExitStack() as files:
         try:
             source = files.enter_context(open_input(args.input))
@@ -230,9 +234,10 @@ def cmd_fit(args) -> int:
     except InputError as exc:
         return _fail(f"{args.input}: {exc}")
     m = config.model
-    least = 2 if m.n_components == "auto" else max(2, m.n_components)
-    if len(X) < least:
-        return _fail(f"{args.input} has {len(X)} valid rows; need at least {least}")
+    if len(X) < m.warmup:
+        # 3 rows made a model that then flagged 100 points in 300 as "1 in 1.3" (helper-37).
+        return _fail(f"{args.input} has {len(X)} valid rows ({n_invalid} invalid), fewer than model.warmup="
+                     f"{m.warmup}, the fewest the daemon builds a model from; fit on more rows or lower model.warmup")
     detector = Detector(config)
     if "auto" in (m.n_components, m.covariance_type):
         # The warm-up's own search (BIC over K and covariance types, MAP EM), over the whole file.
@@ -554,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("streamgmm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         # `streamgmm replay ... | head`: the reader has what it wanted. Quietly, as a command
         # killed by SIGPIPE would end (and no second error when Python flushes stdout at exit).

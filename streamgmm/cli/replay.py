@@ -38,6 +38,11 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def _unquoted(cell: str) -> str:
+    text = cell.strip()
+    return text[1:-1].replace('""', '"') if len(text) >= 2 and text[0] == text[-1] == '"' else cell
+
+
 def guess_format(path: str, explicit: str | None, configured: str | None = None) -> str:
     """--format, else the file's extension, else input.format when it is a text format, else csv."""
     if explicit:
@@ -62,12 +67,20 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
     first = True
     for line in stream:
         line = line.rstrip("\r\n")
+        if first:
+            line = line.lstrip("\ufeff")  # the byte-order mark Excel writes
         if not line.strip():
             continue
         if fmt == "csv":
             parts = line.split(delimiter)
+            if '"' in line:
+                # Quoted cells ("1.5", pandas' QUOTE_ALL): a quoted header was refused, and a
+                # headerless quoted file lost its first row, taken for a header.
+                parts = [_unquoted(p) for p in parts]
+                line = delimiter.join(parts)
             if first and not all(_is_number(p) for p in parts):
                 first = False
+                parts = [p.strip() for p in parts]  # "cpu, mem": the names are cpu and mem
                 if fields is not None:
                     missing = [f for f in fields if f not in parts]
                     if missing and line.lstrip().startswith("{"):
@@ -94,9 +107,12 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         # with a fresh one).
         try:
             state, _ = initial_state(config.model.init_from)
+            detector.restore(state)
         except CheckpointError as exc:
             raise InputError(str(exc)) from None
-        detector.restore(state)
+        except ValueError as exc:  # a model of other inputs (dimension, fields)
+            raise InputError(f"{exc} (for a replay: set input to what model.init_from={config.model.init_from} was "
+                             "fitted on, or fit a new model)") from None
     offset = 0
     batch: list[InputRecord] = []
 

@@ -5,8 +5,9 @@ traffic whatever the shape of the data.  It works on the anomaly score s = -log 
 point *as it was scored* (prequential, before the model learned it), by peaks over threshold
 as in SPOT (Siffer et al., KDD 2017):
 
-1. t is the (1 - p) quantile of the recent scores (p = max(2%, 10 q), or the share of the
-   top TAIL_PEAKS when the window holds more at 2%: q = 1e-4); the excesses s - t of
+1. t is the (1 - p) quantile of the recent scores, p = max(10 q, min(2%, TAIL_PEAKS / n)) over
+   the n points of the window (with the default windows: 10 q for q >= 0.002, 2% down to
+   q = 5e-4, the top 1,000 peaks at q = 1e-4); the excesses s - t of
    the scores above it (the peaks) follow a generalised Pareto distribution (GPD) whatever
    the distribution of s, fitted by maximum likelihood (Grimshaw's one-dimensional profile);
 2. the threshold is z_q = t + sigma/gamma ((q n / N_t)^-gamma - 1), n the points counted and

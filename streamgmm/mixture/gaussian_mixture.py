@@ -19,6 +19,7 @@ from ._base import (
 from ._kmeans import kmeans, kmeans_plusplus, squared_distances
 from ._validation import (
     check_array,
+    check_feature_names,
     check_means,
     check_positive_float,
     check_positive_int,
@@ -182,7 +183,7 @@ class GaussianMixture(MixtureBase):
     # -------------------------------------------------------------------- fitting
     def fit(self, X, y=None, sample_weight=None):
         """Estimate the parameters with EM; returns self."""
-        self._remember_feature_names(X)
+        frame = X
         X = check_array(X, min_samples=2)
         self._check_parameters(X)
         weight = check_sample_weight(sample_weight, X.shape[0])
@@ -194,6 +195,8 @@ class GaussianMixture(MixtureBase):
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         if not do_init:
             self._check_warm_start(X.shape[1])
+            check_feature_names(self, frame)  # the parameters are in the fitted columns' order
+        self._remember_feature_names(frame)
         self.n_features_in_ = X.shape[1]
         n_init = self.n_init if do_init else 1
         rng = check_random_state(self.random_state)

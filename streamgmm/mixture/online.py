@@ -738,10 +738,11 @@ class OnlineGaussianMixture(MixtureBase):
             fit.weights, fit.means, fit.covariances, fit.covariance_type, self._reg
         )
         self.n_seen_ = int(np.count_nonzero(weight))
-        # A warm-up longer than t0 (fit(X) with more than warmup rows) has already taken the
-        # steps of its extra points: the next batch then weighs 1/(n+1) per point, not 1/(t0+1).
-        t0 = float(self.warmup if self.t0 is None else self.t0)
-        self._steps = max(float(self.n_seen_) - t0, 0.0)
+        # A warm-up longer than warmup (fit(X) with more rows) has already taken the steps of its
+        # extra points: with t0 = warmup (the default) the next batch then weighs 1/(n+1) per point,
+        # not 1/(warmup+1).  A warm-up of warmup rows (the daemon's) starts at step 0, so a t0 of
+        # the user's keeps its meaning.
+        self._steps = max(float(self.n_seen_ - self.warmup), 0.0)
         self._refresh_parameters(candidates=None)
         self._start_type_review()
 

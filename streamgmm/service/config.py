@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import io
 import os
 import re
 import types
@@ -200,13 +201,18 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 def _coerce(value, tp, path):
     """Check ``value`` against the annotation ``tp``; return it in canonical form."""
     if isinstance(value, _EnvValue):
-        value = value.text if _takes_text(tp) else value.parsed
+        # Text settings take YAML's text, list or null (quotes, [a, b], ~ as in the file), and the
+        # text as typed where YAML read something else (00123 -> 83, no -> false, a date).
+        parsed = value.parsed
+        value = parsed if not _takes_text(tp) or parsed is None or isinstance(parsed, (str, list)) else value.text
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if float in inner and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # rare_weight: 1e-3 (YAML 1.1 reads it as text; "auto" is text too)
         for alternative in inner[1:]:  # int | str: an integer, else a word such as "auto"
             try:
                 return _coerce(value, alternative, path)
@@ -296,7 +302,9 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
             value = text
         else:
             try:
-                value = _EnvValue(text, yaml.safe_load(text) if text != "" else "")
+                parsed = yaml.safe_load(text) if text != "" else ""
+                # A mapping (a whole section) merges with the file's and other variables' keys.
+                value = parsed if isinstance(parsed, dict) else _EnvValue(text, parsed)
             except yaml.YAMLError:
                 value = text
         tree = raw
@@ -474,11 +482,15 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
     raw: Any = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+            stream = io.StringIO(text)
+            stream.name = str(path)  # YAML's error marks name the file, not "<unicode string>"
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

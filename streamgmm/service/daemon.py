@@ -47,6 +47,10 @@ LOOP_STALL_SECONDS = 30.0
 # _look_for_positions_past_the_end).
 PAST_THE_END_SECONDS = 30.0
 UNASSIGNED_CHECK_SECONDS = 15.0
+# auto.offset.reset latest: the most an assignment waits for the logs' ends (see _pin_latest).
+PIN_LATEST_BUDGET_SECONDS = 5.0
+# Input topics with no partition here (normal in a group) are asked after this often.
+UNREADABLE_INPUT_CHECK_SECONDS = 60.0
 UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 # A batch of at least this many messages, more than half of them dead-lettered, is logged as a
 # WARNING, at most this often.
@@ -168,6 +172,8 @@ class Daemon:
         # Input topics this member has no partition of that the cluster says cannot be read (why),
         # asked every UNASSIGNED_CHECK_SECONDS while some have none here.
         self._inputs_unavailable: dict[str, str] = {}
+        self._inputs_checked = -math.inf
+        self._committed_read = True  # whether the last read of the group's commits worked
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
@@ -293,6 +299,8 @@ class Daemon:
             return
         read = sorted({topic for topic, _ in detector.offsets})
         inputs = self.config.kafka.input_topics
+        if any(topic.startswith("^") for topic in inputs):
+            return  # a regex subscription: which names it matches is the broker's to say
         if not set(read) & set(inputs):
             raise StartupError(
                 f"the newest checkpoint in checkpoint.dir {self.config.checkpoint.dir} is the model of another "
@@ -536,30 +544,24 @@ class Daemon:
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
-        starts, why, pinned = [], {}, {}
+        starts, why = [], {}
+        pinned = self._pin_latest(owned, committed)
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
-            why[(topic, partition)] = _why_there(self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
-            if start is None and self.config.kafka.auto_offset_reset == "latest":
-                # "latest" is where the log ends now, committed at once: left to librdkafka, it was
-                # resolved anew at every start, and a daemon stopped before its first message
-                # skipped all that was written while it was down (helper-35: 1,841 of 2,000).
-                start = pinned[(topic, partition)] = self.source.end_offset(topic, partition)
-                if start is not None:
-                    why[(topic, partition)] = " (auto.offset.reset latest: the log's end, committed)"
+            if (topic, partition) in self.held.unrestored:
+                why[(topic, partition)] = " (held: its model is not restored yet)"
+            else:
+                why[(topic, partition)] = _why_there(self._checkpoint_offset(topic, partition),
+                                                     committed.get((topic, partition)))
+            if start is None and (topic, partition) in pinned:
+                start = pinned[(topic, partition)]
+                why[(topic, partition)] = " (auto.offset.reset latest: the log's end, committed)"
             # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
             starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
             if start is not None and (topic, partition) not in self.held.unrestored:
                 self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
         self.assigned = self.assigned | set(owned)
-        if pinned := {tp: offset for tp, offset in pinned.items() if offset is not None}:
-            try:
-                self.source.commit(pinned)  # on this thread: a rebalance callback (see KafkaSource.commit)
-            except KafkaException as exc:
-                log.warning("could not commit where %s start (%s): a restart before their first checkpoint "
-                            "starts at the log's end again", ", ".join(f"{t}/{p}" for t, p in pinned),
-                            kafka_error_text(exc))
         if held:
             self.source.pause(held)  # librdkafka fetches nothing of them until they are resumed
             self.held.remember_commits(committed)
@@ -570,6 +572,38 @@ class Daemon:
             self._observe_partition_models()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
+
+    def _pin_latest(self, owned, committed: dict) -> dict[tuple[str, int], int]:
+        """auto.offset.reset latest: the log's end now of each partition with neither a checkpoint
+        offset nor a group commit, committed at once (in the rebalance callback, on this thread).
+        Left to librdkafka, "latest" was resolved anew at every start, and a daemon stopped before
+        its first message skipped all that was written while it was down (helper-35: 1,841 of
+        2,000).  Only when the group's commits were read (a failed read is no absent commit:
+        pinning then would commit over the real one), and not for a held partition (its state, not
+        yet read, may be behind the end).  Partitions whose end cannot be had within the budget, or
+        whose pin the group refuses, are left to librdkafka, as before; the log says so."""
+        if self.config.kafka.auto_offset_reset != "latest" or not self._committed_read:
+            return {}
+        unplaced = [tp for tp in owned if tp not in self.held.unrestored
+                    and self._resume_offset(*tp, committed) is None]
+        pinned, deadline = {}, time.monotonic() + PIN_LATEST_BUDGET_SECONDS
+        for topic, partition in unplaced:
+            left = deadline - time.monotonic()
+            end = self.source.end_offset(topic, partition, timeout=left) if left > 0 else None
+            if end is not None:
+                pinned[(topic, partition)] = end
+        if pinned:
+            try:
+                self.source.commit(pinned)  # on this thread: a rebalance callback (see KafkaSource.commit)
+            except KafkaException as exc:
+                log.warning("could not commit the log's end as the start of %s (%s)",
+                            ", ".join(f"{t}/{p}" for t, p in pinned), kafka_error_text(exc))
+                pinned = {}
+        if missed := [tp for tp in unplaced if tp not in pinned]:
+            log.warning("auto.offset.reset latest: the broker did not give the log's end of %s in time, or the "
+                        "commit was refused; librdkafka resolves them, and a restart before their first checkpoint "
+                        "resolves them again", ", ".join(f"{t}/{p}" for t, p in missed))
+        return pinned
 
     def _warn_of_state_behind_the_group(self, owned, committed: dict) -> None:
         """scope: partition: a restored state behind the group's commit, or none where the group
@@ -703,6 +737,7 @@ class Daemon:
                 self._unassigned_reason = None
                 self._look_for_unreadable_inputs(now)
             return
+        self._inputs_unavailable = {}  # (the question below covers every input topic)
         self._unassigned_checked = now
         inputs = self.config.kafka.input_topics
         try:
@@ -720,13 +755,14 @@ class Daemon:
         an ERROR once (and in /readyz), and its coming back is said.  With partitions of another
         topic assigned, a missing one was said once at start and never again (helper-35)."""
         here = {topic for topic, _ in self.assigned}
-        absent = [topic for topic in self.config.kafka.input_topics if topic not in here]
+        # (a "^regex" subscription names no topic to ask about)
+        absent = [t for t in self.config.kafka.input_topics if t not in here and not t.startswith("^")]
         if not absent:
             self._inputs_unavailable = {}
             return
-        if now - self._unassigned_checked < UNASSIGNED_CHECK_SECONDS:
-            return
-        self._unassigned_checked = now
+        if now - self._inputs_checked < UNREADABLE_INPUT_CHECK_SECONDS:
+            return  # a metadata request on the loop's thread: rare (a member without a topic is normal)
+        self._inputs_checked = now
         try:
             problems = self.source.unavailable(absent, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
         except KafkaException:
@@ -879,11 +915,13 @@ class Daemon:
         """The group's committed offsets of these partitions ({} if the group cannot say now: for
         assignments and rewinds, which then go by the checkpoints; a held partition's retry does
         not guess)."""
+        self._committed_read = True
         if not partitions:
             return {}
         try:
             return self.source.committed([TopicPartition(t, p) for t, p in partitions])
         except KafkaException as exc:
+            self._committed_read = False
             log.warning("cannot read the group's committed offsets (%s); going by the checkpoint's",
                         kafka_error_text(exc))
             return {}

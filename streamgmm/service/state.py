@@ -251,7 +251,13 @@ class LocalStateStore:
         handle = open(path, "a+")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # A file system without locks (NFS without lockd, some FUSE mounts): not "in use".
+                handle.close()
+                log.warning("cannot lock checkpoint.dir %s (%s): a second daemon on it would not be refused",
+                            self.directory, exc.strerror or exc)
+                return
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
