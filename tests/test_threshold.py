@@ -318,8 +318,10 @@ def test_the_rarity_of_the_last_fit_stands_across_a_restart_of_the_history():
     threshold = _started(0.001, 20.0)
     _feed(threshold, rng.gamma(3.0, size=30_000))
     points = -np.array([10.0, 14.0, 25.0])
+    threshold._seen_as_rare = lambda d: np.full(np.shape(d), -np.inf)  # the fit's own figures
     before = threshold.log_tail_probability(points)
-    threshold._restart_history()
+    del threshold._seen_as_rare
+    threshold._restart_history()  # (no scores seen since: the fit alone speaks)
     np.testing.assert_array_equal(threshold.log_tail_probability(points), before)
     fitted = threshold.shape_fitted_at
     _feed(threshold, rng.gamma(3.0, size=400))
@@ -388,3 +390,21 @@ def test_at_q_1e4_the_tail_is_read_close_to_z_q_not_200_times_below_it():
     assert flags[burst].mean() == 1.0
     after = flags[burst.stop:].mean() / q
     assert 0.5 <= after <= 2.0, after
+
+
+def test_a_young_fit_never_calls_a_point_rarer_than_the_points_seen_as_low_say():
+    # A GPD fitted to the first peaks extrapolated wildly: "1 in 2.4e12" for a point one point in
+    # 1,584 had matched (helper-37, Poisson integers). Where k counted scores of the window are at
+    # or beyond a point's, its tail probability is at least k / (n + 1).
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        threshold = _started(0.001, 30.0)
+        scores = rng.gamma(3.0, size=1_500)  # the GPD put the highest of them at 1 in 3,300-4,100
+        _feed(threshold, scores)
+        assert threshold.tail_method == "gpd_tail"
+        probe = np.sort(scores)[-5:]  # the five highest scores seen
+        log_tail = threshold.log_tail_probability(-probe)
+        n = threshold.n_counted
+        at_or_beyond = np.array([np.count_nonzero(scores >= s) for s in probe])
+        assert np.all(log_tail >= np.log(at_or_beyond / (n + 1.0)) - 1e-9)
+        assert np.all(np.diff(log_tail) <= 1e-12)  # rarer as the score grows
