@@ -453,3 +453,30 @@ def test_ctrl_c_during_a_replay_is_one_line(tmp_path):
     finally:
         process.kill()
     assert process.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
+
+
+def test_init_from_a_checkpoint_file_a_missing_path_and_what_inspect_says_it_fits(tmp_path):
+    # A checkpoint file was refused as init_from (inspect takes one), a missing path read "no
+    # valid checkpoint there" prefixed with the input's name, and inspect did not say which
+    # dimension and fields a model fits (helper-37).
+    data = _csv(tmp_path)
+    assert _cli("fit", "--config", str(_config(tmp_path)), "--input", str(data), "--output",
+                str(tmp_path / "m")).returncode == 0
+    checkpoint = next((tmp_path / "m").glob("checkpoint-*.sgmm"))
+    shown = _cli("inspect", str(checkpoint))
+    assert "dimension 3, fields a, b, c" in shown.stdout
+    for init_from, code, words in ((checkpoint, 0, None), (tmp_path / "nope", 2, "does not exist")):
+        config = _config(tmp_path, init_from=str(init_from))
+        result = _cli("replay", "--config", str(config), "--input", str(data), "--output", str(tmp_path / "o.jsonl"))
+        assert result.returncode == code, result.stderr
+        if words:
+            assert words in result.stderr and str(data) not in result.stderr
+
+
+def test_a_file_no_record_of_which_is_valid_says_why_the_first_was_not(tmp_path):
+    data = tmp_path / "four.csv"
+    data.write_text("\n".join("1,2,3,4" for _ in range(400)))
+    result = _cli("replay", "--config", str(_config(tmp_path)), "--input", str(data))
+    assert result.returncode == 1 and "the first: wrong_dimension" in result.stderr
+    result = _cli("fit", "--config", str(_config(tmp_path)), "--input", str(data), "--output", str(tmp_path / "m"))
+    assert result.returncode == 2 and "the first invalid: wrong_dimension" in result.stderr

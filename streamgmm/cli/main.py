@@ -174,7 +174,7 @@ def cmd_replay(args) -> int:
     config = _load(args.config)
     configure_logging("WARNING", "text")
     one_blas_thread()
-    from .replay import InputError, guess_format, open_input, replay
+    from .replay import InitFromError, InputError, guess_format, open_input, replay
 
     fmt = guess_format(args.input, args.format, config.input.format)
     if args.output not in (None, "-") and args.input != "-" and Path(args.output).exists() \
@@ -195,13 +195,20 @@ def cmd_replay(args) -> int:
             summary = replay(config, source, sink, fmt)
         except InputError as exc:
             return _fail(f"{args.input}: {exc}")
+        except InitFromError as exc:
+            return _fail(str(exc))
     print(json.dumps({"summary": summary}), file=sys.stderr)
+    if not summary["n_records"]:
+        print(f"streamgmm: {args.input} holds no records (empty, or a header only)", file=sys.stderr)
     if summary["n_records"] and not summary["n_valid"]:
+        first = summary.get("first_invalid", {})
         print(f"streamgmm: none of the {summary['n_records']} records was valid as {fmt} with "
-              f"input.dimension={config.input.dimension}; check --format and input.fields", file=sys.stderr)
+              f"input.dimension={config.input.dimension} (the first: {first.get('reason')}, {first.get('detail')}); "
+              "check --format, input.dimension and input.fields (JSON input is one document per line)",
+              file=sys.stderr)
         return 1
     if summary["n_valid"] and summary["n_valid"] < config.model.warmup:
-        print(f"streamgmm: only {summary['n_valid']} valid records, fewer than the warm-up "
+        print(f"streamgmm: only {summary['n_valid']} valid record(s), fewer than the warm-up "
               f"(model.warmup={config.model.warmup}): no model was made and nothing was scored; "
               "replay more data or set a smaller model.warmup", file=sys.stderr)
     return 0
@@ -228,7 +235,7 @@ def cmd_fit(args) -> int:
 
     fmt = guess_format(args.input, args.format, config.input.format)
     try:
-        X, n_invalid = read_matrix(config, args.input, fmt)
+        X, n_invalid, first_invalid = read_matrix(config, args.input, fmt)
     except OSError as exc:
         return _fail(f"cannot read --input {args.input}: {exc.strerror}; fix the path")
     except InputError as exc:
@@ -236,7 +243,8 @@ def cmd_fit(args) -> int:
     m = config.model
     if len(X) < m.warmup:
         # 3 rows made a model that then flagged 100 points in 300 as "1 in 1.3" (helper-37).
-        return _fail(f"{args.input} has {len(X)} valid rows ({n_invalid} invalid), fewer than model.warmup="
+        why = f"; the first invalid: {first_invalid}" if first_invalid else ""
+        return _fail(f"{args.input} has {len(X)} valid rows ({n_invalid} invalid{why}), fewer than model.warmup="
                      f"{m.warmup}, the fewest the daemon builds a model from; fit on more rows or lower model.warmup")
     detector = Detector(config)
     if "auto" in (m.n_components, m.covariance_type):
@@ -364,6 +372,8 @@ def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ())
         "n_seen": model["n_seen"],
         "initialized": model["initialized"],
         "offsets": state["offsets"],
+        # Which configurations it fits: input.dimension and input.fields must match to use it.
+        "input": {k: state.get("input", {}).get(k) for k in ("format", "dimension", "fields")},
         "threshold": _summarised(state["threshold"]),
         # What the model has (chosen at warm-up when the config said auto), and what the config said.
         "model": {**configured, **model.get("chosen", {}),
@@ -437,6 +447,9 @@ def _describe(summary: dict) -> str:
         f"messages          {summary['n_valid'] + summary['n_invalid']:,} read: {summary['n_valid']:,} valid, "
         f"{summary['n_invalid']:,} invalid (dead-lettered)",
         f"anomalies         {summary['n_anomalies']:,} flagged",
+        f"input             dimension {summary['input']['dimension']}, "
+        + (f"fields {', '.join(summary['input']['fields'])}" if summary["input"]["fields"] else "no field names")
+        + " (a config using this model must say the same)",
         f"points learned    {summary['n_seen']:,} (n_seen: valid points the model learned from; flagged ones "
         f"are not, unless adopted as a new regime)",
         f"model             {_describe_model(summary['initialized'], model)}, forgetting half-life "

@@ -30,6 +30,10 @@ class InputError(ValueError):
     """The recorded input does not fit the configuration (the message says how)."""
 
 
+class InitFromError(ValueError):
+    """model.init_from cannot be used for this replay (the message says how)."""
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -109,18 +113,22 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
             state, _ = initial_state(config.model.init_from)
             detector.restore(state)
         except CheckpointError as exc:
-            raise InputError(str(exc)) from None
+            raise InitFromError(str(exc)) from None
         except ValueError as exc:  # a model of other inputs (dimension, fields)
-            raise InputError(f"{exc} (for a replay: set input to what model.init_from={config.model.init_from} was "
+            raise InitFromError(f"{exc} (for a replay: set input to what model.init_from={config.model.init_from} was "
                              "fitted on, or fit a new model)") from None
     offset = 0
     batch: list[InputRecord] = []
+    first_invalid: dict = {}
 
     def flush():
         nonlocal batch
         if not batch:
             return
         result = detector.process(batch, now=time.time())
+        # Why each invalid record was refused, as its dead letter says ("expected 16 values, got 4").
+        details = {letter.source[2]: dict(letter.headers).get("streamgmm.error.detail", b"").decode(errors="replace")
+                   for letter in result.dead_letters if letter.source is not None}
         # An anomaly's line carries what its record on the output topic says of why (rarity, the
         # nearest component, the top features), so a replay previews what on-call will read.
         why = {}
@@ -132,7 +140,9 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
                 zip(batch, result.decisions(), result.decision_thresholds())):
             if decision is None:
                 row = {"offset": record.offset, "invalid": result.invalid_index.get(i),
-                       "log_density": None, "anomaly": False, "threshold": None}
+                       "detail": details.get(record.offset), "log_density": None, "anomaly": False, "threshold": None}
+                if not first_invalid:
+                    first_invalid.update(offset=record.offset, reason=row["invalid"], detail=row["detail"])
             else:
                 density, flagged, component = decision
                 row = {"offset": record.offset,
@@ -153,15 +163,17 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
     sink.flush()
     return {"n_records": offset, "n_valid": detector.n_valid, "n_invalid": detector.n_invalid,
             "n_anomalies": detector.n_anomalies, "n_seen": detector.model.n_seen_,
-            "threshold": detector.threshold.value}
+            "threshold": detector.threshold.value, **({"first_invalid": first_invalid} if first_invalid else {})}
 
 
-def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int]:
-    """All valid rows of a recorded file as a matrix, and the number of invalid rows skipped."""
+def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int, str | None]:
+    """All valid rows of a recorded file as a matrix, the number of invalid rows skipped, and
+    why the first of them was (None if none was)."""
     with open_input(path) as stream:
         values = list(record_values(stream, fmt, config))
     decoded = Decoder(dataclasses.replace(config.input, format=fmt)).decode(values)
-    return decoded.X, len(decoded.invalid)
+    first = decoded.invalid[0] if decoded.invalid else None
+    return decoded.X, len(decoded.invalid), None if first is None else f"{first.reason}, {first.detail}"
 
 
 def open_input(path: str) -> IO[str]:

@@ -206,11 +206,18 @@ def initial_state(init_from: str) -> tuple[dict, Path]:
     """The newest valid checkpoint in ``init_from`` (model.init_from, e.g. written by ``streamgmm
     fit``) as a state to start from: its model and threshold, with counters and offsets anew.
     CheckpointError when there is none."""
-    found = CheckpointStore(init_from).load_latest()
-    if found is None:
-        raise CheckpointError(f"model.init_from={init_from}: no valid checkpoint there; write one with "
-                              "`streamgmm fit` or set model.init_from: null")
-    state, path = found
+    where = Path(init_from)
+    if not where.exists():
+        raise CheckpointError(f"model.init_from={init_from} does not exist; write a checkpoint there with "
+                              "`streamgmm fit`, fix the path, or set model.init_from: null")
+    if where.is_file():  # a checkpoint file itself, as `streamgmm inspect` takes
+        state, path = read_checkpoint_file(where), where
+    else:
+        found = CheckpointStore(init_from).load_latest()
+        if found is None:
+            raise CheckpointError(f"model.init_from={init_from}: no valid checkpoint there; write one with "
+                                  "`streamgmm fit` or set model.init_from: null")
+        state, path = found
     return {**state, "offsets": {}, "counters": {k: 0 for k in state["counters"]}}, path
 
 
