@@ -600,8 +600,11 @@ class OnlineGaussianMixture(MixtureBase):
             by_feature = np.ascontiguousarray(X.T)
             with np.errstate(over="ignore", invalid="ignore"):
                 low, high = self._from_internal(by_feature.min(axis=1)), self._from_internal(by_feature.max(axis=1))
-            self.data_min_ = np.where(np.isfinite(low), np.minimum(self.data_min_, low), self.data_min_)
-            self.data_max_ = np.where(np.isfinite(high), np.maximum(self.data_max_, high), self.data_max_)
+            # Past the limits by more than the round trip through standard units: a count's 0 came
+            # back as -8.9e-16 and a normal range read [-8.9e-16, ...] (helper-37).
+            slack = 1e-9 * self.scale_
+            self.data_min_ = np.where(np.isfinite(low) & (low < self.data_min_ - slack), low, self.data_min_)
+            self.data_max_ = np.where(np.isfinite(high) & (high > self.data_max_ + slack), high, self.data_max_)
 
     def _learn(self, statistics: BatchStatistics, candidates, full_s2) -> None:
         """Learn a batch's statistics, and the full second moments ``full_s2`` of the same rows for a
