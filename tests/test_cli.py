@@ -224,7 +224,7 @@ def test_inspect_shows_the_fitted_auto_model_and_takes_a_checkpoint_file(tmp_pat
 
 def test_inspect_a_lone_corrupt_checkpoint_says_there_is_nothing_to_fall_back_to(tmp_path):
     _, out = _fit_auto(tmp_path)
-    (path,) = out.iterdir()
+    (path,) = out.glob("checkpoint-*.sgmm")
     path.write_bytes(path.read_bytes()[:-10])
     for target in (out, path):
         result = _cli("inspect", str(target))

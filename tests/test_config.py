@@ -314,3 +314,19 @@ def test_rare_weight_auto_follows_the_quantile_within_bounds(threshold, min_weig
 
     config = config_from_dict({"model": {"min_weight": min_weight}, "threshold": threshold})
     assert rare_weight(config) == pytest.approx(expected)
+
+
+def test_text_from_the_environment_keeps_a_hash_and_a_colon_and_a_key_is_masked():
+    # "my #group" became "my" (YAML read the rest as a comment), "team: a" a mapping; a private
+    # key in ssl.key.pem was printed in the clear; a whole section replaced the file's (helper-38).
+    config = config_from_dict(
+        {"kafka": {"consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}}},
+        environ={"STREAMGMM_KAFKA__GROUP_ID": "my #group", "STREAMGMM_KAFKA__CLIENT_ID": "team: a",
+                 "STREAMGMM_KAFKA__SECURITY__SSL_KEY_PEM": "-----BEGIN PRIVATE KEY-----\nabc",
+                 "STREAMGMM_KAFKA__CONSUMER": "{fetch.wait.max.ms: 50}"})
+    assert config.kafka.group_id == "my #group" and config.kafka.client_id == "team: a"
+    assert "BEGIN PRIVATE KEY" not in str(masked(as_dict(config)))
+    assert dict(config.kafka.consumer) == {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                                           "fetch.wait.max.ms": 50}
+    with pytest.raises(ConfigError, match="STREAMGMM_MODEL: set a section's keys one by one"):
+        config_from_dict({}, environ={"STREAMGMM_MODEL": "{alpha: 0.9}"})  # was ignored without a word

@@ -365,6 +365,15 @@ def test_an_input_topic_missing_beside_one_assigned_is_said_and_its_return_too(t
         daemon._turn()
     assert "later" not in daemon.readiness()[2]
     assert "input topic later can be read now" in caplog.text
+    # Assigned before the next question (the usual case): that is said too (helper-38: the line
+    # never came, the assignment cleared the topic first).
+    daemon.source.unavailable = lambda topics, timeout: {"later": "does not exist"}
+    daemon._inputs_checked -= 60.0
+    daemon._turn()
+    daemon.assigned = frozenset({("in", 0), ("later", 0)})
+    with caplog.at_level("INFO"):
+        daemon._turn()
+    assert "input topic later is read now" in caplog.text and "later" not in daemon.readiness()[2]
 
 
 def test_a_kafka_batch_gives_the_same_sources_as_its_records():

@@ -189,3 +189,50 @@ def test_a_file_system_without_locks_is_not_called_in_use(tmp_path, monkeypatch,
     with caplog.at_level("WARNING"):
         LocalStateStore(tmp_path / "state", keep=3).lock()
     assert "cannot lock checkpoint.dir" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_lock_file_of_another_user_and_two_probes_at_once_are_not_tracebacks(tmp_path, monkeypatch):
+    # A .lock left by a first run as root: PermissionError traceback, exit 1 (systemd restarted
+    # it for ever); two daemons starting at once shared the write probe's name and one was told
+    # the directory was not writable (helper-38).
+    import builtins
+
+    from streamgmm.service.state import CheckpointError
+
+    real_open = builtins.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(CheckpointError, match="cannot open .*\\.lock: Permission denied; give the daemon's user"):
+        LocalStateStore(tmp_path / "state", keep=3).lock()
+    monkeypatch.undo()
+    import os
+    store = LocalStateStore(tmp_path / "state", keep=3)
+    store.check_writable()
+    assert not any(p.name.startswith(".streamgmm-write-test") for p in (tmp_path / "state").iterdir())
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    probes = []
+    real_write = __import__("streamgmm.service.state", fromlist=["write_atomically"]).write_atomically
+    monkeypatch.setattr("streamgmm.service.state.write_atomically", lambda p, d: probes.append(p) or real_write(p, d))
+    store.check_writable()
+    assert probes[0].name == ".streamgmm-write-test-4242"
+
+
+def test_fit_into_a_running_daemons_directory_is_refused(tmp_path):
+    # fit --output into a running daemon's checkpoint.dir wrote a model the daemon's restart then
+    # took, its 3,000 learned messages gone (helper-38).
+    path, raw = _config(tmp_path)
+    holder = LocalStateStore(tmp_path / "state", keep=3)
+    holder.lock()
+    data = tmp_path / "d.csv"
+    rng = np.random.default_rng(0)
+    data.write_text("a,b,c\n" + "\n".join(",".join(map(repr, x)) for x in rng.normal(size=(300, 3)).tolist()))
+    result = subprocess.run([sys.executable, "-m", "streamgmm", "fit", "--config", str(path), "--input", str(data),
+                             "--output", str(tmp_path / "state"), "--format", "csv"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is in use by streamgmm pid" in result.stderr, result.stderr
+    assert not list((tmp_path / "state").glob("checkpoint-*"))

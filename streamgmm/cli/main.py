@@ -22,7 +22,7 @@ import yaml
 from .. import __version__
 from ..detection.records import iso_time
 from ..mixture.online import FINAL_N_INIT_FACTOR, WARMUP_N_INIT
-from ..service.state import CheckpointError, CheckpointStore, read_checkpoint_file
+from ..service.state import CheckpointError, CheckpointStore, LocalStateStore, read_checkpoint_file
 from ..service.config import ConfigError, as_dict, load_config, masked
 
 log = logging.getLogger("streamgmm")
@@ -276,6 +276,8 @@ def cmd_fit(args) -> int:
     detector.threshold.update(detector.model)
     _calibrate_on_the_file(detector.threshold, detector.model.score_samples(X))
     try:
+        # Not into a running daemon's directory: its next start would take this model (helper-38).
+        LocalStateStore(args.output, config.checkpoint.keep).lock()
         path = CheckpointStore(args.output, config.checkpoint.keep).write(detector.state(time.time()))
     except CheckpointError as exc:
         return _fail(f"{exc}; fix --output")

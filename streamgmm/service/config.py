@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 ENV_PREFIX = "STREAMGMM_"
-SECRET_WORDS = ("password", "secret", "token", "credential")
+SECRET_WORDS = ("password", "secret", "token", "credential", "key.pem", "private")
 
 
 class ConfigError(ValueError):
@@ -203,8 +203,15 @@ def _coerce(value, tp, path):
     if isinstance(value, _EnvValue):
         # Text settings take YAML's text, list or null (quotes, [a, b], ~ as in the file), and the
         # text as typed where YAML read something else (00123 -> 83, no -> false, a date).
-        parsed = value.parsed
-        value = parsed if not _takes_text(tp) or parsed is None or isinstance(parsed, (str, list)) else value.text
+        parsed, text = value.parsed, value.text.strip()
+        if _takes_text(tp):
+            # YAML's null, [list] or 'quoted text'; else the text as typed ("my #group" lost its
+            # comment-looking half to YAML, 00123 became 83).
+            quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+            keep = parsed is None or (isinstance(parsed, list) and text.startswith("[")) or quoted
+            value = parsed if keep else text
+        else:
+            value = parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -294,6 +301,9 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
             section = next(prefix for prefix in sections if name.startswith(prefix))
             raise ConfigError(f"environment variable {name}: a section and its key are separated by two "
                               f"underscores ({section[:-1]}__{name[len(section):]})")
+        if name in {f"{ENV_PREFIX}{field.name.upper()}" for field in dataclasses.fields(Config)}:
+            raise ConfigError(f"environment variable {name}: set a section's keys one by one "
+                              f"({name}__KEY), not the section as a whole")
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
@@ -302,17 +312,22 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
             value = text
         else:
             try:
-                parsed = yaml.safe_load(text) if text != "" else ""
-                # A mapping (a whole section) merges with the file's and other variables' keys.
-                value = parsed if isinstance(parsed, dict) else _EnvValue(text, parsed)
+                value = _EnvValue(text, yaml.safe_load(text) if text != "" else "")
             except yaml.YAMLError:
                 value = text
         tree = raw
         for key in keys[:-1]:
+            node = tree.get(key)
+            if isinstance(node, _EnvValue) and isinstance(node.parsed, dict):
+                tree[key] = dict(node.parsed)  # a mapping set whole, then one of its keys
             tree = tree.setdefault(key, {})
             if not isinstance(tree, dict):
                 raise ConfigError(f"environment override for {'.'.join(keys)} conflicts with a non-mapping value")
-        tree[keys[-1]] = value
+        existing, parsed = tree.get(keys[-1]), getattr(value, "parsed", None)
+        if isinstance(parsed, dict) and isinstance(existing, dict):
+            tree[keys[-1]] = {**existing, **parsed}  # a mapping's keys added to the file's
+        else:
+            tree[keys[-1]] = value
         if origins is not None:
             origins[".".join(keys)] = name
     return raw

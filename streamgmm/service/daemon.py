@@ -111,7 +111,8 @@ def _why_there(checkpointed: int | None, committed: int | None) -> str:
         return ""
     if committed > checkpointed:
         return (f" (the group's commit; the model's checkpoint is at {checkpointed}: {committed - checkpointed} "
-                "message(s) between were learned by another member, or skipped by a move of the group's offsets)")
+                "message(s) between were learned by another member, or by this model in a newer checkpoint since "
+                "lost, or skipped by a move of the group's offsets)")
     return (f" (the model's checkpoint; the group's commit is behind it at {committed}: not read again, the model "
             "has learned them)")
 
@@ -265,8 +266,7 @@ class Daemon:
             self._check_state_record_size()
         try:
             self.local.check_writable()
-            if self.scope == "global":  # (partition models keep a directory each)
-                self.local.lock()
+            self.local.lock()
         except CheckpointError as exc:
             if not self.checkpointer.local_is_copy:
                 raise StartupError(str(exc)) from None
@@ -755,6 +755,9 @@ class Daemon:
         an ERROR once (and in /readyz), and its coming back is said.  With partitions of another
         topic assigned, a missing one was said once at start and never again (helper-35)."""
         here = {topic for topic, _ in self.assigned}
+        if came := [topic for topic in self._inputs_unavailable if topic in here]:
+            log.info("input topic %s is read now", ", ".join(came))
+            self._inputs_unavailable = {t: why for t, why in self._inputs_unavailable.items() if t not in here}
         # (a "^regex" subscription names no topic to ask about)
         absent = [t for t in self.config.kafka.input_topics if t not in here and not t.startswith("^")]
         if not absent:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -253,9 +254,13 @@ class LocalStateStore:
         another process holds it).  Two daemons on one directory overwrote each other's files
         through the same temporary names and pruned each other's checkpoints, and a restart then
         took whichever model was newest (helper-35: another pipeline's)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / ".lock"
-        handle = open(path, "a+")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as exc:  # a .lock left by another user (a first run as root, then 10001)
+            raise CheckpointError(f"cannot open {path}: {exc.strerror or exc}; give the daemon's user the directory "
+                                  f"and its files (chown -R) or point checkpoint.dir elsewhere") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -272,14 +277,14 @@ class LocalStateStore:
                                   "checkpoint.dir (the members of a group too, with model.scope: global)") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"streamgmm pid {os.getpid()}\n")
+        handle.write(f"streamgmm pid {os.getpid()} on {socket.gethostname()}\n")  # (in a container: its id)
         handle.flush()
         self._lock = handle  # released when the process ends, however it ends
 
     def check_writable(self) -> None:
         """Raise CheckpointError unless a file can be created in the directory (checked at start:
         a daemon that can never checkpoint must not run)."""
-        probe = self.directory / ".streamgmm-write-test"
+        probe = self.directory / f".streamgmm-write-test-{os.getpid()}"  # two starting at once: a probe each
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomically(probe, b"ok")
