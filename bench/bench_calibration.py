@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from streamgmm.detection.detector import Detector  # noqa: E402
 from streamgmm.detection.records import InputRecord  # noqa: E402
 from streamgmm.service.config import config_from_dict  # noqa: E402
+from streamgmm.dev.synthetic import skewed_clusters  # noqa: E402
 
 SHUTTLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "shuttle.csv"
 WARMUP = 1000
@@ -73,27 +74,6 @@ def ring(n, rng, d=4):
 def poisson_counts(n, rng, d=6):
     """Discrete: independent Poisson counts, means 2 to 30."""
     return rng.poisson(rng.uniform(2.0, 30.0, d), (n, d)).astype(float)
-
-
-def _shell(rng, n, d, radius=2.0, noise=0.1):
-    v = rng.normal(size=(n, d))
-    return radius * v / np.linalg.norm(v, axis=1, keepdims=True) + noise * rng.normal(size=(n, d))
-
-
-def skewed_clusters(n, rng, d=6):
-    """Four clusters, none Gaussian: log-normal, uniform, Student t (df 4), a spherical shell."""
-    labels = rng.choice(4, n, p=[0.4, 0.3, 0.2, 0.1])
-    centers = rng.normal(size=(4, d)) * 10.0
-    X = np.empty((n, d))
-    for k, make in enumerate((
-        lambda m: np.exp(0.7 * rng.normal(size=(m, d))),
-        lambda m: rng.uniform(-2.0, 2.0, (m, d)),
-        lambda m: rng.normal(size=(m, d)) / np.sqrt(rng.chisquare(4, (m, 1)) / 4),
-        lambda m: _shell(rng, m, d),
-    )):
-        rows = labels == k
-        X[rows] = centers[k] + make(int(rows.sum()))
-    return X
 
 
 def drifting(n, rng, d=8):

@@ -364,19 +364,10 @@ def test_at_q_1e4_the_tail_is_read_close_to_z_q_not_200_times_below_it():
     # the window: 0.98 q.
     from streamgmm.detection.detector import Detector, InputRecord
 
-    rng = np.random.default_rng(2)
+    from streamgmm.dev.synthetic import skewed_clusters
+
     n, d, q = 501_000, 6, 1e-4
-    labels = rng.choice(4, n, p=[0.4, 0.3, 0.2, 0.1])
-    centers = rng.normal(size=(4, d)) * 10.0
-    X = np.empty((n, d))
-    for k, make in enumerate((
-        lambda m: np.exp(0.7 * rng.normal(size=(m, d))),
-        lambda m: rng.uniform(-2.0, 2.0, (m, d)),
-        lambda m: rng.normal(size=(m, d)) / np.sqrt(rng.chisquare(4, (m, 1)) / 4),
-        lambda m: 2.0 * (v := rng.normal(size=(m, d))) / np.linalg.norm(v, axis=1, keepdims=True)
-        + 0.1 * rng.normal(size=(m, d)),
-    )):
-        X[labels == k] = centers[k] + make(int(np.count_nonzero(labels == k)))
+    X = skewed_clusters(n, np.random.default_rng(2), d)
     burst = slice(n // 2, n // 2 + n // 100)
     direction = np.random.default_rng(102).normal(size=d)
     X[burst] += 3.0 * (X.max(axis=0) - X.min(axis=0)) * direction / np.linalg.norm(direction)

@@ -126,9 +126,6 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         if not batch:
             return
         result = detector.process(batch, now=time.time())
-        # Why each invalid record was refused, as its dead letter says ("expected 16 values, got 4").
-        details = {letter.source[2]: dict(letter.headers).get("streamgmm.error.detail", b"").decode(errors="replace")
-                   for letter in result.dead_letters if letter.source is not None}
         # An anomaly's line carries what its record on the output topic says of why (rarity, the
         # nearest component, the top features), so a replay previews what on-call will read.
         why = {}
@@ -139,8 +136,9 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
         for i, (record, decision, threshold) in enumerate(
                 zip(batch, result.decisions(), result.decision_thresholds())):
             if decision is None:
-                row = {"offset": record.offset, "invalid": result.invalid_index.get(i),
-                       "detail": details.get(record.offset), "log_density": None, "anomaly": False, "threshold": None}
+                invalid = result.invalid_index.get(i)  # why, as its dead letter says ("expected 16 values, got 4")
+                row = {"offset": record.offset, "invalid": invalid and invalid.reason,
+                       "detail": invalid and invalid.detail, "log_density": None, "anomaly": False, "threshold": None}
                 if not first_invalid:
                     first_invalid.update(offset=record.offset, reason=row["invalid"], detail=row["detail"])
             else:

@@ -46,7 +46,7 @@ class BatchResult:
     # One compact record per scored point, when kafka.scores_topic is set.
     scores: list[OutputRecord] = field(default_factory=list)
     invalid_reasons: Counter = field(default_factory=Counter)
-    invalid_index: dict = field(default_factory=dict)  # record index -> reason
+    invalid_index: dict = field(default_factory=dict)  # record index -> its Invalid (reason, detail)
     invalid_example: str | None = None  # the first invalid record's detail, for the log
     n_valid: int = 0
     n_learned: int = 0
@@ -160,7 +160,7 @@ class Detector:
             result.dead_letters.append(
                 dead_letter(self.config.kafka.dead_letter_topic, record, invalid.reason, invalid.detail, max_value))
             result.invalid_reasons[invalid.reason] += 1
-            result.invalid_index[invalid.index] = invalid.reason
+            result.invalid_index[invalid.index] = invalid
             if result.invalid_example is None:
                 result.invalid_example = f"{invalid.reason}: {invalid.detail}"
         self.n_invalid += len(decoded.invalid)

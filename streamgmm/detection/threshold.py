@@ -401,12 +401,11 @@ class StreamQuantileThreshold:
         fit extrapolates: a GPD fitted to the first few dozen peaks called a point 1 in 2.4e12
         that one point in 1,584 had matched (helper-37).  Beyond every score seen the fit alone
         speaks."""
-        oldest = self._window_start()
-        n = self.n_counted - oldest
-        if not self._scores or n <= 0:
+        n = self.n_counted - self._window_start()
+        scores = self._peaks()[0]
+        if n <= 0 or not len(scores):
             return np.full(np.shape(log_density), -np.inf)
-        scores, index = np.concatenate(self._scores), np.concatenate(self._index)
-        seen = np.sort(scores[index >= oldest])
+        seen = np.sort(scores)
         k = len(seen) - np.searchsorted(seen, -np.asarray(log_density, dtype=float), side="left")
         with np.errstate(divide="ignore"):
             return np.log(k / (n + 1.0))

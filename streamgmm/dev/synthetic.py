@@ -57,3 +57,25 @@ def inject_point_anomalies(X, fraction: float, rng: np.random.Generator, distanc
     radius = distance * (1.0 + rng.random((len(direction), 1)))
     X[is_anomaly] = center + direction * radius * spread
     return X, is_anomaly
+
+
+def shell(rng, n, d, radius=2.0, noise=0.1):
+    """Points on a sphere of this radius in d dimensions, with Gaussian noise of this size."""
+    v = rng.normal(size=(n, d))
+    return radius * v / np.linalg.norm(v, axis=1, keepdims=True) + noise * rng.normal(size=(n, d))
+
+
+def skewed_clusters(n, rng, d=6):
+    """Four clusters, none Gaussian: log-normal, uniform, Student t (df 4), a spherical shell."""
+    labels = rng.choice(4, n, p=[0.4, 0.3, 0.2, 0.1])
+    centers = rng.normal(size=(4, d)) * 10.0
+    X = np.empty((n, d))
+    for k, make in enumerate((
+        lambda m: np.exp(0.7 * rng.normal(size=(m, d))),
+        lambda m: rng.uniform(-2.0, 2.0, (m, d)),
+        lambda m: rng.normal(size=(m, d)) / np.sqrt(rng.chisquare(4, (m, 1)) / 4),
+        lambda m: shell(rng, m, d),
+    )):
+        rows = labels == k
+        X[rows] = centers[k] + make(int(rows.sum()))
+    return X

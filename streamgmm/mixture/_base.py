@@ -178,6 +178,15 @@ class MixtureBase(EstimatorParams):
         check_feature_names(self, X)
         return check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
 
+    def _feature_names_state(self) -> dict:
+        """The ``feature_names`` entry of a saved state ({} when fitted without names)."""
+        names = getattr(self, "feature_names_in_", None)
+        return {} if names is None else {"feature_names": [str(name) for name in names]}
+
+    def _restore_feature_names(self, state: dict) -> None:
+        if state.get("feature_names") is not None:
+            self.feature_names_in_ = np.asarray(state["feature_names"], dtype=object)
+
     def _remember_feature_names(self, X) -> None:
         names = feature_names_of(X)
         if names is None:

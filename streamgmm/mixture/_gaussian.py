@@ -254,10 +254,7 @@ def _squared_mahalanobis_diag(X, means, precisions_chol):
 
 
 def _squared_mahalanobis_spherical(X, means, precisions_chol):
-    shift = means.mean(axis=0)
-    X, means = X - shift, means - shift
-    p2 = precisions_chol**2
-    return _expanded((np.sum(X * X, axis=1)[:, np.newaxis] - 2.0 * (X @ means.T) + np.sum(means * means, axis=1)) * p2)
+    return _squared_mahalanobis_diag(X, means, np.broadcast_to(precisions_chol[:, np.newaxis], means.shape))
 
 
 def _expanded(squared):

@@ -350,8 +350,7 @@ class GaussianMixture(MixtureBase):
             "covariances": np.asarray(self.covariances_).copy(),
             "precisions_cholesky": np.asarray(self.precisions_cholesky_).copy(),
             **({"lower_bounds": np.asarray(self.lower_bounds_, dtype=float)} if hasattr(self, "lower_bounds_") else {}),
-            **({"feature_names": [str(n) for n in self.feature_names_in_]}
-               if getattr(self, "feature_names_in_", None) is not None else {}),
+            **self._feature_names_state(),
         }
 
     @classmethod
@@ -363,8 +362,7 @@ class GaussianMixture(MixtureBase):
         params = {name: value for name, value in state.get("params", {}).items() if name in known}
         model = cls(**{**params, "n_components": K, "covariance_type": cov_type, "reg_covar": float(state["reg_covar"])})
         model.n_features_in_ = D
-        if state.get("feature_names") is not None:
-            model.feature_names_in_ = np.asarray(state["feature_names"], dtype=object)
+        model._restore_feature_names(state)
         if "lower_bounds" in state:
             model.lower_bounds_ = [float(v) for v in np.asarray(state["lower_bounds"], dtype=float).ravel()]
         model.weights_ = require_array(state, "weights", (K,))

@@ -915,9 +915,8 @@ class OnlineGaussianMixture(MixtureBase):
             "steps": float(self._steps),
             "initialized": self.is_initialized,
             "rng_state": self._rng.bit_generator.state,
+            **self._feature_names_state(),
         }
-        if getattr(self, "feature_names_in_", None) is not None:
-            state["feature_names"] = [str(name) for name in self.feature_names_in_]
         if self.is_initialized:
             state.update(
                 chosen={"n_components": int(self.n_components_), "covariance_type": self.covariance_type_},
@@ -944,8 +943,7 @@ class OnlineGaussianMixture(MixtureBase):
         model._start()
         D = state["n_features"]
         model.n_features_in_ = None if D is None else int(D)
-        if state.get("feature_names") is not None:
-            model.feature_names_in_ = np.asarray(state["feature_names"], dtype=object)
+        model._restore_feature_names(state)
         model.n_seen_ = int(state["n_seen"])
         model.n_reseeded_ = int(state["n_reseeded"])
         model._steps = float(state["steps"])

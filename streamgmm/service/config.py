@@ -201,8 +201,6 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 def _coerce(value, tp, path):
     """Check ``value`` against the annotation ``tp``; return it in canonical form."""
     if isinstance(value, _EnvValue):
-        # Text settings take YAML's text, list or null (quotes, [a, b], ~ as in the file), and the
-        # text as typed where YAML read something else (00123 -> 83, no -> false, a date).
         parsed, text = value.parsed, value.text.strip()
         if _takes_text(tp):
             # YAML's null, [list] or 'quoted text'; else the text as typed ("my #group" lost its
@@ -212,14 +210,14 @@ def _coerce(value, tp, path):
             value = parsed if keep else text
         else:
             value = parsed
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) and float in _alternatives(tp):
+        value = float(value)  # YAML 1.1 reads 1e4 and 1e-3 (no dot) as text; "auto" stays a word
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if float in inner and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            value = float(value)  # rare_weight: 1e-3 (YAML 1.1 reads it as text; "auto" is text too)
         for alternative in inner[1:]:  # int | str: an integer, else a word such as "auto"
             try:
                 return _coerce(value, alternative, path)
@@ -241,8 +239,6 @@ def _coerce(value, tp, path):
     if tp not in _SCALARS:  # pragma: no cover
         raise ConfigError(f"{path}: unsupported type {getattr(tp, '__name__', tp)}")
     accepted, words = _SCALARS[tp]
-    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads 1e4 (no dot) as text
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
         raise ConfigError(f"{path}: expected {words}, got {value!r}")
     return float(value) if tp is float else value
@@ -301,7 +297,7 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
             section = next(prefix for prefix in sections if name.startswith(prefix))
             raise ConfigError(f"environment variable {name}: a section and its key are separated by two "
                               f"underscores ({section[:-1]}__{name[len(section):]})")
-        if name in {f"{ENV_PREFIX}{field.name.upper()}" for field in dataclasses.fields(Config)}:
+        if f"{name}_" in sections:
             raise ConfigError(f"environment variable {name}: set a section's keys one by one "
                               f"({name}__KEY), not the section as a whole")
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -342,11 +338,19 @@ class _EnvValue:
     parsed: Any
 
 
+def _alternatives(tp) -> list:
+    """The types an annotation allows besides None: [int, str] for ``int | str | None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
+
+
 def _takes_text(tp) -> bool:
     """Whether the annotation ``tp`` is text: str, a tuple of str, or either or None."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return len(inner) == 1 and _takes_text(inner[0])
+    inner = _alternatives(tp)
+    if len(inner) != 1:
+        return False
+    (tp,) = inner
     return tp is str or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str)
 
 

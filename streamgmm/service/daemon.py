@@ -174,7 +174,6 @@ class Daemon:
         # asked every UNASSIGNED_CHECK_SECONDS while some have none here.
         self._inputs_unavailable: dict[str, str] = {}
         self._inputs_checked = -math.inf
-        self._committed_read = True  # whether the last read of the group's commits worked
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
@@ -354,9 +353,8 @@ class Daemon:
 
     def _load_local(self, key: str) -> dict | None:
         """The newest intact checkpoint file of a model, the files skipped counted."""
-        skipped = self.local.skipped
         state = self.local.load(key)
-        self.metrics.checkpoints_unreadable.inc(self.local.skipped - skipped)
+        self.metrics.checkpoints_unreadable.inc(self.local.skipped)
         return state
 
     def _initial_state(self) -> dict:
@@ -539,13 +537,14 @@ class Daemon:
         if self._rewind_pending is not None:
             # Reload before assigning, so the partitions start at the checkpoint: no seek needed.
             self._reload_from_checkpoint(self._rewind_pending)
-        committed = self._committed(owned)
+        read = self._committed(owned)
+        committed = read or {}
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
         starts, why = [], {}
-        pinned = self._pin_latest(owned, committed)
+        pinned = self._pin_latest(owned, committed) if read is not None else {}
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
             if (topic, partition) in self.held.unrestored:
@@ -578,11 +577,11 @@ class Daemon:
         offset nor a group commit, committed at once (in the rebalance callback, on this thread).
         Left to librdkafka, "latest" was resolved anew at every start, and a daemon stopped before
         its first message skipped all that was written while it was down (helper-35: 1,841 of
-        2,000).  Only when the group's commits were read (a failed read is no absent commit:
-        pinning then would commit over the real one), and not for a held partition (its state, not
+        2,000).  Called only when the group's commits were read (a failed read is no absent commit:
+        pinning then would commit over the real one); not for a held partition (its state, not
         yet read, may be behind the end).  Partitions whose end cannot be had within the budget, or
         whose pin the group refuses, are left to librdkafka, as before; the log says so."""
-        if self.config.kafka.auto_offset_reset != "latest" or not self._committed_read:
+        if self.config.kafka.auto_offset_reset != "latest":
             return {}
         unplaced = [tp for tp in owned if tp not in self.held.unrestored
                     and self._resume_offset(*tp, committed) is None]
@@ -914,20 +913,18 @@ class Daemon:
     def _detector(self, key: str) -> Detector:
         return self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
 
-    def _committed(self, partitions) -> dict[tuple[str, int], int]:
-        """The group's committed offsets of these partitions ({} if the group cannot say now: for
+    def _committed(self, partitions) -> dict[tuple[str, int], int] | None:
+        """The group's committed offsets of these partitions (None if the group cannot say now: for
         assignments and rewinds, which then go by the checkpoints; a held partition's retry does
         not guess)."""
-        self._committed_read = True
         if not partitions:
             return {}
         try:
             return self.source.committed([TopicPartition(t, p) for t, p in partitions])
         except KafkaException as exc:
-            self._committed_read = False
             log.warning("cannot read the group's committed offsets (%s); going by the checkpoint's",
                         kafka_error_text(exc))
-            return {}
+            return None
 
     def _resume_offset(self, topic: str, partition: int, committed: dict) -> int | None:
         """The later of the model's offset and the group's committed one (None: neither)."""
@@ -1008,7 +1005,7 @@ class Daemon:
         leaves the rewind pending: tried again next turn."""
         self._reload_from_checkpoint(self._rewind_pending)
         partitions = self.assigned - self.held.partitions()
-        committed = self._committed(partitions)
+        committed = self._committed(partitions) or {}
         floors = {tp: later_offset(committed.get(tp), self._commits_at_assignment.get(tp)) for tp in partitions}
         if self._seek_to_resume(partitions, self.held.first_offset, {tp: o for tp, o in floors.items() if o is not None}):
             self._rewind_pending = "a seek back to the checkpoint failed"

@@ -229,7 +229,7 @@ class LocalStateStore:
     def __init__(self, directory: str | os.PathLike, keep: int):
         self.directory = Path(directory)
         self.keep = keep
-        self.skipped = 0  # checkpoint files that did not read back intact, over every load
+        self.skipped = 0  # checkpoint files the last load skipped (they did not read back intact)
 
     def store_for(self, key: str) -> CheckpointStore:
         # The global model keeps the top-level directory, as single-instance deployments expect.
@@ -242,7 +242,7 @@ class LocalStateStore:
     def load(self, key: str) -> dict | None:
         store = self.store_for(key)
         found = store.load_latest()
-        self.skipped += store.skipped
+        self.skipped = store.skipped
         if found is None and store.skipped:
             log.error("no checkpoint of %s in %s reads back intact: its model starts afresh with a new warm-up, "
                       "from the group's commit (what the lost checkpoints had learned is not learned again); "
