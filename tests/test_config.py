@@ -99,11 +99,13 @@ def test_text_settings_from_the_environment_keep_the_text_and_numbers_read_as_nu
     # ... and YAML's own text, lists and null as before (helper-36: "null" became a topic named null).
     config = config_from_dict({"kafka": {"scores_topic": "scores"}, "checkpoint": {"topic": "state"}},
                               environ={"STREAMGMM_KAFKA__SCORES_TOPIC": "null", "STREAMGMM_CHECKPOINT__TOPIC": "~",
-                                       "STREAMGMM_KAFKA__INPUT_TOPICS": "[a, b]", "STREAMGMM_KAFKA__GROUP_ID": "'my group'",
+                                       "STREAMGMM_KAFKA__INPUT_TOPICS": "[a, 00123, 'x #y']",
+                                       "STREAMGMM_KAFKA__GROUP_ID": "'my group'",
                                        "STREAMGMM_KAFKA__CONSUMER": "{fetch.wait.max.ms: 5}",
                                        "STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "6000"})
     assert config.kafka.scores_topic is None and config.checkpoint.topic is None
-    assert config.kafka.input_topics == ("a", "b") and config.kafka.group_id == "my group"
+    # A list's items as typed too: [a, 00123] was ("a", 83).
+    assert config.kafka.input_topics == ("a", "00123", "x #y") and config.kafka.group_id == "my group"
     assert dict(config.kafka.consumer) == {"fetch.wait.max.ms": 5, "session.timeout.ms": "6000"}
 
 

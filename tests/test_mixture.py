@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
 
-from streamgmm import ConvergenceWarning, GaussianMixture, NotFittedError
+from streamgmm import ConvergenceWarning, GaussianMixture, NotFittedError, OnlineGaussianMixture
 from streamgmm.mixture._gaussian import COVARIANCE_TYPES
 
 
@@ -237,3 +237,14 @@ def test_warm_start_refuses_reordered_columns_and_a_failed_fit_keeps_the_names(b
         model.fit(_Frame(np.full((5, 3), np.nan), ["x", "y", "z"]))
     assert list(model.feature_names_in_) == ["a", "b", "c"]
     model.score_samples(frame)
+
+
+def test_online_first_batch_that_fails_the_checks_leaves_no_names(blobs):
+    # The online model kept a rejected first batch's names: it showed feature_names_in_ of data
+    # it never took.
+    model = OnlineGaussianMixture(2, warmup=50, random_state=0)
+    with pytest.raises(ValueError):
+        model.partial_fit(_Frame(np.full((5, 3), np.nan), ["x", "y", "z"]))
+    assert not hasattr(model, "feature_names_in_")
+    model.partial_fit(_Frame(blobs[:100, :3], ["a", "b", "c"]))
+    assert list(model.feature_names_in_) == ["a", "b", "c"]

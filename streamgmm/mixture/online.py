@@ -507,14 +507,15 @@ class OnlineGaussianMixture(MixtureBase):
         """
         if not self._is_started():
             self._start()
-        if self.n_features_in_ is None:
-            self._remember_feature_names(X)
-        else:
+        first = self.n_features_in_ is None
+        if not first:
             check_feature_names(self, X)
-        X = check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
-        weight = check_sample_weight(sample_weight, X.shape[0])
-        if self.n_features_in_ is None:
-            self.n_features_in_ = X.shape[1]
+        X_checked = check_array(X, n_features=self.n_features_in_, expected_by=type(self).__name__)
+        weight = check_sample_weight(sample_weight, X_checked.shape[0])
+        if first:  # names and width of the first batch that passed the checks
+            self._remember_feature_names(X)
+            self.n_features_in_ = X_checked.shape[1]
+        X = X_checked
         if not self.is_initialized:
             # Rows of zero weight teach nothing: the warm-up counts the others.
             self._buffer.append(X[weight > 0])

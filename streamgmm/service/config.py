@@ -206,8 +206,9 @@ def _coerce(value, tp, path):
             # YAML's null, [list] or 'quoted text'; else the text as typed ("my #group" lost its
             # comment-looking half to YAML, 00123 became 83).
             quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-            keep = parsed is None or (isinstance(parsed, list) and text.startswith("[")) or quoted
-            value = parsed if keep else text
+            listed = isinstance(parsed, list) and text.startswith("[")
+            keep = parsed is None or listed or quoted
+            value = _list_texts(text) if listed else parsed if keep else text
         else:
             value = parsed
     if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) and float in _alternatives(tp):
@@ -336,6 +337,13 @@ class _EnvValue:
 
     text: str
     parsed: Any
+
+
+def _list_texts(text: str) -> list:
+    """A YAML flow list's items as typed ([00123, b] is ["00123", "b"], not [83, "b"])."""
+    node = yaml.compose(text)
+    return [item.value if isinstance(item, yaml.ScalarNode) else yaml.safe_load(yaml.serialize(item))
+            for item in node.value]
 
 
 def _alternatives(tp) -> list:
