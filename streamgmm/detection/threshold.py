@@ -85,6 +85,8 @@ BULK_GAP_OVER_MEDIAN = 30.0
 # deviations over it).  A rarer far cluster is the normal tail's own (shuttle's normal rows
 # have one, 0.8 q): it belongs in the tail, as before.
 FAR_CLUSTER_OVER_Q = 2.0
+# Flagged points kept for how often the stream scores that low (see _seen_as_rare).
+FLAGGED_KEPT = 5_000
 # More than this: the fit takes this many, evenly spread (a fit then costs about a millisecond).
 FIT_PEAKS = 2_000
 # While the top TAIL_FRACTION holds fewer than MIN_PEAKS, the peaks come from a deeper tail,
@@ -326,6 +328,10 @@ class StreamQuantileThreshold:
         # ``log_tail_probability``; kept by checkpoints, so a restored threshold decides as the original
         self.tail: tuple[float, float, float] | None = None
         self.fit: dict | None = None  # the last estimate, for inspection
+        # Flagged points left out of the counts (after calibration), the newest FLAGGED_KEPT of
+        # the window: how often the stream itself scores that low, for ``_seen_as_rare``.
+        self._flagged = np.empty(0)
+        self._flagged_index = np.empty(0, dtype=np.int64)
 
     # ---------------------------------------------------------------- the value
     @property
@@ -399,10 +405,14 @@ class StreamQuantileThreshold:
         window's points (-inf where none): a floor for the fitted tail.  Where k earlier points
         scored as low, the stream says such a point comes about k times in n, whatever a young
         fit extrapolates: a GPD fitted to the first few dozen peaks called a point 1 in 2.4e12
-        that one point in 1,584 had matched (helper-37).  Beyond every score seen the fit alone
-        speaks."""
-        n = self.n_counted - self._window_start()
-        scores = self._peaks()[0]
+        that one point in 1,584 had matched (helper-37).  Flagged points left out of the counts
+        count here, as points of the stream: 19,100 records in a row after a level shift each
+        called themselves 1 in millions, and clean streams' "1 in 1e6" came 16 times too often
+        (helper-40).  Beyond every score seen the fit alone speaks."""
+        oldest = self._window_start()
+        flagged = self._flagged[self._flagged_index >= oldest]
+        n = self.n_counted - oldest + len(flagged)
+        scores = np.concatenate([self._peaks()[0], flagged])
         if n <= 0 or not len(scores):
             return np.full(np.shape(log_density), -np.inf)
         seen = np.sort(scores)
@@ -458,6 +468,7 @@ class StreamQuantileThreshold:
                 self._fill_tokens(np.count_nonzero(counted))
         else:
             self._fill_tokens(np.count_nonzero(counted))
+        self._keep_flagged(score, flags & ~counted & np.isfinite(score), counted)
         n = int(np.count_nonzero(counted))
         if n == 0:
             return
@@ -473,6 +484,13 @@ class StreamQuantileThreshold:
         self.n_counted += n
         if self.n_counted - self.fitted_at >= self._interval():
             self.refit()
+
+    def _keep_flagged(self, score: np.ndarray, left_out: np.ndarray, counted: np.ndarray) -> None:
+        if not left_out.any():
+            return
+        position = self.n_counted + (np.cumsum(counted) - counted)[left_out]  # the counted point each precedes
+        self._flagged = np.concatenate([self._flagged, score[left_out]])[-FLAGGED_KEPT:]
+        self._flagged_index = np.concatenate([self._flagged_index, position.astype(np.int64)])[-FLAGGED_KEPT:]
 
     def _fill_tokens(self, n_unflagged: int) -> None:
         self.tokens = min(TOKEN_BUCKET, self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
@@ -543,6 +561,13 @@ class StreamQuantileThreshold:
                 share = min(1.0, FIT_PEAKS / n_tail)
                 gamma, sigma = fit_gpd(_thin(excess, max(MIN_PEAKS, round(share * len(excess)))),
                                        _thin(censored, round(share * len(censored))))
+                if gamma < 0.0 and self.n_counted - self.history_start < self.calibration:
+                    # Young: a tail that ends is not trusted past the scores seen. A short-tailed
+                    # fit to the first few dozen peaks ends near the highest of them, and z_q sat
+                    # there: at q = 1e-4, 7 flags in the next 300 points, events of 1 in 100
+                    # (helper-40). The exponential (shape 0, its maximum-likelihood scale) goes on
+                    # past them, as a -log-density's tail does for Gaussian and heavier data.
+                    gamma, sigma = 0.0, float((excess.sum() + censored.sum()) / len(excess))
                 self.gpd = (t, gamma, sigma)
                 self.shape_fitted_at = self.n_counted
             else:
@@ -664,6 +689,8 @@ class StreamQuantileThreshold:
             "peak_scores": scores.copy(),
             "peak_censor": censor.copy(),
             "peak_index": index.copy(),
+            "flagged_scores": self._flagged[self._flagged_index >= self._window_start()],
+            "flagged_index": self._flagged_index[self._flagged_index >= self._window_start()],
         }
 
     def load_dict(self, state: dict) -> None:
@@ -688,6 +715,9 @@ class StreamQuantileThreshold:
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]
         self._censor = [np.asarray(state["peak_censor"], dtype=float).copy()]
         self._index = [np.asarray(state["peak_index"], dtype=np.int64).copy()]
+        # (Absent from checkpoints before flagged points were kept for rarity.)
+        self._flagged = np.asarray(state.get("flagged_scores", ()), dtype=float).copy()
+        self._flagged_index = np.asarray(state.get("flagged_index", ()), dtype=np.int64).copy()
         if state.get("quantile", self.quantile) != self.quantile:
             # The stored peaks cover the saved window only: a longer one (a smaller q) must not
             # count points whose peaks were never kept.
