@@ -350,8 +350,25 @@ def test_the_step_a_feature_is_recorded_at():
 
     rng = np.random.default_rng(0)
     X = np.c_[rng.poisson(3, 500), np.round(rng.normal(size=500), 2), rng.normal(size=500),
-              rng.choice([0.2, 0.7], 500), np.full(500, 4.0), 1e6 * rng.integers(0, 5, 500)]
-    np.testing.assert_allclose(recorded_resolution(X, np.ones(500)), [1.0, 0.01, 0.0, 0.5, 0.0, 1e6])
+              rng.choice([0.2, 0.7], 500), np.full(500, 4.0), 1e6 * rng.integers(0, 5, 500),
+              np.full(500, 2.5), np.zeros(500), np.full(500, np.pi)]
+    # One value: its last decimal's step (4.0: 1; 2.5: 0.1), none for 0 or for pi's many decimals.
+    np.testing.assert_allclose(recorded_resolution(X, np.ones(500)), [1.0, 0.01, 0.0, 0.5, 1.0, 1e6, 0.1, 0.0, 0.0])
+
+
+def test_a_value_the_warm_up_never_saw_on_a_constant_feature_is_not_flagged_for_ever():
+    # 7.0 always in the warm-up, then 8.0 once in 1,000 rows: the feature's variance was
+    # reg_covar's alone, each 8.0 scored 5e5 nats low and was flagged every time, never learned
+    # (52 of 52; q = 1e-4 read 12-14 q).  With the step of 7.0 (1) the 8.0s are ordinary rare values.
+    rng = np.random.default_rng(102)
+    constant = np.full(20_000, 7.0)
+    constant[1000:][rng.random(19_000) < 1e-3] = 8.0
+    X = np.c_[rng.normal(size=(20_000, 4)), constant]
+    model = OnlineGaussianMixture(warmup=1000, random_state=0).partial_fit(X[:1000])
+    eights = X[1000:][constant[1000:] == 8.0]
+    ordinary = model.score_samples(X[1000:][constant[1000:] == 7.0])
+    assert len(eights) >= 5
+    assert np.median(model.score_samples(eights)) > np.quantile(ordinary, 0.001)
 
 
 @pytest.mark.parametrize("seed", range(3))

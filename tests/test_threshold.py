@@ -399,3 +399,92 @@ def test_a_young_fit_never_calls_a_point_rarer_than_the_points_seen_as_low_say()
         at_or_beyond = np.array([np.count_nonzero(scores >= s) for s in probe])
         assert np.all(log_tail >= np.log(at_or_beyond / (n + 1.0)) - 1e-9)
         assert np.all(np.diff(log_tail) <= 1e-12)  # rarer as the score grows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_young_tail_that_seems_to_end_is_not_trusted_past_the_scores_seen(seed):
+    # q = 1e-4, -log p of a 4-d Gaussian: the first fits, on a few dozen peaks, came out short
+    # tailed and put z_q at their end, among scores of 1 in 100: 11 flags in the first 3,000
+    # points on one seed (helper-40).  About 1 is expected in the first 10,000.
+    rng = np.random.default_rng(seed)
+    scores = rng.chisquare(4, 10_000) / 2.0
+    threshold = _started(1e-4, np.quantile(rng.chisquare(4, 10**6) / 2.0, 1 - 1e-6))
+    flags = _feed(threshold, scores, batch=100)
+    assert flags.sum() <= 4, f"{flags.sum()} flags in 10,000 points at q = 1e-4"
+
+
+class _ModelOfTypicalLevel:
+    """What the threshold asks of a model: whether it exists, its typical log-density, and for
+    the start value (before the first fit) a density quantile, here the one it was given."""
+
+    is_initialized = True
+    n_seen_ = 0
+
+    def __init__(self, typical, start=-12.0):
+        self.typical, self.start = typical, start
+
+    def typical_log_density(self):
+        return self.typical
+
+    def density_quantile(self, *args, **kwargs):
+        return self.start
+
+
+def test_scores_are_read_against_the_model_so_a_wider_stream_is_not_flagged_for_it():
+    # Every log-density falls as the stream's spread grows and the model follows it; in -log p
+    # itself the tail moved past z_q, and flagged points are kept out of it, so the threshold
+    # could not follow (sd x4 over 50,000 points: 35-50 q; helper-40).  Relative to the model's
+    # typical log-density the scores stay put.
+    rng = np.random.default_rng(0)
+    q, n, batch = 0.001, 60_000, 1000
+    scores = rng.gamma(3.0, size=n)
+    drop = np.linspace(0.0, 8.0, n)  # 4-d, sd x 4 over the stream: 4 log 4 = 5.5 nats; more here
+    threshold = _started(q, np.quantile(scores, 1 - q))
+    model = _ModelOfTypicalLevel(0.0, start=-np.quantile(scores, 1 - q))
+    flags = []
+    for start in range(0, n, batch):
+        model.typical = -float(drop[start])
+        threshold.update(model)
+        log_density = -scores[start:start + batch] - drop[start:start + batch]
+        flagged = threshold.classify(log_density)
+        threshold.observe(log_density, flagged)
+        flags.append(flagged)
+    after = np.concatenate(flags)[threshold.calibration:]
+    assert 0.5 * q <= after.mean() <= 2.0 * q, f"flagged {after.mean() / q:.2f} x q"
+
+
+def test_a_threshold_saved_in_absolute_scores_is_made_relative_to_the_model_on_restore():
+    rng = np.random.default_rng(3)
+    scores = rng.gamma(3.0, size=30_000)
+    threshold = _started(0.001, np.quantile(scores, 0.999))
+    threshold.update(_ModelOfTypicalLevel(-7.0))
+    _feed(threshold, scores[:20_000])
+    state = threshold.to_dict()
+    # A checkpoint from before scores were relative: the same history in -log p itself (the
+    # relative scores minus the typical log-density), no "scores" key.
+    old = StreamQuantileThreshold(0.001)
+    old.load_dict(state)
+    old._shift_scores(7.0)
+    absolute = old.to_dict()
+    absolute.pop("scores")
+    restored = StreamQuantileThreshold(0.001)
+    restored.load_dict(absolute)
+    restored.update(_ModelOfTypicalLevel(-7.0))
+    assert restored.value == pytest.approx(threshold.value)
+    test = -scores[20_000:]
+    np.testing.assert_array_equal(restored.classify(test), threshold.classify(test))
+
+
+def test_points_flagged_and_left_out_of_the_tail_count_for_how_rare_a_point_is():
+    # After a level shift every point was flagged and kept out of the tail, and each record
+    # called itself 1 in millions: 19,100 records in a row (helper-40).
+    rng = np.random.default_rng(4)
+    q = 0.001
+    threshold = _started(q, 12.0)
+    _feed(threshold, rng.gamma(3.0, size=20_000))
+    assert threshold.calibrated
+    shifted = rng.gamma(3.0, size=5_000) + 25.0
+    flags = _feed(threshold, shifted)
+    assert flags.mean() > 0.99
+    one_in = np.exp(-threshold.log_tail_probability(-np.median(shifted) * np.ones(1)))[0]
+    assert one_in < 20, f"a point like half of the last 5,000 is called 1 in {one_in:.3g}"

@@ -305,10 +305,13 @@ class StreamQuantileThreshold:
         # light-tailed for real data (its q-quantile flagged up to 90 q on non-Gaussian
         # streams), so the start is its q/100-quantile (at most 200,000 draws: their lowest).
         self.start = ModelQuantileThreshold(quantile / 100.0, refresh_every, samples)
+        # The model's typical log-density (see ``update``): scores are counted relative to it.
+        self.typical = 0.0
         self._reset()
 
     def _reset(self) -> None:
         self.n_counted = 0  # points counted so far (unflagged, plus flagged ones with a token)
+        self._absolute_history = False  # a checkpoint's history in -log p itself (see load_dict)
         self.history_start = 0  # the counted point the history starts at (see ``_restart_history``)
         self.tokens = TOKEN_BUCKET
         # Stored peaks: every counted score above the collection level in force when it came.
@@ -338,7 +341,7 @@ class StreamQuantileThreshold:
     def value(self) -> float | None:
         """The log-density threshold: -z_q once fitted, the model's density quantile before."""
         if self.z is not None:
-            return -self.z
+            return self.typical - self.z
         return self.start.value
 
     @property
@@ -358,7 +361,7 @@ class StreamQuantileThreshold:
         if self.tail is None:
             return _many_flags(flags, self.quantile)
         t, share, _ = self.tail
-        below = int(np.count_nonzero(-np.asarray(log_density) > t))
+        below = int(np.count_nonzero(self._score(log_density) > t))
         expected = share * len(log_density)
         return below > max(5.0, expected + SURPRISE_SD * math.sqrt(expected * (1.0 - share)))
 
@@ -380,6 +383,7 @@ class StreamQuantileThreshold:
         far, (at or beyond + 1) / (seen + 1): at most "1 in seen + 1", which is all those points
         can say (the model's own bound is a statement about the model, off by many orders of
         magnitude where the data's tail is heavier).  None before any score was counted."""
+        log_density = -self._score(log_density)  # relative to the model's typical log-density
         if not self._fitted():
             if not self._scores or self.n_counted == 0:
                 return None
@@ -420,7 +424,23 @@ class StreamQuantileThreshold:
         with np.errstate(divide="ignore"):
             return np.log(k / (n + 1.0))
 
+    def _score(self, log_density) -> np.ndarray:
+        """What the tail is fitted on: -log p(x) relative to the model's typical log-density."""
+        return self.typical - np.asarray(log_density, dtype=float)
+
     def update(self, model: OnlineGaussianMixture) -> None:
+        """Follow the model: its typical log-density, and the start value before the first fit.
+
+        Scores are counted as -log p(x) plus the model's typical log-density (``typical_log_density``:
+        about the mean log-density of its own points): a stream whose spread grows lowers every
+        log-density with the model's, so the tail of absolute scores moved past z_q and the
+        threshold could not follow (it keeps flagged points out): sd x4 over 50,000 points was
+        flagged at 35-50 q (helper-40).  Relative to the model, the scores stay where they were."""
+        if model.is_initialized:
+            self.typical = model.typical_log_density()
+            if self._absolute_history:
+                self._shift_scores(self.typical)
+                self._absolute_history = False
         if self.z is None:
             self.start.update(model)
 
@@ -451,7 +471,7 @@ class StreamQuantileThreshold:
     # -------------------------------------------------------------- the scores
     def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
         """Count one scored batch: its prequential log-densities and which were flagged."""
-        score = -np.asarray(log_density, dtype=float)
+        score = self._score(log_density)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
         if not self.calibrated:
@@ -478,7 +498,7 @@ class StreamQuantileThreshold:
             self._scores.append(score[kept])
             censor = np.full(len(kept), np.nan)
             if alarms is not None:
-                censor[np.isin(kept, alarms)] = -self.value
+                censor[np.isin(kept, alarms)] = self.z
             self._censor.append(censor)
             self._index.append(self.n_counted + position.astype(np.int64))
         self.n_counted += n
@@ -620,6 +640,17 @@ class StreamQuantileThreshold:
         self.level = np.full(1, -np.inf)
         self.shape_fitted_at = min(self.shape_fitted_at, self.history_start - 10**9)  # refit at the next estimate
 
+    def _shift_scores(self, by: float) -> None:
+        """Move every stored score and level by ``by`` (a history of absolute -log p scores made
+        relative to the model's typical log-density)."""
+        scores, censor, index = self._peaks()
+        self._scores, self._censor, self._flagged = [scores + by], [censor + by], self._flagged + by
+        self.level = self.level + by
+        self.z = None if self.z is None else self.z + by
+        self.z_far += by
+        self.tail = None if self.tail is None else (self.tail[0] + by, *self.tail[1:])
+        self.gpd = None if self.gpd is None else (self.gpd[0] + by, *self.gpd[1:])
+
     def _gpd_at(self, t: float) -> tuple[float, float]:
         """(shape, scale) of the last GPD fit for excesses over ``t``: excesses over a GPD's
         threshold moved by d are GPD(gamma, sigma + gamma d) (the scale kept above a tenth)."""
@@ -671,6 +702,7 @@ class StreamQuantileThreshold:
         scores, censor, index = self._peaks()
         return {
             "mode": self.mode,
+            "scores": "relative",  # to the model's typical log-density (see update)
             "quantile": self.quantile,
             "window": self.window,
             "value": self.value,
@@ -718,6 +750,9 @@ class StreamQuantileThreshold:
         # (Absent from checkpoints before flagged points were kept for rarity.)
         self._flagged = np.asarray(state.get("flagged_scores", ()), dtype=float).copy()
         self._flagged_index = np.asarray(state.get("flagged_index", ()), dtype=np.int64).copy()
+        # Before scores were relative to the model, the history was in -log p itself: made relative
+        # at the first update, when the model is known.
+        self._absolute_history = state.get("scores") != "relative"
         if state.get("quantile", self.quantile) != self.quantile:
             # The stored peaks cover the saved window only: a longer one (a smaller q) must not
             # count points whose peaks were never kept.
