@@ -1,5 +1,6 @@
 """The command line as users call it (subprocesses, real files)."""
 
+import io
 import json
 import re
 import socket
@@ -8,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import yaml
 
 from streamgmm.dev.synthetic import random_mixture
@@ -112,6 +114,31 @@ def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):
         assert "model.covariance_type: 'ful' is not allowed" in result.stderr
     good = _cli("check-config", "config/streamgmm.yaml")
     assert good.returncode == 0 and "n_components: auto" in good.stdout
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"checkpoint": {"dir": "FILE/state"}}, "is not writable: FILE is not a directory"),
+    ({"metrics": {"host": "::1"}}, "cannot serve metrics on ::1"),
+    ({"model": {"init_from": "MISSING"}}, "does not exist"),
+])
+def test_check_config_refuses_what_run_refuses_before_its_loop(tmp_path, settings, message):
+    # Each of these passed check-config and stopped `run` with exit 2 (helper-41); the README's
+    # "fix it, check it with check-config, restart" then restarted into the same failure.
+    (tmp_path / "FILE").write_text("x")
+    text = yaml.safe_dump({"checkpoint": {"dir": str(tmp_path / "state")}, **settings})
+    text = text.replace("FILE", str(tmp_path / "FILE")).replace("MISSING", str(tmp_path / "missing"))
+    (tmp_path / "c.yaml").write_text(text)
+    result = _cli("check-config", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2 and message.replace("FILE", str(tmp_path / "FILE")) in result.stderr
+    assert not (tmp_path / "state").exists()  # checked without making anything
+
+
+def test_check_config_reads_the_environment_file_the_unit_gives_the_daemon(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"checkpoint": {"dir": str(tmp_path / "state")}}))
+    (tmp_path / "streamgmm.env").write_text("# set by the unit\nSTREAMGMM_MODEL__N_COMPNENTS=\"3\"\n")
+    assert _cli("check-config", str(tmp_path / "c.yaml")).returncode == 0
+    result = _cli("check-config", str(tmp_path / "c.yaml"), "--env-file", str(tmp_path / "streamgmm.env"))
+    assert result.returncode == 2 and "unknown key model.n_compnents" in result.stderr
 
 
 def test_inspect_an_empty_directory_fails_clearly(tmp_path):
@@ -480,3 +507,20 @@ def test_a_file_no_record_of_which_is_valid_says_why_the_first_was_not(tmp_path)
     assert result.returncode == 1 and "the first: wrong_dimension" in result.stderr
     result = _cli("fit", "--config", str(_config(tmp_path)), "--input", str(data), "--output", str(tmp_path / "m"))
     assert result.returncode == 2 and "the first invalid: wrong_dimension" in result.stderr
+
+
+def test_replay_refuses_a_row_of_another_width_than_the_header(tmp_path):
+    # With input.fields picked from a header, a short row was "undecodable" (a missing cell read
+    # as '') and a long one taken as valid, its extra cells dropped (helper-41).
+    from streamgmm.cli.replay import record_values
+    from streamgmm.service.config import config_from_dict
+
+    config = config_from_dict({"input": {"format": "csv", "fields": ["a", "b", "c"]}}, environ={})
+    lines = "a,b,c,label\n1,2,3,0\n1,2,3,0,9\n1,2\n4,5,6\n"
+    values = list(record_values(io.StringIO(lines), "csv", config))
+    assert values[0] == b"1,2,3"
+    from streamgmm.detection.decode import Decoder
+
+    decoder = Decoder(config.input)
+    for value in values[1:]:  # 5 cells; 2; 3 where the header has 4: each the wrong width
+        assert decoder.decode([value]).invalid[0].reason == "wrong_dimension"

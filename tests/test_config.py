@@ -36,7 +36,9 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         # A scheme passed the check and the daemon retried "No brokers configured" for ever.
         ({"kafka": {"bootstrap_servers": ["http://127.0.0.1:9092"]}}, "without a scheme such as http:// (kafka-1:9092)"),
         ({"threshold": {"learn_from_anomalies": "no"}}, "threshold.learn_from_anomalies: expected true or false, got 'no'"),
-        ({"kafka": {"poll_timeout_ms": 0}}, "kafka.poll_timeout_ms: 0 is not allowed; use an integer >= 1"),
+        ({"kafka": {"poll_timeout_ms": 0}}, "kafka.poll_timeout_ms: 0 is not allowed; use an integer from 1 to 1000"),
+        # 70 s delayed SIGTERM by 62 s and paged as a stalled loop (helper-41).
+        ({"kafka": {"poll_timeout_ms": 70_000}}, "kafka.poll_timeout_ms: 70000 is not allowed; use an integer from 1"),
         ({"input": {"fields": ["a", "a", "b"]}}, "input.fields: ('a', 'a', 'b') is not allowed; list each field name once"),
         ({"threshold": {"adopt_flag_rate": 2.0}}, "or null for 10 x threshold.quantile (threshold.adopt: false never adopts)"),
         ({"kafka": {"dead_letter_max_bytes": 3_000_000}},
@@ -197,6 +199,9 @@ def test_numbers_written_plainly_and_words_that_start_with_digits_pass(settings)
     ("consumer", {"session.timeout.ms": 6000, "heartbeat.interval.ms": 9000},
      "kafka.consumer.heartbeat.interval.ms: 9000 is not below session.timeout.ms (6000)"),
     ("consumer", {"session.timeout.ms": 6000, "heartbeat.interval.ms": 6000}, "is not below session.timeout.ms"),
+    # Against streamgmm's own 10 s session, not librdkafka's 45 s (helper-41: lost its partitions
+    # every 10-25 s).
+    ("consumer", {"heartbeat.interval.ms": 15000}, "is not below session.timeout.ms (10000)"),
     ("producer", {"acks": 0}, "kafka.producer.acks: 0 sends output nobody acknowledges"),
     ("producer", {"request.required.acks": "0"}, "kafka.producer.request.required.acks: 0"),
 ])
@@ -328,6 +333,8 @@ def test_text_from_the_environment_keeps_a_hash_and_a_colon_and_a_key_is_masked(
                  "STREAMGMM_KAFKA__CONSUMER": "{fetch.wait.max.ms: 50}"})
     assert config.kafka.group_id == "my #group" and config.kafka.client_id == "team: a"
     assert "BEGIN PRIVATE KEY" not in str(masked(as_dict(config)))
+    # ... and an OAUTHBEARER config, which carries the client's secret (helper-41).
+    assert masked({"sasl.oauthbearer.config": "principal=a clientSecret=s3"}) == {"sasl.oauthbearer.config": "***"}
     assert dict(config.kafka.consumer) == {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
                                            "fetch.wait.max.ms": 50}
     with pytest.raises(ConfigError, match="STREAMGMM_MODEL: set a section's keys one by one"):

@@ -93,11 +93,17 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
                     if missing:
                         raise InputError(f"the CSV header lacks input.fields {missing} (it has "
                                          f"{delimiter.join(parts)}): list columns the file has in input.fields")
-                    columns = [parts.index(f) for f in fields]
+                    columns, width = [parts.index(f) for f in fields], len(parts)
                 continue
             first = False
             if columns is not None:
-                line = delimiter.join(parts[c] if c < len(parts) else "" for c in columns)
+                if len(parts) == width:
+                    line = delimiter.join(parts[c] for c in columns)
+                elif len(parts) == len(columns):
+                    # A row of another width than the header is wrong_dimension: a short one was
+                    # "undecodable" and a long one taken as valid (helper-41). One that happens to
+                    # have input.dimension cells gets an empty one more, so that it is refused too.
+                    line = delimiter.join([*parts, ""])
         yield line.encode()
 
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 ENV_PREFIX = "STREAMGMM_"
-SECRET_WORDS = ("password", "secret", "token", "credential", "key.pem", "private")
+SECRET_WORDS = ("password", "secret", "token", "credential", "key.pem", "private", "oauthbearer.config")
 
 
 class ConfigError(ValueError):
@@ -398,7 +398,10 @@ def _rules(config: Config):
     for key in ("output_topic", "dead_letter_topic"):
         yield f"kafka.{key}", getattr(k, key) not in k.input_topics, "use a topic other than the inputs"
     yield "kafka.max_batch_messages", k.max_batch_messages >= 1, "use an integer >= 1"
-    yield "kafka.poll_timeout_ms", k.poll_timeout_ms >= 1, "use an integer >= 1 (0 would spin an idle loop)"
+    # At most a second: a signal is handled when the poll returns (70 s delayed SIGTERM past
+    # `docker stop`'s grace), and an idle loop's last poll ages into the stalled-loop alert.
+    yield ("kafka.poll_timeout_ms", 1 <= k.poll_timeout_ms <= 1000,
+           "use an integer from 1 to 1000 (0 would spin an idle loop; longer delays SIGTERM and pages as a stalled loop)")
     yield ("kafka.retry_backoff_initial_seconds", 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds,
            "use a number > 0 and <= kafka.retry_backoff_max_seconds")
     yield "kafka.dead_letter_max_bytes", k.dead_letter_max_bytes >= 0, "use a number of bytes >= 0"
@@ -411,7 +414,8 @@ def _rules(config: Config):
     yield "input.explain_top_features", i.explain_top_features >= 0, "use a number of features >= 0"
     yield "input.dimension", i.dimension >= 1, "use an integer >= 1"
     yield ("input.fields", i.fields is None or len(i.fields) == i.dimension,
-           f"list exactly input.dimension={i.dimension} field names")
+           f"list exactly input.dimension={i.dimension} field names, or leave input.dimension out (it is then "
+           "the number of fields)")
     yield "input.fields", i.fields is None or len(set(i.fields)) == len(i.fields), "list each field name once"
     yield "input.max_message_bytes", i.max_message_bytes >= 1, "use an integer >= 1"
     yield "input.csv_delimiter", len(i.csv_delimiter) == 1, "use a single character"

@@ -122,7 +122,8 @@ class Daemon:
 
     def __init__(self, config: Config, metrics: Metrics | None = None):
         self.config = config
-        self.metrics = metrics or Metrics(max_components=config.model.max_components)
+        m = config.model  # a fixed n_components may exceed max_components (12 of 12 series, not 8)
+        self.metrics = metrics or Metrics(max_components=max(m.max_components, m.n_components if m.n_components != "auto" else 0))
         self.scope = config.model.scope
         self.local = LocalStateStore(config.checkpoint.dir, config.checkpoint.keep)
         self.topic_store: TopicStateStore | None = None

@@ -183,10 +183,13 @@ def _refuse_settings_that_break_the_guarantees(config: Config) -> None:
     word: a heartbeat no more often than the session times out (the member is expired between
     two heartbeats and rewinds over and over), and output nobody acknowledges (acks 0: a
     checkpoint would commit past records the broker never took)."""
-    consumer, producer = config.kafka.consumer, config.kafka.producer
+    # As the consumer gets them: streamgmm's defaults (a 10 s session, not librdkafka's 45 s: a
+    # 15 s heartbeat passed here and lost the partitions every 10-25 s; helper-41), then the
+    # security and consumer sections.
+    consumer, producer = client_settings(config, "consumer"), client_settings(config, "producer")
     try:
-        session = float(consumer.get("session.timeout.ms", 45_000))
-        heartbeat = float(consumer.get("heartbeat.interval.ms", 3_000))
+        session = float(consumer["session.timeout.ms"])
+        heartbeat = float(consumer["heartbeat.interval.ms"])
     except (TypeError, ValueError):
         session = heartbeat = None  # librdkafka itself refused a value that is not a number
     if session is not None and heartbeat >= session:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import socket
 import threading
 import time
 from functools import partial
@@ -221,6 +222,18 @@ class Metrics:
     def value(self, name: str, labels: dict | None = None):
         """A sample value by full name (for tests and the demo)."""
         return self.registry.get_sample_value(name, labels or {})
+
+
+def address_problem(host: str) -> str | None:
+    """Why metrics could not be served on ``host`` (None: they could), by binding a free port
+    there for a moment: an IPv6 address, a name that does not resolve, an address of another host."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except (OSError, UnicodeError) as exc:
+        return (f"cannot serve metrics on {host}: {getattr(exc, 'strerror', None) or exc}; set metrics.host to an "
+                "IPv4 address of this host (127.0.0.1, or 0.0.0.0 for all)")
+    return None
 
 
 class HealthServer:

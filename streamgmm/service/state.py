@@ -296,6 +296,19 @@ class LocalStateStore:
                                   f"{mend} or point checkpoint.dir elsewhere") from None
 
 
+def writable_without_writing(directory: str | os.PathLike) -> str | None:
+    """Why a daemon could not write checkpoints in ``directory`` (None: it could), found without
+    creating anything (``check-config`` may run as another user than the daemon)."""
+    path = Path(directory)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"checkpoint.dir {directory} is not writable: {existing} is not a directory; point checkpoint.dir elsewhere"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"checkpoint.dir {directory} is not writable by this user ({existing}: permission denied); "
+                "fix its permissions or point checkpoint.dir elsewhere")
+    return None
+
+
 class TopicStateStore:
     """Checkpoints as records of a Kafka topic (one per model key, newest wins), holding the
     same versioned, checksummed bytes as the files, so any instance of the consumer group can
