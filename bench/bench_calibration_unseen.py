@@ -7,8 +7,11 @@ more shapes, written after the defaults were fixed and never used to choose them
 Shapes: near-Cauchy tails (Student t, 1.5 degrees of freedom), independent exponentials,
 binary features beside continuous ones, a rank-3 cloud in 20-d, four dice (six equally likely
 values each), zero-inflated half-normals, a 3-cluster mixture in 40-d, a mean that swings one
-full sine period of 6 sigma over the stream, a spiral, and rounded log-normal "byte counts".
-For the swinging mean the last row repeats it with ``model.half_life: 5000``.
+full sine period of 6 sigma over the stream, a spiral, rounded log-normal "byte counts", and
+(fifth session, from a tryout on streams of its own) a constant feature with a value once in
+1,000 rows and a spread that grows fourfold.  The swinging mean and the growing spread are
+repeated with ``model.half_life: 5000`` (without forgetting the model converges to the whole
+history, and a stream that moves away from it is flagged for it).
 """
 
 from __future__ import annotations
@@ -77,6 +80,18 @@ def byte_counts(n, rng, d=6):
     return np.round(np.exp(rng.normal(8.0, 2.0, (n, d))))
 
 
+def rare_value_on_a_constant(n, rng, d=4):
+    """A feature 7.0 but for 8.0 once in 1,000 rows, beside Gaussian ones (helper-40: a warm-up
+    without an 8.0 flagged every later one)."""
+    constant = np.where(rng.random(n) < 1e-3, 8.0, 7.0)
+    return np.c_[rng.normal(size=(n, d)), constant]
+
+
+def growing_spread(n, rng, d=4):
+    """Every feature's standard deviation grows from 1 to 4 over the stream (helper-40)."""
+    return rng.normal(size=(n, d)) * np.linspace(1.0, 4.0, n)[:, np.newaxis]
+
+
 SHAPES = {
     "near-Cauchy t(1.5), 5-d": near_cauchy,
     "exponentials, 10-d": exponentials,
@@ -88,10 +103,13 @@ SHAPES = {
     "swinging mean (one sine period)": swinging_mean,
     "spiral, 2-d": spiral,
     "rounded log-normal byte counts": byte_counts,
+    "constant 7.0, 8.0 once in 1,000 rows": rare_value_on_a_constant,
+    "spread growing x4 over the stream": growing_spread,
 }
 # (label, shape, model settings)
 ROWS = [(name, name, {}) for name in SHAPES] + [
-    ("swinging mean, model.half_life 5000", "swinging mean (one sine period)", {"half_life": 5000})]
+    ("swinging mean, model.half_life 5000", "swinging mean (one sine period)", {"half_life": 5000}),
+    ("spread growing x4, model.half_life 5000", "spread growing x4 over the stream", {"half_life": 5000})]
 
 
 def flagged_ratio(job):

@@ -559,17 +559,18 @@ class OnlineGaussianMixture(MixtureBase):
                            self._version)
 
     def typical_log_density(self) -> float:
-        """The mean log-density of the model's own points, as if its components were apart:
-        sum_k pi_k (log pi_k - H_k), H_k the k-th Gaussian's entropy.  It falls as the components
-        widen: a level to read a log-density against as the model follows the stream."""
+        """Minus the components' mean entropy, -sum_k pi_k H_k (H_k the k-th Gaussian's): about
+        the mean log-density of the model's own points, but for its weights' entropy, which is
+        left out so that splitting a component in two (a re-seed) leaves it as it was.  It falls
+        as the components widen: a level to read a log-density against as the model follows
+        the stream."""
         self._check_fitted()
         weights, _, precisions_chol = self._internal_parameters()
         n_features = self.n_features_in_
         log_det = np.broadcast_to(g.compute_log_det_cholesky(precisions_chol, self.covariance_type_, n_features),
                                   weights.shape)
-        present = weights > 0
-        entropy = 0.5 * n_features * np.log(2.0 * np.pi * np.e) - log_det[present]
-        return float(np.sum(weights[present] * (np.log(weights[present]) - entropy)) + self._log_jacobian)
+        entropy = 0.5 * n_features * np.log(2.0 * np.pi * np.e) - log_det
+        return float(-np.sum(weights * entropy) + self._log_jacobian)
 
     def _usual_components(self) -> np.ndarray | None:
         return _usual_components(self._weights, self.rare_weight)
