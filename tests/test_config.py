@@ -30,6 +30,7 @@ def test_reference_config_is_valid_and_equals_the_defaults():
                                                   "than the inputs"),
         # It named kafka.output_topic for a dead-letter topic equal to an input.
         ({"kafka": {"dead_letter_topic": "features"}}, "kafka.dead_letter_topic: 'features' is not allowed"),
+        ({"kafka": {"dead_letter_topic": "anomalies"}}, "use a topic other than kafka.output_topic"),
         ({"model": {"rare_weight": 0.0001}}, "model.rare_weight: 0.0001 is not allowed; use 0 or a weight above "
                                              "model.min_weight (0.0001)"),
         ({"model": {"rare_weight": "sometimes"}}, "model.rare_weight: 'sometimes' is not allowed"),

@@ -568,3 +568,21 @@ def test_a_first_checkpoint_the_group_refuses_is_withdrawn_and_the_model_starts_
     assert list((tmp_path / "state").glob("checkpoint-*.sgmm.withdrawn"))
     daemon._rewind()
     assert daemon.detector.n_valid == 0 and daemon.source.seeks[-1] == ("in", 0, 0)
+
+
+def test_a_checkpoint_offset_the_group_has_no_commit_for_is_said(tmp_path, caplog):
+    # The broker lost its data and the group's commits (or the topic was made again): resumed at
+    # the checkpoint's 1,000, the new log's first 1,000 messages were skipped without a word
+    # (helper-39).
+    from confluent_kafka import TopicPartition
+
+    rng = np.random.default_rng(12)
+    daemon = _daemon(tmp_path)
+    daemon.source.assign = lambda partitions: None
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    daemon._on_revoke([TopicPartition("in", 0)])
+    daemon.source.committed = lambda partitions, timeout=10.0: {}  # read, and none there
+    with caplog.at_level("WARNING"):
+        daemon._on_assign([TopicPartition("in", 0)])
+    assert "in/0: the model's checkpoint read it up to offset 1000, but the group has no commit" in caplog.text

@@ -457,15 +457,24 @@ def test_a_malformed_checkpoint_is_refused_with_a_value_error(broken):
 
 
 @pytest.mark.parametrize("key", [b"k" * 950_000, "é".encode() * 475_000, bytes(range(256)) * 3000])
-def test_a_huge_key_is_cut_in_the_documents_not_in_the_record(key):
+def test_a_huge_key_is_cut_in_the_documents_and_in_the_record(key):
     # A 950 KB key, copied into the anomaly document's source too, made records the broker
-    # refused as too large: 3 of 226 outliers never reached the output topic.
-    from streamgmm.detection.records import KEY_FIELD_MAX_BYTES, anomaly_record, score_records
+    # refused as too large: 3 of 226 outliers never reached the output topic.  A 1.2 MB key
+    # (or 1.2 MB of headers), which the broker took on input, did so as the record's own key:
+    # every anomaly and dead letter of that message was dropped (helper-39).
+    from streamgmm.detection.records import (KEY_FIELD_MAX_BYTES, OUTPUT_KEY_MAX_BYTES, anomaly_record, dead_letter,
+                                             score_records)
 
-    record = InputRecord("in", 0, 7, b"[1,2]", key=key)
+    record = InputRecord("in", 0, 7, b"[1,2]", key=key, headers=(("a", b"x" * 600_000), ("b", b"y" * 600_000)))
     out = anomaly_record("anomalies", record, {"log_density": -50.0})
     source = json.loads(out.value)["source"]
-    assert out.key == key and len(out.value) < 2 * KEY_FIELD_MAX_BYTES
+    assert out.key == key[:OUTPUT_KEY_MAX_BYTES] and len(out.value) < 2 * KEY_FIELD_MAX_BYTES
+    headers = dict(out.headers)
+    assert headers["streamgmm.key.original_bytes"] == str(len(key)).encode()
+    assert headers["streamgmm.key.original_sha256"] == hashlib.sha256(key).hexdigest().encode()
+    assert "a" not in headers and headers["streamgmm.headers.dropped"] == b"2 headers, 1200002 bytes"
+    letter = dead_letter("dead", record, "undecodable", "x", 65_536)
+    assert letter.key == out.key and sum(len(k) + len(v) for k, v in letter.headers) < 4096
     assert source["key_truncated"] is True and source["key_bytes"] == len(key)
     assert source["key_sha256"] == hashlib.sha256(key).hexdigest()
     if source["key"] is None:  # binary: base64 of its first KEY_FIELD_MAX_BYTES
@@ -475,7 +484,7 @@ def test_a_huge_key_is_cut_in_the_documents_not_in_the_record(key):
             source["key"].encode())
     score = score_records("scores", (["in"], [0], [7], [key]), log_density=[-5.0], threshold=-20.0, flags=[False],
                           components=[0], tail_probability=[0.5], one_in=[2])[0]
-    assert score.key == key and json.loads(score.value)["key_bytes"] == len(key)
+    assert score.key == key[:OUTPUT_KEY_MAX_BYTES] and json.loads(score.value)["key_bytes"] == len(key)
 
 
 @pytest.mark.parametrize("value", [1e308, -1e308, 1e200])

@@ -236,3 +236,18 @@ def test_fit_into_a_running_daemons_directory_is_refused(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is in use by streamgmm pid" in result.stderr, result.stderr
     assert not list((tmp_path / "state").glob("checkpoint-*"))
+
+
+def test_a_checkpoint_dir_removed_while_running_is_locked_again(tmp_path):
+    # rm -rf of the directory: the next checkpoint made it again without a lock, and a second
+    # daemon started on it was not refused; both learned the same messages (helper-39).
+    import shutil
+
+    from streamgmm.service.state import CheckpointError
+
+    running = LocalStateStore(tmp_path / "state", keep=3)
+    running.lock()
+    shutil.rmtree(tmp_path / "state")
+    running.write("global", {"n": 1})
+    with pytest.raises(CheckpointError, match="is in use by streamgmm pid"):
+        LocalStateStore(tmp_path / "state", keep=3).lock()

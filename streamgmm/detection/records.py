@@ -94,15 +94,42 @@ def key_fields(key: bytes | None) -> dict:
     return {"key": text, **cut}
 
 
+# An output record's Kafka key and the input headers it carries are bounded too: a 1.2 MB key
+# (or two 600 KB headers) that the broker took on input made every anomaly and dead letter of
+# that message one it refused for good (helper-39).
+OUTPUT_KEY_MAX_BYTES = 16_384
+OUTPUT_HEADERS_MAX_BYTES = 16_384
+
+
+def bounded_key(key: bytes | None) -> tuple[bytes | None, list]:
+    """The key for an output record, cut to OUTPUT_KEY_MAX_BYTES, and headers saying so."""
+    if key is None or len(key) <= OUTPUT_KEY_MAX_BYTES:
+        return key, []
+    return key[:OUTPUT_KEY_MAX_BYTES], [("streamgmm.key.truncated", b"true"),
+                                        ("streamgmm.key.original_bytes", str(len(key)).encode()),
+                                        ("streamgmm.key.original_sha256", hashlib.sha256(key).hexdigest().encode())]
+
+
+def carried_headers(record: InputRecord) -> list:
+    """The input's headers for an output record: all of them up to OUTPUT_HEADERS_MAX_BYTES in
+    all, else none, with a header saying how many were left out."""
+    headers = list(record.headers or ())
+    size = sum(len(k) + len(v or b"") for k, v in headers)
+    if size <= OUTPUT_HEADERS_MAX_BYTES:
+        return headers
+    return [("streamgmm.headers.dropped", f"{len(headers)} headers, {size} bytes".encode())]
+
+
 def anomaly_record(topic: str, record: InputRecord, document: dict) -> OutputRecord:
     """An anomaly document for ``record``, keyed and headed like its input."""
     source = {"topic": record.topic, "partition": record.partition, "offset": record.offset,
               "timestamp": record.timestamp, **key_fields(record.key)}
     document = {"source": source, **document}
-    headers = list(record.headers or ()) + [
+    key, key_headers = bounded_key(record.key)
+    headers = carried_headers(record) + key_headers + [
         ("streamgmm.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
     ]
-    return OutputRecord(topic, orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY), record.key, headers,
+    return OutputRecord(topic, orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY), key, headers,
                         (record.topic, record.partition, record.offset))
 
 
@@ -115,7 +142,8 @@ def dead_letter(topic: str, record: InputRecord, reason: str, detail: str, max_v
     the message can still be found and matched upstream.
     """
     value = record.value or b""  # never a tombstone: on a compacted topic it would delete its key
-    headers = list(record.headers or ()) + ([("streamgmm.value.null", b"true")] if record.value is None else []) + [
+    key, key_headers = bounded_key(record.key)
+    headers = carried_headers(record) + key_headers + ([("streamgmm.value.null", b"true")] if record.value is None else []) + [
         ("streamgmm.error.reason", reason.encode()),
         ("streamgmm.error.detail", detail[:500].encode()),
         ("streamgmm.source.topic", record.topic.encode()),
@@ -130,7 +158,7 @@ def dead_letter(topic: str, record: InputRecord, reason: str, detail: str, max_v
             ("streamgmm.value.original_sha256", hashlib.sha256(value).hexdigest().encode()),
         ]
         value = value[:max_value_bytes]
-    return OutputRecord(topic, value, record.key, headers, (record.topic, record.partition, record.offset))
+    return OutputRecord(topic, value, key, headers, (record.topic, record.partition, record.offset))
 
 
 def batch_sources(batch, indices: list[int]) -> tuple[list, list, list, list]:
@@ -176,7 +204,10 @@ def score_records(topic: str, sources: tuple[list, list, list, list], *, log_den
     ])
     parts = numbers[2:-2].split(b"},{") if offsets else []
     heads = {t: b'{"topic":' + orjson.dumps(t) + b"," for t in set(topics)}
+    kafka_keys = keys
+    if max((len(k) for k in keys if k is not None), default=0) > OUTPUT_KEY_MAX_BYTES:
+        kafka_keys = [bounded_key(k)[0] for k in keys]
     return [
         OutputRecord(topic, b"".join((heads[t], k, b",", part, b"}")), key, [], (t, p, o))
-        for t, p, o, key, k, part in zip(topics, partitions, offsets, keys, _key_fragments(keys), parts)
+        for t, p, o, key, k, part in zip(topics, partitions, offsets, kafka_keys, _key_fragments(keys), parts)
     ]

@@ -397,6 +397,9 @@ def _rules(config: Config):
     outputs = (k.output_topic, k.dead_letter_topic)
     for key in ("output_topic", "dead_letter_topic"):
         yield f"kafka.{key}", getattr(k, key) not in k.input_topics, "use a topic other than the inputs"
+    # Raw bad input among the anomaly records (helper-39).
+    yield ("kafka.dead_letter_topic", k.dead_letter_topic != k.output_topic,
+           "use a topic other than kafka.output_topic: invalid input would be mixed with the anomaly records")
     yield "kafka.max_batch_messages", k.max_batch_messages >= 1, "use an integer >= 1"
     # At most a second: a signal is handled when the poll returns (70 s delayed SIGTERM past
     # `docker stop`'s grace), and an idle loop's last poll ages into the stalled-loop alert.

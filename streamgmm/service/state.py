@@ -237,7 +237,26 @@ class LocalStateStore:
         return CheckpointStore(self.directory if key == GLOBAL_KEY else self.directory / "partitions" / name, self.keep)
 
     def write(self, key: str, state: dict) -> Path:
+        self._keep_lock()
         return self.store_for(key).write(state)
+
+    def _keep_lock(self) -> None:
+        """Lock again when the locked .lock is no longer the directory's: the directory removed while
+        the daemon ran was made again by the next write, without a lock, and a second daemon
+        started on it was not refused (helper-39: both learned the same messages)."""
+        held = getattr(self, "_lock", None)
+        if held is None:
+            return
+        try:
+            current = os.stat(self.directory / ".lock")
+            if (current.st_dev, current.st_ino) == (os.fstat(held.fileno()).st_dev, os.fstat(held.fileno()).st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        log.warning("checkpoint.dir %s lost its .lock while running (removed?): locking it again", self.directory)
+        held.close()
+        self._lock = None
+        self.lock()  # CheckpointError if another daemon took the directory meanwhile
 
     def load(self, key: str) -> dict | None:
         store = self.store_for(key)
