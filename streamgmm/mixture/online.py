@@ -71,7 +71,6 @@ SQUARE_SAFE = 1e150
 # warm-up (see _isolated_rows).  Three far points among 1,000 made a component of weight 0.003
 # under which that glitch, seen again, scored as normal (helper-39).
 MIN_WARMUP_COMPONENT_ROWS = 4
-ISOLATION_PASSES = 3
 # Values within this fraction of a step of the grid are on it: float arithmetic on recorded
 # decimals (0.1 + 0.2) is not exact.
 GRID_TOLERANCE = 1e-6
@@ -769,14 +768,11 @@ class OnlineGaussianMixture(MixtureBase):
         if np.any(weight[ordinary] > 0):
             X, weight = X[ordinary], weight[ordinary]
         self._fit_warmup(X, weight)
-        for _ in range(ISOLATION_PASSES):
+        isolated = self._isolated_rows(X, weight)
+        if isolated.any():
             # A handful of far points (a glitch) got a component of their own, and the same glitch
             # later scored as normal under it: 0 of 20 flagged after one such point in the warm-up
-            # (helper-39).  They leave the warm-up, as absurd rows do, and the fit is made again
-            # (the new fit may give the next far point a component of its own: a few passes).
-            isolated = self._isolated_rows(X, weight)
-            if not isolated.any():
-                break
+            # (helper-39).  They leave the warm-up, as absurd rows do, and the fit is made again.
             X, weight = X[~isolated], weight[~isolated]
             self._fit_warmup(X, weight)
         self._buffer, self._buffer_weights = [], []  # kept until the fit has worked
