@@ -42,9 +42,14 @@ def test_store_keeps_the_newest_and_falls_back_from_a_corrupt_one(tmp_path, capl
 
 
 def test_incompatible_version_is_refused_with_a_clear_message(tmp_path):
-    data = pack(_state(1)).replace(b'"format_version": 1', b'"format_version": 9')
-    with pytest.raises(CheckpointError, match="has format version 9; this streamgmm reads version 1"):
+    data = pack(_state(1)).replace(b'"format_version": 2', b'"format_version": 9')
+    with pytest.raises(CheckpointError, match="has format version 9; this streamgmm reads versions 1 and 2"):
         unpack(data)
+    # Version 2 (the threshold's history relative to the model, fifth session) is written, and a
+    # version-1 checkpoint still reads: a version-1 reader refuses version 2 rather than misread
+    # its threshold (505 flags for 60 on the next 1,000 points; helper-42).
+    assert b'"format_version": 2' in pack(_state(1))
+    assert unpack(pack(_state(1)).replace(b'"format_version": 2', b'"format_version": 1'))["n"] == 1
     with pytest.raises(CheckpointError, match="bad magic"):
         unpack(b"\x80\x04pickle")
 

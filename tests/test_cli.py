@@ -133,6 +133,29 @@ def test_check_config_refuses_what_run_refuses_before_its_loop(tmp_path, setting
     assert not (tmp_path / "state").exists()  # checked without making anything
 
 
+def test_check_config_refuses_a_model_init_from_of_other_inputs_and_not_a_copy_it_need_not_write(tmp_path):
+    # An init_from of dimension 4 under a dimension-5 config passed check-config and stopped run
+    # with exit 2; an unwritable checkpoint.dir that run only warns of (scope partition with a
+    # state topic: the files are a copy) was refused (helper-42).
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(",".join(map(str, row)) for row in np.random.default_rng(0).normal(size=(400, 4))))
+    fitted = tmp_path / "fitted"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"input": {"format": "csv", "dimension": 4},
+                                                     "model": {"warmup": 300},
+                                                     "checkpoint": {"dir": str(tmp_path / "state")}}))
+    assert _cli("fit", "--config", str(tmp_path / "c.yaml"), "--input", str(data), "--output", str(fitted)).returncode == 0
+    (tmp_path / "five.yaml").write_text(yaml.safe_dump({"input": {"format": "csv", "dimension": 5},
+                                                        "model": {"init_from": str(fitted)},
+                                                        "checkpoint": {"dir": str(tmp_path / "state")}}))
+    result = _cli("check-config", str(tmp_path / "five.yaml"))
+    assert result.returncode == 2 and "model.init_from=" in result.stderr
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "copy.yaml").write_text(yaml.safe_dump({"model": {"scope": "partition"},
+                                                        "checkpoint": {"dir": str(tmp_path / "FILE" / "state"),
+                                                                       "topic": "streamgmm.state"}}))
+    assert _cli("check-config", str(tmp_path / "copy.yaml")).returncode == 0
+
+
 def test_check_config_reads_the_environment_file_the_unit_gives_the_daemon(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"checkpoint": {"dir": str(tmp_path / "state")}}))
     (tmp_path / "streamgmm.env").write_text("# set by the unit\nSTREAMGMM_MODEL__N_COMPNENTS=\"3\"\n")

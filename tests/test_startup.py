@@ -251,3 +251,12 @@ def test_a_checkpoint_dir_removed_while_running_is_locked_again(tmp_path):
     running.write("global", {"n": 1})
     with pytest.raises(CheckpointError, match="is in use by streamgmm pid"):
         LocalStateStore(tmp_path / "state", keep=3).lock()
+    # ... and when the other daemon got there first, every write of this one is refused, not
+    # only the first (a retry wrote into the other's directory; helper-42).
+    shutil.rmtree(tmp_path / "state")
+    other = LocalStateStore(tmp_path / "state", keep=3)
+    other.lock()
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="is in use by streamgmm pid"):
+            running.write("global", {"n": 2})
+    assert not list((tmp_path / "state").glob("checkpoint-*"))

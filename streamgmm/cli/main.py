@@ -322,14 +322,20 @@ def cmd_check_config(args) -> int:
     from ..service.metrics import address_problem
     from ..service.state import initial_state, writable_without_writing
 
-    problems = [writable_without_writing(config.checkpoint.dir)]
+    problems = []
+    if not (config.model.scope == "partition" and config.checkpoint.topic):  # else the files are a copy: run warns
+        problems.append(writable_without_writing(config.checkpoint.dir))
     if config.metrics.enabled:
         problems.append(address_problem(config.metrics.host))
     if config.model.init_from:
+        from ..detection.detector import Detector
+
         try:
-            initial_state(config.model.init_from)
+            Detector(config).restore(initial_state(config.model.init_from)[0])
         except CheckpointError as exc:
             problems.append(str(exc))
+        except (ValueError, KeyError, TypeError) as exc:  # a model of other inputs, as run says
+            problems.append(f"model.init_from={config.model.init_from}: {exc}")
     for problem in filter(None, problems):
         return _fail(problem)
     print(f"{args.file}: ok", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Log-density thresholds: calibrated on the stream's own scores, the model's density, or fixed.
 
 ``StreamQuantileThreshold`` (mode ``quantile``, the default) flags about a fraction q of normal
-traffic whatever the shape of the data.  It works on the anomaly score s = -log p(x) of each
-point *as it was scored* (prequential, before the model learned it), by peaks over threshold
-as in SPOT (Siffer et al., KDD 2017):
+traffic whatever the shape of the data.  It works on the anomaly score s = L - log p(x) of
+each point *as it was scored* (prequential, before the model learned it), L the model's typical
+log-density then (``OnlineGaussianMixture.typical_log_density``: a stream whose spread grows
+lowers every log p with the model's, and s stays put), by peaks over threshold as in SPOT
+(Siffer et al., KDD 2017):
 
 1. t is the (1 - p) quantile of the recent scores, p = max(10 q, min(2%, TAIL_PEAKS / n)) over
    the n points of the window (with the default windows: 10 q for q >= 0.002, 2% down to
@@ -12,7 +14,7 @@ as in SPOT (Siffer et al., KDD 2017):
    the distribution of s, fitted by maximum likelihood (Grimshaw's one-dimensional profile);
 2. the threshold is z_q = t + sigma/gamma ((q n / N_t)^-gamma - 1), n the points counted and
    N_t those above t (gamma -> 0: t - sigma log(q n / N_t)).  Flagged points are those with
-   s > z_q, i.e. log p(x) < value = -z_q.
+   s > z_q, i.e. log p(x) < value = L - z_q.
 
 Bursts.  A flagged point is an alarm, not a peak: it enters the fit only as *censored* (its
 score is known to exceed the threshold it was flagged at, and nothing more), only if it is not
@@ -86,7 +88,7 @@ BULK_GAP_OVER_MEDIAN = 30.0
 # have one, 0.8 q): it belongs in the tail, as before.
 FAR_CLUSTER_OVER_Q = 2.0
 # Flagged points kept for how often the stream scores that low (see _seen_as_rare).
-FLAGGED_KEPT = 5_000
+FLAGGED_KEPT = 2_000
 # More than this: the fit takes this many, evenly spread (a fit then costs about a millisecond).
 FIT_PEAKS = 2_000
 # While the top TAIL_FRACTION holds fewer than MIN_PEAKS, the peaks come from a deeper tail,
@@ -339,7 +341,8 @@ class StreamQuantileThreshold:
     # ---------------------------------------------------------------- the value
     @property
     def value(self) -> float | None:
-        """The log-density threshold: -z_q once fitted, the model's density quantile before."""
+        """The log-density threshold: L - z_q once fitted (L the model's typical log-density), the
+        model's density quantile before."""
         if self.z is not None:
             return self.typical - self.z
         return self.start.value

@@ -5,7 +5,7 @@ A checkpoint is versioned, checksummed and atomically written; the newest valid 
 File layout (never pickled)::
 
     STREAMGMM-CHECKPOINT\\n
-    {"format_version": 1, "payload_bytes": N, "sha256": "..."}\\n
+    {"format_version": 2, "payload_bytes": N, "sha256": "..."}\\n
     <N bytes: an .npz holding the arrays and one JSON document for everything else>
 
 A write goes to a temporary file, is fsynced, renamed over, and the directory fsynced, so a
@@ -38,7 +38,13 @@ from ..mixture._atomic import write_atomically
 log = logging.getLogger(__name__)
 
 MAGIC = b"STREAMGMM-CHECKPOINT\n"
-FORMAT_VERSION = 1
+# Version 2: the threshold's history is relative to the model's typical log-density (fifth
+# session).  Read back by a version-1 reader it was off by that level, and the next 1,000 points
+# got 505 flags for 60 (helper-42): such a reader refuses version 2, and falls back to an older
+# checkpoint or starts afresh, saying so.  This reader takes both (a version-1 history is made
+# relative when restored).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 FILE_PATTERN = re.compile(r"^checkpoint-(\d{12})\.sgmm$")
 # Fault injection for the crash tests: hold every write between the temporary file and the
 # rename for this long, so a SIGKILL can land in the middle of a checkpoint. Never set it
@@ -91,9 +97,9 @@ def unpack(data: bytes, source: str = "checkpoint") -> dict:
     except ValueError:
         raise CheckpointError(f"{source} has a corrupt header") from None
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise CheckpointError(
-            f"{source} has format version {version!r}; this streamgmm reads version {FORMAT_VERSION}. "
+            f"{source} has format version {version!r}; this streamgmm reads versions 1 and {FORMAT_VERSION}. "
             "Start from an empty checkpoint.dir or use the streamgmm release that wrote it"
         )
     payload = data[end + 1:]
@@ -246,17 +252,19 @@ class LocalStateStore:
         started on it was not refused (helper-39: both learned the same messages)."""
         held = getattr(self, "_lock", None)
         if held is None:
-            return
-        try:
-            current = os.stat(self.directory / ".lock")
-            if (current.st_dev, current.st_ino) == (os.fstat(held.fileno()).st_dev, os.fstat(held.fileno()).st_ino):
-                return
-        except FileNotFoundError:
-            pass
-        log.warning("checkpoint.dir %s lost its .lock while running (removed?): locking it again", self.directory)
-        held.close()
-        self._lock = None
-        self.lock()  # CheckpointError if another daemon took the directory meanwhile
+            return  # never locked (a file system without locks, or not asked to)
+        if not held.closed:
+            try:
+                current = os.stat(self.directory / ".lock")
+                if (current.st_dev, current.st_ino) == (os.fstat(held.fileno()).st_dev, os.fstat(held.fileno()).st_ino):
+                    return
+            except OSError:  # gone, or the directory is now a file or unreadable: lock again
+                pass
+            log.warning("checkpoint.dir %s lost its .lock while running (removed?): locking it again", self.directory)
+            held.close()
+        # Until a lock is held again every write is refused (a closed handle stays as the
+        # marker): a second try after another daemon took the directory wrote into it (helper-42).
+        self.lock()  # CheckpointError if another daemon holds it now, or it cannot be made
 
     def load(self, key: str) -> dict | None:
         store = self.store_for(key)
@@ -288,6 +296,7 @@ class LocalStateStore:
                 handle.close()
                 log.warning("cannot lock checkpoint.dir %s (%s): a second daemon on it would not be refused",
                             self.directory, exc.strerror or exc)
+                self._lock = None
                 return
             handle.seek(0)
             holder = handle.read().strip() or "another process"
