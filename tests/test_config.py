@@ -31,6 +31,11 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         # It named kafka.output_topic for a dead-letter topic equal to an input.
         ({"kafka": {"dead_letter_topic": "features"}}, "kafka.dead_letter_topic: 'features' is not allowed"),
         ({"kafka": {"dead_letter_topic": "anomalies"}}, "use a topic other than kafka.output_topic"),
+        # Taken before, and every produce to it failed; an infinite interval never checkpointed by
+        # time (helper-39).
+        ({"kafka": {"output_topic": "a b"}}, "kafka.output_topic: 'a b' is not allowed; use letters, digits"),
+        ({"kafka": {"input_topics": ["ok", "no way"]}}, "kafka.input_topics[1]: 'no way' is not allowed"),
+        ({"checkpoint": {"interval_seconds": float("inf")}}, "checkpoint.interval_seconds: inf is not allowed"),
         ({"model": {"rare_weight": 0.0001}}, "model.rare_weight: 0.0001 is not allowed; use 0 or a weight above "
                                              "model.min_weight (0.0001)"),
         ({"model": {"rare_weight": "sometimes"}}, "model.rare_weight: 'sometimes' is not allowed"),
@@ -102,13 +107,13 @@ def test_text_settings_from_the_environment_keep_the_text_and_numbers_read_as_nu
     # ... and YAML's own text, lists and null as before (helper-36: "null" became a topic named null).
     config = config_from_dict({"kafka": {"scores_topic": "scores"}, "checkpoint": {"topic": "state"}},
                               environ={"STREAMGMM_KAFKA__SCORES_TOPIC": "null", "STREAMGMM_CHECKPOINT__TOPIC": "~",
-                                       "STREAMGMM_KAFKA__INPUT_TOPICS": "[a, 00123, 'x #y']",
+                                       "STREAMGMM_KAFKA__INPUT_TOPICS": "[a, 00123, '0.5']",
                                        "STREAMGMM_KAFKA__GROUP_ID": "'my group'",
                                        "STREAMGMM_KAFKA__CONSUMER": "{fetch.wait.max.ms: 5}",
                                        "STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "6000"})
     assert config.kafka.scores_topic is None and config.checkpoint.topic is None
     # A list's items as typed too: [a, 00123] was ("a", 83).
-    assert config.kafka.input_topics == ("a", "00123", "x #y") and config.kafka.group_id == "my group"
+    assert config.kafka.input_topics == ("a", "00123", "0.5") and config.kafka.group_id == "my group"
     assert dict(config.kafka.consumer) == {"fetch.wait.max.ms": 5, "session.timeout.ms": "6000"}
 
 
@@ -340,3 +345,10 @@ def test_text_from_the_environment_keeps_a_hash_and_a_colon_and_a_key_is_masked(
                                            "fetch.wait.max.ms": 50}
     with pytest.raises(ConfigError, match="STREAMGMM_MODEL: set a section's keys one by one"):
         config_from_dict({}, environ={"STREAMGMM_MODEL": "{alpha: 0.9}"})  # was ignored without a word
+
+
+def test_a_lower_case_logging_level_is_taken():
+    # "debug" was refused as not one of DEBUG, INFO, WARNING, ERROR (helper-39).
+    assert config_from_dict({"logging": {"level": "debug"}}).logging.level == "debug"
+    with pytest.raises(ConfigError, match="logging.level: 'verbose' is not allowed"):
+        config_from_dict({"logging": {"level": "verbose"}})

@@ -10,6 +10,7 @@ import collections.abc
 import dataclasses
 import io
 import os
+import math
 import re
 import types
 import typing
@@ -195,6 +196,7 @@ _SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((in
             str: (str, "a string")}
 
 
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 # ------------------------------------------------------------------------ building
@@ -384,7 +386,10 @@ def _rules(config: Config):
     a rule is only evaluated once every rule before it held."""
     k, i, m, t, c = config.kafka, config.input, config.model, config.threshold, config.checkpoint
     for path, choices in CHOICES.items():
-        yield path, _value(config, path) in choices, f"use one of {', '.join(choices)}"
+        value = _value(config, path)
+        if path == "logging.level" and isinstance(value, str):
+            value = value.upper()  # debug was refused (helper-39), as Python's own names are upper case
+        yield path, value in choices, f"use one of {', '.join(choices)}"
     yield "kafka.bootstrap_servers", k.bootstrap_servers, "give at least one host:port"
     for n, server in enumerate(k.bootstrap_servers):
         host, _, port = server.rpartition(":")
@@ -392,6 +397,14 @@ def _rules(config: Config):
         yield (f"kafka.bootstrap_servers[{n}]", host and "/" not in host and port.isdigit() and 0 < int(port) < 65536,
                "use host:port with a port from 1 to 65535, without a scheme such as http:// (kafka-1:9092)")
     yield "kafka.input_topics", k.input_topics and all(k.input_topics), "give at least one non-empty topic name"
+    # Kafka's legal topic names (a space, "a b", was taken and every produce to it failed; helper-39).
+    # An input may be a regular expression subscription, which starts with ^.
+    for n, topic in enumerate(k.input_topics):
+        yield (f"kafka.input_topics[{n}]", topic.startswith("^") or _KAFKA_TOPIC.fullmatch(topic),
+               "use letters, digits, '.', '_' and '-' only, at most 249 (or ^regex for a pattern)")
+    for key, topic in (("kafka.output_topic", k.output_topic), ("kafka.dead_letter_topic", k.dead_letter_topic),
+                       ("kafka.scores_topic", k.scores_topic), ("checkpoint.topic", c.topic)):
+        yield key, not topic or _KAFKA_TOPIC.fullmatch(topic), "use letters, digits, '.', '_' and '-' only, at most 249"
     for key in ("output_topic", "dead_letter_topic", "group_id"):
         yield f"kafka.{key}", getattr(k, key), "give a non-empty name"
     outputs = (k.output_topic, k.dead_letter_topic)
@@ -454,7 +467,7 @@ def _rules(config: Config):
            "use a number of points >= 0, or null for max(5000, 1/quantile)")
     yield "threshold.refresh_every", t.refresh_every >= 1, "use an integer >= 1"
     yield "threshold.samples", t.samples is None or t.samples >= 100, "use at least 100, or null for the default"
-    yield "checkpoint.interval_seconds", c.interval_seconds > 0, "use a number > 0"
+    yield "checkpoint.interval_seconds", 0 < c.interval_seconds < math.inf, "use a finite number > 0"
     yield "checkpoint.interval_messages", c.interval_messages >= 1, "use an integer >= 1"
     yield "checkpoint.keep", c.keep >= 2, "keep at least 2 so a corrupt newest one has a fallback"
     yield "checkpoint.dir", c.dir, "give a directory"
