@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 import pytest
@@ -21,5 +22,5 @@ def broker():
 @pytest.fixture
 def topic(request):
     """A topic name unique to the test (the broker is shared)."""
-    name = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")
+    name = re.sub(r"[^A-Za-z0-9.-]", "-", request.node.name.replace("]", ""))  # Kafka's legal topic names
     return f"t-{name}"[:200]
