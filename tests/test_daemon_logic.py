@@ -586,3 +586,17 @@ def test_a_checkpoint_offset_the_group_has_no_commit_for_is_said(tmp_path, caplo
     with caplog.at_level("WARNING"):
         daemon._on_assign([TopicPartition("in", 0)])
     assert "in/0: the model's checkpoint read it up to offset 1000, but the group has no commit" in caplog.text
+
+
+def test_a_loop_that_has_not_polled_for_a_while_is_not_ready(tmp_path):
+    # Blocked in a checkpoint's flush to a broker that hung (scope partition, state topic),
+    # /readyz said "8 partitions assigned, models ready" for 30 s while the group had dropped
+    # the member (helper-39).
+    rng = np.random.default_rng(13)
+    daemon = _daemon(tmp_path)
+    daemon.started = True
+    _feed(daemon, 0, 1000, rng)
+    assert daemon.readiness()[0]
+    daemon._last_poll -= 15.0
+    ready, why, _ = daemon.readiness()
+    assert not ready and why.startswith("the loop has not polled Kafka for 15 s")

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
+# ... and /readyz says not ready after this long without a poll (a large warm-up fit takes a
+# few seconds; a broker that hangs a checkpoint's flush, up to its 30 s timeout).
+READY_STALL_SECONDS = 10.0
 # With no partition assigned, the loop asks the cluster this often why (broker unreachable,
 # input topics missing), for /readyz and the log; each question waits at most the timeout.
 # A partition whose next offset is past its log's end for this long is reported (see
@@ -219,6 +222,12 @@ class Daemon:
         """(ready, why in words, the state of each assigned partition's model)."""
         if self.source is None:
             return False, "not connected to Kafka yet", {}
+        quiet = time.monotonic() - self._last_poll
+        if self.started and quiet >= READY_STALL_SECONDS:
+            # Blocked in a checkpoint's flush or commit on a broker that hangs: the group may have
+            # dropped this member already, and /readyz said "models ready" for 30 s (helper-39).
+            return False, (f"the loop has not polled Kafka for {quiet:.0f} s (a checkpoint or commit waiting on the "
+                           "broker, or a stall: see the log)"), {}
         if not self.assigned:
             waited = time.monotonic() - self._unassigned_since
             return False, self._unassigned_reason or (
