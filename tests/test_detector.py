@@ -465,7 +465,8 @@ def test_a_huge_key_is_cut_in_the_documents_and_in_the_record(key):
     from streamgmm.detection.records import (KEY_FIELD_MAX_BYTES, OUTPUT_KEY_MAX_BYTES, anomaly_record, dead_letter,
                                              score_records)
 
-    record = InputRecord("in", 0, 7, b"[1,2]", key=key, headers=(("a", b"x" * 600_000), ("b", b"y" * 600_000)))
+    record = InputRecord("in", 0, 7, b"[1,2]", key=key,
+                         headers=(("a", b"x" * 600_000), ("trace", b"t-1"), ("b", b"y" * 600_000)))
     out = anomaly_record("anomalies", record, {"log_density": -50.0})
     source = json.loads(out.value)["source"]
     assert out.key == key[:OUTPUT_KEY_MAX_BYTES] and len(out.value) < 2 * KEY_FIELD_MAX_BYTES
@@ -473,6 +474,7 @@ def test_a_huge_key_is_cut_in_the_documents_and_in_the_record(key):
     assert headers["streamgmm.key.original_bytes"] == str(len(key)).encode()
     assert headers["streamgmm.key.original_sha256"] == hashlib.sha256(key).hexdigest().encode()
     assert "a" not in headers and headers["streamgmm.headers.dropped"] == b"2 headers, 1200002 bytes"
+    assert headers["trace"] == b"t-1"  # a small header stays beside the oversized ones
     letter = dead_letter("dead", record, "undecodable", "x", 65_536)
     assert letter.key == out.key and sum(len(k) + len(v) for k, v in letter.headers) < 4096
     assert source["key_truncated"] is True and source["key_bytes"] == len(key)

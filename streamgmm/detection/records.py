@@ -111,13 +111,21 @@ def bounded_key(key: bytes | None) -> tuple[bytes | None, list]:
 
 
 def carried_headers(record: InputRecord) -> list:
-    """The input's headers for an output record: all of them up to OUTPUT_HEADERS_MAX_BYTES in
-    all, else none, with a header saying how many were left out."""
+    """The input's headers for an output record, in order while they fit in
+    OUTPUT_HEADERS_MAX_BYTES in all; those that do not are left out, with a header saying how
+    many and how large (a small tracing header stays beside an oversized one)."""
     headers = list(record.headers or ())
-    size = sum(len(k) + len(v or b"") for k, v in headers)
-    if size <= OUTPUT_HEADERS_MAX_BYTES:
-        return headers
-    return [("streamgmm.headers.dropped", f"{len(headers)} headers, {size} bytes".encode())]
+    kept, size, dropped, dropped_bytes = [], 0, 0, 0
+    for key, value in headers:
+        length = len(key.encode() if isinstance(key, str) else key) + len(value or b"")
+        if size + length <= OUTPUT_HEADERS_MAX_BYTES:
+            kept.append((key, value))
+            size += length
+        else:
+            dropped, dropped_bytes = dropped + 1, dropped_bytes + length
+    if dropped:
+        kept.append(("streamgmm.headers.dropped", f"{dropped} headers, {dropped_bytes} bytes".encode()))
+    return kept
 
 
 def anomaly_record(topic: str, record: InputRecord, document: dict) -> OutputRecord:
