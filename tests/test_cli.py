@@ -100,6 +100,7 @@ def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
     assert summary["n_seen"] == 3000 and summary["initialized"]
     assert summary["threshold"]["value"] is not None
     assert len(summary["weights"]) == 2
+    assert summary["format_version"] == 2  # the file's own (every file said 1; helper-43)
     text = _cli("inspect", str(out))
     assert "points learned    3,000 (n_seen:" in text.stdout  # in words, not a dict repr
     assert "{" not in text.stdout

@@ -415,7 +415,7 @@ def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ())
     configured = {k: model["params"][k] for k in ("n_components", "covariance_type")}
     return {
         "path": str(path),
-        "format_version": 1,
+        "format_version": state.get("checkpoint_format", 1),  # (it said 1 of every file; helper-43)
         "streamgmm_version": state.get("streamgmm_version"),
         "created_at": state.get("created_at"),
         **{name: state["counters"][name] for name in ("n_valid", "n_invalid", "n_anomalies", "n_updates")},

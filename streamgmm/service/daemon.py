@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # The loop polls at least every poll_timeout_ms (or its retry back-off) while alive; longer
 # than this without a poll, and the lag is asked of the broker at scrape time.
 LOOP_STALL_SECONDS = 30.0
+# While the global model warms up, polls without waiting to gather every partition's first
+# messages (see Daemon._gather_for_warm_up).
+WARM_UP_GATHER_POLLS = 20
+WARM_UP_GATHER_SECONDS = 1.0
 # ... and /readyz says not ready after this long without a poll (a large warm-up fit takes a
 # few seconds; a broker that hangs a checkpoint's flush, up to its 30 s timeout).
 READY_STALL_SECONDS = 10.0
@@ -730,7 +734,7 @@ class Daemon:
     def _turn(self) -> None:
         self._retry_restores()
         self._ask_why_unassigned()
-        polled = self._poll() if self._fatal is None else {}
+        polled = self._gather_for_warm_up(self._poll()) if self._fatal is None else {}
         if self._fatal is not None:
             return  # stopping on a partition's state: nothing more is processed
         if self._rewind_pending is not None:
@@ -740,6 +744,25 @@ class Daemon:
         self.sink.serve()
         if self.checkpointer.due():
             self._checkpoint()
+
+    def _gather_for_warm_up(self, polled: dict) -> dict:
+        """While the global model warms up on several partitions: poll again (at most
+        WARM_UP_GATHER_POLLS times within WARM_UP_GATHER_SECONDS) until every assigned partition
+        has given some, so that the warm-up sees each partition's first messages.  A
+        backlog's poll returns one partition's fetch after another: 4 partitions of a regime each
+        warmed up on one and flagged 15,005 of 20,000 normal messages (helper-43)."""
+        if (self.scope != "global" or not polled or len(self.assigned) < 2 or self.detector.model.is_initialized
+                or self._rewind_pending is not None):
+            return polled
+        deadline = time.monotonic() + WARM_UP_GATHER_SECONDS
+        for _ in range(WARM_UP_GATHER_POLLS):
+            left = deadline - time.monotonic()
+            if set(polled) >= self.assigned or left <= 0 or self._rewind_pending is not None:
+                break
+            # (The other partitions' first fetches may still be on their way: a short wait.)
+            for tp, messages in self._poll(timeout_seconds=min(0.1, left)).items():
+                polled.setdefault(tp, []).extend(messages)
+        return {tp: messages for tp, messages in polled.items() if tp in self.assigned}  # (a rebalance meanwhile)
 
     def _observe_partition_models(self) -> None:
         """scope: partition: the metrics of the models held, an assigned partition with none
@@ -797,10 +820,11 @@ class Daemon:
                      "topic.metadata.refresh.interval.ms (30 s by default here)", topic)
         self._inputs_unavailable = problems
 
-    def _poll(self) -> dict:
+    def _poll(self, timeout_seconds: float | None = None) -> dict:
         k = self.config.kafka
         try:
-            polled = self.source.poll(k.max_batch_messages, k.poll_timeout_ms / 1000.0)
+            wait = k.poll_timeout_ms / 1000.0 if timeout_seconds is None else timeout_seconds
+            polled = self.source.poll(k.max_batch_messages, wait)
             self._error_backoff = k.retry_backoff_initial_seconds
         except KafkaException as exc:
             # The client reconnects by itself; pause so an outage does not spin the CPU.

@@ -123,7 +123,10 @@ def unpack(data: bytes, source: str = "checkpoint") -> dict:
             return [restore(v) for v in value]
         return value
 
-    return restore(document)
+    state = restore(document)
+    if isinstance(state, dict):
+        state["checkpoint_format"] = version  # what it was read from (inspect says it)
+    return state
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict:
