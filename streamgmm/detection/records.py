@@ -101,13 +101,19 @@ OUTPUT_KEY_MAX_BYTES = 16_384
 OUTPUT_HEADERS_MAX_BYTES = 16_384
 
 
+def cut(data: bytes | None, limit: int, what: str) -> tuple[bytes | None, list]:
+    """``data`` cut to ``limit`` bytes, and the headers ``streamgmm.<what>.truncated``,
+    ``.original_bytes`` and ``.original_sha256`` saying so (none when it fits)."""
+    if data is None or len(data) <= limit:
+        return data, []
+    return data[:limit], [(f"streamgmm.{what}.truncated", b"true"),
+                          (f"streamgmm.{what}.original_bytes", str(len(data)).encode()),
+                          (f"streamgmm.{what}.original_sha256", hashlib.sha256(data).hexdigest().encode())]
+
+
 def bounded_key(key: bytes | None) -> tuple[bytes | None, list]:
     """The key for an output record, cut to OUTPUT_KEY_MAX_BYTES, and headers saying so."""
-    if key is None or len(key) <= OUTPUT_KEY_MAX_BYTES:
-        return key, []
-    return key[:OUTPUT_KEY_MAX_BYTES], [("streamgmm.key.truncated", b"true"),
-                                        ("streamgmm.key.original_bytes", str(len(key)).encode()),
-                                        ("streamgmm.key.original_sha256", hashlib.sha256(key).hexdigest().encode())]
+    return cut(key, OUTPUT_KEY_MAX_BYTES, "key")
 
 
 def carried_headers(record: InputRecord) -> list:
@@ -159,14 +165,8 @@ def dead_letter(topic: str, record: InputRecord, reason: str, detail: str, max_v
         ("streamgmm.source.offset", str(record.offset).encode()),
         ("streamgmm.source.timestamp", str(record.timestamp).encode()),
     ]
-    if len(value) > max_value_bytes:
-        headers += [
-            ("streamgmm.value.truncated", b"true"),
-            ("streamgmm.value.original_bytes", str(len(value)).encode()),
-            ("streamgmm.value.original_sha256", hashlib.sha256(value).hexdigest().encode()),
-        ]
-        value = value[:max_value_bytes]
-    return OutputRecord(topic, value, key, headers, (record.topic, record.partition, record.offset))
+    value, value_headers = cut(value, max_value_bytes, "value")
+    return OutputRecord(topic, value, key, headers + value_headers, (record.topic, record.partition, record.offset))
 
 
 def batch_sources(batch, indices: list[int]) -> tuple[list, list, list, list]:

@@ -132,12 +132,16 @@ def recorded_resolution(X, weight) -> np.ndarray:
             steps[j] = _last_decimal_step(float(values[0]))
             continue
         step = float(np.min(np.diff(values)))
-        on_grid = (values - values[0]) / step
-        # (The float error of each ratio grows with it; the tolerance does not, or a measured
-        # feature with a tiny closest pair would pass for a fine grid.)
-        if np.all(np.abs(on_grid - np.round(on_grid)) <= GRID_TOLERANCE + 64 * np.finfo(float).eps * on_grid):
+        if np.all(_whole((values - values[0]) / step)):
             steps[j] = step
     return steps
+
+
+def _whole(ratio):
+    """Whether a ratio to a grid step is a whole number, up to GRID_TOLERANCE.  (The float error
+    of each ratio grows with it and so does the tolerance here; the GRID_TOLERANCE part does not,
+    or a measured feature with a tiny closest pair would pass for a fine grid.)"""
+    return np.abs(ratio - np.round(ratio)) <= GRID_TOLERANCE + 64 * np.finfo(float).eps * np.abs(ratio)
 
 
 def _last_decimal_step(value: float) -> float:
@@ -147,7 +151,7 @@ def _last_decimal_step(value: float) -> float:
         return 0.0
     for decimals in range(13):
         scaled = value * 10.0**decimals
-        if round(scaled) != 0 and abs(scaled - round(scaled)) <= GRID_TOLERANCE + 64 * np.finfo(float).eps * abs(scaled):
+        if round(scaled) != 0 and _whole(scaled):
             return 10.0**-decimals
     return 0.0
 

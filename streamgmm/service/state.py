@@ -239,6 +239,7 @@ class LocalStateStore:
         self.directory = Path(directory)
         self.keep = keep
         self.skipped = 0  # checkpoint files the last load skipped (they did not read back intact)
+        self._lock = None  # the open, locked .lock (see lock); closed: lost, to be taken again
 
     def store_for(self, key: str) -> CheckpointStore:
         # The global model keeps the top-level directory, as single-instance deployments expect.
@@ -253,7 +254,7 @@ class LocalStateStore:
         """Lock again when the locked .lock is no longer the directory's: the directory removed while
         the daemon ran was made again by the next write, without a lock, and a second daemon
         started on it was not refused (helper-39: both learned the same messages)."""
-        held = getattr(self, "_lock", None)
+        held = self._lock
         if held is None:
             return  # never locked (a file system without locks, or not asked to)
         if not held.closed:
