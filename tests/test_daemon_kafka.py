@@ -213,3 +213,38 @@ def test_latest_is_pinned_at_the_first_assignment_so_a_restart_reads_what_came_m
     summary = inspect(state)
     assert sum(summary["offsets"][topic].values()) == 2300
     assert summary["n_valid"] == 2300 - sum(pinned)  # from the pinned start on, nothing skipped
+
+
+def test_with_latest_a_topic_a_pattern_finds_later_is_read_from_its_first_message(broker, topic, tmp_path):
+    # auto.offset.reset latest is for the backlog at the group's first start. A topic the
+    # subscription pattern matched later was pinned at its end when the metadata refresh found
+    # it: all written to it before then was skipped (a Kafka consumer does the same).
+    first, later = f"{topic}-first", f"{topic}-later"
+    create_topic(broker.bootstrap, first, partitions=1)
+    produce(broker.bootstrap, first, [(None, encode(x, "json")) for x in _stream(200, seed=5)[0]])  # skipped
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, state,
+                          kafka={"auto_offset_reset": "latest", "input_topics": [f"^{re.escape(topic)}-.*"],
+                                 "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                                              "fetch.wait.max.ms": 20, "topic.metadata.refresh.interval.ms": 3000}})
+    daemon = DaemonProcess(config, tmp_path / "d.log").start()
+    try:
+        daemon.wait_for(lambda: "auto.offset.reset latest: the log's end, committed" in daemon.log_tail(80),
+                        what="the first assignment")
+        create_topic(broker.bootstrap, later, partitions=2)
+        X, _ = _stream(700, seed=6)
+        for chunk in np.split(X, 7):  # before it is found; in batches, so Tansu's "end" is near the end
+            produce(broker.bootstrap, later, [(None, encode(x, "json")) for x in chunk])
+        daemon.wait_for(lambda: (daemon.metric("streamgmm_messages_consumed_total") or 0) >= 700, timeout=90,
+                        what="the 700 written to the later topic")
+        log_text = daemon.log_tail(200)
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.kill()
+    # Tansu's log end is its last batch's first offset + 1 (KAFKA-NOTES.md): from there the
+    # first topic's messages are read and counted.
+    pinned = int(re.search(rf"{re.escape(first)}/0 at (\d+) \(auto.offset.reset latest", log_text).group(1))
+    summary = inspect(state)
+    assert summary["n_valid"] == 700 + 200 - pinned
+    assert sum(summary["offsets"][later].values()) == 700
+    assert len(re.findall(rf"{re.escape(later)}/\d+ at reset \(new since the group began reading", log_text)) == 2

@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 import numpy as np
-from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from ..detection.detector import Detector
 from ..detection.records import OutputRecord
@@ -146,6 +146,7 @@ class Daemon:
         self.watermarks: WatermarkReader | None = None
         # Replaced whole, never changed in place: the metrics thread reads it (readiness).
         self.assigned: frozenset[tuple[str, int]] = frozenset()
+        self._ever_assigned: set[tuple[str, int]] | None = None  # None before the first assignment
         # Next offset to process per assigned partition (read by the lag collector's thread:
         # replaced whole, never mutated).
         self.positions: dict[tuple[str, int], int] = {}
@@ -559,7 +560,9 @@ class Daemon:
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
         starts, why = [], {}
-        pinned = self._pin_latest(owned, committed) if read is not None else {}
+        new = self._new_partitions(owned, committed) if read is not None else set()
+        pinned = self._pin_latest([tp for tp in owned if tp not in new], committed) if read is not None else {}
+        self._ever_assigned = (self._ever_assigned or set()) | set(owned)
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
             if (topic, partition) in self.held.unrestored:
@@ -576,11 +579,14 @@ class Daemon:
                                 "messages now below %d are skipped; to read them, stop the daemon and start it "
                                 "with an empty checkpoint.dir (or model.init_from)", topic, partition,
                                 checkpointed, checkpointed)
+            unplaced = OFFSET_INVALID  # neither a checkpoint nor a commit: auto.offset.reset decides
             if start is None and (topic, partition) in pinned:
                 start = pinned[(topic, partition)]
                 why[(topic, partition)] = " (auto.offset.reset latest: the log's end, committed)"
-            # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
-            starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
+            elif start is None and (topic, partition) in new:
+                unplaced = OFFSET_BEGINNING
+                why[(topic, partition)] = " (new since the group began reading: from its first message)"
+            starts.append(TopicPartition(topic, partition, unplaced if start is None else start))
             if start is not None and (topic, partition) not in self.held.unrestored:
                 self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
@@ -595,6 +601,20 @@ class Daemon:
             self._observe_partition_models()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
+
+    def _new_partitions(self, owned, committed: dict) -> set[tuple[str, int]]:
+        """auto.offset.reset latest: the partitions with neither a checkpoint offset nor a group
+        commit that appeared after the group began reading (a topic a pattern matched later, or
+        one of a topic whose other partitions the group has committed).  "latest" means "not the
+        backlog at the first start"; applied to these it skipped what was written to them before
+        the next metadata refresh found them (up to 30 s of a new topic's messages)."""
+        if self.config.kafka.auto_offset_reset != "latest":
+            return set()
+        unplaced = {tp for tp in owned if tp not in self.held.unrestored and self._resume_offset(*tp, committed) is None}
+        if self._ever_assigned is not None:  # what this process was first given was pinned then
+            return unplaced - self._ever_assigned
+        read_topics = {topic for topic, _ in committed}
+        return {tp for tp in unplaced if tp[0] in read_topics}
 
     def _pin_latest(self, owned, committed: dict) -> dict[tuple[str, int], int]:
         """auto.offset.reset latest: the log's end now of each partition with neither a checkpoint
