@@ -367,6 +367,21 @@ def test_healthcheck_asks_the_port_the_config_and_its_overrides_give(tmp_path):
         server.shutdown()
 
 
+def test_healthcheck_loads_only_the_config(tmp_path):
+    # A container runs it every 15 s beside the daemon: through the whole package it imported
+    # numpy, scipy, confluent-kafka (and scikit-learn where installed), 1.8 s of a 5 s timeout.
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"metrics": {"enabled": False}}))
+    probe = ("import sys; from streamgmm.cli import main; code = main(['healthcheck', '--config', sys.argv[1]]); "
+             "print(code, sorted(m for m in ('numpy', 'scipy', 'confluent_kafka', 'sklearn') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split(None, 1) == ["0", "[]\n"], result.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"metrics": {"prot": 9464}}))
+    refused = _cli("healthcheck", "--config", str(typo))
+    assert refused.returncode == 2 and "metrics.prot" in refused.stderr
+
+
 def test_replay_starts_from_model_init_from_and_explains_its_anomalies(tmp_path):
     # replay ignored model.init_from (a preview of a fitted model scored with a fresh one), and its
     # lines had no rarity or top features: what on-call reads could not be previewed.

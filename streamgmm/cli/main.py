@@ -24,6 +24,7 @@ from ..detection.records import iso_time
 from ..mixture.online import FINAL_N_INIT_FACTOR, WARMUP_N_INIT
 from ..service.state import CheckpointError, CheckpointStore, LocalStateStore, read_checkpoint_file
 from ..service.config import ConfigError, as_dict, load_config, masked
+from .healthcheck import add_parser as add_healthcheck_parser
 
 log = logging.getLogger("streamgmm")
 
@@ -344,33 +345,6 @@ def cmd_check_config(args) -> int:
     return 0
 
 
-def cmd_healthcheck(args) -> int:
-    """GET /healthz of the daemon this config runs, on this host: 0 when it answers 200.  For a
-    container's HEALTHCHECK, which cannot know the port from the config (metrics.port, or its
-    environment override)."""
-    import urllib.error
-    import urllib.request
-
-    config = _load(args.config)
-    if not config.metrics.enabled or config.metrics.port == 0:
-        # Disabled, or on a port chosen at start: nothing this config can say where to ask.
-        print("streamgmm: metrics.enabled is false or metrics.port is 0: no /healthz to ask", file=sys.stderr)
-        return 0
-    host = config.metrics.host if config.metrics.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{config.metrics.port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except OSError as exc:
-        print(f"streamgmm: {url}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200:
-        print(f"streamgmm: {url}: HTTP {status}", file=sys.stderr)
-    return 0 if status == 200 else 1
-
-
 def _summarised(value):
     """Checkpoint values as JSON: small arrays as lists, large ones as their shape."""
     if isinstance(value, dict):
@@ -601,11 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "EnvironmentFile= gives them to the daemon (/etc/streamgmm/streamgmm.env)")
     chk.set_defaults(func=cmd_check_config)
 
-    hc = sub.add_parser("healthcheck", help="exit 0 when the daemon of this config answers /healthz (for a "
-                                            "container's HEALTHCHECK)")
-    hc.add_argument("--config", required=True, help="the daemon's YAML config (STREAMGMM_* overrides apply)")
-    hc.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
-    hc.set_defaults(func=cmd_healthcheck)
+    add_healthcheck_parser(sub)
 
     ins = sub.add_parser("inspect", help="summarise the newest valid checkpoint (a directory or a state topic)")
     ins.add_argument("checkpoint", nargs="?", metavar="PATH",
