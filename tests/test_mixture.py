@@ -248,3 +248,16 @@ def test_online_first_batch_that_fails_the_checks_leaves_no_names(blobs):
     assert not hasattr(model, "feature_names_in_")
     model.partial_fit(_Frame(blobs[:100, :3], ["a", "b", "c"]))
     assert list(model.feature_names_in_) == ["a", "b", "c"]
+
+
+def test_fewer_distinct_points_than_components_warns_as_scikit_learn_does():
+    # K = 5 on 3 distinct rows: scikit-learn warns; the fit was silent and left two components
+    # of weight 0 (helper-45).
+    X = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]), 10, axis=0)
+    for model in (SklearnGaussianMixture(5, random_state=0), GaussianMixture(5, random_state=0)):
+        with pytest.warns(Warning, match=r"Number of distinct clusters \(3\) found smaller than n_clusters \(5\)"):
+            model.fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GaussianMixture(3, random_state=0).fit(X)  # as many distinct points as components: no warning
+

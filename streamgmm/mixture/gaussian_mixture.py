@@ -247,6 +247,11 @@ class GaussianMixture(MixtureBase):
             self._initialize(X, None, sample_weight)
         else:
             resp = initial_responsibilities(X, self.n_components, self.init_params, rng, sample_weight)
+            if self.init_params == "kmeans" and (found := int(np.count_nonzero(resp.any(axis=0)))) < self.n_components:
+                # scikit-learn's KMeans says so too; silently, the fit had components of weight 0.
+                warnings.warn(f"Number of distinct clusters ({found}) found smaller than n_clusters "
+                              f"({self.n_components}). Possibly due to duplicate points in X.",
+                              ConvergenceWarning, stacklevel=3)
             self._initialize(X, resp, sample_weight)
 
     def _initialize(self, X, resp, sample_weight=None) -> None:

@@ -549,8 +549,7 @@ class OnlineGaussianMixture(MixtureBase):
             if self.n_buffered_ >= self.warmup:
                 self._initialize_from_buffer()
             return self
-        if X.shape[0]:
-            self.learn(self.score_batch(X), sample_weight=weight)
+        self.learn(self.score_batch(X), sample_weight=weight)
         return self
 
     def score_batch(self, X) -> ScoredBatch:
