@@ -352,3 +352,64 @@ def test_a_lower_case_logging_level_is_taken():
     assert config_from_dict({"logging": {"level": "debug"}}).logging.level == "debug"
     with pytest.raises(ConfigError, match="logging.level: 'verbose' is not allowed"):
         config_from_dict({"logging": {"level": "verbose"}})
+
+
+@pytest.mark.parametrize("server", ["127.0.0.1:9092;127.0.0.1:9093", "127.0.0.1:9092 kafka-2:9092",
+                                    "localhost:9092:9092", "kafka-1:9092,"])
+def test_a_bootstrap_list_written_with_the_wrong_separator_is_refused(server):
+    # It passed and the daemon resolved "[127.0.0.1:9092;127.0.0.1:1]:9092" for ever (helper-44).
+    with pytest.raises(ConfigError, match=re.escape("kafka.bootstrap_servers[0]")):
+        config_from_dict({"kafka": {"bootstrap_servers": [server]}}, environ={})
+    assert config_from_dict({"kafka": {"bootstrap_servers": ["[::1]:9092", "kafka-1.example.com:9093"]}}, environ={})
+
+
+@pytest.mark.parametrize("output", ["output_topic", "dead_letter_topic", "scores_topic"])
+def test_an_input_pattern_that_matches_a_topic_the_daemon_writes_is_refused(output):
+    # ^lp.* took lp-dead too: the daemon dead-lettered its own dead letters, 1,300 a second (helper-44).
+    kafka = {"input_topics": ["^lp.*"], "output_topic": "lp-anomalies", "dead_letter_topic": "lp-dead",
+             "scores_topic": "lp-scores"}
+    kafka = {**kafka, **{k: f"other-{k}".replace("_", "-") for k in ("output_topic", "dead_letter_topic", "scores_topic")
+                         if k != output}}
+    with pytest.raises(ConfigError, match=re.escape(f"kafka.input_topics[0]: ") + ".*matches kafka." + output):
+        config_from_dict({"kafka": kafka}, environ={})
+    with pytest.raises(ConfigError, match="checkpoint.topic"):
+        config_from_dict({"kafka": {"input_topics": ["^in-"]}, "checkpoint": {"topic": "in-state"}}, environ={})
+    with pytest.raises(ConfigError, match="valid regular expression"):
+        config_from_dict({"kafka": {"input_topics": ["^in-(["]}}, environ={})
+    assert config_from_dict({"kafka": {"input_topics": ["^in-.*"], "output_topic": "lp-anomalies"}}, environ={})
+
+
+def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
+    # YAML 1.1 made metrics.port 011 port 9, interval_seconds 030 24.0 and 1:30 90, silently;
+    # STREAMGMM_METRICS__PORT=09464 was refused as no integer (helper-44).
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics: {port: 011}\ncheckpoint: {interval_seconds: 030, interval_messages: 0x10}\n")
+    config = load_config(path, environ={})
+    assert (config.metrics.port, config.checkpoint.interval_seconds, config.checkpoint.interval_messages) == (11, 30.0, 16)
+    assert load_config(path, environ={"STREAMGMM_METRICS__PORT": "09464"}).metrics.port == 9464
+    path.write_text("checkpoint: {interval_seconds: 1:30}\n")
+    with pytest.raises(ConfigError, match="checkpoint.interval_seconds: expected a number, got '1:30'"):
+        load_config(path, environ={})
+    path.write_text("kafka: {group_id: yes}\n")
+    with pytest.raises(ConfigError, match="quote the text"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize("variable, meant", [("STREAMGMM_CHEKPOINT_DIR", "STREAMGMM_CHECKPOINT__DIR"),
+                                             ("STREAMGMM_LOG_LEVEL", "STREAMGMM_LOGGING__LEVEL"),
+                                             ("STREAMGMM_GROUP_ID", "STREAMGMM_KAFKA__GROUP_ID")])
+def test_an_override_without_a_double_underscore_that_resembles_a_setting_is_refused(variable, meant):
+    # Each was skipped and the daemon ran on the file's value (helper-44).
+    with pytest.raises(ConfigError, match=f"{variable} is no setting: did you mean {meant}"):
+        config_from_dict({}, environ={variable: "x"})
+    assert config_from_dict({}, environ={"STREAMGMM_VENV": "/opt/venv"})  # another tool's variable
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    # A truncated deploy ran on every default: 127.0.0.1:9092, topic "features", ./state (helper-44).
+    path = tmp_path / "c.yaml"
+    path.write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(path, environ={})
+    path.write_text("{}\n")
+    assert load_config(path, environ={})

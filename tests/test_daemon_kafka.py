@@ -248,3 +248,20 @@ def test_with_latest_a_topic_a_pattern_finds_later_is_read_from_its_first_messag
     assert summary["n_valid"] == 700 + 200 - pinned
     assert sum(summary["offsets"][later].values()) == 700
     assert len(re.findall(rf"{re.escape(later)}/\d+ at reset \(new since the group began reading", log_text)) == 2
+
+
+def test_an_input_pattern_that_matches_nothing_is_said_so_not_called_an_invalid_topic(broker, topic, tmp_path):
+    # The pattern was asked of the broker as a topic name: "ERROR no partitions assigned: input
+    # topic ^rx-.* Broker: Invalid topic" at every start, and the same in /readyz (helper-44).
+    pattern = f"^{re.escape(topic)}-nothing-.*"
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, tmp_path / "state",
+                          kafka={"input_topics": [pattern]})
+    daemon = DaemonProcess(config, tmp_path / "d.log").start()
+    try:
+        daemon.wait_for(lambda: "matches no topic" in daemon.get("/readyz")[1], timeout=60, what="/readyz's reason")
+        status, body = daemon.get("/readyz")
+        assert status == 503 and "Invalid topic" not in body
+        assert "Invalid topic" not in daemon.log_tail(200)
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.kill()

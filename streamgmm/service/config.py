@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import io
 import os
 import math
@@ -243,7 +244,10 @@ def _coerce(value, tp, path):
         raise ConfigError(f"{path}: unsupported type {getattr(tp, '__name__', tp)}")
     accepted, words = _SCALARS[tp]
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
-        raise ConfigError(f"{path}: expected {words}, got {value!r}")
+        # YAML reads yes, no, on, off as true/false and 00123 as a number: text is quoted.
+        quote = (": YAML reads unquoted yes, no, on, off and digits as true/false and numbers; quote the text"
+                 if tp is str and isinstance(value, (bool, int, float)) else "")
+        raise ConfigError(f"{path}: expected {words}, got {value!r}{quote}")
     return float(value) if tp is float else value
 
 
@@ -303,6 +307,9 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
         if f"{name}_" in sections:
             raise ConfigError(f"environment variable {name}: set a section's keys one by one "
                               f"({name}__KEY), not the section as a whole")
+        if name.startswith(ENV_PREFIX) and "__" not in name and (meant := _setting_meant(name)):
+            # A section misspelled or left out was skipped without a word (helper-44).
+            raise ConfigError(f"environment variable {name} is no setting: did you mean {meant}?")
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
@@ -311,7 +318,7 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
             value = text
         else:
             try:
-                value = _EnvValue(text, yaml.safe_load(text) if text != "" else "")
+                value = _EnvValue(text, yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else "")
             except yaml.YAMLError:
                 value = text
         tree = raw
@@ -330,6 +337,19 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
         if origins is not None:
             origins[".".join(keys)] = name
     return raw
+
+
+def _setting_meant(name: str) -> str | None:
+    """The override a STREAMGMM_ variable without a double underscore most likely meant
+    (STREAMGMM_CHEKPOINT_DIR, STREAMGMM_GROUP_ID), None if it resembles none (another tool's)."""
+    meant = {}
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.default_factory()):
+            env = f"{ENV_PREFIX}{section.name.upper()}__{key.name.upper()}"
+            meant.setdefault(key.name, env)  # the key alone (STREAMGMM_GROUP_ID): the first section's
+            meant[f"{section.name}_{key.name}"] = env
+    found = difflib.get_close_matches(name[len(ENV_PREFIX):].lower(), meant, n=1, cutoff=0.8)
+    return meant[found[0]] if found else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +401,20 @@ def _producer_message_max_bytes(kafka: KafkaConfig) -> int | None:
         return None
 
 
+# A host name or IPv4 address, or an IPv6 address in brackets.
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
+
+
+def _valid_pattern(topic: str) -> bool:
+    if not topic.startswith("^"):
+        return True
+    try:
+        re.compile(topic)
+    except re.error:
+        return False
+    return True
+
+
 def _rules(config: Config):
     """(key path, whether its value is allowed, what is allowed), in the order they are checked;
     a rule is only evaluated once every rule before it held."""
@@ -394,8 +428,11 @@ def _rules(config: Config):
     for n, server in enumerate(k.bootstrap_servers):
         host, _, port = server.rpartition(":")
         host = re.sub(r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)://", "", host, flags=re.IGNORECASE)  # librdkafka's
-        yield (f"kafka.bootstrap_servers[{n}]", host and "/" not in host and port.isdigit() and 0 < int(port) < 65536,
-               "use host:port with a port from 1 to 65535, without a scheme such as http:// (kafka-1:9092)")
+        # A host with ';', a space or a second ':' (a list written with the wrong separator, a
+        # port twice) was taken and resolved for ever (helper-44); IPv6 is written [::1]:9092.
+        yield (f"kafka.bootstrap_servers[{n}]", _HOST.fullmatch(host) and port.isdigit() and 0 < int(port) < 65536,
+               "use host:port with a port from 1 to 65535, without a scheme such as http:// (kafka-1:9092), "
+               "one server per list item")
     yield "kafka.input_topics", k.input_topics and all(k.input_topics), "give at least one non-empty topic name"
     # Kafka's legal topic names (a space, "a b", was taken and every produce to it failed; helper-39).
     # An input may be a regular expression subscription, which starts with ^.
@@ -410,6 +447,14 @@ def _rules(config: Config):
     outputs = (k.output_topic, k.dead_letter_topic)
     for key in ("output_topic", "dead_letter_topic"):
         yield f"kafka.{key}", getattr(k, key) not in k.input_topics, "use a topic other than the inputs"
+    # A pattern that matched the daemon's own dead letters read them back and dead-lettered them
+    # again, ~1,300 a second for ever (helper-44).
+    for n, pattern in enumerate(k.input_topics):
+        yield f"kafka.input_topics[{n}]", _valid_pattern(pattern), "give a valid regular expression after ^"
+        for key, topic in (("kafka.output_topic", k.output_topic), ("kafka.dead_letter_topic", k.dead_letter_topic),
+                           ("kafka.scores_topic", k.scores_topic), ("checkpoint.topic", c.topic)):
+            yield (f"kafka.input_topics[{n}]", not (topic and pattern.startswith("^") and re.search(pattern, topic)),
+                   f"the pattern matches {key} {topic}: the daemon would read what it writes; narrow it")
     # Raw bad input among the anomaly records (helper-39).
     yield ("kafka.dead_letter_topic", k.dead_letter_topic != k.output_topic,
            "use a topic other than kafka.output_topic: invalid input would be mixed with the anomaly records")
@@ -447,7 +492,7 @@ def _rules(config: Config):
     yield ("model.half_life", m.half_life is None or m.half_life > 0,
            "use a number of points > 0, or null for no forgetting")
     yield "model.t0", m.t0 is None or m.t0 > 0, "use a number > 0, or null for model.warmup"
-    yield "model.reg_covar", m.reg_covar > 0, "use a number > 0"
+    yield "model.reg_covar", 0 < m.reg_covar < math.inf, "use a finite number > 0"
     largest = "max_components" if auto else "n_components"
     yield "model.min_weight", 0 <= m.min_weight < 1.0 / getattr(m, largest), f"use a number in [0, 1/model.{largest})"
     yield ("model.rare_weight", m.rare_weight == "auto" or (not isinstance(m.rare_weight, str) and 0 <= m.rare_weight < 1.0),
@@ -523,6 +568,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        digits = text.lstrip("+-")
+        base = 16 if digits[:2].lower() == "0x" else 8 if digits[:2].lower() == "0o" else 10
+        value = int(digits[2:] if base != 10 else digits, base)
+        return -value if text.startswith("-") else value
+
+
+# Numbers as YAML 1.2 reads them: YAML 1.1's octal and base-60 changed values without a word
+# (metrics.port 011 became 9, interval_seconds 030 became 24.0, 1:30 became 90; helper-44) and
+# STREAMGMM_METRICS__PORT=09464 was refused as no integer. A leading zero is decimal now, 0x
+# and 0o say their base, 1e5 is a number, and 1:30 is text (refused where a number is due).
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0[xX][0-9a-fA-F_]+|[-+]?0[oO][0-7_]+)$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+_UniqueKeyLoader.add_constructor(_INT, _UniqueKeyLoader.construct_yaml_int)
+
 
 def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment (``os.environ`` by default) and validate."""
@@ -537,9 +605,13 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
         try:
             stream = io.StringIO(text)
             stream.name = str(path)  # YAML's error marks name the file, not "<unicode string>"
-            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            hint = "; indent with spaces, not tabs" if "\t" in text and "found character '\\t'" in str(exc) else ""
+            raise ConfigError(f"{path} is not valid YAML: {exc}{hint}") from None
+        if raw is None:
+            # A truncated deploy ran on every default: 127.0.0.1:9092, topic "features", ./state.
+            raise ConfigError(f"{path} is empty: give the settings (see README.md), or {{}} to run on the defaults")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, os.environ if environ is None else environ)

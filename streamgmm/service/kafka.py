@@ -344,8 +344,10 @@ class KafkaSource:
         exist, this consumer may not read it, or the broker's error.  Asking creates no topic (a
         consumer does not ask for auto-creation); KafkaException when the cluster cannot be asked."""
         words = {TOPIC_MISSING: "does not exist: create it or fix kafka.input_topics",
-                 TOPIC_FORBIDDEN: "may not be read by this consumer: grant it, or fix kafka.security"}
-        problems = {topic: topic_problem(self.consumer, topic, timeout) for topic in topics}
+                 TOPIC_FORBIDDEN: "may not be read by this consumer: grant it, or fix kafka.security",
+                 PATTERN_UNMATCHED: "matches no topic: create one or fix kafka.input_topics"}
+        problems = {topic: pattern_problem(self.consumer, topic, timeout) if topic.startswith("^")
+                    else topic_problem(self.consumer, topic, timeout) for topic in topics}
         return {topic: words.get(problem, problem) for topic, problem in problems.items() if problem is not None}
 
     def poll(self, max_messages: int, timeout_seconds: float) -> dict[tuple[str, int], list[Message]]:
@@ -536,7 +538,15 @@ def missing_topics(producer, topics, timeout: float = 2.0) -> list[str]:
     return missing
 
 
-TOPIC_MISSING, TOPIC_FORBIDDEN = "missing", "forbidden"
+TOPIC_MISSING, TOPIC_FORBIDDEN, PATTERN_UNMATCHED = "missing", "forbidden", "unmatched"
+
+
+def pattern_problem(client, pattern: str, timeout: float) -> str | None:
+    """PATTERN_UNMATCHED when no topic of the cluster matches a ^regex subscription (asked of
+    the broker as a topic name, the pattern was "Broker: Invalid topic", an ERROR at every start
+    and in /readyz; helper-44).  KafkaException when the cluster cannot be asked."""
+    names = client.list_topics(timeout=timeout).topics
+    return None if any(re.search(pattern, name) for name in names) else PATTERN_UNMATCHED
 
 
 def topic_problem(client, topic: str, timeout: float) -> str | None:
