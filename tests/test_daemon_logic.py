@@ -620,3 +620,25 @@ def test_the_warm_up_of_a_backlog_gathers_every_partition_first(tmp_path):
         daemon._turn()
     assert daemon.detector.n_valid == 4800
     assert daemon.detector.n_anomalies <= 25, f"{daemon.detector.n_anomalies} of 4,800 normal messages flagged"  # 200 before
+
+
+def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path, caplog):
+    # 838 outliers in a row went unflagged and `inspect` showed a new component, with nothing in
+    # the log to say the model had taken them for a new regime (helper-44).
+    config = config_from_dict({
+        "input": {"format": "json", "dimension": 3},
+        "model": {"n_components": 2, "covariance_type": "full", "warmup": 200},
+        "threshold": {"quantile": 0.01, "adopt_after": 300, "adopt_window": 100},
+        "checkpoint": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
+    }, environ={})
+    daemon = Daemon(config)
+    daemon.source, daemon.sink = FakeSource(), FakeSink()
+    daemon.assigned = {("in", 0)}
+    rng = np.random.default_rng(5)
+    X = np.concatenate([rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) + 40.0])
+    with caplog.at_level("INFO"):
+        for start in range(0, len(X), 100):
+            daemon._process({("in", 0): [FakeMessage("in", 0, start + i, encode(x, "json"))
+                                         for i, x in enumerate(X[start:start + 100])]})
+    assert caplog.text.count("taken as a new regime") == 1
+    assert "the new regime is learned" in caplog.text

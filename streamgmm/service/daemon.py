@@ -98,6 +98,20 @@ def _log_restore_notes(what: str, detector: Detector) -> None:
         log.warning("%s: %s", what, note)
 
 
+def _log_adoption(key: str, detector: Detector) -> None:
+    """Adoption starts or ends: the model's idea of normal changes, which nothing said (an
+    operator saw 838 outliers in a row go unflagged and a new component in `inspect`; helper-44)."""
+    t = detector.config.threshold
+    if detector.adopting:
+        log.warning("model %s: %.1f%% of the points flagged over the last ~%d, above threshold.adopt_flag_rate "
+                    "%.2f%% for %d points: taken as a new regime, flagged points are learned from now on "
+                    "(threshold.adopt: false keeps them anomalies)", key, 100 * detector.flag_rate, t.adopt_window,
+                    100 * detector.adopt_flag_rate, detector.points_above)
+    else:
+        log.info("model %s: the flagged share fell to %.2f%%: the new regime is learned, flagged points are "
+                 "no longer learned", key, 100 * detector.flag_rate)
+
+
 def _log_warm_model(key: str, detector: Detector, seconds: float) -> None:
     """Say the model a warm-up made (nothing was scored before it; /readyz counted up to it)."""
     model = detector.model
@@ -910,10 +924,12 @@ class Daemon:
             started = time.perf_counter()
             batch = as_batch(partitions)
             detector = self._detector(key)
-            updates_before, was_ready = detector.n_updates, detector.ready
+            updates_before, was_ready, was_adopting = detector.n_updates, detector.ready, detector.adopting
             result = detector.process(batch, now=time.time())
             if detector.ready and not was_ready:
                 _log_warm_model(key, detector, time.perf_counter() - started)
+            if detector.adopting != was_adopting:
+                _log_adoption(key, detector)
             for record in result.outputs():
                 self.sink.send(record)
             self._warn_of_mostly_invalid(result)
