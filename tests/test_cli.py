@@ -157,6 +157,31 @@ def test_check_config_refuses_a_model_init_from_of_other_inputs_and_not_a_copy_i
     assert _cli("check-config", str(tmp_path / "copy.yaml")).returncode == 0
 
 
+def test_check_config_refuses_a_checkpoint_dir_that_run_would_refuse(tmp_path):
+    # Against a checkpoint of dimension 4, a dimension-5 config, or one reading another topic,
+    # passed check-config and `run` exited 2: the unit's RestartPreventExitStatus=2 left it down
+    # (helper-44).
+    from streamgmm.service.state import CheckpointStore, read_checkpoint_file
+
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(",".join(map(str, row)) for row in np.random.default_rng(0).normal(size=(400, 4))))
+    state = tmp_path / "state"
+    config = {"kafka": {"input_topics": ["features"]}, "input": {"format": "csv", "dimension": 4},
+              "model": {"warmup": 300}, "checkpoint": {"dir": str(state)}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert _cli("fit", "--config", str(tmp_path / "c.yaml"), "--input", str(data), "--output", str(state)).returncode == 0
+    assert _cli("check-config", str(tmp_path / "c.yaml")).returncode == 0
+    (tmp_path / "five.yaml").write_text(yaml.safe_dump({**config, "input": {"format": "csv", "dimension": 5}}))
+    five = _cli("check-config", str(tmp_path / "five.yaml"))
+    assert five.returncode == 2 and "input.dimension=4" in five.stderr
+    read = read_checkpoint_file(CheckpointStore(state).paths()[-1])
+    CheckpointStore(state).write({**read, "offsets": {"features": {"0": 400}}})
+    assert _cli("check-config", str(tmp_path / "c.yaml")).returncode == 0
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**config, "kafka": {"input_topics": ["payments"]}}))
+    other = _cli("check-config", str(tmp_path / "other.yaml"))
+    assert other.returncode == 2 and "the model of another pipeline: it read features" in other.stderr
+
+
 def test_check_config_reads_the_environment_file_the_unit_gives_the_daemon(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"checkpoint": {"dir": str(tmp_path / "state")}}))
     (tmp_path / "streamgmm.env").write_text("# set by the unit\nSTREAMGMM_MODEL__N_COMPNENTS=\"3\"\n")

@@ -338,11 +338,37 @@ def cmd_check_config(args) -> int:
             problems.append(str(exc))
         except (ValueError, KeyError, TypeError) as exc:  # a model of other inputs, as run says
             problems.append(f"model.init_from={config.model.init_from}: {exc}")
+    problems.append(_checkpoint_problem(config))
     for problem in filter(None, problems):
         return _fail(problem)
     print(f"{args.file}: ok", file=sys.stderr)
     print(yaml.safe_dump(masked(as_dict(config)), sort_keys=False), end="")
     return 0
+
+
+def _checkpoint_problem(config) -> str | None:
+    """What `run` would refuse in the global model's newest checkpoint in checkpoint.dir: a model
+    of another input.dimension, input.fields or pipeline.  check-config said ok to both and the
+    restart then exited 2, which the unit's RestartPreventExitStatus=2 leaves down (helper-44).
+    Read without the lock: the daemon being checked holds it."""
+    from ..detection.detector import Detector
+    from ..service.daemon import another_pipelines_model
+
+    if config.model.scope != "global":
+        return None  # partition models are checked as their partitions are assigned
+    try:
+        found = CheckpointStore(config.checkpoint.dir).newest_valid()[0]
+    except OSError:
+        return None  # unreadable: the writability check speaks of the directory
+    if found is None:
+        return None
+    state, path = found
+    detector = Detector(config)
+    try:
+        detector.restore(state)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"checkpoint {path}: {exc}"
+    return another_pipelines_model(config, detector.offsets)
 
 
 def _summarised(value):

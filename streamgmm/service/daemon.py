@@ -98,6 +98,21 @@ def _log_restore_notes(what: str, detector: Detector) -> None:
         log.warning("%s: %s", what, note)
 
 
+def another_pipelines_model(config: Config, offsets: dict) -> str | None:
+    """Why a global model that read ``offsets`` is another pipeline's, or None.  A model that
+    read none of this daemon's input topics is (two daemons started from one directory share
+    ./state): scoring with it flagged 3,000 of 3,000 normal messages without a word (helper-35).
+    A regex subscription is not judged: which names it matches is the broker's to say."""
+    read = sorted({topic for topic, _ in offsets})
+    inputs = config.kafka.input_topics
+    if not read or any(topic.startswith("^") for topic in inputs) or set(read) & set(inputs):
+        return None
+    return (f"the newest checkpoint in checkpoint.dir {config.checkpoint.dir} is the model of another "
+            f"pipeline: it read {', '.join(read)}, this daemon reads {', '.join(inputs)}; point checkpoint.dir "
+            "at this daemon's own directory, or, to start from that model on purpose (counters and offsets "
+            f"anew), set model.init_from: {config.checkpoint.dir} with an empty checkpoint.dir")
+
+
 def _log_adoption(key: str, detector: Detector) -> None:
     """Adoption starts or ends: the model's idea of normal changes, which nothing said (an
     operator saw 838 outliers in a row go unflagged and a new component in `inspect`; helper-44)."""
@@ -320,24 +335,13 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
 
     def _refuse_another_pipelines_model(self) -> None:
-        """A restored global model that read none of this daemon's input topics is another
-        pipeline's (two daemons started from one directory share ./state): scoring with it
-        flagged 3,000 of 3,000 normal messages without a word (helper-35)."""
-        if self.scope != "global" or (detector := self.detectors.get(GLOBAL_KEY)) is None or not detector.offsets:
-            return
-        read = sorted({topic for topic, _ in detector.offsets})
-        inputs = self.config.kafka.input_topics
-        if any(topic.startswith("^") for topic in inputs):
-            return  # a regex subscription: which names it matches is the broker's to say
-        if not set(read) & set(inputs):
-            raise StartupError(
-                f"the newest checkpoint in checkpoint.dir {self.config.checkpoint.dir} is the model of another "
-                f"pipeline: it read {', '.join(read)}, this daemon reads {', '.join(inputs)}; point checkpoint.dir "
-                "at this daemon's own directory, or, to start from that model on purpose (counters and offsets "
-                f"anew), set model.init_from: {self.config.checkpoint.dir} with an empty checkpoint.dir")
-        if gone := [topic for topic in read if topic not in inputs]:
-            log.warning("the restored model also read %s, which is not among kafka.input_topics any more",
-                        ", ".join(gone))
+        if self.scope == "global" and (detector := self.detectors.get(GLOBAL_KEY)) is not None:
+            if why := another_pipelines_model(self.config, detector.offsets):
+                raise StartupError(why)
+            inputs = self.config.kafka.input_topics
+            if not any(t.startswith("^") for t in inputs) and (gone := sorted({t for t, _ in detector.offsets} - set(inputs))):
+                log.warning("the restored model also read %s, which is not among kafka.input_topics any more",
+                            ", ".join(gone))
 
     def _check_state_record_size(self) -> None:
         """A model whose statistics alone are over the producer's message.max.bytes can never be
