@@ -87,3 +87,24 @@ def test_demo_command_runs_end_to_end_and_reports(tmp_path):
     assert curl < next(i for i, line in enumerate(lines) if "consumed" in line)
     assert not any("consumed         0" in line for line in lines)
     assert (tmp_path / "state").is_dir() and summary["checkpoint"].startswith(str(tmp_path))
+
+
+def test_the_health_endpoints_answer_head_as_get_without_a_body():
+    # Load balancers and uptime checkers probe with HEAD: it was 501 Unsupported method (helper-44).
+    import http.client
+
+    from prometheus_client import CollectorRegistry
+
+    from streamgmm.service.metrics import HealthServer
+
+    server = HealthServer(CollectorRegistry(), "127.0.0.1", 0, lambda: (False, "warming up", {})).start()
+    try:
+        for path, status in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200), ("/nope", 404)):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            connection.request("HEAD", path)
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (status, b""), path
+            assert int(response.getheader("Content-Length")) > 0
+            connection.close()
+    finally:
+        server.stop()

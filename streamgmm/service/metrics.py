@@ -245,7 +245,7 @@ class HealthServer:
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
                  readiness: Callable[[], tuple[bool, str, dict]]):
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
+            def do_GET(self, head: bool = False):  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
@@ -262,7 +262,12 @@ class HealthServer:
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
+
+            def do_HEAD(self):  # noqa: N802 (http.server API)
+                # Load balancers and uptime checkers probe with HEAD: it was 501 Unsupported method.
+                self.do_GET(head=True)
 
             def log_message(self, fmt, *args):  # keep scrapes out of the daemon's log
                 log.debug("http %s", fmt % args)
