@@ -104,7 +104,7 @@ def test_the_health_endpoints_answer_head_as_get_without_a_body():
             connection.request("HEAD", path)
             response = connection.getresponse()
             assert (response.status, response.read()) == (status, b""), path
-            assert int(response.getheader("Content-Length")) > 0
+            assert response.getheader("Content-Length") is not None
             connection.close()
     finally:
         server.stop()
