@@ -249,6 +249,25 @@ def test_a_bad_environment_override_names_the_variable(variable, value, says):
         config_from_dict({}, environ={variable: value})
 
 
+def test_a_pass_through_setting_librdkafka_refuses_names_its_variable(monkeypatch):
+    # Every other override's error named its variable; librdkafka's refusals did not (helper-44).
+    from streamgmm.service.kafka import check_settings
+
+    variable = "STREAMGMM_KAFKA__CONSUMER__SESION_TIMEOUT_MS"
+    monkeypatch.setenv(variable, "6000")
+    import os
+
+    config = config_from_dict({}, environ=dict(os.environ))
+    with pytest.raises(ConfigError, match=re.escape("kafka.consumer.sesion.timeout.ms") + ".*"
+                       + re.escape(f"(set by the environment variable {variable})")):
+        check_settings(config)
+    monkeypatch.delenv(variable)
+    in_the_file = config_from_dict({"kafka": {"consumer": {"sesion.timeout.ms": 6000}}}, environ={})
+    with pytest.raises(ConfigError) as caught:
+        check_settings(in_the_file)
+    assert "environment" not in str(caught.value)
+
+
 def test_a_bad_key_in_the_file_does_not_blame_the_environment():
     with pytest.raises(ConfigError) as caught:
         config_from_dict({"model": {"half_lfe": 5}}, environ={"STREAMGMM_MODEL__WARMUP": "500"})

@@ -543,13 +543,26 @@ def config_from_dict(raw: Mapping | None, environ: Mapping[str, str] | None = No
         config = _build(Config, raw, "")
         _check_values(config)
     except ConfigError as exc:
-        # A typo in an environment variable is not in the YAML: say where it came from.
-        named = [var for path, var in origins.items() if re.search(rf"(^|\s){re.escape(path)}\b", str(exc))
-                 or _names_unknown_section(str(exc), path)]
-        if named:
-            raise ConfigError(f"{exc} (set by the environment variable {named[0]})") from None
-        raise
+        raise _with_origin(exc, origins) from None
     return config
+
+
+def _with_origin(exc: ConfigError, origins: dict[str, str]) -> ConfigError:
+    """A typo in an environment variable is not in the YAML: the error says where it came from."""
+    named = [var for path, var in origins.items() if re.search(rf"(^|\s){re.escape(path)}\b", str(exc))
+             or _names_unknown_section(str(exc), path)]
+    return ConfigError(f"{exc} (set by the environment variable {named[0]})") if named else exc
+
+
+def environment_origin(exc: ConfigError, environ: Mapping[str, str]) -> ConfigError:
+    """``exc`` naming the STREAMGMM_ variable that set the key it is about: for what is found
+    after the config was built (librdkafka refusing a pass-through setting; helper-44)."""
+    origins: dict[str, str] = {}
+    try:
+        apply_env_overrides({}, environ, origins)
+    except ConfigError:
+        return exc
+    return _with_origin(exc, origins)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

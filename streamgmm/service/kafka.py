@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..detection.records import InputRecord, OutputRecord
-from .config import Config, ConfigError, resolve_secrets
+from .config import Config, ConfigError, environment_origin, resolve_secrets
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def check_settings(config: Config) -> None:
         try:
             client = client_type({**settings, "logger": warnings.logger})
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigError(_config_error(config, role, kafka_error_text(exc))) from None
+            raise environment_origin(ConfigError(_config_error(config, role, kafka_error_text(exc))), os.environ) from None
         client.poll(0)  # delivers librdkafka's start-up warnings to the logger
         client.close() if role == "consumer" else client.flush(0)
         for message in warnings.messages:
