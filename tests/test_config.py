@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from streamgmm.service.config import ConfigError, as_dict, config_from_dict, load_config, masked, resolve_secrets
+from streamgmm.service.config import (ConfigError, as_dict, config_from_dict, load_config, masked, resolve_secrets,
+                                      to_yaml)
 
 
 def test_reference_config_is_valid_and_equals_the_defaults():
@@ -412,16 +413,23 @@ def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
     path.write_text("kafka: {group_id: yes}\n")
     with pytest.raises(ConfigError, match="quote the text"):
         load_config(path, environ={})
+    # Text that only looks like a number stays text (a first version raised ValueError on "."; helper-46).
+    path.write_text("checkpoint: {dir: .}\nmodel: {init_from: 0x_}\nkafka: {group_id: '1e3'}\n")
+    config = load_config(path, environ={"STREAMGMM_KAFKA__CLIENT_ID": "-."})
+    assert (config.checkpoint.dir, config.model.init_from, config.kafka.client_id) == (".", "0x_", "-.")
+    path.write_text(to_yaml(as_dict(config)))  # what check-config prints reads back the same
+    assert load_config(path, environ={}) == config
 
 
 @pytest.mark.parametrize("variable, meant", [("STREAMGMM_CHEKPOINT_DIR", "STREAMGMM_CHECKPOINT__DIR"),
                                              ("STREAMGMM_LOG_LEVEL", "STREAMGMM_LOGGING__LEVEL"),
-                                             ("STREAMGMM_GROUP_ID", "STREAMGMM_KAFKA__GROUP_ID")])
+                                             ("STREAMGMM_KAFK_GROUP_ID", "STREAMGMM_KAFKA__GROUP_ID")])
 def test_an_override_without_a_double_underscore_that_resembles_a_setting_is_refused(variable, meant):
     # Each was skipped and the daemon ran on the file's value (helper-44).
-    with pytest.raises(ConfigError, match=f"{variable} is no setting: did you mean {meant}"):
+    with pytest.raises(ConfigError, match=f"{variable} is not a setting: did you mean {meant}"):
         config_from_dict({}, environ={variable: "x"})
-    assert config_from_dict({}, environ={"STREAMGMM_VENV": "/opt/venv"})  # another tool's variable
+    for other in ("STREAMGMM_VENV", "STREAMGMM_PORT", "STREAMGMM_HOST", "STREAMGMM_FORMAT"):  # a compose file's own
+        assert config_from_dict({}, environ={other: "x"})
 
 
 def test_an_empty_config_file_is_refused(tmp_path):
@@ -432,3 +440,5 @@ def test_an_empty_config_file_is_refused(tmp_path):
         load_config(path, environ={})
     path.write_text("{}\n")
     assert load_config(path, environ={})
+    path.write_text("")  # every setting from the environment: an empty file is fine
+    assert load_config(path, environ={"STREAMGMM_KAFKA__GROUP_ID": "g"}).kafka.group_id == "g"

@@ -21,3 +21,14 @@ def test_the_product_never_imports_kafka_python_or_the_dev_tools():
         text = path.read_text()
         assert "import kafka\n" not in text and "from kafka " not in text and "from kafka." not in text, path
         assert "streamgmm.dev" not in text and "from ..dev" not in text, path
+
+
+def test_the_package_gives_the_library_at_first_use():
+    # The package imports numpy and scipy only when a library name is used (the container's
+    # healthcheck needs none of them); streamgmm.mixture, dir() and star imports work as before.
+    probe = ("import sys, streamgmm; assert 'numpy' not in sys.modules; "
+             "assert {'GaussianMixture', 'OnlineGaussianMixture', 'mixture'} <= set(dir(streamgmm)); "
+             "assert streamgmm.mixture.GaussianMixture is streamgmm.GaussianMixture; "
+             "from streamgmm import *; assert OnlineGaussianMixture.__module__ == 'streamgmm.mixture.online'")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

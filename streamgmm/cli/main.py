@@ -17,13 +17,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .. import __version__
 from ..detection.records import iso_time
 from ..mixture.online import FINAL_N_INIT_FACTOR, WARMUP_N_INIT
 from ..service.state import CheckpointError, CheckpointStore, LocalStateStore, read_checkpoint_file
-from ..service.config import ConfigError, as_dict, load_config, masked
+from ..service.config import ConfigError, as_dict, load_config, masked, to_yaml
 from .healthcheck import add_parser as add_healthcheck_parser
 
 log = logging.getLogger("streamgmm")
@@ -342,7 +341,7 @@ def cmd_check_config(args) -> int:
     for problem in filter(None, problems):
         return _fail(problem)
     print(f"{args.file}: ok", file=sys.stderr)
-    print(yaml.safe_dump(masked(as_dict(config)), sort_keys=False), end="")
+    print(to_yaml(masked(as_dict(config))), end="")
     return 0
 
 

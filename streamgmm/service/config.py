@@ -309,7 +309,7 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
                               f"({name}__KEY), not the section as a whole")
         if name.startswith(ENV_PREFIX) and "__" not in name and (meant := _setting_meant(name)):
             # A section misspelled or left out was skipped without a word (helper-44).
-            raise ConfigError(f"environment variable {name} is no setting: did you mean {meant}?")
+            raise ConfigError(f"environment variable {name} is not a setting: did you mean {meant}?")
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
@@ -319,7 +319,7 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
         else:
             try:
                 value = _EnvValue(text, yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else "")
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError):
                 value = text
         tree = raw
         for key in keys[:-1]:
@@ -340,14 +340,11 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
 
 
 def _setting_meant(name: str) -> str | None:
-    """The override a STREAMGMM_ variable without a double underscore most likely meant
-    (STREAMGMM_CHEKPOINT_DIR, STREAMGMM_GROUP_ID), None if it resembles none (another tool's)."""
-    meant = {}
-    for section in dataclasses.fields(Config):
-        for key in dataclasses.fields(section.default_factory()):
-            env = f"{ENV_PREFIX}{section.name.upper()}__{key.name.upper()}"
-            meant.setdefault(key.name, env)  # the key alone (STREAMGMM_GROUP_ID): the first section's
-            meant[f"{section.name}_{key.name}"] = env
+    """The override a STREAMGMM_ variable without a double underscore most likely meant: a section
+    and key with one underscore, one of them misspelled (STREAMGMM_CHEKPOINT_DIR); None if it
+    resembles none.  A key alone (STREAMGMM_PORT) is not judged: a compose file's own variable."""
+    meant = {f"{section.name}_{key.name}": f"{ENV_PREFIX}{section.name.upper()}__{key.name.upper()}"
+             for section in dataclasses.fields(Config) for key in dataclasses.fields(section.default_factory())}
     found = difflib.get_close_matches(name[len(ENV_PREFIX):].lower(), meant, n=1, cutoff=0.8)
     return meant[found[0]] if found else None
 
@@ -598,11 +595,24 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _UniqueKeyLoader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0[xX][0-9a-fA-F_]+|[-+]?0[oO][0-7_]+)$"), list("-+0123456789"))
-_UniqueKeyLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
-                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0[xX][0-9a-fA-F][0-9a-fA-F_]*|[-+]?0[oO][0-7][0-7_]*)$"),
+    list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(  # a digit somewhere: "." and "-." stay text (checkpoint.dir: .)
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 _UniqueKeyLoader.add_constructor(_INT, _UniqueKeyLoader.construct_yaml_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes YAML this loader reads back the same: text such as 1e3 quoted."""
+
+
+_Dumper.yaml_implicit_resolvers = _UniqueKeyLoader.yaml_implicit_resolvers
+
+
+def to_yaml(data) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -619,12 +629,15 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
             stream = io.StringIO(text)
             stream.name = str(path)  # YAML's error marks name the file, not "<unicode string>"
             raw = yaml.load(stream, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:
             hint = "; indent with spaces, not tabs" if "\t" in text and "found character '\\t'" in str(exc) else ""
             raise ConfigError(f"{path} is not valid YAML: {exc}{hint}") from None
-        if raw is None:
+        environ = os.environ if environ is None else environ
+        if raw is None and not any(name.startswith(ENV_PREFIX) for name in environ):
             # A truncated deploy ran on every default: 127.0.0.1:9092, topic "features", ./state.
+            # (Settings all from STREAMGMM_ variables may come with an empty file.)
             raise ConfigError(f"{path} is empty: give the settings (see README.md), or {{}} to run on the defaults")
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, os.environ if environ is None else environ)
