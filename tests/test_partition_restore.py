@@ -91,8 +91,11 @@ class Consumer:
     def cached_watermarks(self, partitions):
         return {tp: (0, len(self.logs[tp])) for tp in partitions}
 
-    def end_offset(self, topic, partition, timeout=5.0):
-        return len(self.logs[(topic, partition)])
+    def end_offset(self, topic, partition, timeout=5.0, start=False):
+        return 0 if start else len(self.logs[(topic, partition)])
+
+    def partitions_now(self, timeout):
+        return frozenset(self.logs)
 
     def close(self):
         pass
@@ -681,3 +684,25 @@ def test_latest_is_not_pinned_for_a_held_partition(tmp_path):
     assert group == {} and set(daemon.held.unrestored) == set(PARTITIONS)
     _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(200, 600)})
+
+
+def test_with_latest_a_partition_the_cluster_had_not_at_the_start_is_read_from_its_first_message(tmp_path):
+    # A topic a pattern matched later was pinned at its end: what was written to it before the
+    # metadata refresh found it was skipped. One that existed at the start but was left unpinned
+    # (its end not had in time) is still "latest" at a restart, not read from its start (helper-46).
+    logs, group = _logs(300), {}
+    consumer = Consumer(logs, group, reset="latest")
+    ends = consumer.end_offset
+    consumer.end_offset = lambda t, p, timeout=5.0, start=False: None if (t, p) == ("in", 1) else ends(t, p, timeout, start)
+    daemon, processed = _daemon(tmp_path, "a", consumer, StateTopic({}))
+    daemon._on_assign(_assignment())
+    assert group == {("in", 0): 300}  # ("in", 1) is left to librdkafka: its end, uncommitted
+    rng = np.random.default_rng(1)
+    logs[("later", 0)] = [FakeMessage("later", 0, i, encode(x, "json")) for i, x in enumerate(rng.normal(size=(50, 3)))]
+    daemon._on_assign(_assignment([*PARTITIONS, ("later", 0)]))  # (an eager rebalance: all again)
+    assert group[("later", 0)] == 0  # its start committed, as a pin is
+    _run(daemon, lambda: daemon.positions.get(("later", 0)) == 50)
+    assert processed == Counter({(("later", 0), o): 1 for o in range(50)})
+    restarted, processed = _daemon(tmp_path, "b", Consumer(logs, group, reset="latest"), StateTopic({}))
+    restarted._on_assign(_assignment())
+    assert group[("in", 1)] == 300 and not processed  # the restart's first assignment: its end

@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from ..detection.detector import Detector
 from ..detection.records import OutputRecord
@@ -175,7 +175,8 @@ class Daemon:
         self.watermarks: WatermarkReader | None = None
         # Replaced whole, never changed in place: the metrics thread reads it (readiness).
         self.assigned: frozenset[tuple[str, int]] = frozenset()
-        self._ever_assigned: set[tuple[str, int]] | None = None  # None before the first assignment
+        # auto.offset.reset latest: the cluster's partitions at this process's first assignment (see _pin_latest).
+        self._partitions_at_start: frozenset[tuple[str, int]] | None = None
         # Next offset to process per assigned partition (read by the lag collector's thread:
         # replaced whole, never mutated).
         self.positions: dict[tuple[str, int], int] = {}
@@ -578,9 +579,7 @@ class Daemon:
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
         starts, why = [], {}
-        new = self._new_partitions(owned, committed) if read is not None else set()
-        pinned = self._pin_latest([tp for tp in owned if tp not in new], committed) if read is not None else {}
-        self._ever_assigned = (self._ever_assigned or set()) | set(owned)
+        pinned, new = self._pin_latest(owned, committed) if read is not None else ({}, set())
         for topic, partition in owned:
             start = self._resume_offset(topic, partition, committed)
             if (topic, partition) in self.held.unrestored:
@@ -597,14 +596,13 @@ class Daemon:
                                 "messages now below %d are skipped; to read them, stop the daemon and start it "
                                 "with an empty checkpoint.dir (or model.init_from)", topic, partition,
                                 checkpointed, checkpointed)
-            unplaced = OFFSET_INVALID  # neither a checkpoint nor a commit: auto.offset.reset decides
             if start is None and (topic, partition) in pinned:
                 start = pinned[(topic, partition)]
-                why[(topic, partition)] = " (auto.offset.reset latest: the log's end, committed)"
-            elif start is None and (topic, partition) in new:
-                unplaced = OFFSET_BEGINNING
-                why[(topic, partition)] = " (new since the group began reading: from its first message)"
-            starts.append(TopicPartition(topic, partition, unplaced if start is None else start))
+                why[(topic, partition)] = (" (new since this daemon started: its first message, committed)"
+                                           if (topic, partition) in new else
+                                           " (auto.offset.reset latest: the log's end, committed)")
+            # Neither a checkpoint nor a commit: OFFSET_INVALID, auto.offset.reset decides.
+            starts.append(TopicPartition(topic, partition, OFFSET_INVALID if start is None else start))
             if start is not None and (topic, partition) not in self.held.unrestored:
                 self._detector(model_key(self.scope, topic, partition)).offsets[(topic, partition)] = start
         self.source.assign(starts)
@@ -620,39 +618,33 @@ class Daemon:
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
 
-    def _new_partitions(self, owned, committed: dict) -> set[tuple[str, int]]:
-        """auto.offset.reset latest: the partitions with neither a checkpoint offset nor a group
-        commit that appeared after the group began reading (a topic a pattern matched later, or
-        one of a topic whose other partitions the group has committed).  "latest" means "not the
-        backlog at the first start"; applied to these it skipped what was written to them before
-        the next metadata refresh found them (up to 30 s of a new topic's messages)."""
-        if self.config.kafka.auto_offset_reset != "latest":
-            return set()
-        unplaced = {tp for tp in owned if tp not in self.held.unrestored and self._resume_offset(*tp, committed) is None}
-        if self._ever_assigned is not None:  # what this process was first given was pinned then
-            return unplaced - self._ever_assigned
-        read_topics = {topic for topic, _ in committed}
-        return {tp for tp in unplaced if tp[0] in read_topics}
-
-    def _pin_latest(self, owned, committed: dict) -> dict[tuple[str, int], int]:
+    def _pin_latest(self, owned, committed: dict) -> tuple[dict[tuple[str, int], int], set[tuple[str, int]]]:
         """auto.offset.reset latest: the log's end now of each partition with neither a checkpoint
-        offset nor a group commit, committed at once (in the rebalance callback, on this thread).
+        offset nor a group commit, committed at once (in the rebalance callback, on this thread);
+        returned with the partitions that are new (below).
         Left to librdkafka, "latest" was resolved anew at every start, and a daemon stopped before
         its first message skipped all that was written while it was down (helper-35: 1,841 of
-        2,000).  Called only when the group's commits were read (a failed read is no absent commit:
-        pinning then would commit over the real one); not for a held partition (its state, not
-        yet read, may be behind the end).  Partitions whose end cannot be had within the budget, or
-        whose pin the group refuses, are left to librdkafka, as before; the log says so."""
+        2,000).  "latest" is for the backlog there was when the daemon started: a partition the
+        cluster did not have then (a topic a pattern matches later) starts at its first offset
+        instead (at its end, what was written before the metadata refresh found it, up to 30 s,
+        was skipped).  Called only when the group's commits were read (a failed read is no absent
+        commit: pinning then would commit over the real one); not for a held partition (its
+        state, not yet read, may be behind the end).  Partitions whose end cannot be had within
+        the budget, or whose pin the group refuses, are left to librdkafka, as before; the log says so."""
         if self.config.kafka.auto_offset_reset != "latest":
-            return {}
+            return {}, set()
+        if self._partitions_at_start is None:  # this process's first assignment: what the cluster has now
+            self._partitions_at_start = self.source.partitions_now(PIN_LATEST_BUDGET_SECONDS) or frozenset(owned)
         unplaced = [tp for tp in owned if tp not in self.held.unrestored
                     and self._resume_offset(*tp, committed) is None]
+        new = {tp for tp in unplaced if tp not in self._partitions_at_start}
         pinned, deadline = {}, time.monotonic() + PIN_LATEST_BUDGET_SECONDS
         for topic, partition in unplaced:
             left = deadline - time.monotonic()
-            end = self.source.end_offset(topic, partition, timeout=left) if left > 0 else None
-            if end is not None:
-                pinned[(topic, partition)] = end
+            offset = (self.source.end_offset(topic, partition, timeout=left, start=(topic, partition) in new)
+                      if left > 0 else None)
+            if offset is not None:
+                pinned[(topic, partition)] = offset
         if pinned:
             try:
                 self.source.commit(pinned)  # on this thread: a rebalance callback (see KafkaSource.commit)
@@ -664,7 +656,7 @@ class Daemon:
             log.warning("auto.offset.reset latest: the broker did not give the log's end of %s in time, or the "
                         "commit was refused; librdkafka resolves them, and a restart before their first checkpoint "
                         "resolves them again", ", ".join(f"{t}/{p}" for t, p in missed))
-        return pinned
+        return pinned, new
 
     def _warn_of_state_behind_the_group(self, owned, committed: dict) -> None:
         """scope: partition: a restored state behind the group's commit, or none where the group

@@ -449,13 +449,23 @@ class KafkaSource:
         if outcome and outcome[0] is not None:
             raise outcome[0]
 
-    def end_offset(self, topic: str, partition: int, timeout: float = 5.0) -> int | None:
-        """The partition's log end now, asked of the broker (None if it cannot say in time)."""
+    def end_offset(self, topic: str, partition: int, timeout: float = 5.0, *, start: bool = False) -> int | None:
+        """The partition's log end now (``start``: its first offset), asked of the broker (None if
+        it cannot say in time)."""
         try:
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
         except (KafkaException, RuntimeError):
             return None
-        return high if high >= 0 else None
+        offset = low if start else high
+        return offset if offset >= 0 else None
+
+    def partitions_now(self, timeout: float) -> frozenset[tuple[str, int]] | None:
+        """Every (topic, partition) of the cluster now (None if it cannot say in time)."""
+        try:
+            topics = self.consumer.list_topics(timeout=timeout).topics
+        except (KafkaException, RuntimeError):
+            return None
+        return frozenset((topic, partition) for topic, found in topics.items() for partition in found.partitions)
 
     def cached_watermarks(self, partitions) -> dict[tuple[str, int], tuple[int, int]]:
         """(low, high) of each partition as librdkafka last fetched them: no broker request."""
