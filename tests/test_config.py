@@ -390,13 +390,21 @@ def test_an_input_pattern_that_matches_a_topic_the_daemon_writes_is_refused(outp
              "scores_topic": "lp-scores"}
     kafka = {**kafka, **{k: f"other-{k}".replace("_", "-") for k in ("output_topic", "dead_letter_topic", "scores_topic")
                          if k != output}}
-    with pytest.raises(ConfigError, match=re.escape(f"kafka.input_topics[0]: ") + ".*matches kafka." + output):
+    with pytest.raises(ConfigError, match=re.escape(f"kafka.input_topics[0]: ") + ".*reads kafka." + output):
         config_from_dict({"kafka": kafka}, environ={})
     with pytest.raises(ConfigError, match="checkpoint.topic"):
         config_from_dict({"kafka": {"input_topics": ["^in-"]}, "checkpoint": {"topic": "in-state"}}, environ={})
     with pytest.raises(ConfigError, match="valid regular expression"):
         config_from_dict({"kafka": {"input_topics": ["^in-(["]}}, environ={})
     assert config_from_dict({"kafka": {"input_topics": ["^in-.*"], "output_topic": "lp-anomalies"}}, environ={})
+    # librdkafka reads POSIX extended expressions (helper-46): its classes are understood, Python's own refused.
+    with pytest.raises(ConfigError, match="reads kafka.dead_letter_topic"):
+        config_from_dict({"kafka": {"input_topics": ["^features[[:punct:]].*"],
+                                    "dead_letter_topic": "features.dead-letter"}}, environ={})
+    with pytest.raises(ConfigError, match=re.escape("write [0-9] for \\d")):
+        config_from_dict({"kafka": {"input_topics": ["^metrics-\\d+"]}}, environ={})
+    with pytest.raises(ConfigError, match="reads kafka.scores_topic"):  # a name, not a pattern, too
+        config_from_dict({"kafka": {"input_topics": ["features.scores"], "scores_topic": "features.scores"}}, environ={})
 
 
 def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):

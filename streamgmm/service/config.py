@@ -402,14 +402,39 @@ def _producer_message_max_bytes(kafka: KafkaConfig) -> int | None:
 _HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
 
 
-def _valid_pattern(topic: str) -> bool:
+# librdkafka compiles a ^pattern subscription as a POSIX extended regular expression: its
+# [[:classes:]] are written out for Python's re, and what only Python reads is refused
+# (^metrics-\d+ was "matched" here while librdkafka read \d as a d and subscribed to nothing).
+_POSIX_CLASSES = {"alpha": "a-zA-Z", "digit": "0-9", "alnum": "a-zA-Z0-9", "upper": "A-Z", "lower": "a-z",
+                  "xdigit": "0-9A-Fa-f", "space": " \\t\\n\\r\\f\\v", "blank": " \\t",
+                  "punct": re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")}
+_PYTHON_ONLY = re.compile(r"\\[dDwWsSbBAZ]|\(\?|[*+?}]\?")
+
+
+def topic_pattern(pattern: str) -> re.Pattern:
+    """A ^pattern subscription as Python reads the names librdkafka matches (re.error if invalid)."""
+    if _PYTHON_ONLY.search(pattern):
+        raise re.error("librdkafka reads POSIX extended regular expressions: write [0-9] for \\d, "
+                       "[[:alnum:]_] for \\w, no (?...) groups or lazy *? +?")
+    unknown = [m.group(1) for m in re.finditer(r"\[:(\w+):\]", pattern) if m.group(1) not in _POSIX_CLASSES]
+    if unknown:
+        raise re.error(f"[:{unknown[0]}:] is no POSIX character class")
+    return re.compile(re.sub(r"\[:(\w+):\]", lambda m: _POSIX_CLASSES[m.group(1)], pattern))
+
+
+def _pattern_problem(topic: str) -> str | None:
     if not topic.startswith("^"):
-        return True
+        return None
     try:
-        re.compile(topic)
-    except re.error:
-        return False
-    return True
+        topic_pattern(topic)
+    except re.error as exc:
+        return str(exc)
+    return None
+
+
+def _matches(pattern: str, topic: str | None) -> bool:
+    return bool(topic) and (topic == pattern or (pattern.startswith("^") and _pattern_problem(pattern) is None
+                                                  and topic_pattern(pattern).search(topic) is not None))
 
 
 def _rules(config: Config):
@@ -447,11 +472,12 @@ def _rules(config: Config):
     # A pattern that matched the daemon's own dead letters read them back and dead-lettered them
     # again, ~1,300 a second for ever (helper-44).
     for n, pattern in enumerate(k.input_topics):
-        yield f"kafka.input_topics[{n}]", _valid_pattern(pattern), "give a valid regular expression after ^"
-        for key, topic in (("kafka.output_topic", k.output_topic), ("kafka.dead_letter_topic", k.dead_letter_topic),
-                           ("kafka.scores_topic", k.scores_topic), ("checkpoint.topic", c.topic)):
-            yield (f"kafka.input_topics[{n}]", not (topic and pattern.startswith("^") and re.search(pattern, topic)),
-                   f"the pattern matches {key} {topic}: the daemon would read what it writes; narrow it")
+        problem = _pattern_problem(pattern)
+        yield f"kafka.input_topics[{n}]", problem is None, f"give a valid regular expression after ^ ({problem})"
+        for key, topic in (("kafka.scores_topic", k.scores_topic), ("checkpoint.topic", c.topic),
+                           ("kafka.output_topic", k.output_topic), ("kafka.dead_letter_topic", k.dead_letter_topic)):
+            yield (f"kafka.input_topics[{n}]", not _matches(pattern, topic),
+                   f"it reads {key} {topic}: the daemon would read what it writes; narrow it or rename that topic")
     # Raw bad input among the anomaly records (helper-39).
     yield ("kafka.dead_letter_topic", k.dead_letter_topic != k.output_topic,
            "use a topic other than kafka.output_topic: invalid input would be mixed with the anomaly records")

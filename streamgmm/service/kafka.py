@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..detection.records import InputRecord, OutputRecord
-from .config import Config, ConfigError, environment_origin, resolve_secrets
+from .config import Config, ConfigError, environment_origin, resolve_secrets, topic_pattern
 
 log = logging.getLogger(__name__)
 
@@ -556,8 +556,8 @@ def pattern_problem(client, pattern: str, timeout: float) -> str | None:
     """PATTERN_UNMATCHED when no topic of the cluster matches a ^regex subscription (asked of
     the broker as a topic name, the pattern was "Broker: Invalid topic", an ERROR at every start
     and in /readyz; helper-44).  KafkaException when the cluster cannot be asked."""
-    names = client.list_topics(timeout=timeout).topics
-    return None if any(re.search(pattern, name) for name in names) else PATTERN_UNMATCHED
+    names, matcher = client.list_topics(timeout=timeout).topics, topic_pattern(pattern)  # (valid: the config checked it)
+    return None if any(matcher.search(name) for name in names) else PATTERN_UNMATCHED
 
 
 def topic_problem(client, topic: str, timeout: float) -> str | None:
