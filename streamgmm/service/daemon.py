@@ -340,7 +340,8 @@ class Daemon:
             if why := another_pipelines_model(self.config, detector.offsets):
                 raise StartupError(why)
             inputs = self.config.kafka.input_topics
-            if not any(t.startswith("^") for t in inputs) and (gone := sorted({t for t, _ in detector.offsets} - set(inputs))):
+            gone = sorted({topic for topic, _ in detector.offsets} - set(inputs))
+            if gone and not any(topic.startswith("^") for topic in inputs):
                 log.warning("the restored model also read %s, which is not among kafka.input_topics any more",
                             ", ".join(gone))
 
