@@ -403,7 +403,7 @@ def test_an_input_pattern_that_matches_a_topic_the_daemon_writes_is_refused(outp
                                     "dead_letter_topic": "features.dead-letter"}}, environ={})
     with pytest.raises(ConfigError, match=re.escape("write [0-9] for \\d")):
         config_from_dict({"kafka": {"input_topics": ["^metrics-\\d+"]}}, environ={})
-    with pytest.raises(ConfigError, match="reads kafka.scores_topic"):  # a name, not a pattern, too
+    with pytest.raises(ConfigError, match="kafka.scores_topic: 'features.scores' is not allowed"):  # a name: its own rule
         config_from_dict({"kafka": {"input_topics": ["features.scores"], "scores_topic": "features.scores"}}, environ={})
 
 

@@ -432,9 +432,10 @@ def _pattern_problem(topic: str) -> str | None:
     return None
 
 
-def _matches(pattern: str, topic: str | None) -> bool:
-    return bool(topic) and (topic == pattern or (pattern.startswith("^") and _pattern_problem(pattern) is None
-                                                  and topic_pattern(pattern).search(topic) is not None))
+def _pattern_reads(pattern: str, topic: str | None) -> bool:
+    """Whether a valid ^pattern subscription reads ``topic`` (a name equal to it has its own rule)."""
+    return (bool(topic) and pattern.startswith("^") and _pattern_problem(pattern) is None
+            and topic_pattern(pattern).search(topic) is not None)
 
 
 def _rules(config: Config):
@@ -476,7 +477,7 @@ def _rules(config: Config):
         yield f"kafka.input_topics[{n}]", problem is None, f"give a valid regular expression after ^ ({problem})"
         for key, topic in (("kafka.scores_topic", k.scores_topic), ("checkpoint.topic", c.topic),
                            ("kafka.output_topic", k.output_topic), ("kafka.dead_letter_topic", k.dead_letter_topic)):
-            yield (f"kafka.input_topics[{n}]", not _matches(pattern, topic),
+            yield (f"kafka.input_topics[{n}]", not _pattern_reads(pattern, topic),
                    f"it reads {key} {topic}: the daemon would read what it writes; narrow it or rename that topic")
     # Raw bad input among the anomaly records (helper-39).
     yield ("kafka.dead_letter_topic", k.dead_letter_topic != k.output_topic,
