@@ -60,10 +60,13 @@ def test_invalid_config_names_the_key_and_value(raw, message):
 
 
 def test_an_environment_variable_with_one_underscore_after_its_section_is_refused():
-    with pytest.raises(ConfigError, match=re.escape("environment variable STREAMGMM_MODEL_WARMUP: a section and its "
-                                                    "key are separated by two underscores (STREAMGMM_MODEL__WARMUP)")):
+    with pytest.raises(ConfigError, match=re.escape("environment variable STREAMGMM_MODEL_WARMUP is not a setting: a "
+                                                    "section and its key are separated by two underscores; did you "
+                                                    "mean STREAMGMM_MODEL__WARMUP?")):
         config_from_dict({}, environ={"STREAMGMM_MODEL_WARMUP": "7"})
     config_from_dict({}, environ={"STREAMGMM_FAULT_CHECKPOINT_PAUSE_SECONDS": "1"})  # not a config variable
+    # Another tool's variables that start like a section resemble no setting (helper-47: refused).
+    config_from_dict({}, environ={"STREAMGMM_MODEL_PATH": "/models", "STREAMGMM_CHECKPOINT_BUCKET": "s3://b"})
 
 
 def test_environment_overrides_any_key():
@@ -168,6 +171,20 @@ def test_a_number_with_a_unit_or_separator_is_refused_before_librdkafka_half_rea
     config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], section: {key: value}}})
     with pytest.raises(ConfigError, match=rf"kafka.{section}.{re.escape(key)}: .* is not a plain number"):
         check_settings(config)
+
+
+@pytest.mark.parametrize("value, says", [("06000", "leading 0 as octal (06000 would be 3072)"),
+                                         ("0x10", "0x as hex (0x10 would be 16)"),
+                                         ("10.5", "keeps only the whole part"), (10.5, "keeps only the whole part")])
+def test_a_number_librdkafka_would_read_as_another_is_refused(value, says):
+    # session.timeout.ms 06000 ran as 3072 ms, fetch.wait.max.ms 10.5 as 10, without a word (helper-47).
+    from streamgmm.service.kafka import check_settings
+
+    config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], "consumer": {"fetch.wait.max.ms": value}}})
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_settings(config)
+    check_settings(config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"],
+                                               "producer": {"linger.ms": "2.5"}}}))  # a decimal setting
 
 
 def test_the_sasl_plain_names_from_the_environment_get_librdkafkas_name():
@@ -434,7 +451,7 @@ def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
                                              ("STREAMGMM_KAFK_GROUP_ID", "STREAMGMM_KAFKA__GROUP_ID")])
 def test_an_override_without_a_double_underscore_that_resembles_a_setting_is_refused(variable, meant):
     # Each was skipped and the daemon ran on the file's value (helper-44).
-    with pytest.raises(ConfigError, match=f"{variable} is not a setting: did you mean {meant}"):
+    with pytest.raises(ConfigError, match=f"{variable} is not a setting: .*did you mean {meant}"):
         config_from_dict({}, environ={variable: "x"})
     for other in ("STREAMGMM_VENV", "STREAMGMM_PORT", "STREAMGMM_HOST", "STREAMGMM_FORMAT"):  # a compose file's own
         assert config_from_dict({}, environ={other: "x"})
@@ -450,3 +467,5 @@ def test_an_empty_config_file_is_refused(tmp_path):
     assert load_config(path, environ={})
     path.write_text("")  # every setting from the environment: an empty file is fine
     assert load_config(path, environ={"STREAMGMM_KAFKA__GROUP_ID": "g"}).kafka.group_id == "g"
+    with pytest.raises(ConfigError, match="is empty"):  # another tool's variable sets nothing (helper-47)
+        load_config(path, environ={"STREAMGMM_PORT": "8080"})

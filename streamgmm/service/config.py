@@ -300,16 +300,15 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
     """
     sections = tuple(f"{ENV_PREFIX}{field.name.upper()}_" for field in dataclasses.fields(Config))
     for name, text in sorted(environ.items()):
-        if name.startswith(sections) and "__" not in name:
-            section = next(prefix for prefix in sections if name.startswith(prefix))
-            raise ConfigError(f"environment variable {name}: a section and its key are separated by two "
-                              f"underscores ({section[:-1]}__{name[len(section):]})")
         if f"{name}_" in sections:
             raise ConfigError(f"environment variable {name}: set a section's keys one by one "
                               f"({name}__KEY), not the section as a whole")
         if name.startswith(ENV_PREFIX) and "__" not in name and (meant := _setting_meant(name)):
-            # A section misspelled or left out was skipped without a word (helper-44).
-            raise ConfigError(f"environment variable {name} is not a setting: did you mean {meant}?")
+            # One underscore after the section, or the section misspelled: skipped without a word
+            # (helper-44). Another tool's STREAMGMM_MODEL_PATH resembles no setting and passes
+            # (it was refused, with a hint to a key that does not exist either; helper-47).
+            raise ConfigError(f"environment variable {name} is not a setting: a section and its key are "
+                              f"separated by two underscores; did you mean {meant}?")
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
@@ -343,10 +342,16 @@ def _setting_meant(name: str) -> str | None:
     """The override a STREAMGMM_ variable without a double underscore most likely meant: a section
     and key with one underscore, one of them misspelled (STREAMGMM_CHEKPOINT_DIR); None if it
     resembles none.  A key alone (STREAMGMM_PORT) is not judged: a compose file's own variable."""
-    meant = {f"{section.name}_{key.name}": f"{ENV_PREFIX}{section.name.upper()}__{key.name.upper()}"
-             for section in dataclasses.fields(Config) for key in dataclasses.fields(section.default_factory())}
-    found = difflib.get_close_matches(name[len(ENV_PREFIX):].lower(), meant, n=1, cutoff=0.8)
-    return meant[found[0]] if found else None
+    written = name[len(ENV_PREFIX):].lower()
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.default_factory()):
+            # Alike as a whole and in the key's own words: STREAMGMM_CHECKPOINT_BUCKET, another
+            # tool's, is near checkpoint_keep as a whole, not as a key (helper-47).
+            key_written = "_".join(written.split("_")[-len(key.name.split("_")):])
+            if (difflib.SequenceMatcher(None, written, f"{section.name}_{key.name}").ratio() >= 0.8
+                    and difflib.SequenceMatcher(None, key_written, key.name).ratio() >= 0.8):
+                return f"{ENV_PREFIX}{section.name.upper()}__{key.name.upper()}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -660,9 +665,10 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
             hint = "; indent with spaces, not tabs" if "\t" in text and "found character '\\t'" in str(exc) else ""
             raise ConfigError(f"{path} is not valid YAML: {exc}{hint}") from None
         environ = os.environ if environ is None else environ
-        if raw is None and not any(name.startswith(ENV_PREFIX) for name in environ):
+        if raw is None and not any(name.startswith(ENV_PREFIX) and "__" in name for name in environ):
             # A truncated deploy ran on every default: 127.0.0.1:9092, topic "features", ./state.
-            # (Settings all from STREAMGMM_ variables may come with an empty file.)
+            # (Settings all from STREAMGMM_SECTION__KEY variables may come with an empty file;
+            # another tool's STREAMGMM_PORT is none of them: helper-47.)
             raise ConfigError(f"{path} is empty: give the settings (see README.md), or {{}} to run on the defaults")
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):

@@ -165,18 +165,36 @@ def check_settings(config: Config) -> None:
 # A number librdkafka reads whole; of anything else starting with digits it reads the leading
 # digits and drops the rest without a word ("6s" is 6 ms, "6,000" is 6, "1e4" is 1).
 _PLAIN_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+# librdkafka's settings that take a decimal; the others keep a number's whole part.
+_DECIMAL_SETTINGS = frozenset({"linger.ms", "queue.buffering.max.ms"})
 
 
 def _refuse_half_read_numbers(config: Config) -> None:
-    """ConfigError for a string value of a numeric librdkafka setting that starts like a
-    number without being one (a unit, a thousands separator, an exponent)."""
+    """ConfigError for a value of a numeric librdkafka setting that librdkafka would read as
+    another number without a word: a unit, a thousands separator or an exponent (it reads the
+    leading digits), a leading 0 or 0x (it reads octal or hex: session.timeout.ms 06000 was
+    3072 ms; helper-47), a decimal where it keeps the whole part (fetch.wait.max.ms 10.5 was 10)."""
     for section in ("security", "consumer", "producer"):
         for key, value in getattr(config.kafka, section).items():
-            text = value.strip() if isinstance(value, str) else None
-            if text and re.match(r"[+-]?\d", text) and not _PLAIN_NUMBER.fullmatch(text) and _numeric_setting(key):
-                raise ConfigError(f"kafka.{section}.{key}: {value!r} is not a plain number, and librdkafka would "
-                                  f"read only its leading digits ({re.match(r'[+-]?[0-9]+', text).group()}); write "
-                                  "the number alone, in the unit its name says")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            text = value.strip() if isinstance(value, str) else repr(value) if number else None
+            if not (text and re.match(r"[+-]?\d", text) and _numeric_setting(key)):
+                continue
+            where = f"kafka.{section}.{key}: {value!r}"
+            if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F]+", text):
+                raise ConfigError(f"{where}: librdkafka reads 0x as hex ({text} would be {int(text, 16)}); write "
+                                  "the number in decimal")
+            if not _PLAIN_NUMBER.fullmatch(text):
+                raise ConfigError(f"{where} is not a plain number, and librdkafka would read only its leading "
+                                  f"digits ({re.match(r'[+-]?[0-9]+', text).group()}); write the number alone, "
+                                  "in the unit its name says")
+            if re.match(r"[+-]?0\d", text):
+                raise ConfigError(f"{where}: librdkafka reads a leading 0 as octal ({text} would be "
+                                  f"{int(text.split('.')[0], 8) if re.fullmatch(r'[+-]?[0-7]+', text) else 'refused'}); "
+                                  f"write {text.lstrip('+-').lstrip('0') or '0'} without it")
+            if "." in text and not float(text).is_integer() and key not in _DECIMAL_SETTINGS:
+                raise ConfigError(f"{where}: librdkafka keeps only the whole part of this setting "
+                                  f"({text.split('.')[0]}); write a whole number")
 
 
 def _refuse_settings_that_break_the_guarantees(config: Config) -> None:
