@@ -432,6 +432,13 @@ def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
     config = load_config(path, environ={})
     assert (config.metrics.port, config.checkpoint.interval_seconds, config.checkpoint.interval_messages) == (11, 30.0, 16)
     assert load_config(path, environ={"STREAMGMM_METRICS__PORT": "09464"}).metrics.port == 9464
+    path.write_text("checkpoint: {interval_messages: 1e5}\n")  # a whole number in an exponent: a count
+    assert load_config(path, environ={}).checkpoint.interval_messages == 100_000
+    path.write_text("checkpoint: {interval_messages: 1.5e3}\n")
+    assert load_config(path, environ={}).checkpoint.interval_messages == 1_500
+    path.write_text("checkpoint: {interval_messages: 2.5}\n")
+    with pytest.raises(ConfigError, match="expected an integer, got 2.5"):
+        load_config(path, environ={})
     path.write_text("checkpoint: {interval_seconds: 1:30}\n")
     with pytest.raises(ConfigError, match="checkpoint.interval_seconds: expected a number, got '1:30'"):
         load_config(path, environ={})

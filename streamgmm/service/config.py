@@ -243,6 +243,8 @@ def _coerce(value, tp, path):
     if tp not in _SCALARS:  # pragma: no cover
         raise ConfigError(f"{path}: unsupported type {getattr(tp, '__name__', tp)}")
     accepted, words = _SCALARS[tp]
+    if tp is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)  # 1e5, as a count is often written (it was "expected an integer, got 100000.0")
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
         # YAML reads yes, no, on, off as true/false and 00123 as a number: text is quoted.
         quote = (": YAML reads unquoted yes, no, on, off and digits as true/false and numbers; quote the text"
