@@ -189,9 +189,9 @@ def _refuse_half_read_numbers(config: Config) -> None:
                                   f"digits ({re.match(r'[+-]?[0-9]+', text).group()}); write the number alone, "
                                   "in the unit its name says")
             if re.match(r"[+-]?0\d", text):
-                raise ConfigError(f"{where}: librdkafka reads a leading 0 as octal ({text} would be "
-                                  f"{int(text.split('.')[0], 8) if re.fullmatch(r'[+-]?[0-7]+', text) else 'refused'}); "
-                                  f"write {text.lstrip('+-').lstrip('0') or '0'} without it")
+                octal = f" ({text} would be {int(text, 8)})" if re.fullmatch(r"[+-]?[0-7]+", text) else ""
+                raise ConfigError(f"{where}: librdkafka reads a leading 0 as octal{octal}; write the number "
+                                  "without it")
             if "." in text and not float(text).is_integer() and key not in _DECIMAL_SETTINGS:
                 raise ConfigError(f"{where}: librdkafka keeps only the whole part of this setting "
                                   f"({text.split('.')[0]}); write a whole number")
