@@ -636,9 +636,16 @@ def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path
     daemon.assigned = {("in", 0)}
     rng = np.random.default_rng(5)
     X = np.concatenate([rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) + 40.0])
+    restored_text = None
     with caplog.at_level("INFO"):
         for start in range(0, len(X), 100):
             daemon._process({("in", 0): [FakeMessage("in", 0, start + i, encode(x, "json"))
                                          for i, x in enumerate(X[start:start + 100])]})
-    assert caplog.text.count("taken as a new regime") == 1
-    assert "the new regime is learned" in caplog.text
+            if daemon.detector.adopting and restored_text is None:  # a restart in the middle of it says so too
+                assert caplog.text.count("taken as a new regime") == 1
+                daemon._checkpoint()
+                caplog.clear()
+                Daemon(config).restore()
+                restored_text = caplog.text
+    assert "restored while taking a new regime" in restored_text
+    assert "taken as a new regime" not in caplog.text and "the new regime is learned" in caplog.text

@@ -96,6 +96,9 @@ STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
 def _log_restore_notes(what: str, detector: Detector) -> None:
     for note in detector.restore_notes:
         log.warning("%s: %s", what, note)
+    if detector.adopting:  # (its start was logged by the process that checkpointed it)
+        log.warning("%s: restored while taking a new regime: flagged points are learned until the flagged share "
+                    "falls below %.2f%% (threshold.adopt)", what, 50 * detector.adopt_flag_rate)
 
 
 def another_pipelines_model(config: Config, offsets: dict) -> str | None:
