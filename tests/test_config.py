@@ -175,7 +175,8 @@ def test_a_number_with_a_unit_or_separator_is_refused_before_librdkafka_half_rea
 
 @pytest.mark.parametrize("value, says", [("06000", "leading 0 as octal (06000 would be 3072)"),
                                          ("0x10", "0x as hex (0x10 would be 16)"),
-                                         ("10.5", "keeps only the whole part"), (10.5, "keeps only the whole part")])
+                                         ("10.5", "keeps only the whole part"), (10.5, "keeps only the whole part"),
+                                         ("4294968296", "in 32 bits")])
 def test_a_number_librdkafka_would_read_as_another_is_refused(value, says):
     # session.timeout.ms 06000 ran as 3072 ms, fetch.wait.max.ms 10.5 as 10, without a word (helper-47).
     from streamgmm.service.kafka import check_settings
@@ -183,8 +184,10 @@ def test_a_number_librdkafka_would_read_as_another_is_refused(value, says):
     config = config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], "consumer": {"fetch.wait.max.ms": value}}})
     with pytest.raises(ConfigError, match=re.escape(says)):
         check_settings(config)
-    check_settings(config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"],
-                                               "producer": {"linger.ms": "2.5"}}}))  # a decimal setting
+    for harmless in ({"consumer": {"fetch.wait.max.ms": "00"}}, {"consumer": {"fetch.wait.max.ms": "45.0"}},
+                     {"producer": {"linger.ms": "2.5"}}, {"producer": {"linger.ms": "010"}},  # strtod: decimal
+                     {"producer": {"linger.ms": "1e-3"}}):
+        check_settings(config_from_dict({"kafka": {"bootstrap_servers": ["127.0.0.1:1"], **harmless}}))
 
 
 def test_the_sasl_plain_names_from_the_environment_get_librdkafkas_name():
@@ -418,6 +421,11 @@ def test_an_input_pattern_that_matches_a_topic_the_daemon_writes_is_refused(outp
     with pytest.raises(ConfigError, match="reads kafka.dead_letter_topic"):
         config_from_dict({"kafka": {"input_topics": ["^features[[:punct:]].*"],
                                     "dead_letter_topic": "features.dead-letter"}}, environ={})
+    from streamgmm.service.config import topic_pattern
+
+    # A class means itself only inside a bracket expression; alone it is a set of its letters (helper-48).
+    assert topic_pattern("^[:digit:]+").search("dig") and not topic_pattern("^[:digit:]+").search("12")
+    assert topic_pattern("^[^[:digit:]]+$").search("abc") and not topic_pattern("^[^[:digit:]]+$").search("a1")
     with pytest.raises(ConfigError, match=re.escape("write [0-9] for \\d")):
         config_from_dict({"kafka": {"input_topics": ["^metrics-\\d+"]}}, environ={})
     with pytest.raises(ConfigError, match="kafka.scores_topic: 'features.scores' is not allowed"):  # a name: its own rule
@@ -455,12 +463,17 @@ def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
 
 @pytest.mark.parametrize("variable, meant", [("STREAMGMM_CHEKPOINT_DIR", "STREAMGMM_CHECKPOINT__DIR"),
                                              ("STREAMGMM_LOG_LEVEL", "STREAMGMM_LOGGING__LEVEL"),
-                                             ("STREAMGMM_KAFK_GROUP_ID", "STREAMGMM_KAFKA__GROUP_ID")])
+                                             ("STREAMGMM_KAFK_GROUP_ID", "STREAMGMM_KAFKA__GROUP_ID"),
+                                             # an underscore left out, the best of near keys, a secret (helper-48)
+                                             ("STREAMGMM_KAFKA_GROUPID", "STREAMGMM_KAFKA__GROUP_ID"),
+                                             ("STREAMGMM_MODEL_MAX_COMPONENT", "STREAMGMM_MODEL__MAX_COMPONENTS"),
+                                             ("STREAMGMM_KAFKA_SASL_PASSWORD", "STREAMGMM_KAFKA__SECURITY__SASL_PASSWORD")])
 def test_an_override_without_a_double_underscore_that_resembles_a_setting_is_refused(variable, meant):
     # Each was skipped and the daemon ran on the file's value (helper-44).
     with pytest.raises(ConfigError, match=f"{variable} is not a setting: .*did you mean {meant}"):
         config_from_dict({}, environ={variable: "x"})
-    for other in ("STREAMGMM_VENV", "STREAMGMM_PORT", "STREAMGMM_HOST", "STREAMGMM_FORMAT"):  # a compose file's own
+    for other in ("STREAMGMM_VENV", "STREAMGMM_PORT", "STREAMGMM_HOST", "STREAMGMM_FORMAT",  # a compose file's own
+                  "STREAMGMM_MODEL_PATH", "STREAMGMM_CHECKPOINT_BUCKET", "STREAMGMM_METRICS_URL"):
         assert config_from_dict({}, environ={other: "x"})
 
 

@@ -706,3 +706,16 @@ def test_with_latest_a_partition_the_cluster_had_not_at_the_start_is_read_from_i
     restarted, processed = _daemon(tmp_path, "b", Consumer(logs, group, reset="latest"), StateTopic({}))
     restarted._on_assign(_assignment())
     assert group[("in", 1)] == 300 and not processed  # the restart's first assignment: its end
+
+
+def test_with_latest_nothing_is_new_while_the_cluster_cannot_list_its_partitions(tmp_path):
+    # A guess from this member's own first partitions, when list_topics timed out, took another
+    # member's unpinned partition for new and read its backlog (helper-48).
+    logs, group = _logs(300), {}
+    consumer = Consumer(logs, group, reset="latest")
+    consumer.partitions_now = lambda timeout: None
+    daemon, processed = _daemon(tmp_path, "a", consumer, StateTopic({}))
+    daemon._on_assign(_assignment([("in", 0)]))
+    daemon._on_assign(_assignment())  # ("in", 1): another member's, never committed
+    assert group == {("in", 0): 300, ("in", 1): 300}  # both at their end
+    assert daemon._partitions_at_start is None  # asked again at the next assignment

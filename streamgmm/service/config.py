@@ -341,19 +341,36 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], origins: dict | N
 
 
 def _setting_meant(name: str) -> str | None:
-    """The override a STREAMGMM_ variable without a double underscore most likely meant: a section
-    and key with one underscore, one of them misspelled (STREAMGMM_CHEKPOINT_DIR); None if it
-    resembles none.  A key alone (STREAMGMM_PORT) is not judged: a compose file's own variable."""
+    """The override a STREAMGMM_ variable without a double underscore most likely meant, None if
+    it resembles none (another tool's: STREAMGMM_PORT, STREAMGMM_MODEL_PATH).  Compared without
+    underscores, so one left out or added counts little (STREAMGMM_KAFKA_GROUPID): after a
+    section spelled right, its keys and librdkafka sections (STREAMGMM_KAFKA_SASL_PASSWORD,
+    STREAMGMM_KAFKA_SECURITY_PROTOCOL would be ignored secrets); else section and key together
+    (STREAMGMM_CHEKPOINT_DIR, STREAMGMM_LOG_LEVEL).  The best match is named."""
     written = name[len(ENV_PREFIX):].lower()
+    plain = written.replace("_", "")
+    best, meant = 0.0, None
     for section in dataclasses.fields(Config):
-        for key in dataclasses.fields(section.default_factory()):
-            # Alike as a whole and in the key's own words: STREAMGMM_CHECKPOINT_BUCKET, another
-            # tool's, is near checkpoint_keep as a whole, not as a key (helper-47).
-            key_written = "_".join(written.split("_")[-len(key.name.split("_")):])
-            if (difflib.SequenceMatcher(None, written, f"{section.name}_{key.name}").ratio() >= 0.8
-                    and difflib.SequenceMatcher(None, key_written, key.name).ratio() >= 0.8):
-                return f"{ENV_PREFIX}{section.name.upper()}__{key.name.upper()}"
-    return None
+        keys = [key.name for key in dataclasses.fields(section.default_factory())]
+        env = f"{ENV_PREFIX}{section.name.upper()}"
+        if written.startswith(f"{section.name}_"):
+            rest = written[len(section.name) + 1:]
+            head = rest.split("_")[0]
+            if section.name == "kafka" and (head in ("sasl", "ssl") or rest.startswith("security_protocol")):
+                return f"{env}__SECURITY__{rest.upper()}"  # librdkafka's own name, its section left out
+            if section.name == "kafka" and head in PASS_THROUGH_SECTIONS:
+                return f"{env}__{head.upper()}__{rest[len(head) + 1:].upper()}"
+            scored = [(difflib.SequenceMatcher(None, rest.replace("_", ""), key.replace("_", "")).ratio(), key)
+                      for key in keys]
+            threshold = 0.7
+        else:
+            scored = [(difflib.SequenceMatcher(None, plain, f"{section.name}{key}".replace("_", "")).ratio(), key)
+                      for key in keys]
+            threshold = 0.8
+        for ratio, key in scored:
+            if ratio >= threshold and ratio > best:
+                best, meant = ratio, f"{env}__{key.upper()}"
+    return meant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,18 +432,45 @@ _HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
 _POSIX_CLASSES = {"alpha": "a-zA-Z", "digit": "0-9", "alnum": "a-zA-Z0-9", "upper": "A-Z", "lower": "a-z",
                   "xdigit": "0-9A-Fa-f", "space": " \\t\\n\\r\\f\\v", "blank": " \\t",
                   "punct": re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")}
-_PYTHON_ONLY = re.compile(r"\\[dDwWsSbBAZ]|\(\?|[*+?}]\?")
+_PYTHON_ONLY = re.compile(r"\\[dDAZxtnrfvu]|\(\?|[*+?}]\?")
 
 
 def topic_pattern(pattern: str) -> re.Pattern:
-    """A ^pattern subscription as Python reads the names librdkafka matches (re.error if invalid)."""
+    """A ^pattern subscription as Python reads the names librdkafka matches (re.error if invalid
+    or only Python's).  POSIX classes are written out inside a bracket expression, where alone
+    they mean something (^[:digit:]+ is the set of ':', 'd', 'i', 'g', 't'), and a backslash
+    there is itself (helper-48)."""
     if _PYTHON_ONLY.search(pattern):
-        raise re.error("librdkafka reads POSIX extended regular expressions: write [0-9] for \\d, "
-                       "[[:alnum:]_] for \\w, no (?...) groups or lazy *? +?")
-    unknown = [m.group(1) for m in re.finditer(r"\[:(\w+):\]", pattern) if m.group(1) not in _POSIX_CLASSES]
-    if unknown:
-        raise re.error(f"[:{unknown[0]}:] is no POSIX character class")
-    return re.compile(re.sub(r"\[:(\w+):\]", lambda m: _POSIX_CLASSES[m.group(1)], pattern))
+        raise re.error("librdkafka reads POSIX extended regular expressions: write [0-9] for \\d; no (?...) "
+                       "groups, lazy *? +? or escapes such as \\x2d")
+    out, i, inside = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if not inside:
+            if char == "\\":
+                out.append(pattern[i:i + 2])
+                i += 2
+                continue
+            out.append(char)
+            i += 1
+            if char == "[":
+                inside = True
+                for literal_first in ("^", "]"):  # [^...] and a ] first in the set are no ends
+                    if pattern[i:i + 1] == literal_first:
+                        out.append("^" if literal_first == "^" else "\\]")
+                        i += 1
+            continue
+        named = re.match(r"\[([:=.])(\w*)\1\]", pattern[i:])
+        if named:
+            if named.group(1) != ":" or named.group(2) not in _POSIX_CLASSES:
+                raise re.error(f"{named.group()} is no POSIX character class streamgmm can check")
+            out.append(_POSIX_CLASSES[named.group(2)])
+            i += named.end()
+            continue
+        inside = char != "]"
+        out.append({"\\": "\\\\", "[": "\\[", "&": "\\&", "~": "\\~", "|": "\\|"}.get(char, char))
+        i += 1
+    return re.compile("".join(out))
 
 
 def _pattern_problem(topic: str) -> str | None:

@@ -637,12 +637,16 @@ class Daemon:
         the budget, or whose pin the group refuses, are left to librdkafka, as before; the log says so."""
         if self.config.kafka.auto_offset_reset != "latest":
             return {}, set()
+        deadline = time.monotonic() + PIN_LATEST_BUDGET_SECONDS
         if self._partitions_at_start is None:  # this process's first assignment: what the cluster has now
-            self._partitions_at_start = self.source.partitions_now(PIN_LATEST_BUDGET_SECONDS) or frozenset(owned)
+            # (None if the cluster could not say: nothing is new, and the next assignment asks again;
+            # a guess from this member's own partitions took others' unpinned backlogs for new.)
+            self._partitions_at_start = self.source.partitions_now(PIN_LATEST_BUDGET_SECONDS)
         unplaced = [tp for tp in owned if tp not in self.held.unrestored
                     and self._resume_offset(*tp, committed) is None]
-        new = {tp for tp in unplaced if tp not in self._partitions_at_start}
-        pinned, deadline = {}, time.monotonic() + PIN_LATEST_BUDGET_SECONDS
+        known = self._partitions_at_start
+        new = set() if known is None else {tp for tp in unplaced if tp not in known}
+        pinned = {}
         for topic, partition in unplaced:
             left = deadline - time.monotonic()
             offset = (self.source.end_offset(topic, partition, timeout=left, start=(topic, partition) in new)

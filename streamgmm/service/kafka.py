@@ -181,6 +181,13 @@ def _refuse_half_read_numbers(config: Config) -> None:
             if not (text and re.match(r"[+-]?\d", text) and _numeric_setting(key)):
                 continue
             where = f"kafka.{section}.{key}: {value!r}"
+            if key in _DECIMAL_SETTINGS:  # read with strtod: 010 is 10, 1e-3 a thousandth
+                try:
+                    float(text)
+                except ValueError:
+                    raise ConfigError(f"{where} is not a plain number; write the number alone, in the unit "
+                                      "its name says") from None
+                continue
             if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F]+", text):
                 raise ConfigError(f"{where}: librdkafka reads 0x as hex ({text} would be {int(text, 16)}); write "
                                   "the number in decimal")
@@ -189,12 +196,17 @@ def _refuse_half_read_numbers(config: Config) -> None:
                                   f"digits ({re.match(r'[+-]?[0-9]+', text).group()}); write the number alone, "
                                   "in the unit its name says")
             if re.match(r"[+-]?0\d", text):
-                octal = f" ({text} would be {int(text, 8)})" if re.fullmatch(r"[+-]?[0-7]+", text) else ""
-                raise ConfigError(f"{where}: librdkafka reads a leading 0 as octal{octal}; write the number "
-                                  "without it")
-            if "." in text and not float(text).is_integer() and key not in _DECIMAL_SETTINGS:
+                octal = int(text, 8) if re.fullmatch(r"[+-]?[0-7]+", text) else None
+                if octal is None or octal != float(text):  # (00 and 07 read the same either way)
+                    said = f" ({text} would be {octal})" if octal is not None else ""
+                    raise ConfigError(f"{where}: librdkafka reads a leading 0 as octal{said}; write the number "
+                                      "without it")
+            if "." in text and not float(text).is_integer():
                 raise ConfigError(f"{where}: librdkafka keeps only the whole part of this setting "
                                   f"({text.split('.')[0]}); write a whole number")
+            if abs(float(text)) >= 2**31:
+                raise ConfigError(f"{where}: librdkafka keeps this setting in 32 bits (at most 2147483647); "
+                                  "write a smaller number")
 
 
 def _refuse_settings_that_break_the_guarantees(config: Config) -> None:
