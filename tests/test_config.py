@@ -432,6 +432,14 @@ def test_an_input_pattern_that_matches_a_topic_the_daemon_writes_is_refused(outp
         config_from_dict({"kafka": {"input_topics": ["features.scores"], "scores_topic": "features.scores"}}, environ={})
 
 
+def test_a_list_from_the_environment_is_not_split_inside_brackets_or_braces():
+    # ^ev-[0-9]{2,} became '^ev-[0-9]{2' and '}', refused as no topic name (helper-47).
+    config = config_from_dict({}, environ={"STREAMGMM_KAFKA__INPUT_TOPICS": "^ev-[0-9]{2,},other",
+                                           "STREAMGMM_KAFKA__BOOTSTRAP_SERVERS": "[::1]:9092, k2:9093"})
+    assert config.kafka.input_topics == ("^ev-[0-9]{2,}", "other")
+    assert config.kafka.bootstrap_servers == ("[::1]:9092", "k2:9093")
+
+
 def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
     # YAML 1.1 made metrics.port 011 port 9, interval_seconds 030 24.0 and 1:30 90, silently;
     # STREAMGMM_METRICS__PORT=09464 was refused as no integer (helper-44).

@@ -201,6 +201,18 @@ _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 # ------------------------------------------------------------------------ building
+def _split_list(text: str) -> list[str]:
+    """a,b,c as its items, not at a comma inside brackets or braces: a pattern's {2,} (helper-47:
+    ^ev-[0-9]{2,} from the environment became '^ev-[0-9]{2' and '}'), an IPv6 [::1]:9092."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[{(") - (char in "]})")
+        if char == "," and depth <= 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def _coerce(value, tp, path):
     """Check ``value`` against the annotation ``tp``; return it in canonical form."""
     if isinstance(value, _EnvValue):
@@ -230,7 +242,7 @@ def _coerce(value, tp, path):
         return _coerce(value, inner[0], path)
     if origin is tuple:
         if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in _split_list(value) if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
