@@ -495,12 +495,6 @@ def _pattern_problem(topic: str) -> str | None:
     return None
 
 
-def _pattern_reads(pattern: str, topic: str | None) -> bool:
-    """Whether a valid ^pattern subscription reads ``topic`` (a name equal to it has its own rule)."""
-    return (bool(topic) and pattern.startswith("^") and _pattern_problem(pattern) is None
-            and topic_pattern(pattern).search(topic) is not None)
-
-
 def _rules(config: Config):
     """(key path, whether its value is allowed, what is allowed), in the order they are checked;
     a rule is only evaluated once every rule before it held."""
@@ -538,9 +532,12 @@ def _rules(config: Config):
     for n, pattern in enumerate(k.input_topics):
         problem = _pattern_problem(pattern)
         yield f"kafka.input_topics[{n}]", problem is None, f"give a valid regular expression after ^ ({problem})"
+        if not pattern.startswith("^"):
+            continue  # a name equal to an output has its own rule
+        matcher = topic_pattern(pattern)  # (valid: the rule above held)
         for key, topic in (("kafka.scores_topic", k.scores_topic), ("checkpoint.topic", c.topic),
                            ("kafka.output_topic", k.output_topic), ("kafka.dead_letter_topic", k.dead_letter_topic)):
-            yield (f"kafka.input_topics[{n}]", not _pattern_reads(pattern, topic),
+            yield (f"kafka.input_topics[{n}]", not (topic and matcher.search(topic)),
                    f"it reads {key} {topic}: the daemon would read what it writes; narrow it or rename that topic")
     # Raw bad input among the anomaly records (helper-39).
     yield ("kafka.dead_letter_topic", k.dead_letter_topic != k.output_topic,
@@ -707,6 +704,7 @@ def to_yaml(data) -> str:
 
 def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment (``os.environ`` by default) and validate."""
+    environ = os.environ if environ is None else environ
     raw: Any = {}
     if path is not None:
         try:
@@ -722,7 +720,6 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
         except (yaml.YAMLError, ValueError) as exc:
             hint = "; indent with spaces, not tabs" if "\t" in text and "found character '\\t'" in str(exc) else ""
             raise ConfigError(f"{path} is not valid YAML: {exc}{hint}") from None
-        environ = os.environ if environ is None else environ
         if raw is None and not any(name.startswith(ENV_PREFIX) and "__" in name for name in environ):
             # A truncated deploy ran on every default: 127.0.0.1:9092, topic "features", ./state.
             # (Settings all from STREAMGMM_SECTION__KEY variables may come with an empty file;
@@ -731,7 +728,7 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, os.environ if environ is None else environ)
+    return config_from_dict(raw, environ)
 
 
 def _plain(value):
