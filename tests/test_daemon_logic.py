@@ -649,3 +649,23 @@ def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path
                 restored_text = caplog.text
     assert "restored while taking a new regime" in restored_text
     assert "taken as a new regime" not in caplog.text and "the new regime is learned" in caplog.text
+
+
+def test_an_adoption_that_starts_and_ends_inside_one_batch_is_said_both_times(tmp_path, caplog):
+    # A backlog is decided in steps within one batch; a look at the detector before and after
+    # the batch saw no change and logged nothing.
+    config = config_from_dict({
+        "input": {"format": "json", "dimension": 3},
+        "model": {"n_components": 2, "covariance_type": "full", "warmup": 200},
+        "threshold": {"quantile": 0.01, "adopt_after": 300, "adopt_window": 100},
+        "checkpoint": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
+    }, environ={})
+    daemon = Daemon(config)
+    daemon.source, daemon.sink = FakeSource(), FakeSink()
+    daemon.assigned = {("in", 0)}
+    rng = np.random.default_rng(5)
+    X = np.concatenate([rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) + 40.0])
+    with caplog.at_level("INFO"):
+        daemon._process({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]})
+    assert not daemon.detector.adopting
+    assert caplog.text.count("taken as a new regime") == 1 and caplog.text.count("the new regime is learned") == 1

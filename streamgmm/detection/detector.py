@@ -38,6 +38,16 @@ CAREFUL_STEP = 50
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
 
+@dataclass(frozen=True)
+class AdoptionChange:
+    """Adoption started (``adopting``) or ended, with the smoothed flagged share and the points
+    it had stayed above the adoption rate when it did."""
+
+    adopting: bool
+    flag_rate: float
+    points_above: int
+
+
 @dataclass
 class BatchResult:
     n_records: int = 0
@@ -60,6 +70,9 @@ class BatchResult:
     components: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     thresholds: np.ndarray = field(default_factory=lambda: np.empty(0))
     latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # Each time adoption (threshold.adopt) started or ended in this batch, in order: a backlog
+    # decided in steps can do both in one batch, which a look before and after would miss.
+    adoption_changes: list[AdoptionChange] = field(default_factory=list)
 
     def outputs(self) -> list[OutputRecord]:
         """Every record this batch sends: anomalies, dead letters, scores."""
@@ -238,7 +251,10 @@ class Detector:
         absurd = np.zeros_like(flags)
         if flags.any():  # only flagged rows can be glitches: nothing on the path of the others
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
+        was_adopting = self.adopting
         learned = (self._learn_flagged(flags) | ~flags) & ~absurd
+        if self.adopting != was_adopting:
+            result.adoption_changes.append(AdoptionChange(self.adopting, self.flag_rate, self.points_above))
         if self._may_grow(flags & ~absurd):
             # A new regime: its own component (stretching the ones there are to it would take
             # them away from what they explain: a model that sized itself at one component

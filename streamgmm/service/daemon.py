@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
-from ..detection.detector import Detector
+from ..detection.detector import AdoptionChange, Detector
 from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
@@ -116,18 +116,18 @@ def another_pipelines_model(config: Config, offsets: dict) -> str | None:
             f"anew), set model.init_from: {config.checkpoint.dir} with an empty checkpoint.dir")
 
 
-def _log_adoption(key: str, detector: Detector) -> None:
+def _log_adoption(key: str, detector: Detector, change: AdoptionChange) -> None:
     """Adoption starts or ends: the model's idea of normal changes, which nothing said (an
     operator saw 838 outliers in a row go unflagged and a new component in `inspect`; helper-44)."""
     t = detector.config.threshold
-    if detector.adopting:
+    if change.adopting:
         log.warning("model %s: %.1f%% of the points flagged over the last ~%d, above threshold.adopt_flag_rate "
                     "%.2f%% for %d points: taken as a new regime, flagged points are learned from now on "
-                    "(threshold.adopt: false keeps them anomalies)", key, 100 * detector.flag_rate, t.adopt_window,
-                    100 * detector.adopt_flag_rate, detector.points_above)
+                    "(threshold.adopt: false keeps them anomalies)", key, 100 * change.flag_rate, t.adopt_window,
+                    100 * detector.adopt_flag_rate, change.points_above)
     else:
         log.info("model %s: the flagged share fell to %.2f%%: the new regime is learned, flagged points are "
-                 "no longer learned", key, 100 * detector.flag_rate)
+                 "no longer learned", key, 100 * change.flag_rate)
 
 
 def _log_warm_model(key: str, detector: Detector, seconds: float) -> None:
@@ -928,12 +928,12 @@ class Daemon:
             started = time.perf_counter()
             batch = as_batch(partitions)
             detector = self._detector(key)
-            updates_before, was_ready, was_adopting = detector.n_updates, detector.ready, detector.adopting
+            updates_before, was_ready = detector.n_updates, detector.ready
             result = detector.process(batch, now=time.time())
             if detector.ready and not was_ready:
                 _log_warm_model(key, detector, time.perf_counter() - started)
-            if detector.adopting != was_adopting:
-                _log_adoption(key, detector)
+            for change in result.adoption_changes:
+                _log_adoption(key, detector, change)
             for record in result.outputs():
                 self.sink.send(record)
             self._warn_of_mostly_invalid(result)
