@@ -119,6 +119,8 @@ def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     ({"checkpoint": {"dir": "FILE/state"}}, "is not writable: FILE is not a directory"),
+    # access() lets root write in /proc, where no file can be made (check-config said ok; helper-48)
+    ({"checkpoint": {"dir": "/proc/streamgmm-state"}}, "/proc is on a filesystem with no space for files"),
     ({"metrics": {"host": "::1"}}, "cannot serve metrics on ::1"),
     ({"model": {"init_from": "MISSING"}}, "does not exist"),
 ])

@@ -338,6 +338,17 @@ def writable_without_writing(directory: str | os.PathLike) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return (f"checkpoint.dir {directory} is not writable by this user ({existing}: permission denied); "
                 "fix its permissions or point checkpoint.dir elsewhere")
+    try:
+        filesystem = os.statvfs(existing)
+    except OSError:
+        return None  # not known here: the daemon's own write test decides
+    if filesystem.f_blocks == 0:
+        # proc, sysfs, cgroup: access() lets root "write" there, yet no file can be made
+        # (checkpoint.dir=/proc/x: check-config said ok, run refused it; helper-48).
+        return (f"checkpoint.dir {directory} is not writable: {existing} is on a filesystem with no space for "
+                "files (such as /proc or /sys); point checkpoint.dir elsewhere")
+    if filesystem.f_flag & os.ST_RDONLY:
+        return f"checkpoint.dir {directory} is not writable: {existing} is mounted read-only; mount it read-write or point checkpoint.dir elsewhere"
     return None
 
 
