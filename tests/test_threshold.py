@@ -318,7 +318,7 @@ def test_the_rarity_of_the_last_fit_stands_across_a_restart_of_the_history():
     threshold = _started(0.001, 20.0)
     _feed(threshold, rng.gamma(3.0, size=30_000))
     points = -np.array([10.0, 14.0, 25.0])
-    threshold._seen_as_rare = lambda d: np.full(np.shape(d), -np.inf)  # the fit's own figures
+    threshold._seen_as_rare = lambda d, level: np.full(np.shape(d), -np.inf)  # the fit's own figures
     before = threshold.log_tail_probability(points)
     del threshold._seen_as_rare
     threshold._restart_history()  # (no scores seen since: the fit alone speaks)

@@ -337,7 +337,7 @@ class Detector:
                 "detected_at": detected_at, "rarity": rare, **explained})
             for row, features, d, component, rare, explained in zip(
                 rows[positions].tolist(), X.tolist(), density.tolist(), scored.component[positions].tolist(),
-                rarity_documents(rarity(density, self.threshold, geometry)),
+                rarity_documents(rarity(density, self.threshold, geometry, points_learned=self.model.n_seen_)),
                 explanation_documents(X, explanation, geometry, names))
         ]
 
@@ -350,7 +350,8 @@ class Detector:
 
     def _score_records(self, batch, rows, scored, flags) -> list[OutputRecord]:
         """One compact record per scored row, for kafka.scores_topic."""
-        log_tail = rarity(scored.log_density, self.threshold, self._geometry(scored)).log_tail
+        log_tail = rarity(scored.log_density, self.threshold, self._geometry(scored),
+                          points_learned=self.model.n_seen_).log_tail
         return score_records(
             self.config.kafka.scores_topic, batch_sources(batch, rows.tolist()),
             log_density=np.maximum(scored.log_density, LOWEST_FLOAT).tolist(), threshold=self.threshold.value,
