@@ -261,3 +261,17 @@ def test_fewer_distinct_points_than_components_warns_as_scikit_learn_does():
         warnings.simplefilter("error")
         GaussianMixture(3, random_state=0).fit(X)  # as many distinct points as components: no warning
 
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random_from_data"])
+def test_a_large_common_offset_does_not_change_the_fit(init_params):
+    # Two clusters 6 apart at 1e9 were one cluster and an empty component (k-means distances
+    # as |x|^2 - 2 x.c + |c|^2 lost every digit to the offset; helper-50): scikit-learn fits
+    # them as without the offset.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        X = np.vstack([rng.normal(-3.0, 1.0, (300, 2)), rng.normal(3.0, 1.0, (300, 2))])
+        plain = GaussianMixture(2, random_state=seed, init_params=init_params).fit(X)
+        shifted = GaussianMixture(2, random_state=seed, init_params=init_params).fit(X + 1e9)
+        assert shifted.score(X + 1e9) == pytest.approx(plain.score(X), abs=1e-6), seed
+        assert shifted.weights_.min() > 0.2, seed  # (was 3.7e-18)

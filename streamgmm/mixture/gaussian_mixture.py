@@ -41,6 +41,10 @@ def initial_responsibilities(X, n_components, init_params, rng, sample_weight):
     """
     n_samples = X.shape[0]
     resp = np.zeros((n_samples, n_components))
+    # Distances as |x|^2 - 2 x.c + |c|^2 lose every digit to a common offset (two clusters
+    # 6 apart at 1e9 came out as one, the second component empty): centred first, as
+    # scikit-learn's KMeans does.  Only labels leave this function.
+    X = X - X.mean(axis=0)
     if init_params == "kmeans":
         _, labels = kmeans(X, n_components, rng, sample_weight)
     elif init_params in ("k-means++", "random_from_data"):
