@@ -580,3 +580,35 @@ def test_anomaly_records_on_clean_heavy_tailed_streams_claim_1_in_a_million_abou
             points += len(result.scored_index)
             found += sum(json.loads(r.value)["rarity"]["tail_probability"] <= 1e-6 for r in result.anomalies)
     assert found <= 2, f"{found} records claimed 1 in 1e6 or more in {points:,} clean points ({points * 1e-6:.2f} expected)"
+
+
+def _switching(rng, n, block, d=4, shift=6.0):
+    return rng.normal(size=(n, d)) + np.where((np.arange(n) // block) % 2 == 1, shift, 0.0)[:, np.newaxis]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_regime_that_comes_back_is_learned_after_a_few_returns(seed):
+    # A mean that moves 6 sd for 7,500 points in every 15,000 (a batch job, a load that
+    # switches): each block was shorter than adopt_after, the count of points above the
+    # adoption rate started again from 0 at every quiet spell, and every block was flagged for
+    # ever: 51 q at q = 0.01 over 150,000 points.
+    rng = np.random.default_rng(seed)
+    X = _switching(rng, 150_000, 7_500)
+    detector = Detector(_config(threshold={"quantile": 0.01}, model={"n_components": "auto", "warmup": 1000,
+                                                                     "random_state": seed}))
+    flags = np.concatenate([np.zeros(1000, dtype=bool)] + [r.flags for r in _run(detector, X, batch=1000)])
+    assert flags[75_000:].mean() / 0.01 < 3.0, f"{flags[75_000:].mean() / 0.01:.1f} q in the second half"
+
+
+def test_bursts_far_apart_are_never_adopted():
+    # 2,000 far outliers every 20,000 points: each burst stays flagged, whole, however many come.
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200_000, 4))
+    burst = np.zeros(len(X), dtype=bool)
+    for start in range(10_000, len(X), 20_000):
+        burst[start:start + 2_000] = True
+    X[burst] += 12.0
+    detector = Detector(_config(threshold={"quantile": 0.001}, model={"n_components": 3, "warmup": 1000}))
+    flags = np.concatenate([np.zeros(1000, dtype=bool)] + [r.flags for r in _run(detector, X, batch=1000)])
+    assert flags[burst].all(), f"{np.count_nonzero(~flags[burst])} burst points not flagged"
+    assert not detector.adopting

@@ -145,9 +145,13 @@ class Detector:
         self.offsets: dict[tuple[str, int], int] = {}
         self.n_valid = self.n_invalid = self.n_anomalies = self.n_updates = 0
         # Smoothed fraction of scored points flagged (half-life threshold.adopt_window points),
-        # and for how many points in a row it has been above threshold.adopt_flag_rate.
+        # for how many points in a row it has been above threshold.adopt_flag_rate, and the
+        # flagged points counted with a half-life of 2 x threshold.adopt_after points (see
+        # ``_learn_flagged``).
         self.flag_rate = 0.0
         self.points_above = 0
+        self.flagged_memory = 0.0
+        self._adopting = False  # from the start of an adoption until the rate falls below half
         self.grew_in_adoption = False  # the adoption under way has added its component
         self._geometry_cache: ComponentGeometry | None = None
         self._geometry_of: int | None = None  # the model version it is of
@@ -244,17 +248,21 @@ class Detector:
         if self.config.kafka.scores_topic is not None:
             result.scores += self._score_records(batch, rows, scored, flags)
         self.n_anomalies += int(flags.sum())
-        self.threshold.observe(scored.log_density, flags)
+        was_adopting = self.adopting
+        learn_flagged = self._learn_flagged(flags)
+        if self.adopting != was_adopting:
+            result.adoption_changes.append(AdoptionChange(self.adopting, self.flag_rate, self.points_above))
+        # While a regime is adopted its scores count in the threshold's tail too: the model
+        # learns a spread that doubled, but its points, all flagged and kept out of the tail,
+        # stayed below a threshold made of the old regime's scores (49 q at q = 0.01).
+        self.threshold.observe(scored.log_density, flags, count_flagged=self.adopting)
         log_density = scored.log_density  # as decided: reported even if the model grows below
         # Glitches (absurd values, see ABSURD_SPREADS) are flagged and never learned, not even
         # while a regime is adopted: one of them would drag a component to it.
         absurd = np.zeros_like(flags)
         if flags.any():  # only flagged rows can be glitches: nothing on the path of the others
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
-        was_adopting = self.adopting
-        learned = (self._learn_flagged(flags) | ~flags) & ~absurd
-        if self.adopting != was_adopting:
-            result.adoption_changes.append(AdoptionChange(self.adopting, self.flag_rate, self.points_above))
+        learned = (learn_flagged | ~flags) & ~absurd
         if self._may_grow(flags & ~absurd):
             # A new regime: its own component (stretching the ones there are to it would take
             # them away from what they explain: a model that sized itself at one component
@@ -281,7 +289,7 @@ class Detector:
     @property
     def adopting(self) -> bool:
         """True while a sustained excess of flagged points is being learned as a new regime."""
-        return self.adopt_flag_rate is not None and self.points_above >= self.config.threshold.adopt_after
+        return self.adopt_flag_rate is not None and self._adopting
 
     def _may_grow(self, flags) -> bool:
         """An adoption may add one component: the model sizes itself (model.n_components: auto)
@@ -297,15 +305,26 @@ class Detector:
         "anomalies" that long is a new regime (a cluster appearing, a shift), which the model
         must adopt or it flags it for ever.  A burst that ends sooner stays out of the model.
         Adoption goes on until the rate falls below half the adoption rate.
+
+        A regime that comes back in spells shorter than adopt_after (a batch job that moves
+        the mean for 7,500 points in every 15,000) is adopted too, once the flagged points,
+        counted with a half-life of 2 x adopt_after points, reach adopt_after: about a third of
+        the points flagged over the last ~60,000 (adopt_after 20,000).  Before, the count started
+        again at each quiet spell and every spell was flagged for ever (51 q at q = 0.01).
+        Bursts that flag less than that share of the stream never add up to it; a single flood
+        reaches it later than adopt_after points in a row would.
         """
         t = self.config.threshold
         weight = -np.expm1(len(flags) * np.log(0.5) / t.adopt_window)
         self.flag_rate = (1.0 - weight) * self.flag_rate + weight * float(np.mean(flags))
         rate = self.adopt_flag_rate
+        self.flagged_memory = self.flagged_memory * 0.5 ** (len(flags) / (2.0 * t.adopt_after)) + int(flags.sum())
         if rate is not None and self.flag_rate > (rate / 2.0 if self.adopting else rate):
             self.points_above += len(flags)
+            self._adopting = self.points_above >= t.adopt_after or self.flagged_memory >= t.adopt_after
         else:
             self.points_above = 0
+            self._adopting = False
             self.grew_in_adoption = False
         return t.learn_from_anomalies or self.adopting
 
@@ -374,7 +393,8 @@ class Detector:
             "threshold": self.threshold.to_dict(),
             "offsets": offsets,
             "counters": {**{name: getattr(self, name) for name in COUNTERS},
-                         "flag_rate": self.flag_rate, "points_above": self.points_above,
+                         "flag_rate": self.flag_rate, "points_above": self.points_above, "adopting": self._adopting,
+                         "flagged_memory": self.flagged_memory,
                          "grew_in_adoption": self.grew_in_adoption},
         }
 
@@ -457,6 +477,9 @@ class Detector:
             setattr(self, name, int(counters[name]))
         self.flag_rate = float(counters.get("flag_rate", 0.0))
         self.points_above = int(counters.get("points_above", 0))
+        self.flagged_memory = float(counters.get("flagged_memory", 0.0))
+        # (A checkpoint from before the flag: adopting was points_above >= adopt_after.)
+        self._adopting = bool(counters.get("adopting", self.points_above >= self.config.threshold.adopt_after))
         self.grew_in_adoption = bool(counters.get("grew_in_adoption", False))
         self.offsets = {
             (topic, int(partition)): int(offset)

@@ -214,7 +214,7 @@ class FixedThreshold:
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
         return _many_flags(flags, 0.001)
 
-    def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
         """Scores do not move a fixed threshold."""
 
     def to_dict(self) -> dict:
@@ -274,7 +274,7 @@ class ModelQuantileThreshold:
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
         return _many_flags(flags, self.quantile)
 
-    def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
         """Only the model moves this threshold."""
 
     def to_dict(self) -> dict:
@@ -481,13 +481,16 @@ class StreamQuantileThreshold:
         return int(min(max(first, (self.n_counted - self.history_start) // 4), max(first, cap)))
 
     # -------------------------------------------------------------- the scores
-    def observe(self, log_density: np.ndarray, flags: np.ndarray) -> None:
-        """Count one scored batch: its prequential log-densities and which were flagged."""
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
+        """Count one scored batch: its prequential log-densities and which were flagged.
+
+        ``count_flagged``: the flagged points count as the others (the detector is adopting a
+        new regime: its scores are the stream's from now on, which the tail must take in)."""
         score = self._score(log_density)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
-        if not self.calibrated:
-            pass  # the start is not trusted: every scored point counts, as it was
+        if not self.calibrated or count_flagged:
+            pass  # the start is not trusted, or the flagged are a regime: every scored point counts
         elif flags.any():
             flagged = np.flatnonzero(counted & flags)
             counted &= ~flags
