@@ -612,3 +612,24 @@ def test_bursts_far_apart_are_never_adopted():
     flags = np.concatenate([np.zeros(1000, dtype=bool)] + [r.flags for r in _run(detector, X, batch=1000)])
     assert flags[burst].all(), f"{np.count_nonzero(~flags[burst])} burst points not flagged"
     assert not detector.adopting
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_normal_regime_first_seen_during_calibration_does_not_blind_the_threshold_for_a_window(seed):
+    # Regime B (another mean and spread) every other 2,500 rows from row 2,500: its first ~100
+    # points, scored before the model learned B, filled the young tail; z_q sat at ~450 nats
+    # for 21,500 rows at q = 0.001, and points 25 sd off went unflagged (helper-50).
+    rng = np.random.default_rng(seed)
+    n = 40_000
+    in_b = (np.arange(n) // 2_500) % 2 == 1
+    a = rng.normal(size=(n, 3)) @ np.array([[1.0, 0, 0], [0.9, 0.44, 0], [0, 0, 1.0]]).T
+    b = rng.normal(size=(n, 3)) * [2.0, 0.5, 1.0] + [6.0, -4.0, 3.0]
+    X = np.where(in_b[:, np.newaxis], b, a)
+    detector = Detector(_config(input={"dimension": 3}, threshold={"quantile": 0.001},
+                                model={"n_components": "auto", "warmup": 1000, "random_state": seed}))
+    blind = 0
+    for start in range(0, n, 500):
+        detector.process(_records(X[start:start + 500], start=start), now=5.0)
+        z = detector.threshold.z
+        blind += 500 if z is not None and z > 100.0 else 0
+    assert blind <= 12_000, f"the threshold stood over 100 nats out for {blind:,} rows"

@@ -77,6 +77,8 @@ SURPRISE_SD = 4.0
 # (see ``_stale``), when at least STALE_MIN_EXPECTED were expected.
 STALE_RATIO = 4.0
 STALE_MIN_EXPECTED = 40.0
+# ... or none came where at least this many were expected.
+STALE_NONE_EXPECTED = 25.0
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
@@ -628,17 +630,23 @@ class StreamQuantileThreshold:
         A change the model has since learned (a new regime during calibration: its first
         scores filled the tail) would otherwise hold t and z_q far above every later score for a
         whole window, and nothing would be flagged (BENCHMARKS.md, Calibration, third session)."""
-        span = self._interval()
-        start = self.n_counted - span
-        if start <= oldest:
-            return False  # the window is all recent: no older tail to be stale
         # Against the window's own rate over t, not the tail's nominal share: scores tied at t (a
         # stream of repeated values) are not over it, anywhere in the window.
         above = scores > t
-        expected = np.count_nonzero(above) * span / (self.n_counted - oldest)
-        if expected < STALE_MIN_EXPECTED:
-            return False
-        return int(np.count_nonzero(above & (index >= start))) < expected / STALE_RATIO
+        rate = np.count_nonzero(above) / max(self.n_counted - oldest, 1)
+        # At least STALE_NONE_EXPECTED of them expected in the span looked at, and none there,
+        # is as telling (Poisson(25) = 0: 1e-11): at q = 0.001 the tail's 2% of a re-estimate's
+        # 2,000 points is 40 at most, the check below never ran, and 100 points of a normal
+        # regime first seen during calibration held z_q at 450 nats for 20,000 points (helper-50).
+        span = max(self._interval(), math.ceil(STALE_NONE_EXPECTED / rate) if rate > 0 else 0)
+        start = self.n_counted - span
+        if start <= oldest:
+            return False  # the window is all recent: no older tail to be stale
+        expected = rate * span
+        recent = int(np.count_nonzero(above & (index >= start)))
+        if recent == 0 and expected >= STALE_NONE_EXPECTED:
+            return True
+        return expected >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO
 
     def _restart_history(self) -> None:
         """Too few peaks even to place t: the scores have moved below the collection level (the
