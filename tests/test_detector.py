@@ -633,3 +633,34 @@ def test_a_normal_regime_first_seen_during_calibration_does_not_blind_the_thresh
         z = detector.threshold.z
         blind += 500 if z is not None and z > 100.0 else 0
     assert blind <= 12_000, f"the threshold stood over 100 nats out for {blind:,} rows"
+
+
+def test_a_wide_input_is_not_flagged_wholesale_after_the_warm_up():
+    # 200 features, 1,000 warm-up points: the model scores its own draws far higher than new
+    # points, and its start value (a quantile of its own density) flagged 178-184 of the first
+    # 300 normal points scored (helper-49).
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        centres = rng.normal(scale=5.0, size=(3, 200))
+        X = centres[rng.integers(0, 3, 2_000)] + rng.normal(size=(2_000, 200))
+        detector = Detector(_config(input={"dimension": 200}, threshold={"quantile": 0.001},
+                                    model={"n_components": "auto", "warmup": 1000, "random_state": seed}))
+        flags = np.concatenate([r.flags for r in _run(detector, X, batch=100)])
+        assert np.count_nonzero(flags[:300]) <= 10, f"{np.count_nonzero(flags[:300])} of the first 300 flagged"
+
+
+def test_the_model_quantile_draws_fewer_points_of_many_features():
+    # 200,000 draws of 300 features: 1.26 GB at the end of the warm-up (helper-49).
+    from streamgmm.detection.threshold import ModelQuantileThreshold
+
+    asked = []
+
+    class Model:
+        is_initialized, n_seen_, n_features_in_ = True, 1000, 300
+
+        def density_quantile(self, quantile, n_samples, random_state=None):
+            asked.append(n_samples)
+            return -10.0
+
+    ModelQuantileThreshold(1e-5).update(Model())
+    assert asked and asked[0] <= 20_000, f"{asked[0]:,} draws of 300 features"  # 200,000 before

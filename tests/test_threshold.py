@@ -414,11 +414,14 @@ def test_a_young_tail_that_seems_to_end_is_not_trusted_past_the_scores_seen(seed
 
 
 class _ModelOfTypicalLevel:
-    """What the threshold asks of a model: whether it exists, its typical log-density, and for
-    the start value (before the first fit) a density quantile, here the one it was given."""
+    """What the threshold asks of a model: whether it exists, its typical log-density and
+    weights, and for the start value (before the first fit) a density quantile, here the one it
+    was given."""
 
     is_initialized = True
     n_seen_ = 0
+    n_features_in_ = 4
+    weights_ = np.ones(1)
 
     def __init__(self, typical, start=-12.0):
         self.typical, self.start = typical, start

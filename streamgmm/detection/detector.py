@@ -209,8 +209,8 @@ class Detector:
                 if careful:
                     n = min(n, CAREFUL_STEP)
                 scored = self.model.score_batch(X[:n])
-                threshold = self.threshold.value  # what classify compares with; observe may move it
                 flags = self.threshold.classify(scored.log_density)
+                threshold = self.threshold.value  # what classify compared with; observe may move it
                 if n > CAREFUL_STEP and self.threshold.surprised(scored.log_density, flags):
                     # Far more of these scores in the tail than usual: the stream may be changing
                     # (a cluster appearing, a shift).  The rest of the batch is scored and learned

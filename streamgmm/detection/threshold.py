@@ -96,6 +96,12 @@ FIT_PEAKS = 2_000
 # While the top TAIL_FRACTION holds fewer than MIN_PEAKS, the peaks come from a deeper tail,
 # the top 10% at most: the first fit comes after 300 points.
 START_TAIL_FRACTION = 0.1
+# The model's draws for its density quantile hold at most this many values (8 bytes each, twice
+# over while they are made): the number of draws shrinks with the number of features.
+SAMPLE_VALUES = 4_000_000
+# Scored points a step needs before the start value is moved by how far its median log-density
+# sits below the model's own (see ``classify``).
+START_SHIFT_MIN_POINTS = 30
 
 
 def _many_flags(flags: np.ndarray, rate: float) -> bool:
@@ -254,7 +260,10 @@ class ModelQuantileThreshold:
             learned_since = model.n_seen_ - self.refreshed_at
             if learned_since < self._interval():
                 return
-        self.value = model.density_quantile(self.quantile, self.samples, random_state=model.n_seen_)
+        # Not more draws than SAMPLE_VALUES values in all (each draw is a row of n_features):
+        # 200,000 draws of 300 features took 1.26 GB at the end of the warm-up (helper-49).
+        samples = min(self.samples, max(10_000, SAMPLE_VALUES // max(model.n_features_in_, 1)))
+        self.value = model.density_quantile(self.quantile, samples, random_state=model.n_seen_)
         self.refreshed_at = model.n_seen_
 
     def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
@@ -311,6 +320,10 @@ class StreamQuantileThreshold:
         self.start = ModelQuantileThreshold(quantile / 100.0, refresh_every, samples)
         # The model's typical log-density (see ``update``): scores are counted relative to it.
         self.typical = 0.0
+        # The mean log-density of the model's own points (about typical + sum w log w), and how
+        # far below it the stream's median score sat in the last step before the first fit.
+        self._own_mean = 0.0
+        self.start_shift = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -347,7 +360,7 @@ class StreamQuantileThreshold:
         model's density quantile before."""
         if self.z is not None:
             return self.typical - self.z
-        return self.start.value
+        return None if self.start.value is None else self.start.value + self.start_shift
 
     @property
     def calibrated(self) -> bool:
@@ -358,6 +371,15 @@ class StreamQuantileThreshold:
         return self.z is not None and self.n_counted - self.history_start >= self.calibration
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
+        """Flags; before the first fit the start value moves down by as much as the step's median
+        log-density sits below the model's own mean: a model fitted to 1,000 points in 300
+        dimensions scores its own draws far higher than new points (median -458 against a start
+        of -396), and all of the first 300 scored points were flagged (helper-49).  A model
+        that fits scores new points about as it scores its own: no shift."""
+        if self.z is None and self.start.value is not None:
+            finite = log_density[np.isfinite(log_density)]
+            if len(finite) >= START_SHIFT_MIN_POINTS:
+                self.start_shift = min(0.0, float(np.median(finite)) - self._own_mean)
         return flags_below(log_density, self.value)
 
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
@@ -452,6 +474,8 @@ class StreamQuantileThreshold:
         flagged at 35-50 q (helper-40).  Relative to the model, the scores stay where they were."""
         if model.is_initialized:
             self.typical = model.typical_log_density()
+            weights = model.weights_
+            self._own_mean = self.typical + float(np.sum(weights * np.log(np.maximum(weights, 1e-300))))
             if self._absolute_history:
                 self._shift_scores(self.typical)
                 self._absolute_history = False
