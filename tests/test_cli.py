@@ -590,3 +590,25 @@ def test_replay_refuses_a_row_of_another_width_than_the_header(tmp_path):
     decoder = Decoder(config.input)
     for value in values[1:]:  # 5 cells; 2; 3 where the header has 4: each the wrong width
         assert decoder.decode([value]).invalid[0].reason == "wrong_dimension"
+
+
+def test_fit_does_not_write_over_a_stopped_daemons_model(tmp_path):
+    # A fit into a stopped daemon's checkpoint.dir became its newest checkpoint; the next start
+    # restored it without a word and checkpoint.keep pruned the learned model (helper-49).
+    from streamgmm.service.state import CheckpointStore, read_checkpoint_file
+
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(",".join(map(str, row)) for row in np.random.default_rng(0).normal(size=(400, 4))))
+    state = tmp_path / "state"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"input": {"format": "csv", "dimension": 4},
+                                                     "model": {"warmup": 300}, "checkpoint": {"dir": str(state)}}))
+    fit = ("fit", "--config", str(tmp_path / "c.yaml"), "--input", str(data), "--output", str(state))
+    assert _cli(*fit).returncode == 0
+    assert _cli(*fit).returncode == 0  # over an earlier fit: fine
+    daemons = read_checkpoint_file(CheckpointStore(state).paths()[-1])
+    daemons["counters"]["n_valid"] = 60_000
+    CheckpointStore(state).write({**daemons, "offsets": {"features": {"0": 60_000}}})
+    before = CheckpointStore(state).paths()
+    refused = _cli(*fit)
+    assert refused.returncode == 2 and "a daemon that has read 60,000 messages" in refused.stderr
+    assert CheckpointStore(state).paths() == before

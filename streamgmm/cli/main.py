@@ -297,6 +297,9 @@ def cmd_fit(args) -> int:
                   "n_init": n_init, "max_iter": max_iter, "bic": batch.bic(X), "converged": batch.converged_}
     detector.threshold.update(detector.model)
     _calibrate_on_the_file(detector.threshold, detector.model.score_samples(X))
+    problem = _a_daemons_checkpoints(args.output)
+    if problem:
+        return _fail(problem)
     try:
         # Not into a running daemon's directory: its next start would take this model (helper-38).
         LocalStateStore(args.output, config.checkpoint.keep).lock()
@@ -309,6 +312,27 @@ def cmd_fit(args) -> int:
         "threshold": detector.threshold.value,
     }))
     return 0
+
+
+def _a_daemons_checkpoints(directory) -> str | None:
+    """Why ``fit --output`` must not write into ``directory``: its newest checkpoint is a model
+    that has read messages.  A stopped daemon's directory took the fit as its newest checkpoint,
+    its next start restored it without a word (offsets {}: no other-pipeline check), and
+    checkpoint.keep then pruned the learned model (helper-49).  A directory of earlier fits is
+    fine."""
+    try:
+        found = CheckpointStore(directory).newest_valid()[0]
+    except OSError:
+        return None  # unreadable: the write says so
+    if found is None:
+        return None
+    state, path = found
+    n_valid = int(state.get("counters", {}).get("n_valid", 0))
+    if not state.get("offsets") and n_valid == 0:
+        return None
+    return (f"--output {directory} holds the checkpoints of a daemon that has read {n_valid:,} messages "
+            f"(newest: {path.name}): this fit would replace its model at its next start; write the fit to a "
+            "new directory and start from it with model.init_from")
 
 
 def cmd_check_config(args) -> int:
