@@ -600,6 +600,8 @@ class Daemon:
                                 "messages now below %d are skipped; to read them, stop the daemon and start it "
                                 "with an empty checkpoint.dir (or model.init_from)", topic, partition,
                                 checkpointed, checkpointed)
+                    # Four WARNING lines were all there was of 15,071 messages skipped (helper-49).
+                    self.metrics.resumed_without_commit.inc()
             if start is None and (topic, partition) in pinned:
                 start = pinned[(topic, partition)]
                 why[(topic, partition)] = (" (new since this daemon started: its first message, committed)"

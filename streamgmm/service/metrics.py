@@ -130,6 +130,10 @@ class Metrics:
             "group's commit, or absent where the group had one: what was learned in between is in a state this "
             "member cannot see (another checkpoint.topic, a lost record, offsets moved by hand) and is not "
             "learned again.")
+        self.resumed_without_commit = counter(
+            "resumed_without_commit", "Partitions assigned at their checkpoint offset with no commit of the group "
+            "for them: if the broker lost its data or the topic was made again, the new log's messages below that "
+            "offset are skipped (the log names the partition and the offset).")
         self.checkpoints_unreadable = counter(
             "checkpoints_unreadable", "Checkpoint files skipped when restoring because they did not read back intact "
             "(truncated, corrupt, another format): an older one, or a new model, was used instead.")
