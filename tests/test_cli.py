@@ -96,7 +96,8 @@ def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
     assert report["n_rows"] == 3000 and report["n_invalid"] == 1
     inspected = _cli("inspect", str(out), "--json")
     assert inspected.returncode == 0, inspected.stderr
-    summary = json.loads(inspected.stdout)
+    # Strict JSON: -Infinity (a threshold level) broke JavaScript's JSON.parse (helper-49).
+    summary = json.loads(inspected.stdout, parse_constant=lambda name: pytest.fail(f"{name} in inspect --json"))
     assert summary["n_seen"] == 3000 and summary["initialized"]
     assert summary["threshold"]["value"] is not None
     assert len(summary["weights"]) == 2
@@ -612,3 +613,23 @@ def test_fit_does_not_write_over_a_stopped_daemons_model(tmp_path):
     refused = _cli(*fit)
     assert refused.returncode == 2 and "a daemon that has read 60,000 messages" in refused.stderr
     assert CheckpointStore(state).paths() == before
+
+
+def test_replay_says_nothing_was_scored_only_when_nothing_was(tmp_path):
+    # With model.init_from, 100 records under a warm-up of 300 were all scored, and the replay
+    # still said "no model was made and nothing was scored" (helper-49).
+    rows = np.random.default_rng(1).normal(size=(400, 4))
+    (tmp_path / "train.csv").write_text("\n".join(",".join(map(str, r)) for r in rows))
+    (tmp_path / "few.csv").write_text("\n".join(",".join(map(str, r)) for r in rows[:100]))
+    base = {"input": {"format": "csv", "dimension": 4}, "model": {"warmup": 300},
+            "checkpoint": {"dir": str(tmp_path / "state")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base))
+    assert _cli("fit", "--config", str(tmp_path / "c.yaml"), "--input", str(tmp_path / "train.csv"),
+                "--output", str(tmp_path / "fitted")).returncode == 0
+    (tmp_path / "from.yaml").write_text(yaml.safe_dump({**base, "model": {"warmup": 300,
+                                                                          "init_from": str(tmp_path / "fitted")}}))
+    scored = _cli("replay", "--config", str(tmp_path / "from.yaml"), "--input", str(tmp_path / "few.csv"))
+    assert scored.returncode == 0 and "nothing was scored" not in scored.stderr
+    assert all(json.loads(line)["log_density"] is not None for line in scored.stdout.splitlines())
+    unscored = _cli("replay", "--config", str(tmp_path / "c.yaml"), "--input", str(tmp_path / "few.csv"))
+    assert unscored.returncode == 0 and "no model was made and nothing was scored" in unscored.stderr

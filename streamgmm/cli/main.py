@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from .. import __version__
 from ..detection.records import iso_time
@@ -229,7 +230,7 @@ def cmd_replay(args) -> int:
               "check --format, input.dimension and input.fields (JSON input is one document per line)",
               file=sys.stderr)
         return 1
-    if summary["n_valid"] and summary["n_valid"] < config.model.warmup:
+    if summary["n_valid"] and not summary["model_initialized"]:  # (with model.init_from it was made before)
         print(f"streamgmm: only {summary['n_valid']} valid record(s), fewer than the warm-up "
               f"(model.warmup={config.model.warmup}): no model was made and nothing was scored; "
               "replay more data or set a smaller model.warmup", file=sys.stderr)
@@ -541,6 +542,13 @@ def _describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _strict_json(value) -> str:
+    """JSON any parser reads: a value that is not finite (a threshold level of -inf) is null.
+    json.dumps wrote -Infinity, which JavaScript's JSON.parse and strict parsers refuse
+    (helper-49)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS).decode()
+
+
 def cmd_inspect(args) -> int:
     configure_logging("WARNING", "text")
     try:
@@ -551,7 +559,7 @@ def cmd_inspect(args) -> int:
             summaries = topic_summaries(args.topic, args.bootstrap, args.key, args.group)
             if not summaries:
                 raise CheckpointError(f"no readable state record in topic {args.topic}")
-            print(json.dumps(summaries) if args.json else "\n\n".join(f"model {k}\n{_describe(v)}"
+            print(_strict_json(summaries) if args.json else "\n\n".join(f"model {k}\n{_describe(v)}"
                                                                      for k, v in summaries.items()))
             return 0
         if not args.checkpoint:
@@ -565,7 +573,7 @@ def cmd_inspect(args) -> int:
         print(f"streamgmm: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(summary))
+        print(_strict_json(summary))
         return 0
     print(_describe(summary))
     return 0
