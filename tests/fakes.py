@@ -6,8 +6,9 @@ from streamgmm.service.kafka import Deliveries
 class FakeMessage:
     """The methods of a confluent_kafka Message that as_batch and the daemon call."""
 
-    def __init__(self, topic, partition, offset, value):
+    def __init__(self, topic, partition, offset, value, timestamp_ms=1_000):
         self._t, self._p, self._o, self._v = topic, partition, offset, value
+        self._ts = timestamp_ms
 
     def topic(self):
         return self._t
@@ -28,7 +29,7 @@ class FakeMessage:
         return None
 
     def timestamp(self):
-        return (1, 1_000)
+        return (1, self._ts)
 
 
 class FakeSink:

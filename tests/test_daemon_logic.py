@@ -1,6 +1,7 @@
 """The daemon's decisions with an in-memory source and sink (no broker): rewinds after output
 that failed for a passing reason, no rewind for a record refused for good, checkpoint back-off."""
 
+import math
 import re
 import time
 
@@ -449,7 +450,7 @@ def test_scope_partition_is_initialized_when_every_model_is_and_drops_series_of_
     for key, model in (("in/0", warm), ("in/1", cold)):
         metrics.observe_batch(SimpleNamespace(n_records=0, n_valid=0, invalid_reasons={}, dead_letters=[],
                                               anomalies=[], n_learned=0, log_density=np.empty(0),
-                                              latencies_seconds=np.empty(0)),
+                                              latencies_seconds=np.empty(0), n_future_timestamps=0),
                               SimpleNamespace(n_updates=0, threshold=SimpleNamespace(value=None), model=model),
                               0, 0.01, partition_key=key)
     metrics.observe_partition_models({"in/0": warm, "in/1": cold})
@@ -672,3 +673,26 @@ def test_an_adoption_that_starts_and_ends_inside_one_batch_is_said_both_times(tm
         daemon._process({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]})
     assert not daemon.detector.adopting
     assert caplog.text.count("taken as a new regime") == 1 and caplog.text.count("the new regime is learned") == 1
+
+
+def test_messages_stamped_in_the_future_or_decades_ago_are_said_and_kept_out_of_the_latency(tmp_path, caplog):
+    # 1,000 messages an hour ahead went into the lowest latency bucket as 0, and 1,000 stamped 25
+    # years ago made the histogram's sum 7.9e11 s, with nothing in the log (helper-49).
+    daemon = _daemon(tmp_path)
+    rng = np.random.default_rng(4)
+    now_ms = int(time.time() * 1000)
+    _feed(daemon, 0, 300, rng)  # warm
+    timed_before = int(daemon.metrics.latency._counts.sum())
+    ahead = [FakeMessage("in", 0, 300 + i, encode(rng.normal(size=3), "json"), timestamp_ms=now_ms + 3_600_000)
+             for i in range(100)]
+    with caplog.at_level("WARNING"):
+        daemon._process({("in", 0): ahead})
+    assert daemon.metrics.future_timestamps._value.get() == 100
+    assert int(daemon.metrics.latency._counts.sum()) == timed_before
+    assert "100 message(s) of a batch of in/0 are stamped up to 3600 s after they were decided" in caplog.text
+    daemon._odd_timestamps_said_at = -math.inf  # (at most once a minute)
+    old = [FakeMessage("in", 0, 400 + i, encode(rng.normal(size=3), "json"),
+                       timestamp_ms=now_ms - 25 * 365 * 86_400_000) for i in range(100)]
+    with caplog.at_level("WARNING"):
+        daemon._process({("in", 0): old})
+    assert "holds messages stamped 9125" in caplog.text and "days before they were decided" in caplog.text

@@ -70,6 +70,10 @@ class BatchResult:
     components: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     thresholds: np.ndarray = field(default_factory=lambda: np.empty(0))
     latencies_seconds: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # Messages stamped more than FUTURE_TOLERANCE_SECONDS after the decision (a producer's clock
+    # ahead, or timestamps in other units): not timed; the largest such lead, in seconds.
+    n_future_timestamps: int = 0
+    future_lead_seconds: float = 0.0
     # Each time adoption (threshold.adopt) started or ended in this batch, in order: a backlog
     # decided in steps can do both in one batch, which a look before and after would miss.
     adoption_changes: list[AdoptionChange] = field(default_factory=list)
@@ -105,6 +109,8 @@ class BatchResult:
 
 # Message timestamps before this (2001-01-01) are not timed (see ``process``).
 EARLIEST_TIMESTAMP_MS = 978_307_200_000
+# ... nor those more than this after the decision (clocks of two hosts differ a little).
+FUTURE_TOLERANCE_SECONDS = 1.0
 # model.rare_weight: auto is the alert share asked for (threshold.quantile), never more than this,
 # nor less than RARE_OVER_MIN_WEIGHT x model.min_weight (a component lighter than min_weight is
 # re-seeded, and a re-seeded one must be able to start rare).
@@ -232,7 +238,14 @@ class Detector:
             # A timestamp before 2001 is a producer that set none of its own (1, or 0): timed, it
             # would put decades into the latency histogram's sum.
             has_stamp = stamps >= EARLIEST_TIMESTAMP_MS
-            result.latencies_seconds = np.maximum(now - stamps[has_stamp] / 1000.0, 0.0)
+            latencies = now - stamps[has_stamp] / 1000.0
+            # Stamped in the future: timed as 0 they filled the lowest bucket without a word
+            # (1,000 messages an hour ahead; helper-49).  Counted and said instead.
+            future = latencies < -FUTURE_TOLERANCE_SECONDS
+            if future.any():
+                result.n_future_timestamps = int(np.count_nonzero(future))
+                result.future_lead_seconds = float(-latencies[future].min())
+            result.latencies_seconds = np.maximum(latencies[~future], 0.0)
 
         # The next offset after the last one processed, not the greatest ever seen: a topic made
         # again starts from 0, and librdkafka resets to it (auto.offset.reset) when the broker

@@ -63,6 +63,8 @@ UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 # WARNING, at most this often.
 MOSTLY_INVALID_MIN_BATCH = 20
 MOSTLY_INVALID_EVERY_SECONDS = 60.0
+# A batch with a message stamped this long before its decision says so (see _warn_of_odd_timestamps).
+ODD_LATENCY_SECONDS = 86_400.0
 # After a stop is asked, a commit the broker has not answered is given up after this long (the
 # checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
 STOP_COMMIT_WAIT_SECONDS = 15.0
@@ -188,6 +190,7 @@ class Daemon:
         # Whether the last stop left everything checkpointed (False: the exit code says so).
         self.clean_stop = True
         self._mostly_invalid_said_at = -math.inf
+        self._odd_timestamps_said_at = -math.inf
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._closing = False  # in _close: no hand-over commits (see _hand_over)
         self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
@@ -939,6 +942,7 @@ class Daemon:
             for record in result.outputs():
                 self.sink.send(record)
             self._warn_of_mostly_invalid(result)
+            self._warn_of_odd_timestamps(result, partitions)
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
@@ -950,6 +954,28 @@ class Daemon:
         if self.scope == "partition":
             self._observe_partition_models()
         self.positions = self._positions()
+
+    def _warn_of_odd_timestamps(self, result, partitions: dict) -> None:
+        """Message timestamps in the future, or more than a day old, say so in the log at most once
+        a minute: they went into the latency histogram (an hour ahead as 0, 25 years old as a sum
+        of 7.9e11 s) and nothing said why its percentiles moved (helper-49).  A day-old message is
+        a backlog as often as a wrong clock: the line says which partitions to look at."""
+        oldest = float(result.latencies_seconds.max(initial=0.0))
+        if not result.n_future_timestamps and oldest < ODD_LATENCY_SECONDS:
+            return
+        if time.monotonic() - self._odd_timestamps_said_at < MOSTLY_INVALID_EVERY_SECONDS:
+            return
+        self._odd_timestamps_said_at = time.monotonic()
+        where = ", ".join(f"{topic}/{partition}" for topic, partition in sorted(partitions))
+        if result.n_future_timestamps:
+            log.warning("%d message(s) of a batch of %s are stamped up to %.0f s after they were decided: a "
+                        "producer's clock is ahead, or its timestamps are not milliseconds; they are left out of "
+                        "end_to_end_latency_seconds (streamgmm_future_timestamps_total)", result.n_future_timestamps,
+                        where, result.future_lead_seconds)
+        if oldest >= ODD_LATENCY_SECONDS:
+            log.warning("a batch of %s holds messages stamped %.1f days before they were decided: a backlog, or a "
+                        "producer whose clock or timestamps are wrong; end_to_end_latency_seconds counts them",
+                        where, oldest / 86_400.0)
 
     def _warn_of_mostly_invalid(self, result) -> None:
         """A batch mostly dead-lettered says so in the log, at most once a minute: a member with

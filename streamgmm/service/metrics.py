@@ -130,6 +130,9 @@ class Metrics:
             "group's commit, or absent where the group had one: what was learned in between is in a state this "
             "member cannot see (another checkpoint.topic, a lost record, offsets moved by hand) and is not "
             "learned again.")
+        self.future_timestamps = counter(
+            "future_timestamps", "Messages stamped more than a second after their decision (a producer's clock "
+            "ahead, or timestamps in other units): left out of end_to_end_latency_seconds.")
         self.resumed_without_commit = counter(
             "resumed_without_commit", "Partitions assigned at their checkpoint offset with no commit of the group "
             "for them: if the broker lost its data or the topic was made again, the new log's messages below that "
@@ -183,6 +186,8 @@ class Metrics:
             # The median, not the mean: a few far outliers must not make the typical point look anomalous.
             self.recent_log_likelihood.set(float(np.median(result.log_density)))
         self.latency.observe_many(result.latencies_seconds)
+        if result.n_future_timestamps:
+            self.future_timestamps.inc(result.n_future_timestamps)
         if detector.threshold.value is not None:
             self.threshold.set(detector.threshold.value)
         if partition_key is None:
