@@ -256,6 +256,9 @@ def cmd_fit(args) -> int:
     from ..mixture.online import OnlineGaussianMixture
     from .replay import InputError, guess_format, read_matrix
 
+    problem = _a_daemons_checkpoints(args.output)  # before the fit: a refusal after it wasted it
+    if problem:
+        return _fail(problem)
     fmt = guess_format(args.input, args.format, config.input.format)
     try:
         X, n_invalid, first_invalid = read_matrix(config, args.input, fmt)
@@ -298,9 +301,6 @@ def cmd_fit(args) -> int:
                   "n_init": n_init, "max_iter": max_iter, "bic": batch.bic(X), "converged": batch.converged_}
     detector.threshold.update(detector.model)
     _calibrate_on_the_file(detector.threshold, detector.model.score_samples(X))
-    problem = _a_daemons_checkpoints(args.output)
-    if problem:
-        return _fail(problem)
     try:
         # Not into a running daemon's directory: its next start would take this model (helper-38).
         LocalStateStore(args.output, config.checkpoint.keep).lock()

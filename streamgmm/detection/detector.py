@@ -331,11 +331,20 @@ class Detector:
         weight = -np.expm1(len(flags) * np.log(0.5) / t.adopt_window)
         self.flag_rate = (1.0 - weight) * self.flag_rate + weight * float(np.mean(flags))
         rate = self.adopt_flag_rate
-        self.flagged_memory = self.flagged_memory * 0.5 ** (len(flags) / (2.0 * t.adopt_after)) + int(flags.sum())
+        # The step's flags count as if at its middle: ten steps of 1,000 remember what one of
+        # 10,000 does.
+        half_life = 2.0 * max(t.adopt_after, 1)
+        self.flagged_memory = (self.flagged_memory * 0.5 ** (len(flags) / half_life)
+                               + int(flags.sum()) * 0.5 ** (len(flags) / (2.0 * half_life)))
         if rate is not None and self.flag_rate > (rate / 2.0 if self.adopting else rate):
             self.points_above += len(flags)
-            self._adopting = self.points_above >= t.adopt_after or self.flagged_memory >= t.adopt_after
+            self._adopting = (self._adopting or self.points_above >= t.adopt_after
+                              or self.flagged_memory >= t.adopt_after)
         else:
+            if self._adopting:
+                # What came before this adoption is learned: a burst soon after it must not be
+                # adopted at its first step on the memory of the flood (review, helper-51).
+                self.flagged_memory = min(self.flagged_memory, t.adopt_after / 2.0)
             self.points_above = 0
             self._adopting = False
             self.grew_in_adoption = False

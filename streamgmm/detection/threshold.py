@@ -97,11 +97,9 @@ FIT_PEAKS = 2_000
 # the top 10% at most: the first fit comes after 300 points.
 START_TAIL_FRACTION = 0.1
 # The model's draws for its density quantile hold at most this many values (8 bytes each, twice
-# over while they are made): the number of draws shrinks with the number of features.
+# over while they are made): the number of draws shrinks with the number of features, down to
+# 1,000 (past 4,000 features).
 SAMPLE_VALUES = 4_000_000
-# Scored points a step needs before the start value is moved by how far its median log-density
-# sits below the model's own (see ``classify``).
-START_SHIFT_MIN_POINTS = 30
 
 
 def _many_flags(flags: np.ndarray, rate: float) -> bool:
@@ -262,7 +260,7 @@ class ModelQuantileThreshold:
                 return
         # Not more draws than SAMPLE_VALUES values in all (each draw is a row of n_features):
         # 200,000 draws of 300 features took 1.26 GB at the end of the warm-up (helper-49).
-        samples = min(self.samples, max(10_000, SAMPLE_VALUES // max(model.n_features_in_, 1)))
+        samples = min(self.samples, max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1)))
         self.value = model.density_quantile(self.quantile, samples, random_state=model.n_seen_)
         self.refreshed_at = model.n_seen_
 
@@ -320,9 +318,8 @@ class StreamQuantileThreshold:
         self.start = ModelQuantileThreshold(quantile / 100.0, refresh_every, samples)
         # The model's typical log-density (see ``update``): scores are counted relative to it.
         self.typical = 0.0
-        # The mean log-density of the model's own points (about typical + sum w log w), and how
-        # far below it the stream's median score sat in the last step before the first fit.
-        self._own_mean = 0.0
+        # How far below the mean log-density of the model's own points (about typical +
+        # sum w log w) its warm-up rows' median sat when it was made (see ``update``).
         self.start_shift = 0.0
         self._reset()
 
@@ -371,15 +368,6 @@ class StreamQuantileThreshold:
         return self.z is not None and self.n_counted - self.history_start >= self.calibration
 
     def classify(self, log_density: np.ndarray) -> np.ndarray:
-        """Flags; before the first fit the start value moves down by as much as the step's median
-        log-density sits below the model's own mean: a model fitted to 1,000 points in 300
-        dimensions scores its own draws far higher than new points (median -458 against a start
-        of -396), and all of the first 300 scored points were flagged (helper-49).  A model
-        that fits scores new points about as it scores its own: no shift."""
-        if self.z is None and self.start.value is not None:
-            finite = log_density[np.isfinite(log_density)]
-            if len(finite) >= START_SHIFT_MIN_POINTS:
-                self.start_shift = min(0.0, float(np.median(finite)) - self._own_mean)
         return flags_below(log_density, self.value)
 
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
@@ -474,8 +462,18 @@ class StreamQuantileThreshold:
         flagged at 35-50 q (helper-40).  Relative to the model, the scores stay where they were."""
         if model.is_initialized:
             self.typical = model.typical_log_density()
-            weights = model.weights_
-            self._own_mean = self.typical + float(np.sum(weights * np.log(np.maximum(weights, 1e-300))))
+            warmup_median = getattr(model, "warmup_median_log_density_", None)
+            if self.z is None and self.n_counted == 0 and warmup_median is not None:
+                # Before the first fit the start value moves down by as much as the warm-up rows
+                # scored below the model's own points: a prior made for few points in many
+                # dimensions held the components inside the data (200-d: own mean -242, warm-up
+                # median -295, start -284), and 178-184 of the first 300 normal points scored were
+                # flagged (helper-49).  A model that fits scores its rows as its own: no shift.
+                # From the warm-up, not the points being judged: anomalies right after it would
+                # lower the start below themselves (helper-51).
+                weights = model.weights_
+                own_mean = self.typical + float(np.sum(weights * np.log(np.maximum(weights, 1e-300))))
+                self.start_shift = min(0.0, warmup_median - own_mean)
             if self._absolute_history:
                 self._shift_scores(self.typical)
                 self._absolute_history = False
@@ -770,6 +768,7 @@ class StreamQuantileThreshold:
             "peak_index": index.copy(),
             "flagged_scores": self._flagged[self._flagged_index >= self._window_start()],
             "flagged_index": self._flagged_index[self._flagged_index >= self._window_start()],
+            "start_shift": self.start_shift,
         }
 
     def load_dict(self, state: dict) -> None:
@@ -797,6 +796,7 @@ class StreamQuantileThreshold:
         # (Absent from checkpoints before flagged points were kept for rarity.)
         self._flagged = np.asarray(state.get("flagged_scores", ()), dtype=float).copy()
         self._flagged_index = np.asarray(state.get("flagged_index", ()), dtype=np.int64).copy()
+        self.start_shift = float(state.get("start_shift", 0.0))  # (absent before it existed)
         # Before scores were relative to the model, the history was in -log p itself: made relative
         # at the first update, when the model is known.
         self._absolute_history = state.get("scores") != "relative"

@@ -792,6 +792,11 @@ class OnlineGaussianMixture(MixtureBase):
         self._steps = max(float(self.n_seen_ - self.warmup), 0.0)
         self._refresh_parameters(candidates=None)
         self._start_type_review()
+        # Where the warm-up rows themselves score: a covariance prior made for few points in many
+        # dimensions can hold the components well inside the data (300-d: its own points' mean
+        # log-density -336, the warm-up rows' median -459), which a level read off the model's
+        # own draws does not know.
+        self.warmup_median_log_density_ = float(np.median(self.score_samples(X[weight > 0])))
 
     def _fit_warmup(self, X, weight) -> None:
         """Standardisation, recorded steps, limits and the chosen mixture of these warm-up rows."""
@@ -1071,7 +1076,7 @@ _STATE_ATTRIBUTES = (
     "_rng", "n_seen_", "n_reseeded_", "_steps", "_version", "_buffer", "_buffer_weights", "n_features_in_",
     "feature_names_in_",
     "n_components_", "covariance_type_", "selection_", "_S2_full", "_next_review",
-    "center_", "scale_", "rounding_variance_", "data_min_", "data_max_",
+    "center_", "scale_", "rounding_variance_", "data_min_", "data_max_", "warmup_median_log_density_",
     "_S0", "_S1", "_S2", "_weights", "_means", "_covariances", "_precisions_chol",
 )
 # What the learned statistics are shaped by: fixed once learning has started.

@@ -65,6 +65,7 @@ MOSTLY_INVALID_MIN_BATCH = 20
 MOSTLY_INVALID_EVERY_SECONDS = 60.0
 # A batch with a message stamped this long before its decision says so (see _warn_of_odd_timestamps).
 ODD_LATENCY_SECONDS = 86_400.0
+OLD_TIMESTAMPS_EVERY_SECONDS = 3_600.0
 # After a stop is asked, a commit the broker has not answered is given up after this long (the
 # checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
 STOP_COMMIT_WAIT_SECONDS = 15.0
@@ -190,7 +191,7 @@ class Daemon:
         # Whether the last stop left everything checkpointed (False: the exit code says so).
         self.clean_stop = True
         self._mostly_invalid_said_at = -math.inf
-        self._odd_timestamps_said_at = -math.inf
+        self._odd_timestamps_said_at = self._old_timestamps_said_at = -math.inf
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._closing = False  # in _close: no hand-over commits (see _hand_over)
         self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
@@ -956,23 +957,25 @@ class Daemon:
         self.positions = self._positions()
 
     def _warn_of_odd_timestamps(self, result, partitions: dict) -> None:
-        """Message timestamps in the future, or more than a day old, say so in the log at most once
-        a minute: they went into the latency histogram (an hour ahead as 0, 25 years old as a sum
-        of 7.9e11 s) and nothing said why its percentiles moved (helper-49).  A day-old message is
-        a backlog as often as a wrong clock: the line says which partitions to look at."""
+        """Message timestamps in the future (at most once a minute), or more than a day old (once
+        an hour), say so in the log: they went into the latency histogram (an hour ahead as 0, 25
+        years old as a sum of 7.9e11 s) and nothing said why its percentiles moved (helper-49).
+        A day-old message is a backlog as often as a wrong clock: the line says which partitions
+        to look at."""
         oldest = float(result.latencies_seconds.max(initial=0.0))
         if not result.n_future_timestamps and oldest < ODD_LATENCY_SECONDS:
             return
-        if time.monotonic() - self._odd_timestamps_said_at < MOSTLY_INVALID_EVERY_SECONDS:
-            return
-        self._odd_timestamps_said_at = time.monotonic()
+        now = time.monotonic()
         where = ", ".join(f"{topic}/{partition}" for topic, partition in sorted(partitions))
-        if result.n_future_timestamps:
+        if result.n_future_timestamps and now - self._odd_timestamps_said_at >= MOSTLY_INVALID_EVERY_SECONDS:
+            self._odd_timestamps_said_at = now
             log.warning("%d message(s) of a batch of %s are stamped up to %.0f s after they were decided: a "
                         "producer's clock is ahead, or its timestamps are not milliseconds; they are left out of "
                         "end_to_end_latency_seconds (streamgmm_future_timestamps_total)", result.n_future_timestamps,
                         where, result.future_lead_seconds)
-        if oldest >= ODD_LATENCY_SECONDS:
+        # Once an hour: catching up a backlog days old is no fault, said every minute it was noise.
+        if oldest >= ODD_LATENCY_SECONDS and now - self._old_timestamps_said_at >= OLD_TIMESTAMPS_EVERY_SECONDS:
+            self._old_timestamps_said_at = now
             log.warning("a batch of %s holds messages stamped %.1f days before they were decided: a backlog, or a "
                         "producer whose clock or timestamps are wrong; end_to_end_latency_seconds counts them",
                         where, oldest / 86_400.0)
