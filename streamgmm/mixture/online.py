@@ -278,6 +278,9 @@ class OnlineGaussianMixture(MixtureBase):
         every (covariance type, K) tried); not kept by ``to_dict``
     n_seen_ : int   points learned from (the warm-up included)
     n_reseeded_ : int   component re-seeds so far
+    warmup_median_log_density_ : float   the warm-up rows' median log-density under the model
+        they made (below its own points' when the covariance prior holds the components inside
+        the data: few points in many dimensions); not kept by ``to_dict``
     weights_, means_, covariances_ (original units), center_, scale_
 
     Examples
