@@ -626,9 +626,8 @@ def test_the_warm_up_of_a_backlog_gathers_every_partition_first(tmp_path):
     assert daemon.detector.n_anomalies <= 25, f"{daemon.detector.n_anomalies} of 4,800 normal messages flagged"  # 200 before
 
 
-def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path, caplog):
-    # 838 outliers in a row went unflagged and `inspect` showed a new component, with nothing in
-    # the log to say the model had taken them for a new regime (helper-44).
+def _a_daemon_that_adopts_a_shift(tmp_path):
+    """(config, daemon, X): a daemon that adopts quickly, and 3,000 points then 3,000 moved 40 sd."""
     config = config_from_dict({
         "input": {"format": "json", "dimension": 3},
         "model": {"n_components": 2, "covariance_type": "full", "warmup": 200},
@@ -639,7 +638,13 @@ def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path
     daemon.source, daemon.sink = FakeSource(), FakeSink()
     daemon.assigned = {("in", 0)}
     rng = np.random.default_rng(5)
-    X = np.concatenate([rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) + 40.0])
+    return config, daemon, np.concatenate([rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) + 40.0])
+
+
+def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path, caplog):
+    # 838 outliers in a row went unflagged and `inspect` showed a new component, with nothing in
+    # the log to say the model had taken them for a new regime (helper-44).
+    config, daemon, X = _a_daemon_that_adopts_a_shift(tmp_path)
     restored_text = None
     with caplog.at_level("INFO"):
         for start in range(0, len(X), 100):
@@ -658,17 +663,7 @@ def test_an_adoption_is_said_in_the_log_when_it_starts_and_when_it_ends(tmp_path
 def test_an_adoption_that_starts_and_ends_inside_one_batch_is_said_both_times(tmp_path, caplog):
     # A backlog is decided in steps within one batch; a look at the detector before and after
     # the batch saw no change and logged nothing.
-    config = config_from_dict({
-        "input": {"format": "json", "dimension": 3},
-        "model": {"n_components": 2, "covariance_type": "full", "warmup": 200},
-        "threshold": {"quantile": 0.01, "adopt_after": 300, "adopt_window": 100},
-        "checkpoint": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
-    }, environ={})
-    daemon = Daemon(config)
-    daemon.source, daemon.sink = FakeSource(), FakeSink()
-    daemon.assigned = {("in", 0)}
-    rng = np.random.default_rng(5)
-    X = np.concatenate([rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) + 40.0])
+    _, daemon, X = _a_daemon_that_adopts_a_shift(tmp_path)
     with caplog.at_level("INFO"):
         daemon._process({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]})
     assert not daemon.detector.adopting
