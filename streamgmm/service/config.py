@@ -127,7 +127,9 @@ class ThresholdConfig:
     # ... except, with adopt: true, once the smoothed fraction of flagged points (half-life
     # adopt_window points) has stayed above adopt_flag_rate (null: 10 x quantile) for
     # adopt_after points: then the stream has changed and flagged points are learned too, so a
-    # new cluster becomes normal instead of being flagged for ever; a shorter burst is not.
+    # new cluster becomes normal instead of being flagged for ever; a shorter burst is not.  A
+    # regime that keeps coming back in shorter spells is adopted once the flagged points, with a
+    # half-life of 2 x adopt_after points, add up to adopt_after (see Detector._learn_flagged).
     adopt: bool = True
     adopt_flag_rate: float | None = None
     adopt_window: int = 2_000
