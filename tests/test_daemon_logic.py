@@ -1,7 +1,6 @@
 """The daemon's decisions with an in-memory source and sink (no broker): rewinds after output
 that failed for a passing reason, no rewind for a record refused for good, checkpoint back-off."""
 
-import math
 import re
 import time
 
@@ -685,7 +684,7 @@ def test_messages_stamped_in_the_future_or_decades_ago_are_said_and_kept_out_of_
     assert daemon.metrics.future_timestamps._value.get() == 100
     assert int(daemon.metrics.latency._counts.sum()) == timed_before
     assert "100 message(s) of a batch of in/0 are stamped up to 3600 s after they were decided" in caplog.text
-    daemon._odd_timestamps_said_at = -math.inf  # (at most once a minute)
+    daemon._warned_at.clear()  # (at most once a minute)
     old = [FakeMessage("in", 0, 400 + i, encode(rng.normal(size=3), "json"),
                        timestamp_ms=now_ms - 25 * 365 * 86_400_000) for i in range(100)]
     with caplog.at_level("WARNING"):

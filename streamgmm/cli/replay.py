@@ -167,7 +167,8 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
     sink.flush()
     return {"n_records": offset, "n_valid": detector.n_valid, "n_invalid": detector.n_invalid,
             "n_anomalies": detector.n_anomalies, "n_seen": detector.model.n_seen_,
-            "model_initialized": detector.ready, "threshold": detector.threshold.value, **({"first_invalid": first_invalid} if first_invalid else {})}
+            "model_initialized": detector.ready, "threshold": detector.threshold.value,
+            **({"first_invalid": first_invalid} if first_invalid else {})}
 
 
 def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int, str | None]:

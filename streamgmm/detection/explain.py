@@ -379,11 +379,9 @@ def rarity(log_density, threshold, geometry: ComponentGeometry, points_learned: 
     stream, most of them from that step; ``bench_rarity.py``)."""
     log_density = np.asarray(log_density, dtype=float)
     tail_of = getattr(threshold, "log_tail_probability", None)
+    floor = -np.inf
     if tail_of is not None:
         log_tail = tail_of(log_density)
-        if log_tail is None and points_learned > 0:
-            bound = _never_impossible(model_log_tail_bound(log_density, geometry))
-            return Rarity(np.maximum(bound, -math.log(points_learned + 1.0)), MODEL_BOUND)
         if log_tail is not None:
             log_tail = np.minimum(np.asarray(log_tail, dtype=float), 0.0)
             beyond = ~np.isfinite(log_tail)
@@ -393,7 +391,9 @@ def rarity(log_density, threshold, geometry: ComponentGeometry, points_learned: 
             # model that stops there): the model bound says how rare, row by row.
             log_tail[beyond] = _never_impossible(model_log_tail_bound(log_density[beyond], geometry))
             return Rarity(log_tail, [MODEL_BOUND if b else str(threshold.tail_method) for b in beyond.tolist()])
-    return Rarity(_never_impossible(model_log_tail_bound(log_density, geometry)), MODEL_BOUND)
+        if points_learned > 0:
+            floor = -math.log(points_learned + 1.0)
+    return Rarity(np.maximum(_never_impossible(model_log_tail_bound(log_density, geometry)), floor), MODEL_BOUND)
 
 
 def _never_impossible(log_tail: np.ndarray) -> np.ndarray:

@@ -62,8 +62,10 @@ UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
 # A batch of at least this many messages, more than half of them dead-lettered, is logged as a
 # WARNING, at most this often.
 MOSTLY_INVALID_MIN_BATCH = 20
-MOSTLY_INVALID_EVERY_SECONDS = 60.0
-# A batch with a message stamped this long before its decision says so (see _warn_of_odd_timestamps).
+# A warning about the input (mostly invalid, stamped in the future) is repeated at most this often.
+INPUT_WARNING_EVERY_SECONDS = 60.0
+# A batch with a message stamped this long before its decision says so (see _warn_of_odd_timestamps),
+# at most this often.
 ODD_LATENCY_SECONDS = 86_400.0
 OLD_TIMESTAMPS_EVERY_SECONDS = 3_600.0
 # After a stop is asked, a commit the broker has not answered is given up after this long (the
@@ -190,8 +192,7 @@ class Daemon:
         self._stop_asked_at = 0.0
         # Whether the last stop left everything checkpointed (False: the exit code says so).
         self.clean_stop = True
-        self._mostly_invalid_said_at = -math.inf
-        self._odd_timestamps_said_at = self._old_timestamps_said_at = -math.inf
+        self._warned_at: dict[str, float] = {}  # when each repeated warning was last logged (see _due)
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._closing = False  # in _close: no hand-over commits (see _hand_over)
         self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
@@ -964,21 +965,30 @@ class Daemon:
         to look at."""
         oldest = float(result.latencies_seconds.max(initial=0.0))
         if not result.n_future_timestamps and oldest < ODD_LATENCY_SECONDS:
-            return
-        now = time.monotonic()
-        where = ", ".join(f"{topic}/{partition}" for topic, partition in sorted(partitions))
-        if result.n_future_timestamps and now - self._odd_timestamps_said_at >= MOSTLY_INVALID_EVERY_SECONDS:
-            self._odd_timestamps_said_at = now
+            return  # (every batch passes here)
+
+        def where() -> str:
+            return ", ".join(f"{topic}/{partition}" for topic, partition in sorted(partitions))
+
+        if result.n_future_timestamps and self._due("future timestamps", INPUT_WARNING_EVERY_SECONDS):
             log.warning("%d message(s) of a batch of %s are stamped up to %.0f s after they were decided: a "
                         "producer's clock is ahead, or its timestamps are not milliseconds; they are left out of "
                         "end_to_end_latency_seconds (streamgmm_future_timestamps_total)", result.n_future_timestamps,
-                        where, result.future_lead_seconds)
+                        where(), result.future_lead_seconds)
         # Once an hour: catching up a backlog days old is no fault, said every minute it was noise.
-        if oldest >= ODD_LATENCY_SECONDS and now - self._old_timestamps_said_at >= OLD_TIMESTAMPS_EVERY_SECONDS:
-            self._old_timestamps_said_at = now
+        if oldest >= ODD_LATENCY_SECONDS and self._due("old timestamps", OLD_TIMESTAMPS_EVERY_SECONDS):
             log.warning("a batch of %s holds messages stamped %.1f days before they were decided: a backlog, or a "
                         "producer whose clock or timestamps are wrong; end_to_end_latency_seconds counts them",
-                        where, oldest / 86_400.0)
+                        where(), oldest / 86_400.0)
+
+    def _due(self, warning: str, every_seconds: float) -> bool:
+        """Whether ``warning`` may be logged now (at most once every ``every_seconds``); if so,
+        it is taken as logged."""
+        now = time.monotonic()
+        if now - self._warned_at.get(warning, -math.inf) < every_seconds:
+            return False
+        self._warned_at[warning] = now
+        return True
 
     def _warn_of_mostly_invalid(self, result) -> None:
         """A batch mostly dead-lettered says so in the log, at most once a minute: a member with
@@ -987,9 +997,8 @@ class Daemon:
         n_invalid = sum(result.invalid_reasons.values())
         if result.n_records < MOSTLY_INVALID_MIN_BATCH or 2 * n_invalid <= result.n_records:
             return
-        if time.monotonic() - self._mostly_invalid_said_at < MOSTLY_INVALID_EVERY_SECONDS:
+        if not self._due("mostly invalid", INPUT_WARNING_EVERY_SECONDS):
             return
-        self._mostly_invalid_said_at = time.monotonic()
         log.warning("%d of %d messages of a batch were dead-lettered (%s; e.g. %s): if all of them are, check "
                     "input.format, input.dimension and input.fields against what the producers send",
                     n_invalid, result.n_records,

@@ -348,7 +348,8 @@ def writable_without_writing(directory: str | os.PathLike) -> str | None:
         return (f"checkpoint.dir {directory} is not writable: {existing} is on a filesystem with no space for "
                 "files (such as /proc or /sys); point checkpoint.dir elsewhere")
     if filesystem.f_flag & os.ST_RDONLY:
-        return f"checkpoint.dir {directory} is not writable: {existing} is mounted read-only; mount it read-write or point checkpoint.dir elsewhere"
+        return (f"checkpoint.dir {directory} is not writable: {existing} is mounted read-only; mount it read-write "
+                "or point checkpoint.dir elsewhere")
     return None
 
 
