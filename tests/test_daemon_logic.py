@@ -329,11 +329,11 @@ def test_with_nothing_assigned_readiness_says_whether_kafka_is_unreachable_or_th
     daemon.source.unavailable = unreachable
     daemon._turn()  # asked again only after a while
     assert "input topic" in daemon.readiness()[1]
-    daemon._unassigned_checked -= 60.0
+    daemon.watch._unassigned_checked -= 60.0
     daemon._turn()
     assert daemon.readiness()[1].startswith("cannot reach Kafka at 127.0.0.1:9092 (")
     daemon.source.unavailable = lambda topics, timeout: {}
-    daemon._unassigned_checked -= 60.0
+    daemon.watch._unassigned_checked -= 60.0
     daemon._turn()  # joining, or a standby member
     assert re.fullmatch(r"no partitions assigned for \d+ s \(a standby member of the group, or joining; a group "
                         r"stuck joining shows here for long: kafka-consumer-groups --describe --group \S+\)",
@@ -361,14 +361,14 @@ def test_an_input_topic_missing_beside_one_assigned_is_said_and_its_return_too(t
         assert daemon.readiness()[2]["later"] == "input topic does not exist: create it or fix kafka.input_topics"
         assert caplog.text.count("input topic later does not exist") == 1
         daemon.source.unavailable = lambda topics, timeout: {}
-        daemon._inputs_checked -= 60.0
+        daemon.watch._inputs_checked -= 60.0
         daemon._turn()
     assert "later" not in daemon.readiness()[2]
     assert "input topic later can be read now" in caplog.text
     # Assigned before the next question (the usual case): that is said too (helper-38: the line
     # never came, the assignment cleared the topic first).
     daemon.source.unavailable = lambda topics, timeout: {"later": "does not exist"}
-    daemon._inputs_checked -= 60.0
+    daemon.watch._inputs_checked -= 60.0
     daemon._turn()
     daemon.assigned = frozenset({("in", 0), ("later", 0)})
     with caplog.at_level("INFO"):
@@ -684,7 +684,7 @@ def test_messages_stamped_in_the_future_or_decades_ago_are_said_and_kept_out_of_
     assert daemon.metrics.future_timestamps._value.get() == 100
     assert int(daemon.metrics.latency._counts.sum()) == timed_before
     assert "100 message(s) of a batch of in/0 are stamped up to 3600 s after they were decided" in caplog.text
-    daemon._warned_at.clear()  # (at most once a minute)
+    daemon.watch._warned_at.clear()  # (at most once a minute)
     old = [FakeMessage("in", 0, 400 + i, encode(rng.normal(size=3), "json"),
                        timestamp_ms=now_ms - 25 * 365 * 86_400_000) for i in range(100)]
     with caplog.at_level("WARNING"):

@@ -613,8 +613,8 @@ def test_a_partition_whose_position_is_past_the_end_of_its_log_is_said_not_ready
     for _ in range(3):
         daemon._turn()
     # Not at once: a partition handed back shows its old end until librdkafka fetches it again.
-    assert not daemon._past_the_end and "past the end" not in daemon.readiness()[1]
-    daemon._past_the_end_since = {tp: t - 31.0 for tp, t in daemon._past_the_end_since.items()}
+    assert not daemon.watch.past_the_end and "past the end" not in daemon.readiness()[1]
+    daemon.watch._past_the_end_since = {tp: t - 31.0 for tp, t in daemon.watch._past_the_end_since.items()}
     for _ in range(3):
         daemon._turn()
     ready, words, details = daemon.readiness()
@@ -630,7 +630,7 @@ def test_a_partition_whose_position_is_past_the_end_of_its_log_is_said_not_ready
     for tp in PARTITIONS:
         logs[tp].extend(FakeMessage(*tp, o, logs[tp][0].value()) for o in range(600, 1000))
     _run(daemon, lambda: daemon.positions == {tp: 1000 for tp in PARTITIONS})
-    assert daemon.metrics.value("streamgmm_partitions_past_log_end") == 0 and not daemon._past_the_end
+    assert daemon.metrics.value("streamgmm_partitions_past_log_end") == 0 and not daemon.watch.past_the_end
 
 
 def test_a_partition_read_again_from_below_the_groups_old_commit_drops_that_floor(tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import threading
 import time
 from typing import Callable
@@ -34,6 +33,7 @@ from .metrics import HealthServer, Metrics
 from .partitions import HeldPartitions, later_offset
 from .state import (GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, initial_state,
                     model_key)
+from .watch import InputWatch
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +48,8 @@ WARM_UP_GATHER_SECONDS = 1.0
 # ... and /readyz says not ready after this long without a poll (a large warm-up fit takes a
 # few seconds; a broker that hangs a checkpoint's flush, up to its 30 s timeout).
 READY_STALL_SECONDS = 10.0
-# With no partition assigned, the loop asks the cluster this often why (broker unreachable,
-# input topics missing), for /readyz and the log; each question waits at most the timeout.
-# A partition whose next offset is past its log's end for this long is reported (see
-# _look_for_positions_past_the_end).
-PAST_THE_END_SECONDS = 30.0
-UNASSIGNED_CHECK_SECONDS = 15.0
 # auto.offset.reset latest: the most an assignment waits for the logs' ends (see _pin_latest).
 PIN_LATEST_BUDGET_SECONDS = 5.0
-# Input topics with no partition here (normal in a group) are asked after this often.
-UNREADABLE_INPUT_CHECK_SECONDS = 60.0
-UNASSIGNED_CHECK_TIMEOUT_SECONDS = 2.0
-# A batch of at least this many messages, more than half of them dead-lettered, is logged as a
-# WARNING, at most this often.
-MOSTLY_INVALID_MIN_BATCH = 20
-# A warning about the input (mostly invalid, stamped in the future) is repeated at most this often.
-INPUT_WARNING_EVERY_SECONDS = 60.0
-# A batch with a message stamped this long before its decision says so (see _warn_of_odd_timestamps),
-# at most this often.
-ODD_LATENCY_SECONDS = 86_400.0
-OLD_TIMESTAMPS_EVERY_SECONDS = 3_600.0
 # After a stop is asked, a commit the broker has not answered is given up after this long (the
 # checkpoint already holds its offsets); systemd's TimeoutStopSec is 90 s.
 STOP_COMMIT_WAIT_SECONDS = 15.0
@@ -192,7 +174,6 @@ class Daemon:
         self._stop_asked_at = 0.0
         # Whether the last stop left everything checkpointed (False: the exit code says so).
         self.clean_stop = True
-        self._warned_at: dict[str, float] = {}  # when each repeated warning was last logged (see _due)
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._closing = False  # in _close: no hand-over commits (see _hand_over)
         self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
@@ -208,21 +189,10 @@ class Daemon:
         # never goes behind it, even when the group cannot say its commit at that moment (what
         # lies before it was learned by the member that committed it).
         self._commits_at_assignment: dict[tuple[str, int], int] = {}
-        # Assigned partitions whose next offset is past the end of their log (the topic was
-        # recreated, or the broker lost data): {tp: (position, log end)}; nothing is read of them.
-        self._past_the_end: dict[tuple[str, int], tuple[int, int]] = {}
-        self._past_the_end_since: dict[tuple[str, int], float] = {}
-        # Why no partition is assigned, when the cluster says (None: joining, or a standby member),
-        # and since when none is.
-        self._unassigned_reason: str | None = None
-        self._unassigned_since = time.monotonic()
-        self._unassigned_checked = -math.inf
-        # Input topics this member has no partition of that the cluster says cannot be read (why),
-        # asked every UNASSIGNED_CHECK_SECONDS while some have none here.
-        self._inputs_unavailable: dict[str, str] = {}
-        self._inputs_checked = -math.inf
         # scope: partition: the partitions held paused until their model is restored and they
         # are sought; and, for every scope, the first offset read of each partition.
+        # Why nothing is assigned, unreadable inputs, positions past the end, odd batches: said.
+        self.watch = InputWatch(config.kafka.input_topics, config.kafka.bootstrap_servers, self.metrics)
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
                                    max_backoff=config.kafka.retry_backoff_max_seconds)
         self._initial: dict | None = None  # the model.init_from state, read once
@@ -272,8 +242,8 @@ class Daemon:
             return False, (f"the loop has not polled Kafka for {quiet:.0f} s (a checkpoint or commit waiting on the "
                            "broker, or a stall: see the log)"), {}
         if not self.assigned:
-            waited = time.monotonic() - self._unassigned_since
-            return False, self._unassigned_reason or (
+            waited = time.monotonic() - self.watch.unassigned_since
+            return False, self.watch.unassigned_reason or (
                 f"no partitions assigned for {waited:.0f} s (a standby member of the group, or joining; a group "
                 f"stuck joining shows here for long: kafka-consumer-groups --describe --group "
                 f"{self.config.kafka.group_id})"), {}
@@ -294,9 +264,9 @@ class Daemon:
                 progress = f"{0 if model is None else model.n_buffered_}/{self.config.model.warmup}"
                 details[name] = f"warming up {progress}"
                 warming.append(f"{name} {progress}")
-        for topic, why in dict(self._inputs_unavailable).items():  # (replaced whole by the loop's thread)
+        for topic, why in dict(self.watch.inputs_unavailable).items():  # (replaced whole by the loop's thread)
             details[topic] = f"input topic {why}"
-        past = dict(self._past_the_end)  # (replaced whole by the loop's thread)
+        past = dict(self.watch.past_the_end)  # (replaced whole by the loop's thread)
         for (topic, partition), (position, end) in sorted(past.items()):
             details[f"{topic}/{partition}"] = f"its next offset {position} is past the end of its log ({end})"
         if past:
@@ -736,7 +706,7 @@ class Daemon:
             self.source.resume(held)  # not left paused for a later assignment of them
         self.assigned = self.assigned - gone
         if not self.assigned:
-            self._unassigned_since = time.monotonic()
+            self.watch.none_assigned()
         self._commits_at_assignment = {tp: o for tp, o in self._commits_at_assignment.items() if tp not in gone}
         if self.scope == "partition":
             for topic, partition in gone:
@@ -778,7 +748,7 @@ class Daemon:
 
     def _turn(self) -> None:
         self._retry_restores()
-        self._ask_why_unassigned()
+        self.watch.look_at_assignment(self.source, self.assigned)
         polled = self._gather_for_warm_up(self._poll()) if self._fatal is None else {}
         if self._fatal is not None:
             return  # stopping on a partition's state: nothing more is processed
@@ -815,56 +785,6 @@ class Daemon:
         models = {key: d.model for key, d in self.detectors.items()}
         self.metrics.observe_partition_models(models, {model_key(self.scope, *tp) for tp in self.assigned})
 
-    def _ask_why_unassigned(self) -> None:
-        """With nothing assigned for a while, ask the cluster why: unreachable, or input topics
-        that do not exist (a standby member or a group still joining has neither)."""
-        now = time.monotonic()
-        if self.assigned or now - self._unassigned_checked < UNASSIGNED_CHECK_SECONDS:
-            if self.assigned:
-                self._unassigned_reason = None
-                self._look_for_unreadable_inputs(now)
-            return
-        self._inputs_unavailable = {}  # (the question below covers every input topic)
-        self._unassigned_checked = now
-        inputs = self.config.kafka.input_topics
-        try:
-            problems = self.source.unavailable(inputs, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
-            reason = "; ".join(f"input topic {topic} {why}" for topic, why in problems.items()) or None
-        except KafkaException as exc:
-            reason = (f"cannot reach Kafka at {','.join(self.config.kafka.bootstrap_servers)} "
-                      f"({kafka_error_text(exc)})")
-        if reason is not None and reason != self._unassigned_reason:
-            log.error("no partitions assigned: %s", reason)
-        self._unassigned_reason = reason
-
-    def _look_for_unreadable_inputs(self, now: float) -> None:
-        """Input topics none of whose partitions are here: one the cluster says cannot be read is
-        an ERROR once (and in /readyz), and its coming back is said.  With partitions of another
-        topic assigned, a missing one was said once at start and never again (helper-35)."""
-        here = {topic for topic, _ in self.assigned}
-        if came := [topic for topic in self._inputs_unavailable if topic in here]:
-            log.info("input topic %s is read now", ", ".join(came))
-            self._inputs_unavailable = {t: why for t, why in self._inputs_unavailable.items() if t not in here}
-        # (a "^regex" subscription names no topic to ask about)
-        absent = [t for t in self.config.kafka.input_topics if t not in here and not t.startswith("^")]
-        if not absent:
-            self._inputs_unavailable = {}
-            return
-        if now - self._inputs_checked < UNREADABLE_INPUT_CHECK_SECONDS:
-            return  # a metadata request on the loop's thread: rare (a member without a topic is normal)
-        self._inputs_checked = now
-        try:
-            problems = self.source.unavailable(absent, UNASSIGNED_CHECK_TIMEOUT_SECONDS)
-        except KafkaException:
-            return  # the loop's own errors say so
-        for topic, why in problems.items():
-            if topic not in self._inputs_unavailable:
-                log.error("input topic %s %s; the other input topics are read", topic, why)
-        for topic in set(self._inputs_unavailable) - set(problems):
-            log.info("input topic %s can be read now: its partitions are assigned within the consumer's "
-                     "topic.metadata.refresh.interval.ms (30 s by default here)", topic)
-        self._inputs_unavailable = problems
-
     def _poll(self, timeout_seconds: float | None = None) -> dict:
         k = self.config.kafka
         try:
@@ -881,7 +801,8 @@ class Daemon:
         self.metrics.last_poll.set(time.time())
         self._last_poll = time.monotonic()
         self._loop_watermarks = self.source.cached_watermarks(self.assigned)
-        self._look_for_positions_past_the_end()
+        self.watch.look_at_positions(self._loop_watermarks, self.positions, self.held.partitions(),
+                                     self.assigned)
         # A partition revoked during the poll is not ours any more.
         if not self.held:
             return {tp: messages for tp, messages in polled.items() if tp in self.assigned}
@@ -894,35 +815,6 @@ class Daemon:
             elif tp in self.assigned:
                 kept[tp] = messages
         return kept
-
-    def _look_for_positions_past_the_end(self) -> None:
-        """An assigned partition whose next offset is past the end of its log reads nothing and
-        shows no lag: a topic deleted and made again, or a broker that lost its data (a Kafka
-        broker answers OFFSET_OUT_OF_RANGE and librdkafka applies auto.offset.reset; Tansu just
-        returns nothing).  Said once per partition (ERROR), in /readyz and in a gauge."""
-        now, past, held = time.monotonic(), {}, self.held.partitions()
-        for tp, (_, end) in self._loop_watermarks.items():
-            position = self.positions.get(tp)
-            if position is None or position <= end or tp in held:
-                self._past_the_end_since.pop(tp, None)
-                continue
-            # librdkafka keeps a partition's last fetched end across a revoke and an assignment:
-            # a partition handed back after another member moved it on looks past its end until
-            # the next fetch. Only a lasting one counts.
-            if now - self._past_the_end_since.setdefault(tp, now) < PAST_THE_END_SECONDS:
-                continue
-            past[tp] = (position, end)
-            if tp not in self._past_the_end:
-                log.error("%s/%d: the next offset to read, %d, has been past the end of its log (%d) for %.0f s: "
-                          "the topic was deleted and made again, or the broker lost data, and nothing of it is "
-                          "read until the log reaches that offset. If the topic was made again, its messages can "
-                          "only be read from the start by a model and a group that have not read the old one "
-                          "(another checkpoint.dir or checkpoint.topic, and kafka.group_id)",
-                          *tp, position, end, now - self._past_the_end_since[tp])
-        self._past_the_end_since = {tp: t for tp, t in self._past_the_end_since.items() if tp in self.assigned}
-        if past != self._past_the_end:
-            self._past_the_end = past
-            self.metrics.partitions_past_log_end.set(len(past))
 
     def _process(self, polled: dict) -> None:
         if not polled:
@@ -943,8 +835,7 @@ class Daemon:
                 _log_adoption(key, detector, change)
             for record in result.outputs():
                 self.sink.send(record)
-            self._warn_of_mostly_invalid(result)
-            self._warn_of_odd_timestamps(result, partitions)
+            self.watch.after_batch(result, partitions)
             self.metrics.observe_batch(result, detector, updates_before, time.perf_counter() - started,
                                        partition_key=None if self.scope == "global" else key)
             self.checkpointer.pending_messages += len(batch)
@@ -956,54 +847,6 @@ class Daemon:
         if self.scope == "partition":
             self._observe_partition_models()
         self.positions = self._positions()
-
-    def _warn_of_odd_timestamps(self, result, partitions: dict) -> None:
-        """Message timestamps in the future (at most once a minute), or more than a day old (once
-        an hour), say so in the log: they went into the latency histogram (an hour ahead as 0, 25
-        years old as a sum of 7.9e11 s) and nothing said why its percentiles moved (helper-49).
-        A day-old message is a backlog as often as a wrong clock: the line says which partitions
-        to look at."""
-        oldest = float(result.latencies_seconds.max(initial=0.0))
-        if not result.n_future_timestamps and oldest < ODD_LATENCY_SECONDS:
-            return  # (every batch passes here)
-
-        def where() -> str:
-            return ", ".join(f"{topic}/{partition}" for topic, partition in sorted(partitions))
-
-        if result.n_future_timestamps and self._due("future timestamps", INPUT_WARNING_EVERY_SECONDS):
-            log.warning("%d message(s) of a batch of %s are stamped up to %.0f s after they were decided: a "
-                        "producer's clock is ahead, or its timestamps are not milliseconds; they are left out of "
-                        "end_to_end_latency_seconds (streamgmm_future_timestamps_total)", result.n_future_timestamps,
-                        where(), result.future_lead_seconds)
-        # Once an hour: catching up a backlog days old is no fault, said every minute it was noise.
-        if oldest >= ODD_LATENCY_SECONDS and self._due("old timestamps", OLD_TIMESTAMPS_EVERY_SECONDS):
-            log.warning("a batch of %s holds messages stamped %.1f days before they were decided: a backlog, or a "
-                        "producer whose clock or timestamps are wrong; end_to_end_latency_seconds counts them",
-                        where(), oldest / 86_400.0)
-
-    def _due(self, warning: str, every_seconds: float) -> bool:
-        """Whether ``warning`` may be logged now (at most once every ``every_seconds``); if so,
-        it is taken as logged."""
-        now = time.monotonic()
-        if now - self._warned_at.get(warning, -math.inf) < every_seconds:
-            return False
-        self._warned_at[warning] = now
-        return True
-
-    def _warn_of_mostly_invalid(self, result) -> None:
-        """A batch mostly dead-lettered says so in the log, at most once a minute: a member with
-        the wrong input.* dead-letters (and commits) everything, and counters alone do not say
-        why."""
-        n_invalid = sum(result.invalid_reasons.values())
-        if result.n_records < MOSTLY_INVALID_MIN_BATCH or 2 * n_invalid <= result.n_records:
-            return
-        if not self._due("mostly invalid", INPUT_WARNING_EVERY_SECONDS):
-            return
-        log.warning("%d of %d messages of a batch were dead-lettered (%s; e.g. %s): if all of them are, check "
-                    "input.format, input.dimension and input.fields against what the producers send",
-                    n_invalid, result.n_records,
-                    ", ".join(f"{reason} {count}" for reason, count in result.invalid_reasons.most_common()),
-                    result.invalid_example)
 
     def _watermarks_for_scrape(self) -> dict:
         """For the lag at a scrape (metrics thread): what the loop saw at its last poll, or,
