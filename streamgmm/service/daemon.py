@@ -13,7 +13,6 @@ it again (at-least-once output; ``source`` topic/partition/offset identify dupli
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -31,8 +30,8 @@ from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_set
                     ensure_topic, flush_in_steps, kafka_error_text, message_max_bytes, missing_topics)
 from .metrics import HealthServer, Metrics
 from .partitions import HeldPartitions, later_offset
-from .state import (GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, initial_state,
-                    model_key)
+from .models import Models, StartupError, another_pipelines_model
+from .state import GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, model_key
 from .watch import InputWatch
 
 log = logging.getLogger(__name__)
@@ -63,44 +62,6 @@ UNCLEAN_CLOSE_FLUSH_SECONDS = 1.0
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
-
-
-class StartupError(RuntimeError):
-    """Something the daemon needs at start is missing or wrong; the message says what to do."""
-
-
-# Restoring a partition's model or resume offset failed for a reason that can pass: the state
-# topic or the group coordinator unreachable, the checkpoint directory unreadable.  Retried.
-RESTORE_IO_ERRORS = (KafkaException, OSError, TimeoutError)
-# A state record (or model.init_from) this configuration cannot use: another input.dimension
-# (ValueError), no init_from checkpoint (StartupError), a malformed record (KeyError, TypeError).
-# Every retry would fail the same way and every member of the group has the same configuration,
-# so the daemon stops with exit code 2 (as for a bad config at start) instead of holding the
-# partition paused for ever.
-STATE_CONFIG_ERRORS = (ValueError, KeyError, TypeError, StartupError)
-
-
-def _log_restore_notes(what: str, detector: Detector) -> None:
-    for note in detector.restore_notes:
-        log.warning("%s: %s", what, note)
-    if detector.adopting:  # (its start was logged by the process that checkpointed it)
-        log.warning("%s: restored while taking a new regime: flagged points are learned until the flagged share "
-                    "falls below %.2f%% (threshold.adopt)", what, 50 * detector.adopt_flag_rate)
-
-
-def another_pipelines_model(config: Config, offsets: dict) -> str | None:
-    """Why a global model that read ``offsets`` is another pipeline's, or None.  A model that
-    read none of this daemon's input topics is (two daemons started from one directory share
-    ./state): scoring with it flagged 3,000 of 3,000 normal messages without a word (helper-35).
-    A regex subscription is not judged: which names it matches is the broker's to say."""
-    read = sorted({topic for topic, _ in offsets})
-    inputs = config.kafka.input_topics
-    if not read or any(topic.startswith("^") for topic in inputs) or set(read) & set(inputs):
-        return None
-    return (f"the newest checkpoint in checkpoint.dir {config.checkpoint.dir} is the model of another "
-            f"pipeline: it read {', '.join(read)}, this daemon reads {', '.join(inputs)}; point checkpoint.dir "
-            "at this daemon's own directory, or, to start from that model on purpose (counters and offsets "
-            f"anew), set model.init_from: {config.checkpoint.dir} with an empty checkpoint.dir")
 
 
 def _log_adoption(key: str, detector: Detector, change: AdoptionChange) -> None:
@@ -152,13 +113,11 @@ class Daemon:
         self.metrics = metrics or Metrics(max_components=max(m.max_components, m.n_components if m.n_components != "auto" else 0))
         self.scope = config.model.scope
         self.local = LocalStateStore(config.checkpoint.dir, config.checkpoint.keep)
-        self.topic_store: TopicStateStore | None = None
+        self.models = Models(config, self.local, self.metrics)  # by key: "global", or "topic/partition"
         # With scope: partition and a state topic, models are restored from the topic only: the
         # files are a copy (see Checkpointer.local_is_copy).
         self.checkpointer = Checkpointer(config.checkpoint, self.local, None, self.metrics,
                                          local_is_copy=self.scope == "partition" and bool(config.checkpoint.topic))
-        # One detector per model key: "global", or "topic/partition" with scope: partition.
-        self.detectors: dict[str, Detector] = {}
         self.source: KafkaSource | None = None
         self.sink: KafkaSink | None = None
         self.server: HealthServer | None = None
@@ -195,7 +154,6 @@ class Daemon:
         self.watch = InputWatch(config.kafka.input_topics, config.kafka.bootstrap_servers, self.metrics)
         self.held = HeldPartitions(initial_backoff=config.kafka.retry_backoff_initial_seconds,
                                    max_backoff=config.kafka.retry_backoff_max_seconds)
-        self._initial: dict | None = None  # the model.init_from state, read once
         self.started = False  # start_up() passed: a StartupError now stops a running daemon
         # Why the daemon stops with exit code 2 (a partition's state needs a config change).
         self._fatal: str | None = None
@@ -227,9 +185,20 @@ class Daemon:
     @property
     def detector(self) -> Detector:
         """The global detector (scope: global)."""
-        if GLOBAL_KEY not in self.detectors:
-            self.detectors[GLOBAL_KEY] = Detector(self.config)
-        return self.detectors[GLOBAL_KEY]
+        return self.models.get(GLOBAL_KEY)
+
+    @property
+    def detectors(self) -> dict[str, Detector]:
+        return self.models.detectors
+
+    @property
+    def topic_store(self) -> TopicStateStore | None:
+        """The state topic's store (checkpoint.topic), where partition models are restored from."""
+        return self.models.topic_store
+
+    @topic_store.setter
+    def topic_store(self, store: TopicStateStore | None) -> None:
+        self.models.topic_store = store
 
     def readiness(self) -> tuple[bool, str, dict]:
         """(ready, why in words, the state of each assigned partition's model)."""
@@ -296,12 +265,7 @@ class Daemon:
         self.restore()
         self._refuse_another_pipelines_model()
         if self.scope == "partition" and self.config.model.init_from:
-            # Now, not in the first on_assign: a missing or unusable init_from is a config error.
-            self._initial = self._initial_state()
-            try:
-                Detector(self.config).restore(copy.deepcopy(self._initial))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise StartupError(f"model.init_from={self.config.model.init_from}: {exc}") from None
+            self.models.check_initial()
         if self.scope == "partition" and not self.config.checkpoint.topic:
             log.warning("model.scope=partition without checkpoint.topic: partition models stay on this "
                         "instance's disk and cannot follow their partitions to other instances")
@@ -344,39 +308,9 @@ class Daemon:
             raise StartupError(what)
 
     def restore(self) -> None:
-        """Load the newest valid checkpoint, or the ``model.init_from`` one, or start empty.
-
-        With scope: partition, models are restored when their partitions are assigned.
-        """
-        self.detectors = {}
-        if self.scope == "partition":
-            return
-        state = self._load_local(GLOBAL_KEY)
-        try:
-            if state is not None:
-                self.detector.restore(state)
-                log.info("restored the global model: n_valid=%d n_seen=%d offsets=%s",
-                         self.detector.n_valid, self.detector.model.n_seen_, json.dumps(state["offsets"]))
-            elif self.config.model.init_from:
-                self.detector.restore(self._initial_state())
-            _log_restore_notes("the global model", self.detector)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from None
-        self.metrics.observe_model(self.detector.model)
-
-    def _load_local(self, key: str) -> dict | None:
-        """The newest intact checkpoint file of a model, the files skipped counted."""
-        state = self.local.load(key)
-        self.metrics.checkpoints_unreadable.inc(self.local.skipped)
-        return state
-
-    def _initial_state(self) -> dict:
-        try:
-            state, path = initial_state(self.config.model.init_from)
-        except CheckpointError as exc:
-            raise StartupError(str(exc)) from None
-        log.info("starting from the model in %s (n_seen=%d)", path, state["model"]["n_seen"])
-        return state
+        """The models from their newest checkpoints (scope: global; partition models come with
+        their partitions)."""
+        self.models.restore()
 
     def _restore_partitions(self, partitions, timeout: float = 30.0) -> list[tuple[str, int]]:
         """scope: partition: a detector for each of these partitions that has none, from the state
@@ -389,34 +323,10 @@ class Daemon:
         # The state restored must reach the group's commit: a newer record behind it is a stale one.
         floors = {key: {tp: self._commits_at_assignment[tp]} for key, tp in wanted.items()
                   if tp in self._commits_at_assignment}
-        try:
-            states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout,
-                                                                                      floors=floors)
-        except (*RESTORE_IO_ERRORS, ValueError) as exc:  # ValueError: a record of the topic unreadable as a whole
-            return self._restores_failed(dict.fromkeys(wanted.values(), kafka_error_text(exc)))
-        failed = {}
-        for key, tp in sorted(wanted.items()):
-            try:
-                self.detectors[key] = self._partition_detector(
-                    key, states.get(key) if states is not None else self._load_local(key))
-            except RESTORE_IO_ERRORS as exc:
-                failed[tp] = kafka_error_text(exc)
-            except STATE_CONFIG_ERRORS as exc:
-                failed[tp] = self._stop_for_state(tp, exc)
+        failed, unusable = self.models.restore_partitions(wanted, floors, timeout)
+        failed.update({tp: self._stop_for_state(tp, exc) for tp, exc in unusable.items()})
         self.held.restored(set(wanted.values()) - set(failed))
         return self._restores_failed(failed)
-
-    def _partition_detector(self, key: str, state: dict | None) -> Detector:
-        detector = Detector(self.config)
-        if state is not None:
-            detector.restore(state)
-            log.info("restored model %s: n_valid=%d n_seen=%d", key, detector.n_valid, detector.model.n_seen_)
-        elif self.config.model.init_from:
-            if self._initial is None:  # read at start-up, unless start_up was skipped
-                self._initial = self._initial_state()
-            detector.restore(copy.deepcopy(self._initial))  # no arrays shared between partitions' models
-        _log_restore_notes(f"model {key}", detector)
-        return detector
 
     def _restores_failed(self, failed: dict[tuple[str, int], str]) -> list[tuple[str, int]]:
         """Hold these partitions (why), counted once each; the ones not held before are returned,
@@ -709,8 +619,7 @@ class Daemon:
             self.watch.none_assigned()
         self._commits_at_assignment = {tp: o for tp, o in self._commits_at_assignment.items() if tp not in gone}
         if self.scope == "partition":
-            for topic, partition in gone:
-                self.detectors.pop(model_key(self.scope, topic, partition), None)
+            self.models.drop(gone)
             self._observe_partition_models()
         # scope: global keeps the partition's offset: the checkpoint must not forget it.
         self.positions = self._positions()
@@ -780,10 +689,7 @@ class Daemon:
         return {tp: messages for tp, messages in polled.items() if tp in self.assigned}  # (a rebalance meanwhile)
 
     def _observe_partition_models(self) -> None:
-        """scope: partition: the metrics of the models held, an assigned partition with none
-        (held: its model could not be restored yet) counting as not warm."""
-        models = {key: d.model for key, d in self.detectors.items()}
-        self.metrics.observe_partition_models(models, {model_key(self.scope, *tp) for tp in self.assigned})
+        self.models.observe(self.assigned)
 
     def _poll(self, timeout_seconds: float | None = None) -> dict:
         k = self.config.kafka
@@ -878,7 +784,7 @@ class Daemon:
         return positions
 
     def _detector(self, key: str) -> Detector:
-        return self.detectors.get(key) or self.detectors.setdefault(key, Detector(self.config))
+        return self.models.get(key)
 
     def _committed(self, partitions) -> dict[tuple[str, int], int] | None:
         """The group's committed offsets of these partitions (None if the group cannot say now: for
@@ -898,8 +804,7 @@ class Daemon:
         return later_offset(self._checkpoint_offset(topic, partition), committed.get((topic, partition)))
 
     def _checkpoint_offset(self, topic: str, partition: int) -> int | None:
-        detector = self.detectors.get(model_key(self.scope, topic, partition))
-        return None if detector is None else detector.offsets.get((topic, partition))
+        return self.models.offset(topic, partition)
 
     # ------------------------------------------------------- checkpoints, rewinds
     def _checkpoint(self, when: str = "", last: bool = False) -> Outcome:
