@@ -66,7 +66,7 @@ def test_outliers_reach_the_output_topic_with_their_source_offsets(broker, topic
     assert summary["offsets"][topic] == {"0": 3000, "1": 3000}
     assert summary["n_anomalies"] == len(flagged)
     # Flagged points are not learned from (learn_from_anomalies: false).
-    assert summary["n_seen"] == 6000 - summary["n_anomalies"]
+    assert summary["n_seen"] == 6000 - summary["n_anomalies"] + summary["n_flagged_learned"]
 
 
 def test_each_kind_of_bad_input_is_dead_lettered_with_its_reason(broker, topic, tmp_path):
@@ -140,7 +140,7 @@ def test_restart_resumes_at_checkpoint_offsets_with_the_same_model(broker, topic
     final = inspect(state)
     assert final["offsets"][topic] == {"0": 4000}
     assert final["n_valid"] == 4000
-    assert final["n_seen"] == 4000 - final["n_anomalies"]
+    assert final["n_seen"] == 4000 - final["n_anomalies"] + final["n_flagged_learned"]
 
 
 def test_sigterm_stops_cleanly_with_a_final_checkpoint(broker, topic, tmp_path):

@@ -87,7 +87,7 @@ def test_instances_join_and_die_and_every_partition_model_learns_each_message_on
         assert state["offsets"] == {topic: {str(p): per_partition[p]}}
         assert state["n_valid"] == per_partition[p]
         # Learned exactly once: every valid message not flagged, no replay counted twice.
-        assert state["n_seen"] == state["n_valid"] - state["n_anomalies"], (p, state)
+        assert state["n_seen"] == state["n_valid"] - state["n_anomalies"] + state["n_flagged_learned"], (p, state)
 
     position = {f"id-{i}": sent[i] for i in range(n)}
     flagged = set()

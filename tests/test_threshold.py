@@ -240,8 +240,10 @@ def test_the_tail_probability_reads_as_a_frequency_of_the_stream(name):
         cut = np.quantile(fresh, 1 - level)
         said = float(np.exp(threshold.log_tail_probability(np.array([-cut]))[0]))
         assert 0.5 * level <= said <= 2.0 * level, f"{name}: {said:.2e} for a {level} quantile"
+    # At the threshold the fitted tail says q; the window's own count of scores that far out (the
+    # floor, see _seen_as_rare) may say more (seeds 1..6: 1.0-1.8 q), never less.
     at_threshold = float(np.exp(threshold.log_tail_probability(np.array([threshold.value]))[0]))
-    assert at_threshold == pytest.approx(q, rel=0.05)
+    assert 0.95 * q <= at_threshold <= 2.0 * q
 
 
 def test_a_short_tail_never_calls_a_point_impossible_and_falls_with_distance():

@@ -124,7 +124,7 @@ def test_sigkill_at_random_moments_loses_nothing(broker, topic, tmp_path):
     assert summary["offsets"][topic] == {str(p): per_partition[p] for p in range(partitions)}
     assert summary["n_valid"] + summary["n_invalid"] == n - skipped  # nothing else is missing, nothing counted twice
     # Each valid message learned exactly once: learned = valid - flagged, with no replay counted twice.
-    assert summary["n_seen"] == summary["n_valid"] - summary["n_anomalies"]
+    assert summary["n_seen"] == summary["n_valid"] - summary["n_anomalies"] + summary["n_flagged_learned"]
     assert "skipping checkpoint" in "".join((tmp_path / f"d{i}.log").read_text() for i in range(4, 7))
 
     outputs = _ids(read_all(broker.bootstrap, f"{topic}.anomalies"))
@@ -173,7 +173,7 @@ def test_checkpoint_write_failures_are_counted_and_offsets_not_committed(broker,
         assert daemon.stop() == 0
     summary = inspect(state)
     assert summary["n_valid"] + summary["n_invalid"] == 6000
-    assert summary["n_seen"] == summary["n_valid"] - summary["n_anomalies"]
+    assert summary["n_seen"] == summary["n_valid"] - summary["n_anomalies"] + summary["n_flagged_learned"]
 
 
 def _cpu_seconds(pid):

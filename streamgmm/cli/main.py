@@ -376,7 +376,7 @@ def _checkpoint_problem(config) -> str | None:
     restart then exited 2, which the unit's RestartPreventExitStatus=2 leaves down (helper-44).
     Read without the lock: the daemon being checked holds it."""
     from ..detection.detector import Detector
-    from ..service.daemon import another_pipelines_model
+    from ..service.models import another_pipelines_model
 
     if config.model.scope != "global":
         return None  # partition models are checked as their partitions are assigned
@@ -443,6 +443,7 @@ def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ())
         "streamgmm_version": state.get("streamgmm_version"),
         "created_at": state.get("created_at"),
         **{name: state["counters"][name] for name in ("n_valid", "n_invalid", "n_anomalies", "n_updates")},
+        "n_flagged_learned": int(state["counters"].get("n_flagged_learned", 0)),
         "n_seen": model["n_seen"],
         "initialized": model["initialized"],
         "offsets": state["offsets"],
@@ -525,7 +526,8 @@ def _describe(summary: dict) -> str:
         + (f"fields {', '.join(summary['input']['fields'])}" if summary["input"]["fields"] else "no field names")
         + " (a config using this model must say the same)",
         f"points learned    {summary['n_seen']:,} (n_seen: valid points the model learned from; flagged ones "
-        f"are not, unless adopted as a new regime)",
+        f"are not, unless adopted as a new regime or just past a threshold that flagged far more than asked: "
+        f"{summary['n_flagged_learned']:,} of them)",
         f"model             {_describe_model(summary['initialized'], model)}, forgetting half-life "
         f"{model['half_life'] if model['half_life'] else 'none'}; {summary['n_updates']:,} updates",
         f"threshold         {threshold.get('mode')}: flags log-density below "

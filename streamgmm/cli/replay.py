@@ -166,7 +166,8 @@ def replay(config: Config, source: IO[str], sink: IO[str], fmt: str) -> dict:
     flush()
     sink.flush()
     return {"n_records": offset, "n_valid": detector.n_valid, "n_invalid": detector.n_invalid,
-            "n_anomalies": detector.n_anomalies, "n_seen": detector.model.n_seen_,
+            "n_anomalies": detector.n_anomalies, "n_flagged_learned": detector.n_flagged_learned,
+            "n_seen": detector.model.n_seen_,
             "model_initialized": detector.ready, "threshold": detector.threshold.value,
             **({"first_invalid": first_invalid} if first_invalid else {})}
 

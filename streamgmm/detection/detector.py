@@ -10,6 +10,7 @@ checkpoint holds, so the Kafka loop, ``replay`` and the tests all drive the same
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,6 +35,10 @@ COUNTERS = ("n_valid", "n_invalid", "n_anomalies", "n_updates")
 # of this many points: small enough to follow a cluster that appears, large enough that a step's
 # fixed cost (a refresh of the parameters) stays small (BENCHMARKS.md, detection quality: drift).
 CAREFUL_STEP = 50
+# Flagging this many times q (smoothed over threshold.adopt_window), and at least this many flags
+# in that window: the flagged points just past the threshold are learned (see _flag_learn).
+RUNAWAY_OVER_Q = 3.0
+RUNAWAY_MIN_FLAGS = 5.0
 
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
@@ -150,6 +155,9 @@ class Detector:
         self.decoder = Decoder(config.input)
         self.offsets: dict[tuple[str, int], int] = {}
         self.n_valid = self.n_invalid = self.n_anomalies = self.n_updates = 0
+        # Flagged points the model learned (a regime adopted, or just past a threshold that flags far
+        # more than q): every valid point is learned but the flagged ones, less these.
+        self.n_flagged_learned = 0
         # Smoothed fraction of scored points flagged (half-life threshold.adopt_window points),
         # for how many points in a row it has been above threshold.adopt_flag_rate, and the
         # flagged points counted with a half-life of 2 x threshold.adopt_after points (see
@@ -276,6 +284,14 @@ class Detector:
         if flags.any():  # only flagged rows can be glitches: nothing on the path of the others
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
         learned = (learn_flagged | ~flags) & ~absurd
+        if flags.any() and not learn_flagged and self._flagging_far_too_much():
+            # Flagged points just past the threshold, far more of them than q: the threshold is a
+            # little too low, not a flood of anomalies, and left out of the model they feed
+            # themselves. A 1-d sine's values (density lowest in the middle, a tail that ends)
+            # flagged 0 points in 38,000, then the model, not learning the middle's flagged
+            # points, thinned there, and 2-4% of the points were flagged (7.2 q at q = 0.001,
+            # still 6.3 q over 150,000 points). Learned, they stop it; far ones never are.
+            learned |= self.threshold.marginal_flags(log_density, flags) & ~absurd
         if self._may_grow(flags & ~absurd):
             # A new regime: its own component (stretching the ones there are to it would take
             # them away from what they explain: a model that sized itself at one component
@@ -285,9 +301,18 @@ class Detector:
             scored = self.model.score_batch(X)
         if learned.any():
             self.model.learn(scored, sample_weight=learned.astype(float))
-            result.n_learned += int(np.count_nonzero(learned & np.isfinite(scored.log_density)))
+            learned &= np.isfinite(scored.log_density)
+            result.n_learned += int(np.count_nonzero(learned))
+            self.n_flagged_learned += int(np.count_nonzero(learned & flags))
             self.n_updates += 1
         return rows, log_density, flags, components
+
+    def _flagging_far_too_much(self) -> bool:
+        """The smoothed flag rate over RUNAWAY_OVER_Q x q, and over RUNAWAY_MIN_FLAGS flags in
+        its window (at q = 1e-4 one flag in it is already 3 q)."""
+        t = self.config.threshold
+        window = t.adopt_window / math.log(2.0)  # the points the smoothed rate weighs in all
+        return self.flag_rate > max(RUNAWAY_OVER_Q * t.quantile, RUNAWAY_MIN_FLAGS / window)
 
     @property
     def adopt_flag_rate(self) -> float | None:
@@ -417,7 +442,7 @@ class Detector:
             "counters": {**{name: getattr(self, name) for name in COUNTERS},
                          "flag_rate": self.flag_rate, "points_above": self.points_above, "adopting": self._adopting,
                          "flagged_memory": self.flagged_memory,
-                         "grew_in_adoption": self.grew_in_adoption},
+                         "grew_in_adoption": self.grew_in_adoption, "n_flagged_learned": self.n_flagged_learned},
         }
 
     def restore(self, state: dict) -> None:
@@ -498,6 +523,7 @@ class Detector:
         for name in COUNTERS:
             setattr(self, name, int(counters[name]))
         self.flag_rate = float(counters.get("flag_rate", 0.0))
+        self.n_flagged_learned = int(counters.get("n_flagged_learned", 0))
         self.points_above = int(counters.get("points_above", 0))
         self.flagged_memory = float(counters.get("flagged_memory", 0.0))
         # (A checkpoint from before the flag: adopting was points_above >= adopt_after.)

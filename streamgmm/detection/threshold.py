@@ -70,6 +70,11 @@ TOKEN_BUCKET = 3.0
 # Alarms further out than the fitted tail's quantile at this fraction of q are not counted at
 # all (only those between z_q and there can say that z_q is too low).
 FAR_OVER_Q = 0.01
+# ... and at least this many of the fitted tail's mean excesses past z_q.  For an exponential
+# tail the q/100 quantile is 4.6 of them, so only a tail that ends is changed: its fitted
+# quantiles all crowd at its end (a sine's values, shape -1: z_far 0.001 nats past z_q), and a
+# score drift of 0.06 nats put every alarm beyond it (see ``marginal_flags``).
+FAR_MEAN_EXCESSES = 5.0
 # A step with this many (binomial) standard deviations more of its scores in the tail than the
 # tail's share looks like a change, not chance.
 SURPRISE_SD = 4.0
@@ -223,6 +228,10 @@ class FixedThreshold:
     def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
         """Scores do not move a fixed threshold."""
 
+    def marginal_flags(self, log_density: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """None: the stream's scores do not move this threshold."""
+        return np.zeros(len(flags), dtype=bool)
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value}
 
@@ -285,6 +294,10 @@ class ModelQuantileThreshold:
 
     def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
         """Only the model moves this threshold."""
+
+    def marginal_flags(self, log_density: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """None: the stream's scores do not move this threshold."""
+        return np.zeros(len(flags), dtype=bool)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value, "refreshed_at": self.refreshed_at, "quantile": self.quantile}
@@ -504,6 +517,22 @@ class StreamQuantileThreshold:
         cap = max(20_000, self.window // 2) if shape else self.window // 10
         return int(min(max(first, (self.n_counted - self.history_start) // 4), max(first, cap)))
 
+    def marginal_flags(self, log_density: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """The flagged points at most FAR_MEAN_EXCESSES of the fitted tail's mean excesses past
+        z_q: what a z_q a little too low flags; anomalies beyond doubt lie further out.  None on
+        a tail of infinite variance (shape >= 1/2), whose far points are its own and whose mean
+        excess says little of where "just past" ends (a log-Cauchy's fit, shape 4.8, put every
+        flagged point within reach).  The detector learns these when it flags far more than q
+        (see ``Detector._flag_learn``)."""
+        none = np.zeros(len(flags), dtype=bool)
+        if self.z is None or self.tail is None or self.gpd is None:
+            return none
+        gamma, sigma = self._gpd_at(self.tail[0])
+        if gamma >= 0.5:
+            return none
+        reach = min(self.z_far, self.z + FAR_MEAN_EXCESSES * sigma / (1.0 - gamma))
+        return flags & (self._score(log_density) <= reach)
+
     # -------------------------------------------------------------- the scores
     def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
         """Count one scored batch: its prequential log-densities and which were flagged.
@@ -641,6 +670,8 @@ class StreamQuantileThreshold:
                 gamma, sigma = self._gpd_at(t)
             self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
+            if gamma < 1.0:  # (the mean excess sigma / (1 - gamma) is finite)
+                self.z_far = max(self.z_far, self.z + FAR_MEAN_EXCESSES * sigma / (1.0 - gamma))
             self.tail = (t, above / n, n_tail / n)
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored)}
