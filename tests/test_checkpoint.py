@@ -99,3 +99,13 @@ def test_a_checkpoint_dir_that_cannot_be_written_says_what_to_mend(tmp_path, mon
     monkeypatch.setattr(state, "write_atomically", refused)
     with pytest.raises(CheckpointError, match=f"{os.strerror(error)}; {mend} or point checkpoint.dir elsewhere"):
         state.LocalStateStore(tmp_path, keep=3).check_writable()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_checkpoint_dir_in_proc_is_refused_with_the_words_check_config_uses():
+    # `run` said "not writable: No such file or directory; fix its permissions" of /proc/x, where
+    # check-config said what it is (helper-52).
+    from streamgmm.service import state
+
+    with pytest.raises(CheckpointError, match="is on a filesystem with no space for files"):
+        state.LocalStateStore("/proc/streamgmm-test", keep=3).check_writable()

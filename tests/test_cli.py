@@ -633,3 +633,16 @@ def test_replay_says_nothing_was_scored_only_when_nothing_was(tmp_path):
     assert all(json.loads(line)["log_density"] is not None for line in scored.stdout.splitlines())
     unscored = _cli("replay", "--config", str(tmp_path / "c.yaml"), "--input", str(tmp_path / "few.csv"))
     assert unscored.returncode == 0 and "no model was made and nothing was scored" in unscored.stderr
+
+
+def test_replay_with_the_daemons_config_says_it_did_not_use_the_daemons_model(tmp_path):
+    # An operator replayed with the daemon's own config, expected its live model, and got a new
+    # one warmed up on the file's first rows without a word (helper-52).
+    config, data = _config(tmp_path), _csv(tmp_path)
+    assert _cli("fit", "--config", str(config), "--input", str(data), "--output", str(tmp_path / "state")).returncode == 0
+    result = _cli("replay", "--config", str(config), "--input", str(data))
+    assert result.returncode == 0, result.stderr
+    assert f"the model in checkpoint.dir {tmp_path / 'state'} was not read" in result.stderr
+    assert json.loads(result.stderr.strip().splitlines()[-1])["summary"]["n_records"] == 3001
+    quiet = _cli("replay", "--config", str(_config(tmp_path, init_from=str(tmp_path / "state"))), "--input", str(data))
+    assert quiet.returncode == 0 and "was not read" not in quiet.stderr

@@ -1,6 +1,9 @@
 """The daemon's decisions with an in-memory source and sink (no broker): rewinds after output
 that failed for a passing reason, no rewind for a record refused for good, checkpoint back-off."""
 
+import errno
+import logging
+import os
 import re
 import time
 
@@ -690,3 +693,34 @@ def test_messages_stamped_in_the_future_or_decades_ago_are_said_and_kept_out_of_
     with caplog.at_level("WARNING"):
         daemon._process({("in", 0): old})
     assert "holds messages stamped 9125" in caplog.text and "days before they were decided" in caplog.text
+
+
+def test_a_start_while_the_checkpoint_disk_is_full_goes_on_and_checkpoints_once_there_is_space(tmp_path, monkeypatch,
+                                                                                                 caplog):
+    # A restart while the disk was full exited 2 ("not writable: No space left on device"), and
+    # systemd (RestartPreventExitStatus=2) left the unit stopped for good, where a running daemon
+    # rides the same disk out (helper-52).
+    from streamgmm.service import state
+
+    real_write = state.write_atomically
+    full = {"on": True}
+
+    def write(path, data, *args, **kwargs):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(state, "write_atomically", write)
+    daemon = _daemon(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        daemon.start_up()  # no StartupError
+    assert "has no space left: No space left on device; free space on its disk" in caplog.text
+    assert "starting anyway" in caplog.text and (tmp_path / "state" / ".lock").exists()
+    _feed(daemon, 0, 300, np.random.default_rng(0))
+    assert daemon._checkpoint() is Outcome.FAILED  # still full: retried later, nothing committed
+    assert daemon.source.commits == []
+    full["on"] = False
+    daemon.checkpointer.retry_at = 0.0  # (the back-off is over)
+    with caplog.at_level(logging.INFO):
+        assert daemon._checkpoint() is Outcome.WRITTEN and daemon.source.commits == [{("in", 0): 300}]
+    assert "after 1 failed attempt" in caplog.text

@@ -24,6 +24,7 @@ CONTRACT = {
     "streamgmm_produce_errors_total", "streamgmm_broker_errors_total", "streamgmm_checkpoints_written_total",
     "streamgmm_checkpoint_failures_total", "streamgmm_state_restore_failures_total",
     "streamgmm_state_behind_group_total", "streamgmm_resumed_without_commit_total", "streamgmm_partitions_past_log_end",
+    "streamgmm_rewinds_total",
     "streamgmm_start_time_seconds",
     "streamgmm_consumer_lag_messages", "streamgmm_last_poll_timestamp_seconds",
     "streamgmm_checkpoint_last_success_timestamp_seconds", "streamgmm_assigned_partitions",

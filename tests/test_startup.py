@@ -260,3 +260,24 @@ def test_a_checkpoint_dir_removed_while_running_is_locked_again(tmp_path):
         with pytest.raises(CheckpointError, match="is in use by streamgmm pid"):
             running.write("global", {"n": 2})
     assert not list((tmp_path / "state").glob("checkpoint-*"))
+
+
+def test_a_crash_in_native_code_leaves_the_stacks_in_the_log(tmp_path):
+    # librdkafka segfaulted on Tansu's answer for a deleted topic: the daemon died with nothing in
+    # its log but the exit status (helper-52). The Python stacks now go to stderr (the journal).
+    import signal
+
+    path, _ = _config(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(3.0)
+        process.send_signal(signal.SIGSEGV)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    stderr = process.stderr.read().decode()
+    assert process.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in stderr and "streamgmm" in stderr.split("Fatal Python error")[1]

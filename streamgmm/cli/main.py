@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -144,6 +145,9 @@ def one_blas_thread() -> None:
 def cmd_run(args) -> int:
     config = _load(args.config)  # the daemon's start-up checks the Kafka settings
     configure_logging(config.logging.level, config.logging.format)
+    # A crash in native code (librdkafka segfaulted on Tansu's answer for a deleted topic) left
+    # nothing in the daemon's log but the exit status (helper-52): the Python stacks go to stderr.
+    faulthandler.enable()
     one_blas_thread()
     from ..service.daemon import Daemon, StartupError
 
@@ -193,6 +197,14 @@ def cmd_run(args) -> int:
     return code
 
 
+def _holds_checkpoints(directory: str) -> bool:
+    """Whether ``directory`` holds a checkpoint file (of any model)."""
+    try:
+        return any(Path(directory).rglob("checkpoint-*.sgmm"))
+    except OSError:
+        return False
+
+
 def cmd_replay(args) -> int:
     config = _load(args.config)
     configure_logging("WARNING", "text")
@@ -220,6 +232,12 @@ def cmd_replay(args) -> int:
             return _fail(f"{args.input}: {exc}")
         except InitFromError as exc:
             return _fail(str(exc))
+    if not config.model.init_from and _holds_checkpoints(config.checkpoint.dir):
+        # An operator replaying with the daemon's own config expected the live model, got a new
+        # one warmed up on the file's first rows, and no word of it (helper-52).
+        print(f"streamgmm: replay made a new model from the first {config.model.warmup} valid rows; the model in "
+              f"checkpoint.dir {config.checkpoint.dir} was not read (set model.init_from: {config.checkpoint.dir} "
+              "to score with it; replay never writes there)", file=sys.stderr)
     print(json.dumps({"summary": summary}), file=sys.stderr)
     if not summary["n_records"]:
         print(f"streamgmm: {args.input} holds no records (empty, or a header only)", file=sys.stderr)

@@ -111,7 +111,7 @@ class Checkpointer:
                 log.error("checkpoint failed (%d in a row): %s; scoring goes on, offsets stay uncommitted; "
                           "retrying in %.0f s", self.failures, kafka_error_text(exc), delay)
             return Outcome.FAILED
-        self.failures = 0
+        failed_before, self.failures = self.failures, 0
         self.retry_at = 0.0
         self.pending_messages = 0
         self.last_written = self.clock()
@@ -125,8 +125,10 @@ class Checkpointer:
         where = (paths[-1].parent if len(paths) == 1 else
                  f"{len(paths)} directories under {paths[-1].parent.parent}" if paths else
                  f"the state topic {self.topic_store.topic}" if self.topic_store is not None else "nowhere (no model)")
-        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)", len(paths), duration, where,
-                 ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())))
+        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)%s", len(paths), duration, where,
+                 ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())),
+                 # The ERRORs of the failures had no counterpart: nothing said they were over (helper-52).
+                 f"; checkpoints written again after {failed_before} failed attempt(s)" if failed_before else "")
         return Outcome.WRITTEN
 
     def withdraw_uncommitted(self) -> None:

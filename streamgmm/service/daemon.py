@@ -31,7 +31,8 @@ from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_set
 from .metrics import HealthServer, Metrics
 from .partitions import HeldPartitions, later_offset
 from .models import Models, StartupError, another_pipelines_model
-from .state import GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, model_key
+from .state import (GLOBAL_KEY, CheckpointError, CheckpointSpaceError, LocalStateStore, TopicStateStore,
+                    model_key)
 from .watch import InputWatch
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,13 @@ class Daemon:
         if self.config.checkpoint.topic:
             self._check_state_record_size()
         try:
-            self.local.check_writable()
+            try:
+                self.local.check_writable()
+            except CheckpointSpaceError as exc:
+                # A full disk passes; a restart during it exited 2, and systemd (RestartPreventExitStatus=2)
+                # then left the unit stopped for good where a running daemon rides it out (helper-52).
+                log.error("%s; starting anyway: scoring and alerts go on, checkpoints are retried with a "
+                          "back-off and the offsets stay uncommitted until one is written", exc)
             self.local.lock()
         except CheckpointError as exc:
             if not self.checkpointer.local_is_copy:

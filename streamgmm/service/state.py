@@ -56,6 +56,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read."""
 
 
+class CheckpointSpaceError(CheckpointError):
+    """No space left for checkpoints (the disk or the quota is full): it passes."""
+
+
 # --------------------------------------------------------------- (de)serialising
 def pack(state: dict) -> bytes:
     """A nested dict of JSON values and numpy arrays as checkpoint file bytes."""
@@ -307,25 +311,36 @@ class LocalStateStore:
             handle.close()
             raise CheckpointError(f"checkpoint.dir {self.directory} is in use by {holder}: give each daemon its own "
                                   "checkpoint.dir (the members of a group too, with model.scope: global)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"streamgmm pid {os.getpid()} on {socket.gethostname()}\n")  # (in a container: its id)
-        handle.flush()
+        try:  # who holds it, for the next one refused: the lock is the flock, not these words
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"streamgmm pid {os.getpid()} on {socket.gethostname()}\n")  # (in a container: its id)
+            handle.flush()
+        except OSError as exc:  # a full disk (a start while it is full goes on: see check_writable)
+            log.warning("cannot write who holds %s (%s)", path, exc.strerror or exc)
         self._lock = handle  # released when the process ends, however it ends
 
     def check_writable(self) -> None:
         """Raise CheckpointError unless a file can be created in the directory (checked at start:
-        a daemon that can never checkpoint must not run)."""
+        a daemon that can never checkpoint must not run); CheckpointSpaceError when the disk or
+        the quota is full, which passes (the daemon starts and retries its checkpoints)."""
         probe = self.directory / f".streamgmm-write-test-{os.getpid()}"  # two starting at once: a probe each
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomically(probe, b"ok")
             probe.unlink()
         except OSError as exc:
-            mend = {errno.ENOSPC: "free space on its disk", errno.EDQUOT: "free space within its quota",
-                    errno.EROFS: "mount it read-write"}.get(exc.errno, "fix its permissions")
-            raise CheckpointError(f"checkpoint.dir {self.directory} is not writable: {exc.strerror or exc}; "
-                                  f"{mend} or point checkpoint.dir elsewhere") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = "its disk" if exc.errno == errno.ENOSPC else "its quota"
+                raise CheckpointSpaceError(f"checkpoint.dir {self.directory} has no space left: {exc.strerror}; "
+                                           f"free space on {where} or point checkpoint.dir elsewhere") from None
+            # /proc and read-only mounts said "fix its permissions" (helper-52): the same words as check-config.
+            why = writable_without_writing(self.directory)
+            if why is None:
+                mend = "mount it read-write" if exc.errno == errno.EROFS else "fix its permissions"
+                why = (f"checkpoint.dir {self.directory} is not writable: {exc.strerror or exc}; {mend} or point "
+                       "checkpoint.dir elsewhere")
+            raise CheckpointError(why) from None
 
 
 def writable_without_writing(directory: str | os.PathLike) -> str | None:
