@@ -719,8 +719,10 @@ def test_a_start_while_the_checkpoint_disk_is_full_goes_on_and_checkpoints_once_
     _feed(daemon, 0, 300, np.random.default_rng(0))
     assert daemon._checkpoint() is Outcome.FAILED  # still full: retried later, nothing committed
     assert daemon.source.commits == []
+    ready, words, _ = daemon.readiness()
+    assert ready and "models ready; checkpoints failing (1 in a row, the last written" in words
     full["on"] = False
     daemon.checkpointer.retry_at = 0.0  # (the back-off is over)
     with caplog.at_level(logging.INFO):
         assert daemon._checkpoint() is Outcome.WRITTEN and daemon.source.commits == [{("in", 0): 300}]
-    assert "after 1 failed attempt" in caplog.text
+    assert "after 1 failed attempt" in caplog.text and daemon.readiness()[1].endswith("models ready")

@@ -248,7 +248,13 @@ class Daemon:
                            f"{self.config.model.warmup}"), details
         if warming:
             return False, "warming up " + ", ".join(warming), details
-        return True, f"{len(self.assigned)} partition(s) assigned, models ready", details
+        words = f"{len(self.assigned)} partition(s) assigned, models ready"
+        if failures := self.checkpointer.failures:
+            # Still ready (scoring and alerting go on), but /readyz said nothing of a disk full for
+            # minutes (helper-52).
+            words += (f"; checkpoints failing ({failures} in a row, the last written "
+                      f"{self.checkpointer.clock() - self.checkpointer.last_written:.0f} s ago: see the log)")
+        return True, words, details
 
     # --------------------------------------------------------------- start-up
     def start_up(self) -> None:
