@@ -451,7 +451,7 @@ def test_scope_partition_is_initialized_when_every_model_is_and_drops_series_of_
     warm, cold = SimpleNamespace(is_initialized=True, n_seen_=3000), SimpleNamespace(is_initialized=False, n_seen_=0)
     for key, model in (("in/0", warm), ("in/1", cold)):
         metrics.observe_batch(SimpleNamespace(n_records=0, n_valid=0, invalid_reasons={}, dead_letters=[],
-                                              anomalies=[], n_learned=0, log_density=np.empty(0),
+                                              anomalies=[], n_learned=0, n_flagged_learned=0, log_density=np.empty(0),
                                               latencies_seconds=np.empty(0), n_future_timestamps=0),
                               SimpleNamespace(n_updates=0, threshold=SimpleNamespace(value=None), model=model),
                               0, 0.01, partition_key=key)
@@ -726,3 +726,54 @@ def test_a_start_while_the_checkpoint_disk_is_full_goes_on_and_checkpoints_once_
     with caplog.at_level(logging.INFO):
         assert daemon._checkpoint() is Outcome.WRITTEN and daemon.source.commits == [{("in", 0): 300}]
     assert "after 1 failed attempt" in caplog.text and daemon.readiness()[1].endswith("models ready")
+
+
+def test_a_rewind_whose_seek_back_fails_is_counted_once(tmp_path):
+    # The seek is tried again next turn as the same rewind: counting it again made three seek
+    # failures look like three rewinds, enough for StreamgmmRewinding (review, helper-54).
+    from confluent_kafka import KafkaError, KafkaException
+
+    rng = np.random.default_rng(7)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _feed(daemon, 1000, 10, rng)
+    daemon.sink.deliveries.transient = 1
+    daemon._checkpoint()
+    seek = daemon.source.seek
+    failures = [KafkaException(KafkaError(KafkaError._STATE))] * 2
+
+    def flaky_seek(topic, partition, offset):
+        if failures:
+            raise failures.pop()
+        seek(topic, partition, offset)
+
+    daemon.source.seek = flaky_seek
+    for _ in range(3):
+        daemon._rewind()
+        if daemon._rewind_pending is None:
+            break
+    assert daemon._rewind_pending is None and daemon.source.seeks[-1] == ("in", 0, 1000)
+    assert daemon.metrics.value("streamgmm_rewinds_total") == 1
+
+
+def test_a_new_checkpoint_dir_on_a_full_disk_waits_for_space_instead_of_exiting_2(tmp_path, monkeypatch, caplog):
+    # Its lock file could not be made: "cannot open .lock: No space left on device; ... chown -R",
+    # exit 2, and systemd left the unit down for good (review, helper-54).
+    from streamgmm.service import daemon as daemon_module, state
+
+    monkeypatch.setattr(daemon_module, "LOCK_RETRY_SECONDS", 0.01)
+    real_open, full = open, [2]
+
+    def open_on_a_full_disk(path, *args, **kwargs):
+        if str(path).endswith(".lock") and full[0]:
+            full[0] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(state, "open", open_on_a_full_disk, raising=False)
+    daemon = _daemon(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        daemon.start_up()
+    assert full == [0] and "No space left on device; free space on its disk" in caplog.text
+    assert "waiting for space" in caplog.text and daemon.local._lock is not None

@@ -271,13 +271,21 @@ def test_a_crash_in_native_code_leaves_the_stacks_in_the_log(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        time.sleep(3.0)
+        # Not before it has logged (faulthandler is on before the daemon logs anything): a fixed
+        # sleep could signal a process still importing on a loaded machine (review, helper-54).
+        import select
+
+        deadline, first = time.monotonic() + 30.0, b""
+        while not first and time.monotonic() < deadline and process.poll() is None:
+            if select.select([process.stderr], [], [], 0.5)[0]:
+                first = process.stderr.readline()
+        assert first, "the daemon logged nothing within 30 s"
         process.send_signal(signal.SIGSEGV)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
-    stderr = process.stderr.read().decode()
+    stderr = first.decode() + process.stderr.read().decode()
     assert process.returncode == -signal.SIGSEGV
     assert "Fatal Python error: Segmentation fault" in stderr and "streamgmm" in stderr.split("Fatal Python error")[1]

@@ -197,12 +197,14 @@ def cmd_run(args) -> int:
     return code
 
 
-def _holds_checkpoints(directory: str) -> bool:
-    """Whether ``directory`` holds a checkpoint file (of any model)."""
+def _checkpoint_under(directory: str) -> Path | None:
+    """The directory of a checkpoint file under ``directory`` (a partition model's is below it),
+    or None."""
     try:
-        return any(Path(directory).rglob("checkpoint-*.sgmm"))
+        found = next(Path(directory).rglob("checkpoint-*.sgmm"), None)
     except OSError:
-        return False
+        return None
+    return None if found is None else found.parent
 
 
 def cmd_replay(args) -> int:
@@ -232,12 +234,13 @@ def cmd_replay(args) -> int:
             return _fail(f"{args.input}: {exc}")
         except InitFromError as exc:
             return _fail(str(exc))
-    if not config.model.init_from and _holds_checkpoints(config.checkpoint.dir):
+    if not config.model.init_from and summary["model_initialized"] and (
+            found := _checkpoint_under(config.checkpoint.dir)) is not None:
         # An operator replaying with the daemon's own config expected the live model, got a new
         # one warmed up on the file's first rows, and no word of it (helper-52).
         print(f"streamgmm: replay made a new model from the first {config.model.warmup} valid rows; the model in "
-              f"checkpoint.dir {config.checkpoint.dir} was not read (set model.init_from: {config.checkpoint.dir} "
-              "to score with it; replay never writes there)", file=sys.stderr)
+              f"checkpoint.dir {config.checkpoint.dir} was not read (set model.init_from: {found} to score with "
+              "it; replay never writes there)", file=sys.stderr)
     print(json.dumps({"summary": summary}), file=sys.stderr)
     if not summary["n_records"]:
         print(f"streamgmm: {args.input} holds no records (empty, or a header only)", file=sys.stderr)

@@ -35,8 +35,10 @@ COUNTERS = ("n_valid", "n_invalid", "n_anomalies", "n_updates")
 # of this many points: small enough to follow a cluster that appears, large enough that a step's
 # fixed cost (a refresh of the parameters) stays small (BENCHMARKS.md, detection quality: drift).
 CAREFUL_STEP = 50
-# Flagging this many times q (smoothed over threshold.adopt_window), and at least this many flags
-# in that window: the flagged points just past the threshold are learned (see _flag_learn).
+# Flagged points just past the threshold (see StreamQuantileThreshold.marginal_flags) at more than
+# this many times q, smoothed with a half-life of threshold.adopt_window points, and more than this
+# many of them in that window (at q = 1e-4: 17 q): they are learned (see _flag_learn).  A longer
+# half-life at small q (10 / q) let a sine's run-away at q = 0.001 reach 3.4 q.
 RUNAWAY_OVER_Q = 3.0
 RUNAWAY_MIN_FLAGS = 5.0
 
@@ -65,6 +67,7 @@ class BatchResult:
     invalid_example: str | None = None  # the first invalid record's detail, for the log
     n_valid: int = 0
     n_learned: int = 0
+    n_flagged_learned: int = 0  # of them flagged (a regime adopted, or just past a threshold set too low)
     warmup_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     # Rows scored by the model, by record index, with their density, flag and component, and
     # the threshold that decided each (NaN while there is none): a batch is decided in steps
@@ -163,6 +166,8 @@ class Detector:
         # flagged points counted with a half-life of 2 x threshold.adopt_after points (see
         # ``_learn_flagged``).
         self.flag_rate = 0.0
+        # The smoothed share of points flagged just past the threshold (see _flag_learn).
+        self.marginal_rate = 0.0
         self.points_above = 0
         self.flagged_memory = 0.0
         self._adopting = False  # from the start of an adoption until the rate falls below half
@@ -284,14 +289,20 @@ class Detector:
         if flags.any():  # only flagged rows can be glitches: nothing on the path of the others
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
         learned = (learn_flagged | ~flags) & ~absurd
-        if flags.any() and not learn_flagged and self._flagging_far_too_much():
-            # Flagged points just past the threshold, far more of them than q: the threshold is a
-            # little too low, not a flood of anomalies, and left out of the model they feed
-            # themselves. A 1-d sine's values (density lowest in the middle, a tail that ends)
+        marginal = self.threshold.marginal_flags(log_density, flags) & ~absurd if flags.any() else flags
+        if marginal.any() and not learn_flagged and self._flagging_just_past_too_often():
+            # Flagged points just past the threshold, far more of them than q before this step:
+            # the threshold is a little too low, and left out of the model they feed themselves.
+            # A 1-d sine's values (density lowest and flat in the middle, a tail that ends)
             # flagged 0 points in 38,000, then the model, not learning the middle's flagged
             # points, thinned there, and 2-4% of the points were flagged (7.2 q at q = 0.001,
-            # still 6.3 q over 150,000 points). Learned, they stop it; far ones never are.
-            learned |= self.threshold.marginal_flags(log_density, flags) & ~absurd
+            # still 6.3 q over 150,000 points). Learned, they stop it. Only with threshold.adopt
+            # (adopt: false keeps every flagged point out of the model), never further out than
+            # two mean excesses of the tail (a first version reached five, and learned a cluster
+            # of anomalies 20 times rarer than q that kept coming: unflagged after 16,000 points
+            # instead of 32,000; review, helper-54).
+            learned |= marginal
+        self._count_marginal(marginal)
         if self._may_grow(flags & ~absurd):
             # A new regime: its own component (stretching the ones there are to it would take
             # them away from what they explain: a model that sized itself at one component
@@ -303,16 +314,26 @@ class Detector:
             self.model.learn(scored, sample_weight=learned.astype(float))
             learned &= np.isfinite(scored.log_density)
             result.n_learned += int(np.count_nonzero(learned))
-            self.n_flagged_learned += int(np.count_nonzero(learned & flags))
+            flagged_learned = int(np.count_nonzero(learned & flags))
+            self.n_flagged_learned += flagged_learned
+            result.n_flagged_learned += flagged_learned
             self.n_updates += 1
         return rows, log_density, flags, components
 
-    def _flagging_far_too_much(self) -> bool:
-        """The smoothed flag rate over RUNAWAY_OVER_Q x q, and over RUNAWAY_MIN_FLAGS flags in
-        its window (at q = 1e-4 one flag in it is already 3 q)."""
+    def _flagging_just_past_too_often(self) -> bool:
+        """The smoothed rate of flags just past the threshold, before this step, over
+        RUNAWAY_OVER_Q x q and over RUNAWAY_MIN_FLAGS flags in its window."""
         t = self.config.threshold
-        window = t.adopt_window / math.log(2.0)  # the points the smoothed rate weighs in all
-        return self.flag_rate > max(RUNAWAY_OVER_Q * t.quantile, RUNAWAY_MIN_FLAGS / window)
+        if not t.adopt:
+            return False
+        window = max(t.adopt_window, 1) / math.log(2.0)  # the points the smoothed rate weighs in all
+        return self.marginal_rate > max(RUNAWAY_OVER_Q * t.quantile, RUNAWAY_MIN_FLAGS / window)
+
+    def _count_marginal(self, marginal: np.ndarray) -> None:
+        if not len(marginal):
+            return
+        weight = -np.expm1(len(marginal) * np.log(0.5) / max(self.config.threshold.adopt_window, 1))
+        self.marginal_rate = (1.0 - weight) * self.marginal_rate + weight * float(np.mean(marginal))
 
     @property
     def adopt_flag_rate(self) -> float | None:
@@ -440,7 +461,7 @@ class Detector:
             "threshold": self.threshold.to_dict(),
             "offsets": offsets,
             "counters": {**{name: getattr(self, name) for name in COUNTERS},
-                         "flag_rate": self.flag_rate, "points_above": self.points_above, "adopting": self._adopting,
+                         "flag_rate": self.flag_rate, "marginal_rate": self.marginal_rate, "points_above": self.points_above, "adopting": self._adopting,
                          "flagged_memory": self.flagged_memory,
                          "grew_in_adoption": self.grew_in_adoption, "n_flagged_learned": self.n_flagged_learned},
         }
@@ -523,6 +544,7 @@ class Detector:
         for name in COUNTERS:
             setattr(self, name, int(counters[name]))
         self.flag_rate = float(counters.get("flag_rate", 0.0))
+        self.marginal_rate = float(counters.get("marginal_rate", 0.0))
         self.n_flagged_learned = int(counters.get("n_flagged_learned", 0))
         self.points_above = int(counters.get("points_above", 0))
         self.flagged_memory = float(counters.get("flagged_memory", 0.0))

@@ -60,6 +60,10 @@ STOP_FLUSH_WAIT_SECONDS = 10.0
 # checkpoint failed, the shorter.
 CLOSE_FLUSH_SECONDS = 10.0
 UNCLEAN_CLOSE_FLUSH_SECONDS = 1.0
+# With no space to make checkpoint.dir's lock file, the start waits and tries again this often.
+LOCK_RETRY_SECONDS = 5.0
+# Why a rewind is pending when its seek back failed: tried again next turn, the same rewind.
+SEEK_BACK_FAILED = "a seek back to the checkpoint failed"
 # A commit refused with these: the group has moved on without this member.
 MEMBERSHIP_LOST = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
                              KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
@@ -270,7 +274,7 @@ class Daemon:
                 # then left the unit stopped for good where a running daemon rides it out (helper-52).
                 log.error("%s; starting anyway: scoring and alerts go on, checkpoints are retried with a "
                           "back-off and the offsets stay uncommitted until one is written", exc)
-            self.local.lock()
+            self._lock_checkpoint_dir()
         except CheckpointError as exc:
             if not self.checkpointer.local_is_copy:
                 raise StartupError(str(exc)) from None
@@ -289,6 +293,22 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(exc.strerror or str(exc)) from None
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
+
+    def _lock_checkpoint_dir(self) -> None:
+        """Lock checkpoint.dir, waiting while there is no space to make its lock file (a new
+        directory on a full disk): no daemon runs on a directory it has not locked, and exit code
+        2 would leave the unit down for good (review, helper-54)."""
+        said = False
+        while True:
+            try:
+                self.local.lock()
+                return
+            except CheckpointSpaceError as exc:
+                if not said:
+                    log.error("%s; waiting for space (retrying every %.0f s)", exc, LOCK_RETRY_SECONDS)
+                    said = True
+                if self._stop.wait(LOCK_RETRY_SECONDS):
+                    raise StartupError(f"stopped while waiting to lock checkpoint.dir: {exc}") from None
 
     def _refuse_another_pipelines_model(self) -> None:
         if self.scope == "global" and (detector := self.detectors.get(GLOBAL_KEY)) is not None:
@@ -866,7 +886,8 @@ class Daemon:
                     self.config.kafka.retry_backoff_max_seconds)
         log.error("%s: rewinding to the last checkpoint (rewind %d in a row; pausing %.1f s first)",
                   why, self._rewinds_in_a_row, pause, extra={"event": True})  # each rewind is logged
-        self.metrics.rewinds.inc()
+        if why != SEEK_BACK_FAILED:  # (the same rewind again: counted once; StreamgmmRewinding, helper-54)
+            self.metrics.rewinds.inc()
         self.sink.discard_pending()
         self.metrics.produce_errors.inc(self.sink.take().transient)  # failed before the rewind found them
         self._stop.wait(pause)
@@ -893,7 +914,7 @@ class Daemon:
         committed = self._committed(partitions) or {}
         floors = {tp: later_offset(committed.get(tp), self._commits_at_assignment.get(tp)) for tp in partitions}
         if self._seek_to_resume(partitions, self.held.first_offset, {tp: o for tp, o in floors.items() if o is not None}):
-            self._rewind_pending = "a seek back to the checkpoint failed"
+            self._rewind_pending = SEEK_BACK_FAILED
             self._rewinds_in_a_row -= 1  # the same rewind, not another one
         self.positions = self._positions()
 

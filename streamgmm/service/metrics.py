@@ -103,6 +103,9 @@ class Metrics:
         self.anomalies = counter("anomalies", "Anomaly records produced to the output topic.")
         self.model_updates = counter("model_updates", "Online EM steps taken (one per learned mini-batch).")
         self.points_learned = counter("points_learned", "Points the model learned from (warm-up included).")
+        self.flagged_points_learned = counter(
+            "flagged_points_learned", "Flagged points the model learned from all the same: while a new regime is "
+            "adopted (threshold.adopt), or just past a threshold that flags far more than threshold.quantile.")
         self.produce_errors = counter(
             "produce_errors", "Output records that failed for a passing reason (timed out, broker unreachable), "
             "counted by the checkpoint or rewind that finds them; the rewind produces them again.")
@@ -180,6 +183,7 @@ class Metrics:
         self.dead_letters.inc(len(result.dead_letters))
         self.anomalies.inc(len(result.anomalies))
         self.points_learned.inc(result.n_learned)
+        self.flagged_points_learned.inc(result.n_flagged_learned)
         self.model_updates.inc(detector.n_updates - updates_before)
         self.log_density.observe_many(result.log_density)
         if len(result.log_density):

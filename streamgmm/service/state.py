@@ -294,6 +294,9 @@ class LocalStateStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")
         except OSError as exc:  # a .lock left by another user (a first run as root, then 10001)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # (a new directory, or no inode left)
+                raise CheckpointSpaceError(f"cannot make {path}: {exc.strerror}; free space on its disk or point "
+                                           "checkpoint.dir elsewhere") from None
             raise CheckpointError(f"cannot open {path}: {exc.strerror or exc}; give the daemon's user the directory "
                                   f"and its files (chown -R) or point checkpoint.dir elsewhere") from None
         try:
