@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_calibration import WARMUP, _Batch  # noqa: E402
+from bench_calibration_unseen import print_band_table  # noqa: E402
 from streamgmm.detection.detector import Detector  # noqa: E402
 from streamgmm.service.config import config_from_dict  # noqa: E402
 
@@ -81,15 +82,7 @@ def main():
             ratios.setdefault((name, q), []).append(ratio)
     print(f"\n## Calibration on bounded shapes: flagged share / q, {args.n:,} scored points, "
           f"seeds 0..{args.seeds - 1}\n")
-    print("| stream | " + " | ".join(f"q={q}: lowest, highest" for q in QUANTILES) + " | in 0.5-2 |")
-    print("|---|" + "---|" * len(QUANTILES) + "---|")
-    for name in SHAPES:
-        cells, inside = [], True
-        for q in QUANTILES:
-            r = ratios[(name, q)]
-            cells.append(f"{min(r):.2f}, {max(r):.2f}")
-            inside &= 0.5 <= min(r) and max(r) <= 2.0
-        print(f"| {name} | " + " | ".join(cells) + f" | {'yes' if inside else '**no**'} |")
+    print_band_table(list(SHAPES), QUANTILES, ratios, "lowest, highest")
 
 
 if __name__ == "__main__":

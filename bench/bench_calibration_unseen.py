@@ -138,11 +138,17 @@ def main():
         for label, q, ratio in pool.map(flagged_ratio, jobs):
             ratios.setdefault((label, q), []).append(ratio)
     print(f"\n## Calibration on unseen shapes: flagged share / q, {args.n:,} scored points, seeds 0..{args.seeds - 1}\n")
-    print("| stream | " + " | ".join(f"q={q}: worst low, worst high" for q in QUANTILES) + " | in 0.5-2 |")
-    print("|---|" + "---|" * len(QUANTILES) + "---|")
-    for label, _, _ in ROWS:
+    print_band_table([label for label, _, _ in ROWS], QUANTILES, ratios, "worst low, worst high")
+
+
+def print_band_table(labels, quantiles, ratios: dict, cell_title: str) -> None:
+    """One row a stream: the lowest and highest flagged share / q over seeds at each q, and
+    whether all of them lie in 0.5-2."""
+    print("| stream | " + " | ".join(f"q={q}: {cell_title}" for q in quantiles) + " | in 0.5-2 |")
+    print("|---|" + "---|" * len(quantiles) + "---|")
+    for label in labels:
         cells, inside = [], True
-        for q in QUANTILES:
+        for q in quantiles:
             r = ratios[(label, q)]
             cells.append(f"{min(r):.2f}, {max(r):.2f}")
             inside &= 0.5 <= min(r) and max(r) <= 2.0

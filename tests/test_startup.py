@@ -2,6 +2,8 @@
 
 No broker is needed: these are all found before the daemon connects."""
 
+import contextlib
+import select
 import socket
 import subprocess
 import sys
@@ -31,6 +33,19 @@ def _config(tmp_path, **sections):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, raw
+
+
+@contextlib.contextmanager
+def _running(path, **popen):
+    """`streamgmm run` in the background (stderr piped), killed on the way out if still alive."""
+    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **popen)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def _run(path):
@@ -126,20 +141,13 @@ def test_a_hangup_the_process_was_started_ignoring_stays_ignored(tmp_path):
     import signal
 
     path, _ = _config(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    try:
+    with _running(path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as process:
         time.sleep(3.0)
         process.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     assert b"received SIGTERM" in process.stderr.read()
 
 
@@ -268,13 +276,9 @@ def test_a_crash_in_native_code_leaves_the_stacks_in_the_log(tmp_path):
     import signal
 
     path, _ = _config(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "streamgmm", "run", "--config", str(path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
+    with _running(path) as process:
         # Not before it has logged (faulthandler is on before the daemon logs anything): a fixed
         # sleep could signal a process still importing on a loaded machine (review, helper-54).
-        import select
-
         deadline, first = time.monotonic() + 30.0, b""
         while not first and time.monotonic() < deadline and process.poll() is None:
             if select.select([process.stderr], [], [], 0.5)[0]:
@@ -282,10 +286,6 @@ def test_a_crash_in_native_code_leaves_the_stacks_in_the_log(tmp_path):
         assert first, "the daemon logged nothing within 30 s"
         process.send_signal(signal.SIGSEGV)
         process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     stderr = first.decode() + process.stderr.read().decode()
     assert process.returncode == -signal.SIGSEGV
     assert "Fatal Python error: Segmentation fault" in stderr and "streamgmm" in stderr.split("Fatal Python error")[1]
