@@ -77,8 +77,10 @@ FAR_OVER_Q = 0.01
 FAR_MEAN_EXCESSES = 5.0
 # Flagged points at most this many mean excesses past z_q are "just past" it (see
 # ``marginal_flags``): for an exponential tail, those with a tail probability between q and q/7.4.
-# At 1 a sine's run-away at q = 0.001 stopped but not at 0.01; at 3 a cluster of anomalies 20 times
-# rarer than q, 5% of the traffic, was learned within 16,000 points (it took 32,000 before).
+# At 2 a sine's run-away stops at q = 0.001 (7.2 -> 1.2 q) but not at 0.01 (7.1 -> 4.0 q; 4 would
+# stop it); at 3 or more a cluster of anomalies 20 times rarer than q, 5% of the traffic, was
+# learned within 16,000 points (the threshold's own drift took 32,000): distance cannot tell them
+# apart (BENCHMARKS.md, eighth session).
 MARGINAL_MEAN_EXCESSES = 2.0
 # A step with this many (binomial) standard deviations more of its scores in the tail than the
 # tail's share looks like a change, not chance.
