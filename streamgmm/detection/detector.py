@@ -45,6 +45,16 @@ RUNAWAY_MIN_FLAGS = 5.0
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
 
+def smoothed_share(share: float, mask: np.ndarray, half_life: float) -> float:
+    """``share`` moved toward the fraction of True in ``mask`` (one step of points), as an
+    exponential average with a half-life of ``half_life`` points: a step of n points weighs what
+    n steps of one do."""
+    if not len(mask):
+        return share
+    weight = -np.expm1(len(mask) * np.log(0.5) / half_life)
+    return (1.0 - weight) * share + weight * float(np.mean(mask))
+
+
 @dataclass(frozen=True)
 class AdoptionChange:
     """Adoption started (``adopting``) or ended, with the smoothed flagged share and the points
@@ -326,14 +336,11 @@ class Detector:
         t = self.config.threshold
         if not t.adopt:
             return False
-        window = max(t.adopt_window, 1) / math.log(2.0)  # the points the smoothed rate weighs in all
+        window = t.adopt_window / math.log(2.0)  # the points the smoothed rate weighs in all
         return self.marginal_rate > max(RUNAWAY_OVER_Q * t.quantile, RUNAWAY_MIN_FLAGS / window)
 
     def _count_marginal(self, marginal: np.ndarray) -> None:
-        if not len(marginal):
-            return
-        weight = -np.expm1(len(marginal) * np.log(0.5) / max(self.config.threshold.adopt_window, 1))
-        self.marginal_rate = (1.0 - weight) * self.marginal_rate + weight * float(np.mean(marginal))
+        self.marginal_rate = smoothed_share(self.marginal_rate, marginal, self.config.threshold.adopt_window)
 
     @property
     def adopt_flag_rate(self) -> float | None:
@@ -374,8 +381,7 @@ class Detector:
         reaches it later than adopt_after points in a row would.
         """
         t = self.config.threshold
-        weight = -np.expm1(len(flags) * np.log(0.5) / t.adopt_window)
-        self.flag_rate = (1.0 - weight) * self.flag_rate + weight * float(np.mean(flags))
+        self.flag_rate = smoothed_share(self.flag_rate, flags, t.adopt_window)
         rate = self.adopt_flag_rate
         # The step's flags count as if at its middle: ten steps of 1,000 remember what one of
         # 10,000 does.

@@ -60,6 +60,9 @@ class CheckpointSpaceError(CheckpointError):
     """No space left for checkpoints (the disk or the quota is full): it passes."""
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the errors of a full disk or quota (CheckpointSpaceError)
+
+
 # --------------------------------------------------------------- (de)serialising
 def pack(state: dict) -> bytes:
     """A nested dict of JSON values and numpy arrays as checkpoint file bytes."""
@@ -294,7 +297,7 @@ class LocalStateStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")
         except OSError as exc:  # a .lock left by another user (a first run as root, then 10001)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # (a new directory, or no inode left)
+            if exc.errno in NO_SPACE:  # (a new directory, or no inode left)
                 raise CheckpointSpaceError(f"cannot make {path}: {exc.strerror}; free space on its disk or point "
                                            "checkpoint.dir elsewhere") from None
             raise CheckpointError(f"cannot open {path}: {exc.strerror or exc}; give the daemon's user the directory "
@@ -333,7 +336,7 @@ class LocalStateStore:
             write_atomically(probe, b"ok")
             probe.unlink()
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in NO_SPACE:
                 where = "its disk" if exc.errno == errno.ENOSPC else "its quota"
                 raise CheckpointSpaceError(f"checkpoint.dir {self.directory} has no space left: {exc.strerror}; "
                                            f"free space on {where} or point checkpoint.dir elsewhere") from None
