@@ -777,3 +777,30 @@ def test_a_new_checkpoint_dir_on_a_full_disk_waits_for_space_instead_of_exiting_
         daemon.start_up()
     assert full == [0] and "No space left on device; free space on its disk" in caplog.text
     assert "waiting for space" in caplog.text and daemon.local._lock is not None
+
+
+def test_with_a_state_topic_a_checkpoint_dir_without_space_for_its_lock_does_not_hold_up_the_start(
+        tmp_path, monkeypatch, caplog):
+    # The files are then a copy (the state topic holds the partition models): the start goes on
+    # without their lock, as it did before the wait for space came in.
+    from streamgmm.service import daemon as daemon_module, state
+
+    monkeypatch.setattr(daemon_module, "LOCK_RETRY_SECONDS", 60.0)  # a wait would show
+    real_open = open
+
+    def open_on_a_full_disk(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(state, "open", open_on_a_full_disk, raising=False)
+    config = config_from_dict({
+        "input": {"format": "json", "dimension": 3},
+        "model": {"n_components": 2, "covariance_type": "full", "warmup": 200, "scope": "partition"},
+        "checkpoint": {"dir": str(tmp_path / "state"), "topic": "states"},
+        "metrics": {"enabled": False},
+    }, environ={})
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        Daemon(config).start_up()
+    assert time.monotonic() - started < 30.0 and "going on: the state topic states holds the models" in caplog.text

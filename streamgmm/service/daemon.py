@@ -304,6 +304,8 @@ class Daemon:
                 self.local.lock()
                 return
             except CheckpointSpaceError as exc:
+                if self.checkpointer.local_is_copy:
+                    raise  # the state topic holds the models: start_up goes on without the copy's lock
                 if not said:
                     log.error("%s; waiting for space (retrying every %.0f s)", exc, LOCK_RETRY_SECONDS)
                     said = True
