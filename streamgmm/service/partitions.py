@@ -32,7 +32,7 @@ def later_offset(checkpointed: int | None, committed: int | None) -> int | None:
     return max({checkpointed, committed} - {None}, default=None)
 
 
-def _names(partitions: Iterable[TopicPartitionKey]) -> str:
+def partition_names(partitions: Iterable[TopicPartitionKey]) -> str:
     return ", ".join(f"{topic}/{partition}" for topic, partition in partitions)
 
 
@@ -84,7 +84,7 @@ class HeldPartitions:
             by_why.setdefault(why, []).append(tp)
         for why, partitions in by_why.items():
             log.error("cannot restore the model of %s (%s): held paused, none of its messages is processed "
-                      "until it is", _names(partitions), why)
+                      "until it is", partition_names(partitions), why)
         return [tp for tp in sorted(failed) if tp not in before]
 
     def restored(self, partitions: Iterable[TopicPartitionKey]) -> None:
@@ -103,7 +103,7 @@ class HeldPartitions:
         resumed = [tp for tp in ready if tp not in failed]
         self.commits = {tp: offset for tp, offset in self.commits.items() if tp not in resumed}
         if resumed:
-            log.info("restored the models of %s: resumed", _names(resumed))
+            log.info("restored the models of %s: resumed", partition_names(resumed))
 
     def remember_commits(self, committed: dict[TopicPartitionKey, int]) -> None:
         """The group's committed offsets, kept for the held partitions among them (their lag)."""
@@ -150,7 +150,7 @@ class HeldPartitions:
         held = sorted(self.partitions())
         self.unrestored = dict.fromkeys(self.unrestored, why)
         self.unsought = dict.fromkeys(self.unsought, why)
-        log.error("%s of %s: still held", why, _names(held))
+        log.error("%s of %s: still held", why, partition_names(held))
         self.schedule_retry(again=True)
 
     def stop_retrying(self) -> None:

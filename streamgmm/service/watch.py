@@ -17,6 +17,7 @@ import time
 from confluent_kafka import KafkaException
 
 from .kafka import kafka_error_text
+from .partitions import partition_names
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ INPUT_WARNING_EVERY_SECONDS = 60.0
 # A batch with a message stamped this long before its decision says so, at most this often.
 ODD_LATENCY_SECONDS = 86_400.0
 OLD_TIMESTAMPS_EVERY_SECONDS = 3_600.0
-
-
-def _names(partitions) -> str:
-    return ", ".join(f"{topic}/{partition}" for topic, partition in sorted(partitions))
 
 
 class InputWatch:
@@ -182,12 +179,12 @@ class InputWatch:
             log.warning("%d message(s) of a batch of %s are stamped up to %.0f s after they were decided: a "
                         "producer's clock is ahead, or its timestamps are not milliseconds; they are left out of "
                         "end_to_end_latency_seconds (streamgmm_future_timestamps_total)", result.n_future_timestamps,
-                        _names(partitions), result.future_lead_seconds)
+                        partition_names(sorted(partitions)), result.future_lead_seconds)
         # Once an hour: catching up a backlog days old is no fault, said every minute it was noise.
         if oldest >= ODD_LATENCY_SECONDS and self._due("old timestamps", OLD_TIMESTAMPS_EVERY_SECONDS):
             log.warning("a batch of %s holds messages stamped %.1f days before they were decided: a backlog, or a "
                         "producer whose clock or timestamps are wrong; end_to_end_latency_seconds counts them",
-                        _names(partitions), oldest / 86_400.0)
+                        partition_names(sorted(partitions)), oldest / 86_400.0)
 
     def _due(self, warning: str, every_seconds: float) -> bool:
         """Whether ``warning`` may be logged now (at most once every ``every_seconds``); if so,
