@@ -204,6 +204,8 @@ def test_detector_checkpoint_round_trip_gives_identical_decisions():
     a = Detector(config)
     run(a, X[:10_000], 0)
     assert a.threshold.calibrated
+    # The stored peaks' rows and the record of the two ways of scoring them travel too.
+    assert len(a.state(5.0)["threshold"]["peak_rows"]) and a.threshold.race_z is not None
     b = Detector(config)
     b.restore(unpack(pack(a.state(5.0))))  # the checkpoint file's format: arrays and JSON
     assert run(a, X[10_000:], 10_000) == run(b, X[10_000:], 10_000)

@@ -291,7 +291,7 @@ class Detector:
         # While a regime is adopted its scores count in the threshold's tail too: the model
         # learns a spread that doubled, but its points, all flagged and kept out of the tail,
         # stayed below a threshold made of the old regime's scores (49 q at q = 0.01).
-        self.threshold.observe(scored.log_density, flags, count_flagged=self.adopting)
+        self.threshold.observe(scored.log_density, flags, count_flagged=self.adopting, points=X)
         log_density = scored.log_density  # as decided: reported even if the model grows below
         # Glitches (absurd values, see ABSURD_SPREADS) are flagged and never learned, not even
         # while a regime is adopted: one of them would drag a component to it.

@@ -25,6 +25,18 @@ z_q down round after round), while a block of anomalies adds at most 3 censored 
 Points not counted do not advance the window either, so a long burst does not push the
 normal history out.
 
+Where the window holds at least 20 scores beyond z_q's (q n >= 20), it is held to them: a fit
+that puts z_q where far fewer than q n of the window's scores lie beyond gives way to the
+window's own (1 - q) quantile (a fit to the top 10% extrapolates a shape the data then
+contradict).  Only downwards: more scores beyond z_q than q n may be a cluster of anomalies.
+
+Scores then and now.  The stored peaks keep their rows, and at each re-estimate they are scored
+again by the model as it is then.  A model still learning moves its scores for tens of thousands
+of points, and the scores as they were lag it (a disk's edge: 0.04 q flagged); under a drift the
+model lags the stream, and old points scored again look more usual than new ones will.  Which
+of the two sets the threshold is decided by their record: the share of the stream's next scores
+beyond the z_q each gave, against q (``_now_leads``).
+
 Drift.  Only the peaks of the last ``window`` counted points are kept (default max(20k, 20/q):
 with a young model the scores move, and a longer window lags them); t and z_q are re-estimated
 from them every window/10 points with the last GPD shape (moved to the new t), the GPD itself
@@ -91,6 +103,14 @@ STALE_RATIO = 4.0
 STALE_MIN_EXPECTED = 40.0
 # ... or none came where at least this many were expected.
 STALE_NONE_EXPECTED = 25.0
+# The fitted z_q gives way to the window's own (1 - q) quantile where at least this many of its
+# scores are expected beyond z_q and the count beyond it is off by more than EMPIRICAL_SD Poisson
+# standard deviations (see ``_held_to_the_window``).
+EMPIRICAL_MIN_EXPECTED = 20.0
+EMPIRICAL_SD = 3.0
+# The record of the two ways of scoring the peaks (see ``_now_leads``) halves every this fraction
+# of the window.
+RACE_HALF_LIFE_OVER_WINDOW = 0.25
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
@@ -211,6 +231,17 @@ def gpd_excess_quantile(gamma: float, sigma: float, tail_probability: float) -> 
 
 
 # ------------------------------------------------------------------ thresholds
+def _at_the_same_rank(z: float, scores: np.ndarray, other: np.ndarray) -> float:
+    """The value of ``other`` (the same points scored another way) with as many of them beyond it
+    as ``scores`` has beyond ``z``; past all of them, as far past their highest as ``z`` is."""
+    beyond = int(np.count_nonzero(scores > z))
+    if beyond == 0 or not len(other):
+        return float(z - scores.max() + other.max()) if len(other) else float(z)
+    if beyond >= len(other):
+        return float(other.min())
+    return float(-np.partition(-other, beyond)[beyond])
+
+
 class FixedThreshold:
     """Flag points whose log-density is below ``value``."""
 
@@ -232,7 +263,8 @@ class FixedThreshold:
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
         return _many_flags(flags, 0.001)
 
-    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False,
+                points: np.ndarray | None = None) -> None:
         """Scores do not move a fixed threshold."""
 
     def marginal_flags(self, log_density: np.ndarray, flags: np.ndarray) -> np.ndarray:
@@ -299,7 +331,8 @@ class ModelQuantileThreshold:
     def surprised(self, log_density: np.ndarray, flags: np.ndarray) -> bool:
         return _many_flags(flags, self.quantile)
 
-    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False,
+                points: np.ndarray | None = None) -> None:
         """Only the model moves this threshold."""
 
     def marginal_flags(self, log_density: np.ndarray, flags: np.ndarray) -> np.ndarray:
@@ -352,6 +385,18 @@ class StreamQuantileThreshold:
         self._scores: list[np.ndarray] = []
         self._censor: list[np.ndarray] = []  # the flagged point's z (censored), or NaN
         self._index: list[np.ndarray] = []
+        # The rows of stored peaks (those given with ``observe``), by counted index, to be scored
+        # again under the model as it is now (see ``_scored_now``).
+        self._point_rows: list[np.ndarray] = []
+        self._point_index: list[np.ndarray] = []
+        self._rescore = None  # the model's scoring of rows (set by ``update``)
+        # z_q from the peaks as they were and as the model now scores them (see ``_scored_now``),
+        # and their record: (q x points, points beyond the first, beyond the second), decayed;
+        # the points since the last re-estimate: (points, beyond the first, beyond the second).
+        self.race_z: tuple[float, float] | None = None
+        self.jitter = 0.0  # (see ``_scored_now``)
+        self.race_record = (0.0, 0.0, 0.0)
+        self.race_pending = np.zeros(3)
         # Collection levels: level[i] applies from counted point start[i] on.
         self.level_start = np.zeros(1, dtype=np.int64)
         self.level = np.full(1, -np.inf)
@@ -482,6 +527,7 @@ class StreamQuantileThreshold:
         flagged at 35-50 q (helper-40).  Relative to the model, the scores stay where they were."""
         if model.is_initialized:
             self.typical = model.typical_log_density()
+            self._rescore = lambda rows: model.score_batch(rows).log_density
             warmup_median = getattr(model, "warmup_median_log_density_", None)
             if self.z is None and self.n_counted == 0 and warmup_median is not None:
                 # Before the first fit the start value moves down by as much as the warm-up rows
@@ -541,12 +587,16 @@ class StreamQuantileThreshold:
         return flags & (self._score(log_density) <= reach)
 
     # -------------------------------------------------------------- the scores
-    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False) -> None:
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False,
+                points: np.ndarray | None = None) -> None:
         """Count one scored batch: its prequential log-densities and which were flagged.
 
         ``count_flagged``: the flagged points count as the others (the detector is adopting a
-        new regime: its scores are the stream's from now on, which the tail must take in)."""
+        new regime: its scores are the stream's from now on, which the tail must take in).
+        ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
+        and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
+        self._race(score)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
         if not self.calibrated or count_flagged:
@@ -576,6 +626,9 @@ class StreamQuantileThreshold:
                 censor[np.isin(kept, alarms)] = self.z
             self._censor.append(censor)
             self._index.append(self.n_counted + position.astype(np.int64))
+            if points is not None:
+                self._point_rows.append(np.asarray(points, dtype=float)[kept])
+                self._point_index.append(self._index[-1])
         self.n_counted += n
         if self.n_counted - self.fitted_at >= self._interval():
             self.refit()
@@ -611,13 +664,17 @@ class StreamQuantileThreshold:
     def refit(self) -> None:
         """Re-estimate t, the GPD and z_q from the peaks in the window."""
         self.fitted_at = self.n_counted
-        scores, censor, index = self._peaks()
+        self._settle_race()
+        then_scores, then_censor, index = self._peaks()
+        now = self._scored_now(then_scores, then_censor, index)
+        use_now = now is not None and self._now_leads()
+        scores, censor, moved = now if use_now else (then_scores, then_censor, 0.0)
         oldest = self._window_start()
         n = self.n_counted - oldest
         if n <= 0:
             return  # nothing counted since the history started
         in_force = np.searchsorted(self.level_start, oldest, side="right") - 1
-        floor = float(self.level[max(in_force, 0):].max())
+        floor = float(self.level[max(in_force, 0):].max()) + moved
         # While the stream is young, a deeper tail: at least MIN_PEAKS peaks.
         share = max(TAIL_OVER_Q * self.quantile, min(self.tail_fraction, TAIL_PEAKS / n))
         above = int(math.ceil(max(share, min(START_TAIL_FRACTION, MIN_PEAKS / n)) * n))
@@ -632,6 +689,7 @@ class StreamQuantileThreshold:
             self._restart_history()
             return
         tail = scores > t
+        in_tail = tail.copy()  # the peaks the tail's count holds
         is_censored = np.isfinite(censor) & tail
         excess = scores[tail & ~is_censored] - t
         censored = np.maximum(censor[is_censored] - t, 0.0)
@@ -646,7 +704,8 @@ class StreamQuantileThreshold:
                 # (as the window grows their share would fall under the bar and bring them back).
                 n_tail -= n_far
                 keep = ~np.where(np.isfinite(censor), censor - t > far, scores - t > far)
-                self._scores, self._censor, self._index = [scores[keep]], [censor[keep]], [index[keep]]
+                in_tail &= keep
+                self._scores, self._censor, self._index = [then_scores[keep]], [then_censor[keep]], [index[keep]]
                 # Still points of the stream that scored that low, for the rarity of later ones
                 # (see _seen_as_rare), as flagged points left out of the counts are: counted in
                 # the tail while a regime was adopted and then taken out here, they were in
@@ -671,25 +730,145 @@ class StreamQuantileThreshold:
                     # (helper-40). The exponential (shape 0, its maximum-likelihood scale) goes on
                     # past them, as a -log-density's tail does for Gaussian and heavier data.
                     gamma, sigma = 0.0, float((excess.sum() + censored.sum()) / len(excess))
+                if use_now:
+                    # Scored again by one model, a tail that ends at a cliff (a sine's values: its
+                    # lowest 5% within 0.08 nats) narrows to a few ten-thousandths of a nat, below
+                    # how much scores move from one model to the next: z_q sat there and new points,
+                    # scored by the next models, were flagged at 4.6 q.  No narrower than that move.
+                    sigma = max(sigma, self.jitter)
                 self.gpd = (t, gamma, sigma)
                 self.shape_fitted_at = self.n_counted
             else:
                 gamma, sigma = self._gpd_at(t)
-            self.z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
+            self.z = self._held_to_the_window(t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail),
+                                              scores[in_tail], n)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
             if gamma < 1.0:  # (the mean excess sigma / (1 - gamma) is finite)
                 self.z_far = max(self.z_far, self.z + FAR_MEAN_EXCESSES * sigma / (1.0 - gamma))
             self.tail = (t, above / n, n_tail / n)
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
-                        "n_censored": len(censored)}
+                        "n_censored": len(censored), "scores": "now" if use_now else "then"}
+            if now is None:
+                self.race_z = None
+            else:
+                other = _at_the_same_rank(self.z, scores, then_scores if use_now else now[0])
+                self.race_z = (other, self.z) if use_now else (self.z, other)
             if collect is None:
                 collect = t - sigma * math.log(2.0)
         elif collect is None:
             self._restart_history()
             return
+        if collect is not None:
+            collect -= moved  # (levels are kept for the scores as they were)
         if collect is not None and collect != self.level[-1]:
             self.level_start = np.append(self.level_start, self.n_counted)
             self.level = np.append(self.level, collect)
+
+    def _scored_now(self, scores: np.ndarray, censor: np.ndarray, index: np.ndarray):
+        """The stored peaks as the model now scores them (scores, censoring levels, and the median
+        move, for the collection levels: the points not stored moved too), or None.
+
+        A model still learning moves its scores for tens of thousands of points, more in its
+        tail than in its bulk, and the scores as they were lag it: a uniform disk's edge scores
+        fell for 50,000 points, and 0.04 q was flagged at q = 0.001 (the window scored again by
+        the current model: 0.84-1.24 q).  Which of the two the threshold uses is decided by their
+        record on the stream's next points (see ``_now_leads``): under a drift the model lags
+        the stream, and old points scored again look more usual than new ones will (1.5-1.9 q
+        on drifting means).  Each peak moves by its own move, within the middle 80% of the
+        moves of its block (the span between two re-estimates); peaks beyond z_far by the
+        block's median: a far point's score moves in proportion to its size with every change of
+        the model (a log-Cauchy's reached 1e26), and a far peak the model learned moves on its
+        own.  None while the tail is young or of infinite variance (shape >= 1/2: its far scores
+        are its own), or without rows.  Scoring the kept peaks (2 x the tail's share of the
+        window) adds about 1/25 to the stream's scoring."""
+        if (self._rescore is None or not self._point_index or not self.calibrated or self.gpd is None
+                or self.gpd[1] >= 0.5):
+            return None
+        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
+        live = np.isin(row_index, index, assume_unique=True)  # the peaks still stored
+        rows, row_index = rows[live], row_index[live]
+        self._point_rows, self._point_index = [rows], [row_index]
+        if not len(rows):
+            return None
+        position = np.searchsorted(index, row_index)
+        moved = (self.typical - self._rescore(rows)) - scores[position]
+        ok = np.isfinite(moved)
+        if not ok.any():
+            return None
+        position, moved = position[ok], moved[ok]
+        block_of = index[position] // max(self._interval(), 1)
+        near = scores[position] <= self.z_far
+        clipped, middles = np.empty(len(moved)), np.empty(len(moved))
+        for block in np.unique(block_of).tolist():
+            mine = block_of == block
+            reference = moved[mine & near] if (mine & near).any() else moved[mine]
+            low, middle, high = np.quantile(reference, [0.1, 0.5, 0.9])
+            clipped[mine] = np.where(near[mine], np.clip(moved[mine], low, high), middle)
+            middles[mine] = middle
+        now_scores, now_censor = scores.copy(), censor.copy()
+        now_scores[position] += clipped
+        now_censor[position] += clipped  # (NaN, not censored, stays NaN)
+        # How much a score moves from one model to another beyond its block's drift (a robust
+        # standard deviation): what the scores of new points will move by too.
+        self.jitter = 1.4826 * float(np.median(np.abs(clipped - middles)))
+        return now_scores, now_censor, float(np.median(clipped))
+
+    def _race(self, score: np.ndarray) -> None:
+        """Count, for the z_q of each way of scoring the peaks, how many of these scores (as scored)
+        lie beyond it: the record ``_now_leads`` reads.  Points beyond z_far say nothing of z_q
+        (anomalies), and are left out."""
+        if self.race_z is None:
+            return
+        score = score[np.isfinite(score) & (score <= self.z_far)]
+        self.race_pending += (len(score), int(np.count_nonzero(score > self.race_z[0])),
+                              int(np.count_nonzero(score > self.race_z[1])))
+
+    def _settle_race(self) -> None:
+        """Add the points counted since the last re-estimate to the record, with the older record
+        halved every RACE_HALF_LIFE_OVER_WINDOW x window points."""
+        points, beyond_then, beyond_now = self.race_pending
+        self.race_pending = np.zeros(3)
+        if points == 0:
+            return
+        decay = 0.5 ** (points / max(RACE_HALF_LIFE_OVER_WINDOW * self.window, 1.0))
+        expected, then, now = self.race_record
+        self.race_record = (decay * expected + self.quantile * points, decay * then + beyond_then,
+                            decay * now + beyond_now)
+
+    def _now_leads(self) -> bool:
+        """Whether the peaks as the model now scores them have put z_q where the share beyond
+        it came closer to q than the peaks as they were (on the record of the points since)."""
+        expected, then, now = self.race_record
+        off = [abs(math.log((beyond + 1.0) / (expected + 1.0))) for beyond in (then, now)]
+        return off[1] < off[0]
+
+    def _rows_state(self, index: np.ndarray) -> dict:
+        """The rows of the stored peaks, for a checkpoint (none if no rows were ever given)."""
+        if not self._point_index:
+            return {}
+        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
+        live = np.isin(row_index, index, assume_unique=True)
+        self._point_rows, self._point_index = [rows[live]], [row_index[live]]
+        return {"peak_rows": rows[live].copy(), "peak_row_index": row_index[live].copy()}
+
+    def _held_to_the_window(self, z: float, tail_scores: np.ndarray, n: int) -> float:
+        """``z`` (the fitted tail's), or the window's own (1 - q) quantile where the window holds
+        enough scores beyond it to say so and they disagree with the fit: more than
+        EMPIRICAL_SD Poisson standard deviations from the q n expected beyond z.  The fit stands
+        for where the data are too few (q n under EMPIRICAL_MIN_EXPECTED; an extrapolation is
+        what it is for), not against them: an exponential's scores (1-d, q = 0.01) were fitted a
+        shape of 1.3-1.9 from the top 10%, and z sat where half of q was flagged.  Censored
+        peaks count by their own scores (only how many lie beyond z matters)."""
+        expected = self.quantile * n
+        if expected < EMPIRICAL_MIN_EXPECTED or not len(tail_scores):
+            return z
+        beyond = int(np.count_nonzero(tail_scores > z))
+        if beyond >= expected - EMPIRICAL_SD * math.sqrt(expected):
+            return z
+        m = int(round(expected))
+        if m >= len(tail_scores):
+            return z  # (the tail holds fewer than q n: the fit's z is past all of it anyway)
+        return float(-np.partition(-tail_scores, m)[m])
 
     def _stale(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> bool:
         """Whether the window's tail no longer describes the stream: over the last re-estimate's
@@ -727,6 +906,7 @@ class StreamQuantileThreshold:
         fits the shape anew (it is the first since this restart)."""
         self.history_start = self.n_counted
         self._scores, self._censor, self._index = [], [], []
+        self._point_rows, self._point_index = [], []
         self.level_start = np.full(1, self.n_counted, dtype=np.int64)
         self.level = np.full(1, -np.inf)
         self.shape_fitted_at = min(self.shape_fitted_at, self.history_start - 10**9)  # refit at the next estimate
@@ -740,6 +920,7 @@ class StreamQuantileThreshold:
         self.z = None if self.z is None else self.z + by
         self.z_far += by
         self.tail = None if self.tail is None else (self.tail[0] + by, *self.tail[1:])
+        self.race_z = None if self.race_z is None else (self.race_z[0] + by, self.race_z[1] + by)
         self.gpd = None if self.gpd is None else (self.gpd[0] + by, *self.gpd[1:])
 
     def _gpd_at(self, t: float) -> tuple[float, float]:
@@ -812,6 +993,10 @@ class StreamQuantileThreshold:
             "peak_scores": scores.copy(),
             "peak_censor": censor.copy(),
             "peak_index": index.copy(),
+            **self._rows_state(index),
+            "race_z": None if self.race_z is None else list(self.race_z),
+            "race_record": list(self.race_record),
+            "race_pending": self.race_pending.copy(),
             "flagged_scores": self._flagged[self._flagged_index >= self._window_start()],
             "flagged_index": self._flagged_index[self._flagged_index >= self._window_start()],
             "start_shift": self.start_shift,
@@ -839,6 +1024,13 @@ class StreamQuantileThreshold:
         self._scores = [np.asarray(state["peak_scores"], dtype=float).copy()]
         self._censor = [np.asarray(state["peak_censor"], dtype=float).copy()]
         self._index = [np.asarray(state["peak_index"], dtype=np.int64).copy()]
+        race_z = state.get("race_z")  # (absent before peaks were scored again)
+        self.race_z = None if race_z is None else (float(race_z[0]), float(race_z[1]))
+        self.race_record = tuple(float(v) for v in state.get("race_record", (0.0, 0.0, 0.0)))
+        self.race_pending = np.asarray(state.get("race_pending", np.zeros(3)), dtype=float).copy()
+        if "peak_rows" in state:  # (absent before peaks were scored again: those stay as they were)
+            self._point_rows = [np.asarray(state["peak_rows"], dtype=float).copy()]
+            self._point_index = [np.asarray(state["peak_row_index"], dtype=np.int64).copy()]
         # (Absent from checkpoints before flagged points were kept for rarity.)
         self._flagged = np.asarray(state.get("flagged_scores", ()), dtype=float).copy()
         self._flagged_index = np.asarray(state.get("flagged_index", ()), dtype=np.int64).copy()
