@@ -498,3 +498,66 @@ def test_points_flagged_and_left_out_of_the_tail_count_for_how_rare_a_point_is()
     assert flags.mean() > 0.99
     one_in = np.exp(-threshold.log_tail_probability(-np.median(shifted) * np.ones(1)))[0]
     assert one_in < 50, f"a point like half of the last 5,000 is called 1 in {one_in:.3g}"  # 1e6 and more before
+
+
+def _detector(q, dimension, **model):
+    from streamgmm.detection.detector import Detector
+
+    return Detector(config_from_dict({"input": {"format": "float64", "dimension": dimension},
+                                      "model": {"n_components": "auto", "warmup": 1000, "random_state": 0, **model},
+                                      "threshold": {"quantile": q}}))
+
+
+def _process(detector, X, batch=1000):
+    from streamgmm.detection.decode import encode
+    from streamgmm.detection.detector import InputRecord
+
+    for i in range(0, len(X), batch):
+        detector.process([InputRecord("in", 0, i + j, encode(x, "float64")) for j, x in enumerate(X[i:i + batch])],
+                         now=5.0)
+
+
+@pytest.mark.parametrize("name", ["normal, 64-d, q = 1e-4", "Cauchy, 2-d (a tail never scored again)"])
+def test_the_rows_kept_for_scoring_the_peaks_again_stay_within_their_budget(name):
+    # At q = 1e-4 a window's peaks were 2,000 and more (5,500 while it filled), and with 64
+    # features their rows made a 3.4 MB checkpoint, past a state topic's 1 MB messages; on a
+    # Cauchy stream (shape >= 1/2: never scored again) the rows were never pruned: 1,149 -> 6,239
+    # over 200,000 points for 492 live peaks (helper-55).
+    from streamgmm.service.state import pack
+
+    rng = np.random.default_rng(0)
+    if name.startswith("normal"):
+        detector, X = _detector(1e-4, 64), rng.normal(size=(40_000, 64))
+    else:
+        detector, X = _detector(0.001, 2), rng.standard_cauchy((60_000, 2))
+    _process(detector, X)
+    threshold = detector.threshold
+    budget = threshold._rows_kept(X.shape[1])
+    kept = sum(len(rows) for rows in threshold._point_rows)
+    # The budget, plus the peaks of one interval between two re-estimates.
+    assert 0 < kept <= budget + 2 * threshold.tail_fraction * threshold._interval() + 50, (kept, budget)
+    rows = threshold.to_dict()["peak_rows"]
+    assert rows.size <= budget * X.shape[1]
+    assert len(pack(detector.state(5.0))) < 1_000_000 or name.startswith("Cauchy")
+
+
+def test_a_point_at_a_threshold_held_to_the_window_reads_as_rare_as_q():
+    # Where the window's own quantile replaces the fitted z_q, the tail's share is scaled so that
+    # the fitted shape gives q there: a point flagged at the threshold says "1 in 1/q", not more
+    # common (helper-55).
+    detector = _detector(0.01, 1)
+    _process(detector, np.random.default_rng(5002).exponential(1.0, (51_000, 1)))
+    threshold = detector.threshold
+    assert threshold.fit["held_to_the_window"]  # (seed 5002: the fit overshot, 0.46 q flagged before)
+    at_z = threshold.log_tail_probability(np.array([threshold.value - 1e-9]))[0]
+    assert abs(at_z - np.log(0.01)) < 0.05, np.exp(at_z)
+
+
+def test_a_new_quantile_on_restore_starts_the_race_of_the_two_scorings_again():
+    detector = _detector(0.001, 2)
+    _process(detector, np.random.default_rng(1).normal(size=(30_000, 2)))
+    state = detector.threshold.to_dict()
+    assert state["race_record"][0] > 0
+    restored = StreamQuantileThreshold(0.01)
+    restored.load_dict(state)
+    assert restored.race_record == (0.0, 0.0, 0.0) and restored.race_z is None

@@ -258,7 +258,7 @@ def cmd_replay(args) -> int:
     return 0
 
 
-def _calibrate_on_the_file(threshold, log_density: np.ndarray, batch: int = 1000) -> None:
+def _calibrate_on_the_file(threshold, log_density: np.ndarray, X: np.ndarray, batch: int = 1000) -> None:
     """The fitted model's scores of the file through the threshold, batch by batch as the daemon
     would have scored them: a daemon started from this checkpoint (model.init_from) is calibrated
     from its first point.  Otherwise the stream threshold calibrates on the stream's first
@@ -266,7 +266,7 @@ def _calibrate_on_the_file(threshold, log_density: np.ndarray, batch: int = 1000
     calibrated, it flags them and keeps them out (README, Threshold).  Fit on clean data."""
     for start in range(0, len(log_density), batch):
         scores = log_density[start:start + batch]
-        threshold.observe(scores, threshold.classify(scores))
+        threshold.observe(scores, threshold.classify(scores), points=X[start:start + batch])
 
 
 def cmd_fit(args) -> int:
@@ -321,7 +321,7 @@ def cmd_fit(args) -> int:
         report = {"n_components": m.n_components, "covariance_type": m.covariance_type,
                   "n_init": n_init, "max_iter": max_iter, "bic": batch.bic(X), "converged": batch.converged_}
     detector.threshold.update(detector.model)
-    _calibrate_on_the_file(detector.threshold, detector.model.score_samples(X))
+    _calibrate_on_the_file(detector.threshold, detector.model.score_samples(X), X)
     try:
         # Not into a running daemon's directory: its next start would take this model (helper-38).
         LocalStateStore(args.output, config.checkpoint.keep).lock()

@@ -114,6 +114,11 @@ EMPIRICAL_P = 0.01
 # The record of the two ways of scoring the peaks (see ``_now_leads``) halves every this fraction
 # of the window.
 RACE_HALF_LIFE_OVER_WINDOW = 0.25
+# Rows of stored peaks kept for scoring them again (the highest scores; see ``_prune_rows``): at
+# most this many, and this many values in all (float64), at least MIN_ROWS_KEPT.
+ROWS_KEPT = 1_000
+ROW_VALUES_KEPT = 50_000
+MIN_ROWS_KEPT = 100
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
@@ -234,6 +239,14 @@ def gpd_excess_quantile(gamma: float, sigma: float, tail_probability: float) -> 
 
 
 # ------------------------------------------------------------------ thresholds
+def _gpd_log_survival(gamma: float, sigma: float, excess: float) -> float:
+    """log P(Y > excess) for Y ~ GPD(gamma, sigma) (-inf past a short tail's end)."""
+    if abs(gamma) < 1e-9:
+        return -excess / sigma
+    base = 1.0 + gamma * excess / sigma
+    return -math.log(base) / gamma if base > 0.0 else -math.inf
+
+
 def _at_the_same_rank(z: float, scores: np.ndarray, other: np.ndarray) -> float:
     """The value of ``other`` (the same points scored another way) with as many of them beyond it
     as ``scores`` has beyond ``z``; past all of them, as far past their highest as ``z`` is."""
@@ -599,7 +612,6 @@ class StreamQuantileThreshold:
         ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
         and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
-        self._race(score)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
         if not self.calibrated or count_flagged:
@@ -617,6 +629,7 @@ class StreamQuantileThreshold:
         else:
             self._fill_tokens(np.count_nonzero(counted))
         self._keep_flagged(score, flags & ~counted & np.isfinite(score), counted)
+        self._race(score[counted])
         n = int(np.count_nonzero(counted))
         if n == 0:
             return
@@ -743,14 +756,20 @@ class StreamQuantileThreshold:
                 self.shape_fitted_at = self.n_counted
             else:
                 gamma, sigma = self._gpd_at(t)
-            self.z = self._held_to_the_window(t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail),
-                                              scores[in_tail], n)
+            fitted_z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
+            self.z = self._held_to_the_window(fitted_z, scores[in_tail], n)
+            tail_share = n_tail / n
+            if self.z < fitted_z:
+                # The fitted shape, scaled to agree with the window at z_q: a point's rarity there
+                # reads q, as the flag it gets says (the tail's share alone read more than q).
+                tail_share = self.quantile / math.exp(_gpd_log_survival(gamma, sigma, self.z - t))
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
             if gamma < 1.0:  # (the mean excess sigma / (1 - gamma) is finite)
                 self.z_far = max(self.z_far, self.z + FAR_MEAN_EXCESSES * sigma / (1.0 - gamma))
-            self.tail = (t, above / n, n_tail / n)
+            self.tail = (t, above / n, tail_share)
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
-                        "n_censored": len(censored), "scores": "now" if use_now else "then"}
+                        "n_censored": len(censored), "scores": "now" if use_now else "then",
+                        "held_to_the_window": self.z < fitted_z}
             if now is None:
                 self.race_z = None
             else:
@@ -761,8 +780,8 @@ class StreamQuantileThreshold:
         elif collect is None:
             self._restart_history()
             return
-        if collect is not None:
-            collect -= moved  # (levels are kept for the scores as they were)
+        # (The new level is in the space of the points to come, scored by the current model, as
+        # the peaks it was read from are when they are the scores now.)
         if collect is not None and collect != self.level[-1]:
             self.level_start = np.append(self.level_start, self.n_counted)
             self.level = np.append(self.level, collect)
@@ -788,38 +807,39 @@ class StreamQuantileThreshold:
                 or self.gpd[1] >= 0.5):
             return None
         rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
-        live = np.isin(row_index, index, assume_unique=True)  # the peaks still stored
-        rows, row_index = rows[live], row_index[live]
-        self._point_rows, self._point_index = [rows], [row_index]
         if not len(rows):
             return None
-        position = np.searchsorted(index, row_index)
+        position = np.searchsorted(index, row_index)  # (rows are kept for stored peaks only: _peaks)
         moved = (self.typical - self._rescore(rows)) - scores[position]
         ok = np.isfinite(moved)
         if not ok.any():
             return None
         position, moved = position[ok], moved[ok]
-        block_of = index[position] // max(self._interval(), 1)
+        block_of = index // max(self._interval(), 1)
         near = scores[position] <= self.z_far
-        clipped, middles = np.empty(len(moved)), np.empty(len(moved))
-        for block in np.unique(block_of).tolist():
-            mine = block_of == block
+        # Every stored peak moves: by its own move if its row was kept and rescored, else by its
+        # block's median (or the median of all, in a block with none rescored).
+        shift = np.full(len(scores), float(np.median(moved)))
+        middles = np.empty(len(moved))
+        for block in np.unique(block_of[position]).tolist():
+            mine = block_of[position] == block
             reference = moved[mine & near] if (mine & near).any() else moved[mine]
             low, middle, high = np.quantile(reference, [0.1, 0.5, 0.9])
-            clipped[mine] = np.where(near[mine], np.clip(moved[mine], low, high), middle)
+            shift[block_of == block] = middle
+            shift[position[mine]] = np.where(near[mine], np.clip(moved[mine], low, high), middle)
             middles[mine] = middle
-        now_scores, now_censor = scores.copy(), censor.copy()
-        now_scores[position] += clipped
-        now_censor[position] += clipped  # (NaN, not censored, stays NaN)
+        clipped = shift[position]
+        now_scores, now_censor = scores + shift, censor + shift  # (NaN, not censored, stays NaN)
         # How much a score moves from one model to another beyond its block's drift (a robust
         # standard deviation): what the scores of new points will move by too.
         self.jitter = 1.4826 * float(np.median(np.abs(clipped - middles)))
-        return now_scores, now_censor, float(np.median(clipped))
+        return now_scores, now_censor, float(np.median(shift))
 
     def _race(self, score: np.ndarray) -> None:
         """Count, for the z_q of each way of scoring the peaks, how many of these scores (as scored)
-        lie beyond it: the record ``_now_leads`` reads.  Points beyond z_far say nothing of z_q
-        (anomalies), and are left out."""
+        lie beyond it: the record ``_now_leads`` reads.  Only the points the tail counts (flagged
+        ones with a token, see ``observe``: a cluster just past z_q counted in full made the record
+        lean to the higher z_q), and none beyond z_far (anomalies)."""
         if self.race_z is None:
             return
         score = score[np.isfinite(score) & (score <= self.z_far)]
@@ -845,14 +865,35 @@ class StreamQuantileThreshold:
         off = [abs(math.log((beyond + 1.0) / (expected + 1.0))) for beyond in (then, now)]
         return off[1] < off[0]
 
+    def _prune_rows(self, scores: np.ndarray, index: np.ndarray) -> None:
+        """Keep the rows of stored peaks only, and of at most ``_rows_kept`` of them: the highest
+        scores (the others move by their block's median move when scored again).  At q = 1e-4 a
+        window's peaks are 2,000 and more (5,500 while it fills), and with 64 features their rows
+        made a checkpoint of 3.4 MB, past a state topic's 1 MB messages (helper-55)."""
+        if not self._point_index:
+            return
+        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
+        live = np.isin(row_index, index, assume_unique=True)
+        rows, row_index = rows[live], row_index[live]
+        budget = self._rows_kept(rows.shape[1])
+        if len(row_index) > budget:
+            own_score = scores[np.searchsorted(index, row_index)]
+            top = np.sort(np.argpartition(-own_score, budget - 1)[:budget])
+            rows, row_index = rows[top], row_index[top]
+        self._point_rows, self._point_index = [rows], [row_index]
+
+    @staticmethod
+    def _rows_kept(n_features: int) -> int:
+        """How many peaks' rows are kept: ROWS_KEPT, fewer with many features (ROW_VALUES_KEPT
+        values in all, about 400 KB), at least MIN_ROWS_KEPT."""
+        return int(max(MIN_ROWS_KEPT, min(ROWS_KEPT, ROW_VALUES_KEPT // max(n_features, 1))))
+
     def _rows_state(self, index: np.ndarray) -> dict:
         """The rows of the stored peaks, for a checkpoint (none if no rows were ever given)."""
         if not self._point_index:
             return {}
         rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
-        live = np.isin(row_index, index, assume_unique=True)
-        self._point_rows, self._point_index = [rows[live]], [row_index[live]]
-        return {"peak_rows": rows[live].copy(), "peak_row_index": row_index[live].copy()}
+        return {"peak_rows": rows.copy(), "peak_row_index": row_index.copy()}
 
     def _held_to_the_window(self, z: float, tail_scores: np.ndarray, n: int) -> float:
         """``z`` (the fitted tail's), or the window's own (1 - q) quantile where the window holds
@@ -967,6 +1008,7 @@ class StreamQuantileThreshold:
             live = index >= oldest
             scores, censor, index = scores[live], censor[live], index[live]
         self._scores, self._censor, self._index = [scores], [censor], [index]
+        self._prune_rows(scores, index)
         # Levels that ended before the window are no longer needed (the one in force stays).
         first = max(int(np.searchsorted(self.level_start, oldest, side="right")) - 1, 0)
         self.level_start, self.level = self.level_start[first:], self.level[first:]
@@ -1042,6 +1084,8 @@ class StreamQuantileThreshold:
         # at the first update, when the model is known.
         self._absolute_history = state.get("scores") != "relative"
         if state.get("quantile", self.quantile) != self.quantile:
+            # The race's record was kept for the other q: it starts again.
+            self.race_z, self.race_record, self.race_pending = None, (0.0, 0.0, 0.0), np.zeros(3)
             # The stored peaks cover the saved window only: a longer one (a smaller q) must not
             # count points whose peaks were never kept.
             saved_window = int(state.get("window", self.window))
