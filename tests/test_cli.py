@@ -105,6 +105,8 @@ def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
     text = _cli("inspect", str(out))
     assert "points learned    3,000 (n_seen:" in text.stdout  # in words, not a dict repr
     assert "{" not in text.stdout
+    # How the threshold was set (fit calibrates on the file's scores, as they were scored).
+    assert "q = 0.01, from the stream's scores as they were scored" in text.stdout, text.stdout
 
 
 def test_check_config_and_run_fail_fast_on_bad_config(tmp_path):

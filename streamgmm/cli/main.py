@@ -258,6 +258,16 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def _how_the_threshold_was_set(threshold: dict) -> str:
+    """For ``inspect``: what a quantile threshold's last estimate read (README, Threshold)."""
+    if threshold.get("mode") != "quantile" or not threshold.get("tail_from"):
+        return ""
+    scores = ("the stream's scores as the current model gives them" if threshold["tail_from"] == "now"
+              else "the stream's scores as they were scored")
+    held = ", at the window's own quantile (the fitted tail overshot it)" if threshold.get("held_to_the_window") else ""
+    return f" (q = {threshold.get('quantile'):g}, from {scores}{held})"
+
+
 def _calibrate_on_the_file(threshold, log_density: np.ndarray, X: np.ndarray, batch: int = 1000) -> None:
     """The fitted model's scores of the file through the threshold, batch by batch as the daemon
     would have scored them: a daemon started from this checkpoint (model.init_from) is calibrated
@@ -552,7 +562,7 @@ def _describe(summary: dict) -> str:
         f"model             {_describe_model(summary['initialized'], model)}, forgetting half-life "
         f"{model['half_life'] if model['half_life'] else 'none'}; {summary['n_updates']:,} updates",
         f"threshold         {threshold.get('mode')}: flags log-density below "
-        f"{'(not set yet)' if value is None else f'{value:.4g}'}",
+        f"{'(not set yet)' if value is None else f'{value:.4g}'}{_how_the_threshold_was_set(threshold)}",
     ]
     for topic, partitions in summary["offsets"].items():
         resume = ", ".join(f"partition {p} at offset {o:,}" for p, o in sorted(partitions.items(), key=lambda x: int(x[0])))

@@ -1054,6 +1054,10 @@ class StreamQuantileThreshold:
             "peak_censor": censor.copy(),
             "peak_index": index.copy(),
             **self._rows_state(index),
+            # How the last estimate read the tail, for ``inspect`` (not read back: the next
+            # estimate says it again).
+            "tail_from": None if self.fit is None else self.fit["scores"],
+            "held_to_the_window": None if self.fit is None else bool(self.fit["held_to_the_window"]),
             "race_z": None if self.race_z is None else list(self.race_z),
             "race_record": list(self.race_record),
             "race_pending": self.race_pending.copy(),
