@@ -911,7 +911,7 @@ class StreamQuantileThreshold:
     def _held_to_the_window(self, z: float, tail_scores: np.ndarray, n: int) -> float:
         """``z`` (the fitted tail's), or the window's own (1 - q) quantile where the window holds
         enough scores beyond it to say so and far fewer lie beyond z than the q n expected
-        (Poisson, below EMPIRICAL_P: at q n = 20, 10 or fewer).  The fit stands
+        (Poisson, below EMPIRICAL_P: at q n = 20, 9 or fewer).  The fit stands
         for where the data are too few (q n under EMPIRICAL_MIN_EXPECTED; an extrapolation is
         what it is for), not against them: an exponential's scores (1-d, q = 0.01) were fitted a
         shape of 1.3-1.9 from the top 10%, and z sat where half of q was flagged.  Censored
