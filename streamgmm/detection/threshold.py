@@ -30,8 +30,9 @@ that puts z_q where far fewer than q n of the window's scores lie beyond gives w
 window's own (1 - q) quantile (a fit to the top 10% extrapolates a shape the data then
 contradict).  Only downwards: more scores beyond z_q than q n may be a cluster of anomalies.
 
-Scores then and now.  The stored peaks keep their rows, and at each re-estimate they are scored
-again by the model as it is then.  A model still learning moves its scores for tens of thousands
+Scores then and now.  The highest stored peaks keep their rows (at most ROWS_KEPT), and at each
+re-estimate they are scored again by the model as it is then (the others move by their block's
+median move).  A model still learning moves its scores for tens of thousands
 of points, and the scores as they were lag it (a disk's edge: 0.04 q flagged); under a drift the
 model lags the stream, and old points scored again look more usual than new ones will.  Which
 of the two sets the threshold is decided by their record: the share of the stream's next scores
@@ -239,14 +240,6 @@ def gpd_excess_quantile(gamma: float, sigma: float, tail_probability: float) -> 
 
 
 # ------------------------------------------------------------------ thresholds
-def _gpd_log_survival(gamma: float, sigma: float, excess: float) -> float:
-    """log P(Y > excess) for Y ~ GPD(gamma, sigma) (-inf past a short tail's end)."""
-    if abs(gamma) < 1e-9:
-        return -excess / sigma
-    base = 1.0 + gamma * excess / sigma
-    return -math.log(base) / gamma if base > 0.0 else -math.inf
-
-
 def _at_the_same_rank(z: float, scores: np.ndarray, other: np.ndarray) -> float:
     """The value of ``other`` (the same points scored another way) with as many of them beyond it
     as ``scores`` has beyond ``z``; past all of them, as far past their highest as ``z`` is."""
@@ -764,7 +757,9 @@ class StreamQuantileThreshold:
             if self.z < fitted_z:
                 # The fitted shape, scaled to agree with the window at z_q: a point's rarity there
                 # reads q, as the flag it gets says (the tail's share alone read more than q).
-                tail_share = self.quantile / math.exp(_gpd_log_survival(gamma, sigma, self.z - t))
+                at_z = gpd_log_tail_probability(np.array([t - self.z]), level=0.0, exceedance_rate=1.0,
+                                                scale=sigma, shape=gamma)[0]  # log P(excess > z - t)
+                tail_share = self.quantile / math.exp(at_z)
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
             if gamma < 1.0:  # (the mean excess sigma / (1 - gamma) is finite)
                 self.z_far = max(self.z_far, self.z + FAR_MEAN_EXCESSES * sigma / (1.0 - gamma))
@@ -803,8 +798,7 @@ class StreamQuantileThreshold:
         block's median: a far point's score moves in proportion to its size with every change of
         the model (a log-Cauchy's reached 1e26), and a far peak the model learned moves on its
         own.  None while the tail is young or of infinite variance (shape >= 1/2: its far scores
-        are its own), or without rows.  Scoring the kept peaks (2 x the tail's share of the
-        window) adds about 1/25 to the stream's scoring."""
+        are its own), or without rows.  (The cost: see ``_rows_kept``.)"""
         if (self._rescore is None or not self._point_index or not self.calibrated or self.gpd is None
                 or self.gpd[1] >= 0.5):
             return None
