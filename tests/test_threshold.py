@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 from streamgmm.detection.threshold import (
+    _gap_after_the_bulk,
     StreamQuantileThreshold,
     fit_gpd,
     gpd_excess_quantile,
@@ -561,3 +562,19 @@ def test_a_new_quantile_on_restore_starts_the_race_of_the_two_scorings_again():
     restored = StreamQuantileThreshold(0.01)
     restored.load_dict(state)
     assert restored.race_record == (0.0, 0.0, 0.0) and restored.race_z is None
+
+
+# ------------------------------------------------ a far cluster among the peaks
+@pytest.mark.parametrize("seed", range(5))
+def test_a_gap_is_found_before_a_cluster_past_an_exponential_tail_and_none_in_tails_alone(seed):
+    rng = np.random.default_rng(seed)
+    tail = rng.exponential(1.0, 300)
+    cluster = rng.uniform(20.0, 35.0, 100)  # a quarter of the peaks, 13 mean excesses past the tail's top
+    gap = _gap_after_the_bulk(np.sort(np.concatenate([tail, cluster])))
+    assert gap is not None and tail.max() <= gap < 20.0
+    # Tails alone, however heavy or short, and a grid of scores, have none.
+    for excesses in (rng.exponential(1.0, 400), stats.genpareto.rvs(0.7, size=400, random_state=seed),
+                     stats.genpareto.rvs(2.0, size=400, random_state=seed), rng.uniform(0.0, 1.0, 400),
+                     stats.genpareto.rvs(-0.5, size=400, random_state=seed),
+                     rng.integers(0, 8, 400).astype(float) + 1.0):
+        assert _gap_after_the_bulk(np.sort(excesses)) is None

@@ -130,6 +130,18 @@ BULK_GAP_OVER_MEDIAN = 30.0
 # deviations over it).  A rarer far cluster is the normal tail's own (shuttle's normal rows
 # have one, 0.8 q): it belongs in the tail, as before.
 FAR_CLUSTER_OVER_Q = 2.0
+# ... or beyond a gap that no decreasing density leaves (see _gap_after_the_bulk): with at least
+# this many points beyond it, at this level (over all the gaps tested), in the upper GAP_MAX_SHARE
+# of at least GAP_MIN_PEAKS peaks, GAP_MIN_DISTINCT of them distinct.
+GAP_MIN_POINTS = 10
+GAP_ALPHA = 1e-4
+GAP_MIN_PEAKS = 100
+GAP_MIN_DISTINCT = 0.9
+GAP_MAX_SHARE = 0.6
+# ... and the gap at least this many median excesses wide: a tail whose density rises to a cliff
+# (a sine's values: its scores crowd at their end) has narrow gaps before the crowd, which a
+# density that only decreases would not leave (a sine at q = 0.01: 1.2 -> 2.3 q).
+GAP_MIN_OVER_MEDIAN = 1.0
 # Flagged points kept for how often the stream scores that low (see _seen_as_rare).
 FLAGGED_KEPT = 2_000
 # More than this: the fit takes this many, evenly spread (a fit then costs about a millisecond).
@@ -237,6 +249,41 @@ def gpd_excess_quantile(gamma: float, sigma: float, tail_probability: float) -> 
         return sigma / gamma * math.expm1(-gamma * log_p)
     except OverflowError:
         return math.inf
+
+
+def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
+    """The excess after which the top of ``ordered`` (sorted excesses) is a separate cluster, by
+    a gap no decreasing density leaves, or None.
+
+    A tail's density decreases (a GPD's, whatever its shape): across an empty gap of length G
+    it is at least its mean over the k points beyond the gap, spread over a range R, so about
+    k G / R points were due in the gap; none came with probability exp(-k G / R).  The largest
+    such k G / R over the gaps in the upper 60% of the peaks, with at least GAP_MIN_POINTS
+    beyond, is a cluster when it is over log(gaps tested / GAP_ALPHA).  No shape is assumed
+    (the bulk's shape, fitted to a part of the peaks, was read short on Pareto data, whose
+    own top was then taken for a cluster).  Scores on a grid (dice) have gaps of their own:
+    not tested; nor gaps narrower than the median excess (a tail rising to a cliff).  Anomalies more frequent than q that came while the tail counted everything
+    (its calibration) sat 12 nats past a normal tail whose median excess was 0.7, under the 30
+    median excesses the jump rule asks, and stretched the fit until z_q lay past them: a steady
+    0.5% of points 8-10 standard deviations out, from the start, flagged at 13-20% at
+    q = 0.001."""
+    n = len(ordered)
+    if n < GAP_MIN_PEAKS or len(np.unique(ordered)) < GAP_MIN_DISTINCT * n:
+        return None
+    first = int(math.floor((1.0 - GAP_MAX_SHARE) * n))
+    last = n - 1 - GAP_MIN_POINTS  # the gap after ordered[i], for first <= i <= last
+    if last < first:
+        return None
+    i = np.arange(first, last + 1)
+    beyond = n - 1 - i
+    gap = ordered[i + 1] - ordered[i]
+    spread = ordered[-1] - ordered[i + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        due = np.where((spread > 0.0) & (gap >= GAP_MIN_OVER_MEDIAN * ordered[n // 2]), beyond * gap / spread, 0.0)
+    best = int(np.argmax(due))
+    if due[best] <= math.log(len(i) / GAP_ALPHA):
+        return None
+    return float(ordered[i[best]])
 
 
 # ------------------------------------------------------------------ thresholds
@@ -704,16 +751,24 @@ class StreamQuantileThreshold:
         excess = scores[tail & ~is_censored] - t
         censored = np.maximum(censor[is_censored] - t, 0.0)
         n_tail = len(excess) + len(censored)
-        far = self._beyond_the_bulk(excess)
+        # An alarm counted as censored is known to be past z_q, and its own score says how far: a
+        # far cluster is found, and left out, by where its points are (alarms counted with
+        # tokens, 3 q of a steady 0.5% of anomalies, pushed z_q up round after round).
+        alarm_excess = scores[is_censored] - t
+        far = self._beyond_the_bulk(np.concatenate([excess, alarm_excess]))
         if far is not None:
-            n_far = int(np.count_nonzero(excess > far) + np.count_nonzero(censored > far))
-            excess, censored = excess[excess <= far], censored[censored <= far]
+            n_far = int(np.count_nonzero(excess > far) + np.count_nonzero(alarm_excess > far))
+            excess, censored = excess[excess <= far], censored[alarm_excess <= far]
             expected = FAR_CLUSTER_OVER_Q * self.quantile * n  # the most a tail's own far cluster holds
-            if n_far >= 3 and n_far > expected + 3.0 * math.sqrt(expected):
+            # How often the stream comes that far is told by every point that did: with the
+            # alarms left out of the counts (the tokens let 3 q of them in, under the bar).
+            left_out = self._flagged[self._flagged_index >= oldest] + moved
+            came_that_far = n_far + int(np.count_nonzero(left_out - t > far))
+            if n_far >= 3 and came_that_far > expected + 3.0 * math.sqrt(expected):
                 # Anomalies, not tail: out of the counts, and out of the stored peaks for good
                 # (as the window grows their share would fall under the bar and bring them back).
                 n_tail -= n_far
-                keep = ~np.where(np.isfinite(censor), censor - t > far, scores - t > far)
+                keep = ~(scores - t > far)
                 in_tail &= keep
                 self._scores, self._censor, self._index = [then_scores[keep]], [then_censor[keep]], [index[keep]]
                 self._rows_stale = True  # (rows of the peaks taken out go at the next _peaks)
@@ -997,7 +1052,9 @@ class StreamQuantileThreshold:
         if median <= 0.0:
             return None
         jumps = np.flatnonzero(np.diff(ordered[half:]) > BULK_GAP_OVER_MEDIAN * median)
-        return float(ordered[half + jumps[0]]) if len(jumps) else None  # the first: the bulk's end
+        if len(jumps):
+            return float(ordered[half + jumps[0]])  # the first: the bulk's end
+        return _gap_after_the_bulk(ordered)
 
     def _window_start(self) -> int:
         """The first counted point the fit may use: ``window`` points back, not before the history's
