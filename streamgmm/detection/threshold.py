@@ -262,11 +262,14 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     beyond, is a cluster when it is over log(gaps tested / GAP_ALPHA).  No shape is assumed
     (the bulk's shape, fitted to a part of the peaks, was read short on Pareto data, whose
     own top was then taken for a cluster).  Scores on a grid (dice) have gaps of their own:
-    not tested; nor gaps narrower than the median excess (a tail rising to a cliff).  Anomalies more frequent than q that came while the tail counted everything
-    (its calibration) sat 12 nats past a normal tail whose median excess was 0.7, under the 30
-    median excesses the jump rule asks, and stretched the fit until z_q lay past them: a steady
-    0.5% of points 8-10 standard deviations out, from the start, flagged at 13-20% at
-    q = 0.001."""
+    not tested; nor gaps narrower than the median excess (a tail rising to a cliff).
+
+    Anomalies more frequent than q that came while the tail counted everything (its
+    calibration) sat 12 nats past a normal tail whose median excess was 0.7, under the 30
+    median excesses the jump rule asks, and stretched the fit until z_q lay past them: a
+    steady 0.5% of points 8-10 standard deviations out, from the start, flagged at 13-20% at
+    q = 0.001.  Anomalies that overlap the tail's end leave no gap, and are taken in.
+    """
     n = len(ordered)
     if n < GAP_MIN_PEAKS or len(np.unique(ordered)) < GAP_MIN_DISTINCT * n:
         return None
