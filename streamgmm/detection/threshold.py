@@ -449,6 +449,7 @@ class StreamQuantileThreshold:
         self._point_rows: list[np.ndarray] = []
         self._point_index: list[np.ndarray] = []
         self._rescore = None  # the model's scoring of rows (set by ``update``)
+        self._model_quantile = None  # the model's density quantile at a level (set by ``update``)
         self._rows_stale = False  # peaks were taken out since the rows were last pruned
         # z_q from the peaks as they were and as the model now scores them (see ``_scored_now``),
         # and their record: (q x points, points beyond the first, beyond the second), decayed;
@@ -588,6 +589,9 @@ class StreamQuantileThreshold:
         if model.is_initialized:
             self.typical = model.typical_log_density()
             self._rescore = lambda rows: model.score_batch(rows).log_density
+            self._model_quantile = lambda level: model.density_quantile(
+                level, min(self.start.samples, max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1))),
+                random_state=model.n_seen_)
             warmup_median = getattr(model, "warmup_median_log_density_", None)
             if self.z is None and self.n_counted == 0 and warmup_median is not None:
                 # Before the first fit the start value moves down by as much as the warm-up rows
@@ -758,7 +762,7 @@ class StreamQuantileThreshold:
         # far cluster is found, and left out, by where its points are (alarms counted with
         # tokens, 3 q of a steady 0.5% of anomalies, pushed z_q up round after round).
         alarm_excess = scores[is_censored] - t
-        far = self._beyond_the_bulk(np.concatenate([excess, alarm_excess]))
+        far = self._beyond_the_bulk(np.concatenate([excess, alarm_excess]), level=t)
         if far is not None:
             n_far = int(np.count_nonzero(excess > far) + np.count_nonzero(alarm_excess > far))
             excess, censored = excess[excess <= far], censored[alarm_excess <= far]
@@ -1038,14 +1042,16 @@ class StreamQuantileThreshold:
         fitted_t, gamma, fitted_sigma = self.gpd
         return gamma, max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
 
-    def _beyond_the_bulk(self, excess: np.ndarray) -> float | None:
+    def _beyond_the_bulk(self, excess: np.ndarray, level: float = 0.0) -> float | None:
         """The excess beyond which the peaks are a separate far cluster, or None.
 
         Far: beyond a jump between consecutive excesses of more than BULK_GAP_OVER_MEDIAN times
         the median excess, in the upper half of the peaks (so the cluster is under half the tail
         and the median is the bulk's).  A fitted tail cannot be trusted to say this: the cluster
         itself stretches any fit that includes it.  A heavy tail's top spacings rarely reach it,
-        and then only its top few peaks leave the fit.
+        and then only its top few peaks leave the fit.  Or beyond a gap no decreasing density
+        leaves (``_gap_after_the_bulk``) where the model scores that far (``level`` + excess, ``level``
+        the tail's t) less often than q.
         """
         if len(excess) < 10:
             return None
@@ -1057,7 +1063,16 @@ class StreamQuantileThreshold:
         jumps = np.flatnonzero(np.diff(ordered[half:]) > BULK_GAP_OVER_MEDIAN * median)
         if len(jumps):
             return float(ordered[half + jumps[0]])  # the first: the bulk's end
-        return _gap_after_the_bulk(ordered)
+        gap = _gap_after_the_bulk(ordered)
+        if gap is None or self._model_quantile is None:
+            return None
+        # A mode of the data the model has a component for scores as far, as often as its
+        # weight: a feature non-zero in 1% of the rows (log-normal bytes of errors) put its rows
+        # past such a gap, and, taken out, they were all flagged (5.8 q at q = 0.001).  Points
+        # beyond the gap are a far cluster only where the model itself scores that far less often
+        # than q: anomalies, which no component explains.
+        model_z = self.typical - self._model_quantile(self.quantile)
+        return gap if level + gap > model_z else None
 
     def _window_start(self) -> int:
         """The first counted point the fit may use: ``window`` points back, not before the history's
