@@ -123,6 +123,29 @@ def test_reordered_fields_over_a_checkpoint_are_refused_with_both_lists(tmp_path
     assert "['a', 'b', 'c']" in last and "['b', 'a', 'c']" in last
 
 
+def test_fields_dropped_over_a_checkpoint_learned_on_names_are_refused(tmp_path):
+    # Names to none (arrays) was taken without a word (helper-56); the README says refused.
+    _, raw = _config(tmp_path)
+    _checkpoint(raw, tmp_path)
+    path, _ = _config(tmp_path, input={"fields": None, "dimension": 3})
+    code, last, stderr = _run(path)
+    assert code == 2 and "Traceback" not in stderr
+    assert "['a', 'b', 'c']" in last and "none (arrays)" in last
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_a_warm_up_too_large_for_a_state_record_is_refused_with_the_rows_that_fit(tmp_path, command):
+    # 4,000 rows of 64 features, 2 MB, failed every state record write for the whole warm-up
+    # (helper-56); at most (1,000,000 - 65,536) // 512 = 1,825 rows fit.
+    path, _ = _config(tmp_path, input={"format": "float64", "dimension": 64, "fields": None},
+                      model={"scope": "partition", "warmup": 4000}, checkpoint={"topic": "state"})
+    args = ["run", "--config", str(path)] if command == "run" else ["check-config", str(path)]
+    result = subprocess.run([sys.executable, "-m", "streamgmm", *args], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "model.warmup 4,000 rows of 64 features" in result.stderr and "at most 1,825" in result.stderr
+
+
 @pytest.mark.parametrize("section, key, value, words", [
     ("model", "n_componets", 3, "unknown key model.n_componets"),
     ("input", "dimension", "three", "input.dimension: expected an integer"),

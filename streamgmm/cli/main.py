@@ -393,6 +393,9 @@ def cmd_check_config(args) -> int:
             problems.append(str(exc))
         except (ValueError, KeyError, TypeError) as exc:  # a model of other inputs, as run says
             problems.append(f"model.init_from={config.model.init_from}: {exc}")
+    from ..service.daemon import warmup_record_problem
+
+    problems.append(warmup_record_problem(config))
     problems.append(_checkpoint_problem(config))
     for problem in filter(None, problems):
         return _fail(problem)

@@ -288,10 +288,6 @@ class Detector:
         learn_flagged = self._learn_flagged(flags)
         if self.adopting != was_adopting:
             result.adoption_changes.append(AdoptionChange(self.adopting, self.flag_rate, self.points_above))
-        # While a regime is adopted its scores count in the threshold's tail too: the model
-        # learns a spread that doubled, but its points, all flagged and kept out of the tail,
-        # stayed below a threshold made of the old regime's scores (49 q at q = 0.01).
-        self.threshold.observe(scored.log_density, flags, count_flagged=self.adopting, points=X)
         log_density = scored.log_density  # as decided: reported even if the model grows below
         # Glitches (absurd values, see ABSURD_SPREADS) are flagged and never learned, not even
         # while a regime is adopted: one of them would drag a component to it.
@@ -300,7 +296,16 @@ class Detector:
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
         learned = (learn_flagged | ~flags) & ~absurd
         marginal = self.threshold.marginal_flags(log_density, flags) & ~absurd if flags.any() else flags
-        if marginal.any() and not learn_flagged and self._flagging_just_past_too_often():
+        learn_marginal = bool(marginal.any()) and not learn_flagged and self._flagging_just_past_too_often()
+        # While a regime is adopted its scores count in the threshold's tail too: the model
+        # learns a spread that doubled, but its points, all flagged and kept out of the tail,
+        # stayed below a threshold made of the old regime's scores (49 q at q = 0.01).  So do the
+        # flagged points just past the threshold that the model learns (below): kept out as
+        # alarms (3 q of them at most), a spread growing fourfold held the threshold low, 5-9 q
+        # flagged, under the rate that adopts a regime.
+        counted_in_full = self.adopting or (marginal if learn_marginal else False)
+        self.threshold.observe(scored.log_density, flags, count_flagged=counted_in_full, points=X)
+        if learn_marginal:
             # Flagged points just past the threshold, far more of them than q before this step:
             # the threshold is a little too low, and left out of the model they feed themselves.
             # A 1-d sine's values (density lowest and flat in the middle, a tail that ends)
@@ -523,10 +528,15 @@ class Detector:
                 f"{self.config.input.dimension}: use a new checkpoint.dir for a different feature set"
             )
         fields, configured = state["input"].get("fields"), self.config.input.fields
-        if fields is not None and configured is not None and list(fields) != list(configured):
+        if (None if fields is None else list(fields)) != (None if configured is None else list(configured)):
+            # Also between names and none (arrays): objects mapped by names the model never had, or
+            # arrays in an order the names no longer pin, could feed it features in another order
+            # without a word (helper-56).  The README says a different input.fields is refused.
+            said = "none (arrays)" if configured is None else list(configured)
+            learned = "none (arrays)" if fields is None else list(fields)
             raise ValueError(
-                f"the checkpoint's model was learned on input.fields {list(fields)}, the config says "
-                f"{list(configured)}: the same names in the same order, or a new checkpoint.dir for a new feature set"
+                f"the checkpoint's model was learned on input.fields {learned}, the config says "
+                f"{said}: the same names in the same order, or a new checkpoint.dir for a new feature set"
             )
         self.model = OnlineGaussianMixture.from_dict(state["model"])
         self.restore_notes = self._take_model_settings()

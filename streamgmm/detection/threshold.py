@@ -651,22 +651,26 @@ class StreamQuantileThreshold:
         return flags & (self._score(log_density) <= reach)
 
     # -------------------------------------------------------------- the scores
-    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool = False,
+    def observe(self, log_density: np.ndarray, flags: np.ndarray, count_flagged: bool | np.ndarray = False,
                 points: np.ndarray | None = None) -> None:
         """Count one scored batch: its prequential log-densities and which were flagged.
 
-        ``count_flagged``: the flagged points count as the others (the detector is adopting a
-        new regime: its scores are the stream's from now on, which the tail must take in).
+        ``count_flagged``: the flagged points count as the others (True: the detector is adopting
+        a new regime: its scores are the stream's from now on, which the tail must take in), or
+        those of them where this mask is set (flagged points just past z_q the model learns: a
+        threshold a little too low, see ``Detector._flag_learn``).
         ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
         and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
-        if not self.calibrated or count_flagged:
+        in_full = np.asarray(count_flagged, dtype=bool) & flags if np.ndim(count_flagged) else None
+        if not self.calibrated or (in_full is None and count_flagged):
             pass  # the start is not trusted, or the flagged are a regime: every scored point counts
         elif flags.any():
-            flagged = np.flatnonzero(counted & flags)
-            counted &= ~flags
+            alarm = flags if in_full is None else flags & ~in_full
+            flagged = np.flatnonzero(counted & alarm)
+            counted &= ~alarm
             # Beyond z_far a point says nothing about where z_q should be: it is an anomaly.
             flagged = flagged[score[flagged] <= self.z_far]
             if len(flagged):
