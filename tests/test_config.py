@@ -147,6 +147,8 @@ def test_secret_files_are_read(tmp_path):
                                   "move it to kafka.producer"),
     ("consumer", {"compression.type": "lz4"}, "kafka.consumer.compression.type: a producer setting"),
     ("producer", {"fetch.wait.max.ms": 5}, "kafka.producer.fetch.wait.max.ms: a consumer setting"),
+    # A check across two settings names the one set (was "kafka.consumer or kafka.security"; helper-56).
+    ("consumer", {"max.poll.interval.ms": 1}, "kafka.consumer.max.poll.interval.ms: Failed to create consumer"),
 ])
 def test_librdkafka_settings_are_checked_without_a_broker(section, settings, message):
     from streamgmm.service.kafka import check_settings

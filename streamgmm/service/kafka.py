@@ -277,6 +277,11 @@ def _config_error(config: Config, section: str, message: str) -> str:
     name = re.search(r'property:? "?([A-Za-z0-9._-]+)"?', message)
     value = re.search(r'value "([^"]*)"', message)
     path = _user_key(config, section, name.group(1)) if name else None
+    if path is None:
+        # A check across settings names them in backquotes (`max.poll.interval.ms`must be >=
+        # `session.timeout.ms`): the first of them the user set (helper-56).
+        path = next(filter(None, (_user_key(config, section, quoted)
+                                  for quoted in re.findall(r"`([A-Za-z0-9._-]+)`", message))), None)
     if path is None and value:
         # An alias not in LIBRDKAFKA_ALIASES is found by the value librdkafka quotes.
         path = next((f"kafka.{candidate}.{key}" for candidate in (section, "security")
