@@ -572,9 +572,39 @@ def test_a_gap_is_found_before_a_cluster_past_an_exponential_tail_and_none_in_ta
     cluster = rng.uniform(20.0, 35.0, 100)  # a quarter of the peaks, 13 mean excesses past the tail's top
     gap = _gap_after_the_bulk(np.sort(np.concatenate([tail, cluster])))
     assert gap is not None and tail.max() <= gap < 20.0
+    # ... and still with a few glitches far past the cluster.
+    gap = _gap_after_the_bulk(np.sort(np.concatenate([tail, cluster, [1e6, 2e6, 5e6]])))
+    assert gap is not None and tail.max() <= gap < 20.0
     # Tails alone, however heavy or short, and a grid of scores, have none.
     for excesses in (rng.exponential(1.0, 400), stats.genpareto.rvs(0.7, size=400, random_state=seed),
                      stats.genpareto.rvs(2.0, size=400, random_state=seed), rng.uniform(0.0, 1.0, 400),
                      stats.genpareto.rvs(-0.5, size=400, random_state=seed),
                      rng.integers(0, 8, 400).astype(float) + 1.0):
         assert _gap_after_the_bulk(np.sort(excesses)) is None
+
+
+class _ModelSaying:
+    """What the threshold asks of a model for its far-cluster guard: its density quantile."""
+
+    n_seen_ = 10_000
+    n_features_in_ = 3
+
+    def __init__(self, log_density_at_q: float):
+        self.value = log_density_at_q
+
+    def density_quantile(self, quantile, n_samples, random_state=None):
+        return self.value
+
+
+@pytest.mark.parametrize("model_score_at_q, far", [(50.0, False), (10.0, True)])
+def test_a_gap_is_a_far_cluster_only_where_the_model_scores_that_far_less_often_than_q(model_score_at_q, far):
+    # The same peaks, a gap after an exponential tail and a cluster past it: a mode the model has
+    # a component for (its q-quantile score past the cluster) stays in the tail; past the model's
+    # own q-quantile it is a far cluster (a feature non-zero in 1% of the rows: 5.8 q without this).
+    rng = np.random.default_rng(0)
+    excess = np.concatenate([rng.exponential(1.0, 300), rng.uniform(20.0, 35.0, 100)])
+    threshold = StreamQuantileThreshold(0.001)
+    threshold.typical = 0.0
+    threshold._model = _ModelSaying(-model_score_at_q)  # score = typical - log-density
+    gap = threshold._beyond_the_bulk(excess, level=5.0)
+    assert (gap is not None) == far

@@ -256,8 +256,8 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     a gap no decreasing density leaves, or None.
 
     A tail's density decreases (a GPD's, whatever its shape): across an empty gap of length G
-    it is at least its mean over the k points beyond the gap, spread over a range R, so about
-    k G / R points were due in the gap; none came with probability exp(-k G / R).  The largest
+    it is at least its mean over the nearer half of the points beyond the gap, k of them spread
+    over a range R, so about k G / R points were due in the gap; none came with probability exp(-k G / R).  The largest
     such k G / R over the gaps in the upper 60% of the peaks, with at least GAP_MIN_POINTS
     beyond, is a cluster when it is over log(gaps tested / GAP_ALPHA).  No shape is assumed
     (the bulk's shape, fitted to a part of the peaks, was read short on Pareto data, whose
@@ -278,9 +278,11 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     if last < first:
         return None
     i = np.arange(first, last + 1)
-    beyond = n - 1 - i
+    # The nearer half of the points beyond each gap (at least GAP_MIN_POINTS): a few far ones past
+    # the cluster (glitches) would spread R over nothing and hide the gap.
+    beyond = np.maximum((n - 1 - i) // 2, GAP_MIN_POINTS)
     gap = ordered[i + 1] - ordered[i]
-    spread = ordered[-1] - ordered[i + 1]
+    spread = ordered[i + beyond] - ordered[i + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
         due = np.where((spread > 0.0) & (gap >= GAP_MIN_OVER_MEDIAN * ordered[n // 2]), beyond * gap / spread, 0.0)
     best = int(np.argmax(due))
@@ -449,7 +451,8 @@ class StreamQuantileThreshold:
         self._point_rows: list[np.ndarray] = []
         self._point_index: list[np.ndarray] = []
         self._rescore = None  # the model's scoring of rows (set by ``update``)
-        self._model_quantile = None  # the model's density quantile at a level (set by ``update``)
+        self._model = None  # the model, for its density quantile at q (set by ``update``)
+        self._model_z = None  # (n_seen_ when drawn, that quantile as a score), see ``_model_score_at_q``
         self._rows_stale = False  # peaks were taken out since the rows were last pruned
         # z_q from the peaks as they were and as the model now scores them (see ``_scored_now``),
         # and their record: (q x points, points beyond the first, beyond the second), decayed;
@@ -589,9 +592,7 @@ class StreamQuantileThreshold:
         if model.is_initialized:
             self.typical = model.typical_log_density()
             self._rescore = lambda rows: model.score_batch(rows).log_density
-            self._model_quantile = lambda level: model.density_quantile(
-                level, min(self.start.samples, max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1))),
-                random_state=model.n_seen_)
+            self._model = model
             warmup_median = getattr(model, "warmup_median_log_density_", None)
             if self.z is None and self.n_counted == 0 and warmup_median is not None:
                 # Before the first fit the start value moves down by as much as the warm-up rows
@@ -1068,15 +1069,27 @@ class StreamQuantileThreshold:
         if len(jumps):
             return float(ordered[half + jumps[0]])  # the first: the bulk's end
         gap = _gap_after_the_bulk(ordered)
-        if gap is None or self._model_quantile is None:
+        if gap is None or self._model is None:
             return None
         # A mode of the data the model has a component for scores as far, as often as its
         # weight: a feature non-zero in 1% of the rows (log-normal bytes of errors) put its rows
         # past such a gap, and, taken out, they were all flagged (5.8 q at q = 0.001).  Points
         # beyond the gap are a far cluster only where the model itself scores that far less often
         # than q: anomalies, which no component explains.
-        model_z = self.typical - self._model_quantile(self.quantile)
-        return gap if level + gap > model_z else None
+        return gap if level + gap > self._model_score_at_q() else None
+
+    def _model_score_at_q(self) -> float:
+        """The score (relative to the typical log-density) of the model's own density quantile at
+        q, from 20 / q draws (10,000 to 200,000), drawn again once the model has learned half a
+        window more: drawn at every re-estimate it cost 25 ms a time, twice the detector's own
+        work on a stream whose gap the model calls common (helper-57)."""
+        model = self._model
+        if self._model_z is None or model.n_seen_ - self._model_z[0] >= self.window // 2:
+            samples = int(min(200_000, max(10_000, 20.0 / self.quantile),
+                              max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1))))
+            value = model.density_quantile(self.quantile, samples, random_state=model.n_seen_)
+            self._model_z = (model.n_seen_, self.typical - value)
+        return self._model_z[1]
 
     def _window_start(self) -> int:
         """The first counted point the fit may use: ``window`` points back, not before the history's

@@ -125,10 +125,10 @@ def warmup_record_problem(config: Config) -> str | None:
     if size < limit:
         return None
     fits = max((limit - WARMUP_RECORD_OVERHEAD) // (8 * d), 0)
+    fewer = f"use model.warmup of at most {fits:,}, or " if fits >= 1 else ""
     return (f"model.warmup {m.warmup:,} rows of {d} features make state records of about {size:,} bytes while the "
-            f"model warms up, more than the producer's message.max.bytes ({limit:,}): use model.warmup of at most "
-            f"{fits:,}, or raise kafka.producer.message.max.bytes (and the max.message.bytes of topic "
-            f"{config.checkpoint.topic})")
+            f"model warms up, more than the producer's message.max.bytes ({limit:,}): {fewer}raise "
+            f"kafka.producer.message.max.bytes (and the max.message.bytes of topic {config.checkpoint.topic})")
 
 
 class Daemon:
@@ -365,7 +365,6 @@ class Daemon:
             log.warning("model.n_components or model.covariance_type is auto and %s, if it grows that large", what)
         else:
             raise StartupError(what)
-
 
     def restore(self) -> None:
         """The models from their newest checkpoints (scope: global; partition models come with
