@@ -108,6 +108,24 @@ def test_anomalies_steadily_more_frequent_than_q_from_the_start_stay_flagged(see
     assert 0.3 <= flags[~is_anomaly].mean() / q <= 2.0
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_burst_right_after_the_warm_up_is_flagged(seed):
+    # 5% of the first 5,000 points after the warm-up far out (8-10 sd): they were half the tail's
+    # peaks and more, the median excess the gap had to exceed was theirs, and 0.06-0.08 of them
+    # were flagged at q = 0.01. The gap is measured against the median excess below it.
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((20_000, 6))
+    burst = np.zeros(20_000, dtype=bool)
+    burst[1000:6000] = rng.random(5000) < 0.05
+    direction = rng.normal(size=(int(burst.sum()), 6))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    X[burst] = direction * rng.uniform(8.0, 10.0, (len(direction), 1))
+    config = config_from_dict({"input": {"format": "float64", "dimension": 6},
+                               "model": {"warmup": 1000, "random_state": seed}, "threshold": {"quantile": 0.01}})
+    flags = np.concatenate([r.flags for r in _run(Detector(config), X, batch=1000)])
+    assert flags[burst[len(burst) - len(flags):]].mean() >= 0.6
+
+
 def test_learn_from_anomalies_true_learns_everything():
     rng = np.random.default_rng(3)
     X, _ = random_mixture(3, 4, rng).sample(5000, rng)

@@ -137,7 +137,7 @@ GAP_MIN_POINTS = 10
 GAP_ALPHA = 1e-4
 GAP_MIN_PEAKS = 100
 GAP_MIN_DISTINCT = 0.9
-GAP_MAX_SHARE = 0.6
+GAP_MAX_SHARE = 0.75
 # ... and the gap at least this many median excesses wide: a tail whose density rises to a cliff
 # (a sine's values: its scores crowd at their end) has narrow gaps before the crowd, which a
 # density that only decreases would not leave (a sine at q = 0.01: 1.2 -> 2.3 q).
@@ -258,11 +258,11 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     A tail's density decreases (a GPD's, whatever its shape): across an empty gap of length G
     it is at least its mean over the k points beyond the gap, spread over a range R, so about
     k G / R points were due in the gap; none came with probability exp(-k G / R).  The largest
-    such k G / R over the gaps in the upper 60% of the peaks, with at least GAP_MIN_POINTS
+    such k G / R over the gaps in the upper 75% of the peaks, with at least GAP_MIN_POINTS
     beyond, is a cluster when it is over log(gaps tested / GAP_ALPHA).  No shape is assumed
     (the bulk's shape, fitted to a part of the peaks, was read short on Pareto data, whose
     own top was then taken for a cluster).  Scores on a grid (dice) have gaps of their own:
-    not tested; nor gaps narrower than the median excess (a tail rising to a cliff).
+    not tested; nor gaps narrower than the median excess below them (a tail rising to a cliff).
 
     Anomalies more frequent than q that came while the tail counted everything (its
     calibration) sat 12 nats past a normal tail whose median excess was 0.7, under the 30
@@ -285,7 +285,9 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     gap = ordered[i + 1] - ordered[i]
     spread = ordered[-1] - ordered[i + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        due = np.where((spread > 0.0) & (gap >= GAP_MIN_OVER_MEDIAN * ordered[n // 2]), beyond * gap / spread, 0.0)
+        # (the median excess of the bulk below each gap: a cluster that is most of the peaks, as a
+        # burst in the first points after the warm-up is, held the median of them all)
+        due = np.where((spread > 0.0) & (gap >= GAP_MIN_OVER_MEDIAN * ordered[i // 2]), beyond * gap / spread, 0.0)
     best = int(np.argmax(due))
     if due[best] <= math.log(len(i) / GAP_ALPHA):
         return None
