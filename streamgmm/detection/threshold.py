@@ -294,6 +294,21 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     return float(ordered[i[best]])
 
 
+def _draws_for(quantile: float) -> int:
+    """About 20 draws below the quantile: enough to keep the flagged fraction within a factor of
+    two of q (on a Gaussian mixture), at well under one draw per learned point."""
+    return int(min(200_000, max(10_000, 20.0 / quantile)))
+
+
+def _model_density_quantile(model: OnlineGaussianMixture, quantile: float, samples: int) -> float:
+    """The model's density quantile from ``samples`` draws seeded by its ``n_seen_`` (a replay
+    after a restart draws the same), not more than SAMPLE_VALUES values in all (each draw is a
+    row of n_features): 200,000 draws of 300 features took 1.26 GB at the end of the warm-up
+    (helper-49)."""
+    samples = min(samples, max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1)))
+    return model.density_quantile(quantile, samples, random_state=model.n_seen_)
+
+
 # ------------------------------------------------------------------ thresholds
 def _at_the_same_rank(z: float, scores: np.ndarray, other: np.ndarray) -> float:
     """The value of ``other`` (the same points scored another way) with as many of them beyond it
@@ -357,9 +372,7 @@ class ModelQuantileThreshold:
     def __init__(self, quantile: float, refresh_every: int = 50_000, samples: int | None = None):
         self.quantile = float(quantile)
         self.refresh_every = int(refresh_every)
-        # About 20 draws below the quantile: enough to keep the flagged fraction within a
-        # factor of two of q (on a Gaussian mixture), at well under one draw per learned point.
-        self.samples = int(samples) if samples else int(min(200_000, max(10_000, 20.0 / quantile)))
+        self.samples = int(samples) if samples else _draws_for(quantile)
         self.value: float | None = None
         self.refreshed_at = -1
 
@@ -370,10 +383,7 @@ class ModelQuantileThreshold:
             learned_since = model.n_seen_ - self.refreshed_at
             if learned_since < self._interval():
                 return
-        # Not more draws than SAMPLE_VALUES values in all (each draw is a row of n_features):
-        # 200,000 draws of 300 features took 1.26 GB at the end of the warm-up (helper-49).
-        samples = min(self.samples, max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1)))
-        self.value = model.density_quantile(self.quantile, samples, random_state=model.n_seen_)
+        self.value = _model_density_quantile(model, self.quantile, self.samples)
         self.refreshed_at = model.n_seen_
 
     def points_before_refresh(self, model: OnlineGaussianMixture) -> int | None:
@@ -453,8 +463,7 @@ class StreamQuantileThreshold:
         # again under the model as it is now (see ``_scored_now``).
         self._point_rows: list[np.ndarray] = []
         self._point_index: list[np.ndarray] = []
-        self._rescore = None  # the model's scoring of rows (set by ``update``)
-        self._model = None  # the model, for its density quantile at q (set by ``update``)
+        self._model = None  # the model (set by ``update``): to score stored rows again, and its density quantile
         self._model_z = None  # (n_seen_ when drawn, that quantile as a score), see ``_model_score_at_q``
         self._rows_stale = False  # peaks were taken out since the rows were last pruned
         # z_q from the peaks as they were and as the model now scores them (see ``_scored_now``),
@@ -594,7 +603,6 @@ class StreamQuantileThreshold:
         flagged at 35-50 q (helper-40).  Relative to the model, the scores stay where they were."""
         if model.is_initialized:
             self.typical = model.typical_log_density()
-            self._rescore = lambda rows: model.score_batch(rows).log_density
             self._model = model
             warmup_median = getattr(model, "warmup_median_log_density_", None)
             if self.z is None and self.n_counted == 0 and warmup_median is not None:
@@ -869,14 +877,14 @@ class StreamQuantileThreshold:
         the model (a log-Cauchy's reached 1e26), and a far peak the model learned moves on its
         own.  None while the tail is young or of infinite variance (shape >= 1/2: its far scores
         are its own), or without rows.  (The cost: see ``_rows_kept``.)"""
-        if (self._rescore is None or not self._point_index or not self.calibrated or self.gpd is None
+        if (self._model is None or not self._point_index or not self.calibrated or self.gpd is None
                 or self.gpd[1] >= 0.5):
             return None
         rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
         if not len(rows):
             return None
         position = np.searchsorted(index, row_index)  # (rows are kept for stored peaks only: _peaks)
-        moved = (self.typical - self._rescore(rows)) - scores[position]
+        moved = (self.typical - self._model.score_batch(rows).log_density) - scores[position]
         ok = np.isfinite(moved)
         if not ok.any():
             return None
@@ -1088,9 +1096,7 @@ class StreamQuantileThreshold:
         work on a stream whose gap the model calls common (helper-57)."""
         model = self._model
         if self._model_z is None or model.n_seen_ - self._model_z[0] >= self.window // 2:
-            samples = int(min(200_000, max(10_000, 20.0 / self.quantile),
-                              max(1_000, SAMPLE_VALUES // max(model.n_features_in_, 1))))
-            value = model.density_quantile(self.quantile, samples, random_state=model.n_seen_)
+            value = _model_density_quantile(model, self.quantile, _draws_for(self.quantile))
             self._model_z = (model.n_seen_, self.typical - value)
         return self._model_z[1]
 
