@@ -8,6 +8,7 @@ import re
 import time
 
 import numpy as np
+import pytest
 
 from streamgmm.detection.decode import encode
 from streamgmm.service.checkpointer import Outcome
@@ -525,6 +526,33 @@ def test_checkpoint_files_that_do_not_read_back_are_counted_and_said(tmp_path, c
         fresh.restore()
     assert fresh.metrics.value("streamgmm_checkpoints_unreadable_total") == 1
     assert "reads back intact: its model starts afresh" in caplog.text
+
+
+def test_a_newest_checkpoint_file_that_cannot_be_restored_gives_way_to_the_one_before(tmp_path, caplog):
+    # A file with a valid checksum but content this streamgmm cannot take (written by a broken
+    # tool, or another program's JSON packed alike) stopped the daemon with exit 2 while the file
+    # before it was good: now passed over like a corrupt file, counted and said.
+    from streamgmm.service.daemon import StartupError
+    from streamgmm.service.state import CheckpointStore
+
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, np.random.default_rng(3))
+    daemon._checkpoint()
+    store = CheckpointStore(tmp_path / "state")
+    store.write({"kind": "streamgmm-detector", "offsets": {"in": {"0": 2000}}})
+    fresh = _daemon(tmp_path)
+    with caplog.at_level("ERROR"):
+        fresh.restore()
+    assert fresh.detectors["global"].n_valid == daemon.detectors["global"].n_valid == 1000
+    assert fresh.metrics.value("streamgmm_checkpoints_unreadable_total") == 1
+    assert "it cannot be restored (its state record is malformed (KeyError: 'input')" in caplog.text
+    assert "falling back to the previous one" in caplog.text
+
+    # Only files this streamgmm cannot restore: the newest says why, at start (exit 2).
+    for path in store.paths()[:-1]:
+        path.unlink()
+    with pytest.raises(StartupError, match=re.escape("its state record is malformed (KeyError: 'input')")):
+        _daemon(tmp_path).restore()
 
 
 def test_the_end_of_the_warm_up_is_logged_with_the_model_it_made(tmp_path, caplog):

@@ -108,7 +108,7 @@ class StateTopic:
         self.records, self.failures, self.reads, self.timeouts = records, failures, 0, []
         self.producer = self
 
-    def load_many(self, keys=None, timeout=30.0, floors=None):
+    def load_many(self, keys=None, timeout=30.0, floors=None, restore_problem=None):
         self.reads += 1
         self.timeouts.append(timeout)
         if self.failures:
@@ -236,7 +236,7 @@ def _state(tmp_path, **change):
 class OneRecord(StateTopic):
     """The state topic holds one record, for in/1."""
 
-    def load_many(self, keys=None, timeout=30.0, floors=None):
+    def load_many(self, keys=None, timeout=30.0, floors=None, restore_problem=None):
         self.reads += 1
         return {k: v for k, v in self.records.items() if k in keys}
 
@@ -265,6 +265,51 @@ def test_a_state_record_this_config_cannot_use_stops_the_daemon_with_exit_code_2
     assert not processed  # stopping: not even the healthy partition's batch
     daemon.start_up = daemon._connect = lambda: None
     with pytest.raises(StartupError, match=re.escape(f"cannot restore the model of in/1: {says}")):
+        daemon.run()
+
+
+class FakeProducer:
+    """Acknowledges every record at once (the state records of this test are not read back)."""
+
+    def produce(self, topic, key=None, value=None, on_delivery=None):
+        pass
+
+    def flush(self, timeout=None):
+        return 0
+
+
+def test_a_newest_state_record_that_cannot_be_restored_gives_way_to_the_one_before(tmp_path, monkeypatch, caplog):
+    # helper-53: a record with a valid checksum but malformed content stopped every member its
+    # partition went to (exit 2), while the record before it was good.  Now it is passed over like
+    # a corrupt one, loudly, and only a partition with no usable record stops the daemon.
+    logs, group, records = _logs(), {}, {}
+    first, _ = _daemon(tmp_path, "a", Consumer({tp: log[:300] for tp, log in logs.items()}, group), StateTopic(records))
+    first._on_assign(_assignment())
+    _run(first, lambda: first.positions == {tp: 300 for tp in PARTITIONS})
+    first._checkpoint()
+    malformed = {"kind": "streamgmm-detector"}  # packs and checksums fine; no input section
+    log = [KeyedMessage(b"in/0", pack(records["in/0"])), KeyedMessage(b"in/1", pack(records["in/1"])),
+           KeyedMessage(b"in/0", pack(malformed))]
+    monkeypatch.setattr("streamgmm.service.state.read_topic", lambda *args, **kwargs: iter(log))
+    store = TopicStateStore("streamgmm-state", {}, producer=FakeProducer())
+    consumer = Consumer(logs, group)
+    daemon, processed = _daemon(tmp_path, "b", consumer, store)
+    daemon._on_assign(_assignment())
+    assert not daemon._stop.is_set() and not daemon.held.unrestored
+    assert "skipping state record in/0: it cannot be restored (its state record is malformed" in caplog.text
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(300, 600)})
+    assert all(daemon.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)
+
+    # Malformed records only: the newest is restored, and says why the daemon stops (exit 2).
+    log[:] = [KeyedMessage(b"in/1", pack(records["in/1"])), KeyedMessage(b"in/0", pack(malformed)),
+              KeyedMessage(b"in/0", pack({**malformed, "input": None}))]
+    daemon, processed = _daemon(tmp_path, "c", Consumer(logs, group), store)
+    daemon._on_assign(_assignment())
+    assert daemon._stop.is_set() and set(daemon.held.unrestored) == {("in", 0)}
+    daemon.start_up = daemon._connect = lambda: None
+    with pytest.raises(StartupError, match=re.escape("cannot restore the model of in/0: its state record is "
+                                                     "malformed (TypeError")):
         daemon.run()
 
 
@@ -337,7 +382,7 @@ def test_failures_count_per_partition_and_the_back_off_doubles_once_per_round(tm
     consumer = Consumer(_logs(200), {})
     daemon, _ = _daemon(tmp_path, "a", consumer, None)
 
-    def unreadable(key):
+    def unreadable(key, restore_problem=None):
         raise PermissionError(13, "Permission denied")
 
     daemon.topic_store, daemon.local.load = None, unreadable
@@ -375,7 +420,7 @@ def test_a_rewind_while_a_partition_is_held_leaves_it_paused_and_loses_nothing(t
     daemon, _ = _daemon(tmp_path, "a", consumer, None)
     failures = [3]
 
-    def second_fails(key):  # scope: partition without a state topic: a directory per partition
+    def second_fails(key, restore_problem=None):  # scope: partition without a state topic: a directory per partition
         if key == "in/1" and failures[0]:
             failures[0] -= 1
             raise PermissionError(13, "Permission denied")

@@ -143,8 +143,8 @@ class Models:
         ({tp: the error}: no retry mends them).  ``floors``: {key: {tp: the group's commit}}, a
         newer state record behind which is a stale one."""
         try:
-            states = None if self.topic_store is None else self.topic_store.load_many(set(wanted), timeout=timeout,
-                                                                                      floors=floors)
+            states = None if self.topic_store is None else self.topic_store.load_many(
+                set(wanted), timeout=timeout, floors=floors, restore_problem=lambda _key, state: self._restore_problem(state))
         except (*RESTORE_IO_ERRORS, ValueError) as exc:  # ValueError: a record of the topic unreadable as a whole
             return dict.fromkeys(wanted.values(), kafka_error_text(exc)), {}
         unreadable, unusable = {}, {}
@@ -170,8 +170,18 @@ class Models:
         log_restore_notes(f"model {key}", detector)
         return detector
 
+    def _restore_problem(self, state: dict) -> str | None:
+        """Why this config cannot restore ``state`` (None: it can).  The stores pass over such a
+        checkpoint for an older one, as over a corrupt one: a record with a valid checksum but
+        content this streamgmm cannot take otherwise stopped every member its partition went to."""
+        try:
+            Detector(self.config).restore(copy.deepcopy(state))
+        except ValueError as exc:  # the detector says every malformed state so
+            return str(exc)
+        return None
+
     def _load_local(self, key: str) -> dict | None:
-        """The newest intact checkpoint file of a model, the files skipped counted."""
-        state = self.local.load(key)
+        """The newest intact and restorable checkpoint file of a model, the files skipped counted."""
+        state = self.local.load(key, self._restore_problem)
         self.metrics.checkpoints_unreadable.inc(self.local.skipped)
         return state

@@ -178,21 +178,33 @@ class CheckpointStore:
                 log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
         return path
 
-    def newest_valid(self) -> tuple[tuple[dict, Path] | None, list[tuple[Path, str]]]:
-        """(state, path) of the newest checkpoint that reads back intact (None if there is none),
-        and each newer one that did not, with why (they are kept for inspection)."""
-        skipped = []
+    def newest_valid(self, restore_problem=None) -> tuple[tuple[dict, Path] | None, list[tuple[Path, str]]]:
+        """(state, path) of the newest checkpoint that reads back intact and that
+        ``restore_problem(state)`` (why it cannot be restored, or None) does not refuse (None if
+        there is none), and each newer one that was passed over, with why (they are kept for
+        inspection).  When every intact one is refused, the newest of them is returned, for its
+        restore to say why (a config change refuses them all)."""
+        skipped, refused = [], None
         for path in reversed(self.paths()):
             try:
-                return (read_checkpoint_file(path), path), skipped
+                state = read_checkpoint_file(path)
             except CheckpointError as exc:
                 skipped.append((path, str(exc)))
+                continue
+            why = None if restore_problem is None else restore_problem(state)
+            if why is None:
+                return (state, path), skipped
+            refused = refused or ((state, path), len(skipped))
+            skipped.append((path, f"it cannot be restored ({why})"))
+        if refused is not None:
+            found, passed = refused
+            return found, skipped[:passed]
         return None, skipped
 
-    def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest checkpoint that reads back intact, or None; each one skipped is an error
-        in the log."""
-        found, skipped = self.newest_valid()
+    def load_latest(self, restore_problem=None) -> tuple[dict, Path] | None:
+        """The newest checkpoint that reads back intact (and restores, see ``newest_valid``), or
+        None; each one skipped is an error in the log."""
+        found, skipped = self.newest_valid(restore_problem)
         self.skipped = len(skipped)
         for n, (path, why) in enumerate(skipped, 1):
             older = found is not None or n < len(skipped)
@@ -277,9 +289,11 @@ class LocalStateStore:
         # marker): a second try after another daemon took the directory wrote into it (helper-42).
         self.lock()  # CheckpointError if another daemon holds it now, or it cannot be made
 
-    def load(self, key: str) -> dict | None:
+    def load(self, key: str, restore_problem=None) -> dict | None:
+        """The newest intact checkpoint of ``key`` that ``restore_problem`` does not refuse
+        (see ``CheckpointStore.newest_valid``)."""
         store = self.store_for(key)
-        found = store.load_latest()
+        found = store.load_latest(restore_problem)
         self.skipped = store.skipped
         if found is None and store.skipped:
             log.error("no checkpoint of %s in %s reads back intact: its model starts afresh with a new warm-up, "
@@ -425,9 +439,14 @@ class TopicStateStore:
             raise CheckpointError(f"state topic {self.topic}: {pending} record(s) unacknowledged after "
                                   f"{time.monotonic() - started:.0f} s, {len(failed)} failed {failed[:3]}")
 
-    def load_many(self, keys=None, timeout: float = 30.0, floors: dict | None = None) -> dict[str, dict]:
+    def load_many(self, keys=None, timeout: float = 30.0, floors: dict | None = None,
+                  restore_problem=None) -> dict[str, dict]:
         """The newest readable state per key (every key when ``keys`` is None); a corrupt newest
-        record falls back to the one before.
+        record falls back to the one before, and so does one that ``restore_problem(key, state)``
+        (why it cannot be restored, or None) refuses: a record with a valid checksum but content
+        this streamgmm cannot take stopped every member the partition went to (helper-53).  When
+        no record is taken, the newest refused one is returned, for its restore to say why (a
+        config change refuses them all).
 
         ``floors``: {key: {(topic, partition): the group's committed offset}}.  A record behind
         the commit of one of its partitions is passed over for an older one at or past it: a
@@ -445,12 +464,17 @@ class TopicStateStore:
         found = {}
         for key in sorted(values) if keys is None else keys:
             floor = (floors or {}).get(key, {})
-            passed_over, newest = 0, None
+            passed_over, newest, refused = 0, None, None
             for value in reversed(values.get(key, ())):
                 try:
                     state = unpack(value, f"{self.topic} record {key}")
                 except CheckpointError as exc:
                     log.error("skipping state record %s: %s; trying the previous one", key, exc)
+                    continue
+                why = None if restore_problem is None else restore_problem(key, state)
+                if why is not None:
+                    log.error("skipping state record %s: it cannot be restored (%s); trying the previous one", key, why)
+                    refused = refused or state
                     continue
                 if _reaches(state, floor):
                     found[key] = state
@@ -464,6 +488,8 @@ class TopicStateStore:
             else:
                 if newest is not None:  # none reaches the commit: the newest, resumed at the commit
                     found[key] = newest
+                elif refused is not None:
+                    found[key] = refused
         return found
 
 
