@@ -764,3 +764,20 @@ def test_with_latest_nothing_is_new_while_the_cluster_cannot_list_its_partitions
     daemon._on_assign(_assignment())  # ("in", 1): another member's, never committed
     assert group == {("in", 0): 300, ("in", 1): 300}  # both at their end
     assert daemon._partitions_at_start is None  # asked again at the next assignment
+
+
+def test_a_scan_of_every_key_says_other_programs_records_once_without_an_error_each(tmp_path, monkeypatch, caplog):
+    # `inspect --topic` over a state topic another program also writes to logged an ERROR for each
+    # of its records (helper-53); a damaged record of streamgmm's own is still an ERROR.
+    good = pack(_state(tmp_path))
+    log = [KeyedMessage(b"in/0", good), KeyedMessage(b"in/1", good[:-10])]
+    log += [KeyedMessage(f"app-{i}".encode(), b'{"hello": 1}') for i in range(7)]
+    monkeypatch.setattr("streamgmm.service.state.read_topic", lambda *args, **kwargs: iter(log))
+    with caplog.at_level("WARNING"):
+        found = TopicStateStore("streamgmm-state", {}, producer=None).load_many()
+    assert set(found) == {"in/0"}
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "in/1" in errors[0] and "truncated" in errors[0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["topic streamgmm-state: 7 key(s) hold no streamgmm state, only records of another program "
+                        "(app-0, app-1, app-2, app-3, app-4, ...): left out"]

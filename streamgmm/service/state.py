@@ -461,11 +461,14 @@ class TopicStateStore:
                 key = message.key().decode()
                 if wanted is None or key in wanted:  # the newest few of each: the topic may hold thousands
                     values.setdefault(key, deque(maxlen=STATE_RECORDS_TRIED)).append(message.value())
-        found = {}
+        found, foreign = {}, []
         for key in sorted(values) if keys is None else keys:
             floor = (floors or {}).get(key, {})
             passed_over, newest, refused = 0, None, None
             for value in reversed(values.get(key, ())):
+                if keys is None and not value.startswith(MAGIC):  # another program's record, in a scan
+                    foreign.append(key)  # of every key (inspect): said once below, not an ERROR each
+                    continue
                 try:
                     state = unpack(value, f"{self.topic} record {key}")
                 except CheckpointError as exc:
@@ -490,6 +493,9 @@ class TopicStateStore:
                     found[key] = newest
                 elif refused is not None:
                     found[key] = refused
+        if foreign := sorted(set(foreign) - set(found)):
+            log.warning("topic %s: %d key(s) hold no streamgmm state, only records of another program (%s%s): left "
+                        "out", self.topic, len(foreign), ", ".join(foreign[:5]), ", ..." if len(foreign) > 5 else "")
         return found
 
 
