@@ -51,7 +51,10 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         ({"kafka": {"dead_letter_max_bytes": 3_000_000}},
          "kafka.dead_letter_max_bytes: 3000000 is not allowed; use at most half the producer's message.max.bytes (1000000)"),
         ({"kafka": {"producer": {"message.max.bytes": 100_000}}},
-         "kafka.dead_letter_max_bytes: 65536 is not allowed; use at most half the producer's message.max.bytes (100000)"),
+         "kafka.producer.message.max.bytes: 100000 is not allowed; use at least twice kafka.dead_letter_max_bytes "
+         "(131072), or lower that"),
+        ({"kafka": {"producer": {"message.max.bytes": 100_000}, "dead_letter_max_bytes": 60_000}},
+         "kafka.dead_letter_max_bytes: 60000 is not allowed; use at most half the producer's message.max.bytes (100000)"),
     ],
 )
 def test_invalid_config_names_the_key_and_value(raw, message):

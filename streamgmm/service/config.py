@@ -421,9 +421,11 @@ def _takes_text(tp) -> bool:
 
 def _value(config: Config, path: str):
     """The value at a key path such as ``kafka.bootstrap_servers[1]``."""
-    section, key = path.split(".")
+    section, key, *librdkafka = path.split(".")  # kafka.producer.message.max.bytes: a librdkafka key
     key, _, index = key.partition("[")
     value = getattr(getattr(config, section), key)
+    if librdkafka:
+        return value.get(".".join(librdkafka))
     return value[int(index[:-1])] if index else value
 
 
@@ -553,6 +555,11 @@ def _rules(config: Config):
            "use a number > 0 and <= kafka.retry_backoff_max_seconds")
     yield "kafka.dead_letter_max_bytes", k.dead_letter_max_bytes >= 0, "use a number of bytes >= 0"
     producer_limit = _producer_message_max_bytes(k)
+    if k.dead_letter_max_bytes == KafkaConfig.dead_letter_max_bytes:  # left at its default: the producer's
+        # limit is what was set (helper-56: a message.max.bytes of 1000 named kafka.dead_letter_max_bytes)
+        yield ("kafka.producer.message.max.bytes", producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit,
+               f"use at least twice kafka.dead_letter_max_bytes ({2 * k.dead_letter_max_bytes}), or lower that: a dead "
+               "letter also carries the input's key and headers, and a record over this limit can never be produced")
     yield ("kafka.dead_letter_max_bytes", producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit,
            f"use at most half the producer's message.max.bytes ({producer_limit}): the dead letter also carries "
            "the input's key and headers, and a record over that limit can never be produced")
