@@ -647,6 +647,9 @@ def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_
     monkeypatch.setattr(state_module, "write_atomically", disk_full)
     assert daemon._checkpoint().name == "WRITTEN"
     assert group == {tp: 300 for tp in PARTITIONS} and len(store.log) == 2
+    # Counted where an operator looks (it was a WARNING only), and not as a failed checkpoint.
+    assert daemon.metrics.value("streamgmm_checkpoint_local_copy_failures_total") == 1
+    assert daemon.metrics.value("streamgmm_checkpoint_failures_total") == 0
 
 
 def test_a_partition_whose_position_is_past_the_end_of_its_log_is_said_not_ready(tmp_path, monkeypatch, caplog):

@@ -145,6 +145,9 @@ class Metrics:
             "(truncated, corrupt, another format): an older one, or a new model, was used instead.")
         self.checkpoints = counter("checkpoints_written", "Checkpoints written successfully.")
         self.checkpoint_failures = counter("checkpoint_failures", "Checkpoint attempts that failed (retried).")
+        self.checkpoint_copy_failures = counter(
+            "checkpoint_local_copy_failures",
+            "Checkpoints written to the state topic whose local copy in checkpoint.dir failed (scope: partition).")
         self.checkpoint_last_success = gauge("checkpoint_last_success_timestamp_seconds",
                                              "Unix time of the last successful checkpoint.")
         self.checkpoint_seconds = histogram(
