@@ -179,6 +179,12 @@ def test_load_refuses_a_corrupt_or_foreign_state(tmp_path):
         OnlineGaussianMixture.from_dict({**state, "S1": np.zeros((1, 2))})
     with pytest.raises(ValueError, match=re.escape("state entry 'S0' contains NaN or infinity")):
         OnlineGaussianMixture.from_dict({**state, "S0": np.array([np.nan, 1.0])})
+    # Values no model learns (helper-58: negated masses restored silently, then flagged 67% of
+    # normal points): refused, for the state stores to fall back to an older checkpoint.
+    with pytest.raises(ValueError, match=re.escape("state entry 'S0' (the components' masses) must be >= 0")):
+        OnlineGaussianMixture.from_dict({**state, "S0": -state["S0"]})
+    with pytest.raises(ValueError, match="give covariances that are not positive definite"):
+        OnlineGaussianMixture.from_dict({**state, "S2": -state["S2"]})
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="cannot read model state"):

@@ -477,7 +477,7 @@ class TopicStateStore:
                 why = None if restore_problem is None else restore_problem(key, state)
                 if why is not None:
                     log.error("skipping state record %s: it cannot be restored (%s); trying the previous one", key, why)
-                    refused = refused or state
+                    refused = state if refused is None else refused  # (the newest: it may be falsy, {})
                     continue
                 if _reaches(state, floor):
                     found[key] = state
