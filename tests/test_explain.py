@@ -1,5 +1,6 @@
 """Explanations of anomalies: the math against naive references, and the shifted-feature check."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -271,6 +272,21 @@ def test_a_normal_range_does_not_reach_past_the_values_the_model_learned():
     assert min(t["normal_range"][0] for d in unbounded for t in d["top_features"] if t["name"] == "latency") < 0
     restored = OnlineGaussianMixture.from_dict(model.to_dict())
     np.testing.assert_array_equal(restored.data_min_, model.data_min_)
+
+
+def test_an_expected_value_is_never_outside_its_own_normal_range():
+    # A request size was "expected" at -5,808 bytes beside a normal range of [27.7, 11,864]
+    # (helper-59): the range was held to the values learned, the expected value was not.
+    covariance = np.array([[2500.0, 25.0], [25.0, 1.0]])  # size (sd 50) and a partner, correlation 0.5
+    geometry = dataclasses.replace(component_geometry([1.0], [[10.0, 0.0]], covariance[np.newaxis], "full"),
+                                   low=np.array([1.0, -4.0]), high=np.array([1000.0, 4.0]))
+    point = np.array([[500.0, -5.0]])  # given the partner, the Gaussian expects 10 - 0.5 * 50 * 5 = -115
+    explanation = explain(point, geometry, n_top=1)
+    assert explanation.expected[0, 0] == pytest.approx(-115.0)
+    feature = explanation_documents(point, explanation, geometry, ["size", "partner"])[0]["top_features"][0]
+    low, high = feature["normal_range"]
+    assert 1.0 <= low <= feature["expected"] <= high
+    assert feature["expected"] == low and feature["z"] == pytest.approx(explanation.z[0, 0])
 
 
 def test_an_expected_value_names_the_feature_it_leans_on():

@@ -122,6 +122,9 @@ ROW_VALUES_KEPT = 25_000
 MIN_ROWS_KEPT = 100
 # Fewer peaks than this: no stream estimate yet.
 MIN_PEAKS = 30
+# Scores within this many nats (a density ratio of 1%) are one value of the data, moved by the
+# model's learning, not a tail (see StreamQuantileThreshold._beyond_the_bulk).
+ATOM_NATS = 0.01
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
 # anomalies more frequent than q that the history took in (during calibration, or in a
 # sustained flow).  They leave the fit and the counts (see _beyond_the_bulk).
@@ -1078,7 +1081,12 @@ class StreamQuantileThreshold:
             return None
         jumps = np.flatnonzero(np.diff(ordered[half:]) > BULK_GAP_OVER_MEDIAN * median)
         if len(jumps):
-            return float(ordered[half + jumps[0]])  # the first: the bulk's end
+            far = float(ordered[half + jumps[0]])  # the first: the bulk's end
+            # A bulk narrower than ATOM_NATS is one value, not a tail: counts of Poisson(0.05)
+            # (95% zeros) drift a few thousandths of a nat in score as the model learns, the ones
+            # (4.75%) 3.6 nats past them were taken out as anomalies, and z_q, read from the
+            # zeros alone, sat among them: every point flagged for 20,000 rows (helper-59).
+            return far if far - ordered[0] >= ATOM_NATS else None
         gap = _gap_after_the_bulk(ordered)
         if gap is None or self._model is None:
             return None
