@@ -105,6 +105,10 @@ STALE_RATIO = 4.0
 STALE_MIN_EXPECTED = 40.0
 # ... or none came where at least this many were expected.
 STALE_NONE_EXPECTED = 25.0
+# At least this many older peaks scored again to say the tail is not stale (_still_unusual).
+STALE_MIN_ROWS = 20
+# ... unless the span's flagged points left out of the tail were more than this many q.
+STALE_FLAGGED_OVER_Q = 2.0
 # The fitted z_q gives way to the window's own (1 - q) quantile where at least this many of its
 # scores are expected beyond z_q and so few lie beyond it that a Poisson count of that mean
 # comes that low with a probability under EMPIRICAL_P (see ``_held_to_the_window``).  From 10
@@ -768,7 +772,7 @@ class StreamQuantileThreshold:
         top = -np.partition(-scores, kth) if kth else scores
         t = max(float(top[above]) if len(top) > above else floor, floor)
         collect = float(top[twice]) if len(top) > twice else None
-        if self._stale(scores, index, t, oldest):
+        if self._stale(scores, index, t, oldest) and not self._still_unusual(scores, index, t):
             self._restart_history()
             return
         tail = scores > t
@@ -1026,6 +1030,42 @@ class StreamQuantileThreshold:
         if recent == 0 and expected >= STALE_NONE_EXPECTED:
             return True
         return expected >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO
+
+    def _still_unusual(self, scores: np.ndarray, index: np.ndarray, t: float) -> bool:
+        """Whether the older peaks over t (those before the last re-estimate's span; ``scores``,
+        what t was read from), scored again by the current model, mostly still lie over t (moved
+        as the recent peaks moved): the model has not learned them, so a span with few peaks is a
+        quiet spell of the stream, not a stale tail.  A daily cycle (load peaking in the afternoon) put the evening's few peaks
+        under a quarter of the window's rate, the tail was let go every evening, and the next
+        day's peak was judged against the night's scores: 8-10 q flagged at q = 0.001 (helper-59).
+        Without rows to score again, False (the rate alone decides, as before); nor while the
+        span flagged far more than q (STALE_FLAGGED_OVER_Q, beyond the alarms the tail counts):
+        then the threshold is too low, and calibrating again is what mends it (the ones of
+        Poisson(0.05) counts, 4.75% of the points, were 60-80% flagged at q = 0.001, 29 q, when
+        the tail was kept because they are still unusual)."""
+        if self._model is None or not self._point_index:
+            return False
+        start = self.n_counted - self._interval()
+        left_out = np.count_nonzero(self._flagged_index >= start)
+        if left_out > STALE_FLAGGED_OVER_Q * self.quantile * self._interval():
+            return False
+        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
+        position = np.searchsorted(index, row_index)
+        known = (position < len(index)) & (index[np.minimum(position, len(index) - 1)] == row_index)
+        rows, row_index, position = rows[known], row_index[known], position[known]
+        if not len(rows):
+            return False
+        then = scores[position]
+        old = (row_index < start) & (then > t)
+        if np.count_nonzero(old) < STALE_MIN_ROWS:
+            return False
+        recent = row_index >= start
+        look = old | recent
+        now = self.typical - self._model.score_batch(rows[look]).log_density
+        moved = now - then[look]
+        drift = float(np.median(moved[recent[look]])) if recent.any() else 0.0
+        still = now[old[look]] > t + drift
+        return bool(np.count_nonzero(still) >= 0.5 * np.count_nonzero(old))
 
     def _restart_history(self) -> None:
         """Too few peaks even to place t: the scores have moved below the collection level (the
