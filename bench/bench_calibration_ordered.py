@@ -29,20 +29,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_calibration import _Batch  # noqa: E402
 from streamgmm.detection.detector import Detector  # noqa: E402
+from streamgmm.dev.synthetic import daily_load  # noqa: E402
 from streamgmm.service.config import config_from_dict  # noqa: E402
 
 QUANTILES = (0.01, 0.001)
 N = 80_000
-
-
-def daily_load(n, rng, days=4.0):
-    """Requests over ``days`` days in time order, their rate peaking in the afternoon."""
-    grid = rng.uniform(0.0, 24.0 * days, int(1.9 * n))
-    keep = rng.random(len(grid)) < (1.0 + 0.8 * np.sin(2.0 * np.pi * (grid - 9.0) / 24.0)) / 1.8
-    hours = np.sort(grid[keep])[:n] % 24.0
-    rps = 1000.0 * (1.0 + 0.8 * np.sin(2.0 * np.pi * (hours - 9.0) / 24.0)) * (1.0 + 0.05 * rng.normal(size=n))
-    latency = (20.0 + 30.0 * (rps / 1800.0) ** 3) * rng.lognormal(0.0, 0.2, n)
-    return np.column_stack([np.sin(2.0 * np.pi * hours / 24.0), np.cos(2.0 * np.pi * hours / 24.0), rps, latency])
 
 
 def daily_load_shuffled(n, rng):

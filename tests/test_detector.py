@@ -12,7 +12,7 @@ import pytest
 from streamgmm.service.config import ConfigError, config_from_dict
 from streamgmm.detection.decode import encode
 from streamgmm.detection.detector import Detector, InputRecord
-from streamgmm.dev.synthetic import random_mixture
+from streamgmm.dev.synthetic import daily_load, random_mixture
 
 
 def _records(X, topic="in", partition=0, start=0, fmt="float64"):
@@ -129,8 +129,8 @@ def test_a_burst_right_after_the_warm_up_is_flagged(seed):
 def test_the_most_common_value_of_a_count_is_never_flagged():
     # Poisson(0.05) counts, 1-d: 95% zeros, 4.75% ones. The zeros' scores drift by thousandths of
     # a nat as the model learns; the ones, 3.6 nats past them, were taken out of the tail as a far
-    # cluster of anomalies, z_q was read from the zeros alone and sat among them, and every point
-    # was flagged from row 34,000 (28 q over 80,000 rows; helper-59).
+    # cluster of anomalies, z_q was read from the zeros alone and sat among them: zeros flagged
+    # from row 18,857, every point from row 35,000 (28 q over 80,000 rows; helper-59).
     X = np.random.default_rng(0).poisson(0.05, 40_000).astype(float)[:, np.newaxis]
     config = config_from_dict({"input": {"format": "float64", "dimension": 1}, "threshold": {"quantile": 0.01}})
     flags = np.concatenate([r.flags for r in _run(Detector(config), X, batch=1000)])
@@ -150,22 +150,11 @@ def test_a_threshold_that_flags_far_more_than_q_is_calibrated_again_even_on_a_ta
     assert flags[-20_000:].mean() <= 3 * 0.001
 
 
-def _daily_load(n, rng, days=4.0):
-    """Requests over ``days`` days in time order, their rate peaking in the afternoon: the hour
-    (as sine and cosine), requests per second and a latency that grows with the load."""
-    grid = rng.uniform(0.0, 24.0 * days, int(1.9 * n))
-    keep = rng.random(len(grid)) < (1.0 + 0.8 * np.sin(2.0 * np.pi * (grid - 9.0) / 24.0)) / 1.8
-    hours = np.sort(grid[keep])[:n] % 24.0
-    rps = 1000.0 * (1.0 + 0.8 * np.sin(2.0 * np.pi * (hours - 9.0) / 24.0)) * (1.0 + 0.05 * rng.normal(size=n))
-    latency = (20.0 + 30.0 * (rps / 1800.0) ** 3) * rng.lognormal(0.0, 0.2, n)
-    return np.column_stack([np.sin(2.0 * np.pi * hours / 24.0), np.cos(2.0 * np.pi * hours / 24.0), rps, latency])
-
-
 def test_a_daily_cycle_is_not_taken_for_a_stale_tail_every_evening():
     # The evening's few high scores, under a quarter of the window's rate, let the tail go every
     # day, and the next afternoon's peak was judged against the night's scores: 8-10 q flagged
     # on the third and fourth days (helper-59). The older peaks, scored again, are still unusual.
-    X = _daily_load(80_000, np.random.default_rng(0))
+    X = daily_load(80_000, np.random.default_rng(0))
     config = config_from_dict({"input": {"format": "float64", "dimension": 4}, "threshold": {"quantile": 0.001}})
     flags = np.concatenate([r.flags for r in _run(Detector(config), X, batch=1000)])
     assert flags[-20_000:].mean() <= 5 * 0.001
@@ -928,3 +917,15 @@ def test_a_fitted_tail_that_overshoots_the_windows_own_quantile_gives_way_to_it(
     X = np.random.default_rng(5000 + seed).exponential(1.0, (51_000, 1))
     ratio, _ = _flagged_share(X, 0.01, seed)
     assert 0.5 <= ratio <= 2.0, f"{ratio:.2f} q flagged"
+
+
+def test_a_state_holding_numbers_no_model_holds_is_refused_as_malformed():
+    # "n_seen": Infinity is valid JSON; int() of it overflowed past the restore's error handling
+    # and out of the rebalance callback, where the state stores would have passed it over
+    # (review of the eleventh session).
+    detector = Detector(_config())
+    _run(detector, np.random.default_rng(5).normal(size=(600, 4)))
+    state = detector.state(5.0)
+    state["model"]["n_seen"] = float("inf")
+    with pytest.raises(ValueError, match=r"its state record is malformed \(OverflowError"):
+        Detector(_config()).restore(state)

@@ -296,7 +296,8 @@ def test_a_newest_state_record_that_cannot_be_restored_gives_way_to_the_one_befo
     daemon, processed = _daemon(tmp_path, "b", consumer, store)
     daemon._on_assign(_assignment())
     assert not daemon._stop.is_set() and not daemon.held.unrestored
-    assert "skipping state record in/0: it cannot be restored (its state record is malformed" in caplog.text
+    assert ("state in/0: passing over 1 newer record(s) that cannot be restored (its state record is malformed"
+            in caplog.text)
     _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
     assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(300, 600)})
     assert all(daemon.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)
@@ -304,9 +305,11 @@ def test_a_newest_state_record_that_cannot_be_restored_gives_way_to_the_one_befo
     # Malformed records only: the newest is restored, and says why the daemon stops (exit 2).
     log[:] = [KeyedMessage(b"in/1", pack(records["in/1"])), KeyedMessage(b"in/0", pack(malformed)),
               KeyedMessage(b"in/0", pack({**malformed, "input": None}))]
+    caplog.clear()
     daemon, processed = _daemon(tmp_path, "c", Consumer(logs, group), store)
     daemon._on_assign(_assignment())
     assert daemon._stop.is_set() and set(daemon.held.unrestored) == {("in", 0)}
+    assert "passing over" not in caplog.text  # (none restores: the newest's restore says why, once)
     daemon.start_up = daemon._connect = lambda: None
     with pytest.raises(StartupError, match=re.escape("cannot restore the model of in/0: its state record is "
                                                      "malformed (TypeError")):
@@ -650,6 +653,17 @@ def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_
     # Counted where an operator looks (it was a WARNING only), and not as a failed checkpoint.
     assert daemon.metrics.value("streamgmm_checkpoint_local_copy_failures_total") == 1
     assert daemon.metrics.value("streamgmm_checkpoint_failures_total") == 0
+    # When the topic does not take it either, it is a failed checkpoint, and only that.
+    from streamgmm.service.state import CheckpointError
+
+    def unacknowledged(timeout, give_up=None):
+        raise CheckpointError("state topic streamgmm-state: 2 record(s) unacknowledged after 30 s")
+
+    store.flush = unacknowledged
+    daemon.checkpointer.pending_messages = 1  # (as after more messages)
+    assert daemon._checkpoint().name == "FAILED"
+    assert daemon.metrics.value("streamgmm_checkpoint_local_copy_failures_total") == 1
+    assert daemon.metrics.value("streamgmm_checkpoint_failures_total") == 1
 
 
 def test_a_partition_whose_position_is_past_the_end_of_its_log_is_said_not_ready(tmp_path, monkeypatch, caplog):

@@ -481,7 +481,9 @@ class Detector:
         """Take over a ``state()``; ValueError if it is not one this config can use."""
         try:
             self._restore(state)
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:  # a record of another shape
+        # A record of another shape; or numbers no model holds ("n_seen": Infinity is valid JSON
+        # and overflowed int(): review of the eleventh session).
+        except (KeyError, TypeError, IndexError, AttributeError, ArithmeticError) as exc:
             raise ValueError(f"its state record is malformed ({type(exc).__name__}: {exc}); point "
                              "checkpoint.dir (or checkpoint.topic) at a new one to start afresh") from None
 

@@ -276,12 +276,13 @@ def explanation_documents(X, explanation: Explanation, geometry: ComponentGeomet
         if geometry.low is not None:
             # Not past what the model ever learned: a latency's range went below zero, a count's
             # below 0, a share's past 1 (the Gaussian does not know the feature's limits).
-            # (Where the expected value itself lies beyond them, the range is left as it is.)
+            # (Where the whole range lies beyond them, it is left as it is.)
             low, high = np.maximum(lo, geometry.low[e.top]), np.minimum(hi, geometry.high[e.top])
             inside = low <= high
             lo, hi = np.where(inside, low, lo), np.where(inside, high, hi)
             # Nor the expected value: a request size "expected" at -5,808 bytes beside a normal
-            # range of [27.7, 11,864] (helper-59).  It is the nearest value of that range.
+            # range of [27.7, 11,864] (helper-59).  It is the nearest value of that range; z is
+            # still the component's (from its own expectation), as the README says.
             expected = np.where(inside, np.clip(expected, lo, hi), expected)
         lo, hi = lo.tolist(), hi.tolist()
     values = np.take_along_axis(np.asarray(X, dtype=float), e.top, axis=1).tolist()

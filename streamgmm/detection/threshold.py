@@ -109,6 +109,7 @@ STALE_NONE_EXPECTED = 25.0
 STALE_MIN_ROWS = 20
 # ... unless the span's flagged points left out of the tail were more than this many q.
 STALE_FLAGGED_OVER_Q = 2.0
+STALE_FLAGGED_MIN = 10
 # The fitted z_q gives way to the window's own (1 - q) quantile where at least this many of its
 # scores are expected beyond z_q and so few lie beyond it that a Poisson count of that mean
 # comes that low with a probability under EMPIRICAL_P (see ``_held_to_the_window``).  From 10
@@ -299,6 +300,16 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     if due[best] <= math.log(len(i) / GAP_ALPHA):
         return None
     return float(ordered[i[best]])
+
+
+def _level_over(scores: np.ndarray, above: int, floor: float, partitioned: bool = False) -> float:
+    """The score with ``above`` scores over it (``floor`` if there are not that many), at least
+    ``floor``.  ``partitioned``: ``scores`` already has its largest first, in order, down to
+    that rank (``np.partition`` of the negated scores)."""
+    if len(scores) <= above:
+        return floor
+    top = scores if partitioned else -np.partition(-scores, above)
+    return max(float(top[above]), floor)
 
 
 def _draws_for(quantile: float) -> int:
@@ -770,11 +781,14 @@ class StreamQuantileThreshold:
         # next time (lower if there were too few stored).
         kth = [k for k in (above, twice) if k < len(scores)]
         top = -np.partition(-scores, kth) if kth else scores
-        t = max(float(top[above]) if len(top) > above else floor, floor)
+        t = _level_over(top, above, floor, partitioned=True)
         collect = float(top[twice]) if len(top) > twice else None
-        if self._stale(scores, index, t, oldest) and not self._still_unusual(scores, index, t):
-            self._restart_history()
-            return
+        stale_since = self._stale_since(scores, index, t, oldest)
+        if stale_since is not None:
+            t_then = t if scores is then_scores else _level_over(then_scores, above, floor - moved)
+            if not self._still_unusual(then_scores, index, t_then, stale_since):
+                self._restart_history()
+                return
         tail = scores > t
         in_tail = tail.copy()  # the peaks the tail's count holds
         is_censored = np.isfinite(censor) & tail
@@ -1006,9 +1020,10 @@ class StreamQuantileThreshold:
             return z  # (the tail holds fewer than q n: the fit's z is past all of it anyway)
         return float(-np.partition(-tail_scores, m)[m])
 
-    def _stale(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> bool:
-        """Whether the window's tail no longer describes the stream: over the last re-estimate's
-        span, far fewer scores came above t than the window's own rate says (a quarter, with at
+    def _stale_since(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> int | None:
+        """Where the span begins (a count of scored points) over which the window's tail no
+        longer describes the stream, or None: over the last re-estimate's span (longer where
+        few peaks are expected), far fewer scores came above t than the window's own rate says (a quarter, with at
         least STALE_MIN_EXPECTED expected, so chance alone does not: Poisson(40) <= 10 is 2e-9).
         A change the model has since learned (a new regime during calibration: its first
         scores filled the tail) would otherwise hold t and z_q far above every later score for a
@@ -1024,30 +1039,32 @@ class StreamQuantileThreshold:
         span = max(self._interval(), math.ceil(STALE_NONE_EXPECTED / rate) if rate > 0 else 0)
         start = self.n_counted - span
         if start <= oldest:
-            return False  # the window is all recent: no older tail to be stale
+            return None  # the window is all recent: no older tail to be stale
         expected = rate * span
         recent = int(np.count_nonzero(above & (index >= start)))
         if recent == 0 and expected >= STALE_NONE_EXPECTED:
-            return True
-        return expected >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO
+            return start
+        return start if expected >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO else None
 
-    def _still_unusual(self, scores: np.ndarray, index: np.ndarray, t: float) -> bool:
-        """Whether the older peaks over t (those before the last re-estimate's span; ``scores``,
-        what t was read from), scored again by the current model, mostly still lie over t (moved
-        as the recent peaks moved): the model has not learned them, so a span with few peaks is a
-        quiet spell of the stream, not a stale tail.  A daily cycle (load peaking in the afternoon) put the evening's few peaks
-        under a quarter of the window's rate, the tail was let go every evening, and the next
-        day's peak was judged against the night's scores: 8-10 q flagged at q = 0.001 (helper-59).
-        Without rows to score again, False (the rate alone decides, as before); nor while the
-        span flagged far more than q (STALE_FLAGGED_OVER_Q, beyond the alarms the tail counts):
-        then the threshold is too low, and calibrating again is what mends it (the ones of
-        Poisson(0.05) counts, 4.75% of the points, were 60-80% flagged at q = 0.001, 29 q, when
-        the tail was kept because they are still unusual)."""
+    def _still_unusual(self, then_scores: np.ndarray, index: np.ndarray, t_then: float, start: int) -> bool:
+        """Whether the peaks over ``t_then`` before ``start`` (the span ``_stale_since`` judged;
+        ``then_scores``: the peaks as they were scored, ``t_then`` read from them), scored again
+        by the current model, mostly still lie over it (moved as the span's peaks moved): the
+        model has not learned them, so a span with few peaks is a quiet spell of the stream,
+        not a stale tail.  A daily cycle (load peaking in the afternoon) put the evening's few
+        peaks under a quarter of the window's rate, the tail was let go every evening, and the
+        next day's peak was judged against the night's scores: 8-10 q flagged at q = 0.001
+        (helper-59).  Without rows to score again, False (the rate alone decides, as before);
+        nor while the span flagged far more than q beyond the alarms the tail counts
+        (STALE_FLAGGED_OVER_Q, and over STALE_FLAGGED_MIN: a few anomalies in a quiet evening are
+        not that): then the threshold is too low, and calibrating again is what mends it (the ones of Poisson(0.05) counts, 4.75%
+        of the points, were 60-80% flagged at q = 0.001, 29 q, when the tail was kept because
+        they are still unusual)."""
         if self._model is None or not self._point_index:
             return False
-        start = self.n_counted - self._interval()
+        span = self.n_counted - start
         left_out = np.count_nonzero(self._flagged_index >= start)
-        if left_out > STALE_FLAGGED_OVER_Q * self.quantile * self._interval():
+        if left_out > max(STALE_FLAGGED_OVER_Q * self.quantile * span, STALE_FLAGGED_MIN):
             return False
         rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
         position = np.searchsorted(index, row_index)
@@ -1055,8 +1072,8 @@ class StreamQuantileThreshold:
         rows, row_index, position = rows[known], row_index[known], position[known]
         if not len(rows):
             return False
-        then = scores[position]
-        old = (row_index < start) & (then > t)
+        then = then_scores[position]
+        old = (row_index < start) & (then > t_then)
         if np.count_nonzero(old) < STALE_MIN_ROWS:
             return False
         recent = row_index >= start
@@ -1064,7 +1081,7 @@ class StreamQuantileThreshold:
         now = self.typical - self._model.score_batch(rows[look]).log_density
         moved = now - then[look]
         drift = float(np.median(moved[recent[look]])) if recent.any() else 0.0
-        still = now[old[look]] > t + drift
+        still = now[old[look]] > t_then + drift
         return bool(np.count_nonzero(still) >= 0.5 * np.count_nonzero(old))
 
     def _restart_history(self) -> None:
@@ -1122,11 +1139,13 @@ class StreamQuantileThreshold:
         jumps = np.flatnonzero(np.diff(ordered[half:]) > BULK_GAP_OVER_MEDIAN * median)
         if len(jumps):
             far = float(ordered[half + jumps[0]])  # the first: the bulk's end
-            # A bulk narrower than ATOM_NATS is one value, not a tail: counts of Poisson(0.05)
-            # (95% zeros) drift a few thousandths of a nat in score as the model learns, the ones
-            # (4.75%) 3.6 nats past them were taken out as anomalies, and z_q, read from the
-            # zeros alone, sat among them: every point flagged for 20,000 rows (helper-59).
-            return far if far - ordered[0] >= ATOM_NATS else None
+            # A bulk narrower than ATOM_NATS is one value, not a tail, and its jump says nothing:
+            # counts of Poisson(0.05) (95% zeros) drift a few thousandths of a nat in score as the
+            # model learns, the ones (4.75%) 3.6 nats past them were taken out as anomalies, and
+            # z_q, read from the zeros alone, sat among them: every point flagged for 20,000 rows
+            # (helper-59).  Past such a bulk, the gap rule with the model's word decides.
+            if far - ordered[0] >= ATOM_NATS:
+                return far
         gap = _gap_after_the_bulk(ordered)
         if gap is None or self._model is None:
             return None

@@ -79,3 +79,14 @@ def skewed_clusters(n, rng, d=6):
         rows = labels == k
         X[rows] = centers[k] + make(int(rows.sum()))
     return X
+
+
+def daily_load(n: int, rng: np.random.Generator, days: float = 4.0) -> np.ndarray:
+    """Requests over ``days`` days in time order, their rate peaking in the afternoon (helper-59):
+    the hour (as sine and cosine), requests per second and a latency that grows with the load."""
+    grid = rng.uniform(0.0, 24.0 * days, int(1.9 * n))
+    keep = rng.random(len(grid)) < (1.0 + 0.8 * np.sin(2.0 * np.pi * (grid - 9.0) / 24.0)) / 1.8
+    hours = np.sort(grid[keep])[:n] % 24.0
+    rps = 1000.0 * (1.0 + 0.8 * np.sin(2.0 * np.pi * (hours - 9.0) / 24.0)) * (1.0 + 0.05 * rng.normal(size=n))
+    latency = (20.0 + 30.0 * (rps / 1800.0) ** 3) * rng.lognormal(0.0, 0.2, n)
+    return np.column_stack([np.sin(2.0 * np.pi * hours / 24.0), np.cos(2.0 * np.pi * hours / 24.0), rps, latency])

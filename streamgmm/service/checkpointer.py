@@ -94,12 +94,12 @@ class Checkpointer:
                     copy_failed = exc
                 if self.topic_store is not None:
                     self.topic_store.write(key, state)
-            if copy_failed is not None:  # the checkpoint holds: not a failure, but not a silent one (helper-56)
+            if self.topic_store is not None:
+                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
+            if copy_failed is not None:  # the topic took it: not a failure, but not a silent one (helper-56)
                 self.metrics.checkpoint_copy_failures.inc()
                 log.warning("the local copy of the checkpoint in checkpoint.dir %s failed (%s); the state topic "
                             "holds the models, which are restored from there", self.config.dir, copy_failed)
-            if self.topic_store is not None:
-                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
         except (CheckpointError, KafkaException, BufferError) as exc:
             self.metrics.checkpoint_failures.inc()
             self.failures += 1

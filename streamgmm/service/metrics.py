@@ -142,7 +142,8 @@ class Metrics:
             "offset are skipped (the log names the partition and the offset).")
         self.checkpoints_unreadable = counter(
             "checkpoints_unreadable", "Checkpoint files skipped when restoring because they did not read back intact "
-            "(truncated, corrupt, another format): an older one, or a new model, was used instead.")
+            "(truncated, corrupt, another format) or held what no model holds: an older one, or a new model, was "
+            "used instead.")
         self.checkpoints = counter("checkpoints_written", "Checkpoints written successfully.")
         self.checkpoint_failures = counter("checkpoint_failures", "Checkpoint attempts that failed (retried).")
         self.checkpoint_copy_failures = counter(

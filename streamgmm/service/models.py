@@ -144,7 +144,7 @@ class Models:
         newer state record behind which is a stale one."""
         try:
             states = None if self.topic_store is None else self.topic_store.load_many(
-                set(wanted), timeout=timeout, floors=floors, restore_problem=lambda _key, state: self._restore_problem(state))
+                set(wanted), timeout=timeout, floors=floors, restore_problem=self._restore_problem)
         except (*RESTORE_IO_ERRORS, ValueError) as exc:  # ValueError: a record of the topic unreadable as a whole
             return dict.fromkeys(wanted.values(), kafka_error_text(exc)), {}
         unreadable, unusable = {}, {}

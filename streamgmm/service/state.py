@@ -404,6 +404,7 @@ class TopicStateStore:
         self.producer = producer  # a confluent_kafka.Producer of its own: its deliveries are the store's
         self.max_bytes = max_bytes  # the producer's message.max.bytes, for the error that names it
         self.failed: list[str] = []
+        self._foreign_said = False  # keys of another program's records were logged
 
     def write(self, key: str, state: dict) -> None:
         """Send one state record; CheckpointError at once if it is over the producer's limit."""
@@ -442,7 +443,7 @@ class TopicStateStore:
     def load_many(self, keys=None, timeout: float = 30.0, floors: dict | None = None,
                   restore_problem=None) -> dict[str, dict]:
         """The newest readable state per key (every key when ``keys`` is None); a corrupt newest
-        record falls back to the one before, and so does one that ``restore_problem(key, state)``
+        record falls back to the one before, and so does one that ``restore_problem(state)``
         (why it cannot be restored, or None) refuses: a record with a valid checksum but content
         this streamgmm cannot take stopped every member the partition went to (helper-53).  When
         no record is taken, the newest refused one is returned, for its restore to say why (a
@@ -463,40 +464,55 @@ class TopicStateStore:
                     values.setdefault(key, deque(maxlen=STATE_RECORDS_TRIED)).append(message.value())
         found, foreign = {}, []
         for key in sorted(values) if keys is None else keys:
-            floor = (floors or {}).get(key, {})
-            passed_over, newest, refused = 0, None, None
-            for value in reversed(values.get(key, ())):
-                if keys is None and not value.startswith(MAGIC):  # another program's record, in a scan
-                    foreign.append(key)  # of every key (inspect): said once below, not an ERROR each
-                    continue
-                try:
-                    state = unpack(value, f"{self.topic} record {key}")
-                except CheckpointError as exc:
-                    log.error("skipping state record %s: %s; trying the previous one", key, exc)
-                    continue
-                why = None if restore_problem is None else restore_problem(key, state)
-                if why is not None:
-                    log.error("skipping state record %s: it cannot be restored (%s); trying the previous one", key, why)
-                    refused = state if refused is None else refused  # (the newest: it may be falsy, {})
-                    continue
-                if _reaches(state, floor):
-                    found[key] = state
-                    if passed_over:
-                        log.warning("state %s: passing over %d newer record(s) behind the group's commit %s (written "
-                                    "by a member that had lost the partition without knowing); restoring the "
-                                    "one at offsets %s", key, passed_over,
-                                    {f"{t}/{p}": o for (t, p), o in floor.items()}, state["offsets"])
-                    break
-                passed_over, newest = passed_over + 1, newest or state
-            else:
-                if newest is not None:  # none reaches the commit: the newest, resumed at the commit
-                    found[key] = newest
-                elif refused is not None:
-                    found[key] = refused
-        if foreign := sorted(set(foreign) - set(found)):
+            state, ours = self._pick(key, values.get(key, ()), (floors or {}).get(key, {}), restore_problem,
+                                     scan=keys is None)
+            if state is not None:
+                found[key] = state
+            elif not ours:
+                foreign.append(key)
+        if foreign and not self._foreign_said:  # (once: `inspect --group` reads the topic twice)
+            self._foreign_said = True
             log.warning("topic %s: %d key(s) hold no streamgmm state, only records of another program (%s%s): left "
                         "out", self.topic, len(foreign), ", ".join(foreign[:5]), ", ..." if len(foreign) > 5 else "")
         return found
+
+    def _pick(self, key: str, values, floor: dict, restore_problem, scan: bool) -> tuple[dict | None, bool]:
+        """The record of ``key`` to restore from its newest few ``values`` (see ``load_many``),
+        or None, and whether any of them is streamgmm's (in a ``scan`` of every key, another
+        program's records are left out without an ERROR each)."""
+        passed_over, newest, refused, ours = 0, None, [], not scan
+        for value in reversed(values):
+            if scan and not value.startswith(MAGIC):
+                continue
+            ours = True
+            try:
+                state = unpack(value, f"{self.topic} record {key}")
+            except CheckpointError as exc:
+                log.error("skipping state record %s: %s; trying the previous one", key, exc)
+                continue
+            why = None if restore_problem is None else restore_problem(state)
+            if why is not None:
+                refused.append((state, why))  # said below if an older one is taken; else its restore says it
+                continue
+            if not _reaches(state, floor):
+                passed_over, newest = passed_over + 1, state if newest is None else newest
+                continue
+            if passed_over:
+                log.warning("state %s: passing over %d newer record(s) behind the group's commit %s (written by a "
+                            "member that had lost the partition without knowing); restoring the one at offsets %s",
+                            key, passed_over, {f"{t}/{p}": o for (t, p), o in floor.items()}, state["offsets"])
+            self._said_refused(key, refused)
+            return state, ours
+        if newest is not None:  # none reaches the commit: the newest, resumed at the commit
+            self._said_refused(key, refused)
+            return newest, ours
+        return (refused[0][0] if refused else None), ours  # none restores: the newest says why
+
+    @staticmethod
+    def _said_refused(key: str, refused: list[tuple[dict, str]]) -> None:
+        if refused:
+            log.error("state %s: passing over %d newer record(s) that cannot be restored (%s); restoring an older "
+                      "one", key, len(refused), refused[0][1])
 
 
 def _reaches(state: dict, floor: dict) -> bool:
