@@ -109,6 +109,8 @@ STALE_NONE_EXPECTED = 25.0
 STALE_MIN_ROWS = 20
 # ... unless the span's flagged points left out of the tail were more than this many q.
 STALE_FLAGGED_OVER_Q = 2.0
+# ... and more than this many (at q = 0.001 a 2,000-point span's 2 q is 4 points: a few real
+# anomalies in a quiet evening would let the tail go again).
 STALE_FLAGGED_MIN = 10
 # The fitted z_q gives way to the window's own (1 - q) quantile where at least this many of its
 # scores are expected beyond z_q and so few lie beyond it that a Poisson count of that mean
@@ -1023,8 +1025,9 @@ class StreamQuantileThreshold:
     def _stale_since(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> int | None:
         """Where the span begins (a count of scored points) over which the window's tail no
         longer describes the stream, or None: over the last re-estimate's span (longer where
-        few peaks are expected), far fewer scores came above t than the window's own rate says (a quarter, with at
-        least STALE_MIN_EXPECTED expected, so chance alone does not: Poisson(40) <= 10 is 2e-9).
+        few peaks are expected), far fewer scores came above t than the window's own rate says
+        (a quarter, with at least STALE_MIN_EXPECTED expected, so chance alone does not:
+        Poisson(40) <= 10 is 2e-9).
         A change the model has since learned (a new regime during calibration: its first
         scores filled the tail) would otherwise hold t and z_q far above every later score for a
         whole window, and nothing would be flagged (BENCHMARKS.md, Calibration, third session)."""
@@ -1057,9 +1060,9 @@ class StreamQuantileThreshold:
         (helper-59).  Without rows to score again, False (the rate alone decides, as before);
         nor while the span flagged far more than q beyond the alarms the tail counts
         (STALE_FLAGGED_OVER_Q, and over STALE_FLAGGED_MIN: a few anomalies in a quiet evening are
-        not that): then the threshold is too low, and calibrating again is what mends it (the ones of Poisson(0.05) counts, 4.75%
-        of the points, were 60-80% flagged at q = 0.001, 29 q, when the tail was kept because
-        they are still unusual)."""
+        not that): then the threshold is too low, and calibrating again is what mends it (the
+        ones of Poisson(0.05) counts, 4.75% of the points, were 60-80% flagged at q = 0.001,
+        29 q, when the tail was kept because they are still unusual)."""
         if self._model is None or not self._point_index:
             return False
         span = self.n_counted - start
