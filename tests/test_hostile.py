@@ -91,11 +91,11 @@ def test_memory_stays_bounded_under_a_flood_of_bad_and_huge_input():
     for round_ in range(20):
         detector.process([InputRecord("t", 0, i, junk[i % len(junk)]) for i in range(500)], now=5.0)
     first, _ = tracemalloc.get_traced_memory()
-    for round_ in range(200):
+    for round_ in range(100):  # (under tracemalloc, 200 rounds were 30 s of the suite's 10 minutes)
         detector.process([InputRecord("t", 0, i, junk[i % len(junk)]) for i in range(500)], now=5.0)
     second, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert second - first < 2_000_000, f"grew by {second - first} bytes over 100,000 bad messages"
+    assert second - first < 1_000_000, f"grew by {second - first} bytes over 50,000 bad messages"
     assert _finite_model(detector)
 
 
