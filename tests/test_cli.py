@@ -314,6 +314,24 @@ def test_inspect_a_lone_corrupt_checkpoint_says_there_is_nothing_to_fall_back_to
     assert "no valid checkpoint" in _cli("inspect", str(out)).stderr
 
 
+def test_inspect_passes_over_a_checkpoint_of_another_shape_as_the_daemon_does(tmp_path):
+    # A valid checksum over content that is no model's: inspect printed a KeyError traceback,
+    # and showed what the daemon would pass over (review of the eleventh session).
+    from streamgmm.service.state import CheckpointStore
+
+    _, out = _fit_auto(tmp_path)
+    CheckpointStore(out).write({"kind": "streamgmm-detector", "offsets": {}})
+    result = _cli("inspect", "--json", str(out))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "holds no streamgmm model state (KeyError: 'model')" in result.stderr
+    assert json.loads(result.stdout)["n_seen"] > 0
+    for path in sorted(out.glob("checkpoint-*.sgmm"))[:-1]:
+        path.unlink()
+    result = _cli("inspect", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "holds no streamgmm model state (KeyError: 'model')" in result.stderr, result.stderr
+
+
 def test_inspect_a_path_that_is_not_there_says_what_to_pass(tmp_path):
     result = _cli("inspect", str(tmp_path / "nothing"))
     assert result.returncode == 1 and "a checkpoint directory or a checkpoint file" in result.stderr

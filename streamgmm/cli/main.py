@@ -447,7 +447,7 @@ def read_checkpoint(target: str) -> tuple[dict, Path, list[Path]]:
     if not target_path.is_dir():
         raise CheckpointError(f"{target} does not exist: pass a checkpoint directory or a checkpoint file in one")
     store = CheckpointStore(target_path)
-    found, skipped = store.newest_valid()
+    found, skipped = store.newest_valid(_summary_problem)  # (passed over as the daemon passes them)
     reasons = "; ".join(why for _, why in skipped)
     if found is not None:
         if skipped:
@@ -464,8 +464,27 @@ def read_checkpoint(target: str) -> tuple[dict, Path, list[Path]]:
     raise CheckpointError(f"no valid checkpoint in {target}: {reasons}; there is no older one to fall back to")
 
 
+def _summary_problem(state: dict) -> str | None:
+    """Why ``state`` has no summary (it holds what no streamgmm model holds), or None."""
+    try:
+        inspect_summary(state, "")
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
 def inspect_summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dict:
-    """Summary of a detector state read from ``path`` (``checkpoints``: its directory's files)."""
+    """Summary of a detector state read from ``path`` (``checkpoints``: its directory's files);
+    CheckpointError if it holds what no streamgmm model holds (a valid checksum over content of
+    another shape: a traceback before, review of the eleventh session)."""
+    try:
+        return _summary(state, path, checkpoints)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, ArithmeticError) as exc:
+        raise CheckpointError(f"{path or 'the checkpoint'} holds no streamgmm model state "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dict:
     model = state["model"]
     from ..mixture.online import OnlineGaussianMixture
 
@@ -501,8 +520,10 @@ def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: s
     settings = {"bootstrap.servers": bootstrap}
     store = TopicStateStore(topic, settings, producer=None)
     keys = None if key is None else {key}
-    commits = {} if group is None else _group_commits(settings, group, store.load_many(keys))
-    states = store.load_many(keys, floors={k: {tp: offset} for k, (tp, offset) in commits.items()})
+    readable = _summary_problem  # (records passed over as the daemon passes them: no summary of one it cannot use)
+    commits = {} if group is None else _group_commits(settings, group, store.load_many(keys, restore_problem=readable))
+    states = store.load_many(keys, floors={k: {tp: offset} for k, (tp, offset) in commits.items()},
+                             restore_problem=readable)
     summaries = {k: inspect_summary(v, f"{topic}:{k}") for k, v in sorted(states.items())}
     for k, (_, offset) in commits.items():
         if k in summaries:
