@@ -929,3 +929,19 @@ def test_a_state_holding_numbers_no_model_holds_is_refused_as_malformed():
     state["model"]["n_seen"] = float("inf")
     with pytest.raises(ValueError, match=r"its state record is malformed \(OverflowError"):
         Detector(_config()).restore(state)
+
+
+@pytest.mark.parametrize("seed", [5, 7])
+def test_a_far_burst_soon_after_the_tail_starts_again_is_flagged_whole(seed):
+    # A level shift the model learns lets the tail go (the stale rule), and a burst 20 sd out
+    # came 1,000-2,000 points later, while the young tail counted every score: it was 3/4 of the
+    # peaks, more than a far cluster may be, stretched the fit, and 22-39% of it went unflagged
+    # and was learned (helper-61). Flagged points beyond the last fit's z_far are kept out.
+    rng = np.random.default_rng(seed)
+    X = rng.normal(0.0, 1.0, (80_000, 3)) * [1.0, 2.0, 0.5] + [100.0, 50.0, 3.0]
+    X[40_000:, 1] += 8.0
+    sd = X[:60_000].std(axis=0)
+    X[60_000:60_300] = X[:60_000].mean(axis=0) + 20.0 * sd + rng.normal(size=(300, 3)) * sd
+    config = config_from_dict({"input": {"format": "float64", "dimension": 3}, "threshold": {"quantile": 0.01}})
+    flags = np.concatenate([r.flags for r in _run(Detector(config), X, batch=1000)])
+    assert flags[60_000 - (len(X) - len(flags)):][:300].all()
