@@ -520,10 +520,11 @@ def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: s
     settings = {"bootstrap.servers": bootstrap}
     store = TopicStateStore(topic, settings, producer=None)
     keys = None if key is None else {key}
-    readable = _summary_problem  # (records passed over as the daemon passes them: no summary of one it cannot use)
-    commits = {} if group is None else _group_commits(settings, group, store.load_many(keys, restore_problem=readable))
+    # Records passed over as the daemon passes them: no summary of one it cannot use.
+    commits = {} if group is None else _group_commits(settings, group,
+                                                      store.load_many(keys, restore_problem=_summary_problem))
     states = store.load_many(keys, floors={k: {tp: offset} for k, (tp, offset) in commits.items()},
-                             restore_problem=readable)
+                             restore_problem=_summary_problem)
     summaries = {k: inspect_summary(v, f"{topic}:{k}") for k, v in sorted(states.items())}
     for k, (_, offset) in commits.items():
         if k in summaries:

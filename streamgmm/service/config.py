@@ -555,12 +555,13 @@ def _rules(config: Config):
            "use a number > 0 and <= kafka.retry_backoff_max_seconds")
     yield "kafka.dead_letter_max_bytes", k.dead_letter_max_bytes >= 0, "use a number of bytes >= 0"
     producer_limit = _producer_message_max_bytes(k)
+    dead_letters_fit = producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit
     if k.dead_letter_max_bytes == KafkaConfig.dead_letter_max_bytes:  # left at its default: the producer's
         # limit is what was set (helper-56: a message.max.bytes of 1000 named kafka.dead_letter_max_bytes)
-        yield ("kafka.producer.message.max.bytes", producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit,
+        yield ("kafka.producer.message.max.bytes", dead_letters_fit,
                f"use at least twice kafka.dead_letter_max_bytes ({2 * k.dead_letter_max_bytes}), or lower that: a dead "
                "letter also carries the input's key and headers, and a record over this limit can never be produced")
-    yield ("kafka.dead_letter_max_bytes", producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit,
+    yield ("kafka.dead_letter_max_bytes", dead_letters_fit,
            f"use at most half the producer's message.max.bytes ({producer_limit}): the dead letter also carries "
            "the input's key and headers, and a record over that limit can never be produced")
     yield ("kafka.scores_topic", k.scores_topic is None or k.scores_topic not in ("", *k.input_topics, *outputs),
