@@ -30,6 +30,11 @@ that puts z_q where far fewer than q n of the window's scores lie beyond gives w
 window's own (1 - q) quantile (a fit to the top 10% extrapolates a shape the data then
 contradict).  Only downwards: more scores beyond z_q than q n may be a cluster of anomalies.
 
+Values.  Scores crowding within a tenth of a nat (one value of the data: a count's ones) followed
+by a wide gap are not a tail to cut through: where z_q falls among them or just past them and at
+least half of q n lie beyond the gap, z_q goes to the gap's middle, so identical values get the
+same verdict (``_clear_of_a_value``).
+
 Scores then and now.  The highest stored peaks keep their rows (at most ROWS_KEPT), and at each
 re-estimate they are scored again by the model as it is then (the others move by their block's
 median move).  A model still learning moves its scores for tens of thousands
@@ -135,6 +140,15 @@ RESTART_FAR_NATS = 30.0
 # Scores within this many nats (a density ratio of 1%) are one value of the data, moved by the
 # model's learning, not a tail (see StreamQuantileThreshold._beyond_the_bulk).
 ATOM_NATS = 0.01
+# Scores this close below a wide gap (and within 1/BULK_GAP_OVER_MEDIAN of its length) are a
+# crowd: one value of the data, moved by the model's learning (a count's ones drift a few
+# hundredths of a nat), that z_q is kept clear of (see StreamQuantileThreshold._clear_of_a_value).
+# A continuous tail has a point or two there; a far cluster after a tail, the tail's whole top
+# within 1/30 of a 1,000-nat gap, is not one.
+VALUE_NATS = 0.1
+# ... and a z_q more than this many nats past such a crowd is clear of it already (the crowd's
+# drift is hundredths of a nat).
+CLEAR_NATS = 1.0
 # Peaks beyond a jump of this many median excesses are a separate far cluster, not the tail:
 # anomalies more frequent than q that the history took in (during calibration, or in a
 # sustained flow).  They leave the fit and the counts (see _beyond_the_bulk).
@@ -867,7 +881,9 @@ class StreamQuantileThreshold:
             else:
                 gamma, sigma = self._gpd_at(t)
             fitted_z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
-            self.z = self._held_to_the_window(fitted_z, scores[in_tail], n)
+            left_out = self._flagged[self._flagged_index >= oldest] + moved
+            self.z, far_floor = self._clear_of_a_value(self._held_to_the_window(fitted_z, scores[in_tail], n),
+                                                       scores[in_tail], left_out, n)
             tail_share = n_tail / n
             if self.z < fitted_z:
                 # The fitted shape, scaled to agree with the window at z_q: a point's rarity there
@@ -878,6 +894,8 @@ class StreamQuantileThreshold:
             self.z_far = t + gpd_excess_quantile(gamma, sigma, FAR_OVER_Q * self.quantile * n / n_tail)
             if gamma < 1.0:  # (the mean excess sigma / (1 - gamma) is finite)
                 self.z_far = max(self.z_far, self.z + FAR_MEAN_EXCESSES * sigma / (1.0 - gamma))
+            if far_floor is not None:  # (z_q moved into a gap: see _clear_of_a_value)
+                self.z_far = max(self.z_far, far_floor)
             self.tail = (t, above / n, tail_share)
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored), "scores": "now" if use_now else "then",
@@ -1035,6 +1053,49 @@ class StreamQuantileThreshold:
         if m >= len(tail_scores):
             return z  # (the tail holds fewer than q n: the fit's z is past all of it anyway)
         return float(-np.partition(-tail_scores, m)[m])
+
+    def _clear_of_a_value(self, z: float, tail_scores: np.ndarray, left_out: np.ndarray,
+                          n: int) -> tuple[float, float | None]:
+        """``z``, or the middle of the gap after a crowd of scores it sits on or just past, where
+        the crowd holds more than the q n points a threshold may flag and at least half of q n
+        lie beyond the gap.
+
+        The scores of one value of the data (a count's ones, 4.75% of Poisson(0.05) counts) crowd
+        within a few hundredths of a nat, moved only by the model's learning, and the next value
+        (the twos, 0.12%) lies nats away.  A z_q among them or just past them, where a fit to the
+        crowd and the few beyond puts it, flags some of the crowd and not the rest by that drift
+        alone, and once they are flagged and left out the tail looks lighter, restarts, and puts
+        z_q there again: 5.9-6.8 q at q = 0.001, identical counts flagged or not by the hundred
+        (BENCHMARKS.md, twelfth session).  In the gap the crowd is never flagged and what lies
+        beyond always is.  The crowd: the scores within VALUE_NATS (and 1/BULK_GAP_OVER_MEDIAN of
+        the gap's length) below it (a continuous tail has a point or two there; a value, all of
+        its points).  The move is only ever up, and leaves at least half of q n beyond: flagged
+        can fall, to no less than q/2 of the window, never rise.  Beyond the gap count the
+        flagged points left out of the tail (``left_out``) too: they came that far (the twos,
+        flagged, were mostly not counted)."""
+        scores = np.concatenate([tail_scores, left_out])
+        # (A crowd lies within VALUE_NATS above z or below it, or up to CLEAR_NATS below: a count
+        # without a sort says most fits have none.)
+        if np.count_nonzero((scores >= z - CLEAR_NATS) & (scores <= z + VALUE_NATS)) <= self.quantile * n:
+            return z, None
+        ordered = np.sort(scores)
+        first = int(np.searchsorted(ordered, z, side="right")) - 1  # the last score at or below z
+        if first < 0 or first >= len(ordered) - 1:
+            return z, None
+        gaps = np.diff(ordered[first:])
+        beyond = len(ordered) - 1 - np.arange(first, len(ordered) - 1)
+        gaps[beyond < max(1.0, self.quantile * n / 2.0)] = 0.0
+        i = first + int(np.argmax(gaps))
+        start, gap = float(ordered[i]), float(gaps[i - first])
+        width = min(gap / BULK_GAP_OVER_MEDIAN, VALUE_NATS)
+        if gap <= 0.0 or z < start - width or z > start + CLEAR_NATS:
+            return z, None  # (scores between z and the gap that are not one crowd: a tail, flagged as fitted)
+        crowd = i + 1 - int(np.searchsorted(ordered, start - width, side="left"))
+        if crowd <= self.quantile * n:
+            return z, None
+        # The points just beyond the gap are the tail's own (at least q n / 2 of them), not beyond
+        # z_far: counted, they keep the gap in the window (left out, it emptied of them).
+        return start + gap / 2.0, start + 2.0 * gap
 
     def _stale_since(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> int | None:
         """Where the span begins (a count of scored points) over which the window's tail no
