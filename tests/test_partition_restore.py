@@ -633,7 +633,8 @@ def test_a_state_topic_read_steadily_is_read_to_its_end_however_long_it_takes(mo
         list(kafka.read_topic({}, "t", timeout=0.1, max_seconds=1.0))
 
 
-def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_the_commits(tmp_path, monkeypatch):
+def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_the_commits(tmp_path, monkeypatch,
+                                                                                              caplog):
     # The models are restored from the topic only: a full local disk held up every partition's
     # state record and commit (8 failures and a rewind in an operator's run).
     from streamgmm.service import state as state_module
@@ -648,8 +649,11 @@ def test_with_a_state_topic_a_full_checkpoint_dir_does_not_hold_up_the_topic_or_
     daemon._on_assign(_assignment())
     _run(daemon, lambda: daemon.positions == {tp: 300 for tp in PARTITIONS})
     monkeypatch.setattr(state_module, "write_atomically", disk_full)
-    assert daemon._checkpoint().name == "WRITTEN"
+    with caplog.at_level("INFO"):
+        assert daemon._checkpoint().name == "WRITTEN"
     assert group == {tp: 300 for tp in PARTITIONS} and len(store.log) == 2
+    # The models written, not the files (none): "0 model(s)" before listing them (helper-63).
+    assert "checkpoint of 2 model(s) written" in caplog.text
     # Counted where an operator looks (it was a WARNING only), and not as a failed checkpoint.
     assert daemon.metrics.value("streamgmm_checkpoint_local_copy_failures_total") == 1
     assert daemon.metrics.value("streamgmm_checkpoint_failures_total") == 0

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from pathlib import Path
 
 from streamgmm.detection.decode import encode
 from streamgmm.detection.detector import Detector
@@ -172,6 +173,37 @@ def test_a_hangup_the_process_was_started_ignoring_stays_ignored(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     assert b"received SIGTERM" in process.stderr.read()
+
+
+def _catches(pid, signum) -> bool:
+    """Whether the process has a handler for the signal (Linux: SigCgt in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads SigCgt from /proc")
+@pytest.mark.parametrize("name, code", [("SIGHUP", 129), ("SIGINT", 0)])
+def test_a_stop_signal_while_starting_stops_it_as_a_later_one_would(tmp_path, name, code):
+    # In the first second (importing numpy, scipy and librdkafka) a SIGHUP killed the process
+    # outright and a SIGINT printed a traceback, where later ones stop it with exit 129 (for
+    # systemd's Restart=on-failure) and 0 (helper-63). Sent as soon as the process handles it.
+    import signal
+
+    signum = getattr(signal, name)
+    path, _ = _config(tmp_path)
+    with _running(path) as process:
+        deadline = time.monotonic() + 30
+        # (SIGHUP: the last of the three handled; Python handles SIGINT from its own start.)
+        while not _catches(process.pid, signal.SIGHUP) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == code
+        stderr = process.stderr.read().decode()
+    assert f"received {name}" in stderr and "Traceback" not in stderr
 
 
 def test_a_checkpoint_of_another_pipeline_is_refused(tmp_path):

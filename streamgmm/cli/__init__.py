@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+
+# Stop signals that came while ``run`` was still importing (numpy, scipy and librdkafka: a second
+# and more), for cmd_run to act on once it can stop cleanly.
+EARLY_SIGNALS: list[int] = []
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _remember(signum, frame) -> None:
+    EARLY_SIGNALS.append(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         from .healthcheck import main as healthcheck
 
         return healthcheck(argv)
+    if argv[:1] == ["run"]:
+        # Until the daemon's own handlers are in place, a stop signal is remembered: by default
+        # one in the first second killed the process outright (SIGHUP, SIGTERM) or printed a
+        # traceback (SIGINT), where later ones stop it with the documented exit codes, and a
+        # unit killed by SIGHUP is not restarted by Restart=on-failure (helper-63).  A signal the
+        # process was started ignoring stays ignored, as in cmd_run.
+        for signum in STOP_SIGNALS:
+            if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, _remember)
     from .main import main as commands
 
     return commands(argv)

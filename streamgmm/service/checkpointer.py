@@ -45,6 +45,7 @@ class Checkpointer:
         self.clock = clock
         self.pending_messages = 0  # processed since the last checkpoint
         self.last_written = clock()
+        self.written_since_start = False  # (last_written is then the start: see Daemon's /readyz words)
         self.failures = 0  # in a row
         self.retry_at = 0.0
 
@@ -116,6 +117,7 @@ class Checkpointer:
         self.retry_at = 0.0
         self.pending_messages = 0
         self.last_written = self.clock()
+        self.written_since_start = True
         # Files whose offsets the group has not taken, newest last: what a member that turns out
         # to have left the group withdraws (see ``withdraw_uncommitted``).
         self.uncommitted = [] if commit() else [*getattr(self, "uncommitted", []), *paths]
@@ -126,7 +128,9 @@ class Checkpointer:
         where = (paths[-1].parent if len(paths) == 1 else
                  f"{len(paths)} directories under {paths[-1].parent.parent}" if paths else
                  f"the state topic {self.topic_store.topic}" if self.topic_store is not None else "nowhere (no model)")
-        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)%s", len(paths), duration, where,
+        # (The models, not the files: with a state topic and its local copy failing, no file was
+        # written and the line said "0 model(s)" before listing four; helper-63.)
+        log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)%s", len(detectors), duration, where,
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())),
                  # The ERRORs of the failures had no counterpart: nothing said they were over (helper-52).
                  f"; checkpoints written again after {failed_before} failed attempt(s)" if failed_before else "")

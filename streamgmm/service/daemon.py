@@ -278,8 +278,12 @@ class Daemon:
         if failures := self.checkpointer.failures:
             # Still ready (scoring and alerting go on), but /readyz said nothing of a disk full for
             # minutes (helper-52).
-            words += (f"; checkpoints failing ({failures} in a row, the last written "
-                      f"{self.checkpointer.clock() - self.checkpointer.last_written:.0f} s ago: see the log)")
+            age = self.checkpointer.clock() - self.checkpointer.last_written
+            # (Before the first success since the start, last_written is the start: "the last written
+            # 13 s ago" was said of one written 28 s before, by the process killed then; helper-63.)
+            last = (f"the last written {age:.0f} s ago" if self.checkpointer.written_since_start else
+                    f"none written since this process started {age:.0f} s ago")
+            words += f"; checkpoints failing ({failures} in a row, {last}: see the log)"
         return True, words, details
 
     # --------------------------------------------------------------- start-up
@@ -294,8 +298,15 @@ class Daemon:
             except CheckpointSpaceError as exc:
                 # A full disk passes; a restart during it exited 2, and systemd (RestartPreventExitStatus=2)
                 # then left the unit stopped for good where a running daemon rides it out (helper-52).
-                log.error("%s; starting anyway: scoring and alerts go on, checkpoints are retried with a "
-                          "back-off and the offsets stay uncommitted until one is written", exc)
+                if self.checkpointer.local_is_copy:
+                    # (The state topic holds the checkpoints and the commits go on: the words for a
+                    # local store said they did not; helper-63.)
+                    log.error("%s; starting anyway: checkpoints go to the state topic %s and offsets are "
+                              "committed as usual; the local copy fails until there is space", exc,
+                              self.config.checkpoint.topic)
+                else:
+                    log.error("%s; starting anyway: scoring and alerts go on, checkpoints are retried with a "
+                              "back-off and the offsets stay uncommitted until one is written", exc)
             self._lock_checkpoint_dir()
         except CheckpointError as exc:
             if not self.checkpointer.local_is_copy:
