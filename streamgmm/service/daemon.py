@@ -300,10 +300,11 @@ class Daemon:
                 # then left the unit stopped for good where a running daemon rides it out (helper-52).
                 if self.checkpointer.local_is_copy:
                     # (The state topic holds the checkpoints and the commits go on: the words for a
-                    # local store said they did not; helper-63.)
-                    log.error("%s; starting anyway: checkpoints go to the state topic %s and offsets are "
-                              "committed as usual; the local copy fails until there is space", exc,
-                              self.config.checkpoint.topic)
+                    # local store said they did not; helper-63.  A WARNING, as the README says of a
+                    # full or unwritable copy.)
+                    log.warning("%s; starting anyway: checkpoints go to the state topic %s and offsets are "
+                                "committed as usual; the local copy fails until there is space", exc,
+                                self.config.checkpoint.topic)
                 else:
                     log.error("%s; starting anyway: scoring and alerts go on, checkpoints are retried with a "
                               "back-off and the offsets stay uncommitted until one is written", exc)
