@@ -275,3 +275,44 @@ def test_a_large_common_offset_does_not_change_the_fit(init_params):
         shifted = GaussianMixture(2, random_state=seed, init_params=init_params).fit(X + 1e9)
         assert shifted.score(X + 1e9) == pytest.approx(plain.score(X), abs=1e-6), seed
         assert shifted.weights_.min() > 0.2, seed  # (was 3.7e-18)
+
+
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical", "full"])
+def test_data_far_from_zero_by_their_spread_fit_as_they_do_at_zero(covariance_type):
+    # Tied, diagonal and spherical covariances were second moments about zero less the means'
+    # squares: at 1e8 + unit noise (a timestamp) every digit cancelled and EM stopped on an
+    # "ill-defined empirical covariance", as scikit-learn's does (helper-64).
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(0, 1, (500, 2)), rng.normal(6, 1, (500, 2))])
+    at_zero = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(X).score(X)
+    far = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(X + 1e8).score(X + 1e8)
+    assert far == pytest.approx(at_zero, abs=1e-6)
+
+
+def test_sample_weights_of_any_scale_give_the_unweighted_fit():
+    # Weights of 1e-300 gave a model scoring -8.2e7 nats per point without a word (helper-64):
+    # only their ratios matter.
+    rng = np.random.default_rng(3)
+    X = np.vstack([rng.normal(c, 1.0, (400, 3)) for c in (0.0, 5.0, 10.0)])
+    plain = GaussianMixture(3, random_state=0).fit(X).score(X)
+    for scale in (1e-300, 1e-14, 1e12):
+        weighted = GaussianMixture(3, random_state=0).fit(X, sample_weight=np.full(len(X), scale)).score(X)
+        assert weighted == pytest.approx(plain, abs=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_the_online_model_has_scikit_learns_precisions(covariance_type):
+    # precisions_ and precisions_cholesky_ were missing from OnlineGaussianMixture (helper-64).
+    rng = np.random.default_rng(1)
+    X = np.vstack([rng.normal(c, [1.0, 3.0, 0.5], (1500, 3)) for c in (0.0, 8.0)]) * [1.0, 100.0, 0.01]
+    model = OnlineGaussianMixture(n_components=2, covariance_type=covariance_type, warmup=1000,
+                                  random_state=0).partial_fit(X)
+    covariances, precisions = model.covariances_, model.precisions_
+    if covariance_type == "full":
+        products = np.einsum("kij,kjl->kil", covariances, precisions)
+        assert np.allclose(products, np.eye(3), atol=1e-8)
+    elif covariance_type == "tied":
+        assert np.allclose(covariances @ precisions, np.eye(3), atol=1e-8)
+    else:
+        assert np.allclose(covariances * precisions, 1.0)
+    assert model.precisions_cholesky_.shape == precisions.shape

@@ -96,9 +96,20 @@ def estimate_gaussian_parameters(X, resp, reg_covar, covariance_type):
     covariances : array, shape depends on covariance_type
     """
     nk = resp.sum(axis=0) + MASS_EPS
+    if covariance_type == "full":  # (centred per component already)
+        means = np.dot(resp.T, X) / nk[:, np.newaxis]
+        return nk, means, _covariances_full(resp, X, nk, means, reg_covar)
+    # Tied, diagonal and spherical covariances are second moments less the means' squares, as
+    # scikit-learn's: about zero, data offset far from it by their spread (a timestamp, 1e8 +
+    # unit noise) lost every digit and EM stopped on an "ill-defined empirical covariance" (as
+    # scikit-learn's does; helper-64).  About the data's weighted mean they keep them: a
+    # covariance about a component's own mean does not depend on where zero is.
+    weights = resp.sum(axis=1)
+    centre = np.dot(weights, X) / max(float(weights.sum()), np.finfo(float).tiny)
+    X = X - centre
     means = np.dot(resp.T, X) / nk[:, np.newaxis]
     covariances = COVARIANCE_ESTIMATORS[covariance_type](resp, X, nk, means, reg_covar)
-    return nk, means, covariances
+    return nk, means + centre, covariances
 
 
 # ----------------------------------------------------------- Choleskys and log-dets

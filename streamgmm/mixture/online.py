@@ -505,6 +505,22 @@ class OnlineGaussianMixture(MixtureBase):
             return c * s**2
         return c[:, np.newaxis] * s**2
 
+    @property
+    def precisions_cholesky_(self) -> np.ndarray:
+        """As scikit-learn's, of ``covariances_`` (original units; ``spherical``: per feature)."""
+        kind = "diag" if self.covariance_type_ == "spherical" else self.covariance_type_
+        return g.compute_precision_cholesky(self.covariances_, kind)
+
+    @property
+    def precisions_(self) -> np.ndarray:
+        """The inverses of ``covariances_`` (scikit-learn's attribute; it was missing, helper-64)."""
+        chol = self.precisions_cholesky_
+        if self.covariance_type_ == "full":
+            return np.einsum("kij,klj->kil", chol, chol)
+        if self.covariance_type_ == "tied":
+            return chol @ chol.T
+        return chol**2
+
     # ------------------------------------------------------------------ learning
     def fit(self, X, y=None, sample_weight=None):
         """Forget what was learned and take X as the first batch of a new stream. Returns self.
