@@ -52,6 +52,13 @@ def write_config(path: Path, bootstrap: str, topic: str, state_dir: Path, **sect
     return path
 
 
+def default_hangup() -> None:
+    """In a daemon started by a test, SIGHUP as in a fresh session: a suite run under nohup would
+    pass SIG_IGN on, which the daemon keeps on purpose (test_startup.py), and its SIGHUP tests
+    would wait for a stop that never comes."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class DaemonProcess:
     """``python -m streamgmm run`` as a real process, stopped by signal."""
 
@@ -72,6 +79,7 @@ class DaemonProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streamgmm", "run", "--config", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=default_hangup,
         )
         return self
 

@@ -195,7 +195,8 @@ def test_a_stop_signal_while_starting_stops_it_as_a_later_one_would(tmp_path, na
 
     signum = getattr(signal, name)
     path, _ = _config(tmp_path)
-    with _running(path) as process:
+    # (SIGHUP as in a fresh session: under nohup it is passed on ignored, and stays so.)
+    with _running(path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)) as process:
         deadline = time.monotonic() + 30
         # (SIGHUP: the last of the three handled; Python handles SIGINT from its own start.)
         while not _catches(process.pid, signal.SIGHUP) and process.poll() is None and time.monotonic() < deadline:
