@@ -56,6 +56,15 @@ points every scored point counts as it is, flagged or not (the start is not trus
 censor); after that alarms are kept out as above.  The same holds for the first ``calibration``
 points after the history restarts (a tail that got lighter, see ``_restart_history``).
 
+A stale tail.  Where the recent scores come over t far less often than the window's rate and
+the model has learned the older peaks (``_stale_since``, ``_still_unusual``), the peaks are
+first scored again by the current model and kept so, each collection level moved as the peaks
+it collected (``_rescored``): a daily cycle's first afternoon, learned by the evening, was let go
+with its history, and the next afternoon was judged against the night (3.9 q at q = 0.001).  The
+history restarts only where, so scored, the tail is still stale, or a level that collected
+nothing holds t above it (a regime's first points in the tail: nothing says where that level
+lies now).
+
 ``ModelQuantileThreshold`` (mode ``model_quantile``) is right when the data is a Gaussian
 mixture; ``FixedThreshold`` (mode ``fixed``) never moves.
 """
@@ -824,8 +833,28 @@ class StreamQuantileThreshold:
         if stale_since is not None:
             t_then = t if scores is then_scores else _level_over(then_scores, above, floor - moved)
             if not self._still_unusual(then_scores, index, t_then, stale_since):
-                self._restart_history()
-                return
+                rescored = self._rescored(then_scores, then_censor, index)
+                if rescored is None:
+                    self._restart_history()
+                    return
+                now_scores, now_censor, now_moved = rescored
+                # Each collection level moved as the peaks it collected: a level of 229 nats, set
+                # while a regime's first points filled the tail, held t over every peak scored
+                # again.  One that collected none says nothing now, and holds t where it was.
+                now_level = self._levels_moved(now_scores - then_scores, index, now_moved)
+                now_floor = float(now_level[max(in_force, 0):].max())
+                now_top = -np.partition(-now_scores, kth) if kth else now_scores
+                now_t = _level_over(now_top, above, now_floor, partitioned=True)
+                if (np.count_nonzero(now_scores > now_t) < min(above, MIN_PEAKS)
+                        or self._stale_since(now_scores, index, now_t, oldest) is not None):
+                    self._restart_history()
+                    return
+                # The history as the current model scores it, for good.
+                self._scores, self._censor, self.level = [now_scores], [now_censor], now_level
+                self._flagged = self._flagged + now_moved
+                self.race_z, self.race_record, self.race_pending = None, (0.0, 0.0, 0.0), np.zeros(3)
+                scores, censor, moved, top, t = now_scores, now_censor, 0.0, now_top, now_t
+                collect = float(top[twice]) if len(top) > twice else None
         tail = scores > t
         in_tail = tail.copy()  # the peaks the tail's count holds
         is_censored = np.isfinite(censor) & tail
@@ -1168,6 +1197,37 @@ class StreamQuantileThreshold:
         drift = float(np.median(moved[recent[look]])) if recent.any() else 0.0
         still = now[old[look]] > t_then + drift
         return bool(np.count_nonzero(still) >= 0.5 * np.count_nonzero(old))
+
+    def _rescored(self, scores: np.ndarray, censor: np.ndarray, index: np.ndarray):
+        """The stored peaks scored again by the current model (those without a row by the median
+        move), or None without rows: (scores, censoring levels, median move)."""
+        if self._model is None or not self._point_index:
+            return None
+        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
+        position = np.searchsorted(index, row_index)
+        known = (position < len(index)) & (index[np.minimum(position, len(index) - 1)] == row_index)
+        if not known.any():
+            return None
+        position = position[known]
+        moved = (self.typical - self._model.score_batch(rows[known]).log_density) - scores[position]
+        ok = np.isfinite(moved)
+        if not ok.any():
+            return None
+        median = float(np.median(moved[ok]))
+        shift = np.full(len(scores), median)
+        shift[position[ok]] = moved[ok]
+        return scores + shift, censor + shift, median
+
+    def _levels_moved(self, shift: np.ndarray, index: np.ndarray, median: float) -> np.ndarray:
+        """Each collection level moved by the median move of the peaks collected under it (the
+        median of all where it collected none)."""
+        bounds = np.append(self.level_start[1:], np.iinfo(np.int64).max)
+        moved = np.full(len(self.level), median)
+        for j, (start, stop) in enumerate(zip(self.level_start.tolist(), bounds.tolist())):
+            mine = shift[(index >= start) & (index < stop)]
+            if len(mine):
+                moved[j] = float(np.median(mine))
+        return self.level + moved
 
     def _restart_history(self) -> None:
         """Too few peaks even to place t: the scores have moved below the collection level (the

@@ -243,7 +243,12 @@ class OnlineGaussianMixture(MixtureBase):
     forgetting : float, optional
         The same floor given directly as a per-point step size.  Set at most one of the two.
     reg_covar : float, default=1e-6
-        Added to the (standardised) covariance diagonals: relative regularisation.
+        Added to the (standardised) covariance diagonals: relative regularisation.  A feature
+        whose warm-up values all lie on one grid (counts: step 1; cents: 0.01) also gets the
+        variance of rounding, step^2 / 12 (``rounding_variance_``); a feature constant through
+        the warm-up, the step of its value's last decimal (7.0: 1, 7.3: 0.1, 7.123456: 1e-6), so
+        its density, unlike scikit-learn's, depends on how the constant is written (helper-64):
+        without it a value first seen after the warm-up was flagged every time it came.
     min_weight : float, default=1e-4
         A component whose weight falls below this is re-seeded.
     rare_weight : float, default=0.0
