@@ -185,25 +185,56 @@ def _catches(pid, signum) -> bool:
     return bool(caught >> (signum - 1) & 1)
 
 
+# `streamgmm run` whose first import of numpy waits for a file: the start-up's window before
+# the daemon's own handlers, held open for as long as a test needs.
+GATED_RUN = """
+import os, sys, time
+class Gate:
+    def find_spec(self, name, path, target=None):
+        if name == "numpy":
+            deadline = time.monotonic() + 30
+            while not os.path.exists({gate!r}) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            sys.meta_path.remove(self)
+        return None
+sys.meta_path.insert(0, Gate())
+sys.argv = ["streamgmm", "run", "--config", {config!r}]
+from streamgmm.cli import main
+sys.exit(main())
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads SigCgt from /proc")
 @pytest.mark.parametrize("name, code", [("SIGHUP", 129), ("SIGINT", 0)])
 def test_a_stop_signal_while_starting_stops_it_as_a_later_one_would(tmp_path, name, code):
     # In the first second (importing numpy, scipy and librdkafka) a SIGHUP killed the process
     # outright and a SIGINT printed a traceback, where later ones stop it with exit 129 (for
-    # systemd's Restart=on-failure) and 0 (helper-63). Sent as soon as the process handles it.
+    # systemd's Restart=on-failure) and 0 (helper-63). The signal comes while numpy's import is
+    # held, once the process handles SIGHUP (the last of the three it takes; Python handles SIGINT
+    # from its own start): before, nothing handled SIGHUP until after the imports.
     import signal
 
     signum = getattr(signal, name)
     path, _ = _config(tmp_path)
-    # (SIGHUP as in a fresh session: under nohup it is passed on ignored, and stays so.)
-    with _running(path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)) as process:
-        deadline = time.monotonic() + 30
-        # (SIGHUP: the last of the three handled; Python handles SIGINT from its own start.)
+    gate = tmp_path / "go"
+    process = subprocess.Popen([sys.executable, "-c", GATED_RUN.format(gate=str(gate), config=str(path))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 10
         while not _catches(process.pid, signal.SIGHUP) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(0.01)
+        handled = _catches(process.pid, signal.SIGHUP)
         process.send_signal(signum)
+        gate.touch()
+        assert handled, "SIGHUP was not handled while the start-up imported numpy"
         assert process.wait(timeout=60) == code
         stderr = process.stderr.read().decode()
+    finally:
+        gate.touch()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
     assert f"received {name}" in stderr and "Traceback" not in stderr
 
 

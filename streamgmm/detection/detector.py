@@ -296,14 +296,18 @@ class Detector:
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
         learned = (learn_flagged | ~flags) & ~absurd
         marginal = self.threshold.marginal_flags(log_density, flags) & ~absurd if flags.any() else flags
-        learn_marginal = bool(marginal.any()) and not learn_flagged and self._flagging_just_past_too_often()
+        runaway = flags.any() and not learn_flagged and self._flagging_just_past_too_often()
+        learn_marginal = bool(marginal.any()) and runaway
         # While a regime is adopted its scores count in the threshold's tail too: the model
         # learns a spread that doubled, but its points, all flagged and kept out of the tail,
-        # stayed below a threshold made of the old regime's scores (49 q at q = 0.01).  So do the
-        # flagged points just past the threshold that the model learns (below): kept out as
-        # alarms (3 q of them at most), a spread growing fourfold held the threshold low, 5-9 q
-        # flagged, under the rate that adopts a regime.
-        counted_in_full = self.adopting or (marginal if learn_marginal else False)
+        # stayed below a threshold made of the old regime's scores (49 q at q = 0.01).  So do,
+        # while flags just past the threshold come too often (it is too low), the flagged points
+        # up to its z_far (the threshold keeps further ones out), whether or not the model learns
+        # them (below): kept out as alarms (3 q of them at most), a spread growing fourfold held
+        # the threshold low, 5-9 q flagged, under the rate that adopts a regime.  (All of them,
+        # not only those of a batch with a marginal flag: the same rows in other batches would
+        # count otherwise; review.)
+        counted_in_full = self.adopting or ((flags & ~absurd) if runaway else False)
         self.threshold.observe(scored.log_density, flags, count_flagged=counted_in_full, points=X)
         if learn_marginal:
             # Flagged points just past the threshold, far more of them than q before this step:

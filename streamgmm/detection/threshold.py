@@ -180,7 +180,7 @@ GAP_MAX_SHARE = 0.75
 GAP_MIN_OVER_MEDIAN = 1.0
 # Flagged points kept for how often the stream scores that low (see _seen_as_rare).
 FLAGGED_KEPT = 2_000
-# ... and beyond z_far, a score counts as that low within this fraction of its excess over t.
+# ... and beyond z_far, a score counts as that low within this fraction of its excess past z_far.
 SEEN_TOLERANCE = 0.1
 # More than this: the fit takes this many, evenly spread (a fit then costs about a millisecond).
 FIT_PEAKS = 2_000
@@ -630,11 +630,11 @@ class StreamQuantileThreshold:
             return np.full(np.shape(log_density), -np.inf)
         seen = np.sort(scores)
         score = -np.asarray(log_density, dtype=float)
-        # Beyond z_far "as low" is within SEEN_TOLERANCE of the excess: a far point's score moves
+        # Beyond z_far "as low" is within SEEN_TOLERANCE of the excess past it: a far point's score moves
         # in proportion to its size with every change of the model, and the same glitch value
         # (a log-Cauchy's clipped at e^50, 1.1% of the rows) scored a little further each time,
         # beyond every one seen: 167 records called themselves 1 in 20,000 (bench_rarity.py).
-        reach = np.where(score > self.z_far, level + (score - level) * (1.0 - SEEN_TOLERANCE), score)
+        reach = score - SEEN_TOLERANCE * np.maximum(score - self.z_far, 0.0)  # (continuous at z_far)
         k = len(seen) - np.searchsorted(seen, reach, side="left")
         with np.errstate(divide="ignore", invalid="ignore"):
             log_seen = np.log(k / (n + 1.0))
@@ -722,21 +722,22 @@ class StreamQuantileThreshold:
 
         ``count_flagged``: the flagged points count as the others (True: the detector is adopting
         a new regime: its scores are the stream's from now on, which the tail must take in), or
-        those of them up to z_far where this mask has any (flagged points just past z_q the model
-        learns: a threshold a little too low, see ``Detector._flag_learn``).
+        those of them where this mask is set, up to z_far (while flags just past z_q come too
+        often: a threshold a little too low, see ``Detector._flag_learn``).
         ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
         and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
         in_full = np.asarray(count_flagged, dtype=bool) & flags if np.ndim(count_flagged) else None
-        if in_full is not None and in_full.any():
-            # While flags just past z_q are learned, z_q is too low, and every flagged point the
-            # tail may count (up to z_far) counts in full, not only those the model learns: a tail
-            # that comes in a block of time (an hour-of-day feature's last hour, where the model
-            # fits worst: 40-60 q flagged there, day after day) was flagged past the tokens' 3 q
-            # and the tail, truncated, held z_q down: 2.6 q over a week at q = 0.001 (helper-62).
-            in_full = flags & (score <= self.z_far)
+        if in_full is not None:
+            # The detector passes every flagged point while flags just past z_q come too often
+            # (z_q is too low): those the tail may count (up to z_far) count in full, not only
+            # those the model learns: a tail that comes in a block of time (an hour-of-day
+            # feature's last hour, where the model fits worst: 40-60 q flagged there, day after
+            # day) was flagged past the tokens' 3 q and the tail, truncated, held z_q down: 2.6 q
+            # over a week at q = 0.001 (helper-62).
+            in_full &= score <= self.z_far
         if in_full is None and count_flagged:
             pass  # the flagged are a regime: every scored point counts
         elif not self.calibrated:
@@ -840,14 +841,16 @@ class StreamQuantileThreshold:
         if stale_since is not None:
             t_then = t if scores is then_scores else _level_over(then_scores, above, floor - moved)
             if not self._still_unusual(then_scores, index, t_then, stale_since):
-                rescored = self._rescored(then_scores, then_censor, index)
+                heavy = self.gpd is not None and self.gpd[1] >= 0.5  # (its far scores are its own)
+                rescored = None if heavy else self._rescored(then_scores, then_censor, index)
                 if rescored is None:
                     self._restart_history()
                     return
                 now_scores, now_censor, now_moved = rescored
                 # Each collection level moved as the peaks it collected: a level of 229 nats, set
                 # while a regime's first points filled the tail, held t over every peak scored
-                # again.  One that collected none says nothing now, and holds t where it was.
+                # again.  One that collected none moves by the median move: where it then holds t
+                # over too few peaks, nothing says where it lies now, and the history restarts.
                 now_level = self._levels_moved(now_scores - then_scores, index, now_moved)
                 now_floor = float(now_level[max(in_force, 0):].max())
                 now_top = -np.partition(-now_scores, kth) if kth else now_scores
@@ -856,10 +859,14 @@ class StreamQuantileThreshold:
                         or self._stale_since(now_scores, index, now_t, oldest) is not None):
                     self._restart_history()
                     return
-                # The history as the current model scores it, for good.
+                # The history as the current model scores it, for good: what the rest of this
+                # estimate calls the scores as they were, with no other way to race them.
                 self._scores, self._censor, self.level = [now_scores], [now_censor], now_level
                 self._flagged = self._flagged + now_moved
+                if self.gpd is not None:
+                    self.gpd = (self.gpd[0] + now_moved, *self.gpd[1:])
                 self.race_z, self.race_record, self.race_pending = None, (0.0, 0.0, 0.0), np.zeros(3)
+                then_scores, then_censor, now, use_now = now_scores, now_censor, None, False
                 scores, censor, moved, top, t = now_scores, now_censor, 0.0, now_top, now_t
                 collect = float(top[twice]) if len(top) > twice else None
         tail = scores > t
@@ -924,9 +931,11 @@ class StreamQuantileThreshold:
             else:
                 gamma, sigma = self._gpd_at(t)
             fitted_z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
+            # (Flagged points left out that came as far, not beyond the last fit's z_far: those
+            # are anomalies, and a dozen glitches 400 nats out carried z_q 200 nats up; review.)
             left_out = self._flagged[self._flagged_index >= oldest] + moved
             self.z, far_floor = self._clear_of_a_value(self._held_to_the_window(fitted_z, scores[in_tail], n),
-                                                       scores[in_tail], left_out, n)
+                                                       scores[in_tail], left_out[left_out <= self.z_far], n)
             tail_share = n_tail / n
             if self.z < fitted_z:
                 # The fitted shape, scaled to agree with the window at z_q: a point's rarity there
@@ -1138,7 +1147,7 @@ class StreamQuantileThreshold:
             return z, None
         # The points just beyond the gap are the tail's own (at least q n / 2 of them), not beyond
         # z_far: counted, they keep the gap in the window (left out, it emptied of them).
-        return start + gap / 2.0, start + 2.0 * gap
+        return max(z, start + gap / 2.0), start + 2.0 * gap
 
     def _stale_since(self, scores: np.ndarray, index: np.ndarray, t: float, oldest: int) -> int | None:
         """Where the span begins (a count of scored points) over which the window's tail no
@@ -1206,8 +1215,9 @@ class StreamQuantileThreshold:
         return bool(np.count_nonzero(still) >= 0.5 * np.count_nonzero(old))
 
     def _rescored(self, scores: np.ndarray, censor: np.ndarray, index: np.ndarray):
-        """The stored peaks scored again by the current model (those without a row by the median
-        move), or None without rows: (scores, censoring levels, median move)."""
+        """The stored peaks scored again by the current model (those without a row, or beyond
+        z_far, by the median move), or None without rows: (scores, censoring levels, median
+        move)."""
         if self._model is None or not self._point_index:
             return None
         rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
@@ -1222,7 +1232,10 @@ class StreamQuantileThreshold:
             return None
         median = float(np.median(moved[ok]))
         shift = np.full(len(scores), median)
-        shift[position[ok]] = moved[ok]
+        # (Beyond z_far by the median move, as in _scored_now: a far point's score moves in
+        # proportion to its size with every change of the model.)
+        own = ok & (scores[position] <= self.z_far)
+        shift[position[own]] = moved[own]
         return scores + shift, censor + shift, median
 
     def _levels_moved(self, shift: np.ndarray, index: np.ndarray, median: float) -> np.ndarray:

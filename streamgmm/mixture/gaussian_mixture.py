@@ -196,6 +196,7 @@ class GaussianMixture(MixtureBase):
         # Only the weights' ratios matter; scaled to a mean of 1 they keep the masses at the rows'
         # scale, where MASS_EPS and the weights of the rows are not of one size: weights of 1e-300
         # gave a model scoring -8.2e7 nats per point without a word (helper-64).
+        weight = weight / weight.max()  # (first: finite weights of 1e306 have no finite mean)
         weight = weight / weight.mean()
         if sample_weight is not None and np.count_nonzero(weight) < self.n_components:
             raise ValueError(f"Expected at least n_components rows of positive sample_weight but got "
