@@ -165,6 +165,21 @@ def test_a_count_next_to_its_value_of_twice_q_is_not_flagged_by_its_drift(seed):
     assert flags.mean() <= 2 * 0.001
 
 
+def test_glitches_far_out_do_not_carry_the_threshold_past_a_values_gap():
+    # A 0/1 feature (2% ones) with glitches of 1e4 in 0.1% of the rows: flagged and left out,
+    # they counted as the tail's own points beyond the ones' gap, and z_q went to its middle,
+    # 147 nats out, where values 2 to 5 (10-97 nats) were no longer flagged (review, helper-66).
+    rng = np.random.default_rng(0)
+    X = (rng.random(60_000) < 0.02).astype(float)
+    X[rng.random(60_000) < 0.001] = 1e4
+    X = X[:, np.newaxis]
+    detector = Detector(config_from_dict({"input": {"format": "float64", "dimension": 1},
+                                          "threshold": {"quantile": 0.001}}))
+    _run(detector, X, batch=1000)
+    probes = detector.process(_records(np.array([[2.0], [3.0], [5.0]]), start=60_000), now=5.0)
+    assert probes.flags.all(), f"z_q at {detector.threshold.z:.1f} nats"
+
+
 def test_a_daily_cycle_is_not_taken_for_a_stale_tail_every_evening():
     # The evening's few high scores, under a quarter of the window's rate, let the tail go every
     # day, and the next afternoon's peak was judged against the night's scores: 8-10 q flagged
