@@ -630,10 +630,11 @@ class StreamQuantileThreshold:
             return np.full(np.shape(log_density), -np.inf)
         seen = np.sort(scores)
         score = -np.asarray(log_density, dtype=float)
-        # Beyond z_far "as low" is within SEEN_TOLERANCE of the excess past it: a far point's score moves
-        # in proportion to its size with every change of the model, and the same glitch value
-        # (a log-Cauchy's clipped at e^50, 1.1% of the rows) scored a little further each time,
-        # beyond every one seen: 167 records called themselves 1 in 20,000 (bench_rarity.py).
+        # Beyond z_far "as low" is within SEEN_TOLERANCE of the excess past it: a far point's
+        # score moves in proportion to its size with every change of the model, and the same
+        # glitch value (a log-Cauchy's clipped at e^50, 1.1% of the rows) scored a little further
+        # each time, beyond every one seen: 167 records called themselves 1 in 20,000
+        # (bench_rarity.py).
         reach = score - SEEN_TOLERANCE * np.maximum(score - self.z_far, 0.0)  # (continuous at z_far)
         k = len(seen) - np.searchsorted(seen, reach, side="left")
         with np.errstate(divide="ignore", invalid="ignore"):
