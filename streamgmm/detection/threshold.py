@@ -635,7 +635,8 @@ class StreamQuantileThreshold:
         # glitch value (a log-Cauchy's clipped at e^50, 1.1% of the rows) scored a little further
         # each time, beyond every one seen: 167 records called themselves 1 in 20,000
         # (bench_rarity.py).
-        reach = score - SEEN_TOLERANCE * np.maximum(score - self.z_far, 0.0)  # (continuous at z_far)
+        with np.errstate(invalid="ignore"):  # (an infinite score stays itself)
+            reach = np.where(np.isfinite(score), score - SEEN_TOLERANCE * np.maximum(score - self.z_far, 0.0), score)
         k = len(seen) - np.searchsorted(seen, reach, side="left")
         with np.errstate(divide="ignore", invalid="ignore"):
             log_seen = np.log(k / (n + 1.0))
