@@ -556,7 +556,10 @@ def test_ctrl_c_during_a_replay_is_one_line(tmp_path):
     data.write_text("a,b,c\n" + "\n".join(",".join(map(repr, x)) for x in rng.normal(size=(400_000, 3)).tolist()))
     process = subprocess.Popen([sys.executable, "-m", "streamgmm", "replay", "--config", str(_config(tmp_path)),
                                 "--input", str(data), "--output", str(tmp_path / "out.jsonl")],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               # (Ctrl-C as at a terminal: a suite run in the background passes
+                               # SIGINT on ignored, and Python then keeps it so.)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").stat().st_size < 10_000:

@@ -185,6 +185,15 @@ def _catches(pid, signum) -> bool:
     return bool(caught >> (signum - 1) & 1)
 
 
+def _signals_as_at_a_terminal() -> None:
+    """SIGHUP and SIGINT as in a fresh foreground session: a suite run under nohup or in the
+    background passes them on ignored, and the daemon (and Python, for SIGINT) keeps them so."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # `streamgmm run` whose first import of numpy waits for a file: the start-up's window before
 # the daemon's own handlers, held open for as long as a test needs.
 GATED_RUN = """
@@ -219,7 +228,7 @@ def test_a_stop_signal_while_starting_stops_it_as_a_later_one_would(tmp_path, na
     gate = tmp_path / "go"
     process = subprocess.Popen([sys.executable, "-c", GATED_RUN.format(gate=str(gate), config=str(path))],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                               preexec_fn=_signals_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 10
         while not _catches(process.pid, signal.SIGHUP) and process.poll() is None and time.monotonic() < deadline:
