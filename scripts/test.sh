@@ -6,4 +6,6 @@ source "$root/scripts/setup-venv.sh" test
 cd "$root"
 # One BLAS thread: the suite's numerics are then deterministic and CI's 2 cores are not oversubscribed.
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
-exec python -m pytest -q "$@"
+# Two workers (STREAMGMM_TEST_WORKERS to change; 0 runs in this process): each starts its own
+# broker, and the integration tests mostly wait on it and on the daemons they start.
+exec python -m pytest -q -n "${STREAMGMM_TEST_WORKERS:-2}" "$@"
