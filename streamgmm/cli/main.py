@@ -175,7 +175,8 @@ def cmd_run(args) -> int:
             signal.signal(signum, on_signal)
     # Those that came while starting (see cli/__init__.py) now stop it as a later one would: the
     # loop sees the stop before it reads anything.
-    for signum in EARLY_SIGNALS[:2]:
+    early, EARLY_SIGNALS[:] = EARLY_SIGNALS[:2], []  # (taken once: an in-process caller may run again)
+    for signum in early:
         on_signal(signum, None)
     code = 0
     try:
