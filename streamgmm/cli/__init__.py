@@ -15,6 +15,15 @@ def _remember(signum, frame) -> None:
     EARLY_SIGNALS.append(signum)
 
 
+def handle_stop_signals(handler) -> None:
+    """``handler`` for SIGTERM, SIGINT and SIGHUP, but a signal the process was started ignoring
+    (nohup, a background job) stays ignored: SIGHUP too is a clean stop (a closed terminal),
+    which must not undo nohup."""
+    for signum in STOP_SIGNALS:
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``streamgmm``'s entry point.  ``healthcheck`` is answered without importing the rest
     (see cli/healthcheck.py); every other command goes through cli/main.py."""
@@ -27,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         # Until the daemon's own handlers are in place, a stop signal is remembered: by default
         # one in the first second killed the process outright (SIGHUP, SIGTERM) or printed a
         # traceback (SIGINT), where later ones stop it with the documented exit codes, and a
-        # unit killed by SIGHUP is not restarted by Restart=on-failure (helper-63).  A signal the
-        # process was started ignoring stays ignored, as in cmd_run.
-        for signum in STOP_SIGNALS:
-            if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
-                signal.signal(signum, _remember)
+        # unit killed by SIGHUP is not restarted by Restart=on-failure (helper-63).
+        handle_stop_signals(_remember)
     from .main import main as commands
 
     return commands(argv)

@@ -25,7 +25,7 @@ from ..detection.records import iso_time
 from ..mixture.online import FINAL_N_INIT_FACTOR, WARMUP_N_INIT
 from ..service.state import CheckpointError, CheckpointStore, LocalStateStore, read_checkpoint_file
 from ..service.config import ConfigError, as_dict, load_config, masked, to_yaml
-from . import EARLY_SIGNALS, STOP_SIGNALS
+from . import EARLY_SIGNALS, handle_stop_signals
 from .healthcheck import add_parser as add_healthcheck_parser
 
 log = logging.getLogger("streamgmm")
@@ -168,11 +168,7 @@ def cmd_run(args) -> int:
         log.info("received %s: finishing the batch, checkpointing and stopping", name)
         daemon.stop()
 
-    # SIGHUP too: a closed terminal stops cleanly, not at once; a signal the process was started
-    # ignoring (nohup, a background job) stays ignored.
-    for signum in STOP_SIGNALS:
-        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, on_signal)
+    handle_stop_signals(on_signal)
     # Those that came while starting (see cli/__init__.py) now stop it as a later one would: the
     # loop sees the stop before it reads anything.
     early, EARLY_SIGNALS[:] = EARLY_SIGNALS[:2], []  # (taken once: an in-process caller may run again)

@@ -1198,10 +1198,7 @@ class StreamQuantileThreshold:
         left_out = np.count_nonzero(self._flagged_index >= start)
         if left_out > max(STALE_FLAGGED_OVER_Q * self.quantile * span, STALE_FLAGGED_MIN):
             return False
-        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
-        position = np.searchsorted(index, row_index)
-        known = (position < len(index)) & (index[np.minimum(position, len(index) - 1)] == row_index)
-        rows, row_index, position = rows[known], row_index[known], position[known]
+        rows, row_index, position = self._rows_of_peaks(index)
         if not len(rows):
             return False
         then = then_scores[position]
@@ -1216,19 +1213,24 @@ class StreamQuantileThreshold:
         still = now[old[look]] > t_then + drift
         return bool(np.count_nonzero(still) >= 0.5 * np.count_nonzero(old))
 
+    def _rows_of_peaks(self, index: np.ndarray):
+        """The kept rows whose peaks are in ``index`` (the stored peaks' counts), with their
+        counts and their positions in ``index``."""
+        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
+        position = np.searchsorted(index, row_index)
+        known = (position < len(index)) & (index[np.minimum(position, len(index) - 1)] == row_index)
+        return rows[known], row_index[known], position[known]
+
     def _rescored(self, scores: np.ndarray, censor: np.ndarray, index: np.ndarray):
         """The stored peaks scored again by the current model (those without a row, or beyond
         z_far, by the median move), or None without rows: (scores, censoring levels, median
         move)."""
         if self._model is None or not self._point_index:
             return None
-        rows, row_index = np.concatenate(self._point_rows), np.concatenate(self._point_index)
-        position = np.searchsorted(index, row_index)
-        known = (position < len(index)) & (index[np.minimum(position, len(index) - 1)] == row_index)
-        if not known.any():
+        rows, _, position = self._rows_of_peaks(index)
+        if not len(rows):
             return None
-        position = position[known]
-        moved = (self.typical - self._model.score_batch(rows[known]).log_density) - scores[position]
+        moved = (self.typical - self._model.score_batch(rows).log_density) - scores[position]
         ok = np.isfinite(moved)
         if not ok.any():
             return None

@@ -210,6 +210,15 @@ def covariances_from_precision_cholesky(precisions_chol, covariance_type):
     return 1.0 / precisions_chol**2
 
 
+def precisions_from_cholesky(precisions_chol, covariance_type):
+    """The precision matrices (inverse covariances) of their upper-triangular factors."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", precisions_chol, precisions_chol)
+    if covariance_type == "tied":
+        return precisions_chol @ precisions_chol.T
+    return precisions_chol**2
+
+
 def _covariance_of_precision_cholesky(precision_chol):
     """inv(U U^T) = U^-T U^-1 for the upper-triangular precision factor U."""
     inverse = linalg.solve_triangular(precision_chol, np.eye(len(precision_chol)), lower=False)

@@ -335,11 +335,7 @@ class GaussianMixture(MixtureBase):
 
     @property
     def precisions_(self):
-        if self.covariance_type == "full":
-            return np.einsum("kij,klj->kil", self.precisions_cholesky_, self.precisions_cholesky_)
-        if self.covariance_type == "tied":
-            return self.precisions_cholesky_ @ self.precisions_cholesky_.T
-        return self.precisions_cholesky_**2
+        return g.precisions_from_cholesky(self.precisions_cholesky_, self.covariance_type)
 
     # ---------------------------------------------------------------------- state
     def to_dict(self) -> dict:

@@ -519,12 +519,8 @@ class OnlineGaussianMixture(MixtureBase):
     @property
     def precisions_(self) -> np.ndarray:
         """The inverses of ``covariances_`` (scikit-learn's attribute; it was missing, helper-64)."""
-        chol = self.precisions_cholesky_
-        if self.covariance_type_ == "full":
-            return np.einsum("kij,klj->kil", chol, chol)
-        if self.covariance_type_ == "tied":
-            return chol @ chol.T
-        return chol**2
+        kind = "diag" if self.covariance_type_ == "spherical" else self.covariance_type_
+        return g.precisions_from_cholesky(self.precisions_cholesky_, kind)
 
     # ------------------------------------------------------------------ learning
     def fit(self, X, y=None, sample_weight=None):
