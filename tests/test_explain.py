@@ -309,3 +309,33 @@ def test_an_expected_value_names_the_feature_it_leans_on():
     # The partner leans the expectation by at least a conditional sd; a partner near its mean does not.
     quiet = explain(np.array([[3.0, 0.1, 0.0]]), geometry, n_top=1)
     assert quiet.given[0, 0] == -1
+
+
+def test_a_component_flat_in_a_feature_does_not_claim_points_by_setting_it_aside():
+    # Percentages clipped at 100: one component holds the rows stuck at 100% (disk sd 0.1), another
+    # the rest (disk 60 +- 15).  A point mildly off in cpu with an ordinary disk of 55 went to the
+    # flat component with disk set aside, which kept that component's 1 / sd: "disk 55, expected
+    # 99.95, z -450" (helper-68: 19-72% of a clean stream's records).  It belongs to the other.
+    means = [[50.0, 60.0, 0.0], [50.0, 100.0, 0.0]]
+    covariances = np.array([np.diag([100.0, 225.0, 1.0]), np.diag([100.0, 0.01, 1.0])])
+    geometry = component_geometry([0.6, 0.4], means, covariances, "full")
+    points = np.array([[88.0, 55.0, 0.5],     # cpu 3.8 sd off under either
+                       [50.0, 20.0, 0.0],     # disk low for both: the wide one, disk named
+                       [52.0, 99.99, 6.0]])   # at 100, the third feature off: the flat one
+    e = explain(points, geometry, n_top=1)
+    assert e.component.tolist() == [0, 0, 1]
+    assert e.top[:, 0].tolist() == [0, 1, 2]
+    assert abs(e.z[0, 0]) < 5.0
+
+
+def test_a_shifted_feature_still_takes_its_own_component_beside_a_flat_one():
+    # The same mixture: a point of the wide component with its third feature shifted 8 sd is
+    # explained by it, not by the flat one, for any disk value of the wide component's.
+    means = [[50.0, 60.0, 0.0], [50.0, 100.0, 0.0]]
+    covariances = np.array([np.diag([100.0, 225.0, 1.0]), np.diag([100.0, 0.01, 1.0])])
+    geometry = component_geometry([0.6, 0.4], means, covariances, "full")
+    rng = np.random.default_rng(0)
+    points = np.column_stack([rng.normal(50, 10, 200), rng.normal(60, 15, 200), np.full(200, 8.0)])
+    e = explain(points, geometry, n_top=1)
+    assert np.mean(e.component == 0) >= 0.95
+    assert np.all(e.top[:, 0] == 2)
