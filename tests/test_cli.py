@@ -383,6 +383,33 @@ def test_repeated_warnings_are_held_back_but_repeated_events_are_not():
     assert all(repeat.filter(r) for r in lost)
 
 
+def test_a_second_episode_of_the_same_error_is_logged_after_the_first_ended():
+    # The disk filled, freed ("checkpoints written again"), filled again 20 s later: the second
+    # "checkpoint failed (1 in a row)" was held back as a repeat, and the log's last word was
+    # that checkpoints worked (helper-67).
+    import logging
+
+    from streamgmm.cli.main import RepeatFilter
+
+    def record(name, level, message, created):
+        r = logging.LogRecord(name, level, __file__, 1, message, (), None)
+        r.created = created
+        return r
+
+    repeat = RepeatFilter(interval=30.0)
+    failed = "checkpoint failed (1 in a row): No space left on device; retrying in 1 s"
+    assert repeat.filter(record("streamgmm.service.checkpointer", logging.ERROR, failed, 0.0))
+    assert repeat.filter(record("streamgmm.service.checkpointer", logging.INFO, "checkpoint written again", 5.0))
+    assert repeat.filter(record("streamgmm.service.checkpointer", logging.ERROR, failed, 20.0))
+    # librdkafka's own lines are thinned through its INFO lines, and another logger's INFO line
+    # does not end this logger's repeats.
+    refused = "Connect to ipv4#127.0.0.1:9092 failed: Connection refused"
+    assert repeat.filter(record("librdkafka", logging.ERROR, refused, 0.0))
+    assert repeat.filter(record("librdkafka", logging.INFO, "broker up", 1.0))
+    assert repeat.filter(record("streamgmm.service.daemon", logging.INFO, "assigned feat/0", 2.0))
+    assert not repeat.filter(record("librdkafka", logging.ERROR, refused, 3.0))
+
+
 def test_healthcheck_asks_the_port_the_config_and_its_overrides_give(tmp_path):
     # The image's HEALTHCHECK asked port 9464 whatever metrics.port said: unhealthy on any other.
     import http.server

@@ -282,6 +282,40 @@ def test_a_stop_while_the_broker_hangs_ends_in_bounded_time_and_the_checkpoint_h
         assert inspect(tmp_path / "state")["n_valid"] == 5000
 
 
+def test_a_stop_after_the_broker_died_says_whether_its_checkpoint_is_kept(tmp_path):
+    """The broker killed, then SIGTERM: the checkpoint at shutdown was written, its commit refused,
+    and then withdrawn when closing the consumer gave the partitions up as lost; the process exited
+    0 all the same, though the README says a stop whose last checkpoint is not kept exits 1 and
+    says the messages are read again (helper-67).  Whatever the timing, the two agree."""
+    from streamgmm.dev.embedded import EmbeddedBroker
+
+    topic = "gone"
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as own:
+        create_topic(own.bootstrap, topic, partitions=2)
+        messages, _ = _vectors(3000, seed=37)
+        produce(own.bootstrap, topic, messages[:2500], partition_of=lambda i: i % 2)
+        config = write_config(tmp_path / "c.yaml", own.bootstrap, topic, tmp_path / "state",
+                              kafka={"consumer": GROUP_CONSUMER},
+                              checkpoint={"dir": str(tmp_path / "state"), "interval_seconds": 3600,
+                                          "interval_messages": 2000})
+        daemon = DaemonProcess(config, tmp_path / "d.log").start()
+        try:
+            daemon.wait_for(lambda: (daemon.metric("streamgmm_checkpoints_written_total") or 0) >= 1, what="a checkpoint")
+            produce(own.bootstrap, topic, messages[2500:], partition_of=lambda i: i % 2)
+            daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 3000, what="consumed")
+            own.stop(kill=True)  # 500 messages since the last checkpoint
+            time.sleep(2.0)
+            code = daemon.stop(timeout=80)
+        finally:
+            daemon.kill()
+    log = Path(tmp_path / "d.log").read_text()
+    withdrawn = "the checkpoint at shutdown is withdrawn" in log
+    assert code in (0, 1), log[-3000:]
+    assert (code == 1) == (withdrawn or "the checkpoint at shutdown failed" in log), log[-3000:]
+    if "withdrew checkpoint" in log.split("checkpoint of 1 model(s) written")[-1]:
+        assert withdrawn and code == 1, log[-3000:]
+
+
 def test_sighup_stops_cleanly_and_a_second_signal_stops_at_once(broker, topic, tmp_path):
     """SIGHUP (a closed terminal) killed the process at once, without a word or a checkpoint;
     a second SIGTERM ended it with nothing in the log."""

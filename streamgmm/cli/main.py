@@ -36,24 +36,30 @@ class RepeatFilter(logging.Filter):
 
     During an outage librdkafka reports every refused connection; one line per message per
     half minute keeps the cause visible without flooding the journal.  Warnings and errors
-    only: an INFO line is an event (a partition assigned, revoked) that happened again.
+    only: an INFO line is an event (a partition assigned, revoked) that happened again.  An INFO
+    line of the daemon's own also ends what its logger repeated: after "checkpoints written
+    again", the same "checkpoint failed (1 in a row)" 20 s later is a new episode, which was
+    hidden (the log's last word was that checkpoints worked; helper-67).  librdkafka's own
+    lines do not: they come during the very outages whose refusals this filter thins.
     """
 
     def __init__(self, interval: float = 30.0):
         super().__init__()
         self.interval = interval
-        self._last: dict[str, float] = {}
+        self._last: dict[str, dict[str, float]] = {}  # logger -> message -> when last let through
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or getattr(record, "event", False):
+            if not record.name.startswith("librdkafka"):
+                self._last.pop(record.name, None)
             return True  # events (assigned, revoked, lost, checkpoint written) are never repeats to hide
-        key = f"{record.name}:{record.getMessage()}"
-        now = record.created
-        if now - self._last.get(key, -1e18) < self.interval:
+        seen = self._last.setdefault(record.name, {})
+        message, now = record.getMessage(), record.created
+        if now - seen.get(message, -1e18) < self.interval:
             return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = now
+        if len(seen) > 1000:
+            seen.clear()
+        seen[message] = now
         return True
 
 

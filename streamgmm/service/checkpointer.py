@@ -136,17 +136,18 @@ class Checkpointer:
                  f"; checkpoints written again after {failed_before} failed attempt(s)" if failed_before else "")
         return Outcome.WRITTEN
 
-    def withdraw_uncommitted(self) -> None:
+    def withdraw_uncommitted(self) -> int:
         """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) every
         local checkpoint written since the last one the group committed, so that a reload goes
         back to that one (see ``Daemon._checkpoint``).  When none is left, the model starts
         afresh from the group's commit: kept, it would hold messages that the group gives to the
         partitions' next owner as well, and they are read again from the group's commit either
-        way (a member expired before its first commit had its messages learned by two models)."""
+        way (a member expired before its first commit had its messages learned by two models).
+        Returns how many were withdrawn."""
         uncommitted = [p for p in getattr(self, "uncommitted", []) if p.exists()]
         self.uncommitted = []
         if not uncommitted:
-            return
+            return 0
         for path in uncommitted:
             path.rename(path.with_name(path.name + ".withdrawn"))
         remaining, _ = self.local.store_for(GLOBAL_KEY).newest_valid()
@@ -154,4 +155,5 @@ class Checkpointer:
                     ", ".join(p.name for p in uncommitted),
                     "" if remaining is not None else "; no earlier one is left: the model starts afresh from the "
                                                      "group's commit")
+        return len(uncommitted)
 

@@ -481,7 +481,11 @@ class Daemon:
             # take this member out of the group.
             poll_interval = float(k.consumer.get("max.poll.interval.ms", 300_000)) / 1000.0
             self.topic_store = TopicStateStore(self.config.checkpoint.topic, consuming,
-                                               Producer({**producing, "error_cb": on_error}),
+                                               # (Its logger, as every client's: without it
+                                               # librdkafka wrote its own lines to stderr, past
+                                               # logging.format json; helper-67.)
+                                               Producer({**producing, "error_cb": on_error,
+                                                         "logger": logging.getLogger("librdkafka")}),
                                                max_bytes=message_max_bytes(producing),
                                                read_max_seconds=0.8 * poll_interval)
             self.checkpointer.topic_store = self.topic_store
@@ -674,8 +678,13 @@ class Daemon:
         # The group gave these away without us (we were too slow or cut off): their new owner
         # resumes from the last commit, so what we learned of them since must be unlearned.
         self._rewind_pending = "partitions were lost to the group (session timed out)"
-        if self.scope == "global":
-            self.checkpointer.withdraw_uncommitted()  # their new owners start from the group's commit
+        if self.scope == "global" and self.checkpointer.withdraw_uncommitted() and self._closing:
+            # (Their new owners start from the group's commit.)  On the way out, the checkpoint
+            # at shutdown was among them: the stop was not clean (it exited 0 after the broker
+            # went down and its commit was refused; helper-67).
+            self.clean_stop = False
+            log.error("the checkpoint at shutdown is withdrawn (the group did not take its offsets): the "
+                      "messages since the group's last commit are read and learned again at the next start")
         self._release(partitions)
         log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions),
                     extra={"event": True})  # each loss is logged, however soon after the last
