@@ -8,8 +8,9 @@ of the rows matters: the same rows shuffled are in band.
 Streams (80,000 rows): a daily load cycle over four days (hour as sine and cosine, requests per
 second peaking in the afternoon, a latency growing with the load: the warm-up sees the first
 hour of the night); Poisson(0.05) counts in one feature (95% zeros, the most common value one
-exact number); counters stuck at constants beside a Poisson(0.05) column; and the daily cycle
-shuffled, for reference.  The table gives the whole stream after the warm-up and its last
+exact number); counters stuck at constants beside a Poisson(0.05) column; the daily cycle with
+a garbage collection every 30th row (helper-65: a pause growing with the load, a normal
+minority mode the warm-up sees at its smallest); and the daily cycle shuffled, for reference.  The table gives the whole stream after the warm-up and its last
 quarter (the fourth day), worst and median over the seeds, and the most common value's rows
 flagged (the zeros; the counters' constant rows).
 """
@@ -29,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_calibration import _Batch  # noqa: E402
 from streamgmm.detection.detector import Detector  # noqa: E402
-from streamgmm.dev.synthetic import daily_load  # noqa: E402
+from streamgmm.dev.synthetic import daily_load, daily_load_with_collections  # noqa: E402
 from streamgmm.service.config import config_from_dict  # noqa: E402
 
 QUANTILES = (0.01, 0.001)
@@ -57,6 +58,7 @@ SHAPES = {
     "daily load cycle, shuffled": daily_load_shuffled,
     "Poisson(0.05) counts, 1-d": poisson_counts,
     "3 stuck counters + Poisson(0.05)": stuck_counters,
+    "daily load cycle with GC pauses (every 30th row)": daily_load_with_collections,
 }
 
 

@@ -90,3 +90,21 @@ def daily_load(n: int, rng: np.random.Generator, days: float = 4.0) -> np.ndarra
     rps = 1000.0 * (1.0 + 0.8 * np.sin(2.0 * np.pi * (hours - 9.0) / 24.0)) * (1.0 + 0.05 * rng.normal(size=n))
     latency = (20.0 + 30.0 * (rps / 1800.0) ** 3) * rng.lognormal(0.0, 0.2, n)
     return np.column_stack([np.sin(2.0 * np.pi * hours / 24.0), np.cos(2.0 * np.pi * hours / 24.0), rps, latency])
+
+
+# Every this many rows of ``daily_load_with_collections`` is a garbage collection's.
+COLLECTION_EVERY = 30
+
+
+def daily_load_with_collections(n: int, rng: np.random.Generator, days: float = 4.0) -> np.ndarray:
+    """``daily_load`` with a pause column, and every COLLECTION_EVERY-th row (i % 30 == 29, 3.3%)
+    a garbage collection's: a pause that grows with the square of the load and a latency 2-3.8
+    times the usual (helper-65): a normal minority mode that moves with the load, which the
+    warm-up (the first hour of the night) sees at its smallest."""
+    X = daily_load(n, rng, days)
+    load = X[:, 2] / 1000.0
+    collection = np.arange(n) % COLLECTION_EVERY == COLLECTION_EVERY - 1
+    pause = 0.5 * rng.lognormal(0.0, 0.3, n)
+    pause[collection] = 40.0 * load[collection] ** 2 * rng.lognormal(0.0, 0.2, int(collection.sum()))
+    X[collection, 3] *= 2.0 + load[collection]
+    return np.column_stack([X, pause])
