@@ -11,7 +11,7 @@ import pytest
 
 from streamgmm.service.config import ConfigError, config_from_dict
 from streamgmm.detection.decode import encode
-from streamgmm.detection.detector import Detector, InputRecord, RareComponentWatch
+from streamgmm.detection.detector import Detector, InputRecord
 from streamgmm.dev.synthetic import COLLECTION_EVERY, daily_load, daily_load_with_collections, random_mixture
 
 
@@ -1014,17 +1014,18 @@ def test_a_far_burst_soon_after_the_tail_starts_again_is_flagged_whole(seed):
     assert flags[60_000 - (len(X) - len(flags)):][:300].all()
 
 
-@pytest.mark.parametrize("seed", [0, 2])
-def test_a_normal_minority_mode_the_warm_up_made_rare_is_not_flagged_for_good(seed):
-    # Garbage collections, every 30th row (3.3%), moving with the load: the warm-up gave them
-    # components under rare_weight, so they were scored by the others, flagged, never learned,
-    # and their weight only fell: every one flagged to the end (4.3 q at q = 0.01; helper-65).
+@pytest.mark.xfail(strict=True, reason="known: a normal mode the warm-up split into components under rare_weight "
+                                        "is flagged for good (BENCHMARKS.md, thirteenth session)")
+def test_a_normal_minority_mode_the_warm_up_made_rare_is_not_flagged_for_good():
+    # Garbage collections, every 30th row (3.3%), moving with the load: the warm-up gives them
+    # components under rare_weight, so they are scored by the others, flagged, never learned, and
+    # their weight only falls: every one flagged to the end (4.3 q at q = 0.01; helper-65).  A
+    # watch that adopted such a component learned real bursts near it (helper-69): taken back.
     q, n = 0.01, 80_000
-    X = daily_load_with_collections(n, np.random.default_rng(seed))
+    X = daily_load_with_collections(n, np.random.default_rng(0))
     collection = np.arange(n) % COLLECTION_EVERY == COLLECTION_EVERY - 1
     config = config_from_dict({"input": {"format": "float64", "dimension": X.shape[1]},
-                               "model": {"random_state": seed},
-                               "threshold": {"quantile": q, "adopt_after": 10_000}})
+                               "model": {"random_state": 0}, "threshold": {"quantile": q}})
     detector = Detector(config)
     flags = np.zeros(n, dtype=bool)
     for start in range(0, n, 1000):
@@ -1032,27 +1033,3 @@ def test_a_normal_minority_mode_the_warm_up_made_rare_is_not_flagged_for_good(se
         flags[start + result.scored_index] = result.flags
     last = np.arange(n) >= n - 6000
     assert flags[collection & last].mean() < 0.6
-    assert flags[last].mean() / q < 2.0
-
-
-def test_a_rare_component_is_adopted_only_when_its_points_keep_coming():
-    watch = RareComponentWatch()
-    weights = np.array([0.6, 0.395, 0.005])
-    steady = np.repeat([0, 1, 2], [600, 370, 30])  # component 2 most responsible for 3% of each step
-    its_flagged = steady == 2
-    none = np.zeros(1000, dtype=bool)
-    for _ in range(25):  # most responsible for 3%, none of them flagged (a narrow one inside a wide one)
-        assert not watch.observe(steady, none, weights, 0.01, 2000, 20_000).any()
-    burst = np.full(1000, 2)
-    for _ in range(3):
-        assert not watch.observe(burst, np.ones(1000, dtype=bool), weights, 0.01, 2000, 20_000).any()
-    for _ in range(25):  # 3,000 points of a burst are not adopted; flagged over rare_weight for 20,000 are
-        adopted = watch.observe(steady, its_flagged, weights, 0.01, 2000, 20_000)
-    assert adopted.tolist() == [False, False, True]
-    # Caught up: its weight at its share, it is let go.
-    assert not watch.observe(steady, its_flagged, np.array([0.6, 0.36, 0.04]), 0.01, 2000, 20_000).any()
-    # A usual component is never adopted, however many flagged points it holds.
-    assert not watch.observe(np.zeros(1000, dtype=int), np.ones(1000, dtype=bool), weights, 0.01, 2000, 20_000)[0]
-    state = RareComponentWatch()
-    state.load_dict(watch.to_dict())
-    assert state.to_dict() == watch.to_dict()

@@ -55,77 +55,6 @@ def smoothed_share(share: float, mask: np.ndarray, half_life: float) -> float:
     return (1.0 - weight) * share + weight * float(np.mean(mask))
 
 
-class RareComponentWatch:
-    """How much of the stream each component's points make, by the stream, not by the model.
-
-    A component lighter than model.rare_weight is rare structure: its points are scored by the
-    others, flagged, and not learned, so its weight only falls.  When the warm-up splits a
-    normal mode into such pieces (GC rows, 3.3% of the stream, as components of 0.8% and 0.9%),
-    every one of its points is flagged for good (4.3 q at q = 0.01; helper-65).  Counted here:
-    per component, the smoothed share of scored points it is most responsible for (half-life
-    threshold.adopt_window points), and for how many points in a row that share has been over
-    rare_weight.  A rare component whose share stays over it for threshold.adopt_after points
-    is adopted: its flagged points are learned until its weight, and its share, say what it is
-    (see ``Detector._flag_learn``).  It starts on the share of its points that were flagged: a
-    narrow rare component inside a wide one is most responsible for more points than its weight
-    says, none of them flagged, and once adopted it took a burst far out as its own (recall
-    0.69).  A burst shorter than adopt_after, or a group of anomalies under rare_weight of the
-    stream, stays out.  (The index is the model's: a re-seeded component takes over its slot's
-    count, which then follows its new points within a few half-lives.)
-    """
-
-    def __init__(self):
-        self.share = np.zeros(0)
-        self.flagged_share = np.zeros(0)
-        self.points_above = np.zeros(0, dtype=np.int64)
-        self.adopted = np.zeros(0, dtype=bool)
-
-    def _sized(self, n_components: int) -> None:
-        grow = n_components - len(self.share)
-        if grow > 0:  # (the model grows by add_component; it never shrinks)
-            self.share = np.append(self.share, np.zeros(grow))
-            self.flagged_share = np.append(self.flagged_share, np.zeros(grow))
-            self.points_above = np.append(self.points_above, np.zeros(grow, dtype=np.int64))
-            self.adopted = np.append(self.adopted, np.zeros(grow, dtype=bool))
-
-    def observe(self, components: np.ndarray, flags: np.ndarray, weights: np.ndarray, rare_weight: float,
-                half_life: float, after: int) -> np.ndarray:
-        """Count a step's most responsible components (and of its flagged points); returns which
-        components are adopted."""
-        n_components = len(weights)
-        self._sized(n_components)
-        if not len(components):
-            return self.adopted[:n_components]
-        step = -np.expm1(len(components) * np.log(0.5) / half_life)
-        counts = np.bincount(components, minlength=n_components)[:n_components]
-        flagged = np.bincount(components[flags], minlength=n_components)[:n_components]
-        self.share = (1.0 - step) * self.share + step * counts / len(components)
-        self.flagged_share = (1.0 - step) * self.flagged_share + step * flagged / len(components)
-        # A rare component whose flagged points are over rare_weight to start; once adopted, until
-        # its weight has caught up with its share (the first version let go at rare_weight, where
-        # a component of a 3.3% share had not yet moved to its points: they were still flagged,
-        # and it fell back) or the share falls under half rare_weight (as a regime's adoption).
-        start = (weights < rare_weight) & (self.flagged_share > rare_weight)
-        going_on = self.adopted & (self.share > rare_weight / 2.0) & (weights < self.share)
-        self.points_above = np.where(start | going_on, self.points_above + len(components), 0)
-        self.adopted = going_on | (start & (self.points_above >= after))
-        return self.adopted
-
-    def to_dict(self) -> dict:
-        return {"share": self.share.tolist(), "flagged_share": self.flagged_share.tolist(),
-                "points_above": self.points_above.tolist(), "adopted": self.adopted.tolist()}
-
-    def load_dict(self, state: dict | None) -> None:
-        self.__init__()
-        if state:
-            self.share = np.asarray(state["share"], dtype=float)
-            self.flagged_share = np.asarray(state["flagged_share"], dtype=float)
-            self.points_above = np.asarray(state["points_above"], dtype=np.int64)
-            self.adopted = np.asarray(state["adopted"], dtype=bool)
-            if not (len(self.share) == len(self.flagged_share) == len(self.points_above) == len(self.adopted)):
-                raise ValueError("rare_components: share, flagged_share, points_above and adopted differ in length")
-
-
 @dataclass(frozen=True)
 class AdoptionChange:
     """Adoption started (``adopting``) or ended, with the smoothed flagged share and the points
@@ -253,7 +182,6 @@ class Detector:
         self.flagged_memory = 0.0
         self._adopting = False  # from the start of an adoption until the rate falls below half
         self.grew_in_adoption = False  # the adoption under way has added its component
-        self.rare_components = RareComponentWatch()
         self._geometry_cache: ComponentGeometry | None = None
         self._geometry_of: int | None = None  # the model version it is of
 
@@ -366,7 +294,7 @@ class Detector:
         absurd = np.zeros_like(flags)
         if flags.any():  # only flagged rows can be glitches: nothing on the path of the others
             absurd[flags] = np.abs(scored.X_internal[flags]).max(axis=1, initial=0.0) > ABSURD_SPREADS
-        learned = (learn_flagged | ~flags | self._of_adopted_components(scored.component, flags)) & ~absurd
+        learned = (learn_flagged | ~flags) & ~absurd
         marginal = self.threshold.marginal_flags(log_density, flags) & ~absurd if flags.any() else flags
         runaway = flags.any() and not learn_flagged and self._flagging_just_past_too_often()
         learn_marginal = bool(marginal.any()) and runaway
@@ -410,16 +338,6 @@ class Detector:
             result.n_flagged_learned += flagged_learned
             self.n_updates += 1
         return rows, log_density, flags, components
-
-    def _of_adopted_components(self, components: np.ndarray, flags: np.ndarray) -> np.ndarray | bool:
-        """Which of these rows' most responsible components are rare ones adopted (see
-        ``RareComponentWatch``); False when nothing is rare or threshold.adopt is off."""
-        t, rare_weight = self.config.threshold, self.model.rare_weight
-        if not t.adopt or rare_weight <= 0:
-            return False
-        adopted = self.rare_components.observe(components, flags, np.asarray(self.model.weights_), rare_weight,
-                                               t.adopt_window, t.adopt_after)
-        return adopted[components] if adopted.any() else False
 
     def _flagging_just_past_too_often(self) -> bool:
         """The smoothed rate of flags just past the threshold, before this step, over
@@ -560,8 +478,7 @@ class Detector:
             "counters": {**{name: getattr(self, name) for name in COUNTERS},
                          "flag_rate": self.flag_rate, "marginal_rate": self.marginal_rate, "points_above": self.points_above, "adopting": self._adopting,
                          "flagged_memory": self.flagged_memory,
-                         "grew_in_adoption": self.grew_in_adoption, "n_flagged_learned": self.n_flagged_learned,
-                         "rare_components": self.rare_components.to_dict()},
+                         "grew_in_adoption": self.grew_in_adoption, "n_flagged_learned": self.n_flagged_learned},
         }
 
     def restore(self, state: dict) -> None:
@@ -656,7 +573,6 @@ class Detector:
         # (A checkpoint from before the flag: adopting was points_above >= adopt_after.)
         self._adopting = bool(counters.get("adopting", self.points_above >= self.config.threshold.adopt_after))
         self.grew_in_adoption = bool(counters.get("grew_in_adoption", False))
-        self.rare_components.load_dict(counters.get("rare_components"))
         self.offsets = {
             (topic, int(partition)): int(offset)
             for topic, partitions in state["offsets"].items()

@@ -130,8 +130,6 @@ class ThresholdConfig:
     # new cluster becomes normal instead of being flagged for ever; a shorter burst is not.  A
     # regime that keeps coming back in shorter spells is adopted once the flagged points, with a
     # half-life of 2 x adopt_after points, add up to adopt_after (see Detector._learn_flagged).
-    # So, too, are the flagged points of a rare component (model.rare_weight) whose flagged
-    # points have kept coming at over rare_weight for adopt_after points (RareComponentWatch).
     adopt: bool = True
     adopt_flag_rate: float | None = None
     adopt_window: int = 2_000

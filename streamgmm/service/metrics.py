@@ -110,8 +110,7 @@ class Metrics:
         self.points_learned = counter("points_learned", "Points the model learned from (warm-up included).")
         self.flagged_points_learned = counter(
             "flagged_points_learned", "Flagged points the model learned from all the same: while a new regime is "
-            "adopted (threshold.adopt), of a rare component whose flagged points keep coming at over "
-            "model.rare_weight, or just past a threshold that flags far more than threshold.quantile.")
+            "adopted (threshold.adopt), or just past a threshold that flags far more than threshold.quantile.")
         self.produce_errors = counter(
             "produce_errors", "Output records that failed for a passing reason (timed out, broker unreachable), "
             "counted by the checkpoint or rewind that finds them; the rewind produces them again.")
