@@ -339,3 +339,12 @@ def test_a_shifted_feature_still_takes_its_own_component_beside_a_flat_one():
     e = explain(points, geometry, n_top=1)
     assert np.mean(e.component == 0) >= 0.95
     assert np.all(e.top[:, 0] == 2)
+
+
+def test_one_feature_is_explained_by_the_component_it_lies_in():
+    # With one feature, setting it aside left only the weights: the heavier component took every
+    # point ("103: component 0, expected 0, z 103" beside a component at 100; review).
+    geometry = component_geometry([0.6, 0.4], [[0.0], [100.0]], np.ones((2, 1, 1)), "full")
+    e = explain(np.array([[103.0], [-4.0]]), geometry, n_top=1)
+    assert e.component.tolist() == [1, 0]
+    assert e.z[:, 0] == pytest.approx([3.0, -4.0])

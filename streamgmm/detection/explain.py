@@ -185,11 +185,11 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
     """Explain each row of X (array of shape (n_samples, n_features), original units).
 
     The component is the one that gives the point the most density once one feature is set
-    aside, or none (the largest of w_k N_k(x_-j) / (D s_j) over components k and features j,
-    x_-j the other features, s_j feature j's spread under the whole mixture, and of
-    w_k N_k(x)): a point with one feature far off belongs, in all its other features, to the
-    component it came from, even when another component, wider in that feature, now gives the
-    raw point more density.
+    aside, or none (the largest of w_k N_k(x_-j) / (sqrt(2 pi) D s_j) over components k and
+    features j, x_-j the other features, s_j feature j's spread under the whole mixture, and of
+    w_k N_k(x); with one feature, of w_k N_k(x) only): a point with one feature far off
+    belongs, in all its other features, to the component it came from, even when another
+    component, wider in that feature, now gives the raw point more density.
 
     Greedy: the feature with the largest |z| given all the others comes first; it is then
     set to its expected value and the next is the largest |z| of the rest given that, and so
@@ -223,7 +223,10 @@ def explain(X, geometry: ComponentGeometry, n_top: int = 3) -> Explanation:
     # ... or with none set aside: a point the component explains whole is its own (a clean
     # stream's flag, mildly off in several features, was given to the component flat in a
     # clipped percentage with it set aside, "disk 52.8, expected 99.95, z -111").
-    best = np.nan_to_num(np.fmax(np.nanmax(repaired, axis=2, initial=-np.inf), log_prob), neginf=-np.finfo(float).max)
+    # (With one feature nothing is left once it is set aside, and the heaviest component took
+    # every point: 103 was "component 0, expected 0, z 103" beside a component at 100; review.)
+    set_aside = np.nanmax(repaired, axis=2, initial=-np.inf) if n_features > 1 else log_prob
+    best = np.nan_to_num(np.fmax(set_aside, log_prob), neginf=-np.finfo(float).max)
     component = np.argmax(np.where(geometry.usual, best, -np.inf), axis=1)  # usual, even for absurd points
     rows = np.arange(n)
     precision = geometry.precisions[component]  # (n, D, D)

@@ -133,7 +133,8 @@ class Checkpointer:
         log.info("checkpoint of %d model(s) written in %.3f s to %s (%s)%s", len(detectors), duration, where,
                  ", ".join(f"{k}: n_valid={d.n_valid} n_seen={d.model.n_seen_}" for k, d in sorted(detectors.items())),
                  # The ERRORs of the failures had no counterpart: nothing said they were over (helper-52).
-                 f"; checkpoints written again after {failed_before} failed attempt(s)" if failed_before else "")
+                 f"; checkpoints written again after {failed_before} failed attempt(s)" if failed_before else "",
+                 extra={"ends_repeats": bool(failed_before)})  # a next failure is a new episode: logged
         return Outcome.WRITTEN
 
     def withdraw_uncommitted(self) -> int:

@@ -679,12 +679,13 @@ class Daemon:
         # resumes from the last commit, so what we learned of them since must be unlearned.
         self._rewind_pending = "partitions were lost to the group (session timed out)"
         if self.scope == "global" and self.checkpointer.withdraw_uncommitted() and self._closing:
-            # (Their new owners start from the group's commit.)  On the way out, the checkpoint
-            # at shutdown was among them: the stop was not clean (it exited 0 after the broker
-            # went down and its commit was refused; helper-67).
+            # (Their new owners start from the group's commit.)  On the way out: the stop is not
+            # clean (it exited 0 after the broker went down and the commit of the checkpoint at
+            # shutdown was refused; helper-67).
+            if self.clean_stop:  # (else the stop has said already that messages are read again)
+                log.error("checkpoints withdrawn while stopping (the group did not take their offsets): the "
+                          "messages since the group's last commit are read and learned again at the next start")
             self.clean_stop = False
-            log.error("the checkpoint at shutdown is withdrawn (the group did not take its offsets): the "
-                      "messages since the group's last commit are read and learned again at the next start")
         self._release(partitions)
         log.warning("lost %s to the group", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions),
                     extra={"event": True})  # each loss is logged, however soon after the last

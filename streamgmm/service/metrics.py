@@ -19,8 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import numpy as np
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -92,9 +91,6 @@ class LagCollector(Collector):
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_components: int = 64):
-        # No `*_created` series beside each counter and histogram (the client's default): they
-        # doubled the series count and no dashboard or alert here reads them (helper-67).
-        disable_created_metrics()
         self.registry = r = registry if registry is not None else CollectorRegistry()
         counter, gauge, histogram = (partial(kind, namespace=NAMESPACE, registry=r)
                                      for kind in (Counter, Gauge, Histogram))
