@@ -279,6 +279,26 @@ def test_scope_partition_counts_an_assigned_partition_without_a_model_as_not_war
     assert metrics.value("streamgmm_model_initialized") == 1
 
 
+def test_the_threshold_gauge_is_nan_while_the_model_has_none():
+    # 0.0 before the warm-up read as a threshold on a dashboard (helper-67), and a model started
+    # afresh kept showing the old model's (review).
+    import math
+    from types import SimpleNamespace
+
+    from streamgmm.detection.detector import BatchResult
+    from streamgmm.service.metrics import Metrics
+
+    metrics = Metrics()
+    assert math.isnan(metrics.value("streamgmm_threshold_log_density"))
+    model = SimpleNamespace(is_initialized=True, n_seen_=10, weights_=[1.0])
+    warm = SimpleNamespace(threshold=SimpleNamespace(value=-12.5), n_updates=0, model=model)
+    metrics.observe_batch(BatchResult(n_records=0), warm, updates_before=0, seconds=0.0, partition_key="in/0")
+    assert metrics.value("streamgmm_threshold_log_density") == -12.5
+    afresh = SimpleNamespace(threshold=SimpleNamespace(value=None), n_updates=0, model=model)
+    metrics.observe_batch(BatchResult(n_records=0), afresh, updates_before=0, seconds=0.0, partition_key="in/0")
+    assert math.isnan(metrics.value("streamgmm_threshold_log_density"))
+
+
 def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_again(tmp_path):
     from streamgmm.service.state import CheckpointError
 

@@ -202,8 +202,9 @@ class Metrics:
         self.latency.observe_many(result.latencies_seconds)
         if result.n_future_timestamps:
             self.future_timestamps.inc(result.n_future_timestamps)
-        if detector.threshold.value is not None:
-            self.threshold.set(detector.threshold.value)
+        # NaN while this batch's model has none (a model started afresh kept showing the old
+        # model's threshold; review).
+        self.threshold.set(math.nan if detector.threshold.value is None else detector.threshold.value)
         if partition_key is None:
             self.observe_model(detector.model)
         else:
