@@ -180,7 +180,9 @@ def daemon_rates(variant, bootstrap, topic, fmt, n_cold, n_total, group, timeout
                 raise RuntimeError(f"{variant.label} consumed {count:.0f} of {n_total}:\n{log}")
         finally:
             stop(process)
-    cold = (at_split[1] - first_count) / (at_split[0] - first)
+    # The first reading already past the cold window (the scrapes waited on a busy loop, 2026-12-07:
+    # float32 "0 msg/s"): nothing measured, not a rate of 0.
+    cold = float("nan") if first_count >= n_cold else (at_split[1] - first_count) / (at_split[0] - first)
     sustained = (count - at_split[1]) / (end - at_split[0])
     return cold, sustained
 
