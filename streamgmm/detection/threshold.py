@@ -527,6 +527,9 @@ class StreamQuantileThreshold:
         self.fitted_at = 0  # t and z_q were last re-estimated here (counted points) ...
         self.shape_fitted_at = 0  # ... and the GPD here
         self.gpd: tuple[float, float, float] | None = None  # (t, gamma, sigma) of that fit
+        # How far the scores the last estimate used ("now": scored again) stood from the stored
+        # ones the fit's t is kept in: a t of the estimate less this is in the fit's space.
+        self.gpd_offset = 0.0
         self.z: float | None = None  # the stream's threshold on s = -log p (None: not yet)
         self.z_far = math.inf  # the GPD's quantile at FAR_OVER_Q x q
         # (t, the share of counted scores over it, the share the GPD fit stands for: without a far
@@ -595,7 +598,7 @@ class StreamQuantileThreshold:
             at_or_beyond = len(seen) - np.searchsorted(seen, -np.asarray(log_density, dtype=float), side="left")
             return np.log((at_or_beyond + 1.0) / (self.n_counted - self.history_start + 1.0))
         t, _, share = self.tail  # the share z_q was computed with: the probability at z_q is q
-        gamma, sigma = self._gpd_at(t)
+        gamma, sigma = self._gpd_at(t - self.gpd_offset)
         log_tail = gpd_log_tail_probability(log_density, level=-t, exceedance_rate=share, scale=sigma, shape=gamma)
         if gamma < 0:
             # A short-tailed fit ends at t + sigma/|gamma|: beyond the threshold it goes on as an
@@ -711,7 +714,7 @@ class StreamQuantileThreshold:
         none = np.zeros(len(flags), dtype=bool)
         if self.z is None or self.tail is None or self.gpd is None:
             return none
-        gamma, sigma = self._gpd_at(self.tail[0])
+        gamma, sigma = self._gpd_at(self.tail[0] - self.gpd_offset)
         if gamma >= 0.5:
             return none
         reach = min(self.z_far, self.z + MARGINAL_MEAN_EXCESSES * sigma / (1.0 - gamma))
@@ -917,8 +920,10 @@ class StreamQuantileThreshold:
             # clipped, and z_q sat 0.3 nats past the typical score (474 of 1,000 points flagged at
             # q = 0.01; helper-70).  Fitted again there.  (A first version refitted whenever t
             # fell a scale below the fit: a sine's values at q = 0.001 went 2.63 -> 4.22 q.)
+            # (t less ``moved`` is in the space of the stored scores, where the fit's t is kept: the
+            # two compared across spaces read the peaks' 4.06-nat move as a move of t; helper-71.)
             below_the_fit = (self.gpd is not None
-                             and self.gpd[2] + self.gpd[1] * (t - self.gpd[0]) < 0.1 * self.gpd[2])
+                             and self.gpd[2] + self.gpd[1] * (t - moved - self.gpd[0]) < 0.1 * self.gpd[2])
             if (self.gpd is None or below_the_fit
                     or self.n_counted - self.shape_fitted_at >= self._interval(shape=True)):
                 share = min(1.0, FIT_PEAKS / n_tail)
@@ -937,10 +942,10 @@ class StreamQuantileThreshold:
                     # how much scores move from one model to the next: z_q sat there and new points,
                     # scored by the next models, were flagged at 4.6 q.  No narrower than that move.
                     sigma = max(sigma, self.jitter)
-                self.gpd = (t, gamma, sigma)
+                self.gpd = (t - moved, gamma, sigma)
                 self.shape_fitted_at = self.n_counted
             else:
-                gamma, sigma = self._gpd_at(t)
+                gamma, sigma = self._gpd_at(t - moved)
             fitted_z = t + gpd_excess_quantile(gamma, sigma, self.quantile * n / n_tail)
             # (Flagged points left out that came as far, not beyond the last fit's z_far: those
             # are anomalies, and a dozen glitches 400 nats out carried z_q 200 nats up; review.)
@@ -960,6 +965,7 @@ class StreamQuantileThreshold:
             if far_floor is not None:  # (z_q moved into a gap: see _clear_of_a_value)
                 self.z_far = max(self.z_far, far_floor)
             self.tail = (t, above / n, tail_share)
+            self.gpd_offset = moved
             self.fit = {"t": t, "tail_share": above / n, "gamma": gamma, "sigma": sigma, "n": n, "n_tail": n_tail,
                         "n_censored": len(censored), "scores": "now" if use_now else "then",
                         "held_to_the_window": self.z < fitted_z}
@@ -1385,6 +1391,7 @@ class StreamQuantileThreshold:
             "fitted_at": self.fitted_at,
             "shape_fitted_at": self.shape_fitted_at,
             "gpd": None if self.gpd is None else list(self.gpd),
+            "gpd_offset": self.gpd_offset,
             "z": self.z,
             "z_far": self.z_far,
             "tail": None if self.tail is None else list(self.tail),
@@ -1419,6 +1426,7 @@ class StreamQuantileThreshold:
         self.fitted_at = int(state["fitted_at"])
         self.shape_fitted_at = int(state["shape_fitted_at"])
         self.gpd = None if state["gpd"] is None else tuple(float(v) for v in state["gpd"])
+        self.gpd_offset = float(state.get("gpd_offset", 0.0))
         self.z = None if state["z"] is None else float(state["z"])
         self.z_far = float(state["z_far"])
         tail = state.get("tail")  # absent from checkpoints before the careful step
