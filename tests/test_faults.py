@@ -243,6 +243,17 @@ def _stop_while_the_broker_hangs(broker, daemon, after: float = 0.0) -> tuple[in
         broker.process.send_signal(signal.SIGCONT)
 
 
+def _group_config_on(own, tmp_path, topic, messages, interval_messages):
+    """A 2-partition ``topic`` on the broker ``own`` holding ``messages`` (alternating partitions),
+    and the config of a group daemon for it that checkpoints every ``interval_messages`` only."""
+    create_topic(own.bootstrap, topic, partitions=2)
+    produce(own.bootstrap, topic, messages, partition_of=lambda i: i % 2)
+    return write_config(tmp_path / "c.yaml", own.bootstrap, topic, tmp_path / "state",
+                        kafka={"consumer": GROUP_CONSUMER},
+                        checkpoint={"dir": str(tmp_path / "state"), "interval_seconds": 3600,
+                                    "interval_messages": interval_messages})
+
+
 def test_a_stop_while_the_broker_hangs_ends_in_bounded_time_and_the_checkpoint_holds(tmp_path):
     """A broker that holds its connections without answering (SIGSTOP, not dead) held the final
     synchronous commit for minutes: a SIGTERM never ended (400 s, then systemd's SIGKILL).  Now
@@ -253,13 +264,8 @@ def test_a_stop_while_the_broker_hangs_ends_in_bounded_time_and_the_checkpoint_h
 
     topic = "hang"
     with EmbeddedBroker(log_path=tmp_path / "broker.log") as own:
-        create_topic(own.bootstrap, topic, partitions=2)
         messages, _ = _vectors(5000, seed=31)
-        produce(own.bootstrap, topic, messages[:3000], partition_of=lambda i: i % 2)
-        config = write_config(tmp_path / "c.yaml", own.bootstrap, topic, tmp_path / "state",
-                              kafka={"consumer": GROUP_CONSUMER},
-                              checkpoint={"dir": str(tmp_path / "state"), "interval_seconds": 3600,
-                                          "interval_messages": 10**9})
+        config = _group_config_on(own, tmp_path, topic, messages[:3000], interval_messages=10**9)
         daemon = DaemonProcess(config, tmp_path / "d.log").start()
         try:
             daemon.wait_for(lambda: daemon.metric("streamgmm_messages_consumed_total") == 3000, what="consumed")
@@ -291,13 +297,8 @@ def test_a_stop_after_the_broker_died_says_whether_its_checkpoint_is_kept(tmp_pa
 
     topic = "gone"
     with EmbeddedBroker(log_path=tmp_path / "broker.log") as own:
-        create_topic(own.bootstrap, topic, partitions=2)
         messages, _ = _vectors(3000, seed=37)
-        produce(own.bootstrap, topic, messages[:2500], partition_of=lambda i: i % 2)
-        config = write_config(tmp_path / "c.yaml", own.bootstrap, topic, tmp_path / "state",
-                              kafka={"consumer": GROUP_CONSUMER},
-                              checkpoint={"dir": str(tmp_path / "state"), "interval_seconds": 3600,
-                                          "interval_messages": 2000})
+        config = _group_config_on(own, tmp_path, topic, messages[:2500], interval_messages=2000)
         daemon = DaemonProcess(config, tmp_path / "d.log").start()
         try:
             daemon.wait_for(lambda: (daemon.metric("streamgmm_checkpoints_written_total") or 0) >= 1, what="a checkpoint")

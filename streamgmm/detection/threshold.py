@@ -178,6 +178,9 @@ GAP_MAX_SHARE = 0.75
 # (a sine's values: its scores crowd at their end) has narrow gaps before the crowd, which a
 # density that only decreases would not leave (a sine at q = 0.01: 1.2 -> 2.3 q).
 GAP_MIN_OVER_MEDIAN = 1.0
+# A GPD fit moved to another level keeps at least this share of its scale (see _gpd_at); a move
+# that would take it under is not made: the tail is fitted again (see refit).
+GPD_SCALE_FLOOR = 0.1
 # Flagged points kept for how often the stream scores that low (see _seen_as_rare).
 FLAGGED_KEPT = 2_000
 # ... and beyond z_far, a score counts as that low within this fraction of its excess past z_far.
@@ -330,6 +333,13 @@ def _gap_after_the_bulk(ordered: np.ndarray) -> float | None:
     if due[best] <= math.log(len(i) / GAP_ALPHA):
         return None
     return float(ordered[i[best]])
+
+
+def _top_and_level(scores: np.ndarray, kth: list[int], above: int, floor: float) -> tuple[np.ndarray, float]:
+    """``scores`` with its largest first, in order, down to the ranks ``kth`` (a partition), and
+    the level with ``above`` of them over it, at least ``floor`` (see ``_level_over``)."""
+    top = -np.partition(-scores, kth) if kth else scores
+    return top, _level_over(top, above, floor, partitioned=True)
 
 
 def _level_over(scores: np.ndarray, above: int, floor: float, partitioned: bool = False) -> float:
@@ -839,8 +849,7 @@ class StreamQuantileThreshold:
         # t: the score with `above` counted scores over it; collect from twice the tail's share
         # next time (lower if there were too few stored).
         kth = [k for k in (above, twice) if k < len(scores)]
-        top = -np.partition(-scores, kth) if kth else scores
-        t = _level_over(top, above, floor, partitioned=True)
+        top, t = _top_and_level(scores, kth, above, floor)
         collect = float(top[twice]) if len(top) > twice else None
         stale_since = self._stale_since(scores, index, t, oldest)
         if stale_since is not None:
@@ -858,8 +867,7 @@ class StreamQuantileThreshold:
                 # over too few peaks, nothing says where it lies now, and the history restarts.
                 now_level = self._levels_moved(now_scores - then_scores, index, now_moved)
                 now_floor = float(now_level[max(in_force, 0):].max())
-                now_top = -np.partition(-now_scores, kth) if kth else now_scores
-                now_t = _level_over(now_top, above, now_floor, partitioned=True)
+                now_top, now_t = _top_and_level(now_scores, kth, above, now_floor)
                 if (np.count_nonzero(now_scores > now_t) < min(above, MIN_PEAKS)
                         or self._stale_since(now_scores, index, now_t, oldest) is not None):
                     self._restart_history()
@@ -922,8 +930,7 @@ class StreamQuantileThreshold:
             # fell a scale below the fit: a sine's values at q = 0.001 went 2.63 -> 4.22 q.)
             # (t less ``moved`` is in the space of the stored scores, where the fit's t is kept: the
             # two compared across spaces read the peaks' 4.06-nat move as a move of t; helper-71.)
-            below_the_fit = (self.gpd is not None
-                             and self.gpd[2] + self.gpd[1] * (t - moved - self.gpd[0]) < 0.1 * self.gpd[2])
+            below_the_fit = self.gpd is not None and self._gpd_scale_at(t - moved) < GPD_SCALE_FLOOR * self.gpd[2]
             if (self.gpd is None or below_the_fit
                     or self.n_counted - self.shape_fitted_at >= self._interval(shape=True)):
                 share = min(1.0, FIT_PEAKS / n_tail)
@@ -1296,11 +1303,16 @@ class StreamQuantileThreshold:
         self.race_z = None if self.race_z is None else (self.race_z[0] + by, self.race_z[1] + by)
         self.gpd = None if self.gpd is None else (self.gpd[0] + by, *self.gpd[1:])
 
-    def _gpd_at(self, t: float) -> tuple[float, float]:
-        """(shape, scale) of the last GPD fit for excesses over ``t``: excesses over a GPD's
-        threshold moved by d are GPD(gamma, sigma + gamma d) (the scale kept above a tenth)."""
+    def _gpd_scale_at(self, t: float) -> float:
+        """The last GPD fit's scale moved to ``t``: excesses over a GPD's threshold moved by d
+        are GPD(gamma, sigma + gamma d).  (Negative where the move says nothing.)"""
         fitted_t, gamma, fitted_sigma = self.gpd
-        return gamma, max(fitted_sigma + gamma * (t - fitted_t), 0.1 * fitted_sigma)
+        return fitted_sigma + gamma * (t - fitted_t)
+
+    def _gpd_at(self, t: float) -> tuple[float, float]:
+        """(shape, scale) of the last GPD fit for excesses over ``t`` (the scale moved, see
+        ``_gpd_scale_at``, kept above GPD_SCALE_FLOOR of the fitted one)."""
+        return self.gpd[1], max(self._gpd_scale_at(t), GPD_SCALE_FLOOR * self.gpd[2])
 
     def _beyond_the_bulk(self, excess: np.ndarray, level: float = 0.0) -> float | None:
         """The excess beyond which the peaks are a separate far cluster, or None.
