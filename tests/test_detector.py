@@ -764,6 +764,29 @@ def test_a_regime_that_comes_back_is_learned_after_a_few_returns(seed):
     assert flags[75_000:].mean() / 0.01 < 3.0, f"{flags[75_000:].mean() / 0.01:.1f} q in the second half"
 
 
+def test_a_weekend_is_learned_within_weeks():
+    # A level that drops to a fifth at weekends (1,440 points a day): two days in seven, under
+    # the third of the stream the flagged points had to make, and the rate fell below 10 q
+    # within each week: every weekend was flagged whole for ten weeks at q = 0.01, 29 q
+    # (helper-73).
+    n = 100_000
+    rng = np.random.default_rng(0)
+    day = (np.arange(n) // 1440) % 7
+    weekend = day >= 5
+    hour = (np.arange(n) % 1440) / 60.0
+    level = np.where(weekend, 20.0, 100.0) * (1.0 + 0.3 * np.sin(2.0 * np.pi * hour / 24.0))
+    X = np.column_stack([level + rng.normal(0.0, 5.0, n), np.where(weekend, 2.0, 8.0) + rng.normal(size=n),
+                         rng.normal(size=n)])
+    config = config_from_dict({"input": {"format": "float64", "dimension": 3}, "threshold": {"quantile": 0.01}})
+    detector = Detector(config)
+    flags = np.zeros(n, dtype=bool)
+    for start in range(0, n, 1000):
+        result = detector.process(_records(X[start:start + 1000], start=start), now=0.0)
+        flags[start + result.scored_index] = result.flags
+    last_weekends = weekend & (np.arange(n) >= 70_000)
+    assert flags[last_weekends].mean() < 0.2, f"{flags[last_weekends].mean():.2f} of the last weekends flagged"
+
+
 def test_bursts_far_apart_are_never_adopted():
     # 2,000 far outliers every 20,000 points: each burst stays flagged, whole, however many come.
     rng = np.random.default_rng(3)
