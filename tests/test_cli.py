@@ -544,6 +544,26 @@ def test_quoted_csv_a_bom_and_spaced_header_names_are_read(tmp_path):
         assert summary["n_records"] == summary["n_valid"] == 400, (name, summary)
 
 
+def test_a_gzip_compressed_input_is_replayed_as_the_plain_one(tmp_path):
+    # A .csv.gz was read as text: "the CSV header lacks input.fields (it has <compressed bytes>)"
+    # with the bytes on the terminal, exit 2 (helper-72).  A cut one says so, no traceback.
+    import gzip
+
+    data = _csv(tmp_path)
+    packed = tmp_path / "stream.csv.gz"
+    packed.write_bytes(gzip.compress(data.read_bytes()))
+    config = str(_config(tmp_path))
+    plain = _cli("replay", "--config", config, "--input", str(data))
+    compressed = _cli("replay", "--config", config, "--input", str(packed))
+    assert plain.returncode == compressed.returncode == 0, compressed.stderr
+    assert compressed.stdout == plain.stdout
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
+    result = _cli("replay", "--config", config, "--input", str(cut), "--output", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot be read to its end" in result.stderr
+
+
 def test_replay_from_a_model_of_other_fields_is_one_line(tmp_path):
     data = _csv(tmp_path)
     assert _cli("fit", "--config", str(_config(tmp_path)), "--input", str(data), "--output",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import gzip
 import json
 import logging
 import os
@@ -249,6 +250,9 @@ def cmd_replay(args) -> int:
             return _fail(f"{args.input}: {exc}")
         except InitFromError as exc:
             return _fail(str(exc))
+        except (EOFError, gzip.BadGzipFile) as exc:  # a .gz cut short, or damaged
+            return _fail(f"{args.input}: the compressed input cannot be read to its end ({exc}); "
+                         "check the file (gzip -t)")
     if not config.model.init_from and summary["model_initialized"] and (
             found := _checkpoint_under(config.checkpoint.dir)) is not None:
         # An operator replaying with the daemon's own config expected the live model, got a new

@@ -7,6 +7,7 @@ and writes one JSON line per input record.  ``read_matrix`` feeds ``streamgmm fi
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from ..detection.decode import Decoder
+from ..detection.decode import Decoder, unquoted
 from ..detection.detector import Detector
 from ..detection.records import InputRecord, finite
 from ..service.config import Config
@@ -42,18 +43,14 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _unquoted(cell: str) -> str:
-    text = cell.strip()
-    return text[1:-1].replace('""', '"') if len(text) >= 2 and text[0] == text[-1] == '"' else cell
-
-
 def guess_format(path: str, explicit: str | None, configured: str | None = None) -> str:
     """--format, else the file's extension, else input.format when it is a text format, else csv."""
     if explicit:
         return explicit
-    if str(path).endswith((".jsonl", ".json", ".ndjson")):
+    name = str(path).removesuffix(".gz")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
         return "json"
-    if str(path).endswith(".csv"):
+    if name.endswith(".csv"):
         return "csv"
     return configured if configured in ("json", "csv") else "csv"
 
@@ -80,7 +77,7 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
             if '"' in line:
                 # Quoted cells ("1.5", pandas' QUOTE_ALL): a quoted header was refused, and a
                 # headerless quoted file lost its first row, taken for a header.
-                parts = [_unquoted(p) for p in parts]
+                parts = [unquoted(p) for p in parts]
                 line = delimiter.join(parts)
             if first and not all(_is_number(p) for p in parts):
                 first = False
@@ -183,5 +180,13 @@ def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int, s
 
 
 def open_input(path: str) -> IO[str]:
-    """``path`` for reading as text, or stdin for ``-``; OSError if it cannot be opened."""
-    return sys.stdin if path == "-" else Path(path).open("r", encoding="utf-8", errors="replace")
+    """``path`` for reading as text (gzip-compressed, by its first bytes, as rotated logs and
+    exports are), or stdin for ``-``; OSError if it cannot be opened.  A .csv.gz was read as
+    text: "the CSV header lacks input.fields (it has <compressed bytes>)" (helper-72)."""
+    if path == "-":
+        return sys.stdin
+    with Path(path).open("rb") as head:
+        compressed = head.read(2) == b"\x1f\x8b"
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return Path(path).open("r", encoding="utf-8", errors="replace")

@@ -212,6 +212,10 @@ class Decoder:
         except UnicodeDecodeError:
             raise DecodeError("undecodable", "CSV line is not UTF-8") from None
         parts = text.split(self.config.csv_delimiter)
+        if '"' in text:
+            # Quoted cells ("1.5", pandas' QUOTE_ALL): replay took them and the daemon
+            # dead-lettered the same lines as undecodable (helper-72).
+            parts = [unquoted(p) for p in parts]
         if len(parts) != self.dimension:
             raise DecodeError("wrong_dimension", f"got {len(parts)} values, expected {self.dimension}")
         try:
@@ -225,6 +229,12 @@ class Decoder:
             raise DecodeError("wrong_dimension",
                               f"got {len(value)} bytes, expected {expected} ({self.dimension} x {self.config.format})")
         return np.frombuffer(value, dtype=self._raw_dtype)
+
+
+def unquoted(cell: str) -> str:
+    """A CSV cell without the double quotes around it (a doubled quote inside is one)."""
+    text = cell.strip()
+    return text[1:-1].replace('""', '"') if len(text) >= 2 and text[0] == text[-1] == '"' else cell
 
 
 def encode(vector, fmt: str) -> bytes:
