@@ -854,3 +854,35 @@ def test_with_a_state_topic_a_checkpoint_dir_without_space_for_its_lock_does_not
     with caplog.at_level(logging.WARNING):
         Daemon(config).start_up()
     assert time.monotonic() - started < 30.0 and "going on: the state topic states holds the models" in caplog.text
+
+
+@pytest.mark.parametrize("before, after", [("global", "partition"), ("partition", "global")])
+def test_a_change_of_model_scope_over_checkpoints_of_the_other_says_they_are_not_read(tmp_path, caplog, before, after):
+    # global -> partition with the global checkpoint in place: each partition warmed up anew,
+    # without alerts, said at INFO as "the model's checkpoint has no offset for it" (helper-72).
+    from streamgmm.detection.records import InputRecord
+    from streamgmm.service.metrics import Metrics
+    from streamgmm.service.models import Models
+    from streamgmm.service.state import LocalStateStore
+
+    def config(scope):
+        return config_from_dict({"input": {"format": "json", "dimension": 3},
+                                 "model": {"n_components": 2, "warmup": 200, "scope": scope},
+                                 "checkpoint": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False}},
+                                environ={})
+
+    local = LocalStateStore(tmp_path / "state", keep=3)
+    writer = Models(config(before), local, Metrics())
+    key = "global" if before == "global" else "in/0"
+    detector = writer.get(key)
+    X = np.random.default_rng(3).normal(size=(300, 3))
+    detector.process([InputRecord("in", 0, i, encode(x, "json")) for i, x in enumerate(X)], now=0.0)
+    local.write(key, detector.state(0.0))
+    with caplog.at_level(logging.WARNING, logger="streamgmm.service.models"):
+        Models(config(after), local, Metrics()).restore()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"model.scope: {before}" in line and f"set model.scope: {before}" in line for line in said), said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamgmm.service.models"):
+        Models(config(before), local, Metrics()).restore()  # the same scope: nothing to say
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -18,7 +18,7 @@ from ..detection.detector import Detector
 from .config import Config
 from .kafka import kafka_error_text
 from .metrics import Metrics
-from .state import GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, initial_state, model_key
+from .state import FILE_PATTERN, GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, initial_state, model_key
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,20 @@ class Models:
         partitions are assigned, see ``restore_partitions``)."""
         self.detectors = {}
         if self.scope == "partition":
+            if self.local.store_for(GLOBAL_KEY).paths():
+                # A switch of scope was said only at INFO, as "the model's checkpoint has no offset
+                # for it", and the partitions warmed up anew without alerts (helper-72).
+                log.warning("checkpoint.dir %s holds the checkpoints of a global model (model.scope: global), "
+                            "which model.scope: partition does not read: each partition starts a model of its own "
+                            "from the group's commit, with a warm-up of model.warmup points and no alerts before; "
+                            "to go on with the global model, set model.scope: global", self.local.directory)
             return
         state = self._load_local(GLOBAL_KEY)
+        if state is None and any(FILE_PATTERN.match(p.name) for p in (self.local.directory / "partitions").glob("*/*")):
+            log.warning("checkpoint.dir %s holds the checkpoints of partition models (model.scope: partition), "
+                        "which model.scope: global does not read: one model starts from the group's commit, with "
+                        "a warm-up of model.warmup points and no alerts before; to go on with the partition "
+                        "models, set model.scope: partition", self.local.directory)
         detector = self.get(GLOBAL_KEY)
         try:
             if state is not None:
