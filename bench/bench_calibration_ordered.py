@@ -10,7 +10,9 @@ second peaking in the afternoon, a latency growing with the load: the warm-up se
 hour of the night); Poisson(0.05) counts in one feature (95% zeros, the most common value one
 exact number); counters stuck at constants beside a Poisson(0.05) column; the daily cycle with
 a garbage collection every 30th row (helper-65: a pause growing with the load, a normal
-minority mode the warm-up sees at its smallest); and the daily cycle shuffled, for reference.  The table gives the whole stream after the warm-up and its last
+minority mode the warm-up sees at its smallest); weekdays and weekends (helper-73: two days in
+seven at a fifth of the level, new to the model at the first weekend); and the daily cycle
+shuffled, for reference.  The table gives the whole stream after the warm-up and its last
 quarter (the fourth day), worst and median over the seeds, and the most common value's rows
 flagged (the zeros; the counters' constant rows).
 """
@@ -53,12 +55,25 @@ def stuck_counters(n, rng):
     return X
 
 
+def weekly_levels(n, rng):
+    """helper-73's week of 1,440 points a day: a level of 100 on weekdays and 20 at weekends, a
+    daily swing of 30%, a second feature 8 on weekdays and 2 at weekends, and noise; the warm-up
+    sees part of a weekday only, and the first weekend is new to the model."""
+    t = np.arange(n)
+    weekend = (t // 1440) % 7 >= 5
+    hour = (t % 1440) / 60.0
+    level = np.where(weekend, 20.0, 100.0) * (1.0 + 0.3 * np.sin(2.0 * np.pi * hour / 24.0))
+    return np.column_stack([level + rng.normal(0.0, 5.0, n), np.where(weekend, 2.0, 8.0) + rng.normal(size=n),
+                            rng.normal(size=n)])
+
+
 SHAPES = {
     "daily load cycle, 4 days in time order": daily_load,
     "daily load cycle, shuffled": daily_load_shuffled,
     "Poisson(0.05) counts, 1-d": poisson_counts,
     "3 stuck counters + Poisson(0.05)": stuck_counters,
     "daily load cycle with GC pauses (every 30th row)": daily_load_with_collections,
+    "weekdays and weekends at a fifth of the level": weekly_levels,
 }
 
 
