@@ -764,11 +764,15 @@ def test_a_regime_that_comes_back_is_learned_after_a_few_returns(seed):
     assert flags[75_000:].mean() / 0.01 < 3.0, f"{flags[75_000:].mean() / 0.01:.1f} q in the second half"
 
 
+@pytest.mark.xfail(strict=True, reason="known: a regime that comes back at under a third of the stream is "
+                                        "flagged for good at q = 0.01 (BENCHMARKS.md, fourteenth session)")
 def test_a_weekend_is_learned_within_weeks():
     # A level that drops to a fifth at weekends (1,440 points a day): two days in seven, under
-    # the third of the stream the flagged points had to make, and the rate fell below 10 q
-    # within each week: every weekend was flagged whole for ten weeks at q = 0.01, 29 q
-    # (helper-73).
+    # the third of the stream the flagged points must make, and the rate falls below 10 q
+    # within each week: every weekend is flagged whole for ten weeks at q = 0.01, 29 q
+    # (helper-73).  A lower bar for spells that come back (a sixth) learned it at the fifth
+    # weekend, and with it recurring floods of anomalies of a sixth to a third of the stream,
+    # floods after an unrelated burst and bursts after an adoption (helper-74): taken back.
     n = 100_000
     rng = np.random.default_rng(0)
     day = (np.arange(n) // 1440) % 7
@@ -785,6 +789,30 @@ def test_a_weekend_is_learned_within_weeks():
         flags[start + result.scored_index] = result.flags
     last_weekends = weekend & (np.arange(n) >= 70_000)
     assert flags[last_weekends].mean() < 0.2, f"{flags[last_weekends].mean():.2f} of the last weekends flagged"
+
+
+def test_a_flood_of_points_just_past_the_threshold_is_not_learned_as_a_threshold_set_too_low():
+    # 2,000 points 4-6 sd off in one feature among 10,000 (20%) at q = 0.001: flags just past
+    # the threshold came at over 3 q, and 265-299 of the burst were learned as the signs of a
+    # threshold a little too low: recall 0.75-0.83, the widened model flagged 0.4 q after it
+    # (helper-73).  Above the adoption rate the flags are a flood, for adoption to judge.
+    rng = np.random.default_rng(2)
+    n, sd = 70_000, np.array([1.0, 10.0, 0.1, 100.0])
+    C = np.array([[1, .7, 0, 0], [.7, 1, 0, 0], [0, 0, 1, -.5], [0, 0, -.5, 1]])
+    X = rng.normal(size=(n, 4)) @ np.linalg.cholesky(C).T
+    X[rng.random(n) < 0.35] += [6.0, -4.0, 3.0, 2.0]
+    X *= sd
+    burst = np.sort(rng.choice(np.arange(50_000, 60_000), 2_000, replace=False))
+    feature = rng.integers(0, 4, len(burst))
+    X[burst, feature] += sd[feature] * rng.choice([-1.0, 1.0], len(burst)) * rng.uniform(4.0, 6.0, len(burst))
+    detector = Detector(config_from_dict({"input": {"format": "float64", "dimension": 4},
+                                          "threshold": {"quantile": 0.001}}))
+    flags = np.zeros(n, dtype=bool)
+    for start in range(0, n, 1000):
+        result = detector.process(_records(X[start:start + 1000], start=start), now=0.0)
+        flags[start + result.scored_index] = result.flags
+    assert flags[burst].mean() >= 0.9, f"recall {flags[burst].mean():.3f}"
+    assert detector.n_flagged_learned < 50, detector.n_flagged_learned
 
 
 def test_bursts_far_apart_are_never_adopted():

@@ -41,6 +41,8 @@ CAREFUL_STEP = 50
 # half-life at small q (10 / q) let a sine's run-away at q = 0.001 reach 3.4 q.
 RUNAWAY_OVER_Q = 3.0
 RUNAWAY_MIN_FLAGS = 5.0
+# ... unless the flags further out come at over this many times the adoption rate (a flood).
+RUNAWAY_FLOOD_OVER_ADOPTION = 3.0
 
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
@@ -173,14 +175,13 @@ class Detector:
         self.n_flagged_learned = 0
         # Smoothed fraction of scored points flagged (half-life threshold.adopt_window points),
         # for how many points in a row it has been above threshold.adopt_flag_rate, and the
-        # flagged points counted with a half-life of 2 x threshold.adopt_after points, and of them
-        # those flagged since the rate last rose above it (see ``_learn_flagged``).
+        # flagged points counted with a half-life of 2 x threshold.adopt_after points (see
+        # ``_learn_flagged``).
         self.flag_rate = 0.0
         # The smoothed share of points flagged just past the threshold (see _flag_learn).
         self.marginal_rate = 0.0
         self.points_above = 0
         self.flagged_memory = 0.0
-        self.spell_flags = 0.0
         self._adopting = False  # from the start of an adoption until the rate falls below half
         self.grew_in_adoption = False  # the adoption under way has added its component
         self._geometry_cache: ComponentGeometry | None = None
@@ -342,9 +343,16 @@ class Detector:
 
     def _flagging_just_past_too_often(self) -> bool:
         """The smoothed rate of flags just past the threshold, before this step, over
-        RUNAWAY_OVER_Q x q and over RUNAWAY_MIN_FLAGS flags in its window."""
+        RUNAWAY_OVER_Q x q and over RUNAWAY_MIN_FLAGS flags in its window, while the share of
+        the other flags (further out) is under RUNAWAY_FLOOD_OVER_ADOPTION x the adoption rate:
+        over it, the flags are a flood, which adoption judges; a threshold a little too low
+        flags more just past itself, not tens of q further out.  A burst of points 4-6 sd off
+        in one feature, 20% of 10,000 rows at q = 0.001 (those further out 6-18%), had 265-299 of
+        its near points learned as flags just past the threshold: recall 0.75-0.83, and the
+        model it widened flagged 0.38-0.42 q for the next 40,000 (helper-73).  A sine's values
+        at q = 0.001, the case the rule is for, reach 1% further out before it holds them."""
         t = self.config.threshold
-        if not t.adopt:
+        if not t.adopt or self.flag_rate - self.marginal_rate > RUNAWAY_FLOOD_OVER_ADOPTION * self.adopt_flag_rate:
             return False
         window = t.adopt_window / math.log(2.0)  # the points the smoothed rate weighs in all
         return self.marginal_rate > max(RUNAWAY_OVER_Q * t.quantile, RUNAWAY_MIN_FLAGS / window)
@@ -383,16 +391,12 @@ class Detector:
         Adoption goes on until the rate falls below half the adoption rate.
 
         A regime that comes back in spells shorter than adopt_after (a batch job that moves
-        the mean for 7,500 points in every 15,000; a weekend) is adopted too, once the flagged
-        points, counted with a half-life of 2 x adopt_after points, reach adopt_after / 2 and
-        adopt_after / 10 of them came before the spell under way: about a sixth of the points
-        flagged over the last ~60,000 (adopt_after 20,000), in more than one spell.  Before, the
-        count started again at each quiet spell and every spell was flagged for ever (51 q at
-        q = 0.01); then the bar was adopt_after, a third of the stream, and a weekend (2/7 of
-        the points) stayed flagged whole for ten weeks at q = 0.01, 29 q (helper-73).  Bursts
-        that flag less than a sixth of the stream never add up to it (2,000 far outliers every
-        20,000 points: 5,800-6,800); a single flood is adopted after adopt_after points in a
-        row, as it was (without the earlier spell, the lower bar would take one of 10,000).
+        the mean for 7,500 points in every 15,000) is adopted too, once the flagged points,
+        counted with a half-life of 2 x adopt_after points, reach adopt_after: about a third of
+        the points flagged over the last ~60,000 (adopt_after 20,000).  Before, the count started
+        again at each quiet spell and every spell was flagged for ever (51 q at q = 0.01).
+        Bursts that flag less than that share of the stream never add up to it; a single flood
+        reaches it later than adopt_after points in a row would.
         """
         t = self.config.threshold
         self.flag_rate = smoothed_share(self.flag_rate, flags, t.adopt_window)
@@ -400,20 +404,17 @@ class Detector:
         # The step's flags count as if at its middle: ten steps of 1,000 remember what one of
         # 10,000 does.
         half_life = 2.0 * max(t.adopt_after, 1)
-        decay, counted = 0.5 ** (len(flags) / half_life), int(flags.sum()) * 0.5 ** (len(flags) / (2.0 * half_life))
-        self.flagged_memory = self.flagged_memory * decay + counted
+        self.flagged_memory = (self.flagged_memory * 0.5 ** (len(flags) / half_life)
+                               + int(flags.sum()) * 0.5 ** (len(flags) / (2.0 * half_life)))
         if rate is not None and self.flag_rate > (rate / 2.0 if self.adopting else rate):
-            self.spell_flags = (self.spell_flags * decay if self.points_above else 0.0) + counted
             self.points_above += len(flags)
-            came_back = self.flagged_memory - self.spell_flags >= t.adopt_after / 10.0
             self._adopting = (self._adopting or self.points_above >= t.adopt_after
-                              or (came_back and self.flagged_memory >= t.adopt_after / 2.0))
+                              or self.flagged_memory >= t.adopt_after)
         else:
             if self._adopting:
                 # What came before this adoption is learned: a burst soon after it must not be
-                # adopted at its first step on the memory of the flood (review, helper-51): half
-                # the bar is left.
-                self.flagged_memory = min(self.flagged_memory, t.adopt_after / 4.0)
+                # adopted at its first step on the memory of the flood (review, helper-51).
+                self.flagged_memory = min(self.flagged_memory, t.adopt_after / 2.0)
             self.points_above = 0
             self._adopting = False
             self.grew_in_adoption = False
@@ -485,7 +486,7 @@ class Detector:
             "offsets": offsets,
             "counters": {**{name: getattr(self, name) for name in COUNTERS},
                          "flag_rate": self.flag_rate, "marginal_rate": self.marginal_rate, "points_above": self.points_above, "adopting": self._adopting,
-                         "flagged_memory": self.flagged_memory, "spell_flags": self.spell_flags,
+                         "flagged_memory": self.flagged_memory,
                          "grew_in_adoption": self.grew_in_adoption, "n_flagged_learned": self.n_flagged_learned},
         }
 
@@ -578,8 +579,6 @@ class Detector:
         self.n_flagged_learned = int(counters.get("n_flagged_learned", 0))
         self.points_above = int(counters.get("points_above", 0))
         self.flagged_memory = float(counters.get("flagged_memory", 0.0))
-        # (From before spell_flags: a spell under way is taken to hold the whole memory.)
-        self.spell_flags = float(counters.get("spell_flags", self.flagged_memory if self.points_above else 0.0))
         # (A checkpoint from before the flag: adopting was points_above >= adopt_after.)
         self._adopting = bool(counters.get("adopting", self.points_above >= self.config.threshold.adopt_after))
         self.grew_in_adoption = bool(counters.get("grew_in_adoption", False))

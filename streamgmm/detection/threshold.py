@@ -764,10 +764,13 @@ class StreamQuantileThreshold:
             # q = 0.01).  (Beyond z_far alone, the ones of Poisson(0.05) counts, flagged 3.6 nats
             # past the zeros' narrow tail, were kept out of the calibration meant to take them
             # in: 27 q at q = 0.001.)  From a cold start, once there is a fit, such points count
-            # only as the token bucket allows (below), censored at z_q: a tight burst of 1,000
-            # points 12 sd out, 4,000 points after the warm-up, made the whole tail, the fit put
+            # only as the token bucket allows (below: filled here by every point counted, flagged
+            # ones near z_q too), censored at z_q: a tight burst of 1,000 points 6 sd out in every
+            # one of 4 features, 4,000 points after the warm-up, made the whole tail, the fit put
             # z_q past it (-84 nats against -10.5), and the next burst was learned (q = 0.01);
-            # the far values of a heavy tail come rarely enough to pass.
+            # the far values of a heavy tail come rarely enough to pass.  (Not before the first
+            # fit, 300 points in: a burst from the warm-up's end is the young tail; nor a burst
+            # nearer than z_far + RESTART_FAR_NATS: both still fail, see BENCHMARKS.md.)
             if flags.any() and self.z is not None:
                 far = flags & (score > self.z_far + RESTART_FAR_NATS)
                 counted &= ~far

@@ -129,8 +129,7 @@ class ThresholdConfig:
     # adopt_after points: then the stream has changed and flagged points are learned too, so a
     # new cluster becomes normal instead of being flagged for ever; a shorter burst is not.  A
     # regime that keeps coming back in shorter spells is adopted once the flagged points, with a
-    # half-life of 2 x adopt_after points, add up to adopt_after / 2 over more than one spell
-    # (see Detector._learn_flagged).
+    # half-life of 2 x adopt_after points, add up to adopt_after (see Detector._learn_flagged).
     adopt: bool = True
     adopt_flag_rate: float | None = None
     adopt_window: int = 2_000
