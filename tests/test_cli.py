@@ -559,9 +559,33 @@ def test_a_gzip_compressed_input_is_replayed_as_the_plain_one(tmp_path):
     assert compressed.stdout == plain.stdout
     cut = tmp_path / "cut.csv.gz"
     cut.write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
-    result = _cli("replay", "--config", config, "--input", str(cut), "--output", str(tmp_path / "o.jsonl"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot be read to its end" in result.stderr
+    damaged = bytearray(packed.read_bytes())
+    damaged[12] ^= 0xFF  # inside the compressed data: zlib.error (helper-75)
+    (tmp_path / "damaged.csv.gz").write_bytes(bytes(damaged))
+    bad_crc = bytearray(packed.read_bytes())
+    bad_crc[-8] ^= 0xFF  # BadGzipFile, an OSError without strerror: "cannot read: None"
+    (tmp_path / "crc.csv.gz").write_bytes(bytes(bad_crc))
+    for name in ("cut.csv.gz", "damaged.csv.gz", "crc.csv.gz"):
+        for command in (["replay", "--output", str(tmp_path / "o.jsonl")], ["fit", "--output", str(tmp_path / "m")]):
+            result = _cli(command[0], "--config", config, "--input", str(tmp_path / name), *command[1:])
+            assert result.returncode == 2 and "Traceback" not in result.stderr, (name, command[0], result.stderr)
+            assert "cannot be read to its end" in result.stderr, (name, command[0], result.stderr)
+
+
+def test_replay_decides_quoted_cells_as_the_daemon_does(tmp_path):
+    # Replay unquoted each cell and the decoder again: '"""5"""' was 5.0 in replay and
+    # undecodable in the daemon (helper-75).
+    from streamgmm.detection.decode import Decoder
+    from streamgmm.service.config import InputConfig
+
+    rng = np.random.default_rng(2)
+    lines = [",".join(f'"{v!r}"' for v in x) for x in rng.normal(size=(400, 3)).tolist()] + ['"""5""",1,2']
+    path = tmp_path / "q.csv"
+    path.write_text("\n".join(lines) + "\n")
+    result = _cli("replay", "--config", str(_config(tmp_path)), "--input", str(path), "--output", str(tmp_path / "o"))
+    summary = json.loads(result.stderr.strip().splitlines()[0])["summary"]
+    daemon = Decoder(InputConfig(format="csv", dimension=3)).decode([line.encode() for line in lines])
+    assert summary["n_invalid"] == len(daemon.invalid) == 1, (summary, daemon.invalid)
 
 
 def test_replay_from_a_model_of_other_fields_is_one_line(tmp_path):

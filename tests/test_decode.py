@@ -21,9 +21,9 @@ def test_round_trip(fmt):
 def test_quoted_csv_cells_decode_as_replay_reads_them():
     # '"1.5","2.5","0.1"' was valid in replay and dead-lettered by the daemon (helper-72).
     decoder = Decoder(InputConfig(format="csv", dimension=3))
-    batch = decoder.decode([b'"1.5","2.5","0.1"', b' "1", 2 ,"3"\r\n', b'"1,5",2,3', b'"x",1,2'])
+    batch = decoder.decode([b'"1.5","2.5","0.1"', b' "1", 2 ,"3"\r\n', b'"1,5",2,3', b'"x",1,2', b'"""5""",1,2'])
     np.testing.assert_array_equal(batch.X, [[1.5, 2.5, 0.1], [1.0, 2.0, 3.0]])
-    assert [i.reason for i in batch.invalid] == ["wrong_dimension", "undecodable"]
+    assert [i.reason for i in batch.invalid] == ["wrong_dimension", "undecodable", "undecodable"]
 
 
 def test_json_objects_take_named_fields_in_order():

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,15 @@ def _checkpoint_under(directory: str) -> Path | None:
     return None if found is None else found.parent
 
 
+# A gzip-compressed input cut short (EOFError), with a bad header or checksum (BadGzipFile, an
+# OSError without strerror: "cannot read --input X: None"), or with damaged data (zlib.error).
+DAMAGED_GZIP = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _damaged(path: str, exc: Exception) -> str:
+    return f"{path}: the compressed input cannot be read to its end ({exc}); check the file (gzip -t)"
+
+
 def cmd_replay(args) -> int:
     config = _load(args.config)
     configure_logging("WARNING", "text")
@@ -250,9 +260,8 @@ def cmd_replay(args) -> int:
             return _fail(f"{args.input}: {exc}")
         except InitFromError as exc:
             return _fail(str(exc))
-        except (EOFError, gzip.BadGzipFile) as exc:  # a .gz cut short, or damaged
-            return _fail(f"{args.input}: the compressed input cannot be read to its end ({exc}); "
-                         "check the file (gzip -t)")
+        except DAMAGED_GZIP as exc:
+            return _fail(_damaged(args.input, exc))
     if not config.model.init_from and summary["model_initialized"] and (
             found := _checkpoint_under(config.checkpoint.dir)) is not None:
         # An operator replaying with the daemon's own config expected the live model, got a new
@@ -312,6 +321,8 @@ def cmd_fit(args) -> int:
     fmt = guess_format(args.input, args.format, config.input.format)
     try:
         X, n_invalid, first_invalid = read_matrix(config, args.input, fmt)
+    except DAMAGED_GZIP as exc:
+        return _fail(_damaged(args.input, exc))
     except OSError as exc:
         return _fail(f"cannot read --input {args.input}: {exc.strerror}; fix the path")
     except InputError as exc:

@@ -74,14 +74,14 @@ def record_values(stream: IO[str], fmt: str, config: Config) -> Iterator[bytes]:
             continue
         if fmt == "csv":
             parts = line.split(delimiter)
-            if '"' in line:
-                # Quoted cells ("1.5", pandas' QUOTE_ALL): a quoted header was refused, and a
-                # headerless quoted file lost its first row, taken for a header.
-                parts = [unquoted(p) for p in parts]
-                line = delimiter.join(parts)
-            if first and not all(_is_number(p) for p in parts):
+            # Quoted cells ("1.5", pandas' QUOTE_ALL): a quoted header was refused, and a
+            # headerless quoted file lost its first row, taken for a header.  Data cells stay
+            # as they are, for the decoder to unquote as the daemon's does (once: '"""5"""' was
+            # a number here and undecodable there; helper-75).
+            cells = [unquoted(p) for p in parts] if '"' in line else parts
+            if first and not all(_is_number(c) for c in cells):
                 first = False
-                parts = [p.strip() for p in parts]  # "cpu, mem": the names are cpu and mem
+                parts = [c.strip() for c in cells]  # "cpu, mem": the names are cpu and mem
                 if fields is not None:
                     missing = [f for f in fields if f not in parts]
                     if missing and line.lstrip().startswith("{"):

@@ -41,8 +41,6 @@ CAREFUL_STEP = 50
 # half-life at small q (10 / q) let a sine's run-away at q = 0.001 reach 3.4 q.
 RUNAWAY_OVER_Q = 3.0
 RUNAWAY_MIN_FLAGS = 5.0
-# ... unless the flags further out come at over this many times the adoption rate (a flood).
-RUNAWAY_FLOOD_OVER_ADOPTION = 3.0
 
 __all__ = ["BatchResult", "Detector", "InputRecord", "OutputRecord", "STATE_KIND"]
 
@@ -343,16 +341,15 @@ class Detector:
 
     def _flagging_just_past_too_often(self) -> bool:
         """The smoothed rate of flags just past the threshold, before this step, over
-        RUNAWAY_OVER_Q x q and over RUNAWAY_MIN_FLAGS flags in its window, while the share of
-        the other flags (further out) is under RUNAWAY_FLOOD_OVER_ADOPTION x the adoption rate:
-        over it, the flags are a flood, which adoption judges; a threshold a little too low
-        flags more just past itself, not tens of q further out.  A burst of points 4-6 sd off
-        in one feature, 20% of 10,000 rows at q = 0.001 (those further out 6-18%), had 265-299 of
-        its near points learned as flags just past the threshold: recall 0.75-0.83, and the
-        model it widened flagged 0.38-0.42 q for the next 40,000 (helper-73).  A sine's values
-        at q = 0.001, the case the rule is for, reach 1% further out before it holds them."""
+        RUNAWAY_OVER_Q x q and over RUNAWAY_MIN_FLAGS flags in its window.  (It also learns
+        the near points of a flood: 265-299 of a burst 4-6 sd off in one feature over 20% of
+        10,000 rows at q = 0.001, recall 0.75-0.83 (helper-73).  Standing aside while the flags
+        further out came at over 3 x the adoption rate kept them out, recall 0.95, but let a
+        sine's values at 1e-4 run to 111 q (22 before) and a normal mean shift at 0.001 wait
+        the whole adopt_after, 19,300-19,500 flagged instead of 6,700-8,300 (helper-75): taken
+        back, fourteenth session.)"""
         t = self.config.threshold
-        if not t.adopt or self.flag_rate - self.marginal_rate > RUNAWAY_FLOOD_OVER_ADOPTION * self.adopt_flag_rate:
+        if not t.adopt:
             return False
         window = t.adopt_window / math.log(2.0)  # the points the smoothed rate weighs in all
         return self.marginal_rate > max(RUNAWAY_OVER_Q * t.quantile, RUNAWAY_MIN_FLAGS / window)

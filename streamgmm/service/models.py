@@ -103,7 +103,9 @@ class Models:
         partitions are assigned, see ``restore_partitions``)."""
         self.detectors = {}
         if self.scope == "partition":
-            if self.local.store_for(GLOBAL_KEY).paths():
+            # (Not once partition checkpoints are there too: the switch was made before, and the
+            # global files, never removed, would say so at every start; helper-75.)
+            if self.local.store_for(GLOBAL_KEY).paths() and not self._partition_checkpoints():
                 # A switch of scope was said only at INFO, as "the model's checkpoint has no offset
                 # for it", and the partitions warmed up anew without alerts (helper-72).
                 log.warning("checkpoint.dir %s holds the checkpoints of a global model (model.scope: global), "
@@ -112,7 +114,7 @@ class Models:
                             "to go on with the global model, set model.scope: global", self.local.directory)
             return
         state = self._load_local(GLOBAL_KEY)
-        if state is None and any(FILE_PATTERN.match(p.name) for p in (self.local.directory / "partitions").glob("*/*")):
+        if state is None and self._partition_checkpoints():
             log.warning("checkpoint.dir %s holds the checkpoints of partition models (model.scope: partition), "
                         "which model.scope: global does not read: one model starts from the group's commit, with "
                         "a warm-up of model.warmup points and no alerts before; to go on with the partition "
@@ -129,6 +131,10 @@ class Models:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.metrics.observe_model(detector.model)
+
+    def _partition_checkpoints(self) -> bool:
+        """Whether checkpoint.dir holds a checkpoint file of a partition model."""
+        return any(FILE_PATTERN.match(p.name) for p in (self.local.directory / "partitions").glob("*/*"))
 
     def check_initial(self) -> None:
         """scope: partition with model.init_from: read it now, at start, where a missing or
