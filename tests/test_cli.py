@@ -557,6 +557,9 @@ def test_a_gzip_compressed_input_is_replayed_as_the_plain_one(tmp_path):
     compressed = _cli("replay", "--config", config, "--input", str(packed))
     assert plain.returncode == compressed.returncode == 0, compressed.stderr
     assert compressed.stdout == plain.stdout
+    piped = subprocess.run([sys.executable, "-m", "streamgmm", "replay", "--config", config, "--input", "-"],
+                           input=packed.read_bytes(), capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.decode() == plain.stdout, piped.stderr.decode()[-2000:]
     cut = tmp_path / "cut.csv.gz"
     cut.write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
     damaged = bytearray(packed.read_bytes())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import json
 import sys
 import time
@@ -184,6 +185,10 @@ def open_input(path: str) -> IO[str]:
     exports are), or stdin for ``-``; OSError if it cannot be opened.  A .csv.gz was read as
     text: "the CSV header lacks input.fields (it has <compressed bytes>)" (helper-72)."""
     if path == "-":
+        # (Piped gzip was a UnicodeEncodeError traceback; helper-75.)
+        raw = sys.stdin.buffer
+        if hasattr(raw, "peek") and raw.peek(2)[:2] == b"\x1f\x8b":
+            return io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="rb"), encoding="utf-8", errors="replace")
         return sys.stdin
     with Path(path).open("rb") as head:
         compressed = head.read(2) == b"\x1f\x8b"
