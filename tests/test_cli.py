@@ -560,6 +560,24 @@ def test_a_gzip_compressed_input_is_replayed_as_the_plain_one(tmp_path):
     piped = subprocess.run([sys.executable, "-m", "streamgmm", "replay", "--config", config, "--input", "-"],
                            input=packed.read_bytes(), capture_output=True, timeout=120)
     assert piped.returncode == 0 and piped.stdout.decode() == plain.stdout, piped.stderr.decode()[-2000:]
+    # Its first byte alone in the pipe for a while (peek saw one byte: read as text; helper-76).
+    slow = subprocess.Popen([sys.executable, "-m", "streamgmm", "replay", "--config", config, "--input", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    slow.stdin.write(packed.read_bytes()[:1])
+    slow.stdin.flush()
+    time.sleep(1.0)
+    out, err = slow.communicate(packed.read_bytes()[1:], timeout=120)
+    assert slow.returncode == 0 and out.decode() == plain.stdout, err.decode()[-2000:]
+    # Bytes that are not UTF-8 on stdin: decided as from the file (undecodable), not a traceback.
+    latin = tmp_path / "latin.csv"
+    rows = data.read_bytes().split(b"\n")
+    rows[5] += b"\xe9"  # a data row
+    latin.write_bytes(b"\n".join(rows))
+    from_file = _cli("replay", "--config", config, "--input", str(latin))
+    from_stdin = subprocess.run([sys.executable, "-m", "streamgmm", "replay", "--config", config, "--input", "-"],
+                                input=latin.read_bytes(), capture_output=True, timeout=120)
+    assert from_stdin.returncode == from_file.returncode == 0, from_stdin.stderr.decode()[-2000:]
+    assert from_stdin.stdout.decode() == from_file.stdout
     cut = tmp_path / "cut.csv.gz"
     cut.write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
     damaged = bytearray(packed.read_bytes())

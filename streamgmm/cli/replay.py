@@ -7,6 +7,7 @@ and writes one JSON line per input record.  ``read_matrix`` feeds ``streamgmm fi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import io
 import json
@@ -180,16 +181,41 @@ def read_matrix(config: Config, path: str, fmt: str) -> tuple[np.ndarray, int, s
     return decoded.X, len(decoded.invalid), None if first is None else f"{first.reason}, {first.detail}"
 
 
+class _PutBack(io.RawIOBase):
+    """A binary stream with the bytes already read from it put back in front."""
+
+    def __init__(self, head: bytes, rest):
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._rest.read1(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
 def open_input(path: str) -> IO[str]:
     """``path`` for reading as text (gzip-compressed, by its first bytes, as rotated logs and
     exports are), or stdin for ``-``; OSError if it cannot be opened.  A .csv.gz was read as
     text: "the CSV header lacks input.fields (it has <compressed bytes>)" (helper-72)."""
     if path == "-":
-        # (Piped gzip was a UnicodeEncodeError traceback; helper-75.)
+        # Read as a file is: piped gzip, and bytes that are not UTF-8, were UnicodeEncodeError
+        # tracebacks (helper-75, helper-76); the first two bytes are read, not peeked (a pipe can
+        # hold one of them yet), and put back.
+        if sys.stdin is None:
+            raise OSError(errno.EBADF, "standard input is closed")
         raw = sys.stdin.buffer
-        if hasattr(raw, "peek") and raw.peek(2)[:2] == b"\x1f\x8b":
-            return io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="rb"), encoding="utf-8", errors="replace")
-        return sys.stdin
+        first = raw.read(2)
+        stream = io.BufferedReader(_PutBack(first, raw))
+        if first == b"\x1f\x8b":
+            return io.TextIOWrapper(gzip.GzipFile(fileobj=stream, mode="rb"), encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
     with Path(path).open("rb") as head:
         compressed = head.read(2) == b"\x1f\x8b"
     if compressed:
