@@ -886,12 +886,20 @@ def test_a_change_of_model_scope_over_checkpoints_of_the_other_says_they_are_not
     with caplog.at_level(logging.WARNING, logger="streamgmm.service.models"):
         Models(config(before), local, Metrics()).restore()  # the same scope: nothing to say
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
-    # Checkpoints of both kinds (the switch made before, the old files left): nothing either.
+    # Checkpoints of both kinds, this scope's the newer (the switch made before, the old files
+    # left): nothing either.
     other = Models(config(after), local, Metrics())
     other_key = "in/0" if after == "partition" else "global"
     other.get(other_key).process([InputRecord("in", 0, i, encode(x, "json")) for i, x in enumerate(X)], now=0.0)
-    local.write(other_key, other.get(other_key).state(0.0))
+    newer = local.write(other_key, other.get(other_key).state(0.0))
+    os.utime(newer, (time.time() + 10, time.time() + 10))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="streamgmm.service.models"):
         Models(config(after), local, Metrics()).restore()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    # Switched back: this scope's own checkpoints are the older, and would be restored (helper-76).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamgmm.service.models"):
+        Models(config(before), local, Metrics()).restore()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"set model.scope: {after}" in line and "older checkpoint" in line for line in said), said

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from pathlib import Path
 
 from confluent_kafka import KafkaException
 
@@ -21,6 +22,17 @@ from .metrics import Metrics
 from .state import FILE_PATTERN, GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore, initial_state, model_key
 
 log = logging.getLogger(__name__)
+
+
+def _newest(paths) -> float | None:
+    """The latest modification time of these files (None: none, or none readable)."""
+    times = []
+    for path in paths:
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:  # removed meanwhile
+            continue
+    return max(times, default=None)
 
 TopicPartitionKey = tuple[str, int]
 
@@ -102,23 +114,27 @@ class Models:
         ``model.init_from`` one, or starts empty (partition models are restored when their
         partitions are assigned, see ``restore_partitions``)."""
         self.detectors = {}
+        # A switch of scope was said only at INFO, as "the model's checkpoint has no offset for
+        # it", and the partitions warmed up anew without alerts (helper-72).  Said when the other
+        # scope's checkpoints are the newer: the switch is this start, or a switch back (old
+        # checkpoints of this scope would be restored; helper-76), and not at every start after.
+        global_newest = _newest(self.local.store_for(GLOBAL_KEY).paths())
+        partition_newest = _newest(self._partition_checkpoints())
         if self.scope == "partition":
-            # (Not once partition checkpoints are there too: the switch was made before, and the
-            # global files, never removed, would say so at every start; helper-75.)
-            if self.local.store_for(GLOBAL_KEY).paths() and not self._partition_checkpoints():
-                # A switch of scope was said only at INFO, as "the model's checkpoint has no offset
-                # for it", and the partitions warmed up anew without alerts (helper-72).
-                log.warning("checkpoint.dir %s holds the checkpoints of a global model (model.scope: global), "
-                            "which model.scope: partition does not read: each partition starts a model of its own "
-                            "from the group's commit, with a warm-up of model.warmup points and no alerts before; "
-                            "to go on with the global model, set model.scope: global", self.local.directory)
+            if global_newest is not None and (partition_newest is None or global_newest > partition_newest):
+                log.warning("checkpoint.dir %s holds the checkpoints of a global model (model.scope: global), newer "
+                            "than any partition model's, which model.scope: partition does not read: a partition "
+                            "resumes its own older checkpoint if it has one, else starts a model from the group's "
+                            "commit, with a warm-up of model.warmup points and no alerts before; to go on with "
+                            "the global model, set model.scope: global", self.local.directory)
             return
-        state = self._load_local(GLOBAL_KEY)
-        if state is None and self._partition_checkpoints():
+        if partition_newest is not None and (global_newest is None or partition_newest > global_newest):
             log.warning("checkpoint.dir %s holds the checkpoints of partition models (model.scope: partition), "
-                        "which model.scope: global does not read: one model starts from the group's commit, with "
+                        "newer than the global model's, which model.scope: global does not read: the global model "
+                        "resumes its own older checkpoint if it has one, else starts from the group's commit, with "
                         "a warm-up of model.warmup points and no alerts before; to go on with the partition "
                         "models, set model.scope: partition", self.local.directory)
+        state = self._load_local(GLOBAL_KEY)
         detector = self.get(GLOBAL_KEY)
         try:
             if state is not None:
@@ -132,9 +148,9 @@ class Models:
             raise StartupError(str(exc)) from None
         self.metrics.observe_model(detector.model)
 
-    def _partition_checkpoints(self) -> bool:
-        """Whether checkpoint.dir holds a checkpoint file of a partition model."""
-        return any(FILE_PATTERN.match(p.name) for p in (self.local.directory / "partitions").glob("*/*"))
+    def _partition_checkpoints(self) -> list[Path]:
+        """The checkpoint files of partition models in checkpoint.dir."""
+        return [p for p in (self.local.directory / "partitions").glob("*/*") if FILE_PATTERN.match(p.name)]
 
     def check_initial(self) -> None:
         """scope: partition with model.init_from: read it now, at start, where a missing or
