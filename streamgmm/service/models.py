@@ -114,26 +114,9 @@ class Models:
         ``model.init_from`` one, or starts empty (partition models are restored when their
         partitions are assigned, see ``restore_partitions``)."""
         self.detectors = {}
-        # A switch of scope was said only at INFO, as "the model's checkpoint has no offset for
-        # it", and the partitions warmed up anew without alerts (helper-72).  Said when the other
-        # scope's checkpoints are the newer: the switch is this start, or a switch back (old
-        # checkpoints of this scope would be restored; helper-76), and not at every start after.
-        global_newest = _newest(self.local.store_for(GLOBAL_KEY).paths())
-        partition_newest = _newest(self._partition_checkpoints())
+        self._say_if_the_other_scope_is_newer()
         if self.scope == "partition":
-            if global_newest is not None and (partition_newest is None or global_newest > partition_newest):
-                log.warning("checkpoint.dir %s holds the checkpoints of a global model (model.scope: global), newer "
-                            "than any partition model's, which model.scope: partition does not read: a partition "
-                            "resumes its own older checkpoint if it has one, else starts a model from the group's "
-                            "commit, with a warm-up of model.warmup points and no alerts before; to go on with "
-                            "the global model, set model.scope: global", self.local.directory)
             return
-        if partition_newest is not None and (global_newest is None or partition_newest > global_newest):
-            log.warning("checkpoint.dir %s holds the checkpoints of partition models (model.scope: partition), "
-                        "newer than the global model's, which model.scope: global does not read: the global model "
-                        "resumes its own older checkpoint if it has one, else starts from the group's commit, with "
-                        "a warm-up of model.warmup points and no alerts before; to go on with the partition "
-                        "models, set model.scope: partition", self.local.directory)
         state = self._load_local(GLOBAL_KEY)
         detector = self.get(GLOBAL_KEY)
         try:
@@ -147,6 +130,24 @@ class Models:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.metrics.observe_model(detector.model)
+
+    def _say_if_the_other_scope_is_newer(self) -> None:
+        """A switch of model.scope was said only at INFO, as "the model's checkpoint has no
+        offset for it", and the partitions warmed up anew without alerts (helper-72).  Said when
+        the other scope's checkpoints are the newer: the switch is this start, or a switch back
+        (this scope's older checkpoints would be restored; helper-76); not at every start after."""
+        newest = {"global": _newest(self.local.store_for(GLOBAL_KEY).paths()),
+                  "partition": _newest(self._partition_checkpoints())}
+        other = "global" if self.scope == "partition" else "partition"
+        mine, theirs = newest[self.scope], newest[other]
+        if theirs is None or (mine is not None and mine >= theirs):
+            return
+        whose = {"global": "a global model", "partition": "partition models"}[other]
+        resumes = {"global": "the global model", "partition": "a partition"}[self.scope]
+        log.warning("checkpoint.dir %s holds the checkpoints of %s (model.scope: %s), newer than this scope's, which "
+                    "model.scope: %s does not read: %s resumes its own older checkpoint if it has one, else starts "
+                    "from the group's commit, with a warm-up of model.warmup points and no alerts before; to go on "
+                    "with them, set model.scope: %s", self.local.directory, whose, other, self.scope, resumes, other)
 
     def _partition_checkpoints(self) -> list[Path]:
         """The checkpoint files of partition models in checkpoint.dir."""
