@@ -455,3 +455,68 @@ def test_the_learned_limits_do_not_drift_by_the_round_trip_through_standard_unit
     assert np.all(model.data_min_ == 0.0)
     model.partial_fit(np.full((1, 3), -1.0))
     np.testing.assert_allclose(model.data_min_, -1.0, atol=1e-12)  # a new low still counts
+
+
+@pytest.mark.parametrize("settings", [{"half_life": 500}, {"alpha": 0.7}, {"forgetting": 0.01}])
+def test_batches_longer_than_the_half_life_learn_what_single_rows_do(settings):
+    # Each row of a batch weighed alike: with a half-life of 500, one batch of 10,000 rows of a
+    # drifting mean learned it at 10.0 where rows one at a time had 18.6 (helper-77).
+    rng = np.random.default_rng(3)
+    warm = rng.normal(size=(1000, 2))
+    drifting = np.c_[np.linspace(0.0, 20.0, 10_000), np.zeros(10_000)] + rng.normal(size=(10_000, 2))
+    fitted = []
+    for size in (1, 700, 10_000):
+        model = OnlineGaussianMixture(n_components=1, covariance_type="full", warmup=1000, random_state=0,
+                                      **settings).partial_fit(warm)
+        for start in range(0, len(drifting), size):
+            model.partial_fit(drifting[start:start + size])
+        fitted.append((model.means_[0], model.covariances_[0]))
+    for mean, covariance in fitted[1:]:
+        np.testing.assert_allclose(mean, fitted[0][0], atol=1e-6)
+        np.testing.assert_allclose(covariance, fitted[0][1], atol=1e-6)
+    assert fitted[0][0][0] > 15.0  # it followed the drift
+
+
+def test_numpy_scalar_settings_are_saved_and_read_back(tmp_path):
+    # np.int64 from a search grid: save raised "Object of type int64 is not JSON serializable",
+    # and the batch model's to_dict left such settings out (a refit of the loaded model differed).
+    X = np.random.default_rng(4).normal(size=(600, 2))
+    online = OnlineGaussianMixture(warmup=np.int64(500), n_components=np.int64(2), half_life=np.float32(1000.0),
+                                   random_state=0).partial_fit(X)
+    online.save(tmp_path / "online.npz")
+    loaded = OnlineGaussianMixture.load(tmp_path / "online.npz")
+    assert (loaded.warmup, loaded.n_components, loaded.half_life) == (500, 2, 1000.0)
+    batch = GaussianMixture(2, max_iter=np.int64(50), random_state=np.int64(7)).fit(X)
+    assert GaussianMixture.from_dict(batch.to_dict()).get_params()["max_iter"] == 50
+    assert GaussianMixture.from_dict(batch.to_dict()).get_params()["random_state"] == 7
+
+
+def test_to_dict_leaves_a_model_that_has_not_learned_free_to_change():
+    model = OnlineGaussianMixture()
+    model.to_dict()
+    model.set_params(n_components=3)  # raised: "cannot change n_components of a model that has started learning"
+    assert model.n_components == 3
+
+
+@pytest.mark.parametrize("settings", [{"min_weight": None}, {"forgetting": "0.1"}])
+def test_a_setting_of_the_wrong_type_is_a_value_error_that_names_it(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        OnlineGaussianMixture(**settings).partial_fit(np.zeros((5, 2)))
+
+
+@pytest.mark.parametrize("damage", ["missing n_seen", "params None", "chosen empty", "rng_state an array", "not a dict"])
+def test_a_malformed_state_is_a_value_error(damage):
+    state = OnlineGaussianMixture(warmup=200, random_state=0).partial_fit(
+        np.random.default_rng(5).normal(size=(300, 2))).to_dict()
+    if damage == "missing n_seen":
+        del state["n_seen"]
+    elif damage == "params None":
+        state["params"] = None
+    elif damage == "chosen empty":
+        state["chosen"] = {}
+    elif damage == "rng_state an array":
+        state["rng_state"] = np.zeros(3)
+    else:
+        state = [state]
+    with pytest.raises(ValueError, match="state"):
+        OnlineGaussianMixture.from_dict(state)

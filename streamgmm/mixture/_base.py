@@ -3,6 +3,7 @@ and the estimator protocol scikit-learn's tools rely on (parameters, tags, fitte
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import json
@@ -312,6 +313,28 @@ def load_state(path) -> dict:
             return decode_state({key: npz[key] for key in npz.files})
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read model state from {path}: {exc}") from None
+
+
+def plain_value(value):
+    """A numpy scalar as the Python number it holds (np.int64(500) from a search grid: JSON
+    cannot write it, and a state left it out); anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def state_errors_said(from_dict):
+    """A state whose structure is wrong (an entry missing or of the wrong type) raised
+    KeyError, TypeError, AttributeError or IndexError from inside ``from_dict``: ValueError,
+    as every other unusable state."""
+    @functools.wraps(from_dict)
+    def checked(cls, state):
+        if not isinstance(state, dict):
+            raise ValueError(f"a model state is a dict (from to_dict or load_state); got {type(state).__name__}")
+        try:
+            return from_dict(cls, state)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"state is malformed ({type(exc).__name__}: {exc}); use one written by to_dict "
+                             "or save") from None
+    return checked
 
 
 def check_state_header(state: dict, kind: str) -> None:

@@ -14,7 +14,9 @@ from ._base import (
     MixtureBase,
     check_state_header,
     covariance_shape,
+    plain_value,
     require_array,
+    state_errors_said,
 )
 from ._kmeans import kmeans, kmeans_plusplus, squared_distances
 from ._validation import (
@@ -346,8 +348,8 @@ class GaussianMixture(MixtureBase):
             "format_version": STATE_FORMAT_VERSION,
             # The settings a refit or clone of the loaded model uses (arrays given as init are
             # not kept; a random generator is kept as None).
-            "params": {name: value for name, value in self.get_params(deep=False).items()
-                       if value is None or isinstance(value, (bool, int, float, str))},
+            "params": {name: plain_value(value) for name, value in self.get_params(deep=False).items()
+                       if value is None or isinstance(plain_value(value), (bool, int, float, str))},
             "n_components": int(self.n_components),
             "n_features": int(self.n_features_in_),
             "covariance_type": self.covariance_type,
@@ -364,6 +366,7 @@ class GaussianMixture(MixtureBase):
         }
 
     @classmethod
+    @state_errors_said
     def from_dict(cls, state: dict) -> "GaussianMixture":
         check_state_header(state, "GaussianMixture")
         K, D, cov_type = int(state["n_components"]), int(state["n_features"]), state["covariance_type"]

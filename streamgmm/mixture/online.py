@@ -40,7 +40,9 @@ from ._base import (
     NotFittedError,
     check_state_header,
     covariance_shape,
+    plain_value,
     require_array,
+    state_errors_said,
 )
 from ._validation import (
     check_array,
@@ -215,6 +217,23 @@ def batch_statistics(scored: ScoredBatch, weight: np.ndarray, covariance_type: s
     X = np.clip(scored.X_internal, -LEARN_CLIP, LEARN_CLIP)
     s0, s1, s2 = g.sufficient_statistics(X, resp, covariance_type)
     return BatchStatistics(s0, s1, s2, int(np.count_nonzero(weight)), float(weight.sum()), scored.model_version)
+
+
+def recency_weights(steps_before: float, alpha: float, step_floor: float, n_points: int) -> np.ndarray:
+    """Each of a batch's n_points rows' weight, relative to the batch's mean, in the one update
+    that stands for n_points single-row steps: row i's share of the result is eta_i prod_{j>i}
+    (1 - eta_j) (the later steps shrink it), eta the per-point step sizes after ``steps_before``
+    (t0 included).  All 1 with alpha 1 and no floor (each share is 1 / t_n): the running mean.
+    With a floor, a batch much longer than the half-life was a plain average of its rows (one of
+    10,000 rows with a half-life of 500 learned a drifting mean at 10.0 where rows one at a time
+    had 18.6; helper-77)."""
+    t = steps_before + np.arange(1, n_points + 1, dtype=float)
+    eta = np.minimum(np.maximum(t ** (-alpha), step_floor), 1.0 - 1e-12)
+    log_keep = np.log1p(-eta)
+    kept_after = np.cumsum(log_keep[::-1])[::-1] - log_keep  # sum over j > i
+    log_share = np.log(eta) + kept_after
+    share = np.exp(log_share - log_share.max())
+    return share / share.mean()
 
 
 class OnlineGaussianMixture(MixtureBase):
@@ -418,10 +437,10 @@ class OnlineGaussianMixture(MixtureBase):
             raise ValueError("set either half_life or forgetting, not both (they are the same floor)")
         if self.half_life is not None:
             check_positive_float(self.half_life, "half_life")
-        if self.forgetting is not None and not (0.0 < self.forgetting < 1.0):
+        if self.forgetting is not None and not (_is_real(self.forgetting) and 0.0 < self.forgetting < 1.0):
             raise ValueError(f"forgetting must be a step size in (0, 1); got {self.forgetting!r}")
         check_positive_float(self.reg_covar, "reg_covar")
-        if not (0.0 <= self.min_weight < 1.0 / largest):
+        if not (_is_real(self.min_weight) and 0.0 <= self.min_weight < 1.0 / largest):
             raise ValueError(f"min_weight must be in [0, 1/{'max_components' if n_components == AUTO else 'n_components'}); "
                              f"got {self.min_weight!r}")
         if not (_is_real(self.rare_weight) and 0.0 <= self.rare_weight < 1.0):
@@ -649,9 +668,16 @@ class OnlineGaussianMixture(MixtureBase):
         """
         self._check_fitted()
         weight = check_sample_weight(sample_weight, scored.X_internal.shape[0])
+        learned = (weight > 0) & np.isfinite(scored.log_density)
+        n_learned = int(np.count_nonzero(learned))
+        if n_learned > 1 and (self.alpha != 1.0 or self.step_floor > 0.0):
+            # The rows in their order, as single-row steps would weigh them (the default's
+            # running mean weighs them alike).
+            t0 = float(self.warmup if self.t0 is None else self.t0)
+            weight = weight.astype(float, copy=True)
+            weight[learned] *= recency_weights(self._steps + t0, self.alpha, self.step_floor, n_learned)
         statistics = batch_statistics(scored, weight, self.covariance_type_)
         full_s2 = None if self._S2_full is None else batch_statistics(scored, weight, "full").s2
-        learned = (weight > 0) & np.isfinite(scored.log_density)
         self._learn(statistics, lambda: (scored.X_internal, np.where(learned, scored.log_density, np.inf)), full_s2)
         if self.data_min_ is not None and np.any(learned):
             # In standardised units (the map back is increasing), a feature a row: numpy reduces
@@ -1004,11 +1030,15 @@ class OnlineGaussianMixture(MixtureBase):
         numbers and numpy arrays (see ``from_dict``).  ``random_state`` is not kept: the
         generator's own state is."""
         if not self._is_started():
-            self._start()
+            # A model not yet learning stays so (set_params still free): a fresh one's state.
+            fresh = type(self)(**self.get_params(deep=False))
+            fresh._start()
+            return fresh.to_dict()
         state = {
             "kind": "OnlineGaussianMixture",
             "format_version": STATE_FORMAT_VERSION_ROUNDING if np.any(self.rounding_variance_) else STATE_FORMAT_VERSION,
-            "params": {name: value for name, value in self.get_params(deep=False).items() if name in _STATE_PARAMS},
+            "params": {name: plain_value(value) for name, value in self.get_params(deep=False).items()
+                       if name in _STATE_PARAMS},
             "n_features": self.n_features_in_,
             "n_seen": int(self.n_seen_),
             "n_reseeded": int(self.n_reseeded_),
@@ -1036,6 +1066,7 @@ class OnlineGaussianMixture(MixtureBase):
         return state
 
     @classmethod
+    @state_errors_said
     def from_dict(cls, state: dict) -> "OnlineGaussianMixture":
         check_state_header(state, "OnlineGaussianMixture")
         params = dict(state["params"])
