@@ -25,6 +25,14 @@ def test_reference_config_is_valid_and_equals_the_defaults():
         ({"kafka": {"bootstrap_servers": ["localhost"]}}, "kafka.bootstrap_servers[0]: 'localhost' is not allowed; use host:port"),
         ({"kafka": {"input_topics": []}}, "kafka.input_topics: () is not allowed; give at least one non-empty topic name"),
         ({"threshold": {"mode": "fixed"}}, "threshold.value: None is not allowed; threshold.mode=fixed needs a log-density value"),
+        # Each of these passed the check and failed later, exit 1 and restarted for ever, or flagged
+        # nothing (helper-78).
+        ({"threshold": {"mode": "fixed", "value": float("nan")}}, "threshold.value: nan is not allowed; use a finite"),
+        ({"threshold": {"mode": "fixed", "value": float("-inf")}}, "threshold.value: -inf is not allowed; use a finite"),
+        ({"kafka": {"max_batch_messages": 2_000_000}}, "kafka.max_batch_messages: 2000000 is not allowed; use an integer from 1 to 1000000"),
+        ({"model": {"random_state": -1}}, "model.random_state: -1 is not allowed; use an integer from 0 to 4294967295"),
+        ({"kafka": {"retry_backoff_initial_seconds": float("inf"), "retry_backoff_max_seconds": float("inf")}},
+         "kafka.retry_backoff_max_seconds: inf is not allowed; use a number of seconds up to 3600"),
         ({"checkpoint": {"keep": 1}}, "checkpoint.keep: 1 is not allowed; keep at least 2"),
         ({"input": {"fields": ["a", "b"], "dimension": 3}}, "input.fields: ('a', 'b') is not allowed; list exactly input.dimension=3"),
         ({"kafka": {"output_topic": "features"}}, "kafka.output_topic: 'features' is not allowed; use a topic other "

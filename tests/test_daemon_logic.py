@@ -917,3 +917,16 @@ def test_a_change_of_model_scope_over_checkpoints_of_the_other_says_they_are_not
         Models(config(before), local, Metrics()).restore()
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"set model.scope: {after}" in line and "older checkpoint" in line for line in said), said
+
+
+def test_a_restored_model_shows_its_threshold_before_any_batch(tmp_path):
+    # The gauge read NaN after a restart until the first batch: an idle stream showed no threshold
+    # though the model had one (helper-78).
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, np.random.default_rng(16))
+    daemon._checkpoint()
+    value = daemon.detectors["global"].threshold.value
+    assert value is not None
+    fresh = _daemon(tmp_path)
+    fresh.restore()
+    assert fresh.metrics.value("streamgmm_threshold_log_density") == pytest.approx(value)

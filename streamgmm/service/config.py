@@ -546,13 +546,19 @@ def _rules(config: Config):
     # Raw bad input among the anomaly records (helper-39).
     yield ("kafka.dead_letter_topic", k.dead_letter_topic != k.output_topic,
            "use a topic other than kafka.output_topic: invalid input would be mixed with the anomaly records")
-    yield "kafka.max_batch_messages", k.max_batch_messages >= 1, "use an integer >= 1"
+    # (librdkafka's consume() takes at most 1,000,000: more passed the check and the loop's first
+    # poll raised a traceback, exit 1, restarted for ever; helper-78.)
+    yield ("kafka.max_batch_messages", 1 <= k.max_batch_messages <= 1_000_000,
+           "use an integer from 1 to 1000000 (librdkafka's consume() limit)")
     # At most a second: a signal is handled when the poll returns (70 s delayed SIGTERM past
     # `docker stop`'s grace), and an idle loop's last poll ages into the stalled-loop alert.
     yield ("kafka.poll_timeout_ms", 1 <= k.poll_timeout_ms <= 1000,
            "use an integer from 1 to 1000 (0 would spin an idle loop; longer delays SIGTERM and pages as a stalled loop)")
     yield ("kafka.retry_backoff_initial_seconds", 0 < k.retry_backoff_initial_seconds <= k.retry_backoff_max_seconds,
            "use a number > 0 and <= kafka.retry_backoff_max_seconds")
+    # (An infinite wait is an OverflowError in Event.wait, not a wait.)
+    yield ("kafka.retry_backoff_max_seconds", k.retry_backoff_max_seconds <= 3600,
+           "use a number of seconds up to 3600")
     yield "kafka.dead_letter_max_bytes", k.dead_letter_max_bytes >= 0, "use a number of bytes >= 0"
     producer_limit = _producer_message_max_bytes(k)
     dead_letters_fit = producer_limit is None or 2 * k.dead_letter_max_bytes <= producer_limit
@@ -582,6 +588,9 @@ def _rules(config: Config):
         yield ("model.warmup", m.warmup >= 2 * m.n_components,
                f"use at least 2 * model.n_components = {2 * m.n_components}")
     yield "model.warmup", m.warmup >= 2, "use at least 2 points"
+    # (numpy refuses a negative seed, at the end of the warm-up: exit 1 there, at every restart.)
+    yield ("model.random_state", m.random_state is None or 0 <= m.random_state < 2**32,
+           "use an integer from 0 to 4294967295, or null for a different seed at each start")
     yield "model.alpha", 0.5 < m.alpha <= 1.0, "use a number in (0.5, 1]"
     yield ("model.half_life", m.half_life is None or m.half_life > 0,
            "use a number of points > 0, or null for no forgetting")
@@ -596,6 +605,9 @@ def _rules(config: Config):
            "re-seeded, so none could be rare")
     yield "threshold.quantile", t.mode == "fixed" or 0 < t.quantile < 0.5, "use a fraction in (0, 0.5)"
     yield "threshold.value", t.mode != "fixed" or t.value is not None, "threshold.mode=fixed needs a log-density value"
+    # NaN or an infinity flags nothing, ever, and replay's summary printed it as JSON that is not.
+    yield ("threshold.value", t.value is None or math.isfinite(t.value),
+           "use a finite log-density (NaN or an infinity would never flag anything)")
     yield ("threshold.adopt_flag_rate", t.adopt_flag_rate is None or 0 < t.adopt_flag_rate < 1,
            "use a fraction in (0, 1), or null for 10 x threshold.quantile (threshold.adopt: false never adopts)")
     yield "threshold.adopt_window", t.adopt_window >= 1, "use a number of points >= 1"

@@ -202,13 +202,16 @@ class Metrics:
         self.latency.observe_many(result.latencies_seconds)
         if result.n_future_timestamps:
             self.future_timestamps.inc(result.n_future_timestamps)
-        # NaN while this batch's model has none (a model started afresh kept showing the old
-        # model's threshold; review).
-        self.threshold.set(math.nan if detector.threshold.value is None else detector.threshold.value)
+        self.observe_threshold(detector)
         if partition_key is None:
             self.observe_model(detector.model)
         else:
             self._observe_partition_model(partition_key, detector.model)
+
+    def observe_threshold(self, detector) -> None:
+        """NaN while the detector's model has none (a model started afresh kept showing the old
+        model's threshold; review)."""
+        self.threshold.set(math.nan if detector.threshold.value is None else detector.threshold.value)
 
     def _observe_partition_model(self, key: str, model) -> None:
         self.partition_initialized.labels(key).set(1 if model.is_initialized else 0)

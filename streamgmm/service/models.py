@@ -130,6 +130,8 @@ class Models:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.metrics.observe_model(detector.model)
+        # (From the first batch only, the gauge read NaN after a restart on an idle stream; helper-78.)
+        self.metrics.observe_threshold(detector)
 
     def _say_if_the_other_scope_is_newer(self) -> None:
         """A switch of model.scope was said only at INFO, as "the model's checkpoint has no
