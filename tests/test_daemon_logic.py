@@ -930,3 +930,33 @@ def test_a_restored_model_shows_its_threshold_before_any_batch(tmp_path):
     fresh = _daemon(tmp_path)
     fresh.restore()
     assert fresh.metrics.value("streamgmm_threshold_log_density") == pytest.approx(value)
+
+
+def test_scope_partition_with_a_partition_that_gets_no_message_is_ready_and_initialized(tmp_path):
+    # Keyed partitioning leaves partitions without traffic: each kept /readyz at 503 ("warming
+    # up q12/6 0/400") and StreamgmmNotReady firing for good (helper-78).  One that gets only
+    # invalid messages still counts as warming: its model never warms up.
+    config = config_from_dict({
+        "input": {"format": "json", "dimension": 3},
+        "model": {"n_components": 2, "covariance_type": "full", "warmup": 200, "scope": "partition"},
+        "checkpoint": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False},
+    }, environ={})
+    daemon = Daemon(config)
+    daemon.source, daemon.sink = FakeSource(), FakeSink()
+    daemon.assigned = {("in", 0), ("in", 1)}
+    daemon._restore_partitions(sorted(daemon.assigned), timeout=1.0)  # as an assignment does: empty models
+    ready, why, details = daemon.readiness()
+    assert not ready and why.startswith("no message yet on any of the 2 partition(s)")
+    X = np.random.default_rng(17).normal(size=(300, 3))
+    daemon._process({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]})
+    daemon._observe_partition_models()
+    ready, why, details = daemon.readiness()
+    assert ready and why == "2 partition(s) assigned, models ready (1 idle: no message yet)", why
+    assert details["in/1"].startswith("idle: no message yet")
+    assert daemon.metrics.value("streamgmm_model_initialized") == 1
+    daemon._process({("in", 1): [FakeMessage("in", 1, i, b"not json") for i in range(5)]})
+    daemon._observe_partition_models()
+    ready, why, _ = daemon.readiness()
+    assert not ready and why.startswith("warming up in/1 0/200"), why
+    assert daemon.metrics.value("streamgmm_model_initialized") == 0

@@ -30,7 +30,7 @@ from .kafka import (KafkaSink, KafkaSource, WatermarkReader, as_batch, check_set
                     ensure_topic, flush_in_steps, kafka_error_text, message_max_bytes, missing_topics)
 from .metrics import HealthServer, Metrics
 from .partitions import HeldPartitions, later_offset
-from .models import Models, StartupError, another_pipelines_model
+from .models import Models, StartupError, another_pipelines_model, is_idle
 from .state import (GLOBAL_KEY, CheckpointError, CheckpointSpaceError, LocalStateStore, TopicStateStore,
                     model_key)
 from .watch import InputWatch
@@ -256,7 +256,7 @@ class Daemon:
                 f"no partitions assigned for {waited:.0f} s (a standby member of the group, or joining; a group "
                 f"stuck joining shows here for long: kafka-consumer-groups --describe --group "
                 f"{self.config.kafka.group_id})"), {}
-        details, warming = {}, []
+        details, warming, idle = {}, [], []
         for topic, partition in sorted(self.assigned):
             name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
             model = None if detector is None else detector.model
@@ -269,6 +269,9 @@ class Daemon:
                 warming.append(f"{name} (seeking)")
             elif model is not None and model.is_initialized:
                 details[name] = "ready"
+            elif self.scope == "partition" and (detector is None or is_idle(detector)):
+                details[name] = f"idle: no message yet (its model warms up on its first {self.config.model.warmup})"
+                idle.append(name)
             else:
                 progress = f"{0 if model is None else model.n_buffered_}/{self.config.model.warmup}"
                 details[name] = f"warming up {progress}"
@@ -287,7 +290,11 @@ class Daemon:
                            f"{self.config.model.warmup}"), details
         if warming:
             return False, "warming up " + ", ".join(warming), details
+        if len(idle) == len(self.assigned):
+            return False, f"no message yet on any of the {len(idle)} partition(s) assigned: nothing to warm up on", details
         words = f"{len(self.assigned)} partition(s) assigned, models ready"
+        if idle:
+            words += f" ({len(idle)} idle: no message yet)"
         if failures := self.checkpointer.failures:
             # Still ready (scoring and alerting go on), but /readyz said nothing of a disk full for
             # minutes (helper-52).

@@ -218,14 +218,16 @@ class Metrics:
         self.partition_points_seen.labels(key).set(model.n_seen_)
         self._partition_models[key] = model
 
-    def observe_partition_models(self, models: dict, assigned: set | None = None) -> None:
+    def observe_partition_models(self, models: dict, assigned: set | None = None, idle: frozenset = frozenset()) -> None:
         """scope: partition: the instance's model is initialized when every partition's it holds
-        is, and every assigned one (``assigned``, model keys) has one (so StreamgmmNotReady sees
-        one that never warms up), its points seen the sum; the per-partition series of
-        partitions it no longer holds go, and those of the ones it holds are there from their
-        assignment (not from their first batch: an idle partition had none)."""
+        is, but for ``idle`` ones (no message yet: nothing to warm up on), at least one is, and
+        every assigned one (``assigned``, model keys) has one (so StreamgmmNotReady sees one
+        that never warms up), its points seen the sum; the per-partition series of partitions it
+        no longer holds go, and those of the ones it holds are there from their assignment (not
+        from their first batch: an idle partition had none)."""
         complete = assigned is None or assigned <= models.keys()
-        self.model_initialized.set(1 if models and complete and all(m.is_initialized for m in models.values()) else 0)
+        fed = [m for key, m in models.items() if key not in idle]
+        self.model_initialized.set(1 if fed and complete and all(m.is_initialized for m in fed) else 0)
         self.points_seen.set(sum(m.n_seen_ for m in models.values()))
         for key in self._partition_models.keys() - models.keys():
             self.partition_initialized.remove(key)

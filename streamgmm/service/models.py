@@ -37,6 +37,14 @@ def _newest(paths) -> float | None:
 TopicPartitionKey = tuple[str, int]
 
 
+
+def is_idle(detector) -> bool:
+    """A partition's detector that has had no message, valid or not, and has no model: nothing to
+    warm up on.  Keyed partitioning leaves partitions without traffic, and each kept /readyz at
+    503 and StreamgmmNotReady firing for good (helper-78); one that gets only invalid messages
+    is not idle (its model never warms up: that is for the alert)."""
+    return detector.n_valid + detector.n_invalid == 0 and not detector.model.is_initialized
+
 class StartupError(RuntimeError):
     """Something the daemon needs at start is missing or wrong; the message says what to do."""
 
@@ -104,9 +112,11 @@ class Models:
 
     def observe(self, assigned) -> None:
         """scope: partition: the metrics of the models held, an assigned partition with none
-        (held: its model could not be restored yet) counting as not warm."""
+        (held: its model could not be restored yet) counting as not warm, one that has had no
+        message (``idle``) as neither."""
         models = {key: d.model for key, d in self.detectors.items()}
-        self.metrics.observe_partition_models(models, {model_key(self.scope, *tp) for tp in assigned})
+        idle = {key for key, d in self.detectors.items() if is_idle(d)}
+        self.metrics.observe_partition_models(models, {model_key(self.scope, *tp) for tp in assigned}, idle)
 
     # ---------------------------------------------------------------- restore
     def restore(self) -> None:
