@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -779,3 +780,52 @@ def test_healthcheck_prints_why_the_daemon_is_not_alive(tmp_path):
         assert "HTTP 503: not alive: the loop has not polled Kafka for 400 s" in result.stderr
     finally:
         server.stop()
+
+
+def _unit_copy(tmp_path, name, env_lines=""):
+    """The shipped unit with its EnvironmentFile= paths moved under tmp_path."""
+    text = (Path(__file__).parent.parent / "systemd" / name).read_text()
+    text = text.replace("/etc/streamgmm/", f"{tmp_path}/etc/")
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    (tmp_path / "etc" / "streamgmm.env").write_text(env_lines)
+    unit = tmp_path / name
+    unit.write_text(text)
+    return unit
+
+
+def test_check_config_with_the_unit_checks_what_the_unit_runs(tmp_path):
+    # --env-file alone left out the unit's own STREAMGMM_CHECKPOINT__DIR: ok, then the service
+    # exited 2 on the real directory's checkpoint of another dimension (helper-78).
+    import os
+
+    if not os.access("/var/lib", os.W_OK):
+        pytest.skip("the units' state directories are under /var/lib, which this user cannot write")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": {"format": "json", "dimension": 3}}))
+    unit = _unit_copy(tmp_path, "streamgmm.service")
+    result = _cli("check-config", str(config), "--unit", str(unit))
+    assert result.returncode == 0, result.stderr
+    assert "dir: /var/lib/streamgmm" in result.stdout
+    # The template takes its port, state directory and client id from the instance.
+    template = _unit_copy(tmp_path, "streamgmm@.service")
+    assert "--instance" in _cli("check-config", str(config), "--unit", str(template)).stderr
+    result = _cli("check-config", str(config), "--unit", str(template), "--instance", "9465")
+    assert result.returncode == 0, result.stderr
+    assert "dir: /var/lib/streamgmm-9465" in result.stdout and "port: 9465" in result.stdout
+    # The env file overrides the unit's lines, as systemd has it.
+    _unit_copy(tmp_path, "streamgmm.service", "STREAMGMM_CHECKPOINT__DIR=/var/lib/streamgmm/x\n")
+    assert "dir: /var/lib/streamgmm/x" in _cli("check-config", str(config), "--unit", str(unit)).stdout
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"model": {"init_from": "/tmp/model.sgmm"}}, "model.init_from=/tmp/model.sgmm: the unit's PrivateTmp=/ProtectHome= hides it"),
+    ({"checkpoint": {"dir": "/srv/streamgmm"}}, "checkpoint.dir=/srv/streamgmm: the unit's ProtectSystem=strict keeps it read-only"),
+])
+def test_check_config_with_the_unit_names_a_path_its_sandbox_hides(tmp_path, settings, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": {"format": "json", "dimension": 3}, **settings}))
+    # (checkpoint.dir from the YAML: the unit's own line would override it)
+    unit = _unit_copy(tmp_path, "streamgmm.service")
+    unit.write_text(unit.read_text().replace("Environment=STREAMGMM_CHECKPOINT__DIR=/var/lib/streamgmm\n", ""))
+    result = _cli("check-config", str(config), "--unit", str(unit))
+    assert result.returncode == 2 and message in result.stderr, result.stderr

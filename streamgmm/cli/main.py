@@ -12,6 +12,8 @@ import gzip
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 import time
@@ -127,6 +129,72 @@ def read_env_file(path) -> dict[str, str]:
             value = value[1:-1]
         values[key.removeprefix("export ").strip()] = value
     return values
+
+
+def read_unit(path, instance: str | None = None) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What a systemd unit gives its service: the environment (Environment= assignments, then the
+    EnvironmentFile= files, which override them; a leading - makes a file optional) and the
+    [Service] settings, with %i / %I the instance and %% a percent sign.  For check-config:
+    with --env-file alone it left out the unit's own STREAMGMM_CHECKPOINT__DIR, said ok, and the
+    service exited 2 on the real directory's checkpoint (helper-78)."""
+    text = Path(path).read_text(encoding="utf-8")
+    templated = "@." in Path(path).name
+    if templated and not instance:
+        raise ValueError(f"{path} is a template: name the instance with --instance (streamgmm@9465: 9465)")
+
+    def expand(value: str) -> str:
+        return re.sub(r"%[iI%]", lambda m: "%" if m.group() == "%%" else (instance or ""), value)
+
+    settings: dict[str, list[str]] = {}
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == "Service" and "=" in line and not line.startswith(("#", ";")):
+            key, value = (part.strip() for part in line.split("=", 1))
+            settings.setdefault(key, []).append(expand(value))
+    environment: dict[str, str] = {}
+    for value in settings.get("Environment", []):
+        for assignment in shlex.split(value):
+            if "=" in assignment:
+                key, val = assignment.split("=", 1)
+                environment[key] = val
+    for value in settings.get("EnvironmentFile", []):
+        optional, file = value.startswith("-"), value.removeprefix("-")
+        try:
+            environment.update(read_env_file(file))
+        except FileNotFoundError:
+            if not optional:
+                raise
+    return environment, settings
+
+
+def unit_sandbox_problem(config, settings: dict[str, list[str]]) -> str | None:
+    """A path the config names that the unit's sandbox hides from the service or keeps read-only,
+    which check-config, run outside it, cannot see: PrivateTmp= (/tmp, /var/tmp), ProtectHome=
+    (/home, /root, /run/user), ProtectSystem=strict (all but the StateDirectory= and
+    ReadWritePaths= read-only, for checkpoint.dir)."""
+    def yes(key):
+        return settings.get(key, ["no"])[-1].lower() in ("yes", "true", "1", "on", "read-only", "tmpfs")
+
+    hidden = [*(("/tmp/", "/var/tmp/") if yes("PrivateTmp") else ()),
+              *(("/home/", "/root/", "/run/user/") if yes("ProtectHome") else ())]
+    paths = {"model.init_from": config.model.init_from, "checkpoint.dir": config.checkpoint.dir,
+             **{f"kafka.security.{k}": v for k, v in config.kafka.security.items()
+                if isinstance(v, str) and (k.endswith("_file") or k.endswith(".location"))}}
+    for key, value in paths.items():
+        if value and any((str(Path(value).resolve()) + "/").startswith(h) for h in hidden):
+            return (f"{key}={value}: the unit's PrivateTmp=/ProtectHome= hides it from the service; "
+                    "move it (e.g. under /etc/streamgmm or /var/lib)")
+    if settings.get("ProtectSystem", ["no"])[-1] == "strict" and config.checkpoint.dir:
+        writable = [f"/var/lib/{d}" for v in settings.get("StateDirectory", []) for d in v.split()]
+        writable += [d.lstrip("-+") for v in settings.get("ReadWritePaths", []) for d in v.split()]
+        where = str(Path(config.checkpoint.dir).resolve())
+        if not any(where == w.rstrip("/") or where.startswith(w.rstrip("/") + "/") for w in writable):
+            return (f"checkpoint.dir={config.checkpoint.dir}: the unit's ProtectSystem=strict keeps it read-only; use "
+                    f"{' or '.join(writable) or 'a StateDirectory='}, or add it to ReadWritePaths=")
+    return None
 
 
 def _fail(message: str) -> int:
@@ -398,12 +466,23 @@ def _a_daemons_checkpoints(directory) -> str | None:
 
 
 def cmd_check_config(args) -> int:
+    unit_settings = None
+    if args.unit:
+        try:
+            environment, unit_settings = read_unit(args.unit, args.instance)
+        except OSError as exc:
+            return _fail(f"cannot read --unit {args.unit} or a file it names: {exc.filename}: {exc.strerror}")
+        except ValueError as exc:
+            return _fail(str(exc))
+        os.environ.update(environment)
     if args.env_file:
         try:
             os.environ.update(read_env_file(args.env_file))
         except OSError as exc:
             return _fail(f"cannot read --env-file {args.env_file}: {exc.strerror}")
     config = _load(args.file, kafka=True)
+    if unit_settings is not None and (problem := unit_sandbox_problem(config, unit_settings)):
+        return _fail(problem)
     # What `run` refuses before its loop and needs no broker (it said ok to each; helper-41).
     # Not the metrics port: the daemon being checked may hold it.
     from ..service.metrics import address_problem
@@ -718,6 +797,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--env-file", default=None,
                      help="also apply STREAMGMM_* settings from this file of KEY=value lines, as systemd's "
                           "EnvironmentFile= gives them to the daemon (/etc/streamgmm/streamgmm.env)")
+    chk.add_argument("--unit", default=None,
+                     help="check what this systemd unit runs: its Environment= and EnvironmentFile= settings "
+                          "(before --env-file), and paths its sandbox hides or keeps read-only "
+                          "(/etc/systemd/system/streamgmm.service)")
+    chk.add_argument("--instance", default=None, help="with a template --unit (streamgmm@.service): the instance, "
+                                                      "e.g. 9465")
     chk.set_defaults(func=cmd_check_config)
 
     add_healthcheck_parser(sub)
