@@ -385,3 +385,28 @@ def test_a_crash_in_native_code_leaves_the_stacks_in_the_log(tmp_path):
     stderr = first.decode() + process.stderr.read().decode()
     assert process.returncode == -signal.SIGSEGV
     assert "Fatal Python error: Segmentation fault" in stderr and "streamgmm" in stderr.split("Fatal Python error")[1]
+
+
+FATAL_RUN = """
+import sys
+from confluent_kafka import KafkaError
+from streamgmm.service.daemon import Daemon
+
+def run(self):
+    self._on_client_error(KafkaError(KafkaError._FATAL, "the producer was fenced", fatal=True))
+    assert self._stop.is_set()
+
+Daemon.run = run
+from streamgmm.cli import main
+sys.exit(main(["run", "--config", {config!r}]))
+"""
+
+
+def test_a_fatal_client_error_exits_1_so_that_the_service_manager_starts_it_again(tmp_path):
+    # The fatal error stopped the daemon, which then exited 0 after a clean last checkpoint:
+    # Restart=on-failure left the unit down for good (helper-78, from the code).
+    path, _ = _config(tmp_path)
+    result = subprocess.run([sys.executable, "-c", FATAL_RUN.format(config=str(path))], capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "fatal Kafka client error" in result.stderr and "the producer was fenced" in result.stderr

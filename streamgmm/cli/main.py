@@ -260,7 +260,8 @@ def cmd_run(args) -> int:
     code = 0
     try:
         daemon.run()
-        code = 0 if daemon.clean_stop else 1  # 1: stopped without its last checkpoint (logged)
+        # 1: stopped without its last checkpoint, or by a fatal client error (both logged).
+        code = 0 if daemon.clean_stop and daemon.fatal_error is None else 1
         if code == 0 and signalled == [signal.SIGHUP]:
             # The habit of `kill -HUP` to reload: exit 0 left a Restart=on-failure unit down for
             # good (helper-41).  129, as a shell reports it, restarts it on the new config.

@@ -160,6 +160,9 @@ class Daemon:
         self._stop_asked_at = 0.0
         # Whether the last stop left everything checkpointed (False: the exit code says so).
         self.clean_stop = True
+        # A fatal error of a Kafka client stopped the daemon (its words): the exit is a failure,
+        # whatever the last checkpoint (a clean exit 0 left a Restart=on-failure unit down).
+        self.fatal_error: str | None = None
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
         self._closing = False  # in _close: no hand-over commits (see _hand_over)
         self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
@@ -533,7 +536,9 @@ class Daemon:
         """librdkafka's errors (broker down, authentication ...): it retries by itself."""
         self.metrics.broker_errors.inc()
         if error.fatal():
-            log.critical("fatal Kafka client error: %s; stopping", error.str())
+            log.critical("fatal Kafka client error: %s; stopping (exit 1: a service manager starts it again "
+                         "with new clients)", error.str())
+            self.fatal_error = error.str()
             self.stop()
         elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
             log.warning("cannot connect to Kafka at %s (%s); the client retries by itself",
