@@ -802,3 +802,42 @@ def test_a_scan_of_every_key_says_other_programs_records_once_without_an_error_e
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == ["topic streamgmm-state: 7 key(s) hold no streamgmm state, only records of another program "
                         "(app-0, app-1, app-2, app-3, app-4, ...): left out"]
+
+
+def test_inspect_with_the_daemons_config_reads_its_state_topic_with_its_security_settings(tmp_path, monkeypatch, capsys):
+    # --bootstrap alone could not reach a SASL/TLS cluster, where scope: partition runs (helper-78).
+    import json
+
+    import yaml
+
+    from streamgmm.cli import main
+
+    seen = {}
+
+    def read_topic(settings, topic, *args, **kwargs):
+        seen.update(settings=settings, topic=topic)
+        return iter([KeyedMessage(b"in/0", pack(_state(tmp_path)))])
+
+    monkeypatch.setattr("streamgmm.service.state.read_topic", read_topic)
+    config = tmp_path / "daemon.yaml"
+    config.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": ["kafka-1:9093"], "security": {
+            "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "streamgmm",
+            "sasl.password": "secret"}},
+        "input": {"format": "json", "dimension": 3},
+        "model": {"scope": "partition"}, "checkpoint": {"topic": "streamgmm-state", "dir": str(tmp_path / "s")}}))
+    assert main(["inspect", "--config", str(config), "--json"]) == 0
+    assert seen["topic"] == "streamgmm-state"
+    assert seen["settings"]["bootstrap.servers"] == "kafka-1:9093"
+    assert seen["settings"]["sasl.password"] == "secret" and seen["settings"]["security.protocol"] == "SASL_SSL"
+    assert set(json.loads(capsys.readouterr().out)) == {"in/0"}
+
+
+def test_inspect_of_a_topic_on_an_unreachable_broker_says_so_in_a_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "streamgmm", "inspect", "--topic", "state", "--bootstrap",
+                             "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "streamgmm: cannot read state topic state at 127.0.0.1:1:" in result.stderr

@@ -621,13 +621,15 @@ def _summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dic
     }
 
 
-def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: str | None = None) -> dict:
+def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: str | None = None,
+                    security: dict | None = None) -> dict:
     """Summaries of the newest state record per model key in a checkpoint topic; with ``group``,
     of the record that group's members restore (the newest at or past its commit, see
-    ``TopicStateStore.load_many``), each with the group's commit beside it."""
+    ``TopicStateStore.load_many``), each with the group's commit beside it.  ``security``:
+    librdkafka's settings to reach a secured cluster (the config's kafka.security)."""
     from ..service.state import TopicStateStore
 
-    settings = {"bootstrap.servers": bootstrap}
+    settings = {**(security or {}), "bootstrap.servers": bootstrap}
     store = TopicStateStore(topic, settings, producer=None)
     keys = None if key is None else {key}
     # Records passed over as the daemon passes them: no summary of one it cannot use.
@@ -720,13 +722,35 @@ def _strict_json(value) -> str:
 def cmd_inspect(args) -> int:
     configure_logging("WARNING", "text")
     try:
-        if args.topic:
-            if not args.bootstrap:
-                print("streamgmm: inspect --topic needs --bootstrap HOST:PORT", file=sys.stderr)
+        security, topic, bootstrap = {}, args.topic, args.bootstrap
+        if args.config:
+            # The daemon's own: its cluster, its security settings (a SASL/TLS cluster refused
+            # --bootstrap alone; helper-78) and its state topic.
+            config = _load(args.config, kafka=True)
+            from ..service.kafka import client_settings
+
+            security = {k: v for k, v in client_settings(config, "admin").items() if k not in ("client.id",)}
+            bootstrap = bootstrap or security.pop("bootstrap.servers")
+            topic = topic or (None if args.checkpoint else config.checkpoint.topic)
+            if not topic:
+                args.checkpoint = args.checkpoint or config.checkpoint.dir
+        if topic:
+            if not bootstrap:
+                print("streamgmm: inspect --topic needs --bootstrap HOST:PORT (or --config)", file=sys.stderr)
                 return 2
-            summaries = topic_summaries(args.topic, args.bootstrap, args.key, args.group)
+            from confluent_kafka import KafkaException
+
+            from ..service.kafka import kafka_error_text
+
+            try:
+                summaries = topic_summaries(topic, bootstrap, args.key, args.group, security)
+            except KafkaException as exc:
+                # (A traceback after 30 s with the broker unreachable; helper-78.)
+                print(f"streamgmm: cannot read state topic {topic} at {bootstrap}: {kafka_error_text(exc)}",
+                      file=sys.stderr)
+                return 1
             if not summaries:
-                raise CheckpointError(f"no readable state record in topic {args.topic}")
+                raise CheckpointError(f"no readable state record in topic {topic}")
             print(_strict_json(summaries) if args.json else "\n\n".join(f"model {k}\n{_describe(v)}"
                                                                      for k, v in summaries.items()))
             return 0
@@ -813,6 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a checkpoint directory (its newest valid checkpoint) or one checkpoint file")
     ins.add_argument("--topic", help="read state records from this checkpoint topic instead")
     ins.add_argument("--bootstrap", help="HOST:PORT of the Kafka cluster holding --topic")
+    ins.add_argument("--config", help="the daemon's YAML config: its cluster, kafka.security settings (a secured "
+                                      "cluster) and checkpoint.topic, for --topic and --bootstrap left out")
     ins.add_argument("--key", help="only this model key, e.g. features/3 (default: every key in --topic)")
     ins.add_argument("--group", help="with --topic: show the record this consumer group's members restore (the "
                                      "newest at or past the group's commit) and the commit beside it")
