@@ -129,3 +129,21 @@ def test_healthz_says_503_and_why_when_the_loop_is_not_alive():
             assert exc.code == 503 and exc.read() == b"not alive: the loop has not polled Kafka for 400 s\n"
     finally:
         server.stop()
+
+
+def test_the_demo_takes_another_port_when_the_default_is_held(monkeypatch, capsys):
+    # A streamgmm.service on the host holds 9464: the demo read its page as the readiness line
+    # and the demo's daemon exited 2 (helper-78).
+    import socket
+
+    from streamgmm.dev import demo
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        monkeypatch.setattr(demo, "DEFAULT_METRICS_PORT", held.getsockname()[1])
+        port = demo._metrics_port(None)
+        assert port != held.getsockname()[1] and not demo._port_in_use(port)
+        assert f"port {held.getsockname()[1]} is in use" in capsys.readouterr().out
+    assert demo._metrics_port(None) == demo.DEFAULT_METRICS_PORT  # free again
+    assert demo._metrics_port(12345) == 12345

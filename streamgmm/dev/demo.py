@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,12 +89,36 @@ def _produce(bootstrap: str, X, rate: float, stop: threading.Event):
     client.flush(30)
 
 
-def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | None = None, metrics_port: int = 9464,
-             timeout: float = 600.0) -> int:
+DEFAULT_METRICS_PORT = 9464
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _metrics_port(requested: int | None) -> int:
+    """The port asked for; 0: a free one; None: DEFAULT_METRICS_PORT unless something holds it
+    (a streamgmm.service on this host: the demo read that server's page as its readiness and its
+    daemon exited 2; helper-78), then a free one, said."""
+    if requested is None:
+        if not _port_in_use(DEFAULT_METRICS_PORT):
+            return DEFAULT_METRICS_PORT
+        port = free_port()
+        print(f"  port {DEFAULT_METRICS_PORT} is in use (another streamgmm?): metrics on {port}")
+        return port
+    return free_port() if requested == 0 else requested
+
+
+def run_demo(messages: int = 200_000, rate: float = 20_000.0, workdir: str | None = None,
+             metrics_port: int | None = None, timeout: float = 600.0) -> int:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="streamgmm-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if metrics_port == 0:
-        metrics_port = free_port()
+    metrics_port = _metrics_port(metrics_port)
     print(f"streamgmm demo: {messages:,} messages, {DIMENSION} features, 5 drifting clusters, "
           f"{ANOMALY_FRACTION:.1%} injected anomalies; work dir {workdir}")
     X, is_anomaly = synthetic_stream(messages)
@@ -203,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=20_000.0, help="messages per second produced")
     parser.add_argument("--workdir", default=None, help="where the demo keeps config and checkpoints")
-    parser.add_argument("--metrics-port", type=int, default=9464)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help=f"where the daemon serves /metrics (default {DEFAULT_METRICS_PORT}, or a free port if that "
+                             "is in use; 0: a free port)")
     args = parser.parse_args(argv)
     return run_demo(messages=args.messages, rate=args.rate, workdir=args.workdir, metrics_port=args.metrics_port)
 
