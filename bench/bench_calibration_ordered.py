@@ -11,8 +11,9 @@ hour of the night); Poisson(0.05) counts in one feature (95% zeros, the most com
 exact number); counters stuck at constants beside a Poisson(0.05) column; the daily cycle with
 a garbage collection every 30th row (helper-65: a pause growing with the load, a normal
 minority mode the warm-up sees at its smallest); weekdays and weekends (helper-73: two days in
-seven at a fifth of the level, new to the model at the first weekend); and the daily cycle
-shuffled, for reference.  The table gives the whole stream after the warm-up and its last
+seven at a fifth of the level, new to the model at the first weekend); metrics that wander
+(fifteenth session: AR(1) with coefficients 0.9, 0.98, 0.995, whose high scores come in runs);
+and the daily cycle shuffled, for reference.  The table gives the whole stream after the warm-up and its last
 quarter (the fourth day), worst and median over the seeds, and the most common value's rows
 flagged (the zeros; the counters' constant rows).
 """
@@ -67,6 +68,19 @@ def weekly_levels(n, rng):
                             rng.normal(size=n)])
 
 
+def wandering(phi):
+    """A metric that wanders (fifteenth session): a 4-d AR(1) with coefficient ``phi``, each step
+    a standard normal's marginal; its high scores come in runs (tens of points at 0.98)."""
+    def make(n, rng, d=4):
+        noise = rng.normal(size=(n, d)) * np.sqrt(1.0 - phi**2)
+        x = np.empty((n, d))
+        x[0] = rng.normal(size=d)
+        for i in range(1, n):
+            x[i] = phi * x[i - 1] + noise[i]
+        return x
+    return make
+
+
 SHAPES = {
     "daily load cycle, 4 days in time order": daily_load,
     "daily load cycle, shuffled": daily_load_shuffled,
@@ -74,6 +88,9 @@ SHAPES = {
     "3 stuck counters + Poisson(0.05)": stuck_counters,
     "daily load cycle with GC pauses (every 30th row)": daily_load_with_collections,
     "weekdays and weekends at a fifth of the level": weekly_levels,
+    "a wandering metric, AR(1) 0.9, 4-d": wandering(0.9),
+    "a wandering metric, AR(1) 0.98, 4-d": wandering(0.98),
+    "a wandering metric, AR(1) 0.995, 4-d": wandering(0.995),
 }
 
 

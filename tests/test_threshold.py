@@ -605,3 +605,46 @@ def test_a_gap_is_a_far_cluster_only_where_the_model_scores_that_far_less_often_
     threshold._model = _ModelSaying(-model_score_at_q)  # score = typical - log-density
     gap = threshold._beyond_the_bulk(excess, level=5.0)
     assert (gap is not None) == far
+
+
+def _wandering_scores(rng, n, phi=0.98, d=4):
+    """-log p (up to a constant) of a 4-d AR(1) stream with coefficient phi: a metric that
+    wanders, its marginal a standard normal, its high scores in runs of several points."""
+    noise = rng.normal(size=(n, d)) * np.sqrt(1.0 - phi**2)
+    x = np.empty((n, d))
+    x[0] = rng.normal(size=d)
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + noise[i]
+    return 0.5 * (x**2).sum(axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_wandering_stream_whose_high_scores_come_in_runs_is_flagged_about_q(seed):
+    # Its normal flags come in runs of several points, which a bucket of 3 tokens cut short: the
+    # tail, truncated, held z_q down (AR(1) 0.98: 1.9-2.7 q at q = 0.01 through the detector).
+    rng = np.random.default_rng(seed)
+    q = 0.01
+    scores = _wandering_scores(rng, 200_000)
+    threshold = _started(q, np.quantile(scores, 1 - 10 * q))
+    flags = _feed(threshold, scores)
+    assert threshold._clustering() > 2.0
+    assert 0.5 * q <= flags[threshold.calibration:].mean() <= 1.5 * q
+
+
+def test_independent_scores_keep_the_bucket_of_three():
+    threshold = _started(0.01, 10.0)
+    _feed(threshold, np.random.default_rng(4).gamma(3.0, size=100_000))
+    assert threshold._clustering() == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_burst_in_a_wandering_stream_is_flagged_and_does_not_move_the_threshold():
+    rng = np.random.default_rng(5)
+    q = 0.01
+    scores = _wandering_scores(rng, 200_000)
+    threshold = _started(q, np.quantile(scores, 1 - q))
+    _feed(threshold, scores[:100_000])
+    before = threshold.value
+    burst = 50.0 + rng.gamma(3.0, size=5_000)
+    assert _feed(threshold, burst).all()
+    _feed(threshold, scores[100_000:130_000])
+    assert threshold.value == pytest.approx(before, abs=1.0)

@@ -95,6 +95,18 @@ TAIL_PEAKS = 1_000
 # Censored exceedances: tokens per unflagged point (in units of q) and the bucket's size.
 TOKEN_RATE_OVER_Q = 3.0
 TOKEN_BUCKET = 3.0
+# ... grown with the stream's own clustering of high scores c (see ``_clustering``; 1 for
+# independent points, at most CLUSTER_MAX, read from CLUSTER_MIN_RUNS runs at least) to
+# TOKEN_BUCKET (1 + CLUSTER_SLACK (c - 1)).
+CLUSTER_MAX = 30.0
+CLUSTER_MIN_RUNS = 20.0
+# Below this, c is taken for 1: independent points read 1.00-1.04, and at q = 0.001 (q n = 20 in
+# the default window) 1.01 was enough to turn ``_held_to_the_window`` off (anomalies at 10 q
+# along a stream: 0.079 -> 0.006 of them flagged); AR(1) 0.9 reads 2.2.
+CLUSTER_MIN = 1.5
+# A batch with more than this share of its points over the collection level is not counted.
+CLUSTER_MAX_SHARE = 0.5
+CLUSTER_SLACK = 3.0
 # Alarms further out than the fitted tail's quantile at this fraction of q are not counted at
 # all (only those between z_q and there can say that z_q is too low).
 FAR_OVER_Q = 0.01
@@ -513,6 +525,10 @@ class StreamQuantileThreshold:
         self._absolute_history = False  # a checkpoint's history in -log p itself (see load_dict)
         self.history_start = 0  # the counted point the history starts at (see ``_restart_history``)
         self.tokens = TOKEN_BUCKET
+        # Decayed counts of (points, unflagged scores over the collection level, runs of them),
+        # and whether the last point was in such a run: the stream's clustering of high scores.
+        self._runs = np.zeros(3)
+        self._in_run = False
         # Stored peaks: every counted score above the collection level in force when it came.
         self._scores: list[np.ndarray] = []
         self._censor: list[np.ndarray] = []  # the flagged point's z (censored), or NaN
@@ -742,6 +758,7 @@ class StreamQuantileThreshold:
         ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
         and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
+        self._note_runs(score, flags)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
         in_full = np.asarray(count_flagged, dtype=bool) & flags if np.ndim(count_flagged) else None
@@ -819,24 +836,63 @@ class StreamQuantileThreshold:
         self._flagged = np.concatenate([self._flagged, score[left_out]])[-FLAGGED_KEPT:]
         self._flagged_index = np.concatenate([self._flagged_index, position.astype(np.int64)])[-FLAGGED_KEPT:]
 
+    def _note_runs(self, score: np.ndarray, flags: np.ndarray) -> None:
+        """Count the batch's unflagged scores over the collection level and the runs they come in
+        (a flagged point ends a run: a burst of anomalies makes none)."""
+        if not len(score) or not np.isfinite(self.level[-1]):
+            return
+        over = (score > self.level[-1]) & ~flags
+        if np.count_nonzero(over) > CLUSTER_MAX_SHARE * len(score):
+            # The level under a value most points take (a count's zeros, tied): runs of it say
+            # nothing of time, and Poisson(0.05)'s read 7-16 (the level moves across the zeros).
+            self._in_run = False
+            return
+        starts = over.copy()
+        starts[1:] &= ~over[:-1]
+        starts[0] &= not self._in_run
+        self._in_run = bool(over[-1])
+        keep = 0.5 ** (len(score) / self.window)
+        self._runs = self._runs * keep + (len(score), np.count_nonzero(over), np.count_nonzero(starts))
+
+    def _clustering(self) -> float:
+        """How many times longer the runs of high scores are than independent points would make
+        them (1 for those; 1 until CLUSTER_MIN_RUNS runs were seen): the runs estimator of
+        extreme-value theory's extremal index, 1 / that.  A stream whose points follow one
+        another (a metric that wanders: AR(1) with coefficient 0.98) goes past z_q in runs of
+        tens of points, normal ones, which the bucket's 3 tokens cut to 3: the tail, truncated,
+        held z_q down, 1.9-2.7 q at q = 0.01.  With the bucket this many times larger, a run past
+        z_q counts as independent points' flags would."""
+        points, over, runs = self._runs
+        if runs < CLUSTER_MIN_RUNS or points <= over:
+            return 1.0
+        # A run of independent points over a level they pass with probability p is 1 / (1 - p) long.
+        clustering = over / runs * (1.0 - over / points)
+        return 1.0 if clustering < CLUSTER_MIN else float(min(clustering, CLUSTER_MAX))
+
+    def _bucket(self) -> float:
+        """The bucket's size.  A bucket of c runs' worth (3 c) still truncated AR(1) 0.98's tail:
+        runs come in clumps, and the bucket must carry the tokens of quiet spells over to them
+        (1.8-2.1 q at q = 0.01 against 1.0-1.5 with any bucket larger than 3 (1 + 3 (c - 1)))."""
+        return TOKEN_BUCKET * (1.0 + CLUSTER_SLACK * (self._clustering() - 1.0))
+
     def _fill_tokens(self, n_unflagged: int) -> None:
-        self.tokens = min(TOKEN_BUCKET, self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
+        self.tokens = min(self._bucket(), self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
 
     def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray) -> np.ndarray:
         """Which of the flagged points (positions into ``flagged``) are counted, as a token
         bucket filled by the unflagged points before each decides."""
-        rate = TOKEN_RATE_OVER_Q * self.quantile
+        rate, bucket = TOKEN_RATE_OVER_Q * self.quantile, self._bucket()
         unflagged_before = np.cumsum(counted)[flagged]
         gaps = np.diff(unflagged_before, prepend=0)
         tokens = self.tokens
         taken = np.zeros(len(flagged), dtype=bool)
         for j, gap in enumerate(gaps.tolist()):
-            tokens = min(TOKEN_BUCKET, tokens + rate * gap)
+            tokens = min(bucket, tokens + rate * gap)
             if tokens >= 1.0:
                 tokens -= 1.0
                 taken[j] = True
         after_last = np.count_nonzero(counted) - int(unflagged_before[-1])
-        self.tokens = min(TOKEN_BUCKET, tokens + rate * after_last)
+        self.tokens = min(bucket, tokens + rate * after_last)
         return taken
 
     # ------------------------------------------------------------------ the fit
@@ -1132,10 +1188,15 @@ class StreamQuantileThreshold:
         shape of 1.3-1.9 from the top 10%, and z sat where half of q was flagged.  Censored
         peaks count by their own scores (only how many lie beyond z matters)."""
         expected = self.quantile * n
-        if expected < EMPIRICAL_MIN_EXPECTED or not len(tail_scores):
+        # Counted in runs (see ``_clustering``): scores that come in runs of c come c at a time,
+        # and a window c times as short of them as a Poisson count allows is no news: AR(1)
+        # 0.995's calm spells pulled z_q down to their own quantile, 2.3-2.8 q at q = 0.01 and
+        # 11-19 q at 0.001, every run flagged that came after.
+        runs = self._clustering()
+        if expected / runs < EMPIRICAL_MIN_EXPECTED or not len(tail_scores):
             return z
         beyond = int(np.count_nonzero(tail_scores > z))
-        if pdtr(beyond, expected) >= EMPIRICAL_P:
+        if pdtr(beyond / runs, expected / runs) >= EMPIRICAL_P:
             return z
         m = int(round(expected))
         if m >= len(tail_scores):
@@ -1198,19 +1259,23 @@ class StreamQuantileThreshold:
         # stream of repeated values) are not over it, anywhere in the window.
         above = scores > t
         rate = np.count_nonzero(above) / max(self.n_counted - oldest, 1)
+        # Scores that come in runs of c (see ``_clustering``) are c times fewer independent
+        # counts: a calm spell of AR(1) 0.995 looked stale, the history restarted on its 4,000
+        # quiet points, and z_q sat at 5.7 nats against the stream's 6.6 (2.4-2.8 q at q = 0.01).
+        runs = self._clustering()
         # At least STALE_NONE_EXPECTED of them expected in the span looked at, and none there,
         # is as telling (Poisson(25) = 0: 1e-11): at q = 0.001 the tail's 2% of a re-estimate's
         # 2,000 points is 40 at most, the check below never ran, and 100 points of a normal
         # regime first seen during calibration held z_q at 450 nats for 20,000 points (helper-50).
-        span = max(self._interval(), math.ceil(STALE_NONE_EXPECTED / rate) if rate > 0 else 0)
+        span = max(self._interval(), math.ceil(runs * STALE_NONE_EXPECTED / rate) if rate > 0 else 0)
         start = self.n_counted - span
         if start <= oldest:
             return None  # the window is all recent: no older tail to be stale
         expected = rate * span
         recent = int(np.count_nonzero(above & (index >= start)))
-        if recent == 0 and expected >= STALE_NONE_EXPECTED:
+        if recent == 0 and expected / runs >= STALE_NONE_EXPECTED:
             return start
-        return start if expected >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO else None
+        return start if expected / runs >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO else None
 
     def _still_unusual(self, then_scores: np.ndarray, index: np.ndarray, t_then: float, start: int) -> bool:
         """Whether the peaks over ``t_then`` before ``start`` (the span ``_stale_since`` judged;
@@ -1412,6 +1477,8 @@ class StreamQuantileThreshold:
             "n_counted": self.n_counted,
             "history_start": self.history_start,
             "tokens": self.tokens,
+            "runs": self._runs.copy(),
+            "in_run": self._in_run,
             "fitted_at": self.fitted_at,
             "shape_fitted_at": self.shape_fitted_at,
             "gpd": None if self.gpd is None else list(self.gpd),
@@ -1447,6 +1514,9 @@ class StreamQuantileThreshold:
         self.n_counted = int(state["n_counted"])
         self.history_start = int(state.get("history_start", 0))  # absent before the restart existed
         self.tokens = float(state["tokens"])
+        # (Absent before the bucket followed the stream's clustering: counted again from here.)
+        self._runs = np.asarray(state.get("runs", np.zeros(3)), dtype=float).copy()
+        self._in_run = bool(state.get("in_run", False))
         self.fitted_at = int(state["fitted_at"])
         self.shape_fitted_at = int(state["shape_fitted_at"])
         self.gpd = None if state["gpd"] is None else tuple(float(v) for v in state["gpd"])
