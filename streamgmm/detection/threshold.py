@@ -25,6 +25,14 @@ z_q down round after round), while a block of anomalies adds at most 3 censored 
 Points not counted do not advance the window either, so a long burst does not push the
 normal history out.
 
+Runs.  A metric that wanders (each point close to the one before) passes z_q in runs of normal
+points, as a burst would.  How clustered its high scores are, c (the runs estimator of the
+extremal index: the unflagged scores over the collection level, their runs against what
+independent points would make; 1 below CLUSTER_MIN), grows the bucket to 3 (1 + 3 (c - 1)) and
+divides the counts of the two Poisson checks below (a window short of z_q's scores, a stale
+tail): a stream c times as clustered holds c times fewer independent counts.  Independent points
+read c = 1 and are decided as without it.
+
 Where the window holds at least 20 scores beyond z_q's (q n >= 20), it is held to them: a fit
 that puts z_q where far fewer than q n of the window's scores lie beyond gives way to the
 window's own (1 - q) quantile (a fit to the top 10% extrapolates a shape the data then
