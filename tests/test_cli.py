@@ -765,22 +765,6 @@ def test_replay_with_the_daemons_config_says_it_did_not_use_the_daemons_model(tm
     assert quiet.returncode == 0 and "was not read" not in quiet.stderr
 
 
-def test_healthcheck_prints_why_the_daemon_is_not_alive(tmp_path):
-    from prometheus_client import CollectorRegistry
-
-    from streamgmm.service.metrics import HealthServer
-
-    server = HealthServer(CollectorRegistry(), "127.0.0.1", 0, lambda: (True, "ready", {}),
-                          lambda: (False, "the loop has not polled Kafka for 400 s")).start()
-    try:
-        path = tmp_path / "c.yaml"
-        path.write_text(yaml.safe_dump({"metrics": {"port": server.port}}))
-        result = _cli("healthcheck", "--config", str(path))
-        assert result.returncode == 1
-        assert "HTTP 503: not alive: the loop has not polled Kafka for 400 s" in result.stderr
-    finally:
-        server.stop()
-
 
 def _unit_copy(tmp_path, name, env_lines=""):
     """The shipped unit with its EnvironmentFile= paths moved under tmp_path."""

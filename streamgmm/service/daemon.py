@@ -230,19 +230,6 @@ class Daemon:
     def topic_store(self, store: TopicStateStore | None) -> None:
         self.models.topic_store = store
 
-    def liveness(self) -> tuple[bool, str]:
-        """(alive, why not in words): not alive when the loop has not polled for longer than
-        librdkafka's max.poll.interval.ms.  By then the group has taken this member's partitions
-        away and nothing in the process will mend a loop wedged that long; a restart resumes from
-        the checkpoint, so a liveness probe that restarts on it loses nothing (/healthz answered
-        200 from its own thread whatever the loop did)."""
-        limit = float(self.config.kafka.consumer.get("max.poll.interval.ms", 300_000)) / 1000.0
-        quiet = time.monotonic() - self._last_poll
-        if self.started and quiet > limit:
-            return False, (f"the loop has not polled Kafka for {quiet:.0f} s, past max.poll.interval.ms "
-                           f"({limit:g} s): the group has dropped this member; restart the daemon (see the log)")
-        return True, ""
-
     def readiness(self) -> tuple[bool, str, dict]:
         """(ready, why in words, the state of each assigned partition's model)."""
         if self.source is None:
@@ -346,8 +333,7 @@ class Daemon:
         m = self.config.metrics
         if m.enabled:
             try:
-                self.server = HealthServer(self.metrics.registry, m.host, m.port, self.readiness,
-                                           self.liveness).start()
+                self.server = HealthServer(self.metrics.registry, m.host, m.port, self.readiness).start()
             except OSError as exc:
                 raise StartupError(exc.strerror or str(exc)) from None
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)

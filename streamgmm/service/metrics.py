@@ -268,22 +268,18 @@ def address_problem(host: str) -> str | None:
 class HealthServer:
     """Serves /metrics, /healthz (alive) and /readyz on host:port.
 
-    ``readiness()`` gives (ready, one line in words, details as a dict); ``liveness()`` (alive,
-    why not in words), where a process that answers but whose loop is wedged is not alive.
+    ``readiness()`` gives (ready, one line in words, details as a dict).
     """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
-                 readiness: Callable[[], tuple[bool, str, dict]],
-                 liveness: Callable[[], tuple[bool, str]] = lambda: (True, "")):
+                 readiness: Callable[[], tuple[bool, str, dict]]):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self, head: bool = False):  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif path == "/healthz":
-                    alive, words = liveness()
-                    body = b"ok\n" if alive else f"not alive: {words}\n".encode()
-                    ctype, status = "text/plain", 200 if alive else 503
+                    body, ctype, status = b"ok\n", "text/plain", 200
                 elif path == "/readyz":
                     ok, words, details = readiness()
                     # First line for humans and probes; then the state of each assigned partition.
