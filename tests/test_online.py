@@ -520,3 +520,12 @@ def test_a_malformed_state_is_a_value_error(damage):
         state = [state]
     with pytest.raises(ValueError, match="state"):
         OnlineGaussianMixture.from_dict(state)
+
+
+def test_a_batch_a_thousand_half_lives_long_counts_every_row():
+    # The oldest rows' weights underflowed to 0, and rows of weight 0 are not counted: 10,000
+    # rows with a half-life of 5 left n_seen_ at 5,576 (helper-80).
+    X = np.random.default_rng(6).normal(size=(10_200, 2))
+    model = OnlineGaussianMixture(n_components=1, warmup=200, half_life=5, random_state=0).partial_fit(X[:200])
+    model.partial_fit(X[200:])
+    assert model.n_seen_ == 10_200

@@ -233,7 +233,9 @@ def recency_weights(steps_before: float, alpha: float, step_floor: float, n_poin
     kept_after = np.cumsum(log_keep[::-1])[::-1] - log_keep  # sum over j > i
     log_share = np.log(eta) + kept_after
     share = np.exp(log_share - log_share.max())
-    return share / share.mean()
+    # Never exactly 0: a row of weight 0 is not learned and not counted (n_seen_), and the oldest
+    # rows of a batch 1,000 half-lives long underflowed (10,000 rows, half_life 5: n_seen_ 5,576).
+    return np.maximum(share / share.mean(), np.finfo(float).tiny)
 
 
 class OnlineGaussianMixture(MixtureBase):

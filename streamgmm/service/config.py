@@ -589,8 +589,8 @@ def _rules(config: Config):
                f"use at least 2 * model.n_components = {2 * m.n_components}")
     yield "model.warmup", m.warmup >= 2, "use at least 2 points"
     # (numpy refuses a negative seed, at the end of the warm-up: exit 1 there, at every restart.)
-    yield ("model.random_state", m.random_state is None or 0 <= m.random_state < 2**32,
-           "use an integer from 0 to 4294967295, or null for a different seed at each start")
+    yield ("model.random_state", m.random_state is None or m.random_state >= 0,
+           "use an integer >= 0, or null for a different seed at each start")
     yield "model.alpha", 0.5 < m.alpha <= 1.0, "use a number in (0.5, 1]"
     yield ("model.half_life", m.half_life is None or m.half_life > 0,
            "use a number of points > 0, or null for no forgetting")
