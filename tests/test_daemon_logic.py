@@ -933,14 +933,25 @@ def test_scope_partition_with_a_partition_that_gets_no_message_is_ready_and_init
     daemon.assigned = {("in", 0), ("in", 1)}
     daemon._restore_partitions(sorted(daemon.assigned), timeout=1.0)  # as an assignment does: empty models
     ready, why, details = daemon.readiness()
-    assert not ready and why.startswith("no message yet on any of the 2 partition(s)")
+    assert not ready and why.startswith("warming up in/0 0/200, in/1 0/200")  # logs' ends not yet known
+    daemon._loop_watermarks = {("in", 0): (0, 0), ("in", 1): (0, 0)}
+    ready, why, details = daemon.readiness()
+    assert not ready and why.startswith("no message yet on any of the 2 partition(s)"), why
+    daemon._loop_watermarks = {("in", 0): (0, 300), ("in", 1): (0, 0)}
+    ready, why, details = daemon.readiness()
+    assert not ready and why == "warming up in/0 0/200", why  # in/0 has a backlog, in/1 is empty
     X = np.random.default_rng(17).normal(size=(300, 3))
     daemon._process({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]})
     daemon._observe_partition_models()
+    daemon.positions = daemon._positions()
     ready, why, details = daemon.readiness()
     assert ready and why == "2 partition(s) assigned, models ready (1 idle: no message yet)", why
     assert details["in/1"].startswith("idle: no message yet")
     assert daemon.metrics.value("streamgmm_model_initialized") == 1
+    # A backlog not yet fetched is not idle: a backlog's poll returns one partition after another.
+    daemon._loop_watermarks = {("in", 0): (0, 300), ("in", 1): (0, 5)}
+    ready, why, _ = daemon.readiness()
+    assert not ready and why.startswith("warming up in/1 0/200"), why
     daemon._process({("in", 1): [FakeMessage("in", 1, i, b"not json") for i in range(5)]})
     daemon._observe_partition_models()
     ready, why, _ = daemon.readiness()

@@ -230,6 +230,18 @@ class Daemon:
     def topic_store(self, store: TopicStateStore | None) -> None:
         self.models.topic_store = store
 
+    def _has_backlog(self, tp) -> bool:
+        """Whether the partition has messages not yet read, or may have (its log's end not yet
+        known): a backlog's poll returns one partition's fetch after another, and one not yet
+        fetched is not idle (helper-80).  From what the loop last saw (replaced whole by its
+        thread, read here by the metrics thread)."""
+        watermarks = self._loop_watermarks.get(tp)
+        if watermarks is None:
+            return True
+        low, high = watermarks
+        position = self.positions.get(tp)
+        return high > (low if position is None else position)
+
     def readiness(self) -> tuple[bool, str, dict]:
         """(ready, why in words, the state of each assigned partition's model)."""
         if self.source is None:
@@ -247,7 +259,8 @@ class Daemon:
                 f"stuck joining shows here for long: kafka-consumer-groups --describe --group "
                 f"{self.config.kafka.group_id})"), {}
         details, warming, idle = {}, [], []
-        for topic, partition in sorted(self.assigned):
+        for tp in sorted(self.assigned):
+            topic, partition = tp
             name, detector = f"{topic}/{partition}", self.detectors.get(model_key(self.scope, topic, partition))
             model = None if detector is None else detector.model
             unrestored, unsought = self.held.reasons((topic, partition))
@@ -259,7 +272,7 @@ class Daemon:
                 warming.append(f"{name} (seeking)")
             elif model is not None and model.is_initialized:
                 details[name] = "ready"
-            elif self.scope == "partition" and (detector is None or is_idle(detector)):
+            elif self.scope == "partition" and (detector is None or is_idle(detector)) and not self._has_backlog(tp):
                 details[name] = f"idle: no message yet (its model warms up on its first {self.config.model.warmup})"
                 idle.append(name)
             else:
