@@ -802,8 +802,8 @@ def test_check_config_with_the_unit_checks_what_the_unit_runs(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"model": {"init_from": "/tmp/model.sgmm"}}, "model.init_from=/tmp/model.sgmm: the unit's PrivateTmp=/ProtectHome= hides it"),
-    ({"checkpoint": {"dir": "/srv/streamgmm"}}, "checkpoint.dir=/srv/streamgmm: the unit's ProtectSystem=strict keeps it read-only"),
+    ({"model": {"init_from": "/tmp/model.sgmm"}}, "model.init_from=/tmp/model.sgmm: the unit's PrivateTmp=/ProtectHome= (or DynamicUser="),
+    ({"checkpoint": {"dir": "/srv/streamgmm"}}, "checkpoint.dir=/srv/streamgmm: the unit's ProtectSystem=strict (or DynamicUser=) keeps it"),
 ])
 def test_check_config_with_the_unit_names_a_path_its_sandbox_hides(tmp_path, settings, message):
     config = tmp_path / "c.yaml"
@@ -813,3 +813,28 @@ def test_check_config_with_the_unit_names_a_path_its_sandbox_hides(tmp_path, set
     unit.write_text(unit.read_text().replace("Environment=STREAMGMM_CHECKPOINT__DIR=/var/lib/streamgmm\n", ""))
     result = _cli("check-config", str(config), "--unit", str(unit))
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_check_config_reads_a_unit_as_systemd_does(tmp_path, monkeypatch):
+    # helper-80: drop-ins (`systemctl edit`) were not read, a line continued with a backslash was
+    # a shlex error, DynamicUser=yes alone (which implies PrivateTmp= and ProtectSystem=strict)
+    # passed a checkpoint.dir under /tmp, and a STREAMGMM_* of the caller's shell counted.
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": {"format": "json", "dimension": 3}}))
+    state = tmp_path / "state"
+    unit = tmp_path / "f.service"
+    unit.write_text(f"[Service]\nReadWritePaths={tmp_path}\nProtectSystem=strict\n"
+                    f"Environment=A=1 \\\n  STREAMGMM_CHECKPOINT__DIR={state}/base\n")
+    monkeypatch.setenv("STREAMGMM_CHECKPOINT__DIR", "/somewhere/else")
+    result = _cli("check-config", str(config), "--unit", str(unit))
+    assert result.returncode == 0 and f"dir: {state}/base" in result.stdout, result.stderr
+    (tmp_path / "f.service.d").mkdir()
+    (tmp_path / "f.service.d" / "override.conf").write_text(
+        f"[Service]\nEnvironment=STREAMGMM_CHECKPOINT__DIR={state}/override\n")
+    result = _cli("check-config", str(config), "--unit", str(unit))
+    assert result.returncode == 0 and f"dir: {state}/override" in result.stdout, result.stderr
+    unit.write_text("[Service]\nDynamicUser=yes\nEnvironment=STREAMGMM_CHECKPOINT__DIR=/tmp/streamgmm\n")
+    (tmp_path / "f.service.d" / "override.conf").unlink()
+    result = _cli("check-config", str(config), "--unit", str(unit))
+    assert result.returncode == 2 and "checkpoint.dir=/tmp/streamgmm: the unit's PrivateTmp=" in result.stderr
+    assert "goes with a template unit" in _cli("check-config", str(config), "--unit", str(unit), "--instance", "1").stderr

@@ -131,29 +131,50 @@ def read_env_file(path) -> dict[str, str]:
     return values
 
 
+# systemd's specifiers a unit may use in these settings (systemd.unit(5), for a system unit).
+UNIT_DIRECTORIES = {"S": "/var/lib", "C": "/var/cache", "L": "/var/log", "t": "/run", "T": "/tmp", "V": "/var/tmp",
+                    "E": "/etc"}
+
+
 def read_unit(path, instance: str | None = None) -> tuple[dict[str, str], dict[str, list[str]]]:
     """What a systemd unit gives its service: the environment (Environment= assignments, then the
     EnvironmentFile= files, which override them; a leading - makes a file optional) and the
-    [Service] settings, with %i / %I the instance and %% a percent sign.  For check-config:
-    with --env-file alone it left out the unit's own STREAMGMM_CHECKPOINT__DIR, said ok, and the
-    service exited 2 on the real directory's checkpoint (helper-78)."""
-    text = Path(path).read_text(encoding="utf-8")
-    templated = "@." in Path(path).name
+    [Service] settings, as systemd reads them: the unit file, then its drop-ins (``NAME.d/*.conf``,
+    the template's too, in file-name order), lines continued with a backslash, an empty
+    assignment resetting a list, the specifiers of UNIT_DIRECTORIES and %i %I %n %N %p %P %%.
+    (Not systemd's C escapes inside values.)  For check-config: with --env-file alone it left
+    out the unit's own STREAMGMM_CHECKPOINT__DIR, said ok, and the service exited 2 on the real
+    directory's checkpoint (helper-78)."""
+    unit = Path(path)
+    name, suffix = unit.name.rsplit(".", 1) if "." in unit.name else (unit.name, "service")
+    templated = name.endswith("@")
     if templated and not instance:
         raise ValueError(f"{path} is a template: name the instance with --instance (streamgmm@9465: 9465)")
+    if instance and not templated:
+        raise ValueError(f"--instance goes with a template unit (a name ending in @.{suffix}); {unit.name} is not one")
+    full = f"{name}{instance or ''}.{suffix}"
+    prefix = name.rstrip("@")
+    names = {"i": instance or "", "I": instance or "", "n": full, "N": full.rsplit(".", 1)[0], "p": prefix,
+             "P": prefix, "%": "%", **UNIT_DIRECTORIES}
 
     def expand(value: str) -> str:
-        return re.sub(r"%[iI%]", lambda m: "%" if m.group() == "%%" else (instance or ""), value)
+        return re.sub(r"%(.)", lambda m: names.get(m.group(1), m.group(0)), value)
 
+    drop_ins = [unit.parent / f"{unit.name}.d"] + ([unit.parent / f"{full}.d"] if templated else [])
+    files = [unit] + sorted((f for d in drop_ins if d.is_dir() for f in d.glob("*.conf")), key=lambda f: f.name)
     settings: dict[str, list[str]] = {}
-    section = None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1]
-        elif section == "Service" and "=" in line and not line.startswith(("#", ";")):
-            key, value = (part.strip() for part in line.split("=", 1))
-            settings.setdefault(key, []).append(expand(value))
+    for file in files:
+        section = None
+        for line in re.sub(r"\\\n", " ", file.read_text(encoding="utf-8")).splitlines():
+            line = line.strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+            elif section == "Service" and "=" in line and not line.startswith(("#", ";")):
+                key, value = (part.strip() for part in line.split("=", 1))
+                if value:
+                    settings.setdefault(key, []).append(expand(value))
+                else:
+                    settings[key] = []  # an empty assignment resets what came before
     environment: dict[str, str] = {}
     for value in settings.get("Environment", []):
         for assignment in shlex.split(value):
@@ -173,27 +194,42 @@ def read_unit(path, instance: str | None = None) -> tuple[dict[str, str], dict[s
 def unit_sandbox_problem(config, settings: dict[str, list[str]]) -> str | None:
     """A path the config names that the unit's sandbox hides from the service or keeps read-only,
     which check-config, run outside it, cannot see: PrivateTmp= (/tmp, /var/tmp), ProtectHome=
-    (/home, /root, /run/user), ProtectSystem=strict (all but the StateDirectory= and
-    ReadWritePaths= read-only, for checkpoint.dir)."""
-    def yes(key):
-        return settings.get(key, ["no"])[-1].lower() in ("yes", "true", "1", "on", "read-only", "tmpfs")
+    (yes, tmpfs: /home, /root, /run/user hidden; read-only), ProtectSystem=strict (all but the
+    StateDirectory= and ReadWritePaths= read-only, for checkpoint.dir); DynamicUser=yes implies
+    PrivateTmp=yes, ProtectHome=read-only and ProtectSystem=strict.  A relative path is the
+    service's WorkingDirectory= (/ by default)."""
+    def last(key, default="no"):
+        return settings.get(key, [default])[-1].lower() if settings.get(key) else default
 
-    hidden = [*(("/tmp/", "/var/tmp/") if yes("PrivateTmp") else ()),
-              *(("/home/", "/root/", "/run/user/") if yes("ProtectHome") else ())]
+    dynamic = last("DynamicUser") in ("yes", "true", "1", "on")
+    private_tmp = last("PrivateTmp", "yes" if dynamic else "no") in ("yes", "true", "1", "on")
+    protect_home = last("ProtectHome", "read-only" if dynamic else "no")
+    protect_system = last("ProtectSystem", "strict" if dynamic else "no")
+    workdir = last("WorkingDirectory", "/").lstrip("-") or "/"
+    hidden = [*(("/tmp/", "/var/tmp/") if private_tmp else ()),
+              *(("/home/", "/root/", "/run/user/") if protect_home in ("yes", "true", "1", "on", "tmpfs") else ())]
+    read_only_home = ("/home/", "/root/", "/run/user/") if protect_home == "read-only" else ()
+
+    def where(value: str) -> str:
+        return os.path.normpath(os.path.join(workdir, value)) + "/"
+
     paths = {"model.init_from": config.model.init_from, "checkpoint.dir": config.checkpoint.dir,
              **{f"kafka.security.{k}": v for k, v in config.kafka.security.items()
                 if isinstance(v, str) and (k.endswith("_file") or k.endswith(".location"))}}
     for key, value in paths.items():
-        if value and any((str(Path(value).resolve()) + "/").startswith(h) for h in hidden):
-            return (f"{key}={value}: the unit's PrivateTmp=/ProtectHome= hides it from the service; "
-                    "move it (e.g. under /etc/streamgmm or /var/lib)")
-    if settings.get("ProtectSystem", ["no"])[-1] == "strict" and config.checkpoint.dir:
-        writable = [f"/var/lib/{d}" for v in settings.get("StateDirectory", []) for d in v.split()]
-        writable += [d.lstrip("-+") for v in settings.get("ReadWritePaths", []) for d in v.split()]
-        where = str(Path(config.checkpoint.dir).resolve())
-        if not any(where == w.rstrip("/") or where.startswith(w.rstrip("/") + "/") for w in writable):
-            return (f"checkpoint.dir={config.checkpoint.dir}: the unit's ProtectSystem=strict keeps it read-only; use "
-                    f"{' or '.join(writable) or 'a StateDirectory='}, or add it to ReadWritePaths=")
+        if value and where(value).startswith(tuple(hidden)):
+            return (f"{key}={value}: the unit's PrivateTmp=/ProtectHome= (or DynamicUser=, which implies them) hides "
+                    "it from the service; move it (e.g. under /etc/streamgmm or /var/lib)")
+    if config.checkpoint.dir and where(config.checkpoint.dir).startswith(read_only_home):
+        return (f"checkpoint.dir={config.checkpoint.dir}: the unit's ProtectHome=read-only (or DynamicUser=) keeps it "
+                "read-only; use the unit's StateDirectory=")
+    if protect_system == "strict" and config.checkpoint.dir:
+        writable = [f"/var/lib/{d}/" for v in settings.get("StateDirectory", []) for d in v.split()]
+        writable += [d.lstrip("-+").rstrip("/") + "/" for v in settings.get("ReadWritePaths", []) for d in v.split()]
+        if not any(where(config.checkpoint.dir).startswith(w) for w in writable):
+            shown = " or ".join(w.rstrip("/") for w in writable) or "a StateDirectory="
+            return (f"checkpoint.dir={config.checkpoint.dir}: the unit's ProtectSystem=strict (or DynamicUser=) keeps it "
+                    f"read-only; use {shown}, or add it to ReadWritePaths=")
     return None
 
 
@@ -475,6 +511,9 @@ def cmd_check_config(args) -> int:
             return _fail(f"cannot read --unit {args.unit} or a file it names: {exc.filename}: {exc.strerror}")
         except ValueError as exc:
             return _fail(str(exc))
+        # The service does not inherit this shell's environment: a STREAMGMM_* set here is not its.
+        for key in [k for k in os.environ if k.startswith("STREAMGMM_")]:
+            del os.environ[key]
         os.environ.update(environment)
     if args.env_file:
         try:
