@@ -810,7 +810,7 @@ def test_inspect_with_the_daemons_config_reads_its_state_topic_with_its_security
 
     import yaml
 
-    from streamgmm.cli import main
+    from streamgmm.cli.main import main
 
     seen = {}
 
