@@ -838,6 +838,6 @@ def test_inspect_of_a_topic_on_an_unreachable_broker_says_so_in_a_line(tmp_path)
     import sys
 
     result = subprocess.run([sys.executable, "-m", "streamgmm", "inspect", "--topic", "state", "--bootstrap",
-                             "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+                             "127.0.0.1:1", "--timeout", "3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "streamgmm: cannot read state topic state at 127.0.0.1:1:" in result.stderr

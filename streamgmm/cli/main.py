@@ -661,7 +661,7 @@ def _summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dic
 
 
 def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: str | None = None,
-                    security: dict | None = None) -> dict:
+                    security: dict | None = None, timeout: float = 30.0) -> dict:
     """Summaries of the newest state record per model key in a checkpoint topic; with ``group``,
     of the record that group's members restore (the newest at or past its commit, see
     ``TopicStateStore.load_many``), each with the group's commit beside it.  ``security``:
@@ -672,9 +672,9 @@ def topic_summaries(topic: str, bootstrap: str, key: str | None = None, group: s
     store = TopicStateStore(topic, settings, producer=None)
     keys = None if key is None else {key}
     # Records passed over as the daemon passes them: no summary of one it cannot use.
-    commits = {} if group is None else _group_commits(settings, group,
-                                                      store.load_many(keys, restore_problem=_summary_problem))
-    states = store.load_many(keys, floors={k: {tp: offset} for k, (tp, offset) in commits.items()},
+    commits = {} if group is None else _group_commits(
+        settings, group, store.load_many(keys, timeout=timeout, restore_problem=_summary_problem))
+    states = store.load_many(keys, timeout=timeout, floors={k: {tp: offset} for k, (tp, offset) in commits.items()},
                              restore_problem=_summary_problem)
     summaries = {k: inspect_summary(v, f"{topic}:{k}") for k, v in sorted(states.items())}
     for k, (_, offset) in commits.items():
@@ -782,7 +782,7 @@ def cmd_inspect(args) -> int:
             from ..service.kafka import kafka_error_text
 
             try:
-                summaries = topic_summaries(topic, bootstrap, args.key, args.group, security)
+                summaries = topic_summaries(topic, bootstrap, args.key, args.group, security, args.timeout)
             except KafkaException as exc:
                 # (A traceback after 30 s with the broker unreachable; helper-78.)
                 print(f"streamgmm: cannot read state topic {topic} at {bootstrap}: {kafka_error_text(exc)}",
@@ -881,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--key", help="only this model key, e.g. features/3 (default: every key in --topic)")
     ins.add_argument("--group", help="with --topic: show the record this consumer group's members restore (the "
                                      "newest at or past the group's commit) and the commit beside it")
+    ins.add_argument("--timeout", type=float, default=30.0,
+                     help="with --topic: seconds to wait for the broker's answers (default 30)")
     ins.add_argument("--json", action="store_true", help="print the summary as one JSON document instead of in words")
     ins.set_defaults(func=cmd_inspect)
 
