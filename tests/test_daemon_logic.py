@@ -952,6 +952,8 @@ def test_scope_partition_with_a_partition_that_gets_no_message_is_ready_and_init
     daemon._loop_watermarks = {("in", 0): (0, 300), ("in", 1): (0, 5)}
     ready, why, _ = daemon.readiness()
     assert not ready and why.startswith("warming up in/1 0/200"), why
+    daemon._observe_partition_models()
+    assert daemon.metrics.value("streamgmm_model_initialized") == 0
     daemon._process({("in", 1): [FakeMessage("in", 1, i, b"not json") for i in range(5)]})
     daemon._observe_partition_models()
     ready, why, _ = daemon.readiness()

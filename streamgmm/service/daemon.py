@@ -795,7 +795,7 @@ class Daemon:
         return {tp: messages for tp, messages in polled.items() if tp in self.assigned}  # (a rebalance meanwhile)
 
     def _observe_partition_models(self) -> None:
-        self.models.observe(self.assigned)
+        self.models.observe(self.assigned, self._has_backlog)
 
     def _poll(self, timeout_seconds: float | None = None) -> dict:
         k = self.config.kafka

@@ -110,12 +110,14 @@ class Models:
             for topic, partition in partitions:
                 self.detectors.pop(model_key(self.scope, topic, partition), None)
 
-    def observe(self, assigned) -> None:
+    def observe(self, assigned, has_backlog=lambda tp: False) -> None:
         """scope: partition: the metrics of the models held, an assigned partition with none
         (held: its model could not be restored yet) counting as not warm, one that has had no
-        message (``idle``) as neither."""
+        message and has none to read (``has_backlog(tp)`` false: idle) as neither."""
         models = {key: d.model for key, d in self.detectors.items()}
-        idle = {key for key, d in self.detectors.items() if is_idle(d)}
+        keys = {model_key(self.scope, *tp): tp for tp in assigned}
+        idle = {key for key, d in self.detectors.items()
+                if is_idle(d) and not (key in keys and has_backlog(keys[key]))}
         self.metrics.observe_partition_models(models, {model_key(self.scope, *tp) for tp in assigned}, idle)
 
     # ---------------------------------------------------------------- restore
