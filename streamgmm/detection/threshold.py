@@ -28,10 +28,10 @@ normal history out.
 Runs.  A metric that wanders (each point close to the one before) passes z_q in runs of normal
 points, as a burst would.  How clustered its high scores are, c (the runs estimator of the
 extremal index: the unflagged scores over the collection level, their runs against what
-independent points would make; 1 below CLUSTER_MIN), grows the bucket to 3 (1 + 3 (c - 1)) and
-divides the counts of the two Poisson checks below (a window short of z_q's scores, a stale
-tail): a stream c times as clustered holds c times fewer independent counts.  Independent points
-read c = 1 and are decided as without it.
+independent points would make; 1 below CLUSTER_MIN), grows the bucket to 3 (1 + 3 (c - 1)); a
+run of flags may spend all of it only where the stream climbed into it (the point before within
+a mean excess of z_q, unflagged), and one it jumped into (a burst) at most 3, as before.
+Independent points read c = 1 and are decided as without it.
 
 Where the window holds at least 20 scores beyond z_q's (q n >= 20), it is held to them: a fit
 that puts z_q where far fewer than q n of the window's scores lie beyond gives way to the
@@ -537,6 +537,9 @@ class StreamQuantileThreshold:
         # and whether the last point was in such a run: the stream's clustering of high scores.
         self._runs = np.zeros(3)
         self._in_run = False
+        # The run of flags the last batch ended in, if it did: (climbed into, tokens it spent).
+        self._open_flags: tuple[bool, int] | None = None
+        self._last_near = False  # the last point was unflagged and within a mean excess of z_q
         # Stored peaks: every counted score above the collection level in force when it came.
         self._scores: list[np.ndarray] = []
         self._censor: list[np.ndarray] = []  # the flagged point's z (censored), or NaN
@@ -766,6 +769,8 @@ class StreamQuantileThreshold:
         ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
         and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
+        runs_of_flags = self._runs_of_flags(score, flags)
+        self._spent = {-1: 0 if self._open_flags is None else self._open_flags[1]}
         self._note_runs(score, flags)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
@@ -801,7 +806,7 @@ class StreamQuantileThreshold:
                 counted &= ~far
                 if self.history_start == 0 and far.any():
                     flagged = np.flatnonzero(far)
-                    alarms = flagged[self._spend_tokens(counted, flagged)]
+                    alarms = flagged[self._spend_tokens(counted, flagged, runs_of_flags)]
                     counted[alarms] = True
         elif flags.any():
             alarm = flags if in_full is None else flags & ~in_full
@@ -810,13 +815,18 @@ class StreamQuantileThreshold:
             # Beyond z_far a point says nothing about where z_q should be: it is an anomaly.
             flagged = flagged[score[flagged] <= self.z_far]
             if len(flagged):
-                alarms = flagged[self._spend_tokens(counted, flagged)]
+                alarms = flagged[self._spend_tokens(counted, flagged, runs_of_flags)]
                 counted[alarms] = True
             else:
                 self._fill_tokens(np.count_nonzero(counted))
         else:
             self._fill_tokens(np.count_nonzero(counted))
         self._keep_flagged(score, flags & ~counted & np.isfinite(score), counted)
+        if len(flags) and flags[-1]:  # the run of flags goes on into the next batch
+            run = int(runs_of_flags[0][-1])
+            self._open_flags = (bool(runs_of_flags[1][-1]), self._spent.get(run, 0))
+        else:
+            self._open_flags = None
         self._race(score[counted])
         n = int(np.count_nonzero(counted))
         if n == 0:
@@ -886,21 +896,53 @@ class StreamQuantileThreshold:
     def _fill_tokens(self, n_unflagged: int) -> None:
         self.tokens = min(self._bucket(), self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
 
-    def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    def _runs_of_flags(self, score: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each point, the start of the run of flags it is in (-1: the run the last batch
+        ended in; unflagged points: their own index), and for each point whether the stream
+        climbed into that run (the point before it unflagged and within a mean excess of z_q, as a
+        metric that wanders comes to z_q) rather than jumped (a burst; a lone far point)."""
+        n = len(flags)
+        near_level = self.level[-1]
+        if self.z is not None and self.tail is not None and self.gpd is not None:
+            gamma, sigma = self._gpd_at(self.tail[0] - self.gpd_offset)
+            near_level = self.z - sigma / max(1.0 - gamma, 0.5)
+        near = (score > near_level) & ~flags
+        was_near, self._last_near = self._last_near, bool(near[-1]) if n else self._last_near
+        if not flags.any():
+            return np.arange(n), np.zeros(n, dtype=bool)
+        before_over = np.concatenate([[was_near], near[:-1]])
+        before_flagged = np.concatenate([[self._open_flags is not None], flags[:-1]])
+        starts = flags & ~before_flagged
+        start = np.maximum.accumulate(np.where(starts, np.arange(n), -1))  # -1: the open run
+        climbed = np.where(start >= 0, before_over[np.maximum(start, 0)],
+                           self._open_flags is not None and self._open_flags[0])
+        return start, climbed
+
+    def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray, runs_of_flags) -> np.ndarray:
         """Which of the flagged points (positions into ``flagged``) are counted, as a token
-        bucket filled by the unflagged points before each decides."""
+        bucket filled by the unflagged points before each decides.  A run of flags the stream
+        jumped into (a burst) spends at most TOKEN_BUCKET tokens whatever the bucket holds; one
+        it climbed into (a wandering metric past z_q) may spend them all (helper-79: with the
+        grown bucket open to every run, bursts 5 sd out every 5,000 points of AR(1) 0.98 put
+        their flags into the tail, normal traffic fell to 0.12-0.45 q and a burst's recall to 0.56)."""
         rate, bucket = TOKEN_RATE_OVER_Q * self.quantile, self._bucket()
+        start, climbed = runs_of_flags
         unflagged_before = np.cumsum(counted)[flagged]
         gaps = np.diff(unflagged_before, prepend=0)
         tokens = self.tokens
         taken = np.zeros(len(flagged), dtype=bool)
+        spent: dict[int, int] = {-1: 0 if self._open_flags is None else self._open_flags[1]}
         for j, gap in enumerate(gaps.tolist()):
             tokens = min(bucket, tokens + rate * gap)
-            if tokens >= 1.0:
+            run = int(start[flagged[j]])
+            cap = bucket if climbed[flagged[j]] else TOKEN_BUCKET
+            if tokens >= 1.0 and spent.get(run, 0) < cap:
                 tokens -= 1.0
                 taken[j] = True
+                spent[run] = spent.get(run, 0) + 1
         after_last = np.count_nonzero(counted) - int(unflagged_before[-1])
         self.tokens = min(bucket, tokens + rate * after_last)
+        self._spent = spent
         return taken
 
     # ------------------------------------------------------------------ the fit
@@ -1196,15 +1238,10 @@ class StreamQuantileThreshold:
         shape of 1.3-1.9 from the top 10%, and z sat where half of q was flagged.  Censored
         peaks count by their own scores (only how many lie beyond z matters)."""
         expected = self.quantile * n
-        # Counted in runs (see ``_clustering``): scores that come in runs of c come c at a time,
-        # and a window c times as short of them as a Poisson count allows is no news: AR(1)
-        # 0.995's calm spells pulled z_q down to their own quantile, 2.3-2.8 q at q = 0.01 and
-        # 11-19 q at 0.001, every run flagged that came after.
-        runs = self._clustering()
-        if expected / runs < EMPIRICAL_MIN_EXPECTED or not len(tail_scores):
+        if expected < EMPIRICAL_MIN_EXPECTED or not len(tail_scores):
             return z
         beyond = int(np.count_nonzero(tail_scores > z))
-        if pdtr(beyond / runs, expected / runs) >= EMPIRICAL_P:
+        if pdtr(beyond, expected) >= EMPIRICAL_P:
             return z
         m = int(round(expected))
         if m >= len(tail_scores):
@@ -1267,23 +1304,19 @@ class StreamQuantileThreshold:
         # stream of repeated values) are not over it, anywhere in the window.
         above = scores > t
         rate = np.count_nonzero(above) / max(self.n_counted - oldest, 1)
-        # Scores that come in runs of c (see ``_clustering``) are c times fewer independent
-        # counts: a calm spell of AR(1) 0.995 looked stale, the history restarted on its 4,000
-        # quiet points, and z_q sat at 5.7 nats against the stream's 6.6 (2.4-2.8 q at q = 0.01).
-        runs = self._clustering()
         # At least STALE_NONE_EXPECTED of them expected in the span looked at, and none there,
         # is as telling (Poisson(25) = 0: 1e-11): at q = 0.001 the tail's 2% of a re-estimate's
         # 2,000 points is 40 at most, the check below never ran, and 100 points of a normal
         # regime first seen during calibration held z_q at 450 nats for 20,000 points (helper-50).
-        span = max(self._interval(), math.ceil(runs * STALE_NONE_EXPECTED / rate) if rate > 0 else 0)
+        span = max(self._interval(), math.ceil(STALE_NONE_EXPECTED / rate) if rate > 0 else 0)
         start = self.n_counted - span
         if start <= oldest:
             return None  # the window is all recent: no older tail to be stale
         expected = rate * span
         recent = int(np.count_nonzero(above & (index >= start)))
-        if recent == 0 and expected / runs >= STALE_NONE_EXPECTED:
+        if recent == 0 and expected >= STALE_NONE_EXPECTED:
             return start
-        return start if expected / runs >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO else None
+        return start if expected >= STALE_MIN_EXPECTED and recent < expected / STALE_RATIO else None
 
     def _still_unusual(self, then_scores: np.ndarray, index: np.ndarray, t_then: float, start: int) -> bool:
         """Whether the peaks over ``t_then`` before ``start`` (the span ``_stale_since`` judged;
@@ -1487,6 +1520,8 @@ class StreamQuantileThreshold:
             "tokens": self.tokens,
             "runs": self._runs.copy(),
             "in_run": self._in_run,
+            "open_flags": None if self._open_flags is None else list(self._open_flags),
+            "last_near": self._last_near,
             "fitted_at": self.fitted_at,
             "shape_fitted_at": self.shape_fitted_at,
             "gpd": None if self.gpd is None else list(self.gpd),
@@ -1525,6 +1560,9 @@ class StreamQuantileThreshold:
         # (Absent before the bucket followed the stream's clustering: counted again from here.)
         self._runs = np.asarray(state.get("runs", np.zeros(3)), dtype=float).copy()
         self._in_run = bool(state.get("in_run", False))
+        open_flags = state.get("open_flags")
+        self._open_flags = None if open_flags is None else (bool(open_flags[0]), int(open_flags[1]))
+        self._last_near = bool(state.get("last_near", False))
         self.fitted_at = int(state["fitted_at"])
         self.shape_fitted_at = int(state["shape_fitted_at"])
         self.gpd = None if state["gpd"] is None else tuple(float(v) for v in state["gpd"])
