@@ -25,14 +25,6 @@ z_q down round after round), while a block of anomalies adds at most 3 censored 
 Points not counted do not advance the window either, so a long burst does not push the
 normal history out.
 
-Runs.  A metric that wanders (each point close to the one before) passes z_q in runs of normal
-points, as a burst would.  How clustered its high scores are, c (the runs estimator of the
-extremal index: the unflagged scores over the collection level, their runs against what
-independent points would make; 1 below CLUSTER_MIN), grows the bucket to 3 (1 + 3 (c - 1)); a
-run of flags may spend all of it only where the stream climbed into it (the point before within
-a mean excess of z_q, unflagged), and one it jumped into (a burst) at most 3, as before.
-Independent points read c = 1 and are decided as without it.
-
 Where the window holds at least 20 scores beyond z_q's (q n >= 20), it is held to them: a fit
 that puts z_q where far fewer than q n of the window's scores lie beyond gives way to the
 window's own (1 - q) quantile (a fit to the top 10% extrapolates a shape the data then
@@ -103,18 +95,6 @@ TAIL_PEAKS = 1_000
 # Censored exceedances: tokens per unflagged point (in units of q) and the bucket's size.
 TOKEN_RATE_OVER_Q = 3.0
 TOKEN_BUCKET = 3.0
-# ... grown with the stream's own clustering of high scores c (see ``_clustering``; 1 for
-# independent points, at most CLUSTER_MAX, read from CLUSTER_MIN_RUNS runs at least) to
-# TOKEN_BUCKET (1 + CLUSTER_SLACK (c - 1)).
-CLUSTER_MAX = 30.0
-CLUSTER_MIN_RUNS = 20.0
-# Below this, c is taken for 1: independent points read 1.00-1.04, and at q = 0.001 (q n = 20 in
-# the default window) 1.01 was enough to turn ``_held_to_the_window`` off (anomalies at 10 q
-# along a stream: 0.079 -> 0.006 of them flagged); AR(1) 0.9 reads 2.2.
-CLUSTER_MIN = 1.5
-# A batch with more than this share of its points over the collection level is not counted.
-CLUSTER_MAX_SHARE = 0.5
-CLUSTER_SLACK = 3.0
 # Alarms further out than the fitted tail's quantile at this fraction of q are not counted at
 # all (only those between z_q and there can say that z_q is too low).
 FAR_OVER_Q = 0.01
@@ -533,13 +513,6 @@ class StreamQuantileThreshold:
         self._absolute_history = False  # a checkpoint's history in -log p itself (see load_dict)
         self.history_start = 0  # the counted point the history starts at (see ``_restart_history``)
         self.tokens = TOKEN_BUCKET
-        # Decayed counts of (points, unflagged scores over the collection level, runs of them),
-        # and whether the last point was in such a run: the stream's clustering of high scores.
-        self._runs = np.zeros(3)
-        self._in_run = False
-        # The run of flags the last batch ended in, if it did: (climbed into, tokens it spent).
-        self._open_flags: tuple[bool, int] | None = None
-        self._last_near = False  # the last point was unflagged and within a mean excess of z_q
         # Stored peaks: every counted score above the collection level in force when it came.
         self._scores: list[np.ndarray] = []
         self._censor: list[np.ndarray] = []  # the flagged point's z (censored), or NaN
@@ -769,9 +742,6 @@ class StreamQuantileThreshold:
         ``points``: the batch's rows (as given to the model); those of the stored peaks are kept
         and scored again under the model of each re-estimate (see ``_scored_now``)."""
         score = self._score(log_density)
-        runs_of_flags = self._runs_of_flags(score, flags)
-        self._spent = {-1: 0 if self._open_flags is None else self._open_flags[1]}
-        self._note_runs(score, flags)
         counted = np.isfinite(score)
         alarms = None  # flagged points that count, censored at the threshold
         in_full = np.asarray(count_flagged, dtype=bool) & flags if np.ndim(count_flagged) else None
@@ -806,7 +776,7 @@ class StreamQuantileThreshold:
                 counted &= ~far
                 if self.history_start == 0 and far.any():
                     flagged = np.flatnonzero(far)
-                    alarms = flagged[self._spend_tokens(counted, flagged, runs_of_flags)]
+                    alarms = flagged[self._spend_tokens(counted, flagged)]
                     counted[alarms] = True
         elif flags.any():
             alarm = flags if in_full is None else flags & ~in_full
@@ -815,18 +785,13 @@ class StreamQuantileThreshold:
             # Beyond z_far a point says nothing about where z_q should be: it is an anomaly.
             flagged = flagged[score[flagged] <= self.z_far]
             if len(flagged):
-                alarms = flagged[self._spend_tokens(counted, flagged, runs_of_flags)]
+                alarms = flagged[self._spend_tokens(counted, flagged)]
                 counted[alarms] = True
             else:
                 self._fill_tokens(np.count_nonzero(counted))
         else:
             self._fill_tokens(np.count_nonzero(counted))
         self._keep_flagged(score, flags & ~counted & np.isfinite(score), counted)
-        if len(flags) and flags[-1]:  # the run of flags goes on into the next batch
-            run = int(runs_of_flags[0][-1])
-            self._open_flags = (bool(runs_of_flags[1][-1]), self._spent.get(run, 0))
-        else:
-            self._open_flags = None
         self._race(score[counted])
         n = int(np.count_nonzero(counted))
         if n == 0:
@@ -854,95 +819,24 @@ class StreamQuantileThreshold:
         self._flagged = np.concatenate([self._flagged, score[left_out]])[-FLAGGED_KEPT:]
         self._flagged_index = np.concatenate([self._flagged_index, position.astype(np.int64)])[-FLAGGED_KEPT:]
 
-    def _note_runs(self, score: np.ndarray, flags: np.ndarray) -> None:
-        """Count the batch's unflagged scores over the collection level and the runs they come in
-        (a flagged point ends a run: a burst of anomalies makes none)."""
-        if not len(score) or not np.isfinite(self.level[-1]):
-            return
-        over = (score > self.level[-1]) & ~flags
-        if np.count_nonzero(over) > CLUSTER_MAX_SHARE * len(score):
-            # The level under a value most points take (a count's zeros, tied): runs of it say
-            # nothing of time, and Poisson(0.05)'s read 7-16 (the level moves across the zeros).
-            self._in_run = False
-            return
-        starts = over.copy()
-        starts[1:] &= ~over[:-1]
-        starts[0] &= not self._in_run
-        self._in_run = bool(over[-1])
-        keep = 0.5 ** (len(score) / self.window)
-        self._runs = self._runs * keep + (len(score), np.count_nonzero(over), np.count_nonzero(starts))
-
-    def _clustering(self) -> float:
-        """How many times longer the runs of high scores are than independent points would make
-        them (1 for those; 1 until CLUSTER_MIN_RUNS runs were seen): the runs estimator of
-        extreme-value theory's extremal index, 1 / that.  A stream whose points follow one
-        another (a metric that wanders: AR(1) with coefficient 0.98) goes past z_q in runs of
-        tens of points, normal ones, which the bucket's 3 tokens cut to 3: the tail, truncated,
-        held z_q down, 1.9-2.7 q at q = 0.01.  With the bucket this many times larger, a run past
-        z_q counts as independent points' flags would."""
-        points, over, runs = self._runs
-        if runs < CLUSTER_MIN_RUNS or points <= over:
-            return 1.0
-        # A run of independent points over a level they pass with probability p is 1 / (1 - p) long.
-        clustering = over / runs * (1.0 - over / points)
-        return 1.0 if clustering < CLUSTER_MIN else float(min(clustering, CLUSTER_MAX))
-
-    def _bucket(self) -> float:
-        """The bucket's size.  A bucket of c runs' worth (3 c) still truncated AR(1) 0.98's tail:
-        runs come in clumps, and the bucket must carry the tokens of quiet spells over to them
-        (1.8-2.1 q at q = 0.01 against 1.0-1.5 with any bucket larger than 3 (1 + 3 (c - 1)))."""
-        return TOKEN_BUCKET * (1.0 + CLUSTER_SLACK * (self._clustering() - 1.0))
-
     def _fill_tokens(self, n_unflagged: int) -> None:
-        self.tokens = min(self._bucket(), self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
+        self.tokens = min(TOKEN_BUCKET, self.tokens + TOKEN_RATE_OVER_Q * self.quantile * n_unflagged)
 
-    def _runs_of_flags(self, score: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each point, the start of the run of flags it is in (-1: the run the last batch
-        ended in; unflagged points: their own index), and for each point whether the stream
-        climbed into that run (the point before it unflagged and within a mean excess of z_q, as a
-        metric that wanders comes to z_q) rather than jumped (a burst; a lone far point)."""
-        n = len(flags)
-        near_level = self.level[-1]
-        if self.z is not None and self.tail is not None and self.gpd is not None:
-            gamma, sigma = self._gpd_at(self.tail[0] - self.gpd_offset)
-            near_level = self.z - sigma / max(1.0 - gamma, 0.5)
-        near = (score > near_level) & ~flags
-        was_near, self._last_near = self._last_near, bool(near[-1]) if n else self._last_near
-        if not flags.any():
-            return np.arange(n), np.zeros(n, dtype=bool)
-        before_over = np.concatenate([[was_near], near[:-1]])
-        before_flagged = np.concatenate([[self._open_flags is not None], flags[:-1]])
-        starts = flags & ~before_flagged
-        start = np.maximum.accumulate(np.where(starts, np.arange(n), -1))  # -1: the open run
-        climbed = np.where(start >= 0, before_over[np.maximum(start, 0)],
-                           self._open_flags is not None and self._open_flags[0])
-        return start, climbed
-
-    def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray, runs_of_flags) -> np.ndarray:
+    def _spend_tokens(self, counted: np.ndarray, flagged: np.ndarray) -> np.ndarray:
         """Which of the flagged points (positions into ``flagged``) are counted, as a token
-        bucket filled by the unflagged points before each decides.  A run of flags the stream
-        jumped into (a burst) spends at most TOKEN_BUCKET tokens whatever the bucket holds; one
-        it climbed into (a wandering metric past z_q) may spend them all (helper-79: with the
-        grown bucket open to every run, bursts 5 sd out every 5,000 points of AR(1) 0.98 put
-        their flags into the tail, normal traffic fell to 0.12-0.45 q and a burst's recall to 0.56)."""
-        rate, bucket = TOKEN_RATE_OVER_Q * self.quantile, self._bucket()
-        start, climbed = runs_of_flags
+        bucket filled by the unflagged points before each decides."""
+        rate = TOKEN_RATE_OVER_Q * self.quantile
         unflagged_before = np.cumsum(counted)[flagged]
         gaps = np.diff(unflagged_before, prepend=0)
         tokens = self.tokens
         taken = np.zeros(len(flagged), dtype=bool)
-        spent: dict[int, int] = {-1: 0 if self._open_flags is None else self._open_flags[1]}
         for j, gap in enumerate(gaps.tolist()):
-            tokens = min(bucket, tokens + rate * gap)
-            run = int(start[flagged[j]])
-            cap = bucket if climbed[flagged[j]] else TOKEN_BUCKET
-            if tokens >= 1.0 and spent.get(run, 0) < cap:
+            tokens = min(TOKEN_BUCKET, tokens + rate * gap)
+            if tokens >= 1.0:
                 tokens -= 1.0
                 taken[j] = True
-                spent[run] = spent.get(run, 0) + 1
         after_last = np.count_nonzero(counted) - int(unflagged_before[-1])
-        self.tokens = min(bucket, tokens + rate * after_last)
-        self._spent = spent
+        self.tokens = min(TOKEN_BUCKET, tokens + rate * after_last)
         return taken
 
     # ------------------------------------------------------------------ the fit
@@ -1518,10 +1412,6 @@ class StreamQuantileThreshold:
             "n_counted": self.n_counted,
             "history_start": self.history_start,
             "tokens": self.tokens,
-            "runs": self._runs.copy(),
-            "in_run": self._in_run,
-            "open_flags": None if self._open_flags is None else list(self._open_flags),
-            "last_near": self._last_near,
             "fitted_at": self.fitted_at,
             "shape_fitted_at": self.shape_fitted_at,
             "gpd": None if self.gpd is None else list(self.gpd),
@@ -1557,12 +1447,6 @@ class StreamQuantileThreshold:
         self.n_counted = int(state["n_counted"])
         self.history_start = int(state.get("history_start", 0))  # absent before the restart existed
         self.tokens = float(state["tokens"])
-        # (Absent before the bucket followed the stream's clustering: counted again from here.)
-        self._runs = np.asarray(state.get("runs", np.zeros(3)), dtype=float).copy()
-        self._in_run = bool(state.get("in_run", False))
-        open_flags = state.get("open_flags")
-        self._open_flags = None if open_flags is None else (bool(open_flags[0]), int(open_flags[1]))
-        self._last_near = bool(state.get("last_near", False))
         self.fitted_at = int(state["fitted_at"])
         self.shape_fitted_at = int(state["shape_fitted_at"])
         self.gpd = None if state["gpd"] is None else tuple(float(v) for v in state["gpd"])
