@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError, TopicPartition
 
 from streamgmm.detection.decode import encode
 from streamgmm.service.checkpointer import Outcome
@@ -305,7 +306,7 @@ def test_a_checkpoint_that_fails_at_a_revoke_unlearns_what_the_next_owner_reads_
     # 500 learned, not checkpointed: the group's commit stays at 1000
     daemon = _past_a_checkpoint(tmp_path, seed=10, more=500)
 
-    def full_disk(key, state):
+    def full_disk(key, state, protect=None):
         raise CheckpointError("No space left on device")
 
     daemon.local.write = full_disk
@@ -959,3 +960,115 @@ def test_scope_partition_with_a_partition_that_gets_no_message_is_ready_and_init
     ready, why, _ = daemon.readiness()
     assert not ready and why.startswith("warming up in/1 0/200"), why
     assert daemon.metrics.value("streamgmm_model_initialized") == 0
+
+
+# ---------------------------------------------------------------- refused commits (helper-82)
+def _refused_then_good(daemon, code=None):
+    """Make the group refuse commits (COORDINATOR_NOT_AVAILABLE by default) until the returned
+    callable is called."""
+    good = daemon.source.commit
+    daemon.source.commit = _fails(code or KafkaError.COORDINATOR_NOT_AVAILABLE, "refused")
+    return lambda: setattr(daemon.source, "commit", good)
+
+
+def _group_at(daemon, offsets):
+    def committed(partitions, timeout=10.0):
+        wanted = [(tp.topic, tp.partition) for tp in partitions]
+        return {tp: offsets[tp] for tp in wanted if tp in offsets}
+
+    daemon.source.committed = committed
+
+
+def test_pruning_keeps_the_checkpoint_the_group_took_however_many_came_after(tmp_path):
+    # keep: 3 counted uncommitted files too: three checkpoints with their commits refused pruned
+    # the last committed one, and the loss that followed withdrew the rest: the model started
+    # afresh while the partition resumed at the group's commit (1,000 messages learned by none).
+    rng = np.random.default_rng(13)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _refused_then_good(daemon)
+    for i in range(4):
+        _feed(daemon, 1000 + 100 * i, 100, rng)
+        daemon._checkpoint()
+    assert len(list((tmp_path / "state").glob("checkpoint-*.sgmm"))) == 4  # keep 3, and the committed one
+    daemon._on_lost([TopicPartition("in", 0)])
+    daemon.assigned = {("in", 0)}
+    _group_at(daemon, {("in", 0): 1000})
+    daemon._rewind()
+    assert daemon.detector.n_valid == 1000 and daemon.source.seeks[-1] == ("in", 0, 1000)
+
+
+@pytest.mark.parametrize("hand_over", ["checkpoint fails", "commit refused"])
+def test_a_hand_over_the_group_did_not_take_unlearns_back_to_its_commit(tmp_path, hand_over):
+    # A commit refused for a reason other than membership (a coordinator moving, a timeout) left
+    # the group behind the model's checkpoints; the partitions' next owner starts at the group's
+    # commit: kept, the messages between were learned twice.
+    rng = np.random.default_rng(5)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    restore_commits = _refused_then_good(daemon, KafkaError.REQUEST_TIMED_OUT)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # written at 1300, its commit refused
+    _feed(daemon, 1300, 200, rng)
+    if hand_over == "checkpoint fails":
+        restore_commits()
+        daemon.sink.flush = lambda timeout, give_up=None: 3  # output unacknowledged: no checkpoint
+    else:
+        _refused_then_good(daemon, KafkaError.NOT_COORDINATOR)  # written at 1500, its commit refused
+    _group_at(daemon, {("in", 0): 1000})
+    daemon._on_revoke([TopicPartition("in", 0)])
+    assert daemon._rewind_pending is not None
+    assert all(c == {("in", 0): 1000} for c in daemon.source.commits)
+    daemon.sink.flush = lambda timeout, give_up=None: 0
+    daemon._reload_from_checkpoint(daemon._rewind_pending)
+    assert daemon.detector.n_valid == 1000
+
+
+def test_a_hand_over_commit_that_timed_out_but_was_taken_keeps_the_model(tmp_path):
+    rng = np.random.default_rng(6)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _feed(daemon, 1000, 400, rng)
+    _refused_then_good(daemon, KafkaError.REQUEST_TIMED_OUT)
+    _group_at(daemon, {("in", 0): 1400})  # the group says it took it
+    daemon._on_revoke([TopicPartition("in", 0)])
+    assert daemon._rewind_pending is None and daemon.detector.n_valid == 1400
+    assert not daemon.checkpointer.uncommitted and not list((tmp_path / "state").glob("*.withdrawn"))
+
+
+def test_a_checkpoint_committed_late_by_the_hand_over_is_not_withdrawn_by_a_later_loss(tmp_path):
+    rng = np.random.default_rng(7)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    restore_commits = _refused_then_good(daemon)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # 1300, refused
+    restore_commits()
+    daemon._on_revoke([TopicPartition("in", 0)])  # nothing new: the hand-over commits 1300
+    assert daemon.source.commits[-1] == {("in", 0): 1300}
+    _group_at(daemon, {("in", 0): 1300})
+    daemon.assigned = {("in", 0)}
+    _feed(daemon, 1300, 100, rng)
+    daemon._on_lost([TopicPartition("in", 0)])
+    daemon.assigned = {("in", 0)}
+    daemon._rewind()
+    assert not list((tmp_path / "state").glob("*.withdrawn"))
+    assert daemon.detector.n_valid == 1300 and daemon.source.seeks[-1] == ("in", 0, 1300)
+
+
+def test_a_stop_tries_a_refused_commit_again(tmp_path):
+    rng = np.random.default_rng(8)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    restore_commits = _refused_then_good(daemon)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # 1300, refused; nothing processed after it
+    restore_commits()
+    daemon.stop()
+    daemon._last_checkpoint()
+    assert daemon.source.commits[-1] == {("in", 0): 1300} and daemon.clean_stop

@@ -393,3 +393,38 @@ def test_a_stop_with_output_the_hung_broker_never_acknowledged_ends_soon_and_los
                     for m in read_all(own.bootstrap, f"{topic}.anomalies")}
         expected = {(i % 2, i // 2) for i in outliers}
         assert expected <= reported  # every outlier reported at least once (output is at-least-once)
+
+
+def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_never_stops_the_daemon(broker, topic, tmp_path):
+    """confluent-kafka's Message.headers() raises on such a key; uncaught, the message stopped the
+    daemon at every restart with the partition never advancing (helper-82).  Another client
+    (kafka-python, whose header keys are str, made to encode to other bytes) writes it."""
+    from kafka import KafkaProducer
+
+    class RawKey(str):
+        def encode(self, *args, **kwargs):
+            return b"\xff\xfe"
+
+    create_topic(broker.bootstrap, topic, partitions=1)
+    messages, _ = _vectors(1_000, seed=23)
+    produce(broker.bootstrap, topic, messages[:600])
+    other = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, acks="all")
+    other.send(topic, key=b"odd", value=b"not json", headers=[(RawKey("x"), b"v"), ("trace", b"t-1")]).get(timeout=30)
+    other.flush()
+    other.close()
+    produce(broker.bootstrap, topic, messages[600:])
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topic, state, kafka={"consumer": GROUP_CONSUMER})
+    daemon = DaemonProcess(config, tmp_path / "d.log").start()
+    try:
+        daemon.wait_for(_checkpointed(state, 1_001), timeout=90, what="every message checkpointed")
+    finally:
+        assert daemon.stop() == 0
+    summary = inspect(state)
+    assert summary["n_valid"] == 1_000 and summary["n_invalid"] == 1
+    assert summary["offsets"][topic] == {"0": 1_001}
+    letters = read_all(broker.bootstrap, f"{topic}.dead-letter", idle=3.0)
+    assert len(letters) == 1 and letters[0].key() == b"odd" and letters[0].value() == b"not json"
+    headers = headers_of(letters[0])
+    assert headers["streamgmm.error.reason"] == b"undecodable"
+    assert b"not UTF-8" in headers["streamgmm.headers.unreadable"]

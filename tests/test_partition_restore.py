@@ -316,6 +316,34 @@ def test_a_newest_state_record_that_cannot_be_restored_gives_way_to_the_one_befo
         daemon.run()
 
 
+def test_state_records_of_other_bytes_are_passed_over_not_fatal(tmp_path, monkeypatch):
+    # helper-82: another program's record whose key is not UTF-8 held every partition paused for
+    # good (the topic taken as unreadable as a whole), and a record that passes its checksum but
+    # whose payload is not an archive (BadZipFile) stopped the daemon at every assignment.
+    import hashlib
+    import json as json_module
+
+    from streamgmm.service.state import MAGIC
+    logs, group, records = _logs(), {}, {}
+    first, _ = _daemon(tmp_path, "a", Consumer({tp: log[:300] for tp, log in logs.items()}, group), StateTopic(records))
+    first._on_assign(_assignment())
+    _run(first, lambda: first.positions == {tp: 300 for tp in PARTITIONS})
+    first._checkpoint()
+    payload = b"PK\x03\x04" + bytes(40)
+    not_an_archive = MAGIC + json_module.dumps({"format_version": 2, "payload_bytes": len(payload),
+                                                "sha256": hashlib.sha256(payload).hexdigest()}).encode() + b"\n" + payload
+    log = [KeyedMessage(b"in/0", pack(records["in/0"])), KeyedMessage(b"in/1", pack(records["in/1"])),
+           KeyedMessage(b"\xff\xfe-not-utf8", b"another program's record"), KeyedMessage(b"in/1", not_an_archive)]
+    monkeypatch.setattr("streamgmm.service.state.read_topic", lambda *args, **kwargs: iter(log))
+    store = TopicStateStore("streamgmm-state", {}, producer=FakeProducer())
+    daemon, processed = _daemon(tmp_path, "b", Consumer(logs, group), store)
+    daemon._on_assign(_assignment())
+    assert not daemon._stop.is_set() and not daemon.held.partitions()
+    _run(daemon, lambda: daemon.positions == {tp: 600 for tp in PARTITIONS})
+    assert processed == Counter({(tp, o): 1 for tp in PARTITIONS for o in range(300, 600)})
+    assert all(daemon.detectors[f"{t}/{p}"].n_valid == 600 for t, p in PARTITIONS)
+
+
 def test_a_missing_init_from_is_refused_at_start_with_scope_partition(tmp_path):
     (tmp_path / "empty").mkdir()
     daemon = Daemon(_config(tmp_path, "a", init_from=str(tmp_path / "empty")))

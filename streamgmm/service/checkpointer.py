@@ -48,6 +48,14 @@ class Checkpointer:
         self.written_since_start = False  # (last_written is then the start: see Daemon's /readyz words)
         self.failures = 0  # in a row
         self.retry_at = 0.0
+        # Files whose offsets the group has not taken, newest last: what a member that turns out
+        # to have left the group withdraws (see ``withdraw_uncommitted``) ...
+        self.uncommitted: list = []
+        # ... and, per model, the newest file it did take (or the one restored at start), which
+        # pruning keeps: three checkpoints in a row with their commits refused pruned it, and
+        # a withdrawal then left no model at all (helper-82).
+        self.committed_files: dict = {}
+        self.written: dict = {}  # per model, the newest file written
 
     def due(self) -> bool:
         if not self.pending_messages or self.clock() < self.retry_at:
@@ -87,8 +95,11 @@ class Checkpointer:
             copy_failed = None
             for key, detector in sorted(detectors.items()):
                 state = detector.state(now)
+                if key not in self.committed_files:  # the one restored at start, if any
+                    self.committed_files[key] = next(iter(reversed(self.local.store_for(key).paths())), None)
                 try:
-                    paths.append(self.local.write(key, state))
+                    paths.append(self.local.write(key, state, self.committed_files[key]))
+                    self.written[key] = paths[-1]
                 except (CheckpointError, OSError) as exc:
                     if not self.local_is_copy:
                         raise
@@ -118,9 +129,10 @@ class Checkpointer:
         self.pending_messages = 0
         self.last_written = self.clock()
         self.written_since_start = True
-        # Files whose offsets the group has not taken, newest last: what a member that turns out
-        # to have left the group withdraws (see ``withdraw_uncommitted``).
-        self.uncommitted = [] if commit() else [*getattr(self, "uncommitted", []), *paths]
+        if commit():
+            self.committed()
+        else:
+            self.uncommitted = [*self.uncommitted, *paths]
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
@@ -137,6 +149,11 @@ class Checkpointer:
                  extra={"ends_repeats": bool(failed_before)})  # a next failure is a new episode: logged
         return Outcome.WRITTEN
 
+    def committed(self) -> None:
+        """The group took the offsets of the newest checkpoint: no file is ahead of it."""
+        self.uncommitted = []
+        self.committed_files.update(self.written)
+
     def withdraw_uncommitted(self) -> int:
         """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) every
         local checkpoint written since the last one the group committed, so that a reload goes
@@ -145,7 +162,7 @@ class Checkpointer:
         partitions' next owner as well, and they are read again from the group's commit either
         way (a member expired before its first commit had its messages learned by two models).
         Returns how many were withdrawn."""
-        uncommitted = [p for p in getattr(self, "uncommitted", []) if p.exists()]
+        uncommitted = [p for p in self.uncommitted if p.exists()]
         self.uncommitted = []
         if not uncommitted:
             return 0

@@ -696,8 +696,28 @@ class Daemon:
                     self._rewind_pending = "the checkpoint before a rebalance failed"
             elif self._commit_refused and self.source is not None:
                 self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
+            if self.scope == "global" and self.checkpointer.uncommitted and self._group_behind(partitions):
+                # The partitions' next owner starts at the group's commit, which a refused commit
+                # (a coordinator moving, a timeout) left behind this model's newest checkpoints:
+                # kept, what they hold past it was learned twice (helper-82: 300-400 messages).
+                # They are withdrawn and the model unlearns back to the last one the group took.
+                self.checkpointer.withdraw_uncommitted()
+                self._rewind_pending = "the group did not take the offsets of the checkpoint handed over"
         self._release(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
+
+    def _group_behind(self, partitions: list[TopicPartition]) -> bool:
+        """Whether the group's commit of these partitions is behind the model's offsets, or cannot
+        be read (a commit that timed out may have been taken: the group says)."""
+        ours = self._next_offsets()
+        wanted = [tp for tp in ((p.topic, p.partition) for p in partitions) if tp in ours]
+        committed = self._committed(wanted)
+        if committed is None:
+            return True
+        if all(committed.get(tp) is not None and committed[tp] >= ours[tp] for tp in wanted):
+            self.checkpointer.committed()  # it was: nothing to withdraw
+            return False
+        return True
 
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
         # The group gave these away without us (we were too slow or cut off): their new owner
@@ -753,6 +773,8 @@ class Daemon:
     def _last_checkpoint(self) -> None:
         """The checkpoint on the way out; ``clean_stop`` says whether it left nothing to redo."""
         if not self.checkpointer.pending_messages:
+            if self._commit_refused and self._rewind_pending is None and self.source is not None:
+                self._commit()  # nothing new since the last checkpoint, whose commit was refused: once more
             return
         if self._rewind_pending is None:
             self.clean_stop = self._checkpoint(" at shutdown", last=True) is Outcome.WRITTEN
@@ -940,6 +962,9 @@ class Daemon:
             give_up = None if self._in_rebalance else self._give_up_commit(time.monotonic())
             self.source.commit(self._next_offsets(), give_up=give_up)
             self._commit_refused = False
+            # (A later loss withdrew a checkpoint that the hand-over's commit had since given the
+            # group: 300 messages learned by no model; helper-82.)
+            self.checkpointer.committed()
             return True
         except KafkaException as exc:
             self._commit_refused = True

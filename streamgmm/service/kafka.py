@@ -322,7 +322,21 @@ class PolledBatch:
         """One message as an InputRecord (for the few that become output records)."""
         m = self.messages[index]
         return InputRecord(m.topic(), m.partition(), m.offset(), m.value(), m.key(), m.timestamp()[1],
-                           tuple(m.headers() or ()))
+                           message_headers(m))
+
+
+# A header key that is not UTF-8 makes confluent-kafka's Message.headers() raise (SystemError:
+# it decodes keys to str); uncaught, one such message stopped the daemon at every restart
+# (helper-82).  Its output record goes without the input's headers, and says so.
+UNREADABLE_HEADERS = (("streamgmm.headers.unreadable", b"a header key is not UTF-8: the input's headers are left out"),)
+
+
+def message_headers(m: Message) -> tuple:
+    """The message's headers, or UNREADABLE_HEADERS where the client cannot read them."""
+    try:
+        return tuple(m.headers() or ())
+    except Exception:  # noqa: BLE001 (SystemError today; whatever a later client raises instead)
+        return UNREADABLE_HEADERS
 
 
 def split_by_partition(messages: list[Message]) -> dict[tuple[str, int], list[Message]]:

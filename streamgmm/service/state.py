@@ -25,6 +25,8 @@ import os
 import re
 import socket
 import time
+import zipfile
+import zlib
 from collections import deque
 from pathlib import Path
 
@@ -118,7 +120,9 @@ def unpack(data: bytes, source: str = "checkpoint") -> dict:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {key: np.array(npz[key]) for key in npz.files}
         document = json.loads(bytes(arrays.pop("__document__")).decode())
-    except (ValueError, KeyError, OSError) as exc:
+    # (BadZipFile, EOFError, zlib.error: a payload with a valid checksum that is not an archive
+    # stopped every member its partition went to; helper-82.)
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointError(f"{source} payload is unreadable: {exc}") from None
 
     def restore(value):
@@ -130,7 +134,10 @@ def unpack(data: bytes, source: str = "checkpoint") -> dict:
             return [restore(v) for v in value]
         return value
 
-    state = restore(document)
+    try:
+        state = restore(document)
+    except (KeyError, TypeError) as exc:  # an array the document names and the payload lacks
+        raise CheckpointError(f"{source} payload is unreadable: array {exc} missing") from None
     if isinstance(state, dict):
         state["checkpoint_format"] = version  # what it was read from (inspect says it)
     return state
@@ -161,8 +168,9 @@ class CheckpointStore:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := FILE_PATTERN.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def write(self, state: dict) -> Path:
-        """Write atomically; returns the new file's path. Raises CheckpointError on failure."""
+    def write(self, state: dict, protect: Path | None = None) -> Path:
+        """Write atomically; returns the new file's path. Raises CheckpointError on failure.
+        ``protect``: a file pruning leaves however old (the newest one the group committed)."""
         data = pack(state)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -172,6 +180,8 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
         for old in self.paths()[: -self.keep]:
+            if old == protect:
+                continue
             try:
                 old.unlink()
             except OSError as exc:  # pruning is best effort; the next write tries again
@@ -265,9 +275,9 @@ class LocalStateStore:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", key.replace("/", "-"))
         return CheckpointStore(self.directory if key == GLOBAL_KEY else self.directory / "partitions" / name, self.keep)
 
-    def write(self, key: str, state: dict) -> Path:
+    def write(self, key: str, state: dict, protect: Path | None = None) -> Path:
         self._keep_lock()
-        return self.store_for(key).write(state)
+        return self.store_for(key).write(state, protect)
 
     def _keep_lock(self) -> None:
         """Lock again when the locked .lock is no longer the directory's: the directory removed while
@@ -459,7 +469,9 @@ class TopicStateStore:
         values: dict[str, deque[bytes]] = {}
         for message in read_topic(self.settings, self.topic, timeout, self.read_max_seconds):
             if message.key() is not None and message.value() is not None:
-                key = message.key().decode()
+                # errors="replace": another program's key that is not UTF-8 held every partition
+                # paused for good, taken for a topic unreadable as a whole (helper-82).
+                key = message.key().decode(errors="replace")
                 if wanted is None or key in wanted:  # the newest few of each: the topic may hold thousands
                     values.setdefault(key, deque(maxlen=STATE_RECORDS_TRIED)).append(message.value())
         found, foreign = {}, []
