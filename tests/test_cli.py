@@ -163,6 +163,32 @@ def test_check_config_refuses_a_model_init_from_of_other_inputs_and_not_a_copy_i
     assert _cli("check-config", str(tmp_path / "copy.yaml")).returncode == 0
 
 
+def test_check_config_notes_a_checkpoint_dir_and_a_port_another_process_holds(tmp_path):
+    # Said, not refused: the daemon the config is for holds both while it runs (helper-83 got a
+    # bare "ok" for a second daemon's config, which `run` then refused).
+    import fcntl
+    import socket
+
+    from streamgmm.dev.embedded import free_port
+
+    state, port = tmp_path / "state", free_port()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"checkpoint": {"dir": str(state)},
+                                                     "metrics": {"host": "127.0.0.1", "port": port}}))
+    quiet = _cli("check-config", str(tmp_path / "c.yaml"))
+    assert quiet.returncode == 0 and "note:" not in quiet.stderr
+    state.mkdir()
+    with open(state / ".lock", "a+") as lock, socket.socket() as server:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("streamgmm pid 4242 on host-a\n")
+        lock.flush()
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        held = _cli("check-config", str(tmp_path / "c.yaml"))
+    assert held.returncode == 0
+    assert f"note: checkpoint.dir {state} is in use by streamgmm pid 4242 on host-a now" in held.stderr
+    assert f"note: metrics port 127.0.0.1:{port} is taken now" in held.stderr
+
+
 def test_check_config_refuses_a_checkpoint_dir_that_run_would_refuse(tmp_path):
     # Against a checkpoint of dimension 4, a dimension-5 config, or one reading another topic,
     # passed check-config and `run` exited 2: the unit's RestartPreventExitStatus=2 left it down

@@ -1072,3 +1072,36 @@ def test_a_stop_tries_a_refused_commit_again(tmp_path):
     daemon.stop()
     daemon._last_checkpoint()
     assert daemon.source.commits[-1] == {("in", 0): 1300} and daemon.clean_stop
+
+
+def test_a_covariance_type_that_turns_full_later_is_logged(tmp_path, caplog):
+    # (helper-83: the warm-up chose tied; later checkpoints said full, with no word of the change.)
+    rng = np.random.default_rng(9)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 400, rng)
+    model = daemon.detector.model
+    model.covariance_type_ = "tied"  # as a warm-up's choice; the review itself is the model's (test_online)
+    process = daemon.detector.process
+
+    def reviewed(batch, now):
+        model.covariance_type_ = "full"  # (the model's covariances are full: scored as such)
+        return process(batch, now)
+
+    daemon.detector.process = reviewed
+    with caplog.at_level(logging.INFO, logger="streamgmm.service.daemon"):
+        _feed(daemon, 400, 100, rng)
+    assert "model global: tied covariances turned full after 500 points" in caplog.text
+
+
+def test_a_warm_up_that_gave_far_points_a_component_of_their_own_says_so(tmp_path, caplog):
+    # helper-83: 0.5% of CPU spikes present from the first message got a component and went
+    # unflagged, and nothing in the log or `inspect` said so.
+    rng = np.random.default_rng(10)
+    daemon = _daemon(tmp_path)
+    X = rng.normal(size=(200, 3))
+    X[::25, 1] += 12.0  # 8 of the 200 warm-up points
+    with caplog.at_level(logging.WARNING, logger="streamgmm.service.daemon"):
+        daemon._process({("in", 0): [FakeMessage("in", 0, i, encode(x, "json")) for i, x in enumerate(X)]})
+    assert daemon.detector.ready
+    assert re.search(r"a component of 4\.0% of the warm-up lies \d+ sd from every other \(most in f1: 1[12]\.\d+",
+                     caplog.text), caplog.text

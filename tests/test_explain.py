@@ -348,3 +348,16 @@ def test_one_feature_is_explained_by_the_component_it_lies_in():
     e = explain(np.array([[103.0], [-4.0]]), geometry, n_top=1)
     assert e.component.tolist() == [1, 0]
     assert e.z[:, 0] == pytest.approx([3.0, -4.0])
+
+
+def test_a_light_component_far_from_the_others_is_found_with_the_feature_that_sets_it_apart():
+    from streamgmm.detection.explain import component_geometry, outlying_components
+
+    means = np.array([[0.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 10.0, 0.0], [0.3, 0.0, 0.2]])
+    covariances = np.array([np.eye(3), np.eye(3), np.eye(3), np.eye(3) * 0.01])
+    weights = np.array([0.6, 0.36, 0.03, 0.01])
+    far = outlying_components(component_geometry(weights, means, covariances, "full"))
+    assert [(f.index, f.feature) for f in far] == [(2, 1)]  # the tight light one is near the first
+    assert far[0].share == pytest.approx(0.03) and far[0].distance_sd == pytest.approx(np.hypot(1.0, 9.5))
+    assert (far[0].value, far[0].expected) == (10.0, 0.5)
+    assert outlying_components(component_geometry(weights, means, covariances, "full"), min_share=0.05) == []

@@ -18,3 +18,15 @@ def test_the_python_api_example_runs_and_its_online_model_finds_both_clusters(tm
     assert sorted(np.round(online.means_[:, 0]).tolist()) == [-4.0, 4.0]
     assert online.predict(X[[0, len(X) - 1]]).tolist() in ([0, 1], [1, 0])
     assert (tmp_path / "model.npz").exists()
+
+
+def test_the_readmes_config_examples_are_valid_configs():
+    import yaml
+
+    from streamgmm.service.config import config_from_dict
+
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        config = config_from_dict(yaml.safe_load(block), environ={})
+        assert config.input.fields is None or config.input.dimension == len(config.input.fields)

@@ -549,8 +549,38 @@ def cmd_check_config(args) -> int:
     for problem in filter(None, problems):
         return _fail(problem)
     print(f"{args.file}: ok", file=sys.stderr)
+    # What `run` refuses only if no other process holds it then: said, not failed (the daemon being
+    # checked holds both; check-config said a bare "ok" to a second daemon's config, helper-83).
+    for note in _held_now(config):
+        print(f"note: {note}", file=sys.stderr)
     print(to_yaml(masked(as_dict(config))), end="")
     return 0
+
+
+def _held_now(config):
+    """The checkpoint.dir lock and the metrics port, where another process holds them now."""
+    import fcntl
+    import socket
+
+    lock = Path(config.checkpoint.dir) / ".lock"
+    try:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                holder = handle.read().strip() or "another process"
+                yield (f"checkpoint.dir {config.checkpoint.dir} is in use by {holder} now: `run` exits 2 while it is "
+                       "(fine if that is the daemon this config is for; else give each daemon its own checkpoint.dir)")
+    except OSError:
+        pass  # no lock file: nothing holds it
+    if config.metrics.enabled and config.metrics.port:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+            try:
+                probe.bind((config.metrics.host, config.metrics.port))
+            except OSError:
+                yield (f"metrics port {config.metrics.host}:{config.metrics.port} is taken now: `run` exits 2 while it "
+                       "is (fine if that is the daemon this config is for; else set metrics.port)")
 
 
 def _checkpoint_problem(config) -> str | None:
@@ -715,7 +745,8 @@ def _describe_model(initialized: bool, model: dict) -> str:
             return (f"warming up; n_components {model['n_components']}, covariance_type {model['covariance_type']} "
                     "(auto: chosen at warm-up)")
         return f"warming up; {model['n_components']} component(s), {model['covariance_type']} covariances"
-    chosen = f" (chosen at warm-up: {', '.join(auto)})" if auto else ""
+    # (A covariance type chosen at warm-up other than full may have turned full since.)
+    chosen = f" (chosen from the data: {', '.join(auto)})" if auto else ""
     return f"ready; {model['n_components']} component(s), {model['covariance_type']} covariances{chosen}"
 
 

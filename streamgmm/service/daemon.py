@@ -23,6 +23,7 @@ import numpy as np
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from ..detection.detector import AdoptionChange, Detector
+from ..detection.explain import model_geometry, outlying_components
 from ..detection.records import OutputRecord
 from .checkpointer import Checkpointer, Outcome
 from .config import Config, as_dict, masked
@@ -86,6 +87,9 @@ def _log_adoption(key: str, detector: Detector, change: AdoptionChange) -> None:
                  "no longer learned", key, 100 * change.flag_rate)
 
 
+OUTLYING_MIN_POINTS = 4
+
+
 def _log_warm_model(key: str, detector: Detector, seconds: float) -> None:
     """Say the model a warm-up made (nothing was scored before it; /readyz counted up to it)."""
     model = detector.model
@@ -93,6 +97,14 @@ def _log_warm_model(key: str, detector: Detector, seconds: float) -> None:
     log.info("%s: warm-up done on %d points in %.2f s: %d component(s), %s covariances (weights %s); scoring "
              "from here", key, model.warmup, seconds, model.n_components_, model.covariance_type_,
              ", ".join(f"{w:.3f}" for w in sorted(weights, reverse=True)))
+    names = detector.feature_names
+    # (At least OUTLYING_MIN_POINTS of the warm-up's points: fewer are a heavy tail's far points.)
+    for far in outlying_components(model_geometry(model), min_share=OUTLYING_MIN_POINTS / max(model.n_seen_, 1)):
+        log.warning("%s: a component of %.1f%% of the warm-up lies %.0f sd from every other (most in %s: %.4g, "
+                    "against %.4g): a mode of the data, or anomalies present from the start, which are normal "
+                    "from now on. If they are anomalies, start from `streamgmm fit` on a clean sample "
+                    "(model.init_from)", key, 100 * far.share, far.distance_sd, names[far.feature], far.value,
+                    far.expected, extra={"event": True})
 
 
 def _why_there(checkpointed: int | None, committed: int | None) -> str:
@@ -862,9 +874,15 @@ class Daemon:
             batch = as_batch(partitions)
             detector = self._detector(key)
             updates_before, was_ready = detector.n_updates, detector.ready
+            type_before = detector.model.covariance_type_ if was_ready else None
             result = detector.process(batch, now=time.time())
             if detector.ready and not was_ready:
                 _log_warm_model(key, detector, time.perf_counter() - started)
+            elif was_ready and detector.model.covariance_type_ != type_before:
+                # (It changed without a word, and `inspect` then put it down to the warm-up; helper-83.)
+                log.info("model %s: %s covariances turned %s after %d points: the stream shows BIC prefers them "
+                         "(model.covariance_type auto)", key, type_before, detector.model.covariance_type_,
+                         detector.model.n_seen_)
             for change in result.adoption_changes:
                 _log_adoption(key, detector, change)
             for record in result.outputs():
