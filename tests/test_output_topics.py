@@ -133,3 +133,17 @@ def test_inspect_with_a_group_shows_the_state_its_members_restore(broker, topic)
     assert topic_summaries(state_topic, broker.bootstrap)[f"{source}/0"]["n_valid"] == 40
     restored = topic_summaries(state_topic, broker.bootstrap, group=group)[f"{source}/0"]
     assert (restored["n_valid"], restored["group_commit"]) == (150, 150)
+
+
+def test_a_broker_error_the_producer_retries_rewinds_and_one_it_never_will_is_refused():
+    # A delivery report's KafkaError.retriable() is False whatever the code: with `retries`
+    # lowered, NOT_ENOUGH_REPLICAS came through and the anomaly was dropped (helper-82).
+    sink, refused = _sink()
+    assert not KafkaError(KafkaError.NOT_ENOUGH_REPLICAS).retriable()
+    for code in (KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.REQUEST_TIMED_OUT,
+                 KafkaError._MSG_TIMED_OUT):
+        sink._failed(_record(), KafkaError(code))
+    sink._failed(_record(), KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    sink._failed(_record(), KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    taken = sink.take()
+    assert (taken.transient, taken.permanent, len(refused)) == (4, 2, 2)

@@ -582,6 +582,19 @@ class WatermarkReader:
 # until someone creates the topic; nothing is lost meanwhile, and the lag and rewinds say so.
 # Except for an optional output (the scores topic): its records are dropped and counted.
 MISSING_TOPIC = (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
+# Produce errors that pass: a delivery report's KafkaError.retriable() is always False
+# (confluent-kafka makes it from the bare code), so a broker's retriable codes are named here,
+# those Kafka's producer retries.  With the default retries librdkafka retries them itself and
+# reports _MSG_TIMED_OUT if they last; with `retries` lowered they came through as they are,
+# and an anomaly refused with NOT_ENOUGH_REPLICAS was dropped as refused for good (helper-82).
+TRANSIENT_PRODUCE_ERRORS = frozenset((
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._QUEUE_FULL,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError._NODE_UPDATE, KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.KAFKA_STORAGE_ERROR,
+    KafkaError.BROKER_NOT_AVAILABLE, KafkaError.REPLICA_NOT_AVAILABLE, KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError.THROTTLING_QUOTA_EXCEEDED, KafkaError.INVALID_MSG,  # (a CRC failure in transit)
+))
 
 
 def missing_topics(producer, topics, timeout: float = 2.0) -> list[str]:
@@ -670,8 +683,7 @@ class KafkaSink:
         if error.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             return  # dropped by a rewind, which produces it again
         missing_topic = error.code() in MISSING_TOPIC
-        transient = (error.retriable() or error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
-                                                           KafkaError._TRANSPORT, KafkaError._QUEUE_FULL)
+        transient = (error.retriable() or error.code() in TRANSIENT_PRODUCE_ERRORS
                      or (missing_topic and record.topic not in self.optional_topics))
         if transient:
             self.deliveries.transient += 1
