@@ -1105,3 +1105,24 @@ def test_a_warm_up_that_gave_far_points_a_component_of_their_own_says_so(tmp_pat
     assert daemon.detector.ready
     assert re.search(r"a component of 4\.0% of the warm-up lies \d+ sd from every other \(most in f1: 1[12]\.\d+",
                      caplog.text), caplog.text
+
+
+def test_a_failed_hand_over_after_a_commit_that_timed_out_but_was_taken_keeps_that_checkpoint(tmp_path):
+    # Judged by the newest checkpoint the group was asked to take, not the model (ahead of it):
+    # withdrawn, the 300 messages the group took would be learned by no model.
+    rng = np.random.default_rng(11)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    restore_commits = _refused_then_good(daemon, KafkaError.REQUEST_TIMED_OUT)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # 1300: the commit timed out, and was taken
+    restore_commits()
+    _feed(daemon, 1300, 200, rng)
+    daemon.sink.flush = lambda timeout, give_up=None: 3  # the hand-over's checkpoint fails
+    _group_at(daemon, {("in", 0): 1300})
+    daemon._on_revoke([TopicPartition("in", 0)])
+    assert daemon._rewind_pending == "the checkpoint before a rebalance failed"
+    daemon.sink.flush = lambda timeout, give_up=None: 0
+    daemon._reload_from_checkpoint(daemon._rewind_pending)
+    assert daemon.detector.n_valid == 1300 and not list((tmp_path / "state").glob("*.withdrawn"))

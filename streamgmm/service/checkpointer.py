@@ -56,6 +56,8 @@ class Checkpointer:
         # a withdrawal then left no model at all (helper-82).
         self.committed_files: dict = {}
         self.written: dict = {}  # per model, the newest file written
+        self.written_offsets: dict = {}  # {(topic, partition): next offset} of the newest states written
+        self.uncommitted_offsets: dict = {}  # ... of the newest whose commit the group refused
 
     def due(self) -> bool:
         if not self.pending_messages or self.clock() < self.retry_at:
@@ -95,6 +97,8 @@ class Checkpointer:
             copy_failed = None
             for key, detector in sorted(detectors.items()):
                 state = detector.state(now)
+                self.written_offsets.update(((topic, int(partition)), offset) for topic, offsets in state["offsets"].items()
+                                            for partition, offset in offsets.items())
                 if key not in self.committed_files:  # the one restored at start, if any
                     self.committed_files[key] = next(iter(reversed(self.local.store_for(key).paths())), None)
                 try:
@@ -133,6 +137,7 @@ class Checkpointer:
             self.committed()
         else:
             self.uncommitted = [*self.uncommitted, *paths]
+            self.uncommitted_offsets = dict(self.written_offsets)
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
@@ -151,7 +156,7 @@ class Checkpointer:
 
     def committed(self) -> None:
         """The group took the offsets of the newest checkpoint: no file is ahead of it."""
-        self.uncommitted = []
+        self.uncommitted, self.uncommitted_offsets = [], {}
         self.committed_files.update(self.written)
 
     def withdraw_uncommitted(self) -> int:
@@ -163,7 +168,7 @@ class Checkpointer:
         way (a member expired before its first commit had its messages learned by two models).
         Returns how many were withdrawn."""
         uncommitted = [p for p in self.uncommitted if p.exists()]
-        self.uncommitted = []
+        self.uncommitted, self.uncommitted_offsets = [], {}
         if not uncommitted:
             return 0
         for path in uncommitted:

@@ -700,14 +700,16 @@ class Daemon:
         # when the loop is leaving on an error (its last batch may be half sent), nor while
         # closing (the loop made its last checkpoint and commit already; a commit here, inside
         # close(), would wait for a hung broker with no one to give it up).
-        if self._rewind_pending is None and not self._aborting and not self._closing:
-            if self.checkpointer.pending_messages and self.sink is not None:
+        if not self._aborting and not self._closing:
+            ready = self._rewind_pending is None
+            if ready and self.checkpointer.pending_messages and self.sink is not None:
                 if self._checkpoint(" before a rebalance") is Outcome.FAILED:
                     # The group's commit stays at the last checkpoint, where the partitions' next
                     # owner starts: what this model learned since is unlearned, not learned twice.
                     self._rewind_pending = "the checkpoint before a rebalance failed"
-            elif self._commit_refused and self.source is not None:
+            elif ready and self._commit_refused and self.source is not None:
                 self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
+            # (Also with a rewind pending: it reloads the newest checkpoint, which may be one of these.)
             if self.scope == "global" and self.checkpointer.uncommitted and self._group_behind(partitions):
                 # The partitions' next owner starts at the group's commit, which a refused commit
                 # (a coordinator moving, a timeout) left behind this model's newest checkpoints:
@@ -719,10 +721,12 @@ class Daemon:
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
     def _group_behind(self, partitions: list[TopicPartition]) -> bool:
-        """Whether the group's commit of these partitions is behind the model's offsets, or cannot
-        be read (a commit that timed out may have been taken: the group says)."""
-        ours = self._next_offsets()
+        """Whether the group's commit of these partitions is behind the newest checkpoint it refused,
+        or cannot be read (a commit that timed out may have been taken: the group says)."""
+        ours = self.checkpointer.uncommitted_offsets
         wanted = [tp for tp in ((p.topic, p.partition) for p in partitions) if tp in ours]
+        if not wanted:
+            return False  # none of theirs: the partitions that stay are resumed at the later of the two
         committed = self._committed(wanted)
         if committed is None:
             return True
