@@ -105,6 +105,8 @@ def test_fit_writes_a_checkpoint_the_daemon_and_inspect_read(tmp_path):
     assert summary["format_version"] == 2  # the file's own (every file said 1; helper-43)
     text = _cli("inspect", str(out))
     assert "points learned    3,000 (n_seen:" in text.stdout  # in words, not a dict repr
+    # Each component's mean (helper-83: weights alone hid a component of anomalies taken in).
+    assert len(summary["means"]) == 2 and re.search(r"  component \d: weight 0\.\d+, mean a -?[\d.]+, b ", text.stdout)  # input.fields
     assert "{" not in text.stdout
     # How the threshold was set (fit calibrates on the file's scores, as they were scored).
     assert "q = 0.01, from the stream's scores as they were scored" in text.stdout, text.stdout

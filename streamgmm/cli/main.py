@@ -667,7 +667,15 @@ def _summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dic
     model = state["model"]
     from ..mixture.online import OnlineGaussianMixture
 
-    weights = OnlineGaussianMixture.from_dict(model).weights_.tolist() if model.get("initialized") else None
+    weights = means = far = None
+    if model.get("initialized"):
+        from ..detection.explain import model_geometry, outlying_components
+
+        online = OnlineGaussianMixture.from_dict(model)
+        weights, means = online.weights_.tolist(), online.means_.tolist()
+        # (helper-83: `inspect` showed weights only, and a 0.5% component of CPU spikes the warm-up
+        # had taken in for normal looked like any other.)
+        far = {o.index: round(o.distance_sd, 1) for o in outlying_components(model_geometry(online))}
     configured = {k: model["params"][k] for k in ("n_components", "covariance_type")}
     return {
         "path": str(path),
@@ -686,6 +694,8 @@ def _summary(state: dict, path: str | Path, checkpoints: list[Path] = ()) -> dic
         "model": {**configured, **model.get("chosen", {}),
                   **{k: model["params"][k] for k in ("alpha", "half_life")}, "configured": configured},
         "weights": weights,
+        "means": means,  # per component, in the input's units and order
+        "far_components": far,  # {component: sd from the nearest other}, for light ones far from the rest
         "checkpoints": [str(p) for p in checkpoints],
     }
 
@@ -779,7 +789,17 @@ def _describe(summary: dict) -> str:
                      "the two)")
     if summary["weights"]:
         lines.append("component weights " + " ".join(f"{w:.3f}" for w in summary["weights"]))
+        names = summary["input"].get("fields") or [f"f{j}" for j in range(len(summary["means"][0]))]
+        for k in np.argsort(summary["weights"])[::-1]:
+            mean = ", ".join(f"{name} {value:.4g}" for name, value in zip(names[:MEANS_SHOWN], summary["means"][k]))
+            more = f", ... ({len(names) - MEANS_SHOWN} more)" if len(names) > MEANS_SHOWN else ""
+            far = summary["far_components"].get(int(k))
+            note = f"  <- {far:g} sd from every other component: a mode of the data, or anomalies taken in" if far else ""
+            lines.append(f"  component {k}: weight {summary['weights'][k]:.3f}, mean {mean}{more}{note}")
     return "\n".join(lines)
+
+
+MEANS_SHOWN = 8  # features of each component's mean in `inspect` (--json has them all)
 
 
 def _strict_json(value) -> str:
