@@ -1126,3 +1126,123 @@ def test_a_failed_hand_over_after_a_commit_that_timed_out_but_was_taken_keeps_th
     daemon.sink.flush = lambda timeout, give_up=None: 0
     daemon._reload_from_checkpoint(daemon._rewind_pending)
     assert daemon.detector.n_valid == 1300 and not list((tmp_path / "state").glob("*.withdrawn"))
+
+
+# ---------------------------------------------------------------- helper-85's review
+def _files(tmp_path, pat="checkpoint-*.sgmm"):
+    return sorted(p.name for p in (tmp_path / "state").glob(pat))
+
+
+def test_a_hand_over_withdraws_only_the_checkpoints_past_the_groups_commit(tmp_path):
+    """C2 (1300): its commit 'timed out' but the group took it; C3 (1500): refused for real.
+    At the hand-over (group at 1300) only C3 goes: withdrawing both put the model back at 1000
+    while the next owner starts at 1300, 300 messages learned by no model."""
+    rng = np.random.default_rng(5)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()  # C1 1000 committed
+    _refused_then_good(daemon, KafkaError.REQUEST_TIMED_OUT)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # C2 1300 "refused" (but taken)
+    _refused_then_good(daemon, KafkaError.NOT_COORDINATOR)
+    _feed(daemon, 1300, 200, rng)
+    daemon._checkpoint()  # C3 1500 refused
+    _group_at(daemon, {("in", 0): 1300})
+    daemon._on_revoke([TopicPartition("in", 0)])
+    daemon._reload_from_checkpoint(daemon._rewind_pending)
+    # The next owner starts at 1300 (the group's commit); this model is at 1000:
+    assert daemon.detector.n_valid == 1300, "messages 1000..1300 learned by no model"
+
+
+def test_pruning_never_protects_a_withdrawn_checkpoint(tmp_path):
+    rng = np.random.default_rng(6)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()  # C1 1000 committed
+    restore = _refused_then_good(daemon, KafkaError.REQUEST_TIMED_OUT)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # C2 1300 refused
+    _group_at(daemon, {("in", 0): 1000})
+    daemon._on_revoke([TopicPartition("in", 0)])  # commit refused again; group behind: C2 withdrawn
+    assert daemon._rewind_pending
+    # next assignment: reload before assigning (as _on_assign does)
+    daemon._reload_from_checkpoint(daemon._rewind_pending)
+    assert daemon.detector.n_valid == 1000
+    # a second rebalance before any message: the hand-over retries the refused commit, now taken
+    restore()
+    daemon._on_revoke([TopicPartition("in", 0)])
+    daemon.assigned = {("in", 0)}
+    # three checkpoints whose commits are refused (coordinator moving), then a loss
+    _refused_then_good(daemon, KafkaError.COORDINATOR_NOT_AVAILABLE)
+    for i in range(3):
+        _feed(daemon, 1000 + 100 * i, 100, rng)
+        daemon._checkpoint()
+    daemon._on_lost([TopicPartition("in", 0)])
+    daemon.assigned = {("in", 0)}
+    daemon._rewind()
+    assert daemon.detector.n_valid == 1000, "the 1000 messages the group took are in no model"
+
+
+def test_a_checkpoint_whose_state_topic_write_failed_is_withdrawn_at_a_hand_over_behind_it(tmp_path):
+    from streamgmm.service.state import CheckpointError
+
+    class BadTopic:
+        topic = "state"
+        def write(self, key, state):
+            pass
+        def flush(self, timeout, give_up=None):
+            raise CheckpointError("state topic: 1 record(s) unacknowledged")
+
+    rng = np.random.default_rng(7)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()  # 1000, committed
+    _feed(daemon, 1000, 500, rng)
+    daemon.checkpointer.topic_store = BadTopic()
+    _group_at(daemon, {("in", 0): 1000})
+    daemon._on_revoke([TopicPartition("in", 0)])
+    daemon._reload_from_checkpoint(daemon._rewind_pending)
+    assert daemon.detector.n_valid == 1000, "reloaded the failed checkpoint's file: next owner starts at 1000"
+
+
+def test_a_checkpoint_restored_past_the_groups_commit_is_withdrawn_at_a_hand_over_behind_it(tmp_path):
+    rng = np.random.default_rng(8)
+    first = _daemon(tmp_path)
+    _feed(first, 0, 1000, rng)
+    first._checkpoint()  # 1000 committed
+    _refused_then_good(first, KafkaError.COORDINATOR_NOT_AVAILABLE)
+    _feed(first, 1000, 300, rng)
+    first.stop()
+    first._last_checkpoint()  # 1300 written, commit refused; the process exits
+    second = _daemon(tmp_path)
+    second.restore()
+    _group_at(second, {("in", 0): 1000})
+    second.assigned = set()
+    second.source.assign = lambda starts: None
+    second.source.pause = lambda tps: None
+    second.assigned = frozenset()
+    second._on_assign([TopicPartition("in", 0)])
+    _feed(second, 1300, 200, rng)
+    _refused_then_good(second, KafkaError.NOT_COORDINATOR)
+    second._on_revoke([TopicPartition("in", 0)])
+    second._reload_from_checkpoint(second._rewind_pending or "x")
+    assert second.detector.n_valid <= 1000, "1000..1300 learned by this model and by the next owner"
+
+
+def test_a_checkpoint_dir_that_cannot_be_listed_fails_the_checkpoint_not_the_daemon(tmp_path, monkeypatch):
+    import errno, pathlib
+    from streamgmm.service.checkpointer import Outcome
+    rng = np.random.default_rng(9)
+    daemon = _daemon(tmp_path)   # a fresh process: committed_files is empty
+    _feed(daemon, 0, 1000, rng)
+    real = pathlib.Path.iterdir
+
+    def iterdir(self):
+        if self.name == "state":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    outcome = daemon._checkpoint()   # base: FAILED (retried with a back-off); HEAD: raises
+    assert outcome is Outcome.FAILED

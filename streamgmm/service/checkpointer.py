@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 from confluent_kafka import KafkaException
@@ -15,6 +16,12 @@ from .metrics import Metrics
 from .state import GLOBAL_KEY, CheckpointError, LocalStateStore, TopicStateStore
 
 log = logging.getLogger(__name__)
+
+
+def offsets_of(state: dict) -> dict[tuple[str, int], int]:
+    """A checkpoint state's next offset per partition."""
+    return {(topic, int(partition)): offset for topic, offsets in state["offsets"].items()
+            for partition, offset in offsets.items()}
 
 # How long a checkpoint waits for the broker to acknowledge the output records it covers.
 FLUSH_TIMEOUT_SECONDS = 30.0
@@ -48,16 +55,15 @@ class Checkpointer:
         self.written_since_start = False  # (last_written is then the start: see Daemon's /readyz words)
         self.failures = 0  # in a row
         self.retry_at = 0.0
-        # Files whose offsets the group has not taken, newest last: what a member that turns out
-        # to have left the group withdraws (see ``withdraw_uncommitted``) ...
-        self.uncommitted: list = []
+        # Files whose offsets the group has not taken, newest last, each with its offsets
+        # ({(topic, partition): next offset}): what a member that turns out to have left the
+        # group, or handed partitions over behind them, withdraws (see ``withdraw_uncommitted``) ...
+        self.uncommitted: list[tuple[Path, dict]] = []
         # ... and, per model, the newest file it did take (or the one restored at start), which
         # pruning keeps: three checkpoints in a row with their commits refused pruned it, and
         # a withdrawal then left no model at all (helper-82).
         self.committed_files: dict = {}
         self.written: dict = {}  # per model, the newest file written
-        self.written_offsets: dict = {}  # {(topic, partition): next offset} of the newest states written
-        self.uncommitted_offsets: dict = {}  # ... of the newest whose commit the group refused
 
     def due(self) -> bool:
         if not self.pending_messages or self.clock() < self.retry_at:
@@ -93,25 +99,30 @@ class Checkpointer:
             if unacknowledged:
                 raise CheckpointError(f"{unacknowledged} output record(s) still unacknowledged after "
                                       f"{time.perf_counter() - started:.0f} s (is the broker reachable?)")
-            paths = []
+            paths, written = [], []
             copy_failed = None
             for key, detector in sorted(detectors.items()):
                 state = detector.state(now)
-                self.written_offsets.update(((topic, int(partition)), offset) for topic, offsets in state["offsets"].items()
-                                            for partition, offset in offsets.items())
-                if key not in self.committed_files:  # the one restored at start, if any
-                    self.committed_files[key] = next(iter(reversed(self.local.store_for(key).paths())), None)
                 try:
+                    if key not in self.committed_files:  # the one restored at start, if any
+                        self.committed_files[key] = next(iter(reversed(self.local.store_for(key).paths())), None)
                     paths.append(self.local.write(key, state, self.committed_files[key]))
                     self.written[key] = paths[-1]
+                    written.append((paths[-1], offsets_of(state)))
                 except (CheckpointError, OSError) as exc:
                     if not self.local_is_copy:
-                        raise
+                        raise CheckpointError(str(exc)) if isinstance(exc, OSError) else exc
                     copy_failed = exc
                 if self.topic_store is not None:
                     self.topic_store.write(key, state)
             if self.topic_store is not None:
-                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
+                try:
+                    self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
+                except (CheckpointError, KafkaException, BufferError):
+                    # The files are written and not committed: a reload would take them (helper-85:
+                    # a hand-over after this left 500 messages learned twice).
+                    self.uncommitted = [*self.uncommitted, *written]
+                    raise
             if copy_failed is not None:  # the topic took it: not a failure, but not a silent one (helper-56)
                 self.metrics.checkpoint_copy_failures.inc()
                 log.warning("the local copy of the checkpoint in checkpoint.dir %s failed (%s); the state topic "
@@ -135,9 +146,8 @@ class Checkpointer:
         self.written_since_start = True
         if commit():
             self.committed()
-        else:
-            self.uncommitted = [*self.uncommitted, *paths]
-            self.uncommitted_offsets = dict(self.written_offsets)
+        else:  # (those pruned since are gone: the list stays as long as the files kept)
+            self.uncommitted = [entry for entry in self.uncommitted if entry[0].exists()] + written
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
@@ -156,19 +166,32 @@ class Checkpointer:
 
     def committed(self) -> None:
         """The group took the offsets of the newest checkpoint: no file is ahead of it."""
-        self.uncommitted, self.uncommitted_offsets = [], {}
-        self.committed_files.update(self.written)
+        self.uncommitted = []
+        self.committed_files.update((key, path) for key, path in self.written.items() if path.exists())
 
-    def withdraw_uncommitted(self) -> int:
+    def ahead_of_group(self, path: Path, offsets: dict) -> None:
+        """The checkpoint restored at start is ahead of the group's commit (a commit refused
+        before the last stop): a file like those written since whose commit was refused."""
+        if all(p != path for p, _ in self.uncommitted):
+            self.uncommitted = [(path, offsets), *self.uncommitted]
+
+    def withdraw_uncommitted(self, group: dict | None = None) -> int:
         """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) every
         local checkpoint written since the last one the group committed, so that a reload goes
         back to that one (see ``Daemon._checkpoint``).  When none is left, the model starts
         afresh from the group's commit: kept, it would hold messages that the group gives to the
         partitions' next owner as well, and they are read again from the group's commit either
         way (a member expired before its first commit had its messages learned by two models).
-        Returns how many were withdrawn."""
-        uncommitted = [p for p in self.uncommitted if p.exists()]
-        self.uncommitted, self.uncommitted_offsets = [], {}
+        ``group``: the group's commits ({(topic, partition): offset}), where known: only the
+        files past them on one of those partitions go (one whose commit timed out but was taken
+        stays; helper-85).  Returns how many were withdrawn."""
+        def past_the_group(offsets: dict) -> bool:
+            return group is None or any(tp in group and offset > group[tp] for tp, offset in offsets.items())
+
+        uncommitted = [path for path, offsets in self.uncommitted if path.exists() and past_the_group(offsets)]
+        self.uncommitted = []
+        # (A withdrawn file is not the newest committed one, whatever a later commit says.)
+        self.written = {key: path for key, path in self.written.items() if path not in uncommitted}
         if not uncommitted:
             return 0
         for path in uncommitted:

@@ -576,6 +576,8 @@ class Daemon:
         read = self._committed(owned)
         committed = read or {}
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
+        if self.scope == "global" and read is not None and not self.checkpointer.written:
+            self._note_restored_ahead(owned, committed)
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
@@ -620,6 +622,21 @@ class Daemon:
             self._observe_partition_models()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
+
+    def _note_restored_ahead(self, owned, committed: dict) -> None:
+        """The checkpoint restored at start, where it is past the group's commit of a partition now
+        assigned (its commit refused before the last stop), is one the group has not taken: a
+        hand-over behind it withdraws it, as those written since (helper-85: after a restart, a
+        refused hand-over unlearned back to it only, and the next owner learned 300 again)."""
+        offsets = dict(self.detector.offsets) if GLOBAL_KEY in self.detectors else {}
+        if not any(offsets[tp] > committed.get(tp, -1) for tp in owned if tp in offsets):
+            return
+        try:
+            newest = self.local.store_for(GLOBAL_KEY).paths()[-1:]
+        except OSError:
+            return
+        if newest:
+            self.checkpointer.ahead_of_group(newest[0], offsets)
 
     def _pin_latest(self, owned, committed: dict) -> tuple[dict[tuple[str, int], int], set[tuple[str, int]]]:
         """auto.offset.reset latest: the log's end now of each partition with neither a checkpoint
@@ -710,30 +727,24 @@ class Daemon:
             elif ready and self._commit_refused and self.source is not None:
                 self._commit()  # nothing new, but the last commit was refused: hand over the checkpoint's offsets
             # (Also with a rewind pending: it reloads the newest checkpoint, which may be one of these.)
-            if self.scope == "global" and self.checkpointer.uncommitted and self._group_behind(partitions):
+            if self.scope == "global" and self.checkpointer.uncommitted:
                 # The partitions' next owner starts at the group's commit, which a refused commit
-                # (a coordinator moving, a timeout) left behind this model's newest checkpoints:
-                # kept, what they hold past it was learned twice (helper-82: 300-400 messages).
-                # They are withdrawn and the model unlearns back to the last one the group took.
-                self.checkpointer.withdraw_uncommitted()
-                self._rewind_pending = "the group did not take the offsets of the checkpoint handed over"
+                # (a coordinator moving, a timeout) may have left behind this model's newest
+                # checkpoints: kept, what they hold past it was learned twice (helper-82: 300-400
+                # messages).  Those past it are withdrawn (all of them if the group cannot say),
+                # and the model unlearns back to the newest one the group took.
+                handed = self._handed_over(partitions)
+                committed = self._committed(handed)
+                group = None if committed is None else {tp: committed.get(tp, -1) for tp in handed}  # -1: none yet
+                if self.checkpointer.withdraw_uncommitted(group):
+                    self._rewind_pending = "the group did not take the offsets of the checkpoint handed over"
         self._release(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
-    def _group_behind(self, partitions: list[TopicPartition]) -> bool:
-        """Whether the group's commit of these partitions is behind the newest checkpoint it refused,
-        or cannot be read (a commit that timed out may have been taken: the group says)."""
-        ours = self.checkpointer.uncommitted_offsets
-        wanted = [tp for tp in ((p.topic, p.partition) for p in partitions) if tp in ours]
-        if not wanted:
-            return False  # none of theirs: the partitions that stay are resumed at the later of the two
-        committed = self._committed(wanted)
-        if committed is None:
-            return True
-        if all(committed.get(tp) is not None and committed[tp] >= ours[tp] for tp in wanted):
-            self.checkpointer.committed()  # it was: nothing to withdraw
-            return False
-        return True
+    def _handed_over(self, partitions: list[TopicPartition]) -> list[tuple[str, int]]:
+        """Those of the partitions that the uncommitted checkpoints name."""
+        named = {tp for _, offsets in self.checkpointer.uncommitted for tp in offsets}
+        return [tp for tp in ((p.topic, p.partition) for p in partitions) if tp in named]
 
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
         # The group gave these away without us (we were too slow or cut off): their new owner

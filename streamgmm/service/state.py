@@ -48,6 +48,7 @@ MAGIC = b"STREAMGMM-CHECKPOINT\n"
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 FILE_PATTERN = re.compile(r"^checkpoint-(\d{12})\.sgmm$")
+NUMBERED = re.compile(r"^checkpoint-(\d{12})\.sgmm(?:\.withdrawn)?$")
 # Fault injection for the crash tests: hold every write between the temporary file and the
 # rename for this long, so a SIGKILL can land in the middle of a checkpoint. Never set it
 # in production.
@@ -174,8 +175,10 @@ class CheckpointStore:
         data = pack(state)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            existing = self.paths()
-            sequence = int(FILE_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 1
+            # Past withdrawn ones too: a number used again renamed the next withdrawn file over the
+            # first (helper-85).
+            numbers = [int(m.group(1)) for p in self.directory.iterdir() if (m := NUMBERED.match(p.name))]
+            sequence = max(numbers, default=0) + 1
             path = write_atomically(self.directory / f"checkpoint-{sequence:012d}.sgmm", data, self._fault_pause)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
