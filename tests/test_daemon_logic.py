@@ -1246,3 +1246,18 @@ def test_a_checkpoint_dir_that_cannot_be_listed_fails_the_checkpoint_not_the_dae
     (tmp_path / "state").mkdir(exist_ok=True)
     outcome = daemon._checkpoint()   # base: FAILED (retried with a back-off); HEAD: raises
     assert outcome is Outcome.FAILED
+
+
+def test_a_hand_over_that_cannot_read_the_groups_commit_withdraws_every_uncommitted_checkpoint(tmp_path):
+    rng = np.random.default_rng(12)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _refused_then_good(daemon, KafkaError.REQUEST_TIMED_OUT)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # 1300, refused
+    daemon.source.committed = _fails(KafkaError._TIMED_OUT, "coordinator gone")
+    daemon._on_revoke([TopicPartition("in", 0)])
+    assert daemon._rewind_pending is not None and len(_files(tmp_path, "*.withdrawn")) == 1
+    daemon._reload_from_checkpoint(daemon._rewind_pending)
+    assert daemon.detector.n_valid == 1000

@@ -594,6 +594,7 @@ TRANSIENT_PRODUCE_ERRORS = frozenset((
     KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.KAFKA_STORAGE_ERROR,
     KafkaError.BROKER_NOT_AVAILABLE, KafkaError.REPLICA_NOT_AVAILABLE, KafkaError.UNKNOWN_LEADER_EPOCH,
     KafkaError.THROTTLING_QUOTA_EXCEEDED, KafkaError.INVALID_MSG,  # (a CRC failure in transit)
+    KafkaError._INVALID_DIFFERENT_RECORD,  # (good, failed beside another record of its batch that was not)
 ))
 
 
