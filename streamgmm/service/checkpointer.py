@@ -189,7 +189,10 @@ class Checkpointer:
             return group is None or any(tp in group and offset > group[tp] for tp, offset in offsets.items())
 
         uncommitted = [path for path, offsets in self.uncommitted if path.exists() and past_the_group(offsets)]
-        self.uncommitted = []
+        # Those kept stay listed where they name partitions the group was not asked about (still
+        # this member's, with a cooperative assignor): a later hand-over of those checks them.
+        self.uncommitted = [(path, offsets) for path, offsets in self.uncommitted if path not in uncommitted
+                            and path.exists() and group is not None and any(tp not in group for tp in offsets)]
         # (A withdrawn file is not the newest committed one, whatever a later commit says.)
         self.written = {key: path for key, path in self.written.items() if path not in uncommitted}
         if not uncommitted:
