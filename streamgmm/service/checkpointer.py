@@ -55,15 +55,18 @@ class Checkpointer:
         self.written_since_start = False  # (last_written is then the start: see Daemon's /readyz words)
         self.failures = 0  # in a row
         self.retry_at = 0.0
-        # Files whose offsets the group has not taken, newest last, each with its offsets
-        # ({(topic, partition): next offset}): what a member that turns out to have left the
-        # group, or handed partitions over behind them, withdraws (see ``withdraw_uncommitted``) ...
-        self.uncommitted: list[tuple[Path, dict]] = []
-        # ... and, per model, the newest file it did take (or the one restored at start), which
-        # pruning keeps: three checkpoints in a row with their commits refused pruned it, and
-        # a withdrawal then left no model at all (helper-82).
-        self.committed_files: dict = {}
-        self.written: dict = {}  # per model, the newest file written
+        # Files whose offsets the group has not taken (or may not have: a commit refused or timed
+        # out, the file restored at start), oldest first, as (model key, path, {(topic, partition):
+        # next offset}): what a member that left the group, or handed partitions over behind
+        # them, withdraws (see ``withdraw_uncommitted``) ...
+        self.uncommitted: list[tuple[str, Path, dict]] = []
+        # ... and what pruning keeps, per model: the newest file the group took, the oldest of
+        # those it may have taken, and until it takes one, the files there were at start (three
+        # checkpoints in a row with their commits refused pruned the one the group had, and a
+        # withdrawal then left no model at all: 1,000 messages learned by none; helper-82, -86).
+        self.committed_files: dict[str, Path] = {}
+        self.files_at_start: dict[str, frozenset] = {}
+        self.written: dict[str, Path] = {}  # per model, the newest file written
 
     def due(self) -> bool:
         if not self.pending_messages or self.clock() < self.retry_at:
@@ -104,11 +107,11 @@ class Checkpointer:
             for key, detector in sorted(detectors.items()):
                 state = detector.state(now)
                 try:
-                    if key not in self.committed_files:  # the one restored at start, if any
-                        self.committed_files[key] = next(iter(reversed(self.local.store_for(key).paths())), None)
-                    paths.append(self.local.write(key, state, self.committed_files[key]))
+                    if key not in self.files_at_start:
+                        self.files_at_start[key] = frozenset(self.local.store_for(key).paths())
+                    paths.append(self.local.write(key, state, self._kept(key)))
                     self.written[key] = paths[-1]
-                    written.append((paths[-1], offsets_of(state)))
+                    written.append((key, paths[-1], offsets_of(state)))
                 except (CheckpointError, OSError) as exc:
                     if not self.local_is_copy:
                         raise CheckpointError(str(exc)) if isinstance(exc, OSError) else exc
@@ -121,7 +124,7 @@ class Checkpointer:
                 except (CheckpointError, KafkaException, BufferError):
                     # The files are written and not committed: a reload would take them (helper-85:
                     # a hand-over after this left 500 messages learned twice).
-                    self.uncommitted = [*self.uncommitted, *written]
+                    self._not_taken(written)
                     raise
             if copy_failed is not None:  # the topic took it: not a failure, but not a silent one (helper-56)
                 self.metrics.checkpoint_copy_failures.inc()
@@ -146,8 +149,8 @@ class Checkpointer:
         self.written_since_start = True
         if commit():
             self.committed()
-        else:  # (those pruned since are gone: the list stays as long as the files kept)
-            self.uncommitted = [entry for entry in self.uncommitted if entry[0].exists()] + written
+        else:
+            self._not_taken(written)
         duration = time.perf_counter() - started
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(duration)
@@ -164,42 +167,66 @@ class Checkpointer:
                  extra={"ends_repeats": bool(failed_before)})  # a next failure is a new episode: logged
         return Outcome.WRITTEN
 
+    def _kept(self, key: str) -> frozenset:
+        """The files of ``key`` pruning leaves (see ``committed_files``)."""
+        oldest_maybe_taken = next((path for k, path, _ in self.uncommitted if k == key), None)
+        return frozenset({self.committed_files.get(key), oldest_maybe_taken}) | self.files_at_start.get(key, frozenset())
+
+    def _not_taken(self, written: list) -> None:
+        # (Those pruned since are gone: the list is as long as the files kept.)
+        self.uncommitted = [entry for entry in self.uncommitted if entry[1].exists()] + written
+
     def committed(self) -> None:
         """The group took the offsets of the newest checkpoint: no file is ahead of it."""
-        self.uncommitted = []
+        self.uncommitted, self.files_at_start = [], {key: frozenset() for key in self.files_at_start}
         self.committed_files.update((key, path) for key, path in self.written.items() if path.exists())
 
-    def ahead_of_group(self, path: Path, offsets: dict) -> None:
-        """The checkpoint restored at start is ahead of the group's commit (a commit refused
-        before the last stop): a file like those written since whose commit was refused."""
-        if all(p != path for p, _ in self.uncommitted):
-            self.uncommitted = [(path, offsets), *self.uncommitted]
+    def restored_from(self, key: str, path: Path, offsets: dict) -> None:
+        """The file a model was restored from at start: the group may not have taken it (a commit
+        refused before the last stop); the next withdrawal asks."""
+        if all(p != path for _, p, _ in self.uncommitted):
+            self.uncommitted = [(key, path, offsets), *self.uncommitted]
 
     def withdraw_uncommitted(self, group: dict | None = None) -> int:
-        """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) every
-        local checkpoint written since the last one the group committed, so that a reload goes
-        back to that one (see ``Daemon._checkpoint``).  When none is left, the model starts
-        afresh from the group's commit: kept, it would hold messages that the group gives to the
-        partitions' next owner as well, and they are read again from the group's commit either
-        way (a member expired before its first commit had its messages learned by two models).
-        ``group``: the group's commits ({(topic, partition): offset}), where known: only the
-        files past them on one of those partitions go (one whose commit timed out but was taken
-        stays; helper-85).  Returns how many were withdrawn."""
+        """Set aside (renamed ``*.withdrawn``: no longer loaded, still there to inspect) the local
+        checkpoints the group has not taken, so that a reload goes back to the newest it did
+        (see ``Daemon._checkpoint``).  When none is left, the model starts afresh from the
+        group's commit: kept, they would hold messages that the group gives to the partitions'
+        next owner as well, and they are read again from the group's commit either way (a
+        member expired before its first commit had its messages learned by two models).
+        ``group``: the group's commits ({(topic, partition): offset, -1 for none}) of the
+        partitions asked about, where it could say: a file past them on one of those goes, one
+        at or behind them on all it names is taken (one whose commit timed out and was taken
+        stays; helper-85), one naming others stays listed (a cooperative assignor's partial
+        revoke); None: every one goes.  Returns how many were withdrawn."""
         def past_the_group(offsets: dict) -> bool:
             return group is None or any(tp in group and offset > group[tp] for tp, offset in offsets.items())
 
-        uncommitted = [path for path, offsets in self.uncommitted if path.exists() and past_the_group(offsets)]
-        # Those kept stay listed where they name partitions the group was not asked about (still
-        # this member's, with a cooperative assignor): a later hand-over of those checks them.
-        self.uncommitted = [(path, offsets) for path, offsets in self.uncommitted if path not in uncommitted
-                            and path.exists() and group is not None and any(tp not in group for tp in offsets)]
+        uncommitted, listed = [], []
+        for key, path, offsets in self.uncommitted:
+            if not path.exists():
+                continue
+            if past_the_group(offsets):
+                uncommitted.append(path)
+            elif all(tp in group for tp in offsets):
+                self.committed_files[key] = path  # taken (the list is oldest first: the newest wins)
+            else:
+                listed.append((key, path, offsets))
+        self.uncommitted = listed
         # (A withdrawn file is not the newest committed one, whatever a later commit says.)
         self.written = {key: path for key, path in self.written.items() if path not in uncommitted}
         if not uncommitted:
             return 0
         for path in uncommitted:
-            path.rename(path.with_name(path.name + ".withdrawn"))
-        remaining, _ = self.local.store_for(GLOBAL_KEY).newest_valid()
+            try:
+                path.rename(path.with_name(path.name + ".withdrawn"))
+            except OSError as exc:  # (a read-only or failing disk: said, not fatal in a rebalance callback)
+                log.error("cannot set aside checkpoint %s (%s): a reload takes it, and the messages it holds past "
+                          "the group's commit are learned twice", path, exc.strerror or exc)
+        try:
+            remaining, _ = self.local.store_for(GLOBAL_KEY).newest_valid()
+        except OSError:
+            remaining = None
         log.warning("withdrew checkpoint(s) %s: the group did not take their offsets%s",
                     ", ".join(p.name for p in uncommitted),
                     "" if remaining is not None else "; no earlier one is left: the model starts afresh from the "

@@ -576,8 +576,8 @@ class Daemon:
         read = self._committed(owned)
         committed = read or {}
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
-        if self.scope == "global" and read is not None and not self.checkpointer.written:
-            self._note_restored_ahead(owned, committed)
+        if self.scope == "global" and not self.checkpointer.written:
+            self._note_restored(owned, committed if read is not None else None)
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
@@ -623,20 +623,20 @@ class Daemon:
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
 
-    def _note_restored_ahead(self, owned, committed: dict) -> None:
-        """The checkpoint restored at start, where it is past the group's commit of a partition now
-        assigned (its commit refused before the last stop), is one the group has not taken: a
-        hand-over behind it withdraws it, as those written since (helper-85: after a restart, a
-        refused hand-over unlearned back to it only, and the next owner learned 300 again)."""
-        offsets = dict(self.detector.offsets) if GLOBAL_KEY in self.detectors else {}
-        if not any(offsets[tp] > committed.get(tp, -1) for tp in owned if tp in offsets):
+    def _note_restored(self, owned, committed: dict | None) -> None:
+        """The checkpoint restored at start, unless the group's commit (``committed``, None if it
+        cannot say) of every partition now assigned is at or past it, is one the group may not
+        have taken (its commit refused before the last stop): the next withdrawal asks the group
+        (helper-85: after a restart, a refused hand-over unlearned back to it only, and the next
+        owner learned 300 messages again)."""
+        path = self.local.restored.get(GLOBAL_KEY)  # (not the newest file: that one may be unreadable)
+        if path is None or GLOBAL_KEY not in self.detectors:
             return
-        try:
-            newest = self.local.store_for(GLOBAL_KEY).paths()[-1:]
-        except OSError:
-            return
-        if newest:
-            self.checkpointer.ahead_of_group(newest[0], offsets)
+        offsets = dict(self.detector.offsets)
+        if committed is not None and all(offsets[tp] <= committed.get(tp, -1) for tp in owned if tp in offsets):
+            self.checkpointer.committed_files[GLOBAL_KEY] = path
+        else:
+            self.checkpointer.restored_from(GLOBAL_KEY, path, offsets)
 
     def _pin_latest(self, owned, committed: dict) -> tuple[dict[tuple[str, int], int], set[tuple[str, int]]]:
         """auto.offset.reset latest: the log's end now of each partition with neither a checkpoint
@@ -733,24 +733,26 @@ class Daemon:
                 # checkpoints: kept, what they hold past it was learned twice (helper-82: 300-400
                 # messages).  Those past it are withdrawn (all of them if the group cannot say),
                 # and the model unlearns back to the newest one the group took.
-                handed = self._handed_over(partitions)
-                committed = self._committed(handed)
-                group = None if committed is None else {tp: committed.get(tp, -1) for tp in handed}  # -1: none yet
-                if self.checkpointer.withdraw_uncommitted(group):
+                if self.checkpointer.withdraw_uncommitted(self._group_commits(partitions)):
                     self._rewind_pending = "the group did not take the offsets of the checkpoint handed over"
         self._release(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
-    def _handed_over(self, partitions: list[TopicPartition]) -> list[tuple[str, int]]:
-        """Those of the partitions that the uncommitted checkpoints name."""
-        named = {tp for _, offsets in self.checkpointer.uncommitted for tp in offsets}
-        return [tp for tp in ((p.topic, p.partition) for p in partitions) if tp in named]
+    def _group_commits(self, partitions) -> dict | None:
+        """The group's commits of those of ``partitions`` (TopicPartitions or (topic, partition))
+        that the uncommitted checkpoints name, -1 for none yet; None if the group cannot say.
+        (Asked also of a member that left the group: its commits are the group's, not the member's.)"""
+        named = {tp for _, _, offsets in self.checkpointer.uncommitted for tp in offsets}
+        wanted = [tp for tp in (p if isinstance(p, tuple) else (p.topic, p.partition) for p in partitions) if tp in named]
+        committed = self._committed(wanted)
+        return None if committed is None else {tp: committed.get(tp, -1) for tp in wanted}
 
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
         # The group gave these away without us (we were too slow or cut off): their new owner
         # resumes from the last commit, so what we learned of them since must be unlearned.
         self._rewind_pending = "partitions were lost to the group (session timed out)"
-        if self.scope == "global" and self.checkpointer.withdraw_uncommitted() and self._closing:
+        if (self.scope == "global" and self.checkpointer.uncommitted
+                and self.checkpointer.withdraw_uncommitted(self._group_commits(partitions)) and self._closing):
             # (Their new owners start from the group's commit.)  On the way out: the stop is not
             # clean (it exited 0 after the broker went down and the commit of the checkpoint at
             # shutdown was refused; helper-67).
@@ -800,11 +802,14 @@ class Daemon:
     def _last_checkpoint(self) -> None:
         """The checkpoint on the way out; ``clean_stop`` says whether it left nothing to redo."""
         if not self.checkpointer.pending_messages:
-            if self._commit_refused and self._rewind_pending is None and self.source is not None:
+            if (self._commit_refused and self._rewind_pending is None and self.source is not None
+                    and not self.source.wedged):  # (a wedged consumer's commit hangs: see KafkaSource.commit)
                 self._commit()  # nothing new since the last checkpoint, whose commit was refused: once more
             return
         if self._rewind_pending is None:
-            self.clean_stop = self._checkpoint(" at shutdown", last=True) is Outcome.WRITTEN
+            outcome = self._checkpoint(" at shutdown", last=True)
+            # (Written, then withdrawn for a refused commit, it exited 0; helper-86.)
+            self.clean_stop = outcome is Outcome.WRITTEN and self._rewind_pending is None
         else:
             self.clean_stop = False
             log.error("stopping without a checkpoint (%s): the messages since the last one are read and learned "
@@ -982,7 +987,7 @@ class Daemon:
             # or stalled process): the partitions' new owners start from the group's last commit,
             # so what the checkpoints since hold beyond it would be learned twice. They are
             # withdrawn and the model unlearns back to the last one the group took.
-            self.checkpointer.withdraw_uncommitted()
+            self.checkpointer.withdraw_uncommitted(self._group_commits(self.assigned))
             self._rewind_pending = f"the group refused the commit of the checkpoint{when} (this member had left it)"
         elif outcome is Outcome.WRITTEN:
             self._rewinds_in_a_row = 0

@@ -169,9 +169,10 @@ class CheckpointStore:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := FILE_PATTERN.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def write(self, state: dict, protect: Path | None = None) -> Path:
+    def write(self, state: dict, protect: frozenset = frozenset()) -> Path:
         """Write atomically; returns the new file's path. Raises CheckpointError on failure.
-        ``protect``: a file pruning leaves however old (the newest one the group committed)."""
+        ``protect``: files pruning leaves however old (the newest one the group committed, those
+        whose commit it may have taken)."""
         data = pack(state)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
         for old in self.paths()[: -self.keep]:
-            if old == protect:
+            if old in protect:
                 continue
             try:
                 old.unlink()
@@ -271,6 +272,7 @@ class LocalStateStore:
         self.directory = Path(directory)
         self.keep = keep
         self.skipped = 0  # checkpoint files the last load skipped (they did not read back intact)
+        self.restored: dict = {}  # per model key, the file the last load took
         self._lock = None  # the open, locked .lock (see lock); closed: lost, to be taken again
 
     def store_for(self, key: str) -> CheckpointStore:
@@ -278,7 +280,7 @@ class LocalStateStore:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", key.replace("/", "-"))
         return CheckpointStore(self.directory if key == GLOBAL_KEY else self.directory / "partitions" / name, self.keep)
 
-    def write(self, key: str, state: dict, protect: Path | None = None) -> Path:
+    def write(self, key: str, state: dict, protect: frozenset = frozenset()) -> Path:
         self._keep_lock()
         return self.store_for(key).write(state, protect)
 
@@ -308,6 +310,7 @@ class LocalStateStore:
         store = self.store_for(key)
         found = store.load_latest(restore_problem)
         self.skipped = store.skipped
+        self.restored[key] = None if found is None else found[1]  # (which file: the newest may be unreadable)
         if found is None and store.skipped:
             log.error("no checkpoint of %s in %s reads back intact: its model starts afresh with a new warm-up, "
                       "from the group's commit (what the lost checkpoints had learned is not learned again); "
