@@ -98,17 +98,17 @@ class Checkpointer:
             log.error("%d output record(s) failed (%s): rewinding to the last checkpoint to produce them again",
                       deliveries.transient, "; ".join(sorted(deliveries.transient_reasons)[:3]))
             return Outcome.REWIND
+        paths, written = [], []
         try:
             if unacknowledged:
                 raise CheckpointError(f"{unacknowledged} output record(s) still unacknowledged after "
                                       f"{time.perf_counter() - started:.0f} s (is the broker reachable?)")
-            paths, written = [], []
             copy_failed = None
             for key, detector in sorted(detectors.items()):
                 state = detector.state(now)
                 try:
-                    if key not in self.files_at_start:
-                        self.files_at_start[key] = frozenset(self.local.store_for(key).paths())
+                    if key not in self.files_at_start:  # (the newest few: a restart loop kept them all; helper-87)
+                        self.files_at_start[key] = frozenset(self.local.store_for(key).paths()[-2 * self.local.keep:])
                     paths.append(self.local.write(key, state, self._kept(key)))
                     self.written[key] = paths[-1]
                     written.append((key, paths[-1], offsets_of(state)))
@@ -119,18 +119,16 @@ class Checkpointer:
                 if self.topic_store is not None:
                     self.topic_store.write(key, state)
             if self.topic_store is not None:
-                try:
-                    self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
-                except (CheckpointError, KafkaException, BufferError):
-                    # The files are written and not committed: a reload would take them (helper-85:
-                    # a hand-over after this left 500 messages learned twice).
-                    self._not_taken(written)
-                    raise
+                self.topic_store.flush(FLUSH_TIMEOUT_SECONDS, give_up)
             if copy_failed is not None:  # the topic took it: not a failure, but not a silent one (helper-56)
                 self.metrics.checkpoint_copy_failures.inc()
                 log.warning("the local copy of the checkpoint in checkpoint.dir %s failed (%s); the state topic "
                             "holds the models, which are restored from there", self.config.dir, copy_failed)
         except (CheckpointError, KafkaException, BufferError) as exc:
+            # Files written before the failure (the state topic's write or flush, another model's
+            # file) are not committed: a reload would take them (helper-85: a hand-over after
+            # this left 500 messages learned twice; helper-87).
+            self._not_taken(written)
             self.metrics.checkpoint_failures.inc()
             self.failures += 1
             delay = min(2.0 ** (self.failures - 1), max(RETRY_MAX_SECONDS, self.config.interval_seconds))

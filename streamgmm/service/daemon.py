@@ -60,6 +60,9 @@ STOP_COMMIT_WAIT_SECONDS = 15.0
 COMMIT_LEAST_WAIT_SECONDS = 5.0
 # After a stop is asked, a checkpoint waits this long at most for output to be acknowledged.
 STOP_FLUSH_WAIT_SECONDS = 10.0
+# After a refused commit the group is asked this long whether it took the offsets anyway (a
+# timeout is not a refusal).
+GROUP_ASK_SECONDS = 2.0
 # Closing, the producers wait this long for what is still unacknowledged; after a stop whose last
 # checkpoint failed, the shorter.
 CLOSE_FLUSH_SECONDS = 10.0
@@ -176,6 +179,7 @@ class Daemon:
         # whatever the last checkpoint (a clean exit 0 left a Restart=on-failure unit down).
         self.fatal_error: str | None = None
         self.source_wedged = False  # the consumer was left with a commit in flight (see KafkaSource.commit)
+        self._restored_noted = False  # the checkpoint restored at start judged (see _note_restored)
         self._closing = False  # in _close: no hand-over commits (see _hand_over)
         self._in_rebalance = False  # in a rebalance callback: commits on this thread (see _commit)
         self._rewind_pending: str | None = None
@@ -576,7 +580,8 @@ class Daemon:
         read = self._committed(owned)
         committed = read or {}
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
-        if self.scope == "global" and not self.checkpointer.written:
+        if self.scope == "global" and not self._restored_noted:
+            self._restored_noted = True  # (once: a file reloaded later by a rewind is this process's own)
             self._note_restored(owned, committed if read is not None else None)
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
@@ -630,8 +635,8 @@ class Daemon:
         (helper-85: after a restart, a refused hand-over unlearned back to it only, and the next
         owner learned 300 messages again)."""
         path = self.local.restored.get(GLOBAL_KEY)  # (not the newest file: that one may be unreadable)
-        if path is None or GLOBAL_KEY not in self.detectors:
-            return
+        if path is None or GLOBAL_KEY not in self.detectors or path == self.checkpointer.committed_files.get(GLOBAL_KEY):
+            return  # (nothing restored, or a file this process saw the group take)
         offsets = dict(self.detector.offsets)
         if committed is not None and all(offsets[tp] <= committed.get(tp, -1) for tp in owned if tp in offsets):
             self.checkpointer.committed_files[GLOBAL_KEY] = path
@@ -804,7 +809,12 @@ class Daemon:
         if not self.checkpointer.pending_messages:
             if (self._commit_refused and self._rewind_pending is None and self.source is not None
                     and not self.source.wedged):  # (a wedged consumer's commit hangs: see KafkaSource.commit)
-                self._commit()  # nothing new since the last checkpoint, whose commit was refused: once more
+                if not self._commit() and self._membership_lost and self.scope == "global":
+                    # (As a stop with messages pending: the group moved on without this member.)
+                    if self.checkpointer.withdraw_uncommitted(self._group_commits(self.assigned)):
+                        self.clean_stop = False
+                        log.error("checkpoints withdrawn while stopping (the group did not take their offsets): the "
+                                  "messages since the group's last commit are read and learned again at the next start")
             return
         if self._rewind_pending is None:
             outcome = self._checkpoint(" at shutdown", last=True)
@@ -998,24 +1008,51 @@ class Daemon:
         try:
             # From a rebalance callback, on this thread (see KafkaSource.commit).
             give_up = None if self._in_rebalance else self._give_up_commit(time.monotonic())
-            self.source.commit(self._next_offsets(), give_up=give_up)
+            offsets = self._next_offsets()
+            self.source.commit(offsets, give_up=give_up)
             self._commit_refused = False
             # (A later loss withdrew a checkpoint that the hand-over's commit had since given the
             # group: 300 messages learned by no model; helper-82.)
             self.checkpointer.committed()
             return True
         except KafkaException as exc:
-            self._commit_refused = True
             error = exc.args[0] if exc.args else None
             self._membership_lost = isinstance(error, KafkaError) and error.code() in MEMBERSHIP_LOST
+            if not self._membership_lost and self._group_took(offsets):
+                # A commit that timed out may have been taken: the group says.  (Left in doubt,
+                # two such in a row had the later pruned, and 100 messages learned by none;
+                # helper-87.)
+                self._commit_refused = False
+                self.checkpointer.committed()
+                return True
+            self._commit_refused = True
             log.warning("offset commit refused (%s); the checkpoint holds the offsets and the next owner "
                         "resumes at the later of the two", kafka_error_text(exc))
             return False
 
-    def _reload_from_checkpoint(self, why: str) -> None:
+    def _group_took(self, offsets: dict) -> bool:
+        """Whether the group's commit of each of ``offsets``' partitions is at or past it (asked
+        briefly: a coordinator that cannot answer leaves the doubt to the next withdrawal)."""
+        if not offsets or self.source.wedged:
+            return False
+        try:
+            committed = self.source.committed([TopicPartition(t, p) for t, p in offsets], timeout=GROUP_ASK_SECONDS)
+        except KafkaException:
+            return False
+        return all(committed.get(tp, -1) >= offset for tp, offset in offsets.items())
+
+    def _reload_from_checkpoint(self, why: str) -> bool:
         """Drop the output not yet sent and reload every model from its newest checkpoint,
         after a pause that grows with rewinds in a row (a broker that keeps failing is not
-        hammered).  The caller puts the consumer back at the models' offsets."""
+        hammered).  The caller puts the consumer back at the models' offsets.  False, the rewind
+        left pending, where checkpoint.dir cannot be read now."""
+        try:  # (a directory that cannot be listed raised out of the loop, or a rebalance callback; helper-87)
+            self.local.store_for(GLOBAL_KEY).paths()
+        except OSError as exc:
+            log.error("%s, but checkpoint.dir %s cannot be read (%s): the rewind waits, tried again next turn", why,
+                      self.config.checkpoint.dir, exc.strerror or exc)
+            self._stop.wait(self.config.kafka.retry_backoff_initial_seconds)
+            return False
         self._rewind_pending = None
         self._rewinds_in_a_row += 1
         pause = min(self.config.kafka.retry_backoff_initial_seconds * 2 ** (self._rewinds_in_a_row - 1),
@@ -1040,12 +1077,14 @@ class Daemon:
         self.checkpointer.pending_messages = 0
         if self.scope == "partition":
             self._observe_partition_models()
+        return True
 
     def _rewind(self) -> None:
         """Reload the models and seek every assigned partition back to where it resumes (before
         any checkpoint or commit, where this process started reading it).  A seek that fails
         leaves the rewind pending: tried again next turn."""
-        self._reload_from_checkpoint(self._rewind_pending)
+        if not self._reload_from_checkpoint(self._rewind_pending):
+            return
         partitions = self.assigned - self.held.partitions()
         committed = self._committed(partitions) or {}
         floors = {tp: later_offset(committed.get(tp), self._commits_at_assignment.get(tp)) for tp in partitions}

@@ -183,9 +183,10 @@ class CheckpointStore:
             path = write_atomically(self.directory / f"checkpoint-{sequence:012d}.sgmm", data, self._fault_pause)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
-        for old in self.paths()[: -self.keep]:
-            if old in protect:
-                continue
+        # Withdrawn files too, the newest `keep` of them left to inspect (they piled up, one a
+        # refused commit; helper-87).
+        withdrawn = sorted(p for p in self.directory.iterdir() if p.name.endswith(".withdrawn") and NUMBERED.match(p.name))
+        for old in [p for p in self.paths()[: -self.keep] if p not in protect] + withdrawn[: -self.keep]:
             try:
                 old.unlink()
             except OSError as exc:  # pruning is best effort; the next write tries again
