@@ -233,3 +233,74 @@ def test_a_checkpoint_whose_state_topic_write_raised_is_withdrawn_at_a_hand_over
     daemon._reload_from_checkpoint(daemon._rewind_pending)
     assert daemon.detector.n_valid == 1000, \
         f"reloaded {daemon.detector.n_valid}: the next owner starts at 1000; files {_sgmm(tmp_path)}"
+
+
+# helper-88: the file restored at start, judged at the first assignment with partitions (an
+# eager assignor's first assignment to a restarted member may be empty, or partial).
+def test_restored_ahead_after_an_empty_first_assignment(tmp_path):
+    rng = np.random.default_rng(3)
+    _first_process_stops_with_a_refused_commit(tmp_path, rng)  # C1 1000 committed, C2 1300 refused
+    second = _daemon(tmp_path)
+    second.restore()
+    assert second.detector.n_valid == 1300
+    _assignable(second)
+    _group_at(second, {("in", 0): 1000})
+    second._on_assign([])      # eager: the old member still holds in/0
+    second._on_assign([P0])    # the old member expired: in/0 comes, group still at 1000
+    _feed(second, 1300, 200, rng)
+    _refused_then_good(second, KafkaError.NOT_COORDINATOR)
+    second._on_revoke([P0])    # C3 1500 refused; group at 1000
+    second._reload_from_checkpoint(second._rewind_pending or "x")
+    assert second.detector.n_valid <= 1000, \
+        f"model at {second.detector.n_valid}; the next owner starts at 1000; withdrawn {_withdrawn(tmp_path)}"
+
+
+# R1b. Same, with two partitions: the first assignment gives in/1 only (group at/after the model on it),
+#      the next gives in/0 too, where the restored checkpoint is ahead of the group.
+def test_restored_ahead_after_a_partial_first_assignment(tmp_path):
+    rng = np.random.default_rng(5)
+    first = _daemon(tmp_path)
+    first.assigned = {("in", 0), ("in", 1)}
+    _feed2(first, {0: 0, 1: 0}, 500, rng)
+    first._checkpoint()  # C1 {500, 500} committed
+    _refused_then_good(first, KafkaError.COORDINATOR_NOT_AVAILABLE)
+    _feed2(first, {0: 500, 1: 500}, 150, rng)
+    first.stop()
+    first._last_checkpoint()  # C2 {650, 650} refused
+    second = _daemon(tmp_path)
+    second.restore()
+    _assignable(second)
+    _group_at(second, {("in", 0): 500, ("in", 1): 650})
+    second._on_assign([P1])          # first: in/1 only, the group at 650 there
+    second._on_assign([P0])          # then in/0 (incremental), the group at 500
+    _feed2(second, {0: 650, 1: 650}, 100, rng)
+    _refused_then_good(second, KafkaError.NOT_COORDINATOR)
+    second._on_revoke([P0, P1])
+    second._reload_from_checkpoint(second._rewind_pending or "x")
+    assert second.detector.offsets[("in", 0)] <= 500, \
+        f"model holds in/0 up to {second.detector.offsets[('in', 0)]}, the group at 500; withdrawn {_withdrawn(tmp_path)}"
+
+
+# --- (1)/(4) worst-case waits on a coordinator that does not answer OffsetFetch: the timeouts asked.
+def _silent_group(daemon, asked):
+    def committed(partitions, timeout=10.0):
+        asked.append(timeout)
+        from confluent_kafka import KafkaException
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no answer"))
+    daemon.source.committed = committed
+
+
+def _refused_once_then_stop(tmp_path, code):
+    rng = np.random.default_rng(7)
+    daemon = _daemon(tmp_path)
+    _feed(daemon, 0, 1000, rng)
+    daemon._checkpoint()
+    _refused_then_good(daemon, KafkaError.NOT_COORDINATOR)
+    _feed(daemon, 1000, 300, rng)
+    daemon._checkpoint()  # refused
+    _refused_then_good(daemon, code)
+    asked = []
+    _silent_group(daemon, asked)
+    daemon.stop()
+    daemon._last_checkpoint()  # nothing pending: the commit retried
+    return daemon, asked

@@ -580,9 +580,12 @@ class Daemon:
         read = self._committed(owned)
         committed = read or {}
         self._commits_at_assignment = {**self._commits_at_assignment, **committed}
-        if self.scope == "global" and not self._restored_noted:
-            self._restored_noted = True  # (once: a file reloaded later by a rewind is this process's own)
-            self._note_restored(owned, committed if read is not None else None)
+        if self.scope == "global" and not self._restored_noted and owned:
+            # Once, at the first assignment with partitions (an eager assignor gives a restarted
+            # member none while its old consumer still holds them; judged then, the file passed
+            # for taken: helper-88): a file reloaded later by a rewind is this process's own.
+            self._restored_noted = True
+            self._note_restored()
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
@@ -628,17 +631,17 @@ class Daemon:
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
 
-    def _note_restored(self, owned, committed: dict | None) -> None:
-        """The checkpoint restored at start, unless the group's commit (``committed``, None if it
-        cannot say) of every partition now assigned is at or past it, is one the group may not
-        have taken (its commit refused before the last stop): the next withdrawal asks the group
-        (helper-85: after a restart, a refused hand-over unlearned back to it only, and the next
-        owner learned 300 messages again)."""
+    def _note_restored(self) -> None:
+        """The checkpoint restored at start, unless the group's commit of every partition it names
+        is at or past it, is one the group may not have taken (its commit refused before the
+        last stop): the next withdrawal asks the group (helper-85: after a restart, a refused
+        hand-over unlearned back to it only, and the next owner learned 300 messages again)."""
         path = self.local.restored.get(GLOBAL_KEY)  # (not the newest file: that one may be unreadable)
         if path is None or GLOBAL_KEY not in self.detectors or path == self.checkpointer.committed_files.get(GLOBAL_KEY):
             return  # (nothing restored, or a file this process saw the group take)
         offsets = dict(self.detector.offsets)
-        if committed is not None and all(offsets[tp] <= committed.get(tp, -1) for tp in owned if tp in offsets):
+        committed = self._committed(list(offsets))
+        if committed is not None and all(offset <= committed.get(tp, -1) for tp, offset in offsets.items()):
             self.checkpointer.committed_files[GLOBAL_KEY] = path
         else:
             self.checkpointer.restored_from(GLOBAL_KEY, path, offsets)
@@ -749,7 +752,8 @@ class Daemon:
         (Asked also of a member that left the group: its commits are the group's, not the member's.)"""
         named = {tp for _, _, offsets in self.checkpointer.uncommitted for tp in offsets}
         wanted = [tp for tp in (p if isinstance(p, tuple) else (p.topic, p.partition) for p in partitions) if tp in named]
-        committed = self._committed(wanted)
+        # (Briefly once a stop is asked: the stop's own deadlines hold the rest; helper-88.)
+        committed = self._committed(wanted, timeout=GROUP_ASK_SECONDS if self._stop.is_set() else 10.0)
         return None if committed is None else {tp: committed.get(tp, -1) for tp in wanted}
 
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
@@ -962,14 +966,14 @@ class Daemon:
     def _detector(self, key: str) -> Detector:
         return self.models.get(key)
 
-    def _committed(self, partitions) -> dict[tuple[str, int], int] | None:
+    def _committed(self, partitions, timeout: float = 10.0) -> dict[tuple[str, int], int] | None:
         """The group's committed offsets of these partitions (None if the group cannot say now: for
         assignments and rewinds, which then go by the checkpoints; a held partition's retry does
         not guess)."""
         if not partitions:
             return {}
         try:
-            return self.source.committed([TopicPartition(t, p) for t, p in partitions])
+            return self.source.committed([TopicPartition(t, p) for t, p in partitions], timeout=timeout)
         except KafkaException as exc:
             log.warning("cannot read the group's committed offsets (%s); going by the checkpoint's",
                         kafka_error_text(exc))
@@ -1022,6 +1026,8 @@ class Daemon:
                 # A commit that timed out may have been taken: the group says.  (Left in doubt,
                 # two such in a row had the later pruned, and 100 messages learned by none;
                 # helper-87.)
+                log.info("offset commit answered with an error (%s), but the group has the offsets",
+                         kafka_error_text(exc))
                 self._commit_refused = False
                 self.checkpointer.committed()
                 return True
