@@ -303,3 +303,24 @@ def _refused_once_then_stop(tmp_path, code):
     daemon.stop()
     daemon._last_checkpoint()  # nothing pending: the commit retried
     return daemon, asked
+
+
+def test_a_restart_under_a_new_group_id_keeps_the_restored_checkpoint(tmp_path):
+    # The group has no commit anywhere: a partition another member (or nobody: a topic no longer
+    # read) holds starts by auto.offset.reset whatever this model holds; withdrawing at every
+    # start would only unlearn (the README: a new group id resumes at the checkpoint).
+    rng = np.random.default_rng(7)
+    first = _daemon(tmp_path)
+    first.assigned = {("in", 0), ("in", 1)}
+    _feed2(first, {0: 0, 1: 0}, 500, rng)
+    first._checkpoint()
+    _feed2(first, {0: 500, 1: 500}, 150, rng)
+    first.stop()
+    first._last_checkpoint()  # {0: 650, 1: 650}, committed to the old group
+    second = _daemon(tmp_path)
+    second.restore()
+    _assignable(second)
+    _group_at(second, {})  # a new group id
+    second._on_assign([P0])
+    assert not _withdrawn(tmp_path) and second._rewind_pending is None
+    assert second.detector.n_valid == 1300 and second.detector.offsets[("in", 0)] == 650

@@ -649,7 +649,10 @@ class Daemon:
             self.checkpointer.committed_files[GLOBAL_KEY] = path
             return False
         self.checkpointer.restored_from(GLOBAL_KEY, path, offsets)
-        elsewhere = {tp: committed.get(tp, -1) for tp in offsets if tp not in owned} if committed is not None else {}
+        # Only where the group has a commit to start that member at: with none (a new group id, a
+        # topic no longer read) it starts by auto.offset.reset whatever this model holds, and a
+        # withdrawal at every start would only unlearn.
+        elsewhere = {tp: committed[tp] for tp in offsets if tp not in owned and tp in (committed or {})}
         return any(offsets[tp] > commit for tp, commit in elsewhere.items()) and bool(
             self.checkpointer.withdraw_uncommitted({tp: committed.get(tp, -1) for tp in offsets}))
 
