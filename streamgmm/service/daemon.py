@@ -585,9 +585,7 @@ class Daemon:
             # member none while its old consumer still holds them; judged then, the file passed
             # for taken: helper-88): a file reloaded later by a rewind is this process's own.
             self._restored_noted = True
-            if self._note_restored(owned):
-                self._reload_from_checkpoint("the checkpoint restored at start holds messages of partitions now another "
-                                             "member's past the group's commit")
+            self._note_restored()
         held = self._restore_partitions(owned) if self.scope == "partition" else []
         if self.scope == "partition" and self.topic_store is not None:  # (else no state follows a partition)
             self._warn_of_state_behind_the_group(owned, committed)
@@ -633,28 +631,20 @@ class Daemon:
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition} at {tp.offset if tp.offset >= 0 else 'reset'}"
                                           f"{why[(tp.topic, tp.partition)]}" for tp in starts) or "no partitions")
 
-    def _note_restored(self, owned) -> bool:
+    def _note_restored(self) -> None:
         """The checkpoint restored at start, unless the group's commit of every partition it names
         is at or past it, is one the group may not have taken (its commit refused before the
         last stop): the next withdrawal asks the group (helper-85: after a restart, a refused
-        hand-over unlearned back to it only, and the next owner learned 300 messages again).
-        Past the group's commit of a partition another member owns now (which starts there), it
-        is withdrawn at once: True, the model to be reloaded (helper-87: 150 learned twice)."""
+        hand-over unlearned back to it only, and the next owner learned 300 messages again)."""
         path = self.local.restored.get(GLOBAL_KEY)  # (not the newest file: that one may be unreadable)
         if path is None or GLOBAL_KEY not in self.detectors or path == self.checkpointer.committed_files.get(GLOBAL_KEY):
-            return False  # (nothing restored, or a file this process saw the group take)
+            return  # (nothing restored, or a file this process saw the group take)
         offsets = dict(self.detector.offsets)
         committed = self._committed(list(offsets))
         if committed is not None and all(offset <= committed.get(tp, -1) for tp, offset in offsets.items()):
             self.checkpointer.committed_files[GLOBAL_KEY] = path
-            return False
-        self.checkpointer.restored_from(GLOBAL_KEY, path, offsets)
-        # Only where the group has a commit to start that member at: with none (a new group id, a
-        # topic no longer read) it starts by auto.offset.reset whatever this model holds, and a
-        # withdrawal at every start would only unlearn.
-        elsewhere = {tp: committed[tp] for tp in offsets if tp not in owned and tp in (committed or {})}
-        return any(offsets[tp] > commit for tp, commit in elsewhere.items()) and bool(
-            self.checkpointer.withdraw_uncommitted({tp: committed.get(tp, -1) for tp in offsets}))
+        else:
+            self.checkpointer.restored_from(GLOBAL_KEY, path, offsets)
 
     def _pin_latest(self, owned, committed: dict) -> tuple[dict[tuple[str, int], int], set[tuple[str, int]]]:
         """auto.offset.reset latest: the log's end now of each partition with neither a checkpoint
