@@ -153,6 +153,7 @@ def test_secret_files_are_read(tmp_path):
     ("consumer", {"fetch_max_wait_ms": 10}, "kafka-python's name; librdkafka's is 'fetch.wait.max.ms'"),
     ("consumer", {"enable.auto.commit": True}, "kafka.consumer.enable.auto.commit: set by streamgmm"),
     ("consumer", {"partition.assignment.strategy": "cooperative-sticky"}, "cooperative protocol is not supported"),
+    ("consumer", {"group.protocol": "consumer"}, "only the classic group protocol is supported"),
     # A setting of the other client is ignored by librdkafka (a warning): refused here, with where it goes.
     ("consumer", {"acks": "all"}, "kafka.consumer.acks: a producer setting, which the consumer ignores; "
                                   "move it to kafka.producer"),

@@ -75,6 +75,11 @@ def _user_settings(config: Config, section: str) -> dict:
         if name == "partition.assignment.strategy" and "cooperative" in str(raw[name]):
             raise ConfigError(f"{path}: {raw[name]!r}: the cooperative protocol is not supported yet "
                               "(the daemon assigns whole assignments); use range or roundrobin")
+        # (KIP-848's protocol is incremental too: accepted, it met assign() where librdkafka wants
+        # incremental_assign(); helper-89.)
+        if name == "group.protocol" and str(raw[name]).strip().lower() != "classic":
+            raise ConfigError(f"{path}: {raw[name]!r}: only the classic group protocol is supported (the daemon "
+                              "assigns whole assignments); leave it unset or set classic")
     return resolve_secrets(raw, f"kafka.{section}")
 
 
