@@ -61,7 +61,8 @@ class Checkpointer:
         # them, withdraws (see ``withdraw_uncommitted``) ...
         self.uncommitted: list[tuple[str, Path, dict]] = []
         # ... and what pruning keeps, per model: the newest file the group took, the oldest of
-        # those it may have taken, and until it takes one, the files there were at start (three
+        # those it may have taken, and until it takes one, the newest 2 x keep files there were
+        # at start (three
         # checkpoints in a row with their commits refused pruned the one the group had, and a
         # withdrawal then left no model at all: 1,000 messages learned by none; helper-82, -86).
         self.committed_files: dict[str, Path] = {}
