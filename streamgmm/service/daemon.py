@@ -1041,11 +1041,8 @@ class Daemon:
         briefly: a coordinator that cannot answer leaves the doubt to the next withdrawal)."""
         if not offsets or self.source.wedged:
             return False
-        try:
-            committed = self.source.committed([TopicPartition(t, p) for t, p in offsets], timeout=GROUP_ASK_SECONDS)
-        except KafkaException:
-            return False
-        return all(committed.get(tp, -1) >= offset for tp, offset in offsets.items())
+        committed = self._committed(list(offsets), timeout=GROUP_ASK_SECONDS)
+        return committed is not None and all(committed.get(tp, -1) >= offset for tp, offset in offsets.items())
 
     def _reload_from_checkpoint(self, why: str) -> bool:
         """Drop the output not yet sent and reload every model from its newest checkpoint,

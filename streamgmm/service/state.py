@@ -48,7 +48,8 @@ MAGIC = b"STREAMGMM-CHECKPOINT\n"
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 FILE_PATTERN = re.compile(r"^checkpoint-(\d{12})\.sgmm$")
-NUMBERED = re.compile(r"^checkpoint-(\d{12})\.sgmm(?:\.withdrawn)?$")
+# ... and those set aside (see Checkpointer.withdraw_uncommitted): numbered in the same sequence.
+NUMBERED = re.compile(r"^checkpoint-(\d{12})\.sgmm(\.withdrawn)?$")
 # Fault injection for the crash tests: hold every write between the temporary file and the
 # rename for this long, so a SIGKILL can land in the middle of a checkpoint. Never set it
 # in production.
@@ -164,10 +165,15 @@ class CheckpointStore:
 
     def paths(self) -> list[Path]:
         """Checkpoint files, oldest first."""
+        return self._listing()[0]
+
+    def _listing(self) -> tuple[list[Path], list[Path]]:
+        """(checkpoint files, withdrawn ones), each oldest first, in one look at the directory."""
         if not self.directory.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := FILE_PATTERN.match(p.name))]
-        return [p for _, p in sorted(found)]
+            return [], []
+        found = sorted((int(m.group(1)), bool(m.group(2)), p) for p in self.directory.iterdir()
+                       if (m := NUMBERED.match(p.name)))
+        return [p for _, withdrawn, p in found if not withdrawn], [p for _, withdrawn, p in found if withdrawn]
 
     def write(self, state: dict, protect: frozenset = frozenset()) -> Path:
         """Write atomically; returns the new file's path. Raises CheckpointError on failure.
@@ -176,17 +182,18 @@ class CheckpointStore:
         data = pack(state)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            files, withdrawn = self._listing()
             # Past withdrawn ones too: a number used again renamed the next withdrawn file over the
             # first (helper-85).
-            numbers = [int(m.group(1)) for p in self.directory.iterdir() if (m := NUMBERED.match(p.name))]
-            sequence = max(numbers, default=0) + 1
+            numbered = [p.name for p in files[-1:] + withdrawn[-1:]]
+            sequence = max((int(NUMBERED.match(name).group(1)) for name in numbered), default=0) + 1
             path = write_atomically(self.directory / f"checkpoint-{sequence:012d}.sgmm", data, self._fault_pause)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc.strerror or exc}") from None
         # Withdrawn files too, the newest `keep` of them left to inspect (they piled up, one a
         # refused commit; helper-87).
-        withdrawn = sorted(p for p in self.directory.iterdir() if p.name.endswith(".withdrawn") and NUMBERED.match(p.name))
-        for old in [p for p in self.paths()[: -self.keep] if p not in protect] + withdrawn[: -self.keep]:
+        files.append(path)
+        for old in [p for p in files[: -self.keep] if p not in protect] + withdrawn[: -self.keep]:
             try:
                 old.unlink()
             except OSError as exc:  # pruning is best effort; the next write tries again
