@@ -1134,6 +1134,20 @@ def _files(tmp_path, pat="checkpoint-*.sgmm"):
     return sorted(p.name for p in (tmp_path / "state").glob(pat))
 
 
+def _unlistable_state_dir(monkeypatch):
+    """checkpoint.dir (tmp_path / "state") fails to list with EIO from now on."""
+    import pathlib
+
+    real = pathlib.Path.iterdir
+
+    def iterdir(self):
+        if self.name == "state":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+
+
 def test_a_hand_over_withdraws_only_the_checkpoints_past_the_groups_commit(tmp_path):
     """C2 (1300): its commit 'timed out' but the group took it; C3 (1500): refused for real.
     At the hand-over (group at 1300) only C3 goes: withdrawing both put the model back at 1000
@@ -1231,19 +1245,10 @@ def test_a_checkpoint_restored_past_the_groups_commit_is_withdrawn_at_a_hand_ove
 
 
 def test_a_checkpoint_dir_that_cannot_be_listed_fails_the_checkpoint_not_the_daemon(tmp_path, monkeypatch):
-    import errno, pathlib
-    from streamgmm.service.checkpointer import Outcome
     rng = np.random.default_rng(9)
     daemon = _daemon(tmp_path)   # a fresh process: committed_files is empty
     _feed(daemon, 0, 1000, rng)
-    real = pathlib.Path.iterdir
-
-    def iterdir(self):
-        if self.name == "state":
-            raise OSError(errno.EIO, "Input/output error")
-        return real(self)
-
-    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    _unlistable_state_dir(monkeypatch)
     (tmp_path / "state").mkdir(exist_ok=True)
     outcome = daemon._checkpoint()   # base: FAILED (retried with a back-off); HEAD: raises
     assert outcome is Outcome.FAILED

@@ -1,6 +1,6 @@
-"""Withdrawals and pruning, a third review (helper-87): what holds, and what is known not to (strict expected failures)."""
-import errno
-import pathlib
+"""Withdrawals and pruning, a third review (helper-87): what holds, and what is known not to (strict expected failures).
+The numbered comments say what the review found before the fix; each test asserts the fixed behaviour
+(or, marked xfail, what still fails)."""
 
 import numpy as np
 import pytest
@@ -8,14 +8,10 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from streamgmm.detection.decode import encode
 from fakes import FakeMessage
-from test_daemon_logic import _daemon, _feed, _fails, _refused_then_good, _group_at
+from test_daemon_logic import _daemon, _feed, _fails, _files, _group_at, _refused_then_good, _unlistable_state_dir
 from test_withdrawals import _assignable, _first_process_stops_with_a_refused_commit, _withdrawn
 
 P0, P1 = TopicPartition("in", 0), TopicPartition("in", 1)
-
-
-def _sgmm(tmp_path):
-    return sorted(p.name for p in (tmp_path / "state").glob("checkpoint-*.sgmm"))
 
 
 # A. Two commits in a row that time out but are taken: pruning keeps only the oldest of them, so
@@ -39,7 +35,7 @@ def test_a_pruned_checkpoint_the_group_took(tmp_path):
     daemon._on_revoke([P0])
     daemon._reload_from_checkpoint(daemon._rewind_pending or "x")
     assert daemon.detector.n_valid == 1400, \
-        f"model at {daemon.detector.n_valid}, the next owner starts at 1400; files {_sgmm(tmp_path)}"
+        f"model at {daemon.detector.n_valid}, the next owner starts at 1400; files {_files(tmp_path)}"
 
 
 # B. *.withdrawn files are never pruned: a member whose commits keep being refused for its
@@ -80,7 +76,7 @@ def test_files_on_disk_stay_bounded_across_restarts_with_commits_refused(tmp_pat
             d._checkpoint()
         d.stop()
         d.local._lock = None
-    n = len(_sgmm(tmp_path))
+    n = len(_files(tmp_path))
     # Bounded: the files of the start kept (2 x keep) and keep more; it grew by keep a restart (19).
     assert n <= 3 * first.local.keep, f"{n} checkpoint files after 6 restarts with commits refused (keep 3)"
 
@@ -184,14 +180,7 @@ def test_a_rewind_that_cannot_list_the_dir_does_not_raise(tmp_path, monkeypatch)
     _feed(daemon, 0, 1000, rng)
     daemon._checkpoint()
     daemon._rewind_pending = "output records were not acknowledged"
-    real = pathlib.Path.iterdir
-
-    def iterdir(self):
-        if self.name == "state":
-            raise OSError(errno.EIO, "Input/output error")
-        return real(self)
-
-    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    _unlistable_state_dir(monkeypatch)
     daemon._rewind()
 
 
@@ -210,7 +199,7 @@ def test_a_pruned_checkpoint_the_group_took_keep3(tmp_path):
     _group_at(daemon, {("in", 0): 1400})
     daemon._on_revoke([P0])
     daemon._reload_from_checkpoint(daemon._rewind_pending or "x")
-    assert daemon.detector.n_valid == 1400, f"model at {daemon.detector.n_valid}; files {_sgmm(tmp_path)}"
+    assert daemon.detector.n_valid == 1400, f"model at {daemon.detector.n_valid}; files {_files(tmp_path)}"
 
 
 
@@ -234,7 +223,7 @@ def test_a_checkpoint_whose_state_topic_write_raised_is_withdrawn_at_a_hand_over
     daemon._on_revoke([P0])  # the hand-over's checkpoint: file 1500 written, then FAILED
     daemon._reload_from_checkpoint(daemon._rewind_pending)
     assert daemon.detector.n_valid == 1000, \
-        f"reloaded {daemon.detector.n_valid}: the next owner starts at 1000; files {_sgmm(tmp_path)}"
+        f"reloaded {daemon.detector.n_valid}: the next owner starts at 1000; files {_files(tmp_path)}"
 
 
 # helper-88: the file restored at start, judged at the first assignment with partitions (an
